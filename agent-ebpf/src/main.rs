@@ -5,6 +5,10 @@
 //! Every path returns `TC_ACT_PIPE`: counting must never change what happens to a packet.
 #![no_std]
 #![no_main]
+#![expect(
+    unreachable_pub,
+    reason = "program entry points are exported symbols the loader finds by name"
+)]
 
 use aya_ebpf::{
     bindings::TC_ACT_PIPE,
@@ -12,9 +16,7 @@ use aya_ebpf::{
     maps::PerCpuHashMap,
     programs::TcContext,
 };
-use doppel_common::maps::{
-    Direction, IFACE_COUNTERS_MAX_ENTRIES, IfaceCounters, IfaceKey,
-};
+use doppel_common::maps::{Direction, IFACE_COUNTERS_MAX_ENTRIES, IfaceCounters, IfaceKey};
 
 /// Packets and bytes per (interface, direction), per CPU so the hot path never contends.
 #[map(name = "IFACE_COUNTERS")]
@@ -37,7 +39,10 @@ pub fn doppel_tc_egress(ctx: TcContext) -> i32 {
 fn count(ctx: &TcContext, direction: Direction) {
     // SAFETY: `skb` points at the kernel's `__sk_buff` for the whole program run.
     let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
-    let key = IfaceKey { ifindex, direction: direction as u32 };
+    let key = IfaceKey {
+        ifindex,
+        direction: direction as u32,
+    };
     match IFACE_COUNTERS.get_ptr_mut(&key) {
         Some(counters) => {
             // SAFETY: the pointer is this CPU's slot of a live map entry; per-CPU values are
@@ -48,7 +53,10 @@ fn count(ctx: &TcContext, direction: Direction) {
             }
         }
         None => {
-            let first = IfaceCounters { packets: 1, bytes: u64::from(len) };
+            let first = IfaceCounters {
+                packets: 1,
+                bytes: u64::from(len),
+            };
             // A full map loses this count; it must not affect the packet, so the error is
             // ignored on purpose.
             let _ = IFACE_COUNTERS.insert(&key, &first, 0);

@@ -1,1 +1,116 @@
-fn main() {}
+//! `doppel-agent`: wires command line, logging, runtime and shutdown; the work is in the library.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use doppel_agent::datapath::{AttachMode, Datapath, error_chain};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Environment variable holding the log filter; `RUST_LOG` is the fallback.
+const LOG_ENV: &str = "DOPPEL_LOG";
+
+/// doppel's per-host agent.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Attach the packet counters to interfaces and print their totals as one JSON line per
+    /// interval, until SIGINT/SIGTERM (or `--intervals` have passed); then detach.
+    Counters {
+        /// Interface to attach to (repeatable).
+        #[arg(long = "iface", required = true)]
+        ifaces: Vec<String>,
+        /// How to attach.
+        #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+        attach_mode: AttachMode,
+        /// Milliseconds between lines.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Stop after this many lines.
+        #[arg(long)]
+        intervals: Option<u64>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("doppel-agent: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("doppel-agent: {}", error_chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = std::env::var(LOG_ENV)
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_owned());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Counters {
+            ifaces,
+            attach_mode,
+            interval_ms,
+            intervals,
+        } => {
+            let mut datapath = Datapath::load()?;
+            for iface in &ifaces {
+                datapath
+                    .attach(iface, attach_mode)
+                    .with_context(|| format!("attaching to {iface}"))?;
+            }
+            let attached: Vec<_> = datapath
+                .attachments()
+                .map(|(i, how)| (i.to_owned(), how))
+                .collect();
+            println!("{}", serde_json::json!({ "attached": attached }));
+            let mut sigterm = signal(SignalKind::terminate())?;
+            let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
+            tick.tick().await;
+            let mut printed = 0;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        println!("{}", serde_json::json!({ "counters": datapath.iface_counters()? }));
+                        printed += 1;
+                        if intervals.is_some_and(|n| printed >= n) { break; }
+                    }
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = sigterm.recv() => break,
+                }
+            }
+            println!(
+                "{}",
+                serde_json::json!({ "counters": datapath.iface_counters()? })
+            );
+            datapath.detach_all()?;
+            Ok(())
+        }
+    }
+}

@@ -99,8 +99,20 @@ mod tests {
 
     #[test]
     fn merged_adds_fieldwise() {
-        let a = IfaceCounters { packets: 2, bytes: 100 };
-        let b = IfaceCounters { packets: 3, bytes: 60 };
-        assert_eq!(a.merged(b), IfaceCounters { packets: 5, bytes: 160 });
+        let a = IfaceCounters {
+            packets: 2,
+            bytes: 100,
+        };
+        let b = IfaceCounters {
+            packets: 3,
+            bytes: 60,
+        };
+        assert_eq!(
+            a.merged(b),
+            IfaceCounters {
+                packets: 5,
+                bytes: 160
+            }
+        );
     }
 }

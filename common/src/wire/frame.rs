@@ -58,7 +58,10 @@ pub fn encode_frame(envelope: &Envelope, max_len: usize) -> Result<Vec<u8>, Fram
     let frame = postcard::to_extend(&envelope.version, frame).map_err(FrameError::Malformed)?;
     let mut frame = postcard::to_extend(&envelope.message, frame).map_err(FrameError::Malformed)?;
     let payload_len = frame.len() - LENGTH_PREFIX_LEN;
-    let too_large = || FrameError::TooLarge { len: payload_len as u64, max: max_len };
+    let too_large = || FrameError::TooLarge {
+        len: payload_len as u64,
+        max: max_len,
+    };
     if payload_len > max_len {
         return Err(too_large());
     }
@@ -75,7 +78,10 @@ pub fn payload_len(buf: &[u8], max_len: usize) -> Result<Option<usize>, FrameErr
     let len = u32::from_be_bytes(*prefix);
     match usize::try_from(len) {
         Ok(len) if len <= max_len => Ok(Some(len)),
-        _ => Err(FrameError::TooLarge { len: u64::from(len), max: max_len }),
+        _ => Err(FrameError::TooLarge {
+            len: u64::from(len),
+            max: max_len,
+        }),
     }
 }
 
@@ -93,7 +99,8 @@ pub fn decode_frame(buf: &[u8], max_len: usize) -> Result<Option<(Envelope, usiz
 
 /// Decodes a frame's payload (without its length prefix).
 pub fn decode_payload(payload: &[u8]) -> Result<Envelope, FrameError> {
-    let (version, rest) = postcard::take_from_bytes::<u16>(payload).map_err(FrameError::Malformed)?;
+    let (version, rest) =
+        postcard::take_from_bytes::<u16>(payload).map_err(FrameError::Malformed)?;
     let unsupported = || FrameError::UnsupportedVersion {
         version,
         min: *SUPPORTED_VERSIONS.start(),
@@ -104,7 +111,8 @@ pub fn decode_payload(payload: &[u8]) -> Result<Envelope, FrameError> {
     if version != HANDSHAKE_VERSION && !SUPPORTED_VERSIONS.contains(&version) {
         return Err(unsupported());
     }
-    let (message, rest) = postcard::take_from_bytes::<Message>(rest).map_err(FrameError::Malformed)?;
+    let (message, rest) =
+        postcard::take_from_bytes::<Message>(rest).map_err(FrameError::Malformed)?;
     if !rest.is_empty() {
         return Err(FrameError::TrailingBytes { count: rest.len() });
     }
@@ -124,7 +132,10 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder refusing payloads above `max_len`.
     pub fn new(max_len: usize) -> Self {
-        Self { buf: Vec::new(), max_len }
+        Self {
+            buf: Vec::new(),
+            max_len,
+        }
     }
 
     /// Appends bytes read from the stream.

@@ -110,6 +110,14 @@ impl EncodedHistogram {
             && lowest >= 1
             && highest >= lowest.saturating_mul(2)
             && highest <= u64::MAX / 4;
-        if sane { Ok(()) } else { Err(HistogramError::BadBounds { lowest, highest, digits }) }
+        if sane {
+            Ok(())
+        } else {
+            Err(HistogramError::BadBounds {
+                lowest,
+                highest,
+                digits,
+            })
+        }
     }
 }

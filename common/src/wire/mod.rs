@@ -46,7 +46,11 @@ impl Envelope {
     /// Wraps a message in the version it must be sent in: [`HANDSHAKE_VERSION`] for handshake
     /// messages, `negotiated` for everything else.
     pub fn new(negotiated: u16, message: Message) -> Self {
-        let version = if message.is_handshake() { HANDSHAKE_VERSION } else { negotiated };
+        let version = if message.is_handshake() {
+            HANDSHAKE_VERSION
+        } else {
+            negotiated
+        };
         Self { version, message }
     }
 }
@@ -68,7 +72,11 @@ pub fn negotiate(
 ) -> Result<u16, NoCommonVersion> {
     let low = (*ours.start()).max(*theirs.start());
     let high = (*ours.end()).min(*theirs.end());
-    if low <= high { Ok(high) } else { Err(NoCommonVersion { ours, theirs }) }
+    if low <= high {
+        Ok(high)
+    } else {
+        Err(NoCommonVersion { ours, theirs })
+    }
 }
 
 #[cfg(test)]

@@ -103,7 +103,10 @@ fn an_oversized_length_is_refused_from_the_header_alone() {
     let mut decoder = FrameDecoder::new(1000);
     decoder.push(&1001u32.to_be_bytes());
     match decoder.next_envelope() {
-        Err(FrameError::TooLarge { len: 1001, max: 1000 }) => {}
+        Err(FrameError::TooLarge {
+            len: 1001,
+            max: 1000,
+        }) => {}
         other => panic!("expected TooLarge, got {other:?}"),
     }
 }
@@ -118,7 +121,10 @@ fn encoding_refuses_a_message_over_the_limit() {
         roles: vec![],
         next_report_seq: 0,
     });
-    assert!(matches!(encode_frame(&envelope(big), 1000), Err(FrameError::TooLarge { .. })));
+    assert!(matches!(
+        encode_frame(&envelope(big), 1000),
+        Err(FrameError::TooLarge { .. })
+    ));
 }
 
 fn frame_with_version(version: u16, message: &Message) -> Vec<u8> {
@@ -150,8 +156,12 @@ fn a_newer_version_is_refused_but_its_hello_is_still_read() {
     });
     let sent = envelope(hello);
     assert_eq!(sent.version, HANDSHAKE_VERSION);
-    let (got, _) = decode_frame(&encode_frame(&sent, MAX).unwrap(), MAX).unwrap().unwrap();
-    let Message::Hello(h) = got.message else { panic!("not a hello") };
+    let (got, _) = decode_frame(&encode_frame(&sent, MAX).unwrap(), MAX)
+        .unwrap()
+        .unwrap();
+    let Message::Hello(h) = got.message else {
+        panic!("not a hello")
+    };
     assert!(negotiate(SUPPORTED_VERSIONS, h.min_version..=h.max_version).is_err());
 }
 
@@ -161,7 +171,10 @@ fn trailing_bytes_are_an_error() {
     frame.push(0);
     let len = (frame.len() - LENGTH_PREFIX_LEN) as u32;
     frame[..LENGTH_PREFIX_LEN].copy_from_slice(&len.to_be_bytes());
-    assert!(matches!(decode_frame(&frame, MAX), Err(FrameError::TrailingBytes { count: 1 })));
+    assert!(matches!(
+        decode_frame(&frame, MAX),
+        Err(FrameError::TrailingBytes { count: 1 })
+    ));
 }
 
 #[test]
@@ -172,12 +185,21 @@ fn histograms_with_absurd_headers_are_refused_before_allocating() {
 
     let mut digits = good.clone();
     digits.0[12..16].copy_from_slice(&5u32.to_be_bytes());
-    assert!(matches!(digits.decode(), Err(HistogramError::BadBounds { digits: 5, .. })));
+    assert!(matches!(
+        digits.decode(),
+        Err(HistogramError::BadBounds { digits: 5, .. })
+    ));
 
     let mut deflated = good.clone();
     deflated.0[0..4].copy_from_slice(&0x1c84_9314u32.to_be_bytes());
-    assert!(matches!(deflated.decode(), Err(HistogramError::BadCookie { .. })));
+    assert!(matches!(
+        deflated.decode(),
+        Err(HistogramError::BadCookie { .. })
+    ));
 
     let short = EncodedHistogram(good.0[..10].to_vec());
-    assert!(matches!(short.decode(), Err(HistogramError::Truncated { len: 10 })));
+    assert!(matches!(
+        short.decode(),
+        Err(HistogramError::Truncated { len: 10 })
+    ));
 }

@@ -1,0 +1,9 @@
+//! doppel's per-host agent.
+//!
+//! The agent loads doppel's eBPF programs (embedded in this crate at build time, see `build.rs`),
+//! attaches them to a workload's interface, and reads what they measured. [`datapath`] owns the
+//! programs and their attachments; [`netlink`] holds the few rtnetlink operations aya does not.
+#![forbid(unsafe_code)]
+
+pub mod datapath;
+pub mod netlink;
