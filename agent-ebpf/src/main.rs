@@ -3,8 +3,10 @@
 //! For now: per-interface, per-direction packet and byte counters. They are the first thing the
 //! data path grows from, and the proof that the toolchain, loader and attach path all work.
 //! Every path returns `TC_ACT_PIPE`: counting must never change what happens to a packet.
-#![no_std]
-#![no_main]
+//!
+//! Built for the host (as `cargo build --workspace` or clippy do) it is an empty binary: the
+//! programs only mean something for `bpfel-unknown-none`.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![expect(
     unreachable_pub,
     reason = "program entry points are exported symbols the loader finds by name"
@@ -64,11 +66,14 @@ fn count(ctx: &TcContext, direction: Direction) {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -201,17 +201,14 @@ impl Datapath {
         &mut self,
         iface: &str,
     ) -> Result<(Attached, (SchedClassifierLinkId, SchedClassifierLinkId)), DatapathError> {
-        // Fails when the qdisc exists already (ours from a crashed run, or someone else's);
-        // then it is not ours to delete.
-        let owns_qdisc = tc::qdisc_add_clsact(iface).is_ok();
-        // Filters left by a crashed agent would count every packet twice.
+        // Adding fails when the qdisc exists already: someone else's (not ours to delete), or
+        // one a crashed agent added, recognisable by the filters it left. Those filters would
+        // count every packet twice, so they go, and the qdisc is adopted.
+        let mut owns_qdisc = tc::qdisc_add_clsact(iface).is_ok();
         for (attach_type, name) in programs() {
             if tc::qdisc_detach_program(iface, attach_type, name).is_ok() {
-                info!(
-                    iface,
-                    program = name,
-                    "removed a filter left by an earlier agent"
-                );
+                info!(iface, program = name, "removed a filter left by an earlier agent");
+                owns_qdisc = true;
             }
         }
         let opts = || TcAttachOptions::Netlink(NlOptions::default());

@@ -42,7 +42,7 @@ pub fn delete_clsact_qdisc(ifindex: u32) -> Result<(), NetlinkError> {
         Err(NetlinkError::Refused(e))
             if matches!(
                 e.raw_os_error(),
-                Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)
+                Some(libc::ENOENT | libc::ENODEV)
             ) =>
         {
             Ok(())
