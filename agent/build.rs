@@ -7,6 +7,9 @@
 use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
 
+/// Names the rustup toolchain that builds the eBPF crate (default `nightly`).
+const TOOLCHAIN_ENV: &str = "DOPPEL_EBPF_TOOLCHAIN";
+
 fn main() -> anyhow::Result<()> {
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
@@ -25,5 +28,13 @@ fn main() -> anyhow::Result<()> {
         root_dir: root_dir.as_str(),
         ..Default::default()
     };
-    aya_build::build_ebpf([package], Toolchain::default())
+    // `cargo xtask setup` picks the toolchain: nightly, or stable with RUSTC_BOOTSTRAP=1 on a
+    // machine without nightly.
+    println!("cargo:rerun-if-env-changed={TOOLCHAIN_ENV}");
+    let toolchain = std::env::var(TOOLCHAIN_ENV).unwrap_or_else(|_| "nightly".to_owned());
+    let toolchain = match toolchain.as_str() {
+        "nightly" => Toolchain::Nightly,
+        other => Toolchain::Custom(other),
+    };
+    aya_build::build_ebpf([package], toolchain)
 }

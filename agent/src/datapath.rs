@@ -49,7 +49,7 @@ pub enum DatapathError {
     #[error(
         "loading the eBPF object failed (the agent needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
     )]
-    Load(#[source] EbpfError),
+    Load(#[source] Box<EbpfError>),
     /// A program the agent expects is not in the embedded object (a build mismatch).
     #[error("program {0} is missing from the embedded eBPF object")]
     MissingProgram(&'static str),
@@ -73,7 +73,7 @@ pub enum DatapathError {
         iface: String,
         /// Cause (includes the verifier log for load failures).
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// A map could not be read.
     #[error("reading map {map} failed")]
@@ -140,7 +140,7 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the embedded object and its TC programs into the kernel (nothing is attached yet).
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
             classifier(&mut ebpf, name)?
                 .load()
@@ -148,7 +148,7 @@ impl Datapath {
                     action: "loading",
                     program: name,
                     iface: String::new(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Ok(Self {
@@ -207,7 +207,11 @@ impl Datapath {
         let mut owns_qdisc = tc::qdisc_add_clsact(iface).is_ok();
         for (attach_type, name) in programs() {
             if tc::qdisc_detach_program(iface, attach_type, name).is_ok() {
-                info!(iface, program = name, "removed a filter left by an earlier agent");
+                info!(
+                    iface,
+                    program = name,
+                    "removed a filter left by an earlier agent"
+                );
                 owns_qdisc = true;
             }
         }
@@ -248,7 +252,7 @@ impl Datapath {
                 action: "attaching",
                 program: name,
                 iface: iface.to_owned(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -268,7 +272,7 @@ impl Datapath {
                     action: "detaching",
                     program: name,
                     iface: iface.to_owned(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         if attachment.how == (Attached::Clsact { owns_qdisc: true }) {

@@ -22,8 +22,11 @@ pub enum NetlinkError {
     #[error("the kernel refused the request")]
     Refused(#[source] io::Error),
     /// The kernel's answer could not be parsed.
-    #[error("unparsable netlink answer: {0}")]
-    Decode(String),
+    #[error("unparsable netlink answer")]
+    Decode(#[source] netlink_packet_core::DecodeError),
+    /// The kernel answered something other than an acknowledgement.
+    #[error("expected a netlink acknowledgement, got another message")]
+    UnexpectedReply,
 }
 
 /// Deletes the `clsact` qdisc of `ifindex` (and with it every classic TC filter on it).
@@ -40,10 +43,7 @@ pub fn delete_clsact_qdisc(ifindex: u32) -> Result<(), NetlinkError> {
     tc.attributes.push(TcAttribute::Kind("clsact".to_owned()));
     match request(RouteNetlinkMessage::DelQueueDiscipline(tc)) {
         Err(NetlinkError::Refused(e))
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOENT | libc::ENODEV)
-            ) =>
+            if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) =>
         {
             Ok(())
         }
@@ -72,7 +72,7 @@ fn request(message: RouteNetlinkMessage) -> Result<(), NetlinkError> {
         .recv(&mut &mut answer[..], 0)
         .map_err(NetlinkError::Socket)?;
     let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer[..n])
-        .map_err(|e| NetlinkError::Decode(e.to_string()))?;
+        .map_err(NetlinkError::Decode)?;
     match reply.payload {
         NetlinkPayload::Error(e) => match e.code {
             None => Ok(()),
@@ -80,8 +80,6 @@ fn request(message: RouteNetlinkMessage) -> Result<(), NetlinkError> {
                 -code.get(),
             ))),
         },
-        other => Err(NetlinkError::Decode(format!(
-            "expected an ack, got {other:?}"
-        ))),
+        _ => Err(NetlinkError::UnexpectedReply),
     }
 }

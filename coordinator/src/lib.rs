@@ -1,1 +1,70 @@
-//! x
+//! doppel's coordinator.
+//!
+//! It will ingest agent reports over QUIC + mTLS, store them in SQLite, compare live and shadow
+//! VM types at matched load, predict degradation and recommend moves (see the design brief).
+//! Today it holds the one piece every later part builds on: the handshake decision that tells an
+//! agent which protocol version to speak, or refuses it with a reason.
+#![forbid(unsafe_code)]
+
+use doppel_common::wire::{Hello, Message, Refused, SUPPORTED_VERSIONS, Welcome, negotiate};
+
+/// Answers an agent's `Hello`: `Welcome` with the newest common protocol version, or `Refused`
+/// naming the versions this coordinator speaks.
+pub fn answer_hello(hello: &Hello, agent_name: &str) -> Message {
+    match negotiate(SUPPORTED_VERSIONS, hello.min_version..=hello.max_version) {
+        Ok(version) => Message::Welcome(Welcome {
+            version,
+            coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
+            agent_name: agent_name.to_owned(),
+        }),
+        Err(e) => Message::Refused(Refused {
+            reason: e.to_string(),
+            min_version: *SUPPORTED_VERSIONS.start(),
+            max_version: *SUPPORTED_VERSIONS.end(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use doppel_common::wire::{AgentRole, PROTOCOL_VERSION};
+
+    use super::*;
+
+    fn hello(min_version: u16, max_version: u16) -> Hello {
+        Hello {
+            min_version,
+            max_version,
+            agent_version: "0.0.0".into(),
+            hostname: "h".into(),
+            roles: vec![AgentRole::Live],
+            next_report_seq: 0,
+        }
+    }
+
+    #[test]
+    fn a_compatible_agent_is_welcomed_with_the_newest_common_version() {
+        match answer_hello(&hello(1, PROTOCOL_VERSION + 5), "a1") {
+            Message::Welcome(w) => {
+                assert_eq!(w.version, PROTOCOL_VERSION);
+                assert_eq!(w.agent_name, "a1");
+            }
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_agent_speaking_only_newer_versions_is_told_why() {
+        match answer_hello(&hello(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2), "a1") {
+            Message::Refused(r) => {
+                assert_eq!(r.max_version, PROTOCOL_VERSION);
+                assert!(
+                    r.reason.contains("no common protocol version"),
+                    "{}",
+                    r.reason
+                );
+            }
+            other => panic!("expected Refused, got {other:?}"),
+        }
+    }
+}

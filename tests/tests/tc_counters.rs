@@ -30,7 +30,11 @@ fn quiet_pair() -> Pair {
     let server = Host::new("server").expect("server host");
     let link = Link::new(&client, &server).expect("link");
     link.make_quiet(&client, &server).expect("quiet link");
-    Pair { client, server, link }
+    Pair {
+        client,
+        server,
+        link,
+    }
 }
 
 impl Pair {
@@ -73,7 +77,11 @@ fn counts_exactly_then_detaches(mode: AttachMode, expected: Attached) {
         (DATAGRAMS, DATAGRAMS * (PAYLOAD as u64 + FRAME_OVERHEAD)),
         "ingress counters after {DATAGRAMS} datagrams: {counts:?}"
     );
-    assert_eq!(totals(&counts, index, "egress"), (0, 0), "nothing was sent back: {counts:?}");
+    assert_eq!(
+        totals(&counts, index, "egress"),
+        (0, 0),
+        "nothing was sent back: {counts:?}"
+    );
 
     datapath.detach(&iface).expect("detach");
     thread::scope(|s| s.spawn(|| pair.send_datagrams()).join().expect("sender"));
@@ -88,13 +96,22 @@ fn counts_exactly_then_detaches(mode: AttachMode, expected: Attached) {
 }
 
 fn assert_no_tc_leftovers(host: &Host, iface: &str) {
-    let qdiscs = host.run("tc", &["qdisc", "show", "dev", iface]).expect("tc qdisc show");
+    let qdiscs = host
+        .run("tc", &["qdisc", "show", "dev", iface])
+        .expect("tc qdisc show");
     let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
-    assert!(!qdiscs.contains("clsact"), "clsact qdisc left on {iface}: {qdiscs}");
+    assert!(
+        !qdiscs.contains("clsact"),
+        "clsact qdisc left on {iface}: {qdiscs}"
+    );
     for direction in ["ingress", "egress"] {
-        let filters =
-            host.run("tc", &["filter", "show", "dev", iface, direction]).expect("tc filter show");
-        assert!(filters.stdout.is_empty(), "filters left on {iface} {direction}");
+        let filters = host
+            .run("tc", &["filter", "show", "dev", iface, direction])
+            .expect("tc filter show");
+        assert!(
+            filters.stdout.is_empty(),
+            "filters left on {iface} {direction}"
+        );
     }
 }
 
@@ -119,28 +136,50 @@ fn a_clsact_qdisc_someone_else_added_is_left_in_place() {
     }
     let pair = quiet_pair();
     let iface = pair.link.b_iface.clone();
-    pair.server.run("tc", &["qdisc", "add", "dev", &iface, "clsact"]).expect("add clsact");
+    pair.server
+        .run("tc", &["qdisc", "add", "dev", &iface, "clsact"])
+        .expect("add clsact");
     let _inside = pair.server.enter().expect("enter server");
     let mut datapath = Datapath::load().expect("load");
     let how = datapath.attach(&iface, AttachMode::Clsact).expect("attach");
     assert_eq!(how, Attached::Clsact { owns_qdisc: false });
     datapath.detach(&iface).expect("detach");
-    let qdiscs = pair.server.run("tc", &["qdisc", "show", "dev", &iface]).expect("tc");
+    let qdiscs = pair
+        .server
+        .run("tc", &["qdisc", "show", "dev", &iface])
+        .expect("tc");
     assert!(String::from_utf8_lossy(&qdiscs.stdout).contains("clsact"));
 }
 
 /// Starts `doppel-agent counters` in the server host and waits for its "attached" line.
-fn start_agent(pair: &Pair, mode: &str) -> (doppel_tests::testbed::Process, BufReader<std::process::ChildStdout>) {
-    let mut command = pair.server.command(workspace_binary("doppel-agent").to_str().expect("utf-8"));
+fn start_agent(
+    pair: &Pair,
+    mode: &str,
+) -> (
+    doppel_tests::testbed::Process,
+    BufReader<std::process::ChildStdout>,
+) {
+    let mut command = pair
+        .server
+        .command(workspace_binary("doppel-agent").to_str().expect("utf-8"));
     command
-        .args(["counters", "--iface", &pair.link.b_iface, "--attach-mode", mode])
+        .args([
+            "counters",
+            "--iface",
+            &pair.link.b_iface,
+            "--attach-mode",
+            mode,
+        ])
         .args(["--interval-ms", "100"])
         .stdout(Stdio::piped());
     let mut agent = pair.server.spawn(command).expect("spawn agent");
     let mut lines = BufReader::new(agent.child_mut().stdout.take().expect("stdout"));
     let mut first = String::new();
     lines.read_line(&mut first).expect("agent output");
-    assert!(first.contains("\"attached\""), "agent did not attach: {first:?}");
+    assert!(
+        first.contains("\"attached\""),
+        "agent did not attach: {first:?}"
+    );
     (agent, lines)
 }
 
@@ -172,9 +211,18 @@ fn the_agent_binary_counts_and_cleans_up_on_sigterm_and_after_a_crash() {
     // A crashed agent (SIGKILL) leaves its clsact filters behind...
     let (mut crashed, _) = start_agent(&pair, "clsact");
     crashed.signal(Signal::SIGKILL);
-    assert!(crashed.wait_timeout(Duration::from_secs(5)).is_some(), "killed agent exits");
-    let left = pair.server.run("tc", &["filter", "show", "dev", &iface, "ingress"]).expect("tc");
-    assert!(!left.stdout.is_empty(), "a SIGKILLed agent leaves its filter (precondition)");
+    assert!(
+        crashed.wait_timeout(Duration::from_secs(5)).is_some(),
+        "killed agent exits"
+    );
+    let left = pair
+        .server
+        .run("tc", &["filter", "show", "dev", &iface, "ingress"])
+        .expect("tc");
+    assert!(
+        !left.stdout.is_empty(),
+        "a SIGKILLed agent leaves its filter (precondition)"
+    );
 
     // ...which the next agent replaces: it counts every datagram once, not twice.
     let (mut agent, mut lines) = start_agent(&pair, "clsact");
@@ -182,13 +230,27 @@ fn the_agent_binary_counts_and_cleans_up_on_sigterm_and_after_a_crash() {
     pair.send_datagrams();
     thread::sleep(Duration::from_millis(300));
     let after = next_ingress_packets(&mut lines);
-    assert_eq!(after - before, DATAGRAMS, "the restarted agent counts each datagram once");
-    let filters = pair.server.run("tc", &["filter", "show", "dev", &iface, "ingress"]).expect("tc");
+    assert_eq!(
+        after - before,
+        DATAGRAMS,
+        "the restarted agent counts each datagram once"
+    );
+    let filters = pair
+        .server
+        .run("tc", &["filter", "show", "dev", &iface, "ingress"])
+        .expect("tc");
     let filters = String::from_utf8_lossy(&filters.stdout);
-    assert_eq!(filters.matches("doppel_tc_ingress").count(), 1, "one filter, not two: {filters}");
+    assert_eq!(
+        filters.matches("doppel_tc_ingress").count(),
+        1,
+        "one filter, not two: {filters}"
+    );
 
     let status = agent.stop(Duration::from_secs(5));
-    assert!(status.success(), "agent exits cleanly on SIGTERM: {status:?}");
+    assert!(
+        status.success(),
+        "agent exits cleanly on SIGTERM: {status:?}"
+    );
     assert_no_tc_leftovers(&pair.server, &iface);
 }
 
@@ -206,5 +268,8 @@ fn the_agent_refuses_an_interface_that_does_not_exist() {
         .expect("run agent");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("interface \"nosuch0\" does not exist"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("interface \"nosuch0\" does not exist"),
+        "stderr: {stderr}"
+    );
 }

@@ -1,1 +1,51 @@
-fn main() {}
+//! Developer tasks for doppel: `cargo xtask setup | build-ebpf | test`.
+//!
+//! Every task but `setup` runs `setup` first, so a fresh machine needs one command.
+
+mod build_ebpf;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "doppel's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent): rust-src, bpf-linker, Debian packages.
+    Setup(setup::Options),
+    /// Build the eBPF object (and the agent that embeds it).
+    BuildEbpf(build_ebpf::Options),
+    /// Set up, then run formatting and lint checks and every test.
+    Test(test::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup(options) => setup::run(&options).map(drop),
+        Task::BuildEbpf(options) => build_ebpf::run(&options),
+        Task::Test(options) => test::run(&options),
+    }
+}
+
+/// Runs a command, inheriting stdio; fails with the command line when it fails.
+fn run_command(command: &mut std::process::Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {command:?}: {e}"))?;
+    anyhow::ensure!(status.success(), "{command:?} failed ({status})");
+    Ok(())
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map_or_else(|| manifest.to_path_buf(), std::path::Path::to_path_buf)
+}

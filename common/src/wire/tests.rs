@@ -79,7 +79,7 @@ proptest! {
                 prop_assert!(ours.contains(&v) && theirs.contains(&v));
                 prop_assert!(!ours.contains(&(v + 1)) || !theirs.contains(&(v + 1)));
             }
-            Err(_) => prop_assert!(ours.clone().all(|v| !theirs.contains(&v))),
+            Err(_) => prop_assert!(ours.into_iter().all(|v| !theirs.contains(&v))),
         }
     }
 

@@ -61,9 +61,14 @@ impl Cgroup {
             fs::create_dir_all(&parent).map_err(io(format!("creating {}", parent.display())))?;
             write(&root.join("cgroup.subtree_control"), "+cpu +memory")?;
             write(&parent.join("cgroup.subtree_control"), "+cpu +memory")?;
-            Self { dirs: vec![parent.join(name)], v2: true }
+            Self {
+                dirs: vec![parent.join(name)],
+                v2: true,
+            }
         } else {
-            let dirs = ["cpu", "memory"].map(|c| root.join(c).join(PARENT).join(&name)).to_vec();
+            let dirs = ["cpu", "memory"]
+                .map(|c| root.join(c).join(PARENT).join(&name))
+                .to_vec();
             Self { dirs, v2: false }
         };
         for dir in &cgroup.dirs {
@@ -79,16 +84,23 @@ impl Cgroup {
         let quota = limits.cpu_millis.map(|m| u64::from(m) * PERIOD_US / 1000);
         if self.v2 {
             let dir = &self.dirs[0];
-            let cpu = quota.map_or_else(|| format!("max {PERIOD_US}"), |q| format!("{q} {PERIOD_US}"));
+            let cpu = quota.map_or_else(
+                || format!("max {PERIOD_US}"),
+                |q| format!("{q} {PERIOD_US}"),
+            );
             write(&dir.join("cpu.max"), &cpu)?;
-            let mem = limits.memory_bytes.map_or_else(|| "max".to_owned(), |b| b.to_string());
+            let mem = limits
+                .memory_bytes
+                .map_or_else(|| "max".to_owned(), |b| b.to_string());
             write(&dir.join("memory.max"), &mem)?;
         } else {
             let (cpu, mem) = (&self.dirs[0], &self.dirs[1]);
             write(&cpu.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
             let quota = quota.map_or_else(|| "-1".to_owned(), |q| q.to_string());
             write(&cpu.join("cpu.cfs_quota_us"), &quota)?;
-            let bytes = limits.memory_bytes.map_or_else(|| "-1".to_owned(), |b| b.to_string());
+            let bytes = limits
+                .memory_bytes
+                .map_or_else(|| "-1".to_owned(), |b| b.to_string());
             write(&mem.join("memory.limit_in_bytes"), &bytes)?;
         }
         Ok(())
@@ -96,7 +108,9 @@ impl Cgroup {
 
     /// Moves a process (and the children it starts afterwards) into the cgroup.
     pub fn add(&self, pid: u32) -> Result<(), TestbedError> {
-        self.dirs.iter().try_for_each(|dir| write(&dir.join("cgroup.procs"), &pid.to_string()))
+        self.dirs
+            .iter()
+            .try_for_each(|dir| write(&dir.join("cgroup.procs"), &pid.to_string()))
     }
 
     /// Processes in the cgroup.

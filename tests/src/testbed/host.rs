@@ -36,7 +36,10 @@ pub(crate) fn run(command: &mut Command) -> Result<Output, TestbedError> {
     let output = command
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| TestbedError::Spawn { command: line.clone(), source })?;
+        .map_err(|source| TestbedError::Spawn {
+            command: line.clone(),
+            source,
+        })?;
     if output.status.success() {
         Ok(output)
     } else {
@@ -54,10 +57,15 @@ fn ip(args: &[&str]) -> Result<Output, TestbedError> {
 /// Deletes namespaces left by testbed processes that died without running their guards
 /// (SIGKILL, a crashed CI run). Names carry the creating pid, so live runs are never touched.
 fn sweep_stale_namespaces() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(NETNS_PREFIX).and_then(|r| r.split('-').next()) else {
+        let Some(pid) = name
+            .strip_prefix(NETNS_PREFIX)
+            .and_then(|r| r.split('-').next())
+        else {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -141,10 +149,20 @@ impl Host {
         let child = command
             .process_group(0)
             .spawn()
-            .map_err(|source| TestbedError::Spawn { command: line.clone(), source })?;
+            .map_err(|source| TestbedError::Spawn {
+                command: line.clone(),
+                source,
+            })?;
         let pgid = Pid::from_raw(child.id().cast_signed());
-        self.process_groups.lock().unwrap_or_else(|e| e.into_inner()).push(pgid);
-        Ok(Process { child, pgid, command: line })
+        self.process_groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pgid);
+        Ok(Process {
+            child,
+            pgid,
+            command: line,
+        })
     }
 
     /// Moves the calling thread into this host's network namespace until the guard drops.
@@ -155,19 +173,23 @@ impl Host {
             .map_err(io("opening this thread's network namespace".into()))?;
         let target = File::open(format!("/run/netns/{}", self.netns))
             .map_err(io(format!("opening namespace {}", self.netns)))?;
-        setns(target.as_fd(), CloneFlags::CLONE_NEWNET)
-            .map_err(|source| TestbedError::Setns { netns: self.netns.clone(), source })?;
+        setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| TestbedError::Setns {
+            netns: self.netns.clone(),
+            source,
+        })?;
         Ok(NetnsGuard { original })
     }
 
     /// Adds a route to `destination` (a prefix such as `10.1.0.0/24`) through `via`.
     pub fn route(&self, destination: &str, via: IpAddr) -> Result<(), TestbedError> {
-        self.ip(&["route", "add", destination, "via", &via.to_string()]).map(drop)
+        self.ip(&["route", "add", destination, "via", &via.to_string()])
+            .map(drop)
     }
 
     /// Sets a sysctl inside the host (`net.*` keys are per namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), TestbedError> {
-        self.run("sysctl", &["-qw", &format!("{key}={value}")]).map(drop)
+        self.run("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(drop)
     }
 
     fn next_iface_name(&self) -> String {
@@ -177,7 +199,12 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        for pgid in self.process_groups.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for pgid in self
+            .process_groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             let _ = killpg(pgid, Signal::SIGKILL);
         }
         // Daemons that left our process group (nginx, redis --daemonize) are still in the
@@ -225,7 +252,14 @@ impl Link {
             host.ip(&["addr", "add", &format!("{v6}/64"), "dev", iface, "nodad"])?;
             host.ip(&["link", "set", iface, "up"])?;
         }
-        Ok(Self { a_iface, b_iface, a_v4, b_v4, a_v6, b_v6 })
+        Ok(Self {
+            a_iface,
+            b_iface,
+            a_v4,
+            b_v4,
+            a_v6,
+            b_v6,
+        })
     }
 }
 
@@ -290,7 +324,9 @@ impl Process {
             return status;
         }
         self.signal(Signal::SIGKILL);
-        self.child.wait().unwrap_or_else(|e| panic!("waiting for {}: {e}", self.command))
+        self.child
+            .wait()
+            .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.command))
     }
 }
 
@@ -307,10 +343,13 @@ impl Host {
     pub fn mac(&self, iface: &str) -> Result<String, TestbedError> {
         let out = self.ip(&["-br", "link", "show", "dev", iface])?;
         let text = String::from_utf8_lossy(&out.stdout);
-        text.split_whitespace().nth(2).map(str::to_owned).ok_or_else(|| TestbedError::Command {
-            command: format!("ip -n {} -br link show dev {iface}", self.netns),
-            stderr: format!("no MAC in {text:?}"),
-        })
+        text.split_whitespace()
+            .nth(2)
+            .map(str::to_owned)
+            .ok_or_else(|| TestbedError::Command {
+                command: format!("ip -n {} -br link show dev {iface}", self.netns),
+                stderr: format!("no MAC in {text:?}"),
+            })
     }
 }
 
@@ -320,12 +359,20 @@ impl Link {
     /// count packets exactly need this.
     pub fn make_quiet(&self, a: &Host, b: &Host) -> Result<(), TestbedError> {
         let (a_mac, b_mac) = (a.mac(&self.a_iface)?, b.mac(&self.b_iface)?);
-        for (host, iface, peer, peer_mac) in
-            [(a, &self.a_iface, self.b_v4, &b_mac), (b, &self.b_iface, self.a_v4, &a_mac)]
-        {
+        for (host, iface, peer, peer_mac) in [
+            (a, &self.a_iface, self.b_v4, &b_mac),
+            (b, &self.b_iface, self.a_v4, &a_mac),
+        ] {
             host.sysctl(&format!("net.ipv6.conf.{iface}.disable_ipv6"), "1")?;
             host.ip(&[
-                "neigh", "replace", &peer.to_string(), "lladdr", peer_mac, "dev", iface, "nud",
+                "neigh",
+                "replace",
+                &peer.to_string(),
+                "lladdr",
+                peer_mac,
+                "dev",
+                iface,
+                "nud",
                 "permanent",
             ])?;
         }

@@ -74,7 +74,10 @@ pub fn privileged_or_skip(test: &str) -> bool {
 /// builds every binary before running tests.
 pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(std::path::Path::parent).expect("target/<profile>");
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>");
     let path = profile_dir.join(name);
     assert!(
         path.exists(),
