@@ -1,11 +1,19 @@
-//! doppel's TC programs, attached by the agent to a workload's interface.
+//! doppel's live data path: TC programs on a workload's interface.
 //!
-//! For now: per-interface, per-direction packet and byte counters. They are the first thing the
-//! data path grows from, and the proof that the toolchain, loader and attach path all work.
-//! Every path returns `TC_ACT_PIPE`: counting must never change what happens to a packet.
+//! Ingress sees client packets, egress sees the workload's responses. For each TCP packet of a
+//! configured service the programs
+//! - track the flow from its SYN in an LRU map (flows first seen mid-stream are measured, never
+//!   mirrored: a shadow needs the stream from its start);
+//! - on the flow's first client payload packet, classify it once (rules on port, client prefix
+//!   and the first payload bytes) and decide once whether to mirror it, by hashing the flow under
+//!   the epoch seed against the class's rate;
+//! - clone every later client packet of a mirrored flow to each mirror session through the
+//!   VXLAN device (external mode), the tunnel key naming the shadow host and the session's VNI;
+//! - time each exchange (last client payload packet -> first response payload packet) into
+//!   per-CPU log-linear histograms per service x class, for all flows and for mirrored ones.
 //!
-//! Built for the host (as `cargo build --workspace` or clippy do) it is an empty binary: the
-//! programs only mean something for `bpfel-unknown-none`.
+//! Every path returns `TC_ACT_PIPE`: anything the programs cannot parse, or any map or helper
+//! failure, leaves the packet exactly as it was. No per-packet event reaches user space.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![expect(
     unreachable_pub,
@@ -13,56 +21,434 @@
 )]
 
 use aya_ebpf::{
-    bindings::TC_ACT_PIPE,
+    bindings::{BPF_F_ZERO_CSUM_TX, TC_ACT_PIPE, bpf_tunnel_key},
+    helpers::{bpf_ktime_get_ns, bpf_skb_set_tunnel_key},
     macros::{classifier, map},
-    maps::PerCpuHashMap,
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TcContext,
 };
-use doppel_common::maps::{Direction, IFACE_COUNTERS_MAX_ENTRIES, IfaceCounters, IfaceKey};
+use doppel_common::maps::{
+    COUNTER_SLOTS, ClassConfig, DatapathConfig, DatapathCounter, Direction, FLOW_AWAITING_RESPONSE,
+    FLOW_DECIDED, FLOW_MAP_ENTRIES, FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState,
+    IFACE_COUNTERS_MAX_ENTRIES, IfaceCounters, IfaceKey, LATENCY_BUCKETS, LATENCY_HISTOGRAMS,
+    MAX_CLASSES, MAX_RULES, MAX_SERVICES, MAX_SESSIONS, MirrorSessionConfig, PATTERN_SAMPLE_LEN,
+    PatternSample, RULE_MATCH_PORT, RULE_MATCH_PREFIX, Rule, ServiceKey,
+    ServiceValue, latency_bucket, latency_histogram_base,
+};
 
-/// Packets and bytes per (interface, direction), per CPU so the hot path never contends.
 #[map(name = "IFACE_COUNTERS")]
 static IFACE_COUNTERS: PerCpuHashMap<IfaceKey, IfaceCounters> =
     PerCpuHashMap::with_max_entries(IFACE_COUNTERS_MAX_ENTRIES, 0);
+#[map(name = "SERVICES")]
+static SERVICES: aya_ebpf::maps::HashMap<ServiceKey, ServiceValue> =
+    aya_ebpf::maps::HashMap::with_max_entries(MAX_SERVICES, 0);
+#[map(name = "FLOWS")]
+static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOW_MAP_ENTRIES, 0);
+#[map(name = "CLASSES")]
+static CLASSES: Array<ClassConfig> = Array::with_max_entries(MAX_CLASSES, 0);
+#[map(name = "RULES")]
+static RULES: Array<Rule> = Array::with_max_entries(MAX_RULES, 0);
+#[map(name = "SESSIONS")]
+static SESSIONS: Array<MirrorSessionConfig> = Array::with_max_entries(MAX_SESSIONS, 0);
+#[map(name = "CONFIG")]
+static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+#[map(name = "CLASS_FLOWS")]
+static CLASS_FLOWS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_CLASSES, 0);
+#[map(name = "LATENCY")]
+static LATENCY: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(LATENCY_HISTOGRAMS * LATENCY_BUCKETS, 0);
+#[map(name = "PATTERNS")]
+static PATTERNS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 #[classifier]
 pub fn doppel_tc_ingress(ctx: TcContext) -> i32 {
-    count(&ctx, Direction::Ingress);
+    count_iface(&ctx, Direction::Ingress);
+    if let Some(packet) = parse(&ctx, Direction::Ingress) {
+        on_client_packet(&ctx, &packet);
+    }
     TC_ACT_PIPE
 }
 
 #[classifier]
 pub fn doppel_tc_egress(ctx: TcContext) -> i32 {
-    count(&ctx, Direction::Egress);
+    count_iface(&ctx, Direction::Egress);
+    if let Some(packet) = parse(&ctx, Direction::Egress) {
+        on_service_packet(&packet);
+    }
     TC_ACT_PIPE
 }
 
+/// A TCP packet of a configured service, as far as the programs need it.
+struct Packet {
+    flow: FlowKey,
+    tcp_flags: u8,
+    payload_offset: usize,
+    payload_len: usize,
+}
+
 #[inline(always)]
-fn count(ctx: &TcContext, direction: Direction) {
+fn add(counter: DatapathCounter, n: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array; only this CPU writes it, and TC programs
+        // do not preempt each other on one CPU.
+        unsafe { *slot += n };
+    }
+}
+
+#[inline(always)]
+fn count_iface(ctx: &TcContext, direction: Direction) {
     // SAFETY: `skb` points at the kernel's `__sk_buff` for the whole program run.
     let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
-    let key = IfaceKey {
-        ifindex,
-        direction: direction as u32,
-    };
+    add(DatapathCounter::Packets, 1);
+    add(DatapathCounter::Bytes, u64::from(len));
+    let key = IfaceKey { ifindex, direction: direction as u32 };
     match IFACE_COUNTERS.get_ptr_mut(&key) {
-        Some(counters) => {
-            // SAFETY: the pointer is this CPU's slot of a live map entry; per-CPU values are
-            // only written by this CPU, and TC programs do not preempt each other on one CPU.
-            unsafe {
-                (*counters).packets += 1;
-                (*counters).bytes += u64::from(len);
+        // SAFETY: as in `add`.
+        Some(counters) => unsafe {
+            (*counters).packets += 1;
+            (*counters).bytes += u64::from(len);
+        },
+        None => {
+            // A full map loses this count; it must never affect the packet.
+            let _ = IFACE_COUNTERS.insert(&key, &IfaceCounters { packets: 1, bytes: u64::from(len) }, 0);
+        }
+    }
+}
+
+/// Parses Ethernet / IPv4-or-IPv6 / TCP and looks the service up. `None` for anything else;
+/// shapes the programs do not handle (VLAN tags, fragments, IP options, IPv6 extension headers,
+/// truncation) are counted as `ParseSkipped`.
+#[inline(always)]
+fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
+    let skipped = || {
+        add(DatapathCounter::ParseSkipped, 1);
+        None
+    };
+    let Ok(ethertype) = ctx.load::<u16>(12) else { return skipped() };
+    let (client_addr, service_addr, l4, ip_end) = match u16::from_be(ethertype) {
+        ETH_P_IP => {
+            let Ok(ver_ihl) = ctx.load::<u8>(ETH_HLEN) else { return skipped() };
+            let Ok(total_len) = ctx.load::<u16>(ETH_HLEN + 2) else { return skipped() };
+            let Ok(frag) = ctx.load::<u16>(ETH_HLEN + 6) else { return skipped() };
+            let Ok(protocol) = ctx.load::<u8>(ETH_HLEN + 9) else { return skipped() };
+            let Ok(src) = ctx.load::<u32>(ETH_HLEN + 12) else { return skipped() };
+            let Ok(dst) = ctx.load::<u32>(ETH_HLEN + 16) else { return skipped() };
+            // Options and fragments are rare and are not followed: pass them as they are.
+            if ver_ihl != 0x45 || u16::from_be(frag) & 0x3fff != 0 {
+                return skipped();
+            }
+            if protocol != IPPROTO_TCP {
+                add(DatapathCounter::OtherTraffic, 1);
+                return None;
+            }
+            let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+            let (src, dst) = ([0, 0, mapped, src], [0, 0, mapped, dst]);
+            let ip_end = ETH_HLEN + usize::from(u16::from_be(total_len));
+            let (client, service) = if direction == Direction::Ingress { (src, dst) } else { (dst, src) };
+            (client, service, ETH_HLEN + 20, ip_end)
+        }
+        ETH_P_IPV6 => {
+            let Ok(payload_len) = ctx.load::<u16>(ETH_HLEN + 4) else { return skipped() };
+            let Ok(next_header) = ctx.load::<u8>(ETH_HLEN + 6) else { return skipped() };
+            let Ok(src) = ctx.load::<[u32; 4]>(ETH_HLEN + 8) else { return skipped() };
+            let Ok(dst) = ctx.load::<[u32; 4]>(ETH_HLEN + 24) else { return skipped() };
+            if next_header != IPPROTO_TCP {
+                // Extension headers are not followed; other protocols are not ours.
+                add(DatapathCounter::OtherTraffic, 1);
+                return None;
+            }
+            let ip_end = ETH_HLEN + 40 + usize::from(u16::from_be(payload_len));
+            let (client, service) = if direction == Direction::Ingress { (src, dst) } else { (dst, src) };
+            (client, service, ETH_HLEN + 40, ip_end)
+        }
+        _ => return skipped(),
+    };
+    let Ok(ports) = ctx.load::<[u16; 2]>(l4) else { return skipped() };
+    let Ok(doff_flags) = ctx.load::<[u8; 2]>(l4 + 12) else { return skipped() };
+    let (client_port_be, service_port_be) =
+        if direction == Direction::Ingress { (ports[0], ports[1]) } else { (ports[1], ports[0]) };
+    let Some(service) = (unsafe {
+        // SAFETY: the value is copied out before the map can change it.
+        SERVICES.get(&ServiceKey { addr: service_addr, port_be: service_port_be, _pad: 0 })
+    }) else {
+        add(DatapathCounter::OtherTraffic, 1);
+        return None;
+    };
+    let payload_offset = l4 + usize::from(doff_flags[0] >> 4) * 4;
+    if payload_offset > ip_end || ip_end > ctx.len() as usize {
+        return skipped();
+    }
+    Some(Packet {
+        flow: FlowKey { client_addr, client_port_be, service_port_be, service_id: service.id },
+        tcp_flags: doff_flags[1],
+        payload_offset,
+        payload_len: ip_end - payload_offset,
+    })
+}
+
+#[inline(always)]
+fn config() -> Option<DatapathConfig> {
+    CONFIG.get(0).copied()
+}
+
+/// Client -> service: track, decide, clone, open an exchange.
+#[inline(always)]
+fn on_client_packet(ctx: &TcContext, packet: &Packet) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(config) = config() else { return };
+    if packet.tcp_flags & TCP_SYN != 0 && packet.tcp_flags & TCP_ACK == 0 {
+        let state = FlowState { last_request_ns: 0, last_seen_ns: now, flags: FLOW_SEEN_SYN, class: 0 };
+        if FLOWS.insert(&packet.flow, &state, 0).is_err() {
+            add(DatapathCounter::MapFull, 1);
+        }
+        add(DatapathCounter::FlowsSeen, 1);
+        return;
+    }
+    let state = match FLOWS.get_ptr_mut(&packet.flow) {
+        // SAFETY: a live map entry; see the module docs on concurrent updates.
+        Some(state) if now.saturating_sub(unsafe { (*state).last_seen_ns }) <= config.flow_idle_timeout_ns => state,
+        _ => {
+            // Open before we started, evicted, or idle past the timeout: measure, never mirror.
+            let fresh = FlowState { last_request_ns: 0, last_seen_ns: now, flags: 0, class: 0 };
+            if FLOWS.insert(&packet.flow, &fresh, 0).is_err() {
+                add(DatapathCounter::MapFull, 1);
+                return;
+            }
+            add(DatapathCounter::FlowsMidstream, 1);
+            match FLOWS.get_ptr_mut(&packet.flow) {
+                Some(state) => state,
+                None => return,
             }
         }
-        None => {
-            let first = IfaceCounters {
-                packets: 1,
-                bytes: u64::from(len),
-            };
-            // A full map loses this count; it must not affect the packet, so the error is
-            // ignored on purpose.
-            let _ = IFACE_COUNTERS.insert(&key, &first, 0);
+    };
+    // SAFETY: `state` points into a live map entry for the rest of this run. Ingress and egress
+    // of one flow may run on two CPUs at once; the fields each side writes are disjoint except
+    // `flags`, where a lost update at worst mis-times one exchange.
+    unsafe {
+        (*state).last_seen_ns = now;
+        if packet.payload_len > 0 {
+            if (*state).flags & FLOW_DECIDED == 0 {
+                decide(ctx, packet, &config, &mut *state);
+            }
+            (*state).last_request_ns = now;
+            (*state).flags |= FLOW_AWAITING_RESPONSE;
         }
+        if (*state).flags & FLOW_SAMPLED != 0 {
+            mirror(ctx, &config);
+        }
+    }
+    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        let _ = FLOWS.remove(&packet.flow);
+    }
+}
+
+/// Service -> client: close the open exchange on the first response payload packet.
+#[inline(always)]
+fn on_service_packet(packet: &Packet) {
+    let Some(state) = FLOWS.get_ptr_mut(&packet.flow) else { return };
+    // SAFETY: plain helper call; `state` as in `on_client_packet`.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        (*state).last_seen_ns = now;
+        let flags = (*state).flags;
+        if packet.payload_len > 0 && flags & FLOW_AWAITING_RESPONSE != 0 {
+            (*state).flags = flags & !FLOW_AWAITING_RESPONSE;
+            let latency = now.saturating_sub((*state).last_request_ns);
+            record_latency(packet.flow.service_id, (*state).class, flags & FLOW_SAMPLED != 0, latency);
+            add(DatapathCounter::Exchanges, 1);
+        }
+    }
+    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        let _ = FLOWS.remove(&packet.flow);
+    }
+}
+
+#[inline(always)]
+fn record_latency(service_id: u32, class: u32, mirrored: bool, ns: u64) {
+    if service_id >= MAX_SERVICES || class >= MAX_CLASSES {
+        return;
+    }
+    let bucket = latency_bucket(ns);
+    let all = latency_histogram_base(service_id, class, false) + bucket;
+    bump(&LATENCY, all);
+    if mirrored {
+        bump(&LATENCY, latency_histogram_base(service_id, class, true) + bucket);
+    }
+}
+
+#[inline(always)]
+fn bump(array: &PerCpuArray<u64>, index: u32) {
+    if let Some(slot) = array.get_ptr_mut(index) {
+        // SAFETY: as in `add`.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Classifies the flow from its first payload and decides once whether it is mirrored.
+#[inline(never)]
+fn decide(ctx: &TcContext, packet: &Packet, config: &DatapathConfig, state: &mut FlowState) {
+    let mut head = [0u64; PATTERN_SAMPLE_LEN / 8];
+    let have = load_head(ctx, packet, &mut head);
+    let class = classify(packet, &head, have);
+    state.class = class;
+    state.flags |= FLOW_DECIDED;
+    bump(&CLASS_FLOWS, class);
+    let hash = flow_hash(&packet.flow, config.sampling_seed);
+    // Only flows seen from their SYN can be replayed whole.
+    if state.flags & FLOW_SEEN_SYN != 0 {
+        if let Some(class_config) = CLASSES.get(class) {
+            if u64::from(hash) < class_config.sample_threshold {
+                state.flags |= FLOW_SAMPLED;
+                add(DatapathCounter::FlowsSampled, 1);
+                bump(&CLASS_FLOWS, MAX_CLASSES + class);
+            }
+        }
+    }
+    // Pattern discovery: one flow in N, picked by a different slice of the same hash, so the
+    // choice is independent of sampling.
+    if config.pattern_sample_one_in != 0 && (hash >> 7) % config.pattern_sample_one_in == 0 {
+        match PATTERNS.reserve::<PatternSample>(0) {
+            Some(mut entry) => {
+                // SAFETY: `[u64; 8]` and `[u8; 64]` have the same size and any bits are valid.
+                let bytes = unsafe { core::mem::transmute::<[u64; 8], [u8; 64]>(head) };
+                entry.write(PatternSample { service_id: packet.flow.service_id, len: have as u32, bytes });
+                entry.submit(0);
+                add(DatapathCounter::PatternSamples, 1);
+            }
+            None => add(DatapathCounter::PatternDrops, 1),
+        }
+    }
+}
+
+/// Copies up to 64 leading payload bytes into `head`; returns how many.
+#[inline(always)]
+fn load_head(ctx: &TcContext, packet: &Packet, head: &mut [u64; PATTERN_SAMPLE_LEN / 8]) -> usize {
+    let in_skb = (ctx.len() as usize).saturating_sub(packet.payload_offset);
+    let n = packet.payload_len.min(in_skb).min(PATTERN_SAMPLE_LEN);
+    // The verifier needs the length proven to be in 1..=64 at the call.
+    if n == 0 || n > PATTERN_SAMPLE_LEN {
+        return 0;
+    }
+    // SAFETY: `head` is 64 writable bytes and `n` is at most 64.
+    let loaded = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            packet.payload_offset as u32,
+            head.as_mut_ptr().cast(),
+            n as u32,
+        )
+    };
+    if loaded == 0 { n } else { 0 }
+}
+
+/// The class of the highest-priority matching rule (0 when none matches).
+#[inline(always)]
+fn classify(packet: &Packet, head: &[u64; PATTERN_SAMPLE_LEN / 8], have: usize) -> u32 {
+    let Some(config) = config() else { return 0 };
+    let mut best_class = 0;
+    let mut best_priority = 0;
+    let mut i = 0;
+    while i < MAX_RULES && i < config.rule_count {
+        if let Some(rule) = RULES.get(i) {
+            if rule_matches(rule, packet, head, have) {
+                let priority = CLASSES.get(rule.class).map_or(0, |c| c.priority) + 1;
+                if priority > best_priority {
+                    best_priority = priority;
+                    best_class = rule.class;
+                }
+            }
+        }
+        i += 1;
+    }
+    best_class
+}
+
+#[inline(always)]
+fn rule_matches(rule: &Rule, packet: &Packet, head: &[u64; PATTERN_SAMPLE_LEN / 8], have: usize) -> bool {
+    if rule.flags & RULE_MATCH_PORT != 0 && rule.port_be != packet.flow.service_port_be {
+        return false;
+    }
+    let a = packet.flow.client_addr;
+    let m = rule.prefix_mask;
+    let p = rule.prefix_addr;
+    if rule.flags & RULE_MATCH_PREFIX != 0
+        && ((a[0] & m[0]) ^ p[0]) | ((a[1] & m[1]) ^ p[1]) | ((a[2] & m[2]) ^ p[2]) | ((a[3] & m[3]) ^ p[3]) != 0
+    {
+        return false;
+    }
+    if usize::from(rule.payload_len) > have {
+        return false;
+    }
+    let (w, k) = (rule.payload, rule.payload_mask);
+    ((head[0] & k[0]) ^ w[0]) | ((head[1] & k[1]) ^ w[1]) | ((head[2] & k[2]) ^ w[2]) | ((head[3] & k[3]) ^ w[3]) == 0
+}
+
+/// A 32-bit hash of the flow under the epoch seed (a murmur3 64-bit finalizer over the key's
+/// words): deterministic, and uniform enough that "hash < rate x 2^32" samples the rate.
+#[inline(always)]
+fn flow_hash(flow: &FlowKey, seed: u64) -> u32 {
+    let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let words = [
+        u64::from(flow.client_addr[0]) << 32 | u64::from(flow.client_addr[1]),
+        u64::from(flow.client_addr[2]) << 32 | u64::from(flow.client_addr[3]),
+        u64::from(flow.client_port_be) << 32 | u64::from(flow.service_port_be) << 16 | u64::from(flow.service_id),
+    ];
+    for w in words {
+        h ^= w;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^= h >> 33;
+    }
+    (h >> 32) as u32
+}
+
+/// Clones the current packet to every mirror session.
+#[inline(always)]
+fn mirror(ctx: &TcContext, config: &DatapathConfig) {
+    let mut i = 0;
+    while i < MAX_SESSIONS && i < config.session_count {
+        if let Some(session) = SESSIONS.get(i) {
+            // SAFETY: all-zero is a valid `bpf_tunnel_key`.
+            let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+            key.tunnel_id = session.vni;
+            key.tunnel_ttl = 64;
+            let mut flags = u64::from(BPF_F_ZERO_CSUM_TX);
+            if session.ipv6 != 0 {
+                key.__bindgen_anon_1.remote_ipv6 = session.remote_ipv6;
+                flags |= u64::from(aya_ebpf::bindings::BPF_F_TUNINFO_IPV6);
+            } else {
+                key.__bindgen_anon_1.remote_ipv4 = session.remote_ipv4;
+            }
+            // SAFETY: `key` lives across the call and its size is passed.
+            let set = unsafe {
+                bpf_skb_set_tunnel_key(
+                    ctx.skb.skb,
+                    &mut key,
+                    size_of::<bpf_tunnel_key>() as u32,
+                    flags,
+                )
+            };
+            if set == 0 && ctx.clone_redirect(config.vxlan_ifindex, 0).is_ok() {
+                add(DatapathCounter::ClonesSent, 1);
+            } else {
+                add(DatapathCounter::CloneFailures, 1);
+            }
+        }
+        i += 1;
     }
 }
 

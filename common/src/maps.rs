@@ -116,3 +116,418 @@ mod tests {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The live data path: services, flows, classification rules, mirror sessions, latency histograms.
+// ---------------------------------------------------------------------------------------------
+
+/// Most services (listening addresses) one agent measures.
+pub const MAX_SERVICES: u32 = 8;
+/// Traffic classes per agent (class 0 is "unclassified").
+pub const MAX_CLASSES: u32 = 16;
+/// Classification rules per agent.
+pub const MAX_RULES: u32 = 64;
+/// Mirror sessions (shadow host + VNI) per agent.
+pub const MAX_SESSIONS: u32 = 8;
+/// Leading payload bytes a rule can match.
+pub const PAYLOAD_MATCH_LEN: usize = 32;
+/// Leading payload bytes sent to user space for pattern discovery.
+pub const PATTERN_SAMPLE_LEN: usize = 64;
+/// Flows tracked at once (LRU: the least recently used is evicted when full).
+pub const FLOW_MAP_ENTRIES: u32 = 65_536;
+
+/// Key of `SERVICES`: a listening address. IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so
+/// one key type serves both families; words hold the address bytes in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Address bytes, network order, IPv4-mapped for IPv4.
+    pub addr: [u32; 4],
+    /// TCP port, network byte order.
+    pub port_be: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index of the service, `< MAX_SERVICES`; names its histograms.
+    pub id: u32,
+}
+
+/// Key of `FLOWS`: one TCP connection to a service, seen from the service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client address, as in [`ServiceKey::addr`].
+    pub client_addr: [u32; 4],
+    /// Client port, network byte order.
+    pub client_port_be: u16,
+    /// Service port, network byte order.
+    pub service_port_be: u16,
+    /// [`ServiceValue::id`] of the service.
+    pub service_id: u32,
+}
+
+/// The flow began with a SYN the program saw, so its stream is complete from the start and it
+/// may be mirrored.
+pub const FLOW_SEEN_SYN: u32 = 1;
+/// Class and sampling were decided (on the first client payload packet).
+pub const FLOW_DECIDED: u32 = 1 << 1;
+/// The flow is mirrored to every session.
+pub const FLOW_SAMPLED: u32 = 1 << 2;
+/// Client payload arrived since the last response payload: an exchange is open.
+pub const FLOW_AWAITING_RESPONSE: u32 = 1 << 3;
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// `bpf_ktime_get_ns` of the latest client payload packet of the open exchange.
+    pub last_request_ns: u64,
+    /// `bpf_ktime_get_ns` of the latest packet in either direction (idle timeout).
+    pub last_seen_ns: u64,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+    /// Class assigned by the rules (0 = unclassified).
+    pub class: u32,
+}
+
+/// Value of `CLASSES`, indexed by class id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassConfig {
+    /// A flow is sampled when its 32-bit hash is below this (`1 << 32` = every flow).
+    pub sample_threshold: u64,
+    /// Higher wins when rules of several classes match.
+    pub priority: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+}
+
+/// The rule only matches this destination port.
+pub const RULE_MATCH_PORT: u32 = 1;
+/// The rule only matches clients in its prefix.
+pub const RULE_MATCH_PREFIX: u32 = 1 << 1;
+
+/// Value of `RULES`, indexed by rule number (`< MAX_RULES`); `RULE_*` bits in `flags`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// `RULE_MATCH_*` bits.
+    pub flags: u32,
+    /// Class assigned on match.
+    pub class: u32,
+    /// Client prefix address, as in [`ServiceKey::addr`].
+    pub prefix_addr: [u32; 4],
+    /// Client prefix as a mask over the 128-bit (IPv4-mapped) address, per word.
+    pub prefix_mask: [u32; 4],
+    /// Destination port, network byte order.
+    pub port_be: u16,
+    /// How many leading payload bytes are compared (0..=32); the payload must be this long.
+    pub payload_len: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
+    /// Explicit padding (aligns the words below), always zero.
+    pub _pad2: u32,
+    /// Expected leading payload bytes, already masked, as native-endian words (the program
+    /// compares 8 bytes at a time: 4 operations per rule instead of 32).
+    pub payload: [u64; PAYLOAD_MATCH_LEN / 8],
+    /// Mask applied to the payload before comparing; zero past `payload_len`.
+    pub payload_mask: [u64; PAYLOAD_MATCH_LEN / 8],
+}
+
+/// Value of `SESSIONS`, indexed by session number (`< MAX_SESSIONS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorSessionConfig {
+    /// Remote IPv4 address in host byte order (what `bpf_skb_set_tunnel_key` wants), when
+    /// `ipv6` is 0.
+    pub remote_ipv4: u32,
+    /// Remote IPv6 address, network order bytes as words, when `ipv6` is 1.
+    pub remote_ipv6: [u32; 4],
+    /// VXLAN network identifier naming the session.
+    pub vni: u32,
+    /// 1 when the remote is IPv6.
+    pub ipv6: u32,
+}
+
+/// Value of `CONFIG` (a one-entry array): what the programs need beyond the tables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Seed of the sampling epoch.
+    pub sampling_seed: u64,
+    /// A flow idle this long is treated as new (and so never mirrored).
+    pub flow_idle_timeout_ns: u64,
+    /// `ifindex` of the VXLAN device (external mode) clones are redirected to.
+    pub vxlan_ifindex: u32,
+    /// Sessions in use (`SESSIONS[0..session_count]`).
+    pub session_count: u32,
+    /// Rules in use (`RULES[0..rule_count]`).
+    pub rule_count: u32,
+    /// One new flow in this many sends its first payload bytes for pattern discovery (0 = off).
+    pub pattern_sample_one_in: u32,
+}
+
+/// What the pattern ring buffer carries: the first payload bytes of a sampled new flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatternSample {
+    /// Service the flow belongs to.
+    pub service_id: u32,
+    /// Valid bytes in `bytes`.
+    pub len: u32,
+    /// Leading payload bytes.
+    pub bytes: [u8; PATTERN_SAMPLE_LEN],
+}
+
+/// Indexes of the `COUNTERS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatapathCounter {
+    /// Packets inspected (both directions).
+    Packets = 0,
+    /// Bytes of those packets.
+    Bytes,
+    /// Packets not parsed further (not IPv4/IPv6 TCP, VLAN-tagged, fragmented, IP options,
+    /// IPv6 extension headers, truncated): passed untouched.
+    ParseSkipped,
+    /// TCP packets of no configured service.
+    OtherTraffic,
+    /// New flows (SYN seen).
+    FlowsSeen,
+    /// Flows first seen mid-stream (open before the agent, or idle-expired): measured only.
+    FlowsMidstream,
+    /// Flows decided as mirrored.
+    FlowsSampled,
+    /// Clones handed to the VXLAN device.
+    ClonesSent,
+    /// `bpf_skb_set_tunnel_key` or `bpf_clone_redirect` failures.
+    CloneFailures,
+    /// Flow map insertions that failed (degrades to "not sampled", never a drop).
+    MapFull,
+    /// Request/response exchanges measured.
+    Exchanges,
+    /// Pattern samples sent to user space.
+    PatternSamples,
+    /// Pattern samples dropped because the ring buffer was full.
+    PatternDrops,
+}
+
+impl DatapathCounter {
+    /// Every counter, in index order.
+    pub const ALL: [Self; 13] = [
+        Self::Packets,
+        Self::Bytes,
+        Self::ParseSkipped,
+        Self::OtherTraffic,
+        Self::FlowsSeen,
+        Self::FlowsMidstream,
+        Self::FlowsSampled,
+        Self::ClonesSent,
+        Self::CloneFailures,
+        Self::MapFull,
+        Self::Exchanges,
+        Self::PatternSamples,
+        Self::PatternDrops,
+    ];
+
+    /// Stable `snake_case` name used in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Packets => "packets",
+            Self::Bytes => "bytes",
+            Self::ParseSkipped => "parse_skipped",
+            Self::OtherTraffic => "other_traffic",
+            Self::FlowsSeen => "flows_seen",
+            Self::FlowsMidstream => "flows_midstream",
+            Self::FlowsSampled => "flows_sampled",
+            Self::ClonesSent => "clones_sent",
+            Self::CloneFailures => "clone_failures",
+            Self::MapFull => "map_full",
+            Self::Exchanges => "exchanges",
+            Self::PatternSamples => "pattern_samples",
+            Self::PatternDrops => "pattern_drops",
+        }
+    }
+}
+
+/// Entries of the `COUNTERS` array.
+pub const COUNTER_SLOTS: u32 = DatapathCounter::ALL.len() as u32;
+
+// --- Latency histograms -----------------------------------------------------------------------
+//
+// Log-linear buckets over nanoseconds: values below 1.024 µs share bucket 0; above, each power of
+// two is split into 64 equal sub-buckets, so a bucket is at most 1/64 (1.6 %) of its value wide
+// and its midpoint is within 0.8 % of anything in it. The top octave ends at 2^36 ns (68.7 s).
+
+/// Sub-buckets per power of two (2^6).
+pub const LATENCY_SUB_BITS: u32 = 6;
+/// Lowest power of two with its own sub-buckets: 2^10 ns.
+pub const LATENCY_MIN_SHIFT: u32 = 10;
+/// Values at or above 2^36 ns land in the last bucket.
+pub const LATENCY_MAX_SHIFT: u32 = 36;
+/// Buckets per histogram.
+pub const LATENCY_BUCKETS: u32 = 1 + (LATENCY_MAX_SHIFT - LATENCY_MIN_SHIFT) * (1 << LATENCY_SUB_BITS);
+/// Histograms: service x class x {all flows, mirrored flows}.
+pub const LATENCY_HISTOGRAMS: u32 = MAX_SERVICES * MAX_CLASSES * 2;
+
+/// Index of the most significant set bit of a non-zero value, by binary search (BPF has no
+/// count-leading-zeros instruction, and this keeps the verifier's work constant).
+#[inline(always)]
+pub const fn msb(mut v: u64) -> u32 {
+    let mut n = 0;
+    if v >= 1 << 32 {
+        v >>= 32;
+        n += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        n += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        n += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        n += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        n += 2;
+    }
+    if v >= 1 << 1 {
+        n += 1;
+    }
+    n
+}
+
+/// Bucket of a latency in nanoseconds.
+#[inline(always)]
+pub const fn latency_bucket(ns: u64) -> u32 {
+    if ns < 1 << LATENCY_MIN_SHIFT {
+        return 0;
+    }
+    if ns >= 1 << LATENCY_MAX_SHIFT {
+        return LATENCY_BUCKETS - 1;
+    }
+    let top = msb(ns);
+    let sub = ((ns >> (top - LATENCY_SUB_BITS)) & ((1 << LATENCY_SUB_BITS) - 1)) as u32;
+    1 + (top - LATENCY_MIN_SHIFT) * (1 << LATENCY_SUB_BITS) + sub
+}
+
+/// The value a bucket stands for: its midpoint (bucket 0: 512 ns; the last: 2^36 ns).
+pub const fn latency_bucket_value(bucket: u32) -> u64 {
+    if bucket == 0 {
+        return 1 << (LATENCY_MIN_SHIFT - 1);
+    }
+    if bucket >= LATENCY_BUCKETS - 1 {
+        return 1 << LATENCY_MAX_SHIFT;
+    }
+    let b = bucket - 1;
+    let top = LATENCY_MIN_SHIFT + b / (1 << LATENCY_SUB_BITS);
+    let sub = (b % (1 << LATENCY_SUB_BITS)) as u64;
+    let width = 1u64 << (top - LATENCY_SUB_BITS);
+    (1u64 << top) + sub * width + width / 2
+}
+
+/// First index in `LATENCY` of the histogram of (service, class, mirrored-only or all).
+#[inline(always)]
+pub const fn latency_histogram_base(service_id: u32, class: u32, mirrored: bool) -> u32 {
+    ((service_id * MAX_CLASSES + class) * 2 + mirrored as u32) * LATENCY_BUCKETS
+}
+
+/// Map names, shared by the programs and the loader.
+pub mod names {
+    /// `HashMap<ServiceKey, ServiceValue>`.
+    pub const SERVICES: &str = "SERVICES";
+    /// `LruHashMap<FlowKey, FlowState>`.
+    pub const FLOWS: &str = "FLOWS";
+    /// `Array<ClassConfig>` of `MAX_CLASSES`.
+    pub const CLASSES: &str = "CLASSES";
+    /// `Array<Rule>` of `MAX_RULES`.
+    pub const RULES: &str = "RULES";
+    /// `Array<MirrorSessionConfig>` of `MAX_SESSIONS`.
+    pub const SESSIONS: &str = "SESSIONS";
+    /// `Array<DatapathConfig>` of 1.
+    pub const CONFIG: &str = "CONFIG";
+    /// `PerCpuArray<u64>` of `COUNTER_SLOTS`.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// `PerCpuArray<u64>` per class: flows decided, then flows sampled (`2 * MAX_CLASSES`).
+    pub const CLASS_FLOWS: &str = "CLASS_FLOWS";
+    /// `PerCpuArray<u64>` of `LATENCY_HISTOGRAMS * LATENCY_BUCKETS` cumulative bucket counts.
+    pub const LATENCY: &str = "LATENCY";
+    /// `RingBuf` of [`super::PatternSample`].
+    pub const PATTERNS: &str = "PATTERNS";
+}
+
+#[cfg(feature = "user")]
+mod datapath_pod {
+    use super::*;
+    // SAFETY (all impls): `#[repr(C)]`, integer and integer-array fields only, every padding
+    // byte spelled out as a field (see the size assertions in the tests), so any bit pattern is
+    // a valid value.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for ClassConfig {}
+    unsafe impl aya::Pod for Rule {}
+    unsafe impl aya::Pod for MirrorSessionConfig {}
+    unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for PatternSample {}
+}
+
+#[cfg(test)]
+mod datapath_tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn datapath_layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<FlowKey>(), 24);
+        assert_eq!(size_of::<FlowState>(), 24);
+        assert_eq!(size_of::<ClassConfig>(), 16);
+        assert_eq!(size_of::<Rule>(), 4 + 4 + 16 + 16 + 2 + 1 + 1 + 4 + 32 + 32);
+        assert_eq!(size_of::<MirrorSessionConfig>(), 4 + 16 + 4 + 4);
+        assert_eq!(size_of::<DatapathConfig>(), 32);
+        assert_eq!(size_of::<PatternSample>(), 8 + PATTERN_SAMPLE_LEN);
+    }
+
+    #[test]
+    fn msb_matches_leading_zeros() {
+        for shift in 0..64 {
+            for v in [1u64 << shift, (1u64 << shift) | 1, (1u64 << shift).wrapping_mul(3) >> 1] {
+                if v != 0 {
+                    assert_eq!(msb(v), 63 - v.leading_zeros(), "v={v}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn buckets_are_monotone_and_within_one_percent_from_a_microsecond_to_a_minute() {
+        let mut previous = 0;
+        let mut ns = 1_000u64;
+        while ns <= 60_000_000_000 {
+            let bucket = latency_bucket(ns);
+            assert!(bucket >= previous, "bucket of {ns} went down");
+            assert!(bucket < LATENCY_BUCKETS);
+            previous = bucket;
+            if ns >= 1 << LATENCY_MIN_SHIFT {
+                let value = latency_bucket_value(bucket) as f64;
+                let error = (value - ns as f64).abs() / ns as f64;
+                assert!(error <= 0.01, "{ns} ns -> bucket {bucket} = {value} ns ({error:.4})");
+            }
+            ns += ns / 97 + 1;
+        }
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+        assert_eq!(latency_bucket(0), 0);
+    }
+}
