@@ -30,7 +30,7 @@ static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/doppel-agent-ebpf"));
 
 /// How TC programs are attached.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// TCX where the kernel has it, `clsact` otherwise.
@@ -131,10 +131,10 @@ pub struct IfaceCount {
 
 /// The loaded eBPF object and the interfaces its TC programs are attached to. Dropping it
 /// detaches everything.
-#[derive(Debug)]
 pub struct Datapath {
     ebpf: Ebpf,
     attached: BTreeMap<String, Attachment>,
+    patterns: Option<aya::maps::RingBuf<aya::maps::MapData>>,
 }
 
 impl Datapath {
@@ -151,10 +151,7 @@ impl Datapath {
                     source: Box::new(source),
                 })?;
         }
-        Ok(Self {
-            ebpf,
-            attached: BTreeMap::new(),
-        })
+        Ok(Self { ebpf, attached: BTreeMap::new(), patterns: None })
     }
 
     /// Attaches the ingress and egress programs to `iface`.
@@ -343,6 +340,12 @@ impl Datapath {
     }
 }
 
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath").field("attached", &self.attached).finish_non_exhaustive()
+    }
+}
+
 impl Drop for Datapath {
     fn drop(&mut self) {
         // aya would drop the links too, but not the clsact qdisc we may own.
@@ -383,4 +386,205 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     line
+}
+
+/// Settings of the live data path that are the agent's, not the workload policy's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatapathSettings {
+    /// `ifindex` of the VXLAN device clones go to (0 when there are no sessions).
+    pub vxlan_ifindex: u32,
+    /// A flow idle this long is forgotten (and so never mirrored again).
+    pub flow_idle_timeout: std::time::Duration,
+    /// One new flow in this many is sampled for pattern discovery (0 = off).
+    pub pattern_sample_one_in: u32,
+}
+
+/// Cumulative counts of one latency histogram (summed over CPUs), as last read.
+#[derive(Debug, Clone)]
+struct HistogramSnapshot {
+    buckets: Vec<u64>,
+}
+
+/// Reads the kernel's cumulative latency buckets and hands out what was added since the last
+/// drain as `hdrhistogram`s. The kernel never resets its counts, so a drain can never lose one.
+#[derive(Debug, Default)]
+pub struct LatencyDrain {
+    last: std::collections::HashMap<(u32, u32, bool), HistogramSnapshot>,
+}
+
+/// New exchanges of one service x class x scope since the previous drain.
+#[derive(Debug)]
+pub struct LatencyDelta {
+    /// Service id (position in the policy's services).
+    pub service_id: u32,
+    /// Class id.
+    pub class: u32,
+    /// Only mirrored flows (`true`) or all flows.
+    pub mirrored: bool,
+    /// Latencies in nanoseconds.
+    pub histogram: hdrhistogram::Histogram<u64>,
+}
+
+impl Datapath {
+    /// Writes a compiled policy into the maps. Tables first, then the configuration that says
+    /// how many entries are in use, so the programs never see a count beyond written entries.
+    /// Flows already decided keep their decision: it is stored in the flow, not recomputed.
+    pub fn apply_policy(
+        &mut self,
+        policy: &crate::policy::CompiledPolicy,
+        settings: DatapathSettings,
+    ) -> Result<(), DatapathError> {
+        use aya::maps::{Array, HashMap};
+        use doppel_common::maps::{
+            ClassConfig, DatapathConfig, MirrorSessionConfig, Rule, ServiceKey, ServiceValue,
+            names,
+        };
+        let map_error = |map: &'static str| move |source| DatapathError::Map { map, source };
+
+        let mut classes: Array<_, ClassConfig> = self.map_mut(names::CLASSES)?;
+        for (i, class) in policy.classes.iter().enumerate() {
+            classes.set(i as u32, class, 0).map_err(map_error(names::CLASSES))?;
+        }
+        let mut rules: Array<_, Rule> = self.map_mut(names::RULES)?;
+        for (i, rule) in policy.rules.iter().enumerate() {
+            rules.set(i as u32, rule, 0).map_err(map_error(names::RULES))?;
+        }
+        let mut sessions: Array<_, MirrorSessionConfig> = self.map_mut(names::SESSIONS)?;
+        for (i, session) in policy.sessions.iter().enumerate() {
+            sessions.set(i as u32, session, 0).map_err(map_error(names::SESSIONS))?;
+        }
+        let mut services: HashMap<_, ServiceKey, ServiceValue> = self.map_mut(names::SERVICES)?;
+        let stale: Vec<ServiceKey> = services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !policy.services.contains(k))
+            .collect();
+        for key in stale {
+            let _ = services.remove(&key);
+        }
+        for (id, key) in policy.services.iter().enumerate() {
+            services
+                .insert(key, ServiceValue { id: id as u32 }, 0)
+                .map_err(map_error(names::SERVICES))?;
+        }
+        let config = DatapathConfig {
+            sampling_seed: policy.sampling_seed,
+            flow_idle_timeout_ns: settings.flow_idle_timeout.as_nanos().try_into().unwrap_or(u64::MAX),
+            vxlan_ifindex: settings.vxlan_ifindex,
+            session_count: if settings.vxlan_ifindex == 0 { 0 } else { policy.sessions.len() as u32 },
+            rule_count: policy.rules.len() as u32,
+            pattern_sample_one_in: settings.pattern_sample_one_in,
+        };
+        let mut config_map: Array<_, DatapathConfig> = self.map_mut(names::CONFIG)?;
+        config_map.set(0, config, 0).map_err(map_error(names::CONFIG))?;
+        Ok(())
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DatapathError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        let map = self.ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
+        T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+    }
+
+    fn per_cpu_array(&self, name: &'static str) -> Result<aya::maps::PerCpuArray<&aya::maps::MapData, u64>, DatapathError> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        aya::maps::PerCpuArray::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+    }
+
+    fn sum_slot(
+        array: &aya::maps::PerCpuArray<&aya::maps::MapData, u64>,
+        name: &'static str,
+        index: u32,
+    ) -> Result<u64, DatapathError> {
+        let values = array.get(&index, 0).map_err(|source| DatapathError::Map { map: name, source })?;
+        Ok(values.iter().sum())
+    }
+
+    /// Cumulative data-path counters since load, by stable name.
+    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+        use doppel_common::maps::{DatapathCounter, names};
+        let array = self.per_cpu_array(names::COUNTERS)?;
+        DatapathCounter::ALL
+            .iter()
+            .map(|c| Ok((c.name(), Self::sum_slot(&array, names::COUNTERS, *c as u32)?)))
+            .collect()
+    }
+
+    /// Cumulative flows decided and flows sampled of one class since load.
+    pub fn class_flows(&self, class: u32) -> Result<(u64, u64), DatapathError> {
+        use doppel_common::maps::{MAX_CLASSES, names};
+        let array = self.per_cpu_array(names::CLASS_FLOWS)?;
+        Ok((
+            Self::sum_slot(&array, names::CLASS_FLOWS, class)?,
+            Self::sum_slot(&array, names::CLASS_FLOWS, MAX_CLASSES + class)?,
+        ))
+    }
+
+    /// New latency counts of the given (service, class) pairs since the previous drain, for
+    /// all flows and for mirrored flows; empty histograms are left out.
+    pub fn drain_latency(
+        &self,
+        drain: &mut LatencyDrain,
+        pairs: &[(u32, u32)],
+    ) -> Result<Vec<LatencyDelta>, DatapathError> {
+        use doppel_common::maps::{LATENCY_BUCKETS, latency_bucket_value, latency_histogram_base, names};
+        let array = self.per_cpu_array(names::LATENCY)?;
+        let mut deltas = Vec::new();
+        for &(service_id, class) in pairs {
+            for mirrored in [false, true] {
+                let base = latency_histogram_base(service_id, class, mirrored);
+                let now = (0..LATENCY_BUCKETS)
+                    .map(|b| Self::sum_slot(&array, names::LATENCY, base + b))
+                    .collect::<Result<Vec<u64>, _>>()?;
+                let previous = drain
+                    .last
+                    .insert((service_id, class, mirrored), HistogramSnapshot { buckets: now.clone() });
+                let mut histogram = new_latency_histogram();
+                for (bucket, count) in now.iter().enumerate() {
+                    let before = previous.as_ref().map_or(0, |p| p.buckets[bucket]);
+                    let added = count.saturating_sub(before);
+                    if added > 0 {
+                        histogram.saturating_record_n(latency_bucket_value(bucket as u32), added);
+                    }
+                }
+                if !histogram.is_empty() {
+                    deltas.push(LatencyDelta { service_id, class, mirrored, histogram });
+                }
+            }
+        }
+        Ok(deltas)
+    }
+
+    /// Pattern samples waiting in the ring buffer: (service id, leading payload bytes).
+    pub fn drain_pattern_samples(&mut self) -> Result<Vec<(u32, Vec<u8>)>, DatapathError> {
+        use doppel_common::maps::{PatternSample, names};
+        if self.patterns.is_none() {
+            let map = self.ebpf.take_map(names::PATTERNS).ok_or(DatapathError::MissingMap(names::PATTERNS))?;
+            let ring = aya::maps::RingBuf::try_from(map)
+                .map_err(|source| DatapathError::Map { map: names::PATTERNS, source })?;
+            self.patterns = Some(ring);
+        }
+        let mut samples = Vec::new();
+        if let Some(ring) = self.patterns.as_mut() {
+            while let Some(item) = ring.next() {
+                if item.len() < size_of::<PatternSample>() {
+                    continue;
+                }
+                let len = u32::from_ne_bytes([item[4], item[5], item[6], item[7]]) as usize;
+                let service = u32::from_ne_bytes([item[0], item[1], item[2], item[3]]);
+                let bytes = &item[8..8 + len.min(doppel_common::maps::PATTERN_SAMPLE_LEN)];
+                samples.push((service, bytes.to_vec()));
+            }
+        }
+        Ok(samples)
+    }
+}
+
+/// An empty histogram with the range the kernel measures: 1 µs to 60 s at 2 significant
+/// digits (1 % resolution, finer than the kernel's 1.6 % buckets).
+pub fn new_latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 120_000_000_000, 2)
+        .expect("constant bounds are valid")
 }

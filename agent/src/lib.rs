@@ -5,5 +5,9 @@
 //! programs and their attachments; [`netlink`] holds the few rtnetlink operations aya does not.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod datapath;
+pub mod metrics;
 pub mod netlink;
+pub mod patterns;
+pub mod policy;

@@ -5,9 +5,12 @@
 
 use std::io;
 
-use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_route::{
     RouteNetlinkMessage,
+    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     tc::{TcAttribute, TcHandle, TcMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -51,8 +54,54 @@ pub fn delete_clsact_qdisc(ifindex: u32) -> Result<(), NetlinkError> {
     }
 }
 
+/// Creates a VXLAN device in external (collect_md) mode, where each packet's tunnel key (set by
+/// the TC program) says where it goes, and sets it up. Returns its ifindex. A device of the same
+/// name left by a crashed agent is replaced.
+pub fn create_vxlan_external(name: &str, dstport: u16) -> Result<u32, NetlinkError> {
+    delete_link(name)?;
+    let mut link = LinkMessage::default();
+    link.attributes.push(LinkAttribute::IfName(name.to_owned()));
+    link.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Vxlan),
+        LinkInfo::Data(InfoData::Vxlan(vec![
+            InfoVxlan::CollectMetadata(true),
+            InfoVxlan::Port(dstport),
+        ])),
+    ]));
+    request_with(
+        RouteNetlinkMessage::NewLink(link),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )?;
+    let index = nix::net::if_::if_nametoindex(name)
+        .map_err(|e| NetlinkError::Socket(io::Error::from(e)))?;
+    let mut up = LinkMessage::default();
+    up.header.index = index;
+    up.header.flags = LinkFlags::Up;
+    up.header.change_mask = LinkFlags::Up;
+    request(RouteNetlinkMessage::SetLink(up))?;
+    Ok(index)
+}
+
+/// Deletes the link called `name`; a link that does not exist is not an error.
+pub fn delete_link(name: &str) -> Result<(), NetlinkError> {
+    let Ok(index) = nix::net::if_::if_nametoindex(name) else {
+        return Ok(());
+    };
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    match request(RouteNetlinkMessage::DelLink(link)) {
+        Err(NetlinkError::Refused(e)) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+        other => other,
+    }
+}
+
 /// Sends one request and waits for the kernel's acknowledgement.
 fn request(message: RouteNetlinkMessage) -> Result<(), NetlinkError> {
+    request_with(message, 0)
+}
+
+/// Like [`request`], with extra `NLM_F_*` flags.
+fn request_with(message: RouteNetlinkMessage, flags: u16) -> Result<(), NetlinkError> {
     let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
     socket.bind_auto().map_err(NetlinkError::Socket)?;
     socket
@@ -60,7 +109,7 @@ fn request(message: RouteNetlinkMessage) -> Result<(), NetlinkError> {
         .map_err(NetlinkError::Socket)?;
 
     let mut packet = NetlinkMessage::from(message);
-    packet.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    packet.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
     packet.header.sequence_number = 1;
     packet.finalize();
     let mut buf = vec![0; packet.buffer_len()];

@@ -12,7 +12,11 @@
 //!   sent in an envelope of [`HANDSHAKE_VERSION`]. So any two releases can at least negotiate.
 //! - Every other message is encoded in the version the handshake chose ([`negotiate`]). Changing
 //!   the layout of any message, or adding a variant, means a new [`PROTOCOL_VERSION`].
+//! - The length limits of the fields ([`MAX_NAME_LEN`], [`MAX_COUNTERS`], …) are part of the
+//!   format: raising one means a new version, so that a sender never exceeds what its peer
+//!   accepts. The handshake's limits never change.
 
+mod bounded;
 pub mod frame;
 pub mod histogram;
 mod messages;

@@ -1,0 +1,266 @@
+//! Resource use of the host and of the workload over each report interval, from /proc and the
+//! workload's cgroup (v2, or the v1 `cpuacct`/`memory` controllers) or its process tree.
+//!
+//! Everything is read as cumulative counters and reported as the difference since the previous
+//! sample, so a missed interval never loses usage; gauges (memory) are read as they are.
+
+use std::{fs, path::PathBuf};
+
+use doppel_common::wire::ResourceUsage;
+use serde::Deserialize;
+
+/// Where the workload's resource use comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadSource {
+    /// A cgroup directory (under /sys/fs/cgroup; for v1, the path below each controller).
+    Cgroup(PathBuf),
+    /// A process and all its descendants.
+    Pid(u32),
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    cpu_us: u64,
+    net_rx: u64,
+    net_tx: u64,
+    disk_read: u64,
+    disk_write: u64,
+}
+
+/// Samples host and workload resource use; each call reports the change since the last one.
+#[derive(Debug)]
+pub struct ResourceSampler {
+    workload: Option<WorkloadSource>,
+    host_before: Totals,
+    workload_before: Totals,
+}
+
+/// Kernel clock ticks per second for /proc CPU times (USER_HZ, 100 on every Linux ABI).
+const USER_HZ: u64 = 100;
+
+fn read(path: impl AsRef<std::path::Path>) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
+
+fn field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
+}
+
+impl ResourceSampler {
+    /// Starts sampling; the first [`sample`](Self::sample) covers the time since this call.
+    pub fn new(workload: Option<WorkloadSource>) -> Self {
+        let mut sampler =
+            Self { workload, host_before: Totals::default(), workload_before: Totals::default() };
+        sampler.host_before = host_totals();
+        sampler.workload_before = sampler.workload_totals();
+        sampler
+    }
+
+    /// Host and workload use since the previous call.
+    pub fn sample(&mut self) -> (ResourceUsage, Option<ResourceUsage>) {
+        let host_now = host_totals();
+        let meminfo = read("/proc/meminfo");
+        let kib = |k| field(&meminfo, k).unwrap_or(0) * 1024;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let host = usage(
+            self.host_before,
+            host_now,
+            cpus * 1000,
+            kib("MemTotal:").saturating_sub(kib("MemAvailable:")),
+            kib("MemTotal:"),
+        );
+        self.host_before = host_now;
+        let workload = self.workload.clone().map(|source| {
+            let now = self.workload_totals();
+            let (used, limit, capacity) = workload_gauges(&source, host.memory_limit_bytes, cpus);
+            let usage = usage(self.workload_before, now, capacity, used, limit);
+            self.workload_before = now;
+            usage
+        });
+        (host, workload)
+    }
+
+    fn workload_totals(&self) -> Totals {
+        match &self.workload {
+            None => Totals::default(),
+            Some(WorkloadSource::Pid(pid)) => process_tree_totals(*pid),
+            Some(WorkloadSource::Cgroup(path)) => cgroup_totals(path),
+        }
+    }
+}
+
+fn usage(before: Totals, now: Totals, capacity_millis: u32, used: u64, limit: u64) -> ResourceUsage {
+    ResourceUsage {
+        cpu_time_us: now.cpu_us.saturating_sub(before.cpu_us),
+        cpu_capacity_millis: capacity_millis,
+        memory_used_bytes: used,
+        memory_limit_bytes: limit,
+        net_rx_bytes: now.net_rx.saturating_sub(before.net_rx),
+        net_tx_bytes: now.net_tx.saturating_sub(before.net_tx),
+        disk_read_bytes: now.disk_read.saturating_sub(before.disk_read),
+        disk_write_bytes: now.disk_write.saturating_sub(before.disk_write),
+    }
+}
+
+fn host_totals() -> Totals {
+    let stat = read("/proc/stat");
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+    let busy: u64 = cpu.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    let (net_rx, net_tx) = net_dev(&read("/proc/net/dev"));
+    let (disk_read, disk_write) = diskstats(&read("/proc/diskstats"));
+    Totals { cpu_us: busy * 1_000_000 / USER_HZ, net_rx, net_tx, disk_read, disk_write }
+}
+
+/// Received and sent bytes of every interface but loopback (in the reader's namespace).
+fn net_dev(text: &str) -> (u64, u64) {
+    text.lines()
+        .skip(2)
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            if name.trim() == "lo" {
+                return None;
+            }
+            let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            Some((*v.first()?, *v.get(8)?))
+        })
+        .fold((0, 0), |(r, t), (a, b)| (r + a, t + b))
+}
+
+/// Bytes read and written by whole disks (partitions would count twice).
+fn diskstats(text: &str) -> (u64, u64) {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let name = *f.get(2)?;
+            if name.starts_with("loop") || name.starts_with("ram") {
+                return None;
+            }
+            if !std::path::Path::new("/sys/block").join(name).exists() {
+                return None;
+            }
+            Some((f.get(5)?.parse::<u64>().ok()? * 512, f.get(9)?.parse::<u64>().ok()? * 512))
+        })
+        .fold((0, 0), |(r, w), (a, b)| (r + a, w + b))
+}
+
+fn process_tree_totals(root: u32) -> Totals {
+    let mut parents = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let stat = read(format!("/proc/{pid}/stat"));
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid = f.get(1).and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+        let ticks: u64 = [11, 12].iter().filter_map(|&i| f.get(i)?.parse::<u64>().ok()).sum();
+        parents.push((pid, ppid, ticks));
+    }
+    let mut members = vec![root];
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for (pid, ppid, _) in &parents {
+            if members.contains(ppid) && !members.contains(pid) {
+                members.push(*pid);
+                grew = true;
+            }
+        }
+    }
+    let mut totals = Totals::default();
+    for (pid, _, ticks) in parents.iter().filter(|(p, _, _)| members.contains(p)) {
+        totals.cpu_us += ticks * 1_000_000 / USER_HZ;
+        let io = read(format!("/proc/{pid}/io"));
+        totals.disk_read += field(&io, "read_bytes:").unwrap_or(0);
+        totals.disk_write += field(&io, "write_bytes:").unwrap_or(0);
+    }
+    let (rx, tx) = net_dev(&read(format!("/proc/{root}/net/dev")));
+    totals.net_rx = rx;
+    totals.net_tx = tx;
+    totals
+}
+
+fn cgroup_dir(path: &std::path::Path, controller: &str) -> PathBuf {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let relative = path.strip_prefix(root).unwrap_or(path);
+    let v1 = root.join(controller).join(relative.strip_prefix(controller).unwrap_or(relative));
+    if v1.exists() { v1 } else { root.join(relative) }
+}
+
+fn cgroup_totals(path: &std::path::Path) -> Totals {
+    let v2 = read(cgroup_dir(path, "unified").join("cpu.stat"));
+    let cpu_us = field(&v2, "usage_usec").unwrap_or_else(|| {
+        let ns: u64 = read(cgroup_dir(path, "cpuacct").join("cpuacct.usage")).trim().parse().unwrap_or(0);
+        ns / 1000
+    });
+    Totals { cpu_us, ..Totals::default() }
+}
+
+fn workload_gauges(source: &WorkloadSource, host_memory: u64, cpus: u32) -> (u64, u64, u32) {
+    match source {
+        WorkloadSource::Pid(pid) => {
+            let status = read(format!("/proc/{pid}/status"));
+            (field(&status, "VmRSS:").unwrap_or(0) * 1024, host_memory, cpus * 1000)
+        }
+        WorkloadSource::Cgroup(path) => {
+            let number = |file: PathBuf| read(file).trim().parse::<u64>().ok();
+            let mem = cgroup_dir(path, "memory");
+            let used = number(mem.join("memory.current"))
+                .or_else(|| number(mem.join("memory.usage_in_bytes")))
+                .unwrap_or(0);
+            let limit = number(mem.join("memory.max"))
+                .or_else(|| number(mem.join("memory.limit_in_bytes")))
+                .unwrap_or(host_memory)
+                .min(host_memory);
+            let cpu = cgroup_dir(path, "cpu");
+            let quota: Option<(i64, i64)> = read(cpu.join("cpu.max"))
+                .split_once(' ')
+                .and_then(|(q, p)| Some((q.parse().ok()?, p.trim().parse().ok()?)))
+                .or_else(|| {
+                    let q = read(cpu.join("cpu.cfs_quota_us")).trim().parse().ok()?;
+                    let p = read(cpu.join("cpu.cfs_period_us")).trim().parse().ok()?;
+                    Some((q, p))
+                });
+            let capacity = match quota {
+                Some((q, p)) if q > 0 && p > 0 => (q * 1000 / p) as u32,
+                _ => cpus * 1000,
+            };
+            (used, limit, capacity.min(cpus * 1000))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_dev_sums_every_interface_but_loopback() {
+        let text = "Inter-|   Receive |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes\n    lo: 100 1 0 0 0 0 0 0 100 1 0 0 0 0 0 0\n  eth0: 1000 10 0 0 0 0 0 0 2000 20 0 0 0 0 0 0\n  eth1: 5 1 0 0 0 0 0 0 7 1 0 0 0 0 0 0\n";
+        assert_eq!(net_dev(text), (1005, 2007));
+    }
+
+    #[test]
+    fn a_busy_process_tree_shows_cpu_time() {
+        let mut busy = std::process::Command::new("sh")
+            .args(["-c", "sh -c 'i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done'"])
+            .spawn()
+            .expect("spawn");
+        let mut sampler = ResourceSampler::new(Some(WorkloadSource::Pid(busy.id())));
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let (host, workload) = sampler.sample();
+        let _ = busy.kill();
+        let _ = busy.wait();
+        let workload = workload.expect("workload usage");
+        assert!(workload.cpu_time_us >= 100_000, "child's busy loop not seen: {workload:?}");
+        assert!(host.cpu_time_us >= workload.cpu_time_us / 2, "host {host:?}");
+        assert!(host.memory_limit_bytes > 0 && host.memory_used_bytes > 0);
+    }
+}
