@@ -32,8 +32,8 @@ use doppel_common::maps::{
     FLOW_DECIDED, FLOW_MAP_ENTRIES, FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState,
     IFACE_COUNTERS_MAX_ENTRIES, IfaceCounters, IfaceKey, LATENCY_BUCKETS, LATENCY_HISTOGRAMS,
     MAX_CLASSES, MAX_RULES, MAX_SERVICES, MAX_SESSIONS, MirrorSessionConfig, PATTERN_SAMPLE_LEN,
-    PatternSample, RULE_MATCH_PORT, RULE_MATCH_PREFIX, Rule, ServiceKey,
-    ServiceValue, latency_bucket, latency_histogram_base,
+    PatternSample, RULE_MATCH_PORT, RULE_MATCH_PREFIX, Rule, ServiceKey, ServiceValue,
+    latency_bucket, latency_histogram_base,
 };
 
 #[map(name = "IFACE_COUNTERS")]
@@ -112,7 +112,10 @@ fn count_iface(ctx: &TcContext, direction: Direction) {
     let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
     add(DatapathCounter::Packets, 1);
     add(DatapathCounter::Bytes, u64::from(len));
-    let key = IfaceKey { ifindex, direction: direction as u32 };
+    let key = IfaceKey {
+        ifindex,
+        direction: direction as u32,
+    };
     match IFACE_COUNTERS.get_ptr_mut(&key) {
         // SAFETY: as in `add`.
         Some(counters) => unsafe {
@@ -121,7 +124,14 @@ fn count_iface(ctx: &TcContext, direction: Direction) {
         },
         None => {
             // A full map loses this count; it must never affect the packet.
-            let _ = IFACE_COUNTERS.insert(&key, &IfaceCounters { packets: 1, bytes: u64::from(len) }, 0);
+            let _ = IFACE_COUNTERS.insert(
+                &key,
+                &IfaceCounters {
+                    packets: 1,
+                    bytes: u64::from(len),
+                },
+                0,
+            );
         }
     }
 }
@@ -135,15 +145,29 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
         add(DatapathCounter::ParseSkipped, 1);
         None
     };
-    let Ok(ethertype) = ctx.load::<u16>(12) else { return skipped() };
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        return skipped();
+    };
     let (client_addr, service_addr, l4, ip_end) = match u16::from_be(ethertype) {
         ETH_P_IP => {
-            let Ok(ver_ihl) = ctx.load::<u8>(ETH_HLEN) else { return skipped() };
-            let Ok(total_len) = ctx.load::<u16>(ETH_HLEN + 2) else { return skipped() };
-            let Ok(frag) = ctx.load::<u16>(ETH_HLEN + 6) else { return skipped() };
-            let Ok(protocol) = ctx.load::<u8>(ETH_HLEN + 9) else { return skipped() };
-            let Ok(src) = ctx.load::<u32>(ETH_HLEN + 12) else { return skipped() };
-            let Ok(dst) = ctx.load::<u32>(ETH_HLEN + 16) else { return skipped() };
+            let Ok(ver_ihl) = ctx.load::<u8>(ETH_HLEN) else {
+                return skipped();
+            };
+            let Ok(total_len) = ctx.load::<u16>(ETH_HLEN + 2) else {
+                return skipped();
+            };
+            let Ok(frag) = ctx.load::<u16>(ETH_HLEN + 6) else {
+                return skipped();
+            };
+            let Ok(protocol) = ctx.load::<u8>(ETH_HLEN + 9) else {
+                return skipped();
+            };
+            let Ok(src) = ctx.load::<u32>(ETH_HLEN + 12) else {
+                return skipped();
+            };
+            let Ok(dst) = ctx.load::<u32>(ETH_HLEN + 16) else {
+                return skipped();
+            };
             // Options and fragments are rare and are not followed: pass them as they are.
             if ver_ihl != 0x45 || u16::from_be(frag) & 0x3fff != 0 {
                 return skipped();
@@ -155,32 +179,59 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
             let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
             let (src, dst) = ([0, 0, mapped, src], [0, 0, mapped, dst]);
             let ip_end = ETH_HLEN + usize::from(u16::from_be(total_len));
-            let (client, service) = if direction == Direction::Ingress { (src, dst) } else { (dst, src) };
+            let (client, service) = if direction == Direction::Ingress {
+                (src, dst)
+            } else {
+                (dst, src)
+            };
             (client, service, ETH_HLEN + 20, ip_end)
         }
         ETH_P_IPV6 => {
-            let Ok(payload_len) = ctx.load::<u16>(ETH_HLEN + 4) else { return skipped() };
-            let Ok(next_header) = ctx.load::<u8>(ETH_HLEN + 6) else { return skipped() };
-            let Ok(src) = ctx.load::<[u32; 4]>(ETH_HLEN + 8) else { return skipped() };
-            let Ok(dst) = ctx.load::<[u32; 4]>(ETH_HLEN + 24) else { return skipped() };
+            let Ok(payload_len) = ctx.load::<u16>(ETH_HLEN + 4) else {
+                return skipped();
+            };
+            let Ok(next_header) = ctx.load::<u8>(ETH_HLEN + 6) else {
+                return skipped();
+            };
+            let Ok(src) = ctx.load::<[u32; 4]>(ETH_HLEN + 8) else {
+                return skipped();
+            };
+            let Ok(dst) = ctx.load::<[u32; 4]>(ETH_HLEN + 24) else {
+                return skipped();
+            };
             if next_header != IPPROTO_TCP {
                 // Extension headers are not followed; other protocols are not ours.
                 add(DatapathCounter::OtherTraffic, 1);
                 return None;
             }
             let ip_end = ETH_HLEN + 40 + usize::from(u16::from_be(payload_len));
-            let (client, service) = if direction == Direction::Ingress { (src, dst) } else { (dst, src) };
+            let (client, service) = if direction == Direction::Ingress {
+                (src, dst)
+            } else {
+                (dst, src)
+            };
             (client, service, ETH_HLEN + 40, ip_end)
         }
         _ => return skipped(),
     };
-    let Ok(ports) = ctx.load::<[u16; 2]>(l4) else { return skipped() };
-    let Ok(doff_flags) = ctx.load::<[u8; 2]>(l4 + 12) else { return skipped() };
-    let (client_port_be, service_port_be) =
-        if direction == Direction::Ingress { (ports[0], ports[1]) } else { (ports[1], ports[0]) };
+    let Ok(ports) = ctx.load::<[u16; 2]>(l4) else {
+        return skipped();
+    };
+    let Ok(doff_flags) = ctx.load::<[u8; 2]>(l4 + 12) else {
+        return skipped();
+    };
+    let (client_port_be, service_port_be) = if direction == Direction::Ingress {
+        (ports[0], ports[1])
+    } else {
+        (ports[1], ports[0])
+    };
     let Some(service) = (unsafe {
         // SAFETY: the value is copied out before the map can change it.
-        SERVICES.get(&ServiceKey { addr: service_addr, port_be: service_port_be, _pad: 0 })
+        SERVICES.get(&ServiceKey {
+            addr: service_addr,
+            port_be: service_port_be,
+            _pad: 0,
+        })
     }) else {
         add(DatapathCounter::OtherTraffic, 1);
         return None;
@@ -190,7 +241,12 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
         return skipped();
     }
     Some(Packet {
-        flow: FlowKey { client_addr, client_port_be, service_port_be, service_id: service.id },
+        flow: FlowKey {
+            client_addr,
+            client_port_be,
+            service_port_be,
+            service_id: service.id,
+        },
         tcp_flags: doff_flags[1],
         payload_offset,
         payload_len: ip_end - payload_offset,
@@ -209,7 +265,12 @@ fn on_client_packet(ctx: &TcContext, packet: &Packet) {
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(config) = config() else { return };
     if packet.tcp_flags & TCP_SYN != 0 && packet.tcp_flags & TCP_ACK == 0 {
-        let state = FlowState { last_request_ns: 0, last_seen_ns: now, flags: FLOW_SEEN_SYN, class: 0 };
+        let state = FlowState {
+            last_request_ns: 0,
+            last_seen_ns: now,
+            flags: FLOW_SEEN_SYN,
+            class: 0,
+        };
         if FLOWS.insert(&packet.flow, &state, 0).is_err() {
             add(DatapathCounter::MapFull, 1);
         }
@@ -218,10 +279,20 @@ fn on_client_packet(ctx: &TcContext, packet: &Packet) {
     }
     let state = match FLOWS.get_ptr_mut(&packet.flow) {
         // SAFETY: a live map entry; see the module docs on concurrent updates.
-        Some(state) if now.saturating_sub(unsafe { (*state).last_seen_ns }) <= config.flow_idle_timeout_ns => state,
+        Some(state)
+            if now.saturating_sub(unsafe { (*state).last_seen_ns })
+                <= config.flow_idle_timeout_ns =>
+        {
+            state
+        }
         _ => {
             // Open before we started, evicted, or idle past the timeout: measure, never mirror.
-            let fresh = FlowState { last_request_ns: 0, last_seen_ns: now, flags: 0, class: 0 };
+            let fresh = FlowState {
+                last_request_ns: 0,
+                last_seen_ns: now,
+                flags: 0,
+                class: 0,
+            };
             if FLOWS.insert(&packet.flow, &fresh, 0).is_err() {
                 add(DatapathCounter::MapFull, 1);
                 return;
@@ -257,7 +328,9 @@ fn on_client_packet(ctx: &TcContext, packet: &Packet) {
 /// Service -> client: close the open exchange on the first response payload packet.
 #[inline(always)]
 fn on_service_packet(packet: &Packet) {
-    let Some(state) = FLOWS.get_ptr_mut(&packet.flow) else { return };
+    let Some(state) = FLOWS.get_ptr_mut(&packet.flow) else {
+        return;
+    };
     // SAFETY: plain helper call; `state` as in `on_client_packet`.
     unsafe {
         let now = bpf_ktime_get_ns();
@@ -266,7 +339,12 @@ fn on_service_packet(packet: &Packet) {
         if packet.payload_len > 0 && flags & FLOW_AWAITING_RESPONSE != 0 {
             (*state).flags = flags & !FLOW_AWAITING_RESPONSE;
             let latency = now.saturating_sub((*state).last_request_ns);
-            record_latency(packet.flow.service_id, (*state).class, flags & FLOW_SAMPLED != 0, latency);
+            record_latency(
+                packet.flow.service_id,
+                (*state).class,
+                flags & FLOW_SAMPLED != 0,
+                latency,
+            );
             add(DatapathCounter::Exchanges, 1);
         }
     }
@@ -284,7 +362,10 @@ fn record_latency(service_id: u32, class: u32, mirrored: bool, ns: u64) {
     let all = latency_histogram_base(service_id, class, false) + bucket;
     bump(&LATENCY, all);
     if mirrored {
-        bump(&LATENCY, latency_histogram_base(service_id, class, true) + bucket);
+        bump(
+            &LATENCY,
+            latency_histogram_base(service_id, class, true) + bucket,
+        );
     }
 }
 
@@ -323,7 +404,11 @@ fn decide(ctx: &TcContext, packet: &Packet, config: &DatapathConfig, state: &mut
             Some(mut entry) => {
                 // SAFETY: `[u64; 8]` and `[u8; 64]` have the same size and any bits are valid.
                 let bytes = unsafe { core::mem::transmute::<[u64; 8], [u8; 64]>(head) };
-                entry.write(PatternSample { service_id: packet.flow.service_id, len: have as u32, bytes });
+                entry.write(PatternSample {
+                    service_id: packet.flow.service_id,
+                    len: have as u32,
+                    bytes,
+                });
                 entry.submit(0);
                 add(DatapathCounter::PatternSamples, 1);
             }
@@ -376,7 +461,12 @@ fn classify(packet: &Packet, head: &[u64; PATTERN_SAMPLE_LEN / 8], have: usize) 
 }
 
 #[inline(always)]
-fn rule_matches(rule: &Rule, packet: &Packet, head: &[u64; PATTERN_SAMPLE_LEN / 8], have: usize) -> bool {
+fn rule_matches(
+    rule: &Rule,
+    packet: &Packet,
+    head: &[u64; PATTERN_SAMPLE_LEN / 8],
+    have: usize,
+) -> bool {
     if rule.flags & RULE_MATCH_PORT != 0 && rule.port_be != packet.flow.service_port_be {
         return false;
     }
@@ -384,7 +474,11 @@ fn rule_matches(rule: &Rule, packet: &Packet, head: &[u64; PATTERN_SAMPLE_LEN / 
     let m = rule.prefix_mask;
     let p = rule.prefix_addr;
     if rule.flags & RULE_MATCH_PREFIX != 0
-        && ((a[0] & m[0]) ^ p[0]) | ((a[1] & m[1]) ^ p[1]) | ((a[2] & m[2]) ^ p[2]) | ((a[3] & m[3]) ^ p[3]) != 0
+        && ((a[0] & m[0]) ^ p[0])
+            | ((a[1] & m[1]) ^ p[1])
+            | ((a[2] & m[2]) ^ p[2])
+            | ((a[3] & m[3]) ^ p[3])
+            != 0
     {
         return false;
     }
@@ -392,7 +486,11 @@ fn rule_matches(rule: &Rule, packet: &Packet, head: &[u64; PATTERN_SAMPLE_LEN / 
         return false;
     }
     let (w, k) = (rule.payload, rule.payload_mask);
-    ((head[0] & k[0]) ^ w[0]) | ((head[1] & k[1]) ^ w[1]) | ((head[2] & k[2]) ^ w[2]) | ((head[3] & k[3]) ^ w[3]) == 0
+    ((head[0] & k[0]) ^ w[0])
+        | ((head[1] & k[1]) ^ w[1])
+        | ((head[2] & k[2]) ^ w[2])
+        | ((head[3] & k[3]) ^ w[3])
+        == 0
 }
 
 /// A 32-bit hash of the flow under the epoch seed (a murmur3 64-bit finalizer over the key's
@@ -403,7 +501,9 @@ fn flow_hash(flow: &FlowKey, seed: u64) -> u32 {
     let words = [
         u64::from(flow.client_addr[0]) << 32 | u64::from(flow.client_addr[1]),
         u64::from(flow.client_addr[2]) << 32 | u64::from(flow.client_addr[3]),
-        u64::from(flow.client_port_be) << 32 | u64::from(flow.service_port_be) << 16 | u64::from(flow.service_id),
+        u64::from(flow.client_port_be) << 32
+            | u64::from(flow.service_port_be) << 16
+            | u64::from(flow.service_id),
     ];
     for w in words {
         h ^= w;
@@ -426,13 +526,15 @@ fn mirror(ctx: &TcContext, config: &DatapathConfig) {
             let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
             key.tunnel_id = session.vni;
             key.tunnel_ttl = 64;
-            let mut flags = u64::from(BPF_F_ZERO_CSUM_TX);
-            if session.ipv6 != 0 {
+            // IPv4 VXLAN may skip the outer UDP checksum (RFC 7348); IPv6 receivers drop
+            // zero-checksum UDP by default (RFC 6935), so IPv6 keeps it.
+            let flags = if session.ipv6 != 0 {
                 key.__bindgen_anon_1.remote_ipv6 = session.remote_ipv6;
-                flags |= u64::from(aya_ebpf::bindings::BPF_F_TUNINFO_IPV6);
+                u64::from(aya_ebpf::bindings::BPF_F_TUNINFO_IPV6)
             } else {
                 key.__bindgen_anon_1.remote_ipv4 = session.remote_ipv4;
-            }
+                u64::from(BPF_F_ZERO_CSUM_TX)
+            };
             // SAFETY: `key` lives across the call and its size is passed.
             let set = unsafe {
                 bpf_skb_set_tunnel_key(

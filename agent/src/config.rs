@@ -69,7 +69,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// The VXLAN device clones leave through.
@@ -84,7 +87,10 @@ pub struct VxlanConfig {
 
 impl Default for VxlanConfig {
     fn default() -> Self {
-        Self { device: "doppel-vx0".to_owned(), port: 4789 }
+        Self {
+            device: "doppel-vx0".to_owned(),
+            port: 4789,
+        }
     }
 }
 
@@ -209,17 +215,25 @@ const fn default_pattern_one_in() -> u32 {
 
 fn percent_to_ppm(field: &str, percent: f64) -> Result<u32, ConfigError> {
     if !(0.0..=100.0).contains(&percent) {
-        return Err(invalid(field, format!("{percent} is not a percentage between 0 and 100")));
+        return Err(invalid(
+            field,
+            format!("{percent} is not a percentage between 0 and 100"),
+        ));
     }
     Ok((percent / 100.0 * f64::from(PPM)).round() as u32)
 }
 
 fn parse_prefix(field: &str, text: &str) -> Result<IpPrefix, ConfigError> {
     let (addr, len) = text.split_once('/').unwrap_or((text, ""));
-    let addr: IpAddr = addr.parse().map_err(|_| invalid(field, format!("{addr:?} is not an IP address")))?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| invalid(field, format!("{addr:?} is not an IP address")))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
-    let len = if len.is_empty() { max } else {
-        len.parse().map_err(|_| invalid(field, format!("{len:?} is not a prefix length")))?
+    let len = if len.is_empty() {
+        max
+    } else {
+        len.parse()
+            .map_err(|_| invalid(field, format!("{len:?} is not a prefix length")))?
     };
     Ok(IpPrefix { addr, len })
 }
@@ -238,10 +252,14 @@ impl LiveConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-        let config: Self =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: shown, source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: shown,
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -249,10 +267,16 @@ impl LiveConfig {
     /// Checks what TOML cannot: the interface and service addresses exist on this host, sizes.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if nix::net::if_::if_nametoindex(self.interface.as_str()).is_err() {
-            return Err(invalid("interface", format!("no interface {:?} on this host", self.interface)));
+            return Err(invalid(
+                "interface",
+                format!("no interface {:?} on this host", self.interface),
+            ));
         }
         if self.vxlan.device.is_empty() || self.vxlan.device.len() > 15 {
-            return Err(invalid("vxlan.device", "an interface name has 1 to 15 bytes"));
+            return Err(invalid(
+                "vxlan.device",
+                "an interface name has 1 to 15 bytes",
+            ));
         }
         if self.report_interval_ms < 100 {
             return Err(invalid("report_interval_ms", "must be at least 100"));
@@ -296,12 +320,18 @@ impl LiveConfig {
         }];
         for (i, class) in self.classes.iter().enumerate() {
             if class.id == 0 {
-                return Err(invalid(format!("classes[{i}].id"), "class 0 is the default class; use default_sample_percent"));
+                return Err(invalid(
+                    format!("classes[{i}].id"),
+                    "class 0 is the default class; use default_sample_percent",
+                ));
             }
             classes.push(ClassPolicy {
                 id: class.id,
                 name: class.name.clone(),
-                sample_rate_ppm: percent_to_ppm(&format!("classes[{i}].sample_percent"), class.sample_percent)?,
+                sample_rate_ppm: percent_to_ppm(
+                    &format!("classes[{i}].sample_percent"),
+                    class.sample_percent,
+                )?,
                 priority: class.priority,
             });
         }
@@ -333,13 +363,23 @@ impl LiveConfig {
         Ok(AgentPolicy {
             workload: self.workload_name.clone(),
             report_interval_ms: self.report_interval_ms,
-            services: self.services.iter().map(|s| ServiceAddr { addr: s.addr, port: s.port }).collect(),
+            services: self
+                .services
+                .iter()
+                .map(|s| ServiceAddr {
+                    addr: s.addr,
+                    port: s.port,
+                })
+                .collect(),
             classes,
             rules,
             mirror_sessions: self
                 .mirror_sessions
                 .iter()
-                .map(|s| MirrorSession { shadow_addr: s.shadow, vni: s.vni })
+                .map(|s| MirrorSession {
+                    shadow_addr: s.shadow,
+                    vni: s.vni,
+                })
                 .collect(),
             sampling_seed: self.sampling_seed,
         })
@@ -348,7 +388,9 @@ impl LiveConfig {
     /// Where the workload's resource use is read, if configured.
     pub fn workload_source(&self) -> Option<WorkloadSource> {
         let w = self.workload.as_ref()?;
-        w.pid.map(WorkloadSource::Pid).or_else(|| w.cgroup.clone().map(WorkloadSource::Cgroup))
+        w.pid
+            .map(WorkloadSource::Pid)
+            .or_else(|| w.cgroup.clone().map(WorkloadSource::Cgroup))
     }
 
     /// Idle timeout as a duration.
@@ -362,8 +404,10 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<LiveConfig, ConfigError> {
-        let config: LiveConfig = toml::from_str(text)
-            .map_err(|source| ConfigError::Parse { path: "t".into(), source })?;
+        let config: LiveConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "t".into(),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -401,8 +445,14 @@ mod tests {
         assert!(message(&GOOD.replace("\"lo\"", "\"nosuch0\"")).starts_with("interface:"));
         assert!(message(&GOOD.replace("127.0.0.1", "192.0.2.77")).starts_with("services[0].addr:"));
         assert!(message(&GOOD.replace("12.5", "150")).starts_with("classes[0].sample_percent:"));
-        assert!(message(&GOOD.replace("vni = 42", "vni = 99999999")).starts_with("mirror_sessions[0].vni:"));
-        assert!(message(&GOOD.replace("127.0.0.0/8", "127.0.0.0/40")).starts_with("rules[0].client_prefix:"));
+        assert!(
+            message(&GOOD.replace("vni = 42", "vni = 99999999"))
+                .starts_with("mirror_sessions[0].vni:")
+        );
+        assert!(
+            message(&GOOD.replace("127.0.0.0/8", "127.0.0.0/40"))
+                .starts_with("rules[0].client_prefix:")
+        );
         let unknown = message(&GOOD.replace("interface = ", "interfaces = "));
         assert!(unknown.contains("interfaces"), "{unknown}");
     }

@@ -30,7 +30,9 @@ static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/doppel-agent-ebpf"));
 
 /// How TC programs are attached.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// TCX where the kernel has it, `clsact` otherwise.
@@ -151,7 +153,11 @@ impl Datapath {
                     source: Box::new(source),
                 })?;
         }
-        Ok(Self { ebpf, attached: BTreeMap::new(), patterns: None })
+        Ok(Self {
+            ebpf,
+            attached: BTreeMap::new(),
+            patterns: None,
+        })
     }
 
     /// Attaches the ingress and egress programs to `iface`.
@@ -342,7 +348,9 @@ impl Datapath {
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Datapath").field("attached", &self.attached).finish_non_exhaustive()
+        f.debug_struct("Datapath")
+            .field("attached", &self.attached)
+            .finish_non_exhaustive()
     }
 }
 
@@ -436,22 +444,27 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         use aya::maps::{Array, HashMap};
         use doppel_common::maps::{
-            ClassConfig, DatapathConfig, MirrorSessionConfig, Rule, ServiceKey, ServiceValue,
-            names,
+            ClassConfig, DatapathConfig, MirrorSessionConfig, Rule, ServiceKey, ServiceValue, names,
         };
         let map_error = |map: &'static str| move |source| DatapathError::Map { map, source };
 
         let mut classes: Array<_, ClassConfig> = self.map_mut(names::CLASSES)?;
         for (i, class) in policy.classes.iter().enumerate() {
-            classes.set(i as u32, class, 0).map_err(map_error(names::CLASSES))?;
+            classes
+                .set(i as u32, class, 0)
+                .map_err(map_error(names::CLASSES))?;
         }
         let mut rules: Array<_, Rule> = self.map_mut(names::RULES)?;
         for (i, rule) in policy.rules.iter().enumerate() {
-            rules.set(i as u32, rule, 0).map_err(map_error(names::RULES))?;
+            rules
+                .set(i as u32, rule, 0)
+                .map_err(map_error(names::RULES))?;
         }
         let mut sessions: Array<_, MirrorSessionConfig> = self.map_mut(names::SESSIONS)?;
         for (i, session) in policy.sessions.iter().enumerate() {
-            sessions.set(i as u32, session, 0).map_err(map_error(names::SESSIONS))?;
+            sessions
+                .set(i as u32, session, 0)
+                .map_err(map_error(names::SESSIONS))?;
         }
         let mut services: HashMap<_, ServiceKey, ServiceValue> = self.map_mut(names::SERVICES)?;
         let stale: Vec<ServiceKey> = services
@@ -469,14 +482,24 @@ impl Datapath {
         }
         let config = DatapathConfig {
             sampling_seed: policy.sampling_seed,
-            flow_idle_timeout_ns: settings.flow_idle_timeout.as_nanos().try_into().unwrap_or(u64::MAX),
+            flow_idle_timeout_ns: settings
+                .flow_idle_timeout
+                .as_nanos()
+                .try_into()
+                .unwrap_or(u64::MAX),
             vxlan_ifindex: settings.vxlan_ifindex,
-            session_count: if settings.vxlan_ifindex == 0 { 0 } else { policy.sessions.len() as u32 },
+            session_count: if settings.vxlan_ifindex == 0 {
+                0
+            } else {
+                policy.sessions.len() as u32
+            },
             rule_count: policy.rules.len() as u32,
             pattern_sample_one_in: settings.pattern_sample_one_in,
         };
         let mut config_map: Array<_, DatapathConfig> = self.map_mut(names::CONFIG)?;
-        config_map.set(0, config, 0).map_err(map_error(names::CONFIG))?;
+        config_map
+            .set(0, config, 0)
+            .map_err(map_error(names::CONFIG))?;
         Ok(())
     }
 
@@ -484,13 +507,20 @@ impl Datapath {
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
     {
-        let map = self.ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
         T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
     }
 
-    fn per_cpu_array(&self, name: &'static str) -> Result<aya::maps::PerCpuArray<&aya::maps::MapData, u64>, DatapathError> {
+    fn per_cpu_array(
+        &self,
+        name: &'static str,
+    ) -> Result<aya::maps::PerCpuArray<&aya::maps::MapData, u64>, DatapathError> {
         let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
-        aya::maps::PerCpuArray::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+        aya::maps::PerCpuArray::try_from(map)
+            .map_err(|source| DatapathError::Map { map: name, source })
     }
 
     fn sum_slot(
@@ -498,7 +528,9 @@ impl Datapath {
         name: &'static str,
         index: u32,
     ) -> Result<u64, DatapathError> {
-        let values = array.get(&index, 0).map_err(|source| DatapathError::Map { map: name, source })?;
+        let values = array
+            .get(&index, 0)
+            .map_err(|source| DatapathError::Map { map: name, source })?;
         Ok(values.iter().sum())
     }
 
@@ -508,7 +540,12 @@ impl Datapath {
         let array = self.per_cpu_array(names::COUNTERS)?;
         DatapathCounter::ALL
             .iter()
-            .map(|c| Ok((c.name(), Self::sum_slot(&array, names::COUNTERS, *c as u32)?)))
+            .map(|c| {
+                Ok((
+                    c.name(),
+                    Self::sum_slot(&array, names::COUNTERS, *c as u32)?,
+                ))
+            })
             .collect()
     }
 
@@ -529,7 +566,9 @@ impl Datapath {
         drain: &mut LatencyDrain,
         pairs: &[(u32, u32)],
     ) -> Result<Vec<LatencyDelta>, DatapathError> {
-        use doppel_common::maps::{LATENCY_BUCKETS, latency_bucket_value, latency_histogram_base, names};
+        use doppel_common::maps::{
+            LATENCY_BUCKETS, latency_bucket_value, latency_histogram_base, names,
+        };
         let array = self.per_cpu_array(names::LATENCY)?;
         let mut deltas = Vec::new();
         for &(service_id, class) in pairs {
@@ -538,9 +577,12 @@ impl Datapath {
                 let now = (0..LATENCY_BUCKETS)
                     .map(|b| Self::sum_slot(&array, names::LATENCY, base + b))
                     .collect::<Result<Vec<u64>, _>>()?;
-                let previous = drain
-                    .last
-                    .insert((service_id, class, mirrored), HistogramSnapshot { buckets: now.clone() });
+                let previous = drain.last.insert(
+                    (service_id, class, mirrored),
+                    HistogramSnapshot {
+                        buckets: now.clone(),
+                    },
+                );
                 let mut histogram = new_latency_histogram();
                 for (bucket, count) in now.iter().enumerate() {
                     let before = previous.as_ref().map_or(0, |p| p.buckets[bucket]);
@@ -550,7 +592,12 @@ impl Datapath {
                     }
                 }
                 if !histogram.is_empty() {
-                    deltas.push(LatencyDelta { service_id, class, mirrored, histogram });
+                    deltas.push(LatencyDelta {
+                        service_id,
+                        class,
+                        mirrored,
+                        histogram,
+                    });
                 }
             }
         }
@@ -561,9 +608,14 @@ impl Datapath {
     pub fn drain_pattern_samples(&mut self) -> Result<Vec<(u32, Vec<u8>)>, DatapathError> {
         use doppel_common::maps::{PatternSample, names};
         if self.patterns.is_none() {
-            let map = self.ebpf.take_map(names::PATTERNS).ok_or(DatapathError::MissingMap(names::PATTERNS))?;
-            let ring = aya::maps::RingBuf::try_from(map)
-                .map_err(|source| DatapathError::Map { map: names::PATTERNS, source })?;
+            let map = self
+                .ebpf
+                .take_map(names::PATTERNS)
+                .ok_or(DatapathError::MissingMap(names::PATTERNS))?;
+            let ring = aya::maps::RingBuf::try_from(map).map_err(|source| DatapathError::Map {
+                map: names::PATTERNS,
+                source,
+            })?;
             self.patterns = Some(ring);
         }
         let mut samples = Vec::new();

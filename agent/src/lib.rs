@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod datapath;
+pub mod live;
 pub mod metrics;
 pub mod netlink;
 pub mod patterns;

@@ -14,8 +14,11 @@ const LOG_ENV: &str = "DOPPEL_LOG";
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Run the role a configuration file describes (the live role: see the README).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,7 +58,13 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("doppel-agent: {}", error_chain(e.as_ref()));
-            std::process::ExitCode::FAILURE
+            if e.downcast_ref::<doppel_agent::config::ConfigError>()
+                .is_some()
+            {
+                std::process::ExitCode::from(EXIT_CONFIG)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }
@@ -71,8 +80,44 @@ fn init_logging() {
         .init();
 }
 
+/// Exit code for a configuration that cannot be used (EX_CONFIG from sysexits.h).
+const EXIT_CONFIG: u8 = 78;
+
+async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = doppel_agent::config::LiveConfig::load(path)?;
+    let mut agent = doppel_agent::live::LiveAgent::start(config)?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(agent.interval());
+    tick.tick().await;
+    let outcome = loop {
+        tokio::select! {
+            _ = tick.tick() => match agent.report() {
+                Ok((line, _report)) => println!("{}", serde_json::to_string(&line)?),
+                Err(e) => break Err(e),
+            },
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = sigterm.recv() => break Ok(()),
+        }
+    };
+    // The partial last interval is reported too: stopping must not lose what was measured.
+    if outcome.is_ok() {
+        let (line, _report) = agent.report()?;
+        println!("{}", serde_json::to_string(&line)?);
+    }
+    let stopped = agent.stop();
+    outcome?;
+    stopped?;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let command = match (cli.config, cli.command) {
+        (Some(_), Some(_)) => anyhow::bail!("--config and a subcommand exclude each other"),
+        (Some(path), None) => return run_live(&path).await,
+        (None, Some(command)) => command,
+        (None, None) => anyhow::bail!("give --config FILE, or a subcommand (see --help)"),
+    };
+    match command {
         Command::Counters {
             ifaces,
             attach_mode,
@@ -112,5 +157,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             datapath.detach_all()?;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -44,14 +44,18 @@ fn read(path: impl AsRef<std::path::Path>) -> String {
 }
 
 fn field(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
 }
 
 impl ResourceSampler {
     /// Starts sampling; the first [`sample`](Self::sample) covers the time since this call.
     pub fn new(workload: Option<WorkloadSource>) -> Self {
-        let mut sampler =
-            Self { workload, host_before: Totals::default(), workload_before: Totals::default() };
+        let mut sampler = Self {
+            workload,
+            host_before: Totals::default(),
+            workload_before: Totals::default(),
+        };
         sampler.host_before = host_totals();
         sampler.workload_before = sampler.workload_totals();
         sampler
@@ -90,7 +94,13 @@ impl ResourceSampler {
     }
 }
 
-fn usage(before: Totals, now: Totals, capacity_millis: u32, used: u64, limit: u64) -> ResourceUsage {
+fn usage(
+    before: Totals,
+    now: Totals,
+    capacity_millis: u32,
+    used: u64,
+    limit: u64,
+) -> ResourceUsage {
     ResourceUsage {
         cpu_time_us: now.cpu_us.saturating_sub(before.cpu_us),
         cpu_capacity_millis: capacity_millis,
@@ -114,10 +124,22 @@ fn host_totals() -> Totals {
         .filter_map(|v| v.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
-    let busy: u64 = cpu.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    let busy: u64 = cpu
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
     let (net_rx, net_tx) = net_dev(&read("/proc/net/dev"));
     let (disk_read, disk_write) = diskstats(&read("/proc/diskstats"));
-    Totals { cpu_us: busy * 1_000_000 / USER_HZ, net_rx, net_tx, disk_read, disk_write }
+    Totals {
+        cpu_us: busy * 1_000_000 / USER_HZ,
+        net_rx,
+        net_tx,
+        disk_read,
+        disk_write,
+    }
 }
 
 /// Received and sent bytes of every interface but loopback (in the reader's namespace).
@@ -129,7 +151,10 @@ fn net_dev(text: &str) -> (u64, u64) {
             if name.trim() == "lo" {
                 return None;
             }
-            let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            let v: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
             Some((*v.first()?, *v.get(8)?))
         })
         .fold((0, 0), |(r, t), (a, b)| (r + a, t + b))
@@ -147,7 +172,10 @@ fn diskstats(text: &str) -> (u64, u64) {
             if !std::path::Path::new("/sys/block").join(name).exists() {
                 return None;
             }
-            Some((f.get(5)?.parse::<u64>().ok()? * 512, f.get(9)?.parse::<u64>().ok()? * 512))
+            Some((
+                f.get(5)?.parse::<u64>().ok()? * 512,
+                f.get(9)?.parse::<u64>().ok()? * 512,
+            ))
         })
         .fold((0, 0), |(r, w), (a, b)| (r + a, w + b))
 }
@@ -155,12 +183,19 @@ fn diskstats(text: &str) -> (u64, u64) {
 fn process_tree_totals(root: u32) -> Totals {
     let mut parents = Vec::new();
     for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let stat = read(format!("/proc/{pid}/stat"));
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
         let f: Vec<&str> = rest.split_whitespace().collect();
         let ppid = f.get(1).and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
-        let ticks: u64 = [11, 12].iter().filter_map(|&i| f.get(i)?.parse::<u64>().ok()).sum();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| f.get(i)?.parse::<u64>().ok())
+            .sum();
         parents.push((pid, ppid, ticks));
     }
     let mut members = vec![root];
@@ -190,24 +225,36 @@ fn process_tree_totals(root: u32) -> Totals {
 fn cgroup_dir(path: &std::path::Path, controller: &str) -> PathBuf {
     let root = std::path::Path::new("/sys/fs/cgroup");
     let relative = path.strip_prefix(root).unwrap_or(path);
-    let v1 = root.join(controller).join(relative.strip_prefix(controller).unwrap_or(relative));
+    let v1 = root
+        .join(controller)
+        .join(relative.strip_prefix(controller).unwrap_or(relative));
     if v1.exists() { v1 } else { root.join(relative) }
 }
 
 fn cgroup_totals(path: &std::path::Path) -> Totals {
     let v2 = read(cgroup_dir(path, "unified").join("cpu.stat"));
     let cpu_us = field(&v2, "usage_usec").unwrap_or_else(|| {
-        let ns: u64 = read(cgroup_dir(path, "cpuacct").join("cpuacct.usage")).trim().parse().unwrap_or(0);
+        let ns: u64 = read(cgroup_dir(path, "cpuacct").join("cpuacct.usage"))
+            .trim()
+            .parse()
+            .unwrap_or(0);
         ns / 1000
     });
-    Totals { cpu_us, ..Totals::default() }
+    Totals {
+        cpu_us,
+        ..Totals::default()
+    }
 }
 
 fn workload_gauges(source: &WorkloadSource, host_memory: u64, cpus: u32) -> (u64, u64, u32) {
     match source {
         WorkloadSource::Pid(pid) => {
             let status = read(format!("/proc/{pid}/status"));
-            (field(&status, "VmRSS:").unwrap_or(0) * 1024, host_memory, cpus * 1000)
+            (
+                field(&status, "VmRSS:").unwrap_or(0) * 1024,
+                host_memory,
+                cpus * 1000,
+            )
         }
         WorkloadSource::Cgroup(path) => {
             let number = |file: PathBuf| read(file).trim().parse::<u64>().ok();
@@ -250,7 +297,10 @@ mod tests {
     #[test]
     fn a_busy_process_tree_shows_cpu_time() {
         let mut busy = std::process::Command::new("sh")
-            .args(["-c", "sh -c 'i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done'"])
+            .args([
+                "-c",
+                "sh -c 'i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done'",
+            ])
             .spawn()
             .expect("spawn");
         let mut sampler = ResourceSampler::new(Some(WorkloadSource::Pid(busy.id())));
@@ -259,8 +309,14 @@ mod tests {
         let _ = busy.kill();
         let _ = busy.wait();
         let workload = workload.expect("workload usage");
-        assert!(workload.cpu_time_us >= 100_000, "child's busy loop not seen: {workload:?}");
-        assert!(host.cpu_time_us >= workload.cpu_time_us / 2, "host {host:?}");
+        assert!(
+            workload.cpu_time_us >= 100_000,
+            "child's busy loop not seen: {workload:?}"
+        );
+        assert!(
+            host.cpu_time_us >= workload.cpu_time_us / 2,
+            "host {host:?}"
+        );
         assert!(host.memory_limit_bytes > 0 && host.memory_used_bytes > 0);
     }
 }

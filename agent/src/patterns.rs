@@ -7,8 +7,9 @@
 
 use std::collections::BTreeMap;
 
-const HTTP_METHODS: &[&str] =
-    &["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE"];
+const HTTP_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+];
 /// Longest leading token kept for text protocols.
 const MAX_TOKEN: usize = 24;
 /// Path segments kept; deeper paths end in `/…`.
@@ -70,20 +71,31 @@ fn http_key(head: &[u8]) -> Option<String> {
 
 fn fold_segment(segment: &str) -> String {
     let is_hex = |s: &str| s.len() >= 8 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
-    if !segment.is_empty() && segment.chars().all(|c| c.is_ascii_digit()) {
-        "{n}".to_owned()
-    } else if is_hex(segment)
-        || (segment.len() >= 16 && segment.chars().any(|c| c.is_ascii_digit()))
-    {
-        "{id}".to_owned()
-    } else {
-        segment.chars().take(MAX_TOKEN).collect()
+    let digits = segment.chars().filter(char::is_ascii_digit).count();
+    if is_hex(segment) && digits > 0 || segment.len() >= 16 && digits > 0 {
+        return "{id}".to_owned();
     }
+    // Every run of digits becomes `{n}`: `item42.json` -> `item{n}.json`.
+    let mut folded = String::new();
+    let mut in_number = false;
+    for c in segment.chars().take(MAX_TOKEN) {
+        if c.is_ascii_digit() {
+            if !in_number {
+                folded.push_str("{n}");
+            }
+            in_number = true;
+        } else {
+            folded.push(c);
+            in_number = false;
+        }
+    }
+    folded
 }
 
 /// `*<n>\r\n$<len>\r\n<COMMAND>\r\n…` -> `resp COMMAND`.
 fn resp_key(head: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(head.get(..head.iter().rposition(|&b| b == b'\n')? + 1)?).ok()?;
+    let text =
+        std::str::from_utf8(head.get(..head.iter().rposition(|&b| b == b'\n')? + 1)?).ok()?;
     let mut lines = text.strip_prefix('*')?.split("\r\n");
     lines.next()?.parse::<u32>().ok()?;
     lines.next()?.strip_prefix('$')?;
@@ -120,13 +132,27 @@ mod tests {
 
     #[test]
     fn http_paths_fold_ids_and_numbers_and_drop_queries() {
-        assert_eq!(pattern_key(b"GET /api/items/12345?x=1 HTTP/1.1\r\nHost: a\r\n"), "GET /api/items/{n}");
+        assert_eq!(
+            pattern_key(b"GET /api/items/12345?x=1 HTTP/1.1\r\nHost: a\r\n"),
+            "GET /api/items/{n}"
+        );
         assert_eq!(
             pattern_key(b"POST /u/3f2a9c1e-77aa-4b1c-9d2e-0a1b2c3d4e5f/orders HTTP/1.1\r\n"),
             "POST /u/{id}/orders"
         );
         assert_eq!(pattern_key(b"GET / HTTP/1.1\r\n"), "GET /");
-        assert_eq!(pattern_key(b"GET /search?q=secret-user-input HTTP/1.1"), "GET /search");
+        assert_eq!(
+            pattern_key(b"GET /static/f701.css HTTP/1.1"),
+            "GET /static/f{n}.css"
+        );
+        assert_eq!(
+            pattern_key(b"GET /static/deadbeef HTTP/1.1"),
+            "GET /static/deadbeef"
+        );
+        assert_eq!(
+            pattern_key(b"GET /search?q=secret-user-input HTTP/1.1"),
+            "GET /search"
+        );
     }
 
     #[test]
@@ -136,7 +162,10 @@ mod tests {
 
     #[test]
     fn redis_commands_are_recognised_in_resp_and_inline_form() {
-        assert_eq!(pattern_key(b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$5\r\nvalue\r\n"), "resp SET");
+        assert_eq!(
+            pattern_key(b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$5\r\nvalue\r\n"),
+            "resp SET"
+        );
         assert_eq!(pattern_key(b"*1\r\n$4\r\nping\r\n"), "resp PING");
         assert_eq!(pattern_key(b"PING\r\n"), "PING");
     }
@@ -153,7 +182,10 @@ mod tests {
         for head in [&b"GET /a/1 "[..], b"GET /a/2 ", b"PING\r\n"] {
             counts.add(head);
         }
-        assert_eq!(counts.take(), vec![("GET /a/{n}".to_owned(), 2), ("PING".to_owned(), 1)]);
+        assert_eq!(
+            counts.take(),
+            vec![("GET /a/{n}".to_owned(), 2), ("PING".to_owned(), 1)]
+        );
         assert!(counts.take().is_empty());
     }
 }

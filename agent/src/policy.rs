@@ -27,7 +27,10 @@ pub struct PolicyError {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
-    PolicyError { field: field.into(), reason: reason.into() }
+    PolicyError {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// The data path's form of a policy.
@@ -51,13 +54,18 @@ pub fn addr_words(addr: IpAddr) -> [u32; 4] {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
     };
-    let word = |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    let word =
+        |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
     [word(0), word(4), word(8), word(12)]
 }
 
 /// The service key of a listening address.
 pub fn service_key(service: &ServiceAddr) -> ServiceKey {
-    ServiceKey { addr: addr_words(service.addr), port_be: service.port.to_be(), _pad: 0 }
+    ServiceKey {
+        addr: addr_words(service.addr),
+        port_be: service.port.to_be(),
+        _pad: 0,
+    }
 }
 
 /// Validates `policy` and turns it into map values.
@@ -66,7 +74,10 @@ pub fn compile(policy: &AgentPolicy) -> Result<CompiledPolicy, PolicyError> {
         return Err(invalid("services", "at least one service is needed"));
     }
     if policy.services.len() > MAX_SERVICES as usize {
-        return Err(invalid("services", format!("at most {MAX_SERVICES} services")));
+        return Err(invalid(
+            "services",
+            format!("at most {MAX_SERVICES} services"),
+        ));
     }
     let services = policy.services.iter().map(service_key).collect();
 
@@ -85,7 +96,10 @@ pub fn compile(policy: &AgentPolicy) -> Result<CompiledPolicy, PolicyError> {
         .map(|(i, rule)| compile_rule(i, rule))
         .collect::<Result<_, _>>()?;
     if policy.mirror_sessions.len() > MAX_SESSIONS as usize {
-        return Err(invalid("mirror_sessions", format!("at most {MAX_SESSIONS} sessions")));
+        return Err(invalid(
+            "mirror_sessions",
+            format!("at most {MAX_SESSIONS} sessions"),
+        ));
     }
     let sessions = policy
         .mirror_sessions
@@ -93,7 +107,13 @@ pub fn compile(policy: &AgentPolicy) -> Result<CompiledPolicy, PolicyError> {
         .enumerate()
         .map(|(i, s)| session_config(i, s))
         .collect::<Result<_, _>>()?;
-    Ok(CompiledPolicy { services, classes, rules, sessions, sampling_seed: policy.sampling_seed })
+    Ok(CompiledPolicy {
+        services,
+        classes,
+        rules,
+        sessions,
+        sampling_seed: policy.sampling_seed,
+    })
 }
 
 fn class_config(
@@ -106,7 +126,10 @@ fn class_config(
         return Err(invalid(field("id"), format!("must be below {MAX_CLASSES}")));
     }
     if seen[usize::from(class.id)] != ClassConfig::default() {
-        return Err(invalid(field("id"), format!("class {} is listed twice", class.id)));
+        return Err(invalid(
+            field("id"),
+            format!("class {} is listed twice", class.id),
+        ));
     }
     if class.sample_rate_ppm > PPM {
         return Err(invalid(field("sample_rate"), "must be between 0 and 100 %"));
@@ -121,11 +144,19 @@ fn class_config(
 
 fn prefix_mask(len: u8, v4: bool) -> [u32; 4] {
     // An IPv4 prefix covers the last 32 bits of the mapped address, plus the mapping itself.
-    let bits = if v4 { 96 + u32::from(len) } else { u32::from(len) };
+    let bits = if v4 {
+        96 + u32::from(len)
+    } else {
+        u32::from(len)
+    };
     let mut mask = [0u32; 4];
     for (w, slot) in mask.iter_mut().enumerate() {
         let covered = bits.saturating_sub(32 * w as u32).min(32);
-        let host = if covered == 0 { 0 } else { u32::MAX << (32 - covered) };
+        let host = if covered == 0 {
+            0
+        } else {
+            u32::MAX << (32 - covered)
+        };
         *slot = host.to_be();
     }
     mask
@@ -134,7 +165,10 @@ fn prefix_mask(len: u8, v4: bool) -> [u32; 4] {
 fn compile_rule(i: usize, rule: &ClassRule) -> Result<Rule, PolicyError> {
     let field = |f: &str| format!("rules[{i}].{f}");
     if u32::from(rule.class) >= MAX_CLASSES {
-        return Err(invalid(field("class"), format!("must be below {MAX_CLASSES}")));
+        return Err(invalid(
+            field("class"),
+            format!("must be below {MAX_CLASSES}"),
+        ));
     }
     let mut flags = 0;
     let mut port_be = 0;
@@ -146,7 +180,10 @@ fn compile_rule(i: usize, rule: &ClassRule) -> Result<Rule, PolicyError> {
     if let Some(IpPrefix { addr, len }) = rule.client_prefix {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         if len > max {
-            return Err(invalid(field("client_prefix"), format!("prefix length {len} > {max}")));
+            return Err(invalid(
+                field("client_prefix"),
+                format!("prefix length {len} > {max}"),
+            ));
         }
         flags |= RULE_MATCH_PREFIX;
         prefix_mask_words = prefix_mask(len, addr.is_ipv4());
@@ -162,7 +199,10 @@ fn compile_rule(i: usize, rule: &ClassRule) -> Result<Rule, PolicyError> {
         ));
     }
     if !rule.payload_mask.is_empty() && rule.payload_mask.len() != rule.payload_prefix.len() {
-        return Err(invalid(field("payload_mask"), "must be as long as payload_prefix"));
+        return Err(invalid(
+            field("payload_mask"),
+            "must be as long as payload_prefix",
+        ));
     }
     let mut bytes = [0u8; PAYLOAD_MATCH_LEN];
     let mut mask = [0u8; PAYLOAD_MATCH_LEN];
@@ -193,7 +233,10 @@ fn compile_rule(i: usize, rule: &ClassRule) -> Result<Rule, PolicyError> {
 
 fn session_config(i: usize, session: &MirrorSession) -> Result<MirrorSessionConfig, PolicyError> {
     if session.vni >= 1 << 24 {
-        return Err(invalid(format!("mirror_sessions[{i}].vni"), "a VNI has 24 bits"));
+        return Err(invalid(
+            format!("mirror_sessions[{i}].vni"),
+            "a VNI has 24 bits",
+        ));
     }
     Ok(match session.shadow_addr {
         IpAddr::V4(v4) => MirrorSessionConfig {
@@ -221,16 +264,30 @@ mod tests {
         AgentPolicy {
             workload: "w".into(),
             report_interval_ms: 1000,
-            services: vec![ServiceAddr { addr: Ipv4Addr::new(10, 0, 0, 2).into(), port: 80 }],
-            classes: vec![ClassPolicy { id: 1, name: "api".into(), sample_rate_ppm: 250_000, priority: 5 }],
+            services: vec![ServiceAddr {
+                addr: Ipv4Addr::new(10, 0, 0, 2).into(),
+                port: 80,
+            }],
+            classes: vec![ClassPolicy {
+                id: 1,
+                name: "api".into(),
+                sample_rate_ppm: 250_000,
+                priority: 5,
+            }],
             rules: vec![ClassRule {
                 class: 1,
                 port: Some(80),
-                client_prefix: Some(IpPrefix { addr: Ipv4Addr::new(10, 1, 0, 0).into(), len: 16 }),
+                client_prefix: Some(IpPrefix {
+                    addr: Ipv4Addr::new(10, 1, 0, 0).into(),
+                    len: 16,
+                }),
                 payload_prefix: b"GET /api".to_vec(),
                 payload_mask: vec![],
             }],
-            mirror_sessions: vec![MirrorSession { shadow_addr: Ipv4Addr::new(10, 9, 0, 2).into(), vni: 42 }],
+            mirror_sessions: vec![MirrorSession {
+                shadow_addr: Ipv4Addr::new(10, 9, 0, 2).into(),
+                vni: 42,
+            }],
             sampling_seed: 7,
         }
     }
@@ -239,7 +296,10 @@ mod tests {
     fn rates_become_thresholds_over_32_bit_hashes() {
         let compiled = compile(&policy()).unwrap();
         assert_eq!(compiled.classes[1].sample_threshold, 1 << 30);
-        assert_eq!(compiled.classes[0].sample_threshold, 0, "unlisted classes sample nothing");
+        assert_eq!(
+            compiled.classes[0].sample_threshold, 0,
+            "unlisted classes sample nothing"
+        );
         let mut all = policy();
         all.classes[0].sample_rate_ppm = PPM;
         assert_eq!(compile(&all).unwrap().classes[1].sample_threshold, 1 << 32);
@@ -250,10 +310,14 @@ mod tests {
         let rule = &compile(&policy()).unwrap().rules[0];
         let inside = addr_words(Ipv4Addr::new(10, 1, 200, 3).into());
         let outside = addr_words(Ipv4Addr::new(10, 2, 0, 1).into());
-        let matches = |a: [u32; 4]| (0..4).all(|w| a[w] & rule.prefix_mask[w] == rule.prefix_addr[w]);
+        let matches =
+            |a: [u32; 4]| (0..4).all(|w| a[w] & rule.prefix_mask[w] == rule.prefix_addr[w]);
         assert!(matches(inside));
         assert!(!matches(outside));
-        assert!(!matches(addr_words(Ipv6Addr::LOCALHOST.into())), "v6 never matches a v4 prefix");
+        assert!(
+            !matches(addr_words(Ipv6Addr::LOCALHOST.into())),
+            "v6 never matches a v4 prefix"
+        );
     }
 
     #[test]

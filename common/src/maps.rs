@@ -371,7 +371,8 @@ pub const LATENCY_MIN_SHIFT: u32 = 10;
 /// Values at or above 2^36 ns land in the last bucket.
 pub const LATENCY_MAX_SHIFT: u32 = 36;
 /// Buckets per histogram.
-pub const LATENCY_BUCKETS: u32 = 1 + (LATENCY_MAX_SHIFT - LATENCY_MIN_SHIFT) * (1 << LATENCY_SUB_BITS);
+pub const LATENCY_BUCKETS: u32 =
+    1 + (LATENCY_MAX_SHIFT - LATENCY_MIN_SHIFT) * (1 << LATENCY_SUB_BITS);
 /// Histograms: service x class x {all flows, mirrored flows}.
 pub const LATENCY_HISTOGRAMS: u32 = MAX_SERVICES * MAX_CLASSES * 2;
 
@@ -503,7 +504,11 @@ mod datapath_tests {
     #[test]
     fn msb_matches_leading_zeros() {
         for shift in 0..64 {
-            for v in [1u64 << shift, (1u64 << shift) | 1, (1u64 << shift).wrapping_mul(3) >> 1] {
+            for v in [
+                1u64 << shift,
+                (1u64 << shift) | 1,
+                (1u64 << shift).wrapping_mul(3) >> 1,
+            ] {
                 if v != 0 {
                     assert_eq!(msb(v), 63 - v.leading_zeros(), "v={v}");
                 }
@@ -523,7 +528,10 @@ mod datapath_tests {
             if ns >= 1 << LATENCY_MIN_SHIFT {
                 let value = latency_bucket_value(bucket) as f64;
                 let error = (value - ns as f64).abs() / ns as f64;
-                assert!(error <= 0.01, "{ns} ns -> bucket {bucket} = {value} ns ({error:.4})");
+                assert!(
+                    error <= 0.01,
+                    "{ns} ns -> bucket {bucket} = {value} ns ({error:.4})"
+                );
             }
             ns += ns / 97 + 1;
         }

@@ -8,3 +8,4 @@
 //! the testbed.
 
 pub mod testbed;
+pub mod traffic;

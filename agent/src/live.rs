@@ -1,0 +1,343 @@
+//! The live role: attach the data path to the workload's interface, mirror sampled flows to the
+//! shadows, and report every interval.
+//!
+//! Without a coordinator the report is one JSON line per interval on stdout (a supported mode:
+//! pipe it into `jq`). The same interval also becomes a wire [`IntervalReport`] so the QUIC
+//! reporter can send exactly what was printed.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use doppel_common::wire::{
+    AgentPolicy, Counter, EncodedHistogram, FlowScope, HistogramRecord, IntervalReport,
+    LatencyMetric, PatternCount,
+};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::{
+    config::LiveConfig,
+    datapath::{Datapath, DatapathError, DatapathSettings, LatencyDrain, error_chain},
+    metrics::ResourceSampler,
+    netlink,
+    patterns::PatternCounts,
+    policy::{self, CompiledPolicy},
+};
+
+/// Errors of the live role.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// The data path failed.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// The policy cannot be applied.
+    #[error("invalid policy")]
+    Policy(#[from] policy::PolicyError),
+    /// The VXLAN device could not be created.
+    #[error("creating VXLAN device {device}")]
+    Vxlan {
+        /// Device name.
+        device: String,
+        /// Cause.
+        #[source]
+        source: netlink::NetlinkError,
+    },
+    /// The configuration could not be turned into a policy.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Latency summary of one histogram for the JSON line, in microseconds.
+#[derive(Debug, Serialize)]
+pub struct LatencySummary {
+    /// `addr:port`.
+    pub service: String,
+    /// Class id.
+    pub class: u16,
+    /// `all` or `mirrored`.
+    pub scope: &'static str,
+    /// Exchanges.
+    pub count: u64,
+    /// Percentiles and maximum, µs.
+    pub p50_us: f64,
+    /// 90th percentile, µs.
+    pub p90_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Largest, µs.
+    pub max_us: f64,
+}
+
+/// Flows of one class in the interval.
+#[derive(Debug, Serialize)]
+pub struct ClassFlows {
+    /// Class id.
+    pub class: u16,
+    /// Class name.
+    pub name: String,
+    /// Flows classified (first payload seen).
+    pub flows: u64,
+    /// Of those, mirrored.
+    pub sampled: u64,
+}
+
+/// One interval, as printed.
+#[derive(Debug, Serialize)]
+pub struct IntervalLine {
+    /// Report sequence number.
+    pub seq: u64,
+    /// Interval start, ms since the epoch.
+    pub interval_start_unix_ms: u64,
+    /// Interval length, ms.
+    pub interval_ms: u32,
+    /// Counter deltas.
+    pub counters: BTreeMap<&'static str, u64>,
+    /// Flows per class.
+    pub classes: Vec<ClassFlows>,
+    /// Exchange latency per service x class x scope.
+    pub latency: Vec<LatencySummary>,
+    /// Pattern keys of sampled new flows, with their share.
+    pub patterns: Vec<(String, u64)>,
+    /// Host resource use.
+    pub host: doppel_common::wire::ResourceUsage,
+    /// Workload resource use.
+    pub workload: Option<doppel_common::wire::ResourceUsage>,
+}
+
+/// The running live role: data path, VXLAN device, and what each report needs to remember.
+#[derive(Debug)]
+pub struct LiveAgent {
+    config: LiveConfig,
+    policy: AgentPolicy,
+    datapath: Datapath,
+    vxlan_ifindex: u32,
+    drain: LatencyDrain,
+    counters_before: BTreeMap<&'static str, u64>,
+    class_before: BTreeMap<u16, (u64, u64)>,
+    patterns: PatternCounts,
+    sampler: ResourceSampler,
+    seq: u64,
+    interval_start: SystemTime,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl LiveAgent {
+    /// Loads the programs, creates the VXLAN device, applies the policy and attaches.
+    pub fn start(config: LiveConfig) -> Result<Self, LiveError> {
+        let policy = config.policy()?;
+        let compiled = policy::compile(&policy)?;
+        let mut datapath = Datapath::load()?;
+        let vxlan_ifindex = if compiled.sessions.is_empty() {
+            0
+        } else {
+            netlink::create_vxlan_external(&config.vxlan.device, config.vxlan.port).map_err(
+                |source| LiveError::Vxlan {
+                    device: config.vxlan.device.clone(),
+                    source,
+                },
+            )?
+        };
+        let settings = DatapathSettings {
+            vxlan_ifindex,
+            flow_idle_timeout: config.flow_idle_timeout(),
+            pattern_sample_one_in: config.pattern_sample_one_in,
+        };
+        datapath.apply_policy(&compiled, settings)?;
+        datapath.attach(&config.interface, config.attach_mode)?;
+        info!(
+            interface = config.interface,
+            services = compiled.services.len(),
+            sessions = compiled.sessions.len(),
+            "live data path running"
+        );
+        let sampler = ResourceSampler::new(config.workload_source());
+        let mut agent = Self {
+            config,
+            policy,
+            datapath,
+            vxlan_ifindex,
+            drain: LatencyDrain::default(),
+            counters_before: BTreeMap::new(),
+            class_before: BTreeMap::new(),
+            patterns: PatternCounts::default(),
+            sampler,
+            seq: 0,
+            interval_start: SystemTime::now(),
+        };
+        // Baselines, so the first report covers only its own interval.
+        agent.counter_deltas()?;
+        agent.class_deltas()?;
+        let pairs = agent.histogram_pairs();
+        agent.datapath.drain_latency(&mut agent.drain, &pairs)?;
+        Ok(agent)
+    }
+
+    /// Replaces the policy at run time: maps change in place, nothing is detached, and flows
+    /// already decided keep their decision.
+    pub fn set_policy(&mut self, policy: AgentPolicy) -> Result<(), LiveError> {
+        let compiled: CompiledPolicy = policy::compile(&policy)?;
+        let settings = DatapathSettings {
+            vxlan_ifindex: self.vxlan_ifindex,
+            flow_idle_timeout: self.config.flow_idle_timeout(),
+            pattern_sample_one_in: self.config.pattern_sample_one_in,
+        };
+        self.datapath.apply_policy(&compiled, settings)?;
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// The report interval.
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(u64::from(self.policy.report_interval_ms))
+    }
+
+    fn histogram_pairs(&self) -> Vec<(u32, u32)> {
+        let services = self.policy.services.len() as u32;
+        (0..services)
+            .flat_map(|s| {
+                self.policy
+                    .classes
+                    .iter()
+                    .map(move |c| (s, u32::from(c.id)))
+            })
+            .collect()
+    }
+
+    fn counter_deltas(&mut self) -> Result<BTreeMap<&'static str, u64>, LiveError> {
+        let now: BTreeMap<_, _> = self.datapath.counters()?.into_iter().collect();
+        let deltas = now
+            .iter()
+            .map(|(k, v)| {
+                (
+                    *k,
+                    v.saturating_sub(*self.counters_before.get(k).unwrap_or(&0)),
+                )
+            })
+            .collect();
+        self.counters_before = now;
+        Ok(deltas)
+    }
+
+    fn class_deltas(&mut self) -> Result<Vec<ClassFlows>, LiveError> {
+        let mut out = Vec::new();
+        for class in &self.policy.classes {
+            let now = self.datapath.class_flows(u32::from(class.id))?;
+            let before = self.class_before.insert(class.id, now).unwrap_or((0, 0));
+            out.push(ClassFlows {
+                class: class.id,
+                name: class.name.clone(),
+                flows: now.0.saturating_sub(before.0),
+                sampled: now.1.saturating_sub(before.1),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Collects the interval that just ended.
+    pub fn report(&mut self) -> Result<(IntervalLine, IntervalReport), LiveError> {
+        let end = SystemTime::now();
+        let interval_ms = end
+            .duration_since(self.interval_start)
+            .map_or(0, |d| d.as_millis() as u32);
+        let counters = self.counter_deltas()?;
+        let classes = self.class_deltas()?;
+        let pairs = self.histogram_pairs();
+        let deltas = self.datapath.drain_latency(&mut self.drain, &pairs)?;
+        for (_, head) in self.datapath.drain_pattern_samples()? {
+            self.patterns.add(&head);
+        }
+        let patterns = self.patterns.take();
+        let (host, workload) = self.sampler.sample();
+
+        let mut latency = Vec::new();
+        let mut histograms = Vec::new();
+        for delta in deltas {
+            let service = self
+                .policy
+                .services
+                .get(delta.service_id as usize)
+                .map(|s| std::net::SocketAddr::new(s.addr, s.port).to_string())
+                .unwrap_or_default();
+            let h = &delta.histogram;
+            let us = |ns: u64| ns as f64 / 1000.0;
+            latency.push(LatencySummary {
+                service: service.clone(),
+                class: delta.class as u16,
+                scope: if delta.mirrored { "mirrored" } else { "all" },
+                count: h.len(),
+                p50_us: us(h.value_at_quantile(0.5)),
+                p90_us: us(h.value_at_quantile(0.9)),
+                p99_us: us(h.value_at_quantile(0.99)),
+                max_us: us(h.max()),
+            });
+            match EncodedHistogram::encode(h) {
+                Ok(encoded) => histograms.push(HistogramRecord {
+                    service,
+                    class: delta.class as u16,
+                    scope: if delta.mirrored {
+                        FlowScope::Mirrored
+                    } else {
+                        FlowScope::All
+                    },
+                    metric: LatencyMetric::KernelFirstByte,
+                    histogram: encoded,
+                }),
+                Err(e) => warn!(error = %error_chain(&e), "histogram left out of the report"),
+            }
+        }
+        let line = IntervalLine {
+            seq: self.seq,
+            interval_start_unix_ms: unix_ms(self.interval_start),
+            interval_ms,
+            counters: counters.clone(),
+            classes,
+            latency,
+            patterns: patterns.clone(),
+            host,
+            workload,
+        };
+        let report = IntervalReport {
+            seq: self.seq,
+            interval_start_unix_ms: unix_ms(self.interval_start),
+            interval_ms,
+            histograms,
+            counters: counters
+                .into_iter()
+                .map(|(name, value)| Counter {
+                    name: name.to_owned(),
+                    value,
+                })
+                .collect(),
+            host,
+            workload,
+            patterns: patterns
+                .into_iter()
+                .map(|(pattern, flows)| PatternCount { pattern, flows })
+                .collect(),
+        };
+        self.seq += 1;
+        self.interval_start = end;
+        Ok((line, report))
+    }
+
+    /// Detaches the programs and removes the VXLAN device.
+    pub fn stop(mut self) -> Result<(), LiveError> {
+        let detached = self.datapath.detach_all();
+        let removed = if self.vxlan_ifindex == 0 {
+            Ok(())
+        } else {
+            netlink::delete_link(&self.config.vxlan.device).map_err(|source| LiveError::Vxlan {
+                device: self.config.vxlan.device.clone(),
+                source,
+            })
+        };
+        detached?;
+        removed
+    }
+}

@@ -1,0 +1,237 @@
+//! Traffic for the end-to-end tests: a small HTTP/1.1 server whose response delay the test
+//! controls, a client that opens many flows and remembers what it sent on each, and a VXLAN sink
+//! that decodes mirror copies back into per-flow client byte counts.
+
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+/// A keep-alive HTTP/1.1 server on a thread. `GET /delay/<ms>…` answers after `<ms>`
+/// milliseconds; everything else at once. Responses are `200 OK` with a short body.
+#[derive(Debug)]
+pub struct HttpServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Starts serving on an already bound listener (bind it inside the right host).
+    pub fn start(listener: TcpListener) -> Self {
+        let addr = listener.local_addr().expect("local addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        thread::spawn(move || serve(conn));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(mut conn: TcpStream) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_nodelay(true);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end + 4);
+        let path = head.split_whitespace().nth(1).unwrap_or("/");
+        if let Some(ms) = path
+            .strip_prefix("/delay/")
+            .and_then(|r| r.split('/').next()?.parse().ok())
+        {
+            thread::sleep(Duration::from_millis(ms));
+        }
+        let body = b"doppel ok\n";
+        let response =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        if conn
+            .write_all(&[response.as_slice(), body].concat())
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Opens one TCP flow, sends each request in turn (reading the response to each), closes it.
+/// Returns the client port and the request bytes sent.
+pub fn http_flow(server: SocketAddr, requests: &[String]) -> (u16, u64) {
+    let mut conn = TcpStream::connect_timeout(&server, Duration::from_secs(5)).expect("connect");
+    conn.set_nodelay(true).expect("nodelay");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let port = conn.local_addr().expect("local").port();
+    let mut sent = 0;
+    for request in requests {
+        conn.write_all(request.as_bytes()).expect("send request");
+        sent += request.len() as u64;
+        read_response(&mut conn);
+    }
+    (port, sent)
+}
+
+fn read_response(conn: &mut TcpStream) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = conn.read(&mut chunk).expect("read response");
+        assert!(n > 0, "server closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                return;
+            }
+        }
+    }
+}
+
+/// What a shadow host received for one mirrored flow.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MirroredFlow {
+    /// Client payload bytes (distinct sequence ranges, so retransmits do not count twice).
+    pub payload_bytes: u64,
+    /// Packets received.
+    pub packets: u64,
+    /// A FIN or RST was mirrored.
+    pub closed: bool,
+}
+
+/// Key of a mirrored flow at a sink: (VNI, client port).
+pub type SinkKey = (u32, u16);
+
+/// A UDP socket on port 4789 decoding VXLAN mirror copies into per-flow byte counts.
+#[derive(Debug)]
+pub struct VxlanSink {
+    flows: Arc<Mutex<HashMap<SinkKey, MirroredFlow>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VxlanSink {
+    /// Starts decoding from a bound socket (bind it inside the shadow host).
+    pub fn start(socket: UdpSocket) -> Self {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let flows: Arc<Mutex<HashMap<SinkKey, MirroredFlow>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, s) = (Arc::clone(&flows), Arc::clone(&stop));
+        let thread = thread::spawn(move || {
+            let mut seen: HashMap<SinkKey, Vec<(u32, u32)>> = HashMap::new();
+            let mut buf = [0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                let Ok(n) = socket.recv(&mut buf) else {
+                    continue;
+                };
+                if let Some((key, seq, len, fin_or_rst)) = decode(&buf[..n]) {
+                    let mut flows = f.lock().expect("lock");
+                    let flow = flows.entry(key).or_default();
+                    flow.packets += 1;
+                    flow.closed |= fin_or_rst;
+                    let ranges = seen.entry(key).or_default();
+                    if len > 0 && !ranges.contains(&(seq, len)) {
+                        ranges.push((seq, len));
+                        flow.payload_bytes += u64::from(len);
+                    }
+                }
+            }
+        });
+        Self {
+            flows,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// What arrived so far.
+    pub fn flows(&self) -> HashMap<SinkKey, MirroredFlow> {
+        self.flows.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for VxlanSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// VXLAN -> Ethernet -> IPv4/IPv6 -> TCP: (vni, client port), seq, payload length, FIN|RST.
+fn decode(packet: &[u8]) -> Option<(SinkKey, u32, u32, bool)> {
+    if packet.len() < 8 || packet[0] & 0x08 == 0 {
+        return None;
+    }
+    let vni = u32::from_be_bytes([0, packet[4], packet[5], packet[6]]);
+    let frame = &packet[8..];
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let ip = frame.get(14..)?;
+    let (tcp, ip_payload_len) = match ethertype {
+        0x0800 => {
+            let ihl = usize::from(ip.first()? & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+            (ip.get(ihl..total)?, total - ihl)
+        }
+        0x86dd => {
+            let len = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
+            (ip.get(40..40 + len)?, len)
+        }
+        _ => return None,
+    };
+    let client_port = u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]);
+    let seq = u32::from_be_bytes([*tcp.get(4)?, *tcp.get(5)?, *tcp.get(6)?, *tcp.get(7)?]);
+    let doff = usize::from(tcp.get(12)? >> 4) * 4;
+    let flags = *tcp.get(13)?;
+    let payload = ip_payload_len.checked_sub(doff)? as u32;
+    Some(((vni, client_port), seq, payload, flags & 0x05 != 0))
+}

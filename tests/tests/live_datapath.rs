@@ -1,0 +1,414 @@
+//! The live data path end to end: a client host sends real HTTP flows to a server on the live
+//! host, `doppel-agent --config live.toml` samples flows by pattern and mirrors them over VXLAN
+//! to two shadow hosts, whose UDP sinks decode the copies; the agent's JSON lines are checked
+//! against what the client did.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use doppel_tests::{
+    testbed::{Host, Link, Process, privileged_or_skip, workspace_binary},
+    traffic::{HttpServer, VxlanSink, http_flow},
+};
+use serde_json::Value;
+
+/// Client, live and two shadow hosts; the server runs on the live host's client-side address.
+struct Topology {
+    client: Host,
+    live: Host,
+    shadows: [Host; 2],
+    client_link: Link,
+    shadow_links: [Link; 2],
+}
+
+impl Topology {
+    fn new() -> Self {
+        let client = Host::new("client").expect("client");
+        let live = Host::new("live").expect("live");
+        let shadows = [
+            Host::new("shadow1").expect("shadow1"),
+            Host::new("shadow2").expect("shadow2"),
+        ];
+        let client_link = Link::new(&client, &live).expect("client link");
+        let shadow_links = [
+            Link::new(&live, &shadows[0]).expect("shadow link 1"),
+            Link::new(&live, &shadows[1]).expect("shadow link 2"),
+        ];
+        Self {
+            client,
+            live,
+            shadows,
+            client_link,
+            shadow_links,
+        }
+    }
+
+    fn server_addr(&self, v6: bool) -> IpAddr {
+        if v6 {
+            self.client_link.b_v6.into()
+        } else {
+            self.client_link.b_v4.into()
+        }
+    }
+
+    fn shadow_addr(&self, i: usize, v6: bool) -> IpAddr {
+        let l = &self.shadow_links[i];
+        if v6 { l.b_v6.into() } else { l.b_v4.into() }
+    }
+
+    fn start_server(&self, v6: bool) -> HttpServer {
+        let _inside = self.live.enter().expect("enter live");
+        HttpServer::start(TcpListener::bind((self.server_addr(v6), 8080)).expect("bind server"))
+    }
+
+    fn start_sink(&self, i: usize, v6: bool) -> VxlanSink {
+        let _inside = self.shadows[i].enter().expect("enter shadow");
+        VxlanSink::start(UdpSocket::bind((self.shadow_addr(i, v6), 4789)).expect("bind sink"))
+    }
+}
+
+/// The running agent and the JSON lines it printed so far.
+struct Agent {
+    process: Process,
+    lines: Arc<Mutex<Vec<Value>>>,
+    config_path: std::path::PathBuf,
+}
+
+impl Agent {
+    fn start(host: &Host, config: &str) -> Self {
+        let config_path = std::env::temp_dir().join(format!(
+            "doppel-live-{}-{}.toml",
+            std::process::id(),
+            host.netns()
+        ));
+        std::fs::write(&config_path, config).expect("write config");
+        let mut command = host.command(workspace_binary("doppel-agent").to_str().expect("utf-8"));
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::piped());
+        let mut process = host.spawn(command).expect("spawn agent");
+        let stdout = process.child_mut().stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value: Value = serde_json::from_str(&line).expect("agent prints JSON lines");
+                sink.lock().expect("lock").push(value);
+            }
+        });
+        // The first report arrives one interval after everything is attached.
+        for _ in 0..200 {
+            if !lines.lock().expect("lock").is_empty() {
+                break;
+            }
+            if let Some(status) = process.wait_timeout(Duration::from_millis(25)) {
+                panic!("agent exited early: {status:?}");
+            }
+        }
+        assert!(
+            !lines.lock().expect("lock").is_empty(),
+            "agent printed no report"
+        );
+        Self {
+            process,
+            lines,
+            config_path,
+        }
+    }
+
+    /// Stops the agent (SIGTERM) and returns every line, including the final partial interval.
+    fn stop(mut self) -> Vec<Value> {
+        let status = self.process.stop(Duration::from_secs(10));
+        assert!(status.success(), "agent exit status {status:?}");
+        thread::sleep(Duration::from_millis(100));
+        let _ = std::fs::remove_file(&self.config_path);
+        self.lines.lock().expect("lock").clone()
+    }
+}
+
+fn counter(lines: &[Value], name: &str) -> u64 {
+    lines
+        .iter()
+        .map(|l| l["counters"][name].as_u64().unwrap_or(0))
+        .sum()
+}
+
+fn class_total(lines: &[Value], class: u64, field: &str) -> u64 {
+    lines
+        .iter()
+        .flat_map(|l| l["classes"].as_array().cloned().unwrap_or_default())
+        .filter(|c| c["class"] == class)
+        .map(|c| c[field].as_u64().unwrap_or(0))
+        .sum()
+}
+
+fn live_config(t: &Topology, iface: &str, v6: bool, top: &str, tables: &str) -> String {
+    format!(
+        r#"
+{top}
+interface = "{iface}"
+report_interval_ms = 300
+pattern_sample_one_in = 4
+[[services]]
+addr = "{server}"
+port = 8080
+[[mirror_sessions]]
+shadow = "{s1}"
+vni = 101
+[[mirror_sessions]]
+shadow = "{s2}"
+vni = 102
+{tables}
+"#,
+        server = t.server_addr(v6),
+        s1 = t.shadow_addr(0, v6),
+        s2 = t.shadow_addr(1, v6),
+    )
+}
+
+/// Runs `flows` client flows of `requests` each on 4 threads; returns client port -> bytes sent.
+fn run_flows(
+    t: &Topology,
+    v6: bool,
+    flows: usize,
+    request: impl Fn(usize) -> Vec<String> + Sync,
+) -> HashMap<u16, (usize, u64)> {
+    let server = SocketAddr::new(t.server_addr(v6), 8080);
+    let sent = Mutex::new(HashMap::new());
+    thread::scope(|s| {
+        for worker in 0..4 {
+            let (sent, request) = (&sent, &request);
+            s.spawn(move || {
+                let _inside = t.client.enter().expect("enter client");
+                for i in (worker..flows).step_by(4) {
+                    let (port, bytes) = http_flow(server, &request(i));
+                    sent.lock().expect("lock").insert(port, (i, bytes));
+                }
+            });
+        }
+    });
+    sent.into_inner().expect("lock")
+}
+
+#[test]
+fn flows_are_sampled_by_pattern_and_mirrored_whole_to_every_session() {
+    if !privileged_or_skip("flows_are_sampled_by_pattern_and_mirrored_whole_to_every_session") {
+        return;
+    }
+    let t = Topology::new();
+    let _server = t.start_server(false);
+    let sinks = [t.start_sink(0, false), t.start_sink(1, false)];
+    let classes = r#"
+[[classes]]
+id = 1
+name = "api"
+sample_percent = 30.0
+[[classes]]
+id = 2
+name = "static"
+sample_percent = 5.0
+[[rules]]
+class = 1
+payload_prefix = "GET /api/"
+[[rules]]
+class = 2
+port = 8080
+payload_prefix = "GET /static/"
+"#;
+    let agent = Agent::start(
+        &t.live,
+        &live_config(&t, &t.client_link.b_iface, false, "", classes),
+    );
+
+    const FLOWS: usize = 2400;
+    let sent = run_flows(&t, false, FLOWS, |i| {
+        let path = if i % 2 == 0 {
+            format!("/api/items/{i}")
+        } else {
+            format!("/static/f{i}.css")
+        };
+        vec![format!("GET {path} HTTP/1.1\r\nHost: live\r\n\r\n"); 2]
+    });
+    assert_eq!(sent.len(), FLOWS, "every flow has its own client port");
+    thread::sleep(Duration::from_millis(500));
+    let lines = agent.stop();
+
+    // Each class saw all its flows (the payload-prefix rules matched) ...
+    assert_eq!(
+        class_total(&lines, 1, "flows"),
+        FLOWS as u64 / 2,
+        "api flows classified"
+    );
+    assert_eq!(
+        class_total(&lines, 2, "flows"),
+        FLOWS as u64 / 2,
+        "static flows classified"
+    );
+    // ... and sampled them at their own rates, within 4.5 standard deviations.
+    for (class, rate) in [(1, 0.30), (2, 0.05)] {
+        let n = FLOWS as f64 / 2.0;
+        let sampled = class_total(&lines, class, "sampled") as f64;
+        let tolerance = 4.5 * (rate * (1.0 - rate) / n).sqrt();
+        assert!(
+            (sampled / n - rate).abs() <= tolerance,
+            "class {class}: sampled {sampled} of {n} flows, rate {rate}"
+        );
+    }
+    let sampled_total = counter(&lines, "flows_sampled");
+    assert_eq!(
+        sampled_total,
+        class_total(&lines, 1, "sampled") + class_total(&lines, 2, "sampled")
+    );
+
+    // Every session got the same flows, exactly the sampled ones, each with every payload byte
+    // the client sent and its FIN; unsampled flows sent nothing.
+    let by_session: Vec<HashMap<u16, _>> = sinks
+        .iter()
+        .zip([101, 102])
+        .map(|(sink, vni)| {
+            sink.flows()
+                .into_iter()
+                .filter(|((v, _), _)| *v == vni)
+                .map(|((_, p), f)| (p, f))
+                .collect()
+        })
+        .collect();
+    let ports: Vec<HashSet<u16>> = by_session
+        .iter()
+        .map(|m| m.keys().copied().collect())
+        .collect();
+    assert_eq!(ports[0], ports[1], "both sessions receive the same flows");
+    assert_eq!(
+        ports[0].len() as u64,
+        sampled_total,
+        "the sessions receive exactly the sampled flows"
+    );
+    let mut per_class = [0u64; 3];
+    for session in &by_session {
+        for (port, flow) in session {
+            let (i, bytes) = sent
+                .get(port)
+                .unwrap_or_else(|| panic!("mirrored port {port} was never a client flow"));
+            assert_eq!(
+                flow.payload_bytes, *bytes,
+                "flow {i} (port {port}): every payload byte arrives"
+            );
+            assert!(
+                flow.closed,
+                "flow {i} (port {port}): its FIN is mirrored too"
+            );
+        }
+    }
+    for port in &ports[0] {
+        per_class[1 + sent[port].0 % 2] += 1;
+    }
+    assert_eq!(
+        per_class[1],
+        class_total(&lines, 1, "sampled"),
+        "mirrored api flows"
+    );
+    assert_eq!(
+        per_class[2],
+        class_total(&lines, 2, "sampled"),
+        "mirrored static flows"
+    );
+    assert_eq!(counter(&lines, "clone_failures"), 0);
+
+    // Pattern discovery saw folded keys, never ids.
+    let patterns: HashSet<String> = lines
+        .iter()
+        .flat_map(|l| l["patterns"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p[0].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        patterns.contains("GET /api/items/{n}"),
+        "patterns: {patterns:?}"
+    );
+    assert!(
+        patterns
+            .iter()
+            .all(|p| !p.chars().any(|c| c.is_ascii_digit())),
+        "ids leaked: {patterns:?}"
+    );
+}
+
+#[test]
+fn a_known_server_delay_shows_as_the_exchange_latency() {
+    if !privileged_or_skip("a_known_server_delay_shows_as_the_exchange_latency") {
+        return;
+    }
+    let t = Topology::new();
+    let _server = t.start_server(false);
+    let agent = Agent::start(
+        &t.live,
+        &live_config(&t, &t.client_link.b_iface, false, "", ""),
+    );
+    run_flows(&t, false, 40, |_| {
+        vec!["GET /delay/20 HTTP/1.1\r\nHost: live\r\n\r\n".to_owned(); 3]
+    });
+    thread::sleep(Duration::from_millis(400));
+    let lines = agent.stop();
+    let summaries: Vec<&Value> = lines
+        .iter()
+        .flat_map(|l| l["latency"].as_array().into_iter().flatten())
+        .filter(|s| s["scope"] == "all")
+        .collect();
+    let count: u64 = summaries
+        .iter()
+        .map(|s| s["count"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(count, 120, "every exchange measured once: {summaries:?}");
+    for s in summaries {
+        let p50_ms = s["p50_us"].as_f64().expect("p50") / 1000.0;
+        assert!(
+            (p50_ms - 20.0).abs() <= 1.0,
+            "p50 {p50_ms} ms for a 20 ms server delay"
+        );
+    }
+}
+
+#[test]
+fn ipv6_flows_are_measured_and_mirrored_over_ipv6() {
+    if !privileged_or_skip("ipv6_flows_are_measured_and_mirrored_over_ipv6") {
+        return;
+    }
+    let t = Topology::new();
+    let _server = t.start_server(true);
+    let sinks = [t.start_sink(0, true), t.start_sink(1, true)];
+    let agent = Agent::start(
+        &t.live,
+        &live_config(
+            &t,
+            &t.client_link.b_iface,
+            true,
+            "default_sample_percent = 100.0",
+            "",
+        ),
+    );
+    let sent = run_flows(&t, true, 100, |i| {
+        vec![format!("GET /v6/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
+    });
+    thread::sleep(Duration::from_millis(400));
+    let lines = agent.stop();
+    assert_eq!(counter(&lines, "flows_sampled"), 100);
+    assert_eq!(counter(&lines, "exchanges"), 100);
+    for sink in &sinks {
+        let flows = sink.flows();
+        assert_eq!(
+            flows.len(),
+            100,
+            "every IPv6 flow mirrored to the IPv6 shadow"
+        );
+        for ((_, port), flow) in flows {
+            assert_eq!(flow.payload_bytes, sent[&port].1);
+        }
+    }
+}
