@@ -235,3 +235,108 @@ fn decode(packet: &[u8]) -> Option<(SinkKey, u32, u32, bool)> {
     let payload = ip_payload_len.checked_sub(doff)? as u32;
     Some(((vni, client_port), seq, payload, flags & 0x05 != 0))
 }
+
+/// Sends raw Ethernet frames out of `iface` from the calling thread's network namespace
+/// (AF_PACKET), for tests that need packets no socket API would build: IP options, fragments,
+/// VLAN tags, truncated headers.
+pub fn send_raw_frames(iface: &str, frames: &[Vec<u8>]) {
+    let ifindex = nix::net::if_::if_nametoindex(iface).expect("ifindex");
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: all-zero is a valid sockaddr_ll; the fields set below complete it.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    addr.sll_halen = 6;
+    for frame in frames {
+        // SAFETY: `frame` and `addr` outlive the call; lengths are theirs.
+        let sent = unsafe {
+            libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                std::ptr::from_ref(&addr).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            sent,
+            frame.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+}
+
+/// The IPv4 header checksum (RFC 791) of `header`.
+pub fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet frame carrying an IPv4 packet: `options` (a multiple of 4 bytes) after the
+/// 20-byte header, `fragment` = (more fragments, offset in 8-byte units).
+pub fn ipv4_frame(
+    macs: ([u8; 6], [u8; 6]),
+    addrs: (std::net::Ipv4Addr, std::net::Ipv4Addr),
+    protocol: u8,
+    options: &[u8],
+    fragment: (bool, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let header_len = 20 + options.len();
+    let mut ip = vec![0u8; header_len];
+    ip[0] = 0x40 | (header_len / 4) as u8;
+    ip[2..4].copy_from_slice(&((header_len + payload.len()) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&0x4242u16.to_be_bytes());
+    let frag = (u16::from(fragment.0) << 13) | fragment.1;
+    ip[6..8].copy_from_slice(&frag.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = protocol;
+    ip[12..16].copy_from_slice(&addrs.0.octets());
+    ip[16..20].copy_from_slice(&addrs.1.octets());
+    ip[20..].copy_from_slice(options);
+    let checksum = ipv4_checksum(&ip);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&macs.1);
+    frame.extend_from_slice(&macs.0);
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    frame.extend(ip);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A UDP header (checksum 0: "none", allowed over IPv4) followed by `data`.
+pub fn udp_datagram(src_port: u16, dst_port: u16, data: &[u8]) -> Vec<u8> {
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&src_port.to_be_bytes());
+    udp.extend_from_slice(&dst_port.to_be_bytes());
+    udp.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(data);
+    udp
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> [u8; 6] {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    bytes.try_into().expect("six bytes")
+}

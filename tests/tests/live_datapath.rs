@@ -412,3 +412,205 @@ fn ipv6_flows_are_measured_and_mirrored_over_ipv6() {
         }
     }
 }
+
+#[test]
+fn malformed_and_unusual_packets_pass_untouched_and_are_counted() {
+    use doppel_tests::traffic::{ipv4_frame, parse_mac, send_raw_frames, udp_datagram};
+    if !privileged_or_skip("malformed_and_unusual_packets_pass_untouched_and_are_counted") {
+        return;
+    }
+    let t = Topology::new();
+    t.client_link
+        .make_quiet(&t.client, &t.live)
+        .expect("quiet link");
+    let _server = t.start_server(false);
+    let receiver = {
+        let _inside = t.live.enter().expect("enter live");
+        UdpSocket::bind((t.client_link.b_v4, 9999)).expect("bind udp")
+    };
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let agent = Agent::start(
+        &t.live,
+        &live_config(&t, &t.client_link.b_iface, false, "", ""),
+    );
+    let macs = (
+        parse_mac(&t.client.mac(&t.client_link.a_iface).expect("mac")),
+        parse_mac(&t.live.mac(&t.client_link.b_iface).expect("mac")),
+    );
+    let addrs = (t.client_link.a_v4, t.client_link.b_v4);
+    let options_datagram = udp_datagram(5000, 9999, b"with ip options");
+    let fragmented = udp_datagram(5001, 9999, &[b'f'; 40]);
+    let mut vlan = ipv4_frame(
+        macs,
+        addrs,
+        17,
+        &[],
+        (false, 0),
+        &udp_datagram(5002, 9999, b"vlan"),
+    );
+    vlan.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+    let mut truncated = ipv4_frame(macs, addrs, 6, &[], (false, 0), &[0; 20]);
+    truncated.truncate(14 + 10);
+    let mut bad_offset_tcp = vec![0u8; 20];
+    bad_offset_tcp[0..2].copy_from_slice(&4000u16.to_be_bytes());
+    bad_offset_tcp[2..4].copy_from_slice(&8080u16.to_be_bytes());
+    bad_offset_tcp[12] = 0xf0; // data offset 60 bytes, far past the packet
+    bad_offset_tcp[13] = 0x18;
+    let frames = vec![
+        ipv4_frame(
+            macs,
+            addrs,
+            17,
+            &[1, 1, 1, 0],
+            (false, 0),
+            &options_datagram,
+        ),
+        ipv4_frame(macs, addrs, 17, &[], (true, 0), &fragmented[..24]),
+        ipv4_frame(macs, addrs, 17, &[], (false, 3), &fragmented[24..]),
+        vlan,
+        truncated,
+        ipv4_frame(macs, addrs, 6, &[], (false, 0), &bad_offset_tcp),
+    ];
+    {
+        let _inside = t.client.enter().expect("enter client");
+        send_raw_frames(&t.client_link.a_iface, &frames);
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Ok(n) = receiver.recv(&mut buf) {
+        got.push(buf[..n].to_vec());
+        if got.len() == 2 {
+            break;
+        }
+    }
+    assert!(
+        got.contains(&b"with ip options".to_vec()),
+        "the option-laden datagram passed: {got:?}"
+    );
+    assert!(
+        got.contains(&vec![b'f'; 40]),
+        "the fragmented datagram passed and reassembled"
+    );
+    thread::sleep(Duration::from_millis(400));
+    let lines = agent.stop();
+    // The kernel strips a VLAN tag into skb metadata before TC ingress, so the programs see
+    // the tagged frame's inner UDP packet: it counts as other traffic, not as a parse failure.
+    assert_eq!(
+        counter(&lines, "parse_skipped"),
+        5,
+        "options, 2 fragments, truncated, bad offset"
+    );
+    assert_eq!(
+        counter(&lines, "other_traffic"),
+        1,
+        "the VLAN-tagged UDP frame"
+    );
+    assert_eq!(
+        counter(&lines, "flows_midstream") + counter(&lines, "flows_seen"),
+        0
+    );
+}
+
+#[test]
+fn a_killed_agent_is_replaced_cleanly_and_a_stopped_one_leaves_nothing() {
+    if !privileged_or_skip("a_killed_agent_is_replaced_cleanly_and_a_stopped_one_leaves_nothing") {
+        return;
+    }
+    let t = Topology::new();
+    let _server = t.start_server(false);
+    let sink = t.start_sink(0, false);
+    let config = live_config(
+        &t,
+        &t.client_link.b_iface,
+        false,
+        "default_sample_percent = 100.0",
+        "",
+    );
+    let crashed = Agent::start(&t.live, &config);
+    crashed.process.signal(nix::sys::signal::Signal::SIGKILL);
+    let mut crashed = crashed;
+    assert!(
+        crashed
+            .process
+            .wait_timeout(Duration::from_secs(5))
+            .is_some()
+    );
+    let vxlan_left = t.live.ip(&["link", "show", "doppel-vx0"]);
+    assert!(
+        vxlan_left.is_ok(),
+        "a SIGKILLed agent leaves its VXLAN device (precondition)"
+    );
+
+    let agent = Agent::start(&t.live, &config);
+    run_flows(&t, false, 20, |i| {
+        vec![format!("GET /r/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
+    });
+    thread::sleep(Duration::from_millis(400));
+    let lines = agent.stop();
+    assert_eq!(
+        counter(&lines, "exchanges"),
+        20,
+        "each exchange measured once, not twice"
+    );
+    let mirrored: usize = sink.flows().keys().filter(|(vni, _)| *vni == 101).count();
+    assert_eq!(mirrored, 20, "the restarted agent mirrors");
+
+    assert!(
+        t.live.ip(&["link", "show", "doppel-vx0"]).is_err(),
+        "VXLAN device removed on SIGTERM"
+    );
+    let links = t
+        .live
+        .run("bpftool", &["net", "show", "dev", &t.client_link.b_iface])
+        .expect("bpftool");
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains("doppel"), "programs left attached: {links}");
+    let qdiscs = t
+        .live
+        .run("tc", &["qdisc", "show", "dev", &t.client_link.b_iface])
+        .expect("tc");
+    assert!(!String::from_utf8_lossy(&qdiscs.stdout).contains("clsact"));
+}
+
+#[test]
+fn flows_open_before_the_agent_are_measured_but_never_mirrored() {
+    if !privileged_or_skip("flows_open_before_the_agent_are_measured_but_never_mirrored") {
+        return;
+    }
+    let t = Topology::new();
+    let server = t.start_server(false);
+    let sink = t.start_sink(0, false);
+    let mut early = {
+        let _inside = t.client.enter().expect("enter client");
+        std::net::TcpStream::connect(server.addr()).expect("connect before the agent")
+    };
+    let config = live_config(
+        &t,
+        &t.client_link.b_iface,
+        false,
+        "default_sample_percent = 100.0",
+        "",
+    );
+    let agent = Agent::start(&t.live, &config);
+    for _ in 0..5 {
+        use std::io::{Read as _, Write as _};
+        early
+            .write_all(b"GET /early HTTP/1.1\r\nHost: live\r\n\r\n")
+            .expect("send");
+        let mut buf = [0u8; 256];
+        let n = early.read(&mut buf).expect("response");
+        assert!(n > 0);
+    }
+    thread::sleep(Duration::from_millis(400));
+    let lines = agent.stop();
+    assert_eq!(
+        counter(&lines, "exchanges"),
+        5,
+        "the early flow is measured"
+    );
+    assert_eq!(counter(&lines, "flows_midstream"), 1);
+    assert_eq!(counter(&lines, "flows_sampled"), 0, "but never mirrored");
+    assert!(sink.flows().is_empty());
+}
