@@ -87,6 +87,7 @@ async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
     let config = doppel_agent::config::LiveConfig::load(path)?;
     let mut agent = doppel_agent::live::LiveAgent::start(config)?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(agent.interval());
     tick.tick().await;
     let outcome = loop {
@@ -95,6 +96,17 @@ async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
                 Ok((line, _report)) => println!("{}", serde_json::to_string(&line)?),
                 Err(e) => break Err(e),
             },
+            // SIGHUP re-reads the file and applies its policy in place: nothing is detached
+            // and flows already decided keep their decision. A bad file keeps the old policy.
+            _ = sighup.recv() => {
+                match doppel_agent::config::LiveConfig::load(path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| Ok(agent.set_policy(c.policy()?)?))
+                {
+                    Ok(()) => tracing::info!(path = %path.display(), "policy reloaded"),
+                    Err(e) => tracing::error!(error = %error_chain(e.as_ref()), "reload refused; the previous policy stays"),
+                }
+            }
             _ = tokio::signal::ctrl_c() => break Ok(()),
             _ = sigterm.recv() => break Ok(()),
         }

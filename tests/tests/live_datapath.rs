@@ -614,3 +614,67 @@ fn flows_open_before_the_agent_are_measured_but_never_mirrored() {
     assert_eq!(counter(&lines, "flows_sampled"), 0, "but never mirrored");
     assert!(sink.flows().is_empty());
 }
+
+#[test]
+fn a_reloaded_policy_applies_to_new_flows_and_keeps_decided_ones() {
+    use std::io::{Read as _, Write as _};
+    if !privileged_or_skip("a_reloaded_policy_applies_to_new_flows_and_keeps_decided_ones") {
+        return;
+    }
+    let t = Topology::new();
+    let server = t.start_server(false);
+    let sink = t.start_sink(0, false);
+    let all = live_config(
+        &t,
+        &t.client_link.b_iface,
+        false,
+        "default_sample_percent = 100.0",
+        "",
+    );
+    let agent = Agent::start(&t.live, &all);
+    let request = b"GET /kept HTTP/1.1\r\nHost: live\r\n\r\n";
+    let mut kept = {
+        let _inside = t.client.enter().expect("enter client");
+        std::net::TcpStream::connect(server.addr()).expect("connect")
+    };
+    let kept_port = kept.local_addr().expect("addr").port();
+    let mut exchange = |conn: &mut std::net::TcpStream| {
+        conn.write_all(request).expect("send");
+        let mut buf = [0u8; 256];
+        assert!(conn.read(&mut buf).expect("response") > 0);
+    };
+    exchange(&mut kept);
+
+    // Mirror nothing from now on; reload without restarting.
+    let none = all.replace(
+        "default_sample_percent = 100.0",
+        "default_sample_percent = 0.0",
+    );
+    std::fs::write(&agent.config_path, none).expect("rewrite config");
+    agent.process.signal(nix::sys::signal::Signal::SIGHUP);
+    thread::sleep(Duration::from_millis(300));
+
+    exchange(&mut kept);
+    run_flows(&t, false, 10, |i| {
+        vec![format!("GET /new/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
+    });
+    thread::sleep(Duration::from_millis(400));
+    let lines = agent.stop();
+    let flows = sink.flows();
+    assert_eq!(
+        flows.len(),
+        1,
+        "only the flow decided before the reload is mirrored: {flows:?}"
+    );
+    let kept_flow = &flows[&(101, kept_port)];
+    assert_eq!(
+        kept_flow.payload_bytes,
+        2 * request.len() as u64,
+        "and it stays mirrored"
+    );
+    assert_eq!(
+        counter(&lines, "exchanges"),
+        12,
+        "measurement never stopped"
+    );
+}
