@@ -9,13 +9,17 @@
 //! - nothing panics;
 //! - chunking changes nothing: the decoder yields exactly the envelopes [`decode_frame`] finds
 //!   when walked frame by frame over the whole stream, and fails where and as it fails;
-//! - the decoder never holds more than an incomplete frame at the limit plus one chunk;
-//! - no single allocation made while decoding is larger than the frame limit allows (see
-//!   [`ALLOC_BOUND`]). The limit exists so that a peer cannot make us allocate more than we
-//!   agreed to receive; a global allocator wrapper records the largest request to check it.
+//! - the decoder never holds more than an incomplete frame after draining, and its buffer's
+//!   capacity (which the allocator confirms) stays below a frame at the limit plus one chunk;
+//! - decoding allocates no more than the `frame` module promises: the peak of live heap bytes
+//!   while one frame is decoded is at most its payload length plus [`MAX_DECODED_OVERHEAD`],
+//!   hence at most the frame limit plus the input's size. A global allocator wrapper keeps the
+//!   live byte count and its peak.
 //!
-//! The limit is deliberately small (1 KiB): libFuzzer's inputs are 4 KiB at most by default, so
-//! it must sit well below that for frames over the limit, and buffers near it, to be reached.
+//! The limit is [`DEFAULT_MAX_FRAME_LEN`], the one the agent and the coordinator use: the bound
+//! only holds for limits above `MAX_DECODED_OVERHEAD`. Frames over the limit take just a length
+//! prefix to reach; frames near it need inputs of 4 MiB, so run with a large `-max_len`
+//! (`cargo +nightly fuzz run frame_decoder -- -max_len=65536` reaches every collection limit).
 
 #![no_main]
 
@@ -25,92 +29,133 @@ use std::{
 };
 
 use doppel_common::wire::{
-    Envelope, FrameDecoder, FrameError, decode_frame, frame::LENGTH_PREFIX_LEN,
+    DEFAULT_MAX_FRAME_LEN, Envelope, FrameDecoder, FrameError, MAX_DECODED_OVERHEAD, decode_frame,
+    frame::{LENGTH_PREFIX_LEN, payload_len},
 };
 use libfuzzer_sys::fuzz_target;
 
 /// Largest payload the decoder under test accepts.
-const LIMIT: usize = 1024;
+const LIMIT: usize = DEFAULT_MAX_FRAME_LEN;
 /// Largest chunk pushed at once.
 const MAX_CHUNK: usize = 64;
-/// Most bytes the decoder may hold: after a drain at most an incomplete frame (prefix plus
-/// `LIMIT - 1` payload bytes), then the next chunk is appended before the next drain.
-const MAX_BUFFERED: usize = LENGTH_PREFIX_LEN + LIMIT - 1 + MAX_CHUNK;
-/// Largest single allocation decoding may request. The decoder's buffer is a `Vec` that grows
-/// amortized: when a push overflows its capacity the capacity becomes `max(2 * capacity,
-/// needed)`, and it only grows while `capacity < needed <= MAX_BUFFERED`, so its allocations
-/// stay below `2 * MAX_BUFFERED` even though it never holds more than `MAX_BUFFERED` bytes.
-/// Strings and byte strings decoded out of a payload are copies of at most `LIMIT` bytes, so
-/// they fit too. Vectors of structs do not, whatever the bound's constant factor: serde's
-/// `Vec` visitor preallocates `claimed length * size_of::<T>()` (postcard only checks the
-/// claimed length against the bytes left, serde caps it at 1 MiB), and even an honest vector
-/// takes up to 16 times its wire size (a 2-byte `Counter` is 32 bytes in memory). Those
-/// failures are real findings about the `frame` module's memory claim, so the bound stays.
-const ALLOC_BOUND: usize = 2 * MAX_BUFFERED;
 
-/// Largest size requested from the allocator since the last reset.
-static LARGEST_ALLOC: AtomicUsize = AtomicUsize::new(0);
+const _: () = assert!(
+    MAX_DECODED_OVERHEAD <= LIMIT,
+    "the frame limit must cover the decoded overhead for `payload + overhead <= input + limit`"
+);
 
-/// [`System`], recording the size of every allocation and reallocation request.
+/// Heap bytes allocated and not yet freed.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// Highest value of `LIVE` since the last reset.
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(by: usize) {
+    let live = LIVE.fetch_add(by, Ordering::Relaxed) + by;
+    PEAK.fetch_max(live, Ordering::Relaxed);
+}
+
+fn shrank(by: usize) {
+    LIVE.fetch_sub(by, Ordering::Relaxed);
+}
+
+/// [`System`], counting the bytes it has handed out and not taken back.
 struct TrackingAlloc;
 
 // SAFETY: every method forwards to `System` with the caller's arguments unchanged, so it upholds
 // `GlobalAlloc`'s contract exactly as `System` does; the bookkeeping neither allocates nor panics.
 unsafe impl GlobalAlloc for TrackingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST_ALLOC.fetch_max(layout.size(), Ordering::Relaxed);
         // SAFETY: forwarded as is; the caller upholds `GlobalAlloc::alloc`'s contract.
-        unsafe { System.alloc(layout) }
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            grew(layout.size());
+        }
+        ptr
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST_ALLOC.fetch_max(layout.size(), Ordering::Relaxed);
         // SAFETY: forwarded as is; the caller upholds `GlobalAlloc::alloc_zeroed`'s contract.
-        unsafe { System.alloc_zeroed(layout) }
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            grew(layout.size());
+        }
+        ptr
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded as is; `ptr` came from `System` through this allocator.
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { System.dealloc(ptr, layout) };
+        shrank(layout.size());
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST_ALLOC.fetch_max(new_size, Ordering::Relaxed);
         // SAFETY: forwarded as is; `ptr` came from `System` through this allocator.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        // On failure the old block is still live: nothing changed.
+        if !new.is_null() {
+            match new_size.checked_sub(layout.size()) {
+                Some(more) => grew(more),
+                None => shrank(layout.size() - new_size),
+            }
+        }
+        new
     }
 }
 
 #[global_allocator]
 static ALLOCATOR: TrackingAlloc = TrackingAlloc;
 
+/// Runs `f`, returning its result and the most heap bytes live at once during the call beyond
+/// those live before it. libFuzzer runs inputs one at a time on one thread, so that is `f`'s.
+fn peak_growth<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let result = f();
+    (result, PEAK.load(Ordering::Relaxed) - before)
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, stream)) = data.split_first() else {
         return;
     };
     let chunk_len = usize::from(selector) % MAX_CHUNK + 1;
-
-    // libFuzzer runs inputs one at a time on one thread, so everything recorded between the
-    // reset and the load is this input's decoding.
-    LARGEST_ALLOC.store(0, Ordering::Relaxed);
     decode(stream, chunk_len);
-    let largest = LARGEST_ALLOC.load(Ordering::Relaxed);
-    assert!(
-        largest <= ALLOC_BOUND,
-        "decoding made a {largest}-byte allocation, above the {ALLOC_BOUND}-byte bound for a \
-         {LIMIT}-byte frame limit"
-    );
 });
 
 /// Pushes `stream` to a decoder `chunk_len` bytes at a time, checking everything it yields
-/// against [`decode_frame`] on the whole stream.
+/// against [`decode_frame`] on the whole stream, and what it allocates against the bounds.
 fn decode(stream: &[u8], chunk_len: usize) {
     let mut decoder = FrameDecoder::new(LIMIT);
     let mut reference = Reference { rest: stream };
     for chunk in stream.chunks(chunk_len) {
-        decoder.push(chunk);
+        let capacity = decoder.capacity();
+        let ((), pushed) = peak_growth(|| decoder.push(chunk));
+        assert_eq!(
+            pushed,
+            decoder.capacity() - capacity,
+            "push allocated {pushed} bytes, but the buffer grew from {capacity} to {}",
+            decoder.capacity()
+        );
+        assert!(
+            decoder.capacity() < LENGTH_PREFIX_LEN + LIMIT + chunk_len,
+            "buffer capacity {} exceeds a frame at the limit plus a {chunk_len}-byte chunk",
+            decoder.capacity()
+        );
         loop {
-            match decoder.next_envelope() {
+            // The payload of the frame the decoder is on, once its prefix is in.
+            let payload = match payload_len(reference.rest, LIMIT) {
+                Ok(Some(len)) => len,
+                _ => 0,
+            };
+            let (next, decoded) = peak_growth(|| decoder.next_envelope());
+            assert!(
+                decoded <= payload + MAX_DECODED_OVERHEAD,
+                "decoding a {payload}-byte payload took {decoded} bytes of heap at its peak, \
+                 above the payload plus {MAX_DECODED_OVERHEAD} bytes (input {} bytes, limit \
+                 {LIMIT})",
+                stream.len()
+            );
+            match next {
                 Ok(Some(envelope)) => reference.expect_envelope(&envelope),
                 Ok(None) => break,
                 Err(error) => {

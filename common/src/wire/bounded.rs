@@ -70,7 +70,9 @@ impl<const MAX: usize> MaxStr<MAX> {
         serializer.serialize_str(text)
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<String, D::Error> {
         deserializer.deserialize_string(StrVisitor::<MAX>)
     }
 }
@@ -95,7 +97,11 @@ impl<const MAX: usize> MaxBytes<MAX> {
 
 /// Collects at most `max` elements. Preallocates `min(claimed, max)` elements and, when the
 /// format claims no length, grows by doubling up to `max`: capacity never exceeds `max`.
-fn collect_at_most<'de, A, T>(mut seq: A, max: usize, expected: &dyn Expected) -> Result<Vec<T>, A::Error>
+fn collect_at_most<'de, A, T>(
+    mut seq: A,
+    max: usize,
+    expected: &dyn Expected,
+) -> Result<Vec<T>, A::Error>
 where
     A: SeqAccess<'de>,
     T: Deserialize<'de>,

@@ -5,18 +5,44 @@
 //! a pure function over a byte slice ([`decode_frame`]) that says "incomplete" rather than
 //! blocking, and [`FrameDecoder`] only buffers.
 //!
-//! Memory: a length above the limit is refused as soon as its 4 header bytes are seen, before
-//! anything is buffered for it, so a peer cannot make the decoder hold more than one frame's limit
-//! plus the chunk the caller last pushed.
+//! # Memory
+//! A peer decides what we receive; the limit `max_len` decides what that may cost us. Two things
+//! allocate, and both are bounded:
+//!
+//! - **The buffer.** A length above the limit is refused as soon as its 4 prefix bytes are seen,
+//!   before anything is buffered for it. [`FrameDecoder::push`] grows the buffer by doubling, so
+//!   a frame arriving in many small reads is copied a bounded number of times, but never past the
+//!   end of the current frame (or the bytes actually pushed, if more): provided the caller drains
+//!   [`FrameDecoder::next_envelope`] after every push, as it must anyway, the buffer's capacity
+//!   stays below `LENGTH_PREFIX_LEN + max_len + the largest chunk pushed`, and a peer must send
+//!   at least half of what we reserve for it. The capacity is kept for the next frame.
+//! - **The decoded message.** Its strings and byte strings are exact copies of payload bytes, and
+//!   every collection of structs has a limit that is checked before allocating for it and bounds
+//!   its preallocation (see the `messages` limits). So decoding a payload of `n` bytes allocates
+//!   at most `n + MAX_DECODED_OVERHEAD` bytes ([`MAX_DECODED_OVERHEAD`]: 312 KiB on 64-bit
+//!   targets), also when it fails half-way. Under [`DEFAULT_MAX_FRAME_LEN`], which is more than
+//!   `MAX_DECODED_OVERHEAD`, decoding a frame never allocates more than the frame limit beyond
+//!   the frame's own bytes, and a decoder with the message it yields holds at most three times
+//!   the limit plus a length prefix and one chunk.
+//!
+//! Without the collection limits, serde would preallocate `min(claimed, 1 MiB / size_of::<T>())`
+//! elements for any length the payload has room for, and even an honest frame would grow up to
+//! 16-fold (a 2-byte `Counter` takes 32 bytes in memory). `fuzz/fuzz_targets/frame_decoder.rs`
+//! checks these bounds against the allocator.
 
 use std::vec::Vec;
 
-use super::{Envelope, HANDSHAKE_VERSION, Message, SUPPORTED_VERSIONS};
+use super::{Envelope, HANDSHAKE_VERSION, MAX_DECODED_OVERHEAD, Message, SUPPORTED_VERSIONS};
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX_LEN: usize = 4;
 /// Default largest payload accepted: room for an interval report with hundreds of histograms.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 4 << 20;
+
+const _: () = assert!(
+    MAX_DECODED_OVERHEAD < DEFAULT_MAX_FRAME_LEN,
+    "decoding a default-sized frame could allocate more than the limit beyond the frame"
+);
 
 /// Why bytes could not be turned into an envelope, or an envelope into bytes. Every variant means
 /// the connection's byte stream can no longer be trusted: close it and log this.
@@ -138,9 +164,29 @@ impl FrameDecoder {
         }
     }
 
-    /// Appends bytes read from the stream.
+    /// Appends bytes read from the stream. Drain [`Self::next_envelope`] before the next push, or
+    /// the buffer's bound (see the module docs) does not hold.
     pub fn push(&mut self, bytes: &[u8]) {
+        let needed = self.buf.len() + bytes.len();
+        if needed > self.buf.capacity() {
+            // `Vec`'s own growth would double past the frame's end, up to twice the limit.
+            let frame_end = self.frame_end(bytes).unwrap_or(needed);
+            let target = needed.max(frame_end.min(2 * self.buf.capacity()));
+            self.buf.reserve_exact(target - self.buf.len());
+        }
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// Where the first frame ends once `incoming` is appended, if its length prefix is complete
+    /// and within the limit.
+    fn frame_end(&self, incoming: &[u8]) -> Option<usize> {
+        let mut prefix = [0; LENGTH_PREFIX_LEN];
+        let mut bytes = self.buf.iter().chain(incoming);
+        for byte in &mut prefix {
+            *byte = *bytes.next()?;
+        }
+        let len = payload_len(&prefix, self.max_len).ok()??;
+        Some(LENGTH_PREFIX_LEN + len)
     }
 
     /// The next complete envelope, `Ok(None)` until one is complete. After an error the stream
@@ -158,5 +204,10 @@ impl FrameDecoder {
     /// Bytes buffered but not yet decoded.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Bytes the buffer has room for: the memory it holds.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 }

@@ -88,6 +88,15 @@ pub const MAX_DECODED_OVERHEAD: usize = {
     larger(hello, larger(report, policy))
 };
 
+/// Vectors of up to `max` arbitrary elements, for fields whose limit is below the size of the
+/// vectors `Arbitrary` generates by default (up to 100 elements).
+#[cfg(test)]
+fn up_to<T: proptest::arbitrary::Arbitrary>(
+    max: usize,
+) -> impl proptest::strategy::Strategy<Value = Vec<T>> {
+    proptest::collection::vec(proptest::prelude::any::<T>(), 0..=max)
+}
+
 /// Everything that travels between an agent and the coordinator.
 ///
 /// Variant order is part of the wire format: append new variants, never reorder.
@@ -141,10 +150,7 @@ pub struct Hello {
     pub hostname: String,
     /// Roles the agent runs, at most [`MAX_ROLES`].
     #[serde(with = "MaxItems::<MAX_ROLES>")]
-    #[cfg_attr(
-        test,
-        proptest(strategy = "proptest::collection::vec(proptest::prelude::any::<AgentRole>(), 0..=MAX_ROLES)")
-    )]
+    #[cfg_attr(test, proptest(strategy = "up_to(MAX_ROLES)"))]
     pub roles: Vec<AgentRole>,
     /// Sequence number of the next report the agent will send, so the coordinator can tell a
     /// restarted agent's spool replay from new reports.
@@ -321,9 +327,11 @@ pub struct AgentPolicy {
     pub report_interval_ms: u32,
     /// The workload's listening addresses, at most [`MAX_POLICY_SERVICES`].
     #[serde(with = "MaxItems::<MAX_POLICY_SERVICES>")]
+    #[cfg_attr(test, proptest(strategy = "up_to(MAX_POLICY_SERVICES)"))]
     pub services: Vec<ServiceAddr>,
     /// Traffic classes and how much of each to mirror, at most [`MAX_POLICY_CLASSES`].
     #[serde(with = "MaxItems::<MAX_POLICY_CLASSES>")]
+    #[cfg_attr(test, proptest(strategy = "up_to(MAX_POLICY_CLASSES)"))]
     pub classes: Vec<ClassPolicy>,
     /// Rules that assign a flow to a class; the first match in priority order wins. At most
     /// [`MAX_POLICY_RULES`].
@@ -331,6 +339,7 @@ pub struct AgentPolicy {
     pub rules: Vec<ClassRule>,
     /// Where sampled flows are mirrored to, at most [`MAX_POLICY_SESSIONS`].
     #[serde(with = "MaxItems::<MAX_POLICY_SESSIONS>")]
+    #[cfg_attr(test, proptest(strategy = "up_to(MAX_POLICY_SESSIONS)"))]
     pub mirror_sessions: Vec<MirrorSession>,
     /// Seed of the current sampling epoch (a new seed re-draws which new flows are sampled).
     pub sampling_seed: u64,
