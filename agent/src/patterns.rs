@@ -14,6 +14,11 @@ const HTTP_METHODS: &[&str] = &[
 const MAX_TOKEN: usize = 24;
 /// Path segments kept; deeper paths end in `/…`.
 const MAX_SEGMENTS: usize = 6;
+/// Patterns reported per interval; the rarer rest is summed under [`OTHER_PATTERNS`] so a report
+/// stays within the wire protocol's limits whatever the traffic looks like.
+pub const MAX_REPORTED_PATTERNS: usize = 256;
+/// Key of the flows whose patterns were too rare to report one by one.
+pub const OTHER_PATTERNS: &str = "(other)";
 
 /// The pattern key of a flow's first payload bytes.
 pub fn pattern_key(head: &[u8]) -> String {
@@ -118,10 +123,15 @@ impl PatternCounts {
         *self.counts.entry(pattern_key(head)).or_default() += 1;
     }
 
-    /// The counts so far, most frequent first, leaving the set empty for the next interval.
+    /// The counts so far, most frequent first (at most [`MAX_REPORTED_PATTERNS`], the rest
+    /// summed as [`OTHER_PATTERNS`]), leaving the set empty for the next interval.
     pub fn take(&mut self) -> Vec<(String, u64)> {
         let mut counts: Vec<_> = std::mem::take(&mut self.counts).into_iter().collect();
         counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        if counts.len() > MAX_REPORTED_PATTERNS {
+            let rest: u64 = counts.drain(MAX_REPORTED_PATTERNS - 1..).map(|(_, n)| n).sum();
+            counts.push((OTHER_PATTERNS.to_owned(), rest));
+        }
         counts
     }
 }
@@ -187,5 +197,19 @@ mod tests {
             vec![("GET /a/{n}".to_owned(), 2), ("PING".to_owned(), 1)]
         );
         assert!(counts.take().is_empty());
+    }
+
+    #[test]
+    fn a_long_tail_of_patterns_is_summed_so_reports_stay_bounded() {
+        let mut counts = PatternCounts::default();
+        for i in 0..1000u32 {
+            // A distinct alphabetic token per flow: `i` written in base 26.
+            let token: String = (0..3).map(|d| char::from(b'a' + (i / 26u32.pow(d) % 26) as u8)).collect();
+            counts.add(format!("CMD{token} x").as_bytes());
+        }
+        let taken = counts.take();
+        assert_eq!(taken.len(), MAX_REPORTED_PATTERNS);
+        assert_eq!(taken.iter().map(|(_, n)| n).sum::<u64>(), 1000, "no flow is lost");
+        assert_eq!(taken.last().map(|(k, _)| k.as_str()), Some(OTHER_PATTERNS));
     }
 }

@@ -166,7 +166,7 @@ impl VxlanSink {
         let stop = Arc::new(AtomicBool::new(false));
         let (f, s) = (Arc::clone(&flows), Arc::clone(&stop));
         let thread = thread::spawn(move || {
-            let mut seen: HashMap<SinkKey, Vec<(u32, u32)>> = HashMap::new();
+            let mut seen: HashMap<SinkKey, std::collections::HashSet<(u32, u32)>> = HashMap::new();
             let mut buf = [0u8; 65536];
             while !s.load(Ordering::Relaxed) {
                 let Ok(n) = socket.recv(&mut buf) else {
@@ -178,8 +178,7 @@ impl VxlanSink {
                     flow.packets += 1;
                     flow.closed |= fin_or_rst;
                     let ranges = seen.entry(key).or_default();
-                    if len > 0 && !ranges.contains(&(seq, len)) {
-                        ranges.push((seq, len));
+                    if len > 0 && ranges.insert((seq, len)) {
                         flow.payload_bytes += u64::from(len);
                     }
                 }
@@ -339,4 +338,46 @@ pub fn parse_mac(text: &str) -> [u8; 6] {
         .map(|b| u8::from_str_radix(b, 16).expect("hex"))
         .collect();
     bytes.try_into().expect("six bytes")
+}
+
+/// A UDP socket that receives and discards, counting packets and bytes: a shadow endpoint for
+/// benchmarks, where decoding every copy would cost more than the thing measured.
+#[derive(Debug)]
+pub struct UdpDrain {
+    received: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpDrain {
+    /// Starts draining a bound socket.
+    pub fn start(socket: UdpSocket) -> Self {
+        socket.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s) = (Arc::clone(&received), Arc::clone(&stop));
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                if socket.recv(&mut buf).is_ok() {
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Self { received, stop, thread: Some(thread) }
+    }
+
+    /// Packets received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpDrain {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

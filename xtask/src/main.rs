@@ -1,7 +1,9 @@
-//! Developer tasks for doppel: `cargo xtask setup | build-ebpf | test`.
+//! Developer tasks for doppel: `cargo xtask setup | build-ebpf | test | bench`.
 //!
 //! Every task but `setup` runs `setup` first, so a fresh machine needs one command.
 
+mod bench;
+mod bench_datapath;
 mod build_ebpf;
 mod setup;
 mod test;
@@ -23,6 +25,8 @@ enum Task {
     BuildEbpf(build_ebpf::Options),
     /// Set up, then run formatting and lint checks and every test.
     Test(test::Options),
+    /// Benchmarks that print figures.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup(options) => setup::run(&options).map(drop),
         Task::BuildEbpf(options) => build_ebpf::run(&options),
         Task::Test(options) => test::run(&options),
+        Task::Bench(options) => bench::run(&options),
     }
 }
 

@@ -233,7 +233,13 @@ fn which_bpf_linker() -> anyhow::Result<PathBuf> {
 }
 
 fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    ensure_debian_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs the Debian packages of `packages` that are missing (benchmarks call this for the
+/// servers and load generators they need).
+pub(crate) fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

@@ -1,0 +1,21 @@
+//! `cargo xtask bench TARGET`: benchmarks that print figures. Each target lives in its own module
+//! and ends with one summary line (`<target>: key=value …`).
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct Options {
+    /// What to measure.
+    #[command(subcommand)]
+    target: Target,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Target {
+    /// The live data path: throughput, latency added, ns per packet, agent CPU.
+    Datapath(crate::bench_datapath::Options),
+}
+
+pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
+    match &options.target {
+        Target::Datapath(o) => crate::bench_datapath::run(o),
+    }
+}
