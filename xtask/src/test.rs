@@ -34,6 +34,11 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
         clippy.args(HOST_PACKAGES).args(["--", "-D", "warnings"]);
         crate::run_command(&mut clippy)?;
     }
+    // The end-to-end tests run the real binaries (`target/debug/doppel-agent`, …), which
+    // `cargo test` alone does not build.
+    let mut bins = cargo(&["build", "--bins"]);
+    bins.args(HOST_PACKAGES);
+    crate::run_command(&mut bins)?;
     let mut test = cargo(&["test"]);
     test.args(HOST_PACKAGES);
     if nix_is_root() {
