@@ -136,118 +136,146 @@ fn count_iface(ctx: &TcContext, direction: Direction) {
     }
 }
 
+/// IPv4 header as bytes (alignment 1: the packet gives no alignment guarantee).
+#[repr(C)]
+struct Ipv4Head {
+    ver_ihl: u8,
+    _tos: u8,
+    total_len: [u8; 2],
+    _id: [u8; 2],
+    frag: [u8; 2],
+    _ttl: u8,
+    protocol: u8,
+    _checksum: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+/// IPv6 fixed header as bytes.
+#[repr(C)]
+struct Ipv6Head {
+    _ver_class_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next_header: u8,
+    _hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// The first 14 bytes of a TCP header: all the programs read.
+#[repr(C)]
+struct TcpHead {
+    src_port: [u8; 2],
+    dst_port: [u8; 2],
+    _seq: [u8; 4],
+    _ack: [u8; 4],
+    data_offset: u8,
+    flags: u8,
+}
+
+/// A pointer to a `T` at `offset` in the packet's linear data, if all of it is there. Direct
+/// packet access: no helper call per field, which is most of the per-packet cost otherwise.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// Like [`ptr_at`], but pulls non-linear data into the linear area once when needed (headers
+/// split across fragments are rare; pulling does not change the packet's content).
+#[inline(always)]
+fn header_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    ptr_at(ctx, offset).or_else(|| {
+        ctx.pull_data((offset + size_of::<T>()) as u32).ok()?;
+        ptr_at(ctx, offset)
+    })
+}
+
+#[inline(always)]
+fn words(bytes: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        u32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+        u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+        u32::from_ne_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]),
+    ]
+}
+
 /// Parses Ethernet / IPv4-or-IPv6 / TCP and looks the service up. `None` for anything else;
-/// shapes the programs do not handle (VLAN tags, fragments, IP options, IPv6 extension headers,
-/// truncation) are counted as `ParseSkipped`.
+/// shapes the programs do not handle (fragments, IP options, IPv6 extension headers,
+/// truncation) are counted as `ParseSkipped`. VLAN tags never reach TC: the kernel moves them
+/// into the skb's metadata first.
 #[inline(always)]
 fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
     let skipped = || {
         add(DatapathCounter::ParseSkipped, 1);
         None
     };
-    let Ok(ethertype) = ctx.load::<u16>(12) else {
-        return skipped();
-    };
-    let (client_addr, service_addr, l4, ip_end) = match u16::from_be(ethertype) {
+    let Some(ethertype) = header_at::<[u8; 2]>(ctx, 12) else { return skipped() };
+    // SAFETY: `header_at` checked that the bytes are inside the packet.
+    let ethertype = u16::from_be_bytes(unsafe { *ethertype });
+    let (client_addr, service_addr, l4, ip_end) = match ethertype {
         ETH_P_IP => {
-            let Ok(ver_ihl) = ctx.load::<u8>(ETH_HLEN) else {
-                return skipped();
-            };
-            let Ok(total_len) = ctx.load::<u16>(ETH_HLEN + 2) else {
-                return skipped();
-            };
-            let Ok(frag) = ctx.load::<u16>(ETH_HLEN + 6) else {
-                return skipped();
-            };
-            let Ok(protocol) = ctx.load::<u8>(ETH_HLEN + 9) else {
-                return skipped();
-            };
-            let Ok(src) = ctx.load::<u32>(ETH_HLEN + 12) else {
-                return skipped();
-            };
-            let Ok(dst) = ctx.load::<u32>(ETH_HLEN + 16) else {
-                return skipped();
-            };
+            let Some(ip) = header_at::<Ipv4Head>(ctx, ETH_HLEN) else { return skipped() };
+            // SAFETY: as above; every field is a byte array, so alignment is 1.
+            let ip = unsafe { &*ip };
             // Options and fragments are rare and are not followed: pass them as they are.
-            if ver_ihl != 0x45 || u16::from_be(frag) & 0x3fff != 0 {
+            if ip.ver_ihl != 0x45 || u16::from_be_bytes(ip.frag) & 0x3fff != 0 {
                 return skipped();
             }
-            if protocol != IPPROTO_TCP {
+            if ip.protocol != IPPROTO_TCP {
                 add(DatapathCounter::OtherTraffic, 1);
                 return None;
             }
             let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-            let (src, dst) = ([0, 0, mapped, src], [0, 0, mapped, dst]);
-            let ip_end = ETH_HLEN + usize::from(u16::from_be(total_len));
-            let (client, service) = if direction == Direction::Ingress {
-                (src, dst)
-            } else {
-                (dst, src)
-            };
+            let src = [0, 0, mapped, u32::from_ne_bytes(ip.src)];
+            let dst = [0, 0, mapped, u32::from_ne_bytes(ip.dst)];
+            let ip_end = ETH_HLEN + usize::from(u16::from_be_bytes(ip.total_len));
+            let (client, service) = if direction == Direction::Ingress { (src, dst) } else { (dst, src) };
             (client, service, ETH_HLEN + 20, ip_end)
         }
         ETH_P_IPV6 => {
-            let Ok(payload_len) = ctx.load::<u16>(ETH_HLEN + 4) else {
-                return skipped();
-            };
-            let Ok(next_header) = ctx.load::<u8>(ETH_HLEN + 6) else {
-                return skipped();
-            };
-            let Ok(src) = ctx.load::<[u32; 4]>(ETH_HLEN + 8) else {
-                return skipped();
-            };
-            let Ok(dst) = ctx.load::<[u32; 4]>(ETH_HLEN + 24) else {
-                return skipped();
-            };
-            if next_header != IPPROTO_TCP {
+            let Some(ip) = header_at::<Ipv6Head>(ctx, ETH_HLEN) else { return skipped() };
+            // SAFETY: as above.
+            let ip = unsafe { &*ip };
+            if ip.next_header != IPPROTO_TCP {
                 // Extension headers are not followed; other protocols are not ours.
                 add(DatapathCounter::OtherTraffic, 1);
                 return None;
             }
-            let ip_end = ETH_HLEN + 40 + usize::from(u16::from_be(payload_len));
-            let (client, service) = if direction == Direction::Ingress {
-                (src, dst)
-            } else {
-                (dst, src)
-            };
+            let (src, dst) = (words(&ip.src), words(&ip.dst));
+            let ip_end = ETH_HLEN + 40 + usize::from(u16::from_be_bytes(ip.payload_len));
+            let (client, service) = if direction == Direction::Ingress { (src, dst) } else { (dst, src) };
             (client, service, ETH_HLEN + 40, ip_end)
         }
         _ => return skipped(),
     };
-    let Ok(ports) = ctx.load::<[u16; 2]>(l4) else {
-        return skipped();
-    };
-    let Ok(doff_flags) = ctx.load::<[u8; 2]>(l4 + 12) else {
-        return skipped();
-    };
-    let (client_port_be, service_port_be) = if direction == Direction::Ingress {
-        (ports[0], ports[1])
+    let Some(tcp) = header_at::<TcpHead>(ctx, l4) else { return skipped() };
+    // SAFETY: as above.
+    let tcp = unsafe { &*tcp };
+    let (client_port, service_port) = if direction == Direction::Ingress {
+        (tcp.src_port, tcp.dst_port)
     } else {
-        (ports[1], ports[0])
+        (tcp.dst_port, tcp.src_port)
     };
+    let (client_port_be, service_port_be) = (u16::from_ne_bytes(client_port), u16::from_ne_bytes(service_port));
+    // SAFETY: the value is copied out before the map can change it.
     let Some(service) = (unsafe {
-        // SAFETY: the value is copied out before the map can change it.
-        SERVICES.get(&ServiceKey {
-            addr: service_addr,
-            port_be: service_port_be,
-            _pad: 0,
-        })
+        SERVICES.get(&ServiceKey { addr: service_addr, port_be: service_port_be, _pad: 0 })
     }) else {
         add(DatapathCounter::OtherTraffic, 1);
         return None;
     };
-    let payload_offset = l4 + usize::from(doff_flags[0] >> 4) * 4;
+    let payload_offset = l4 + usize::from(tcp.data_offset >> 4) * 4;
     if payload_offset > ip_end || ip_end > ctx.len() as usize {
         return skipped();
     }
     Some(Packet {
-        flow: FlowKey {
-            client_addr,
-            client_port_be,
-            service_port_be,
-            service_id: service.id,
-        },
-        tcp_flags: doff_flags[1],
+        flow: FlowKey { client_addr, client_port_be, service_port_be, service_id: service.id },
+        tcp_flags: tcp.flags,
         payload_offset,
         payload_len: ip_end - payload_offset,
     })
