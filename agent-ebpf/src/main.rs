@@ -24,21 +24,21 @@ use aya_ebpf::{
     bindings::{BPF_F_ZERO_CSUM_TX, TC_ACT_PIPE, bpf_tunnel_key},
     helpers::{bpf_ktime_get_ns, bpf_skb_set_tunnel_key},
     macros::{classifier, map},
-    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use doppel_common::maps::{
     COUNTER_SLOTS, ClassConfig, DatapathConfig, DatapathCounter, Direction, FLOW_AWAITING_RESPONSE,
-    FLOW_DECIDED, FLOW_MAP_ENTRIES, FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState,
-    IFACE_COUNTERS_MAX_ENTRIES, IfaceCounters, IfaceKey, LATENCY_BUCKETS, LATENCY_HISTOGRAMS,
-    MAX_CLASSES, MAX_RULES, MAX_SERVICES, MAX_SESSIONS, MirrorSessionConfig, PATTERN_SAMPLE_LEN,
-    PatternSample, RULE_MATCH_PORT, RULE_MATCH_PREFIX, Rule, ServiceKey, ServiceValue,
-    latency_bucket, latency_histogram_base,
+    FLOW_DECIDED, FLOW_MAP_ENTRIES, FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState, IFACE_SLOTS,
+    IfaceCounters, LATENCY_BUCKETS, LATENCY_HISTOGRAMS, MAX_CLASSES, MAX_RULES, MAX_SERVICES,
+    MAX_SESSIONS, MirrorSessionConfig, PATTERN_SAMPLE_LEN, PatternSample, RULE_MATCH_PORT,
+    RULE_MATCH_PREFIX, Rule, ServiceKey, ServiceValue, iface_slot, latency_bucket,
+    latency_histogram_base,
 };
 
 #[map(name = "IFACE_COUNTERS")]
-static IFACE_COUNTERS: PerCpuHashMap<IfaceKey, IfaceCounters> =
-    PerCpuHashMap::with_max_entries(IFACE_COUNTERS_MAX_ENTRIES, 0);
+static IFACE_COUNTERS: PerCpuArray<IfaceCounters> =
+    PerCpuArray::with_max_entries(2 * IFACE_SLOTS, 0);
 #[map(name = "SERVICES")]
 static SERVICES: aya_ebpf::maps::HashMap<ServiceKey, ServiceValue> =
     aya_ebpf::maps::HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -112,26 +112,11 @@ fn count_iface(ctx: &TcContext, direction: Direction) {
     let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
     add(DatapathCounter::Packets, 1);
     add(DatapathCounter::Bytes, u64::from(len));
-    let key = IfaceKey {
-        ifindex,
-        direction: direction as u32,
-    };
-    match IFACE_COUNTERS.get_ptr_mut(&key) {
+    if let Some(counters) = IFACE_COUNTERS.get_ptr_mut(iface_slot(ifindex, direction)) {
         // SAFETY: as in `add`.
-        Some(counters) => unsafe {
+        unsafe {
             (*counters).packets += 1;
             (*counters).bytes += u64::from(len);
-        },
-        None => {
-            // A full map loses this count; it must never affect the packet.
-            let _ = IFACE_COUNTERS.insert(
-                &key,
-                &IfaceCounters {
-                    packets: 1,
-                    bytes: u64::from(len),
-                },
-                0,
-            );
         }
     }
 }
@@ -214,12 +199,16 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
         add(DatapathCounter::ParseSkipped, 1);
         None
     };
-    let Some(ethertype) = header_at::<[u8; 2]>(ctx, 12) else { return skipped() };
+    let Some(ethertype) = header_at::<[u8; 2]>(ctx, 12) else {
+        return skipped();
+    };
     // SAFETY: `header_at` checked that the bytes are inside the packet.
     let ethertype = u16::from_be_bytes(unsafe { *ethertype });
     let (client_addr, service_addr, l4, ip_end) = match ethertype {
         ETH_P_IP => {
-            let Some(ip) = header_at::<Ipv4Head>(ctx, ETH_HLEN) else { return skipped() };
+            let Some(ip) = header_at::<Ipv4Head>(ctx, ETH_HLEN) else {
+                return skipped();
+            };
             // SAFETY: as above; every field is a byte array, so alignment is 1.
             let ip = unsafe { &*ip };
             // Options and fragments are rare and are not followed: pass them as they are.
@@ -234,11 +223,17 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
             let src = [0, 0, mapped, u32::from_ne_bytes(ip.src)];
             let dst = [0, 0, mapped, u32::from_ne_bytes(ip.dst)];
             let ip_end = ETH_HLEN + usize::from(u16::from_be_bytes(ip.total_len));
-            let (client, service) = if direction == Direction::Ingress { (src, dst) } else { (dst, src) };
+            let (client, service) = if direction == Direction::Ingress {
+                (src, dst)
+            } else {
+                (dst, src)
+            };
             (client, service, ETH_HLEN + 20, ip_end)
         }
         ETH_P_IPV6 => {
-            let Some(ip) = header_at::<Ipv6Head>(ctx, ETH_HLEN) else { return skipped() };
+            let Some(ip) = header_at::<Ipv6Head>(ctx, ETH_HLEN) else {
+                return skipped();
+            };
             // SAFETY: as above.
             let ip = unsafe { &*ip };
             if ip.next_header != IPPROTO_TCP {
@@ -248,12 +243,18 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
             }
             let (src, dst) = (words(&ip.src), words(&ip.dst));
             let ip_end = ETH_HLEN + 40 + usize::from(u16::from_be_bytes(ip.payload_len));
-            let (client, service) = if direction == Direction::Ingress { (src, dst) } else { (dst, src) };
+            let (client, service) = if direction == Direction::Ingress {
+                (src, dst)
+            } else {
+                (dst, src)
+            };
             (client, service, ETH_HLEN + 40, ip_end)
         }
         _ => return skipped(),
     };
-    let Some(tcp) = header_at::<TcpHead>(ctx, l4) else { return skipped() };
+    let Some(tcp) = header_at::<TcpHead>(ctx, l4) else {
+        return skipped();
+    };
     // SAFETY: as above.
     let tcp = unsafe { &*tcp };
     let (client_port, service_port) = if direction == Direction::Ingress {
@@ -261,10 +262,17 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
     } else {
         (tcp.dst_port, tcp.src_port)
     };
-    let (client_port_be, service_port_be) = (u16::from_ne_bytes(client_port), u16::from_ne_bytes(service_port));
+    let (client_port_be, service_port_be) = (
+        u16::from_ne_bytes(client_port),
+        u16::from_ne_bytes(service_port),
+    );
     // SAFETY: the value is copied out before the map can change it.
     let Some(service) = (unsafe {
-        SERVICES.get(&ServiceKey { addr: service_addr, port_be: service_port_be, _pad: 0 })
+        SERVICES.get(&ServiceKey {
+            addr: service_addr,
+            port_be: service_port_be,
+            _pad: 0,
+        })
     }) else {
         add(DatapathCounter::OtherTraffic, 1);
         return None;
@@ -274,7 +282,12 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
         return skipped();
     }
     Some(Packet {
-        flow: FlowKey { client_addr, client_port_be, service_port_be, service_id: service.id },
+        flow: FlowKey {
+            client_addr,
+            client_port_be,
+            service_port_be,
+            service_id: service.id,
+        },
         tcp_flags: tcp.flags,
         payload_offset,
         payload_len: ip_end - payload_offset,

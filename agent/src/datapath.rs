@@ -11,14 +11,14 @@ use std::collections::BTreeMap;
 
 use aya::{
     Ebpf, EbpfError,
-    maps::{MapError, PerCpuHashMap},
+    maps::MapError,
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
     },
 };
 use doppel_common::maps::{
-    Direction, IFACE_COUNTERS_MAP, IfaceCounters, IfaceKey, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM,
+    Direction, IFACE_COUNTERS_MAP, IfaceCounters, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, iface_slot,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -136,6 +136,8 @@ pub struct IfaceCount {
 pub struct Datapath {
     ebpf: Ebpf,
     attached: BTreeMap<String, Attachment>,
+    /// Every ifindex ever attached by this instance, so counts stay readable after a detach.
+    counted_ifindexes: std::collections::BTreeSet<u32>,
     patterns: Option<aya::maps::RingBuf<aya::maps::MapData>>,
 }
 
@@ -156,6 +158,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             attached: BTreeMap::new(),
+            counted_ifindexes: std::collections::BTreeSet::new(),
             patterns: None,
         })
     }
@@ -178,6 +181,7 @@ impl Datapath {
             },
         };
         let (ingress, egress) = how.1;
+        self.counted_ifindexes.insert(ifindex);
         self.attached.insert(
             iface.to_owned(),
             Attachment {
@@ -310,8 +314,8 @@ impl Datapath {
             .map(|(iface, a)| (iface.as_str(), a.how))
     }
 
-    /// Packet and byte counts per (interface, direction) since load, summed over CPUs, in
-    /// (ifindex, direction) order.
+    /// Packet and byte counts per (interface attached at some point, direction) since load,
+    /// summed over CPUs, in (ifindex, direction) order.
     pub fn iface_counters(&self) -> Result<Vec<IfaceCount>, DatapathError> {
         let map_error = |source| DatapathError::Map {
             map: IFACE_COUNTERS_MAP,
@@ -321,27 +325,30 @@ impl Datapath {
             .ebpf
             .map(IFACE_COUNTERS_MAP)
             .ok_or(DatapathError::MissingMap(IFACE_COUNTERS_MAP))?;
-        let map = PerCpuHashMap::<_, IfaceKey, IfaceCounters>::try_from(map).map_err(map_error)?;
+        let map = aya::maps::PerCpuArray::<_, IfaceCounters>::try_from(map).map_err(map_error)?;
         let mut counts = Vec::new();
-        for entry in map.iter() {
-            let (key, per_cpu) = entry.map_err(map_error)?;
-            let Some(direction) = Direction::from_raw(key.direction) else {
-                continue;
-            };
-            let total = per_cpu
-                .iter()
-                .fold(IfaceCounters::default(), |a, b| a.merged(*b));
-            counts.push(IfaceCount {
-                ifindex: key.ifindex,
-                direction: match direction {
-                    Direction::Ingress => "ingress",
-                    Direction::Egress => "egress",
-                },
-                packets: total.packets,
-                bytes: total.bytes,
-            });
+        for &ifindex in &self.counted_ifindexes {
+            for direction in Direction::ALL {
+                let per_cpu = map
+                    .get(&iface_slot(ifindex, direction), 0)
+                    .map_err(map_error)?;
+                let total = per_cpu
+                    .iter()
+                    .fold(IfaceCounters::default(), |a, b| a.merged(*b));
+                if total.packets == 0 {
+                    continue;
+                }
+                counts.push(IfaceCount {
+                    ifindex,
+                    direction: match direction {
+                        Direction::Ingress => "ingress",
+                        Direction::Egress => "egress",
+                    },
+                    packets: total.packets,
+                    bytes: total.bytes,
+                });
+            }
         }
-        counts.sort_by_key(|c| (c.ifindex, c.direction));
         Ok(counts)
     }
 }

@@ -28,16 +28,6 @@ impl Direction {
     }
 }
 
-/// Key of [`IFACE_COUNTERS_MAP`]: one entry per interface and direction.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct IfaceKey {
-    /// `ifindex` of the interface the program is attached to, in the program's namespace.
-    pub ifindex: u32,
-    /// A [`Direction`] as `u32`.
-    pub direction: u32,
-}
-
 /// Packet and byte counters of one interface and direction, kept per CPU by the kernel and summed
 /// by the reader.
 #[repr(C)]
@@ -60,10 +50,18 @@ impl IfaceCounters {
     }
 }
 
-/// Name of the per-CPU hash map `IfaceKey -> IfaceCounters`.
+/// Name of the per-CPU array of [`IfaceCounters`], indexed by [`iface_slot`].
 pub const IFACE_COUNTERS_MAP: &str = "IFACE_COUNTERS";
-/// How many (interface, direction) entries the counters map holds.
-pub const IFACE_COUNTERS_MAX_ENTRIES: u32 = 1024;
+/// Interface slots in the counters array. An array, not a hash keyed by ifindex, because a
+/// per-CPU array lookup is a few instructions while a hash lookup is the largest single cost of a
+/// packet that is not ours; interfaces whose ifindex differ by a multiple of this share a slot.
+pub const IFACE_SLOTS: u32 = 1024;
+
+/// Index in [`IFACE_COUNTERS_MAP`] of an interface and direction.
+#[inline(always)]
+pub const fn iface_slot(ifindex: u32, direction: Direction) -> u32 {
+    (ifindex % IFACE_SLOTS) * 2 + direction as u32
+}
 /// Name of the TC program attached to ingress.
 pub const TC_INGRESS_PROGRAM: &str = "doppel_tc_ingress";
 /// Name of the TC program attached to egress.
@@ -71,9 +69,7 @@ pub const TC_EGRESS_PROGRAM: &str = "doppel_tc_egress";
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (both impls): `#[repr(C)]`, every field is an integer, and there is no padding
-    // (`IfaceKey` is two `u32`, `IfaceCounters` two `u64`), so every bit pattern is valid.
-    unsafe impl aya::Pod for super::IfaceKey {}
+    // SAFETY: `#[repr(C)]`, two `u64` and no padding, so every bit pattern is valid.
     unsafe impl aya::Pod for super::IfaceCounters {}
 }
 
@@ -85,7 +81,6 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<IfaceKey>(), 8);
         assert_eq!(size_of::<IfaceCounters>(), 16);
     }
 

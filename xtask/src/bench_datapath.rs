@@ -31,6 +31,9 @@ pub(crate) struct Options {
     /// Agent off/on round pairs for throughput and for latency.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
+    /// Share of flows mirrored (to two sessions), percent.
+    #[arg(long, default_value_t = 10.0)]
+    mirror_percent: f64,
 }
 
 const PORT: u16 = 8080;
@@ -111,9 +114,9 @@ fn setup_bed() -> anyhow::Result<Bed> {
     })
 }
 
-fn start_agent(bed: &Bed, agent: &std::path::Path) -> anyhow::Result<Process> {
+fn start_agent(bed: &Bed, agent: &std::path::Path, mirror_percent: f64) -> anyhow::Result<Process> {
     let config = format!(
-        "interface = \"{iface}\"\nreport_interval_ms = 10000\ndefault_sample_percent = 10.0\n\
+        "interface = \"{iface}\"\nreport_interval_ms = 10000\ndefault_sample_percent = {mirror_percent}\n\
          [[services]]\naddr = \"{addr}\"\nport = {PORT}\n\
          [[mirror_sessions]]\nshadow = \"{s0}\"\nvni = 7\n[[mirror_sessions]]\nshadow = \"{s1}\"\nvni = 8\n",
         iface = bed.client_link.b_iface,
@@ -259,7 +262,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     let mut stats = (0u64, 0u64);
     for round in 0..options.rounds {
         off.push(wrk(&bed, seconds)?);
-        let mut process = start_agent(&bed, &agent)?;
+        let mut process = start_agent(&bed, &agent, options.mirror_percent)?;
         let before = prog_stats()?;
         on.push(wrk(&bed, seconds)?);
         let after = prog_stats()?;
@@ -281,7 +284,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     let mut latency_on = latency_off.clone();
     for round in 0..options.rounds {
         latency_off.add(paced(&bed, half, 8, seconds)?)?;
-        let mut process = start_agent(&bed, &agent)?;
+        let mut process = start_agent(&bed, &agent, options.mirror_percent)?;
         latency_on.add(paced(&bed, half, 8, seconds)?)?;
         process.stop(Duration::from_secs(5));
         println!(
@@ -295,7 +298,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
         / 1e3;
 
     let rate = 10_000.0_f64.min(mean(&off) * 0.8);
-    let process = start_agent(&bed, &agent)?;
+    let process = start_agent(&bed, &agent, options.mirror_percent)?;
     let ticks_before = process_cpu_ticks(process.pid());
     let started = Instant::now();
     let load = paced(&bed, rate, 8, seconds * 2)?;
