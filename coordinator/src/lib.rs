@@ -6,6 +6,11 @@
 //! agent which protocol version to speak, or refuses it with a reason.
 #![forbid(unsafe_code)]
 
+pub mod ca;
+pub mod net;
+pub mod policy;
+pub mod store;
+
 use doppel_common::wire::{Hello, Message, Refused, SUPPORTED_VERSIONS, Welcome, negotiate};
 
 /// Answers an agent's `Hello`: `Welcome` with the newest common protocol version, or `Refused`
