@@ -7,3 +7,4 @@
 
 pub mod datapath;
 pub mod netlink;
+pub mod report;

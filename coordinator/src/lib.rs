@@ -9,6 +9,7 @@
 pub mod ca;
 pub mod net;
 pub mod policy;
+pub mod serve;
 pub mod store;
 
 use doppel_common::wire::{Hello, Message, Refused, SUPPORTED_VERSIONS, Welcome, negotiate};

@@ -236,6 +236,10 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(TlsError::Rustls)?;
+    // No session resumption: a resumed session skips client-certificate verification, so an
+    // agent revoked after its first handshake could otherwise come back on its ticket.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(TlsError::Quic)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -274,4 +278,39 @@ pub fn client_config(
 /// The CA certificates of a CA directory.
 pub fn ca_certs(ca: &CertificateAuthority) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     load_certs(&ca.path(CA_CERT))
+}
+
+#[cfg(test)]
+mod tests {
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    #[test]
+    fn a_crl_swapped_in_at_run_time_revokes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = CertificateAuthority::in_state_dir(dir.path());
+        let now = OffsetDateTime::now_utc();
+        ca.init(&["localhost".into()], now).expect("init");
+        let files = ca.issue("a", 1, dir.path(), now).expect("issue");
+        let cert = load_certs(&files.cert).expect("cert").remove(0);
+        let (crl, _) = load_crl(&ca).expect("crl");
+        let verifier = AgentVerifier::new(ca_certs(&ca).expect("ca"), Some(crl)).expect("verifier");
+        let unix_now = UnixTime::now();
+        verifier
+            .verify_client_cert(&cert, &[], unix_now)
+            .expect("valid before revocation");
+        ca.revoke("a", now).expect("revoke");
+        let (crl, serials) = load_crl(&ca).expect("crl");
+        assert!(
+            serials.contains(&files.serial),
+            "{serials:?} {}",
+            files.serial
+        );
+        verifier.set_crl(crl).expect("set");
+        let err = verifier
+            .verify_client_cert(&cert, &[], unix_now)
+            .expect_err("revoked");
+        assert!(format!("{err:?}").contains("Revoked"), "{err:?}");
+    }
 }
