@@ -144,12 +144,7 @@ impl Coordinator {
         });
         let tasks = vec![
             tokio::spawn(server.run(Arc::clone(&ctx), shutdown_rx.clone())),
-            tokio::spawn(net::watch_crl(
-                ca,
-                verifier,
-                Arc::clone(&hub),
-                shutdown_rx,
-            )),
+            tokio::spawn(net::watch_crl(ca, verifier, Arc::clone(&hub), shutdown_rx)),
         ];
         // Held so that policy changes made through the API reach every connection.
         let policy = policy_tx;
