@@ -27,29 +27,10 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     /// QUIC listen address for agents.
     pub quic_listen: SocketAddr,
-    /// HTTP listen address for the CLI, `/metrics`. Keep it on loopback unless a proxy with TLS
-    /// fronts it.
-    pub api_listen: SocketAddr,
-    /// Days of measurements kept.
+    /// Days of measurements (reports, comparisons, finished webhook deliveries) kept.
     pub retention_days: u32,
     /// Largest frame accepted from an agent, bytes.
     pub max_frame_len: usize,
-    /// Seconds between comparison/recommendation rounds.
-    pub evaluate_every_secs: u64,
-    /// Window the periodic comparison looks at, seconds.
-    pub evaluate_window_secs: u64,
-    /// VM types and their prices.
-    pub vm_types: Vec<VmType>,
-}
-
-/// A VM type of the catalog.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmType {
-    /// Name, as used in workloads.
-    pub name: String,
-    /// Price per instance-hour, in the operator's currency.
-    pub price_per_hour: f64,
 }
 
 impl Default for ServeConfig {
@@ -57,12 +38,8 @@ impl Default for ServeConfig {
         Self {
             state_dir: PathBuf::from("/var/lib/doppel"),
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
-            api_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
             retention_days: 14,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
-            evaluate_every_secs: 60,
-            evaluate_window_secs: 900,
-            vm_types: Vec::new(),
         }
     }
 }
@@ -85,6 +62,36 @@ pub enum ServeError {
     /// A thread could not be started.
     #[error("cannot start the ingest writer thread")]
     Thread(#[source] std::io::Error),
+}
+
+/// Deletes measurements older than the retention period, at start and then hourly.
+async fn run_retention(store: Store, days: u32, mut shutdown: watch::Receiver<bool>) {
+    let store = Arc::new(Mutex::new(store));
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let cutoff = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or_default()
+            - i64::from(days) * 86_400_000;
+        let store = Arc::clone(&store);
+        let result = tokio::task::spawn_blocking(move || {
+            store
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply_retention(cutoff)
+        })
+        .await;
+        match result {
+            Ok(Ok(0)) | Err(_) => {}
+            Ok(Ok(deleted)) => info!(deleted, "retention: old reports deleted"),
+            Ok(Err(e)) => warn!(error = %e, "retention failed; will retry"),
+        }
+    }
 }
 
 /// A running coordinator.
@@ -142,7 +149,13 @@ impl Coordinator {
             hub: Arc::clone(&hub),
             max_frame_len: config.max_frame_len,
         });
+        let retention_store = open()?;
         let tasks = vec![
+            tokio::spawn(run_retention(
+                retention_store,
+                config.retention_days,
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(server.run(Arc::clone(&ctx), shutdown_rx.clone())),
             tokio::spawn(net::watch_crl(ca, verifier, Arc::clone(&hub), shutdown_rx)),
         ];
