@@ -1,10 +1,16 @@
 //! doppel's coordinator.
 //!
-//! It will ingest agent reports over QUIC + mTLS, store them in SQLite, compare live and shadow
-//! VM types at matched load, predict degradation and recommend moves (see the design brief).
-//! Today it holds the one piece every later part builds on: the handshake decision that tells an
-//! agent which protocol version to speak, or refuses it with a reason.
+//! Agents connect over QUIC with mutual TLS ([`net`]) using certificates from the coordinator's
+//! own CA ([`ca`]); their reports are stored exactly once in SQLite ([`store`]) and acknowledged
+//! only when durable; workloads and their policy ([`policy`]) are pushed to connected agents.
+//! [`serve`] wires it together. [`answer_hello`] is the handshake decision.
 #![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod net;
+pub mod policy;
+pub mod serve;
+pub mod store;
 
 use doppel_common::wire::{Hello, Message, Refused, SUPPORTED_VERSIONS, Welcome, negotiate};
 

@@ -1,17 +1,170 @@
-//! `doppel`: the coordinator and its command line. Only `--version` and `--help` exist so far;
-//! `serve` and the policy commands arrive with the coordinator issue.
+//! `doppel`: the coordinator (`doppel serve`) and its certificate authority (`doppel ca …`).
+//! This file only wires command line, config, runtime and shutdown; the work is in the library.
 
-use clap::Parser;
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use doppel_coordinator::{
+    ca::CertificateAuthority,
+    serve::{Coordinator, ServeConfig},
+};
+use time::OffsetDateTime;
+use tracing_subscriber::EnvFilter;
+
+/// Environment variable holding the log filter; `RUST_LOG` is the fallback.
+const LOG_ENV: &str = "DOPPEL_LOG";
+/// Environment variable naming the state directory.
+const STATE_DIR_ENV: &str = "DOPPEL_STATE_DIR";
+/// Exit code for a bad configuration (EX_CONFIG-like; linkerd uses 64 for usage errors).
+const EXIT_CONFIG: u8 = 64;
 
 /// doppel: compare a workload's live VM type with shadows on other types, under its real traffic.
 #[derive(Debug, Parser)]
 #[command(version, about)]
-struct Cli {}
+struct Cli {
+    /// State directory: CA, database, API token.
+    #[arg(long, global = true, env = STATE_DIR_ENV, default_value = "/var/lib/doppel")]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let Cli {} = Cli::parse();
-    println!(
-        "doppel {}: no subcommands yet; see README.md",
-        env!("CARGO_PKG_VERSION")
-    );
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator: QUIC ingest for agents.
+    Serve(ServeArgs),
+    /// Manage the coordinator's certificate authority and agent certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML config file (every field optional; flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// QUIC listen address for agents.
+    #[arg(long)]
+    quic_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create the CA and the coordinator's server certificate.
+    Init {
+        /// DNS names or IP addresses agents use to reach the coordinator.
+        #[arg(long = "san", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])]
+        server_names: Vec<String>,
+    },
+    /// Issue a client certificate and key for an agent.
+    Issue {
+        /// Agent name (the certificate's common name).
+        #[arg(long)]
+        agent: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Directory to write NAME.crt, NAME.key and ca.crt into.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Revoke every certificate of an agent; a running coordinator drops it within a second.
+    Revoke {
+        /// Agent name.
+        #[arg(long)]
+        agent: String,
+    },
+}
+
+fn init_tracing() {
+    let filter = std::env::var(LOG_ENV)
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_owned());
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load_config(args: &ServeArgs, state_dir: PathBuf) -> anyhow::Result<ServeConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?
+        }
+        None => ServeConfig::default(),
+    };
+    config.state_dir = state_dir;
+    if let Some(addr) = args.quic_listen {
+        config.quic_listen = addr;
+    }
+    Ok(config)
+}
+
+async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let coordinator = Coordinator::start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    coordinator.shutdown().await;
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ca = CertificateAuthority::in_state_dir(&cli.state_dir);
+    let now = OffsetDateTime::now_utc();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match load_config(&args, cli.state_dir) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("doppel: {e:#}");
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?
+                .block_on(serve(config))?;
+        }
+        Command::Ca(CaCommand::Init { server_names }) => {
+            ca.init(&server_names, now)?;
+            println!("CA created in {}", ca.dir().display());
+        }
+        Command::Ca(CaCommand::Issue { agent, days, out }) => {
+            let files = ca.issue(&agent, days, &out, now)?;
+            println!(
+                "issued {} (serial {}): {} {} {}",
+                agent,
+                files.serial,
+                files.cert.display(),
+                files.key.display(),
+                files.ca_cert.display()
+            );
+        }
+        Command::Ca(CaCommand::Revoke { agent }) => {
+            for cert in ca.revoke(&agent, now)? {
+                println!("revoked {} serial {}", cert.agent, cert.serial);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("doppel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

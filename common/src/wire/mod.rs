@@ -19,12 +19,16 @@
 mod bounded;
 pub mod frame;
 pub mod histogram;
+#[cfg(feature = "tokio")]
+pub mod io;
 mod messages;
 
 use core::ops::RangeInclusive;
 
 pub use frame::{DEFAULT_MAX_FRAME_LEN, FrameDecoder, FrameError, decode_frame, encode_frame};
 pub use histogram::{EncodedHistogram, HistogramError};
+#[cfg(feature = "tokio")]
+pub use io::{FrameIoError, read_envelope, write_envelope};
 pub use messages::*;
 
 /// The newest protocol version this build speaks.

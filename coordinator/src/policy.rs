@@ -1,0 +1,496 @@
+//! Workloads and their policy, as the operator writes them, and what each agent gets from them.
+//!
+//! A [`WorkloadSpec`] says where the workload runs (live agents, services, shadow endpoints) and
+//! its [`Policy`] (classes and patterns with sample rates, SLO, budget, mode). [`validate`]
+//! refuses an invalid one naming the field; [`agent_policy`] derives the wire
+//! [`AgentPolicy`] an agent applies to its maps.
+
+use std::{collections::HashSet, net::SocketAddr};
+
+use doppel_common::wire::{
+    AgentPolicy, ClassPolicy, ClassRule, IpPrefix, MirrorSession, ServiceAddr,
+};
+use serde::{Deserialize, Serialize};
+
+/// A workload: where it runs live, where its shadows run, and its policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Unique name, `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Hosts running the workload for real.
+    pub live: Vec<LiveEndpoint>,
+    /// The workload's listening addresses, `IP:PORT`.
+    pub services: Vec<String>,
+    /// Shadow instances receiving mirrored traffic.
+    #[serde(default)]
+    pub shadows: Vec<ShadowEndpoint>,
+    /// What to sample, the SLO, the budget and the mode.
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// A live host of a workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveEndpoint {
+    /// The agent's name (its certificate's common name).
+    pub agent: String,
+    /// The VM type the live instance runs on.
+    pub vm_type: String,
+    /// Interfaces the agent attaches to (empty: the agent's default).
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+}
+
+/// A shadow instance of a workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowEndpoint {
+    /// The shadow host's agent.
+    pub agent: String,
+    /// The VM type the shadow runs on.
+    pub vm_type: String,
+    /// The shadow host's VXLAN endpoint address.
+    pub addr: std::net::IpAddr,
+    /// VXLAN network identifier of the mirror session (24 bits, unique per workload).
+    pub vni: u32,
+}
+
+/// What a workload's agents do and what the coordinator holds it to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// Report interval, milliseconds.
+    pub report_interval_ms: u32,
+    /// Traffic classes and their sample rates.
+    pub classes: Vec<ClassSpec>,
+    /// The latency objective.
+    pub slo: Slo,
+    /// Spending limit for recommended VM types.
+    pub budget: Budget,
+    /// Whether the coordinator only recommends or also acts.
+    pub mode: Mode,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            report_interval_ms: 1000,
+            classes: vec![ClassSpec {
+                id: 0,
+                name: "default".into(),
+                sample_rate: 0.1,
+                priority: 0,
+                patterns: Vec::new(),
+            }],
+            slo: Slo::default(),
+            budget: Budget::default(),
+            mode: Mode::Recommend,
+        }
+    }
+}
+
+/// A traffic class.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassSpec {
+    /// Class number (0 = unclassified).
+    pub id: u16,
+    /// Human name.
+    pub name: String,
+    /// Share of the class's flows mirrored to shadows, 0.0..=1.0.
+    pub sample_rate: f64,
+    /// Higher wins when several classes match.
+    #[serde(default)]
+    pub priority: u16,
+    /// Patterns assigning flows to this class.
+    #[serde(default)]
+    pub patterns: Vec<PatternSpec>,
+}
+
+/// A pattern assigning flows to a class. Empty fields match everything.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatternSpec {
+    /// Service port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Client prefix, `ADDR/LEN`.
+    #[serde(default)]
+    pub client_prefix: Option<String>,
+    /// Leading bytes of the flow's first payload, e.g. `GET /api/`.
+    #[serde(default)]
+    pub payload_prefix: Option<String>,
+}
+
+/// The latency objective: the `percentile` of latency must stay below `max_latency_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Slo {
+    /// Percentile, e.g. 99.0.
+    pub percentile: f64,
+    /// Bound, milliseconds.
+    pub max_latency_ms: f64,
+}
+
+impl Default for Slo {
+    fn default() -> Self {
+        Self {
+            percentile: 99.0,
+            max_latency_ms: 200.0,
+        }
+    }
+}
+
+/// What a recommended VM type may cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Budget {
+    /// Most a recommended VM type may cost per hour (per instance); none: no limit.
+    pub max_cost_per_hour: Option<f64>,
+}
+
+/// Whether the coordinator acts on its recommendations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Store and deliver recommendations only.
+    #[default]
+    Recommend,
+    /// Also act through the provisioner (not built yet: treated as `recommend`, and said so).
+    Act,
+}
+
+/// A workload or policy that cannot be accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid `{field}`: {reason}")]
+pub struct InvalidPolicy {
+    /// Path of the offending field, e.g. `policy.classes[1].sample_rate`.
+    pub field: String,
+    /// Why it is refused.
+    pub reason: String,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidPolicy {
+    InvalidPolicy {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Whether `name` may name a workload or an agent.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks a workload on its own and against the `others` already defined (an agent belongs to
+/// at most one workload).
+pub fn validate(spec: &WorkloadSpec, others: &[WorkloadSpec]) -> Result<(), InvalidPolicy> {
+    if !valid_name(&spec.name) {
+        return Err(invalid("name", "use 1-64 characters of [A-Za-z0-9._-]"));
+    }
+    if spec.live.is_empty() {
+        return Err(invalid("live", "a workload needs at least one live agent"));
+    }
+    let mut agents = HashSet::new();
+    let agent_fields = spec
+        .live
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("live[{i}]"), &l.agent, &l.vm_type))
+        .chain(
+            spec.shadows
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("shadows[{i}]"), &s.agent, &s.vm_type)),
+        );
+    for (field, agent, vm_type) in agent_fields {
+        if !valid_name(agent) {
+            return Err(invalid(format!("{field}.agent"), "not a valid agent name"));
+        }
+        if vm_type.is_empty() {
+            return Err(invalid(format!("{field}.vm_type"), "must not be empty"));
+        }
+        if !agents.insert(agent.as_str()) {
+            return Err(invalid(
+                format!("{field}.agent"),
+                format!("agent {agent:?} is listed twice"),
+            ));
+        }
+        if let Some(other) = others
+            .iter()
+            .filter(|o| o.name != spec.name)
+            .find(|o| workload_agents(o).any(|a| a == agent))
+        {
+            return Err(invalid(
+                format!("{field}.agent"),
+                format!(
+                    "agent {agent:?} already belongs to workload {:?}",
+                    other.name
+                ),
+            ));
+        }
+    }
+    if spec.services.is_empty() {
+        return Err(invalid("services", "at least one IP:PORT is needed"));
+    }
+    for (i, service) in spec.services.iter().enumerate() {
+        service
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid(format!("services[{i}]"), format!("not IP:PORT ({e})")))?;
+    }
+    let mut vnis = HashSet::new();
+    for (i, shadow) in spec.shadows.iter().enumerate() {
+        if shadow.vni == 0 || shadow.vni > 0x00ff_ffff {
+            return Err(invalid(
+                format!("shadows[{i}].vni"),
+                "must be in 1..=16777215",
+            ));
+        }
+        if !vnis.insert(shadow.vni) {
+            return Err(invalid(format!("shadows[{i}].vni"), "used twice"));
+        }
+    }
+    validate_policy(&spec.policy)
+}
+
+/// Checks a policy on its own.
+pub fn validate_policy(policy: &Policy) -> Result<(), InvalidPolicy> {
+    if !(100..=60_000).contains(&policy.report_interval_ms) {
+        return Err(invalid(
+            "policy.report_interval_ms",
+            "must be in 100..=60000",
+        ));
+    }
+    if policy.classes.is_empty() {
+        return Err(invalid("policy.classes", "at least one class is needed"));
+    }
+    let mut ids = HashSet::new();
+    for (i, class) in policy.classes.iter().enumerate() {
+        let field = |f: &str| format!("policy.classes[{i}].{f}");
+        if !ids.insert(class.id) {
+            return Err(invalid(
+                field("id"),
+                format!("class {} defined twice", class.id),
+            ));
+        }
+        if !(0.0..=1.0).contains(&class.sample_rate) {
+            return Err(invalid(field("sample_rate"), "must be in 0.0..=1.0"));
+        }
+        for (j, pattern) in class.patterns.iter().enumerate() {
+            if let Some(prefix) = &pattern.client_prefix {
+                parse_prefix(prefix).ok_or_else(|| {
+                    invalid(
+                        format!("policy.classes[{i}].patterns[{j}].client_prefix"),
+                        "not ADDR/LEN",
+                    )
+                })?;
+            }
+            if pattern
+                .payload_prefix
+                .as_ref()
+                .is_some_and(|p| p.len() > 64)
+            {
+                return Err(invalid(
+                    format!("policy.classes[{i}].patterns[{j}].payload_prefix"),
+                    "longer than 64 bytes",
+                ));
+            }
+        }
+    }
+    let slo = policy.slo;
+    if !(slo.percentile > 0.0 && slo.percentile < 100.0) {
+        return Err(invalid("policy.slo.percentile", "must be in (0, 100)"));
+    }
+    if !(slo.max_latency_ms.is_finite() && slo.max_latency_ms > 0.0) {
+        return Err(invalid("policy.slo.max_latency_ms", "must be positive"));
+    }
+    if policy
+        .budget
+        .max_cost_per_hour
+        .is_some_and(|c| !(c.is_finite() && c >= 0.0))
+    {
+        return Err(invalid(
+            "policy.budget.max_cost_per_hour",
+            "must be a non-negative number",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_prefix(prefix: &str) -> Option<IpPrefix> {
+    let (addr, len) = prefix.split_once('/')?;
+    let addr: std::net::IpAddr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some(IpPrefix { addr, len })
+}
+
+/// Every agent of a workload, live and shadow.
+pub fn workload_agents(spec: &WorkloadSpec) -> impl Iterator<Item = &str> {
+    spec.live
+        .iter()
+        .map(|l| l.agent.as_str())
+        .chain(spec.shadows.iter().map(|s| s.agent.as_str()))
+}
+
+/// The VM type `agent` runs in `spec`, and whether it is live.
+pub fn agent_placement<'a>(spec: &'a WorkloadSpec, agent: &str) -> Option<(&'a str, bool)> {
+    spec.live
+        .iter()
+        .find(|l| l.agent == agent)
+        .map(|l| (l.vm_type.as_str(), true))
+        .or_else(|| {
+            spec.shadows
+                .iter()
+                .find(|s| s.agent == agent)
+                .map(|s| (s.vm_type.as_str(), false))
+        })
+}
+
+/// What `agent` must apply, given every workload; an agent in no workload gets an empty policy
+/// (measure nothing, mirror nothing).
+pub fn agent_policy(workloads: &[WorkloadSpec], agent: &str, sampling_seed: u64) -> AgentPolicy {
+    let Some(spec) = workloads
+        .iter()
+        .find(|w| workload_agents(w).any(|a| a == agent))
+    else {
+        return AgentPolicy {
+            report_interval_ms: Policy::default().report_interval_ms,
+            ..AgentPolicy::default()
+        };
+    };
+    let is_live = spec.live.iter().any(|l| l.agent == agent);
+    let services = spec
+        .services
+        .iter()
+        .filter_map(|s| s.parse::<SocketAddr>().ok())
+        .map(|s| ServiceAddr {
+            addr: s.ip(),
+            port: s.port(),
+        })
+        .collect();
+    let classes = spec
+        .policy
+        .classes
+        .iter()
+        .map(|c| ClassPolicy {
+            id: c.id,
+            name: c.name.clone(),
+            // Validated to 0.0..=1.0, so the product fits; exact at the ends.
+            sample_rate_ppm: (c.sample_rate * 1e6).round() as u32,
+            priority: c.priority,
+        })
+        .collect();
+    let rules = spec
+        .policy
+        .classes
+        .iter()
+        .flat_map(|c| {
+            c.patterns.iter().map(|p| {
+                let payload_prefix = p
+                    .payload_prefix
+                    .as_deref()
+                    .unwrap_or_default()
+                    .as_bytes()
+                    .to_vec();
+                ClassRule {
+                    class: c.id,
+                    port: p.port,
+                    client_prefix: p.client_prefix.as_deref().and_then(parse_prefix),
+                    payload_mask: vec![0xff; payload_prefix.len()],
+                    payload_prefix,
+                }
+            })
+        })
+        .collect();
+    let mirror_sessions = if is_live {
+        spec.shadows
+            .iter()
+            .map(|s| MirrorSession {
+                shadow_addr: s.addr,
+                vni: s.vni,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    AgentPolicy {
+        workload: spec.name.clone(),
+        report_interval_ms: spec.policy.report_interval_ms,
+        services,
+        classes,
+        rules,
+        mirror_sessions,
+        sampling_seed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn web() -> WorkloadSpec {
+        WorkloadSpec {
+            name: "web".into(),
+            live: vec![LiveEndpoint {
+                agent: "live-1".into(),
+                vm_type: "m5.large".into(),
+                interfaces: vec![],
+            }],
+            services: vec!["10.0.0.2:8080".into()],
+            shadows: vec![ShadowEndpoint {
+                agent: "shadow-1".into(),
+                vm_type: "c6g.large".into(),
+                addr: "10.0.1.2".parse().expect("addr"),
+                vni: 42,
+            }],
+            policy: Policy::default(),
+        }
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field() {
+        let mut spec = web();
+        spec.policy.classes[0].sample_rate = 1.5;
+        assert_eq!(
+            validate(&spec, &[]).expect_err("rate").field,
+            "policy.classes[0].sample_rate"
+        );
+        let mut spec = web();
+        spec.services[0] = "nope".into();
+        assert_eq!(validate(&spec, &[]).expect_err("svc").field, "services[0]");
+        let mut spec = web();
+        spec.policy.slo.max_latency_ms = -1.0;
+        assert_eq!(
+            validate(&spec, &[]).expect_err("slo").field,
+            "policy.slo.max_latency_ms"
+        );
+        let mut other = web();
+        other.name = "other".into();
+        assert_eq!(
+            validate(&web(), &[other]).expect_err("dup").field,
+            "live[0].agent"
+        );
+        validate(&web(), &[web()]).expect("a workload may be replaced by itself");
+    }
+
+    #[test]
+    fn live_agents_mirror_to_the_shadows_and_shadow_agents_do_not() {
+        let workloads = [web()];
+        let live = agent_policy(&workloads, "live-1", 7);
+        assert_eq!(live.workload, "web");
+        assert_eq!(live.classes[0].sample_rate_ppm, 100_000);
+        assert_eq!(live.mirror_sessions.len(), 1);
+        assert_eq!(live.mirror_sessions[0].vni, 42);
+        let shadow = agent_policy(&workloads, "shadow-1", 7);
+        assert!(shadow.mirror_sessions.is_empty());
+        let stranger = agent_policy(&workloads, "nobody", 7);
+        assert!(stranger.workload.is_empty() && stranger.classes.is_empty());
+    }
+}

@@ -1,0 +1,204 @@
+//! `doppel serve`: the coordinator's running parts wired together — QUIC ingest, the ingest
+//! writer, CRL reloading, policy publication — with one shutdown switch.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use doppel_common::wire::DEFAULT_MAX_FRAME_LEN;
+use serde::{Deserialize, Serialize};
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::{
+    ca::{CaError, CertificateAuthority},
+    net::{self, Hub, IngestServer, NetError, PolicySnapshot, ServerContext, tls},
+    store::{Store, StoreError, ingest},
+};
+
+/// Everything `doppel serve` reads from its config file and flags.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// State directory: CA, database, API token.
+    pub state_dir: PathBuf,
+    /// QUIC listen address for agents.
+    pub quic_listen: SocketAddr,
+    /// Days of measurements (reports, comparisons, finished webhook deliveries) kept.
+    pub retention_days: u32,
+    /// Largest frame accepted from an agent, bytes.
+    pub max_frame_len: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/doppel"),
+            quic_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            retention_days: 14,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+}
+
+/// Why the coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The CA is missing or unreadable.
+    #[error("certificate authority")]
+    Ca(#[source] CaError),
+    /// TLS material could not be loaded.
+    #[error("TLS setup")]
+    Tls(#[source] tls::TlsError),
+    /// The store could not be opened.
+    #[error("store")]
+    Store(#[source] StoreError),
+    /// The QUIC endpoint could not be bound.
+    #[error("QUIC endpoint")]
+    Net(#[source] NetError),
+    /// A thread could not be started.
+    #[error("cannot start the ingest writer thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Deletes measurements older than the retention period, at start and then hourly.
+async fn run_retention(store: Store, days: u32, mut shutdown: watch::Receiver<bool>) {
+    let store = Arc::new(Mutex::new(store));
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let cutoff = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or_default()
+            - i64::from(days) * 86_400_000;
+        let store = Arc::clone(&store);
+        let result = tokio::task::spawn_blocking(move || {
+            store
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply_retention(cutoff)
+        })
+        .await;
+        match result {
+            Ok(Ok(0)) | Err(_) => {}
+            Ok(Ok(deleted)) => info!(deleted, "retention: old reports deleted"),
+            Ok(Err(e)) => warn!(error = %e, "retention failed; will retry"),
+        }
+    }
+}
+
+/// A running coordinator.
+#[derive(Debug)]
+pub struct Coordinator {
+    /// Where agents connect.
+    pub quic_addr: SocketAddr,
+    policy: watch::Sender<Arc<PolicySnapshot>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl Coordinator {
+    /// Starts every part. The CA must exist (`doppel ca init`).
+    pub async fn start(config: ServeConfig) -> Result<Self, ServeError> {
+        let ca = CertificateAuthority::in_state_dir(&config.state_dir);
+        if !ca.path(crate::ca::CA_KEY).exists() {
+            return Err(ServeError::Ca(CaError::NotInitialised(ca.dir().to_owned())));
+        }
+        let (crl, _) = tls::load_crl(&ca).map_err(ServeError::Tls)?;
+        let verifier = Arc::new(
+            tls::AgentVerifier::new(tls::ca_certs(&ca).map_err(ServeError::Tls)?, Some(crl))
+                .map_err(ServeError::Tls)?,
+        );
+        let server_config =
+            tls::server_config(&ca, Arc::clone(&verifier)).map_err(ServeError::Tls)?;
+
+        let open = || Store::open_in(&config.state_dir).map_err(ServeError::Store);
+        let bookkeeping = open()?;
+        bookkeeping
+            .all_agents_disconnected()
+            .map_err(ServeError::Store)?;
+        let snapshot = PolicySnapshot {
+            revision: bookkeeping.policy_revision().map_err(ServeError::Store)?,
+            workloads: bookkeeping.workloads().map_err(ServeError::Store)?,
+        };
+        let (policy_tx, policy_rx) = watch::channel(Arc::new(snapshot));
+        let (ingest, writer) = ingest::spawn(open()?).map_err(ServeError::Thread)?;
+        let hub = Arc::new(Hub::default());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let server =
+            IngestServer::bind(config.quic_listen, server_config).map_err(ServeError::Net)?;
+        let quic_addr = server.local_addr().map_err(|source| {
+            ServeError::Net(NetError::Bind {
+                addr: config.quic_listen,
+                source,
+            })
+        })?;
+        let ctx = Arc::new(ServerContext {
+            ingest,
+            store: Arc::new(Mutex::new(bookkeeping)),
+            policy: policy_rx,
+            hub: Arc::clone(&hub),
+            max_frame_len: config.max_frame_len,
+        });
+        let retention_store = open()?;
+        let tasks = vec![
+            tokio::spawn(run_retention(
+                retention_store,
+                config.retention_days,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(server.run(Arc::clone(&ctx), shutdown_rx.clone())),
+            tokio::spawn(net::watch_crl(ca, verifier, Arc::clone(&hub), shutdown_rx)),
+        ];
+        // Held so that policy changes made through the API reach every connection.
+        let policy = policy_tx;
+        info!(%quic_addr, state_dir = %config.state_dir.display(), "coordinator running");
+        Ok(Self {
+            quic_addr,
+            policy,
+            shutdown,
+            tasks,
+            writer,
+        })
+    }
+
+    /// Reads the workloads from the store and publishes them to every connected agent (and to
+    /// those connecting later). Called after every workload or policy change.
+    pub fn publish_policy(&self, store: &Store) -> Result<u64, StoreError> {
+        let snapshot = PolicySnapshot {
+            revision: store.policy_revision()?,
+            workloads: store.workloads()?,
+        };
+        let revision = snapshot.revision;
+        self.policy.send_replace(Arc::new(snapshot));
+        Ok(revision)
+    }
+
+    /// Stops accepting, closes agent connections, lets the writer commit what it holds.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                warn!(error = %e, "a coordinator task ended abnormally");
+            }
+        }
+        drop(self.policy);
+        // The writer stops when the last ingest handle is gone (the tasks above held them).
+        let joined = tokio::task::spawn_blocking(move || self.writer.join());
+        if tokio::time::timeout(Duration::from_secs(5), joined)
+            .await
+            .is_err()
+        {
+            warn!("the ingest writer did not stop within 5 s");
+        }
+    }
+}
