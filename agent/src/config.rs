@@ -155,10 +155,35 @@ pub struct WorkloadConfig {
     pub cgroup: Option<std::path::PathBuf>,
 }
 
+/// Where reports go. Without this section the agent prints JSON lines only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// The coordinator's QUIC address.
+    pub address: std::net::SocketAddr,
+    /// Name in the coordinator's certificate.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// The coordinator CA's certificate (PEM).
+    pub ca_cert: std::path::PathBuf,
+    /// This agent's certificate (PEM), from `doppel ca issue`.
+    pub cert: std::path::PathBuf,
+    /// This agent's key (PEM).
+    pub key: std::path::PathBuf,
+    /// Directory of the on-disk spool of unacknowledged reports.
+    pub spool_dir: std::path::PathBuf,
+}
+
+fn default_server_name() -> String {
+    "localhost".to_owned()
+}
+
 /// The live role's configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LiveConfig {
+    /// Report to a coordinator (QUIC + mTLS) besides printing JSON lines.
+    pub coordinator: Option<CoordinatorConfig>,
     /// The workload's interface.
     pub interface: String,
     /// Workload name in reports.
@@ -239,7 +264,7 @@ fn parse_prefix(field: &str, text: &str) -> Result<IpPrefix, ConfigError> {
 }
 
 fn parse_hex(field: &str, text: &str) -> Result<Vec<u8>, ConfigError> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return Err(invalid(field, "hex needs an even number of digits"));
     }
     (0..text.len())
@@ -301,10 +326,24 @@ impl LiveConfig {
                 ));
             }
         }
-        if let Some(workload) = &self.workload {
-            if workload.pid.is_some() == workload.cgroup.is_some() {
-                return Err(invalid("workload", "give exactly one of pid or cgroup"));
+        if let Some(coordinator) = &self.coordinator {
+            for (field, path) in [
+                ("coordinator.ca_cert", &coordinator.ca_cert),
+                ("coordinator.cert", &coordinator.cert),
+                ("coordinator.key", &coordinator.key),
+            ] {
+                if !path.is_file() {
+                    return Err(invalid(
+                        field,
+                        format!("{} is not a readable file", path.display()),
+                    ));
+                }
             }
+        }
+        if let Some(workload) = &self.workload
+            && workload.pid.is_some() == workload.cgroup.is_some()
+        {
+            return Err(invalid("workload", "give exactly one of pid or cgroup"));
         }
         crate::policy::compile(&self.policy()?).map_err(|e| invalid(e.field, e.reason))?;
         Ok(())

@@ -84,18 +84,51 @@ fn init_logging() {
 const EXIT_CONFIG: u8 = 78;
 
 async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
+    use doppel_agent::report::{ClientConfig, ReportClient, Spool, SpoolConfig};
     let config = doppel_agent::config::LiveConfig::load(path)?;
+    let reporter = match &config.coordinator {
+        Some(c) => {
+            let mut client = ClientConfig::new(
+                c.address,
+                c.server_name.clone(),
+                c.ca_cert.clone(),
+                c.cert.clone(),
+                c.key.clone(),
+            );
+            client.hostname = nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let spool = Spool::open(SpoolConfig::new(c.spool_dir.clone()))?;
+            Some(ReportClient::start(client, spool))
+        }
+        None => None,
+    };
+    let mut policy_updates = reporter.as_ref().map(|r| r.handle.policy());
     let mut agent = doppel_agent::live::LiveAgent::start(config)?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(agent.interval());
     tick.tick().await;
-    let outcome = loop {
+    let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = tick.tick() => match agent.report() {
-                Ok((line, _report)) => println!("{}", serde_json::to_string(&line)?),
-                Err(e) => break Err(e),
+                Ok((line, report)) => {
+                    println!("{}", serde_json::to_string(&line)?);
+                    if let Some(reporter) = &reporter {
+                        // Waits while the spool is full: the kernel keeps counting meanwhile,
+                        // so the next report covers the gap and nothing is lost.
+                        reporter.handle.submit(report).await?;
+                    }
+                }
+                Err(e) => break Err(e.into()),
             },
+            // The coordinator's policy replaces the file's once it arrives.
+            Some(update) = next_policy(&mut policy_updates) => {
+                match agent.set_policy(update.policy) {
+                    Ok(()) => tracing::info!(revision = update.revision, "coordinator policy applied"),
+                    Err(e) => tracing::error!(error = %error_chain(&e), "coordinator policy refused"),
+                }
+            }
             // SIGHUP re-reads the file and applies its policy in place: nothing is detached
             // and flows already decided keep their decision. A bad file keeps the old policy.
             _ = sighup.recv() => {
@@ -113,13 +146,31 @@ async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
     };
     // The partial last interval is reported too: stopping must not lose what was measured.
     if outcome.is_ok() {
-        let (line, _report) = agent.report()?;
+        let (line, report) = agent.report()?;
         println!("{}", serde_json::to_string(&line)?);
+        if let Some(reporter) = &reporter {
+            reporter.handle.submit(report).await?;
+        }
     }
     let stopped = agent.stop();
+    if let Some(reporter) = reporter {
+        // Unacknowledged reports stay in the spool for the next start.
+        reporter.stop().await?;
+    }
     outcome?;
     stopped?;
     Ok(())
+}
+
+/// The next policy update from the coordinator; pending forever without one.
+async fn next_policy(
+    updates: &mut Option<tokio::sync::watch::Receiver<Option<doppel_common::wire::PolicyUpdate>>>,
+) -> Option<doppel_common::wire::PolicyUpdate> {
+    let Some(updates) = updates else {
+        return std::future::pending().await;
+    };
+    updates.changed().await.ok()?;
+    updates.borrow_and_update().clone()
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

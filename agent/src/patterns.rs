@@ -77,7 +77,7 @@ fn http_key(head: &[u8]) -> Option<String> {
 fn fold_segment(segment: &str) -> String {
     let is_hex = |s: &str| s.len() >= 8 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
     let digits = segment.chars().filter(char::is_ascii_digit).count();
-    if is_hex(segment) && digits > 0 || segment.len() >= 16 && digits > 0 {
+    if digits > 0 && (is_hex(segment) || segment.len() >= 16) {
         return "{id}".to_owned();
     }
     // Every run of digits becomes `{n}`: `item42.json` -> `item{n}.json`.
