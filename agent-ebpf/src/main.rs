@@ -369,13 +369,18 @@ fn on_client_packet(ctx: &TcContext, packet: &Packet) {
 /// Service -> client: close the open exchange on the first response payload packet.
 #[inline(always)]
 fn on_service_packet(packet: &Packet) {
+    let closing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    // The service's pure ACKs close nothing and open nothing: skip the flow lookup for them.
+    // (Idle time is kept by the client side, whose ACKs flow during any long response.)
+    if packet.payload_len == 0 && !closing {
+        return;
+    }
     let Some(state) = FLOWS.get_ptr_mut(&packet.flow) else {
         return;
     };
     // SAFETY: plain helper call; `state` as in `on_client_packet`.
     unsafe {
         let now = bpf_ktime_get_ns();
-        (*state).last_seen_ns = now;
         let flags = (*state).flags;
         if packet.payload_len > 0 && flags & FLOW_AWAITING_RESPONSE != 0 {
             (*state).flags = flags & !FLOW_AWAITING_RESPONSE;
@@ -389,7 +394,7 @@ fn on_service_packet(packet: &Packet) {
             add(DatapathCounter::Exchanges, 1);
         }
     }
-    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    if closing {
         let _ = FLOWS.remove(&packet.flow);
     }
 }
