@@ -131,10 +131,21 @@ fn start_agent(bed: &Bed, agent: &std::path::Path, mirror_percent: f64) -> anyho
         .arg("--config")
         .arg(&path)
         .stdout(Stdio::null())
-        .env("DOPPEL_LOG", "warn");
-    let process = bed.live.spawn(command)?;
-    // Attached once the VXLAN device exists and a moment has passed.
-    thread::sleep(Duration::from_millis(700));
+        .stderr(Stdio::piped())
+        .env("DOPPEL_LOG", "info");
+    let mut process = bed.live.spawn(command)?;
+    // Ready once it says so: loading (the verifier's work is charged to the agent) and attaching
+    // must not fall inside a measured round.
+    let stderr = process.child_mut().stderr.take().context("agent stderr")?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("live data path running") => break,
+            Some(Ok(_)) => {}
+            _ => bail!("the agent exited before attaching"),
+        }
+    }
+    thread::spawn(move || lines.for_each(drop));
     Ok(process)
 }
 
