@@ -239,7 +239,7 @@ fn parse_prefix(field: &str, text: &str) -> Result<IpPrefix, ConfigError> {
 }
 
 fn parse_hex(field: &str, text: &str) -> Result<Vec<u8>, ConfigError> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return Err(invalid(field, "hex needs an even number of digits"));
     }
     (0..text.len())
@@ -301,10 +301,10 @@ impl LiveConfig {
                 ));
             }
         }
-        if let Some(workload) = &self.workload {
-            if workload.pid.is_some() == workload.cgroup.is_some() {
-                return Err(invalid("workload", "give exactly one of pid or cgroup"));
-            }
+        if let Some(workload) = &self.workload
+            && workload.pid.is_some() == workload.cgroup.is_some()
+        {
+            return Err(invalid("workload", "give exactly one of pid or cgroup"));
         }
         crate::policy::compile(&self.policy()?).map_err(|e| invalid(e.field, e.reason))?;
         Ok(())

@@ -77,7 +77,7 @@ fn http_key(head: &[u8]) -> Option<String> {
 fn fold_segment(segment: &str) -> String {
     let is_hex = |s: &str| s.len() >= 8 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
     let digits = segment.chars().filter(char::is_ascii_digit).count();
-    if is_hex(segment) && digits > 0 || segment.len() >= 16 && digits > 0 {
+    if digits > 0 && (is_hex(segment) || segment.len() >= 16) {
         return "{id}".to_owned();
     }
     // Every run of digits becomes `{n}`: `item42.json` -> `item{n}.json`.
@@ -129,7 +129,10 @@ impl PatternCounts {
         let mut counts: Vec<_> = std::mem::take(&mut self.counts).into_iter().collect();
         counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         if counts.len() > MAX_REPORTED_PATTERNS {
-            let rest: u64 = counts.drain(MAX_REPORTED_PATTERNS - 1..).map(|(_, n)| n).sum();
+            let rest: u64 = counts
+                .drain(MAX_REPORTED_PATTERNS - 1..)
+                .map(|(_, n)| n)
+                .sum();
             counts.push((OTHER_PATTERNS.to_owned(), rest));
         }
         counts
@@ -204,12 +207,18 @@ mod tests {
         let mut counts = PatternCounts::default();
         for i in 0..1000u32 {
             // A distinct alphabetic token per flow: `i` written in base 26.
-            let token: String = (0..3).map(|d| char::from(b'a' + (i / 26u32.pow(d) % 26) as u8)).collect();
+            let token: String = (0..3)
+                .map(|d| char::from(b'a' + (i / 26u32.pow(d) % 26) as u8))
+                .collect();
             counts.add(format!("CMD{token} x").as_bytes());
         }
         let taken = counts.take();
         assert_eq!(taken.len(), MAX_REPORTED_PATTERNS);
-        assert_eq!(taken.iter().map(|(_, n)| n).sum::<u64>(), 1000, "no flow is lost");
+        assert_eq!(
+            taken.iter().map(|(_, n)| n).sum::<u64>(),
+            1000,
+            "no flow is lost"
+        );
         assert_eq!(taken.last().map(|(k, _)| k.as_str()), Some(OTHER_PATTERNS));
     }
 }

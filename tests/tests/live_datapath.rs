@@ -638,7 +638,7 @@ fn a_reloaded_policy_applies_to_new_flows_and_keeps_decided_ones() {
         std::net::TcpStream::connect(server.addr()).expect("connect")
     };
     let kept_port = kept.local_addr().expect("addr").port();
-    let mut exchange = |conn: &mut std::net::TcpStream| {
+    let exchange = |conn: &mut std::net::TcpStream| {
         conn.write_all(request).expect("send");
         let mut buf = [0u8; 256];
         assert!(conn.read(&mut buf).expect("response") > 0);
