@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod netlink;
 pub mod patterns;
 pub mod policy;
+pub mod shadow;

@@ -352,7 +352,9 @@ pub struct UdpDrain {
 impl UdpDrain {
     /// Starts draining a bound socket.
     pub fn start(socket: UdpSocket) -> Self {
-        socket.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s) = (Arc::clone(&received), Arc::clone(&stop));
@@ -364,7 +366,11 @@ impl UdpDrain {
                 }
             }
         });
-        Self { received, stop, thread: Some(thread) }
+        Self {
+            received,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// Packets received so far.
