@@ -55,32 +55,6 @@ pub enum DecodeError {
     BadTcp,
 }
 
-impl DecodeError {
-    /// Stable counter name.
-    pub const fn counter(self) -> &'static str {
-        match self {
-            Self::BadVxlan => "decode_bad_vxlan",
-            Self::ShortFrame => "decode_short_frame",
-            Self::NotIp(_) => "decode_not_ip",
-            Self::BadIp => "decode_bad_ip",
-            Self::Fragment => "decode_fragment",
-            Self::NotTcp(_) => "decode_not_tcp",
-            Self::BadTcp => "decode_bad_tcp",
-        }
-    }
-
-    /// Every counter name, for reports that list zeros too.
-    pub const COUNTERS: [&'static str; 7] = [
-        "decode_bad_vxlan",
-        "decode_short_frame",
-        "decode_not_ip",
-        "decode_bad_ip",
-        "decode_fragment",
-        "decode_not_tcp",
-        "decode_bad_tcp",
-    ];
-}
-
 /// One mirrored TCP segment, borrowing its payload from the datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MirroredSegment<'a> {
