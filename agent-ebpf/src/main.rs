@@ -14,6 +14,10 @@
 //!
 //! Every path returns `TC_ACT_PIPE`: anything the programs cannot parse, or any map or helper
 //! failure, leaves the packet exactly as it was. No per-packet event reaches user space.
+//!
+//! The same object carries the shadow host's XDP admission program ([`doppel_xdp_admit`]): it
+//! drops VXLAN mirror datagrams whose (outer source, VNI) is not admitted before the stack
+//! spends anything on them, and passes everything else.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![expect(
     unreachable_pub,
@@ -21,19 +25,19 @@
 )]
 
 use aya_ebpf::{
-    bindings::{BPF_F_ZERO_CSUM_TX, TC_ACT_PIPE, bpf_tunnel_key},
+    bindings::{BPF_F_ZERO_CSUM_TX, TC_ACT_PIPE, bpf_tunnel_key, xdp_action},
     helpers::{bpf_ktime_get_ns, bpf_skb_set_tunnel_key},
-    macros::{classifier, map},
+    macros::{classifier, map, xdp},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use doppel_common::maps::{
-    COUNTER_SLOTS, ClassConfig, DatapathConfig, DatapathCounter, Direction, FLOW_AWAITING_RESPONSE,
-    FLOW_DECIDED, FLOW_MAP_ENTRIES, FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState, IFACE_SLOTS,
-    IfaceCounters, LATENCY_BUCKETS, LATENCY_HISTOGRAMS, MAX_CLASSES, MAX_RULES, MAX_SERVICES,
-    MAX_SESSIONS, MirrorSessionConfig, PATTERN_SAMPLE_LEN, PatternSample, RULE_MATCH_PORT,
-    RULE_MATCH_PREFIX, Rule, ServiceKey, ServiceValue, iface_slot, latency_bucket,
-    latency_histogram_base,
+    AdmitConfig, AdmitCounter, AdmitKey, COUNTER_SLOTS, ClassConfig, DatapathConfig,
+    DatapathCounter, Direction, FLOW_AWAITING_RESPONSE, FLOW_DECIDED, FLOW_MAP_ENTRIES,
+    FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState, IFACE_SLOTS, IfaceCounters, LATENCY_BUCKETS,
+    LATENCY_HISTOGRAMS, MAX_ADMITTED, MAX_CLASSES, MAX_RULES, MAX_SERVICES, MAX_SESSIONS,
+    MirrorSessionConfig, PATTERN_SAMPLE_LEN, PatternSample, RULE_MATCH_PORT, RULE_MATCH_PREFIX,
+    Rule, ServiceKey, ServiceValue, iface_slot, latency_bucket, latency_histogram_base,
 };
 
 #[map(name = "IFACE_COUNTERS")]
@@ -597,6 +601,118 @@ fn mirror(ctx: &TcContext, config: &DatapathConfig) {
             }
         }
         i += 1;
+    }
+}
+
+#[map(name = "ADMITTED")]
+static ADMITTED: aya_ebpf::maps::HashMap<AdmitKey, u32> =
+    aya_ebpf::maps::HashMap::with_max_entries(MAX_ADMITTED, 0);
+#[map(name = "ADMIT_CONFIG")]
+static ADMIT_CONFIG: Array<AdmitConfig> = Array::with_max_entries(1, 0);
+#[map(name = "ADMIT_COUNTERS")]
+static ADMIT_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(AdmitCounter::ALL.len() as u32, 0);
+
+const IPPROTO_UDP: u8 = 17;
+const VXLAN_FLAG_VNI: u8 = 0x08;
+
+/// A bounds-checked pointer to a `T` at `offset` in the packet (the verifier needs the check
+/// against `data_end` before every access).
+#[inline(always)]
+fn xdp_ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: `xdp_ptr_at` checked that the bytes are inside the packet; unaligned because
+    // packet headers are not aligned for `T`.
+    xdp_ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+#[inline(always)]
+fn admit_count(counter: AdmitCounter) {
+    bump(&ADMIT_COUNTERS, counter as u32);
+}
+
+/// Shadow host, receiving interface: admit VXLAN mirror datagrams only from registered
+/// (source, VNI) pairs. Anything not addressed to the mirror port passes untouched.
+#[xdp]
+pub fn doppel_xdp_admit(ctx: XdpContext) -> u32 {
+    match admit(&ctx) {
+        Some(verdict) => verdict,
+        None => {
+            admit_count(AdmitCounter::Other);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// `None`: not mirror traffic (passed); `Some(verdict)` for datagrams to the mirror port.
+#[inline(always)]
+fn admit(ctx: &XdpContext) -> Option<u32> {
+    let port_be = ADMIT_CONFIG.get(0)?.udp_port_be;
+    if port_be == 0 {
+        return None;
+    }
+    let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
+    let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+    let (src, udp) = match ethertype {
+        ETH_P_IP => {
+            let ver_ihl: u8 = read(ctx, ETH_HLEN)?;
+            let frag = u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?);
+            let protocol: u8 = read(ctx, ETH_HLEN + 9)?;
+            // Fragments carry no (or no complete) UDP header; the receiver checks the source
+            // and VNI of reassembled datagrams itself, and VXLAN senders must not fragment
+            // (RFC 7348 §4.3).
+            if protocol != IPPROTO_UDP || frag & 0x3fff != 0 || ver_ihl >> 4 != 4 {
+                return None;
+            }
+            let ihl = usize::from(ver_ihl & 0x0f) * 4;
+            if !(20..=60).contains(&ihl) {
+                return None;
+            }
+            let src: u32 = read(ctx, ETH_HLEN + 12)?;
+            ([0, 0, mapped, src], ETH_HLEN + ihl)
+        }
+        ETH_P_IPV6 => {
+            let next: u8 = read(ctx, ETH_HLEN + 6)?;
+            if next != IPPROTO_UDP {
+                return None;
+            }
+            (read::<[u32; 4]>(ctx, ETH_HLEN + 8)?, ETH_HLEN + 40)
+        }
+        _ => return None,
+    };
+    let dport: u16 = read(ctx, udp + 2)?;
+    if dport != port_be {
+        return None;
+    }
+    let (Some(flags), Some(vni)) = (read::<u8>(ctx, udp + 8), read::<[u8; 4]>(ctx, udp + 12))
+    else {
+        admit_count(AdmitCounter::Malformed);
+        return Some(xdp_action::XDP_DROP);
+    };
+    if flags & VXLAN_FLAG_VNI == 0 {
+        admit_count(AdmitCounter::Malformed);
+        return Some(xdp_action::XDP_DROP);
+    }
+    let key = AdmitKey {
+        addr: src,
+        vni: u32::from_be_bytes([0, vni[0], vni[1], vni[2]]),
+    };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { ADMITTED.get(&key) }.is_some() {
+        admit_count(AdmitCounter::Admitted);
+        Some(xdp_action::XDP_PASS)
+    } else {
+        admit_count(AdmitCounter::NotAdmitted);
+        Some(xdp_action::XDP_DROP)
     }
 }
 

@@ -75,6 +75,37 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// What a configuration file runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The live role ([`LiveConfig`]); files without a `role` key are live files.
+    Live,
+    /// The shadow role ([`crate::shadow::config::ShadowConfig`]).
+    Shadow,
+}
+
+/// Reads only the `role` key of a configuration file.
+pub fn role_of(path: &Path) -> Result<Role, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: shown,
+        source,
+    })?;
+    match table.get("role") {
+        None => Ok(Role::Live),
+        Some(toml::Value::String(r)) if r == "live" => Ok(Role::Live),
+        Some(toml::Value::String(r)) if r == "shadow" => Ok(Role::Shadow),
+        Some(other) => Err(invalid(
+            "role",
+            format!("{other} is not a role; use \"live\" or \"shadow\""),
+        )),
+    }
+}
+
 /// The VXLAN device clones leave through.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -182,6 +213,9 @@ fn default_server_name() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LiveConfig {
+    /// `"live"` or absent (see [`role_of`]).
+    #[serde(default)]
+    pub role: Option<String>,
     /// Report to a coordinator (QUIC + mTLS) besides printing JSON lines.
     pub coordinator: Option<CoordinatorConfig>,
     /// The workload's interface.
@@ -291,6 +325,9 @@ impl LiveConfig {
 
     /// Checks what TOML cannot: the interface and service addresses exist on this host, sizes.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.role.as_deref().is_some_and(|r| r != "live") {
+            return Err(invalid("role", "this is the live role's file"));
+        }
         if nix::net::if_::if_nametoindex(self.interface.as_str()).is_err() {
             return Err(invalid(
                 "interface",

@@ -647,3 +647,116 @@ pub fn new_latency_histogram() -> hdrhistogram::Histogram<u64> {
     hdrhistogram::Histogram::new_with_bounds(1, 120_000_000_000, 2)
         .expect("constant bounds are valid")
 }
+
+/// The shadow's admission program on one interface.
+#[derive(Debug)]
+pub struct XdpAdmission {
+    iface: String,
+    link: aya::programs::xdp::XdpLinkId,
+}
+
+impl Datapath {
+    /// Loads the XDP admission program, admits exactly `admitted` (outer source, VNI) pairs for
+    /// VXLAN on `udp_port`, and attaches it to `iface` (native mode where the driver has it,
+    /// generic otherwise).
+    pub fn attach_admission(
+        &mut self,
+        iface: &str,
+        udp_port: u16,
+        admitted: &[(std::net::IpAddr, u32)],
+    ) -> Result<XdpAdmission, DatapathError> {
+        use aya::maps::{Array, HashMap};
+        use doppel_common::maps::{AdmitConfig, AdmitKey, XDP_ADMIT_PROGRAM, admit_names};
+        ifindex(iface)?;
+        let map_error = |map: &'static str| move |source| DatapathError::Map { map, source };
+        let mut table: HashMap<_, AdmitKey, u32> = self.map_mut(admit_names::ADMITTED)?;
+        for &(addr, vni) in admitted {
+            let key = AdmitKey {
+                addr: crate::policy::addr_words(addr),
+                vni,
+            };
+            table
+                .insert(key, 1, 0)
+                .map_err(map_error(admit_names::ADMITTED))?;
+        }
+        let mut config: Array<_, AdmitConfig> = self.map_mut(admit_names::ADMIT_CONFIG)?;
+        config
+            .set(
+                0,
+                AdmitConfig {
+                    udp_port_be: udp_port.to_be(),
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_error(admit_names::ADMIT_CONFIG))?;
+        let program_error = |action: &'static str| {
+            move |source| DatapathError::Program {
+                action,
+                program: XDP_ADMIT_PROGRAM,
+                iface: iface.to_owned(),
+                source: Box::new(source),
+            }
+        };
+        let program: &mut aya::programs::Xdp = self
+            .ebpf
+            .program_mut(XDP_ADMIT_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram(XDP_ADMIT_PROGRAM))?;
+        if program.fd().is_err() {
+            program.load().map_err(program_error("loading"))?;
+        }
+        let link = match program.attach(iface, aya::programs::XdpMode::default()) {
+            Ok(link) => link,
+            Err(e) => {
+                warn!(iface, error = %error_chain(&e), "native XDP attach failed; using generic (SKB) mode");
+                program
+                    .attach(iface, aya::programs::XdpMode::Skb)
+                    .map_err(program_error("attaching"))?
+            }
+        };
+        info!(
+            iface,
+            udp_port,
+            admitted = admitted.len(),
+            "attached XDP admission"
+        );
+        Ok(XdpAdmission {
+            iface: iface.to_owned(),
+            link,
+        })
+    }
+
+    /// Detaches the admission program.
+    pub fn detach_admission(&mut self, admission: XdpAdmission) -> Result<(), DatapathError> {
+        use doppel_common::maps::XDP_ADMIT_PROGRAM;
+        let program: &mut aya::programs::Xdp = self
+            .ebpf
+            .program_mut(XDP_ADMIT_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram(XDP_ADMIT_PROGRAM))?;
+        program
+            .detach(admission.link)
+            .map_err(|source| DatapathError::Program {
+                action: "detaching",
+                program: XDP_ADMIT_PROGRAM,
+                iface: admission.iface.clone(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Cumulative admission counters since load, by stable name.
+    pub fn admission_counters(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+        use doppel_common::maps::{AdmitCounter, admit_names};
+        let array = self.per_cpu_array(admit_names::ADMIT_COUNTERS)?;
+        AdmitCounter::ALL
+            .iter()
+            .map(|c| {
+                Ok((
+                    c.name(),
+                    Self::sum_slot(&array, admit_names::ADMIT_COUNTERS, *c as u32)?,
+                ))
+            })
+            .collect()
+    }
+}

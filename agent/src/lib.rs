@@ -15,3 +15,4 @@ pub mod netlink;
 pub mod patterns;
 pub mod policy;
 pub mod report;
+pub mod shadow;

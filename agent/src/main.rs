@@ -14,7 +14,8 @@ const LOG_ENV: &str = "DOPPEL_LOG";
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Run the role a configuration file describes (the live role: see the README).
+    /// Run the role a configuration file describes (`role = "live"`, the default, or
+    /// `role = "shadow"`: see the README).
     #[arg(long)]
     config: Option<std::path::PathBuf>,
     #[command(subcommand)]
@@ -173,10 +174,41 @@ async fn next_policy(
     updates.borrow_and_update().clone()
 }
 
+async fn run_shadow(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = doppel_agent::shadow::config::ShadowConfig::load(path)?;
+    let mut agent = doppel_agent::shadow::ShadowAgent::start(config)?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(agent.interval());
+    tick.tick().await;
+    let outcome = loop {
+        tokio::select! {
+            _ = tick.tick() => match agent.report() {
+                Ok((line, _report)) => println!("{}", serde_json::to_string(&line)?),
+                Err(e) => break Err(e),
+            },
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = sigterm.recv() => break Ok(()),
+        }
+    };
+    if outcome.is_ok() {
+        let (line, _report) = agent.report()?;
+        println!("{}", serde_json::to_string(&line)?);
+    }
+    let stopped = agent.stop();
+    outcome?;
+    stopped?;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match (cli.config, cli.command) {
         (Some(_), Some(_)) => anyhow::bail!("--config and a subcommand exclude each other"),
-        (Some(path), None) => return run_live(&path).await,
+        (Some(path), None) => {
+            return match doppel_agent::config::role_of(&path)? {
+                doppel_agent::config::Role::Live => run_live(&path).await,
+                doppel_agent::config::Role::Shadow => run_shadow(&path).await,
+            };
+        }
         (None, Some(command)) => command,
         (None, None) => anyhow::bail!("give --config FILE, or a subcommand (see --help)"),
     };

@@ -534,3 +534,95 @@ mod datapath_tests {
         assert_eq!(latency_bucket(0), 0);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Shadow admission: the XDP program on the shadow's receiving interface.
+// ---------------------------------------------------------------------------------------------
+
+/// Name of the XDP program that admits mirror traffic only from registered sessions.
+pub const XDP_ADMIT_PROGRAM: &str = "doppel_xdp_admit";
+/// Most (source, VNI) pairs one shadow admits.
+pub const MAX_ADMITTED: u32 = 1024;
+
+/// Key of `ADMITTED`: a mirror source (the outer IP source, as in [`ServiceKey::addr`]) and the
+/// session's VNI.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AdmitKey {
+    /// Outer source address bytes, network order, IPv4-mapped for IPv4.
+    pub addr: [u32; 4],
+    /// VNI (24 bits).
+    pub vni: u32,
+}
+
+/// Value of `ADMIT_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdmitConfig {
+    /// UDP destination port of mirror traffic, network byte order (0: the program passes all).
+    pub udp_port_be: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+}
+
+/// Indexes of the `ADMIT_COUNTERS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdmitCounter {
+    /// Mirror datagrams from an admitted (source, VNI): passed to the stack.
+    Admitted = 0,
+    /// Mirror datagrams from a source or VNI not admitted: dropped.
+    NotAdmitted,
+    /// Datagrams to the mirror port too short for a VXLAN header, or IP fragments of them:
+    /// dropped.
+    Malformed,
+    /// Everything else (not UDP to the mirror port): passed untouched.
+    Other,
+}
+
+impl AdmitCounter {
+    /// Every counter, in index order.
+    pub const ALL: [Self; 4] = [
+        Self::Admitted,
+        Self::NotAdmitted,
+        Self::Malformed,
+        Self::Other,
+    ];
+
+    /// Stable report name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Admitted => "xdp_admitted",
+            Self::NotAdmitted => "xdp_dropped_not_admitted",
+            Self::Malformed => "xdp_dropped_malformed",
+            Self::Other => "xdp_passed_other",
+        }
+    }
+}
+
+/// Map names of the admission program.
+pub mod admit_names {
+    /// `HashMap<AdmitKey, u32>` (the value is unused, 1).
+    pub const ADMITTED: &str = "ADMITTED";
+    /// `Array<AdmitConfig>` of 1.
+    pub const ADMIT_CONFIG: &str = "ADMIT_CONFIG";
+    /// `PerCpuArray<u64>` indexed by [`super::AdmitCounter`].
+    pub const ADMIT_COUNTERS: &str = "ADMIT_COUNTERS";
+}
+
+#[cfg(feature = "user")]
+mod admit_pod {
+    // SAFETY: `#[repr(C)]`, integer fields only, no implicit padding (tested below).
+    unsafe impl aya::Pod for super::AdmitKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AdmitConfig {}
+}
+
+#[cfg(test)]
+mod admit_tests {
+    #[test]
+    fn admit_layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<super::AdmitKey>(), 20);
+        assert_eq!(size_of::<super::AdmitConfig>(), 4);
+    }
+}

@@ -9,3 +9,4 @@
 
 pub mod testbed;
 pub mod traffic;
+pub mod workloads;

@@ -26,6 +26,11 @@ pub struct HttpServer {
 impl HttpServer {
     /// Starts serving on an already bound listener (bind it inside the right host).
     pub fn start(listener: TcpListener) -> Self {
+        Self::start_with_delay(listener, Duration::ZERO)
+    }
+
+    /// Like [`HttpServer::start`], but every response waits `delay` first: a slow shadow.
+    pub fn start_with_delay(listener: TcpListener, delay: Duration) -> Self {
         let addr = listener.local_addr().expect("local addr");
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
@@ -34,7 +39,7 @@ impl HttpServer {
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        thread::spawn(move || serve(conn));
+                        thread::spawn(move || serve(conn, delay));
                     }
                     Err(_) => thread::sleep(Duration::from_millis(2)),
                 }
@@ -62,7 +67,7 @@ impl Drop for HttpServer {
     }
 }
 
-fn serve(mut conn: TcpStream) {
+fn serve(mut conn: TcpStream, delay: Duration) {
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_nodelay(true);
     let mut buf = Vec::new();
@@ -84,6 +89,7 @@ fn serve(mut conn: TcpStream) {
         {
             thread::sleep(Duration::from_millis(ms));
         }
+        thread::sleep(delay);
         let body = b"doppel ok\n";
         let response =
             format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_datapath;
+mod bench_replay;
 mod build_ebpf;
 mod setup;
 mod test;

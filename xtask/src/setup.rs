@@ -20,8 +20,16 @@ use anyhow::{Context as _, bail};
 /// `bpf-linker` release known to work with aya 0.14 and LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and tools need: `ip`/`tc` (iproute2), `sysctl` (procps),
-/// `bpftool` for inspecting programs and their run-time statistics.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "procps", "bpftool"];
+/// `bpftool` for inspecting programs and their run-time statistics, and the real servers the
+/// end-to-end tests run as workloads (nginx, redis-server, and redis-cli from redis-tools).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "procps",
+    "bpftool",
+    "nginx",
+    "redis-server",
+    "redis-tools",
+];
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Options {}

@@ -1,0 +1,402 @@
+//! The shadow role: receive mirrored flows, rebuild each client stream, replay it against the
+//! local shadow workload, time every exchange, and throw the responses away.
+//!
+//! The pure pieces live in their own modules so they can be tested without sockets: [`vxlan`]
+//! decodes mirror datagrams, [`reassembly`] rebuilds streams, [`http`] and [`exchange`] cut them
+//! into exchanges. [`receiver`] owns the mirror socket and the flow table, [`replay`] runs one
+//! task per flow copy. This module wires them to the data path (XDP admission on the receiving
+//! interface, the live role's TC latency programs where replayed connections reach the
+//! workload) and reports every interval.
+
+pub mod config;
+pub mod exchange;
+pub mod http;
+pub mod reassembly;
+pub mod receiver;
+pub mod replay;
+pub mod stats;
+pub mod vxlan;
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use doppel_common::wire::{
+    AgentPolicy, Counter, EncodedHistogram, FlowScope, HistogramRecord, IntervalReport,
+    LatencyMetric, ResourceUsage,
+};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use self::{
+    config::ShadowConfig,
+    receiver::Receiver,
+    replay::ReplaySettings,
+    stats::{ShadowCounter, ShadowStats},
+};
+use crate::{
+    datapath::{
+        Datapath, DatapathError, DatapathSettings, LatencyDrain, XdpAdmission, error_chain,
+    },
+    metrics::ResourceSampler,
+    policy,
+};
+
+/// Errors of the shadow role.
+#[derive(Debug, thiserror::Error)]
+pub enum ShadowError {
+    /// The data path (XDP admission, TC latency) failed.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// The kernel measurement's policy cannot be applied.
+    #[error("invalid measurement policy")]
+    Policy(#[from] policy::PolicyError),
+    /// The mirror socket could not be bound.
+    #[error("binding the mirror socket {addr}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Latency summary of one histogram for the JSON line, in microseconds.
+#[derive(Debug, Serialize)]
+pub struct ShadowLatency {
+    /// `kernel` (TC, as on the live host), `replay_first_byte` or `replay_last_byte`.
+    pub source: &'static str,
+    /// `addr:port` for kernel figures; empty for the replayer's.
+    pub service: String,
+    /// Class id.
+    pub class: u16,
+    /// Exchanges.
+    pub count: u64,
+    /// Median, µs.
+    pub p50_us: f64,
+    /// 90th percentile, µs.
+    pub p90_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Largest, µs.
+    pub max_us: f64,
+}
+
+/// One interval, as printed.
+#[derive(Debug, Serialize)]
+pub struct ShadowLine {
+    /// Always `shadow`.
+    pub role: &'static str,
+    /// Report sequence number.
+    pub seq: u64,
+    /// Interval start, ms since the epoch.
+    pub interval_start_unix_ms: u64,
+    /// Interval length, ms.
+    pub interval_ms: u32,
+    /// Offered load replayed: exchanges per second in the interval.
+    pub exchanges_per_s: f64,
+    /// Counter deltas (shadow counters, XDP admission counters, data-path counters).
+    pub counters: BTreeMap<String, u64>,
+    /// Latency per source x service x class.
+    pub latency: Vec<ShadowLatency>,
+    /// Host resource use.
+    pub host: ResourceUsage,
+    /// Shadow workload resource use.
+    pub workload: Option<ResourceUsage>,
+}
+
+/// The running shadow role.
+#[derive(Debug)]
+pub struct ShadowAgent {
+    config: Arc<ShadowConfig>,
+    policy: AgentPolicy,
+    datapath: Option<Datapath>,
+    admission: Option<XdpAdmission>,
+    stats: Arc<ShadowStats>,
+    receiver: tokio::task::JoinHandle<()>,
+    drain: LatencyDrain,
+    sampler: ResourceSampler,
+    counters_before: BTreeMap<String, u64>,
+    seq: u64,
+    interval_start: SystemTime,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn summary(
+    source: &'static str,
+    service: String,
+    class: u16,
+    h: &hdrhistogram::Histogram<u64>,
+) -> ShadowLatency {
+    let us = |ns: u64| ns as f64 / 1000.0;
+    ShadowLatency {
+        source,
+        service,
+        class,
+        count: h.len(),
+        p50_us: us(h.value_at_quantile(0.5)),
+        p90_us: us(h.value_at_quantile(0.9)),
+        p99_us: us(h.value_at_quantile(0.99)),
+        max_us: us(h.max()),
+    }
+}
+
+impl ShadowAgent {
+    /// Loads and attaches what the configuration asks for, binds the mirror socket and starts
+    /// receiving. Must run inside a tokio runtime.
+    pub fn start(config: ShadowConfig) -> Result<Self, ShadowError> {
+        let config = Arc::new(config);
+        let policy = config.kernel_policy();
+        let needs_datapath = config.replay_interface.is_some() || config.xdp_interface.is_some();
+        let mut datapath = if needs_datapath {
+            Some(Datapath::load()?)
+        } else {
+            None
+        };
+        let mut admission = None;
+        if let Some(datapath) = datapath.as_mut() {
+            if let Some(iface) = &config.replay_interface {
+                let compiled = policy::compile(&policy)?;
+                let settings = DatapathSettings {
+                    vxlan_ifindex: 0,
+                    flow_idle_timeout: Duration::from_millis(config.flow_idle_timeout_ms),
+                    pattern_sample_one_in: 0,
+                };
+                datapath.apply_policy(&compiled, settings)?;
+                datapath.attach(iface, config.attach_mode)?;
+            }
+            if let Some(iface) = &config.xdp_interface {
+                let admitted: Vec<_> = config.sessions.iter().map(|s| (s.source, s.vni)).collect();
+                admission =
+                    Some(datapath.attach_admission(iface, config.listen.port(), &admitted)?);
+            }
+        }
+        let socket = std::net::UdpSocket::bind(config.listen)
+            .and_then(|s| {
+                s.set_nonblocking(true)?;
+                tokio::net::UdpSocket::from_std(s)
+            })
+            .map_err(|source| ShadowError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let stats = Arc::new(ShadowStats::default());
+        let settings = Arc::new(ReplaySettings {
+            policy: Arc::new(config.http.clone()),
+            time_compression: config.time_compression,
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            response_timeout: Duration::from_millis(config.response_timeout_ms),
+            opaque_idle: Duration::from_millis(config.opaque_idle_ms),
+            max_exchange: config.max_flow_buffer_bytes,
+            epoch: Instant::now(),
+        });
+        let receiver = Receiver::new(Arc::clone(&config), Arc::clone(&stats), settings);
+        let receiver = tokio::spawn(receiver.run(socket));
+        info!(
+            listen = %config.listen,
+            sessions = config.sessions.len(),
+            replay_addr = %config.replay_addr,
+            "shadow role running"
+        );
+        let sampler = ResourceSampler::new(config.workload_source());
+        let mut agent = Self {
+            config,
+            policy,
+            datapath,
+            admission,
+            stats,
+            receiver,
+            drain: LatencyDrain::default(),
+            sampler,
+            counters_before: BTreeMap::new(),
+            seq: 0,
+            interval_start: SystemTime::now(),
+        };
+        // Baselines, so the first report covers only its own interval.
+        agent.counter_deltas()?;
+        let pairs = agent.histogram_pairs();
+        if let Some(datapath) = &agent.datapath {
+            datapath.drain_latency(&mut agent.drain, &pairs)?;
+        }
+        Ok(agent)
+    }
+
+    /// The report interval.
+    pub fn interval(&self) -> Duration {
+        self.config.interval()
+    }
+
+    fn histogram_pairs(&self) -> Vec<(u32, u32)> {
+        if self.config.replay_interface.is_none() {
+            return Vec::new();
+        }
+        let services = self.policy.services.len() as u32;
+        (0..services)
+            .flat_map(|s| {
+                self.policy
+                    .classes
+                    .iter()
+                    .map(move |c| (s, u32::from(c.id)))
+            })
+            .collect()
+    }
+
+    fn counter_deltas(&mut self) -> Result<BTreeMap<String, u64>, ShadowError> {
+        let mut now: BTreeMap<String, u64> = self
+            .stats
+            .counters()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        if let Some(datapath) = &self.datapath {
+            if self.admission.is_some() {
+                now.extend(
+                    datapath
+                        .admission_counters()?
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v)),
+                );
+            }
+            if self.config.replay_interface.is_some() {
+                for (name, value) in datapath.counters()? {
+                    // Prefixed: these are the measurement's own counters, not the replayer's.
+                    now.insert(format!("kernel_{name}"), value);
+                }
+            }
+        }
+        let deltas = now
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.saturating_sub(*self.counters_before.get(k).unwrap_or(&0)),
+                )
+            })
+            .collect();
+        self.counters_before = now;
+        Ok(deltas)
+    }
+
+    /// Collects the interval that just ended.
+    pub fn report(&mut self) -> Result<(ShadowLine, IntervalReport), ShadowError> {
+        let end = SystemTime::now();
+        let interval_ms = end
+            .duration_since(self.interval_start)
+            .map_or(0, |d| d.as_millis() as u32);
+        let counters = self.counter_deltas()?;
+        let pairs = self.histogram_pairs();
+        let kernel = match &self.datapath {
+            Some(datapath) => datapath.drain_latency(&mut self.drain, &pairs)?,
+            None => Vec::new(),
+        };
+        let replayed = self.stats.take_latency();
+        let (host, workload) = self.sampler.sample();
+        let mut latency = Vec::new();
+        let mut histograms = Vec::new();
+        let mut push = |metric, service: String, class: u16, h: &hdrhistogram::Histogram<u64>| {
+            let source = match metric {
+                LatencyMetric::KernelFirstByte => "kernel",
+                LatencyMetric::ReplayFirstByte => "replay_first_byte",
+                LatencyMetric::ReplayLastByte => "replay_last_byte",
+            };
+            latency.push(summary(source, service.clone(), class, h));
+            match EncodedHistogram::encode(h) {
+                Ok(histogram) => histograms.push(HistogramRecord {
+                    service,
+                    class,
+                    scope: FlowScope::All,
+                    metric,
+                    histogram,
+                }),
+                Err(e) => warn!(error = %error_chain(&e), "histogram left out of the report"),
+            }
+        };
+        for delta in kernel.iter().filter(|d| !d.mirrored) {
+            let service = self
+                .policy
+                .services
+                .get(delta.service_id as usize)
+                .map(|s| std::net::SocketAddr::new(s.addr, s.port).to_string())
+                .unwrap_or_default();
+            push(
+                LatencyMetric::KernelFirstByte,
+                service,
+                delta.class as u16,
+                &delta.histogram,
+            );
+        }
+        for (class, h) in &replayed {
+            push(
+                LatencyMetric::ReplayFirstByte,
+                String::new(),
+                *class,
+                &h.first_byte,
+            );
+            push(
+                LatencyMetric::ReplayLastByte,
+                String::new(),
+                *class,
+                &h.last_byte,
+            );
+        }
+        let exchanges = counters
+            .get(ShadowCounter::Exchanges.name())
+            .copied()
+            .unwrap_or(0);
+        let line = ShadowLine {
+            role: "shadow",
+            seq: self.seq,
+            interval_start_unix_ms: unix_ms(self.interval_start),
+            interval_ms,
+            exchanges_per_s: if interval_ms == 0 {
+                0.0
+            } else {
+                exchanges as f64 * 1000.0 / f64::from(interval_ms)
+            },
+            counters: counters.clone(),
+            latency,
+            host,
+            workload,
+        };
+        let report = IntervalReport {
+            seq: self.seq,
+            interval_start_unix_ms: unix_ms(self.interval_start),
+            interval_ms,
+            histograms,
+            counters: counters
+                .into_iter()
+                .map(|(name, value)| Counter { name, value })
+                .collect(),
+            host,
+            workload,
+            patterns: Vec::new(),
+        };
+        self.seq += 1;
+        self.interval_start = end;
+        Ok((line, report))
+    }
+
+    /// Stops receiving and detaches everything.
+    pub fn stop(mut self) -> Result<(), ShadowError> {
+        self.receiver.abort();
+        let mut result = Ok(());
+        if let Some(datapath) = self.datapath.as_mut() {
+            if let Some(admission) = self.admission.take()
+                && let Err(e) = datapath.detach_admission(admission)
+            {
+                result = Err(e.into());
+            }
+            if let Err(e) = datapath.detach_all() {
+                result = result.and(Err(e.into()));
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,182 @@
+//! What the shadow counts and times, shared by the receiver and the replay tasks and drained by
+//! the reporter every interval.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use hdrhistogram::Histogram;
+
+use crate::datapath::new_latency_histogram;
+
+macro_rules! shadow_counters {
+    ($($(#[doc = $doc:literal])* $variant:ident => $name:literal,)*) => {
+        /// Event counters of the shadow role; the names are the report's stable keys.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum ShadowCounter {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl ShadowCounter {
+            /// Every counter, in report order.
+            pub const ALL: &[Self] = &[$(Self::$variant,)*];
+
+            /// Stable report name.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+shadow_counters! {
+    /// Datagrams received on the mirror socket.
+    Datagrams => "datagrams",
+    /// Datagrams from a (source, VNI) not admitted (XDP off or bypassed): dropped.
+    NotAdmitted => "not_admitted",
+    /// Not VXLAN.
+    DecodeBadVxlan => "decode_bad_vxlan",
+    /// Inner Ethernet frame truncated.
+    DecodeShortFrame => "decode_short_frame",
+    /// Inner frame not IPv4/IPv6.
+    DecodeNotIp => "decode_not_ip",
+    /// Inner IP header malformed or lengths absurd.
+    DecodeBadIp => "decode_bad_ip",
+    /// Inner IPv4 fragment.
+    DecodeFragment => "decode_fragment",
+    /// Inner packet not TCP.
+    DecodeNotTcp => "decode_not_tcp",
+    /// Inner TCP header malformed.
+    DecodeBadTcp => "decode_bad_tcp",
+    /// Segments to a port that is not replayed.
+    UnknownService => "segments_unknown_service",
+    /// Segments of flows already finished or given up, or with no payload before a flow began.
+    LateSegments => "segments_ignored",
+    /// Duplicate payload bytes (retransmits, mirror duplicates).
+    DuplicateBytes => "duplicate_bytes",
+    /// Flows begun.
+    FlowsStarted => "flows_started",
+    /// Flows whose stream arrived whole to its FIN.
+    FlowsCompleted => "flows_completed",
+    /// Flows the client reset.
+    FlowsReset => "flows_reset",
+    /// Flows that went idle without a FIN; replayed as far as they arrived.
+    FlowsIdleEnded => "flows_idle_ended",
+    /// Flows abandoned because a hole never filled.
+    AbandonedGap => "flows_abandoned_gap",
+    /// Flows abandoned because their start was lost.
+    AbandonedStartMissed => "flows_abandoned_start_missed",
+    /// Flows abandoned because their own buffer limit was hit.
+    AbandonedFlowBuffer => "flows_abandoned_flow_buffer",
+    /// Oldest flows evicted to keep total memory within its limit.
+    EvictedMemory => "flows_evicted_memory",
+    /// Oldest flows evicted because the flow table was full.
+    EvictedTableFull => "flows_evicted_table_full",
+    /// Replay connections opened (one per flow copy).
+    Connections => "replay_connections",
+    /// Replay connections refused or failed.
+    ConnectFailures => "connect_failures",
+    /// Replay connections that timed out.
+    ConnectTimeouts => "connect_timeouts",
+    /// Replay connections reset or closed by the workload mid-exchange.
+    ReplayResets => "replay_resets",
+    /// Responses that did not arrive (or stalled) within the response timeout.
+    ResponseTimeouts => "response_timeouts",
+    /// Flow copies dropped because their replay could not keep up or failed (data discarded).
+    CopiesFailed => "copies_failed",
+    /// Exchanges replayed and answered.
+    Exchanges => "exchanges",
+    /// HTTP requests skipped by the allow/deny lists.
+    RequestsDenied => "requests_denied",
+    /// Flows abandoned because an HTTP request could not be delimited.
+    AbandonedHttp => "flows_abandoned_http",
+    /// Client bytes written to the workload.
+    BytesReplayed => "bytes_replayed",
+    /// Response bytes read and discarded.
+    BytesDiscarded => "bytes_discarded",
+    /// HTTP 1xx final responses (101).
+    Status1xx => "http_1xx",
+    /// HTTP 2xx.
+    Status2xx => "http_2xx",
+    /// HTTP 3xx.
+    Status3xx => "http_3xx",
+    /// HTTP 4xx.
+    Status4xx => "http_4xx",
+    /// HTTP 5xx.
+    Status5xx => "http_5xx",
+}
+
+/// Replayer latency of one class.
+#[derive(Debug, Clone)]
+pub struct ClassLatency {
+    /// Last request byte written -> first response byte read, ns.
+    pub first_byte: Histogram<u64>,
+    /// Last request byte written -> last response byte read, ns.
+    pub last_byte: Histogram<u64>,
+}
+
+/// Counters and histograms of the shadow role.
+#[derive(Debug)]
+pub struct ShadowStats {
+    counters: Vec<AtomicU64>,
+    latency: Mutex<BTreeMap<u16, ClassLatency>>,
+}
+
+impl Default for ShadowStats {
+    fn default() -> Self {
+        Self {
+            counters: ShadowCounter::ALL
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            latency: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl ShadowStats {
+    /// Adds `n` to a counter.
+    pub fn add(&self, counter: ShadowCounter, n: u64) {
+        self.counters[counter as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds one to a counter.
+    pub fn inc(&self, counter: ShadowCounter) {
+        self.add(counter, 1);
+    }
+
+    /// A counter's cumulative value.
+    pub fn get(&self, counter: ShadowCounter) -> u64 {
+        self.counters[counter as usize].load(Ordering::Relaxed)
+    }
+
+    /// Records one exchange of `class`.
+    pub fn record(&self, class: u16, first_byte_ns: u64, last_byte_ns: u64) {
+        let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = latency.entry(class).or_insert_with(|| ClassLatency {
+            first_byte: new_latency_histogram(),
+            last_byte: new_latency_histogram(),
+        });
+        entry.first_byte.saturating_record(first_byte_ns.max(1));
+        entry.last_byte.saturating_record(last_byte_ns.max(1));
+    }
+
+    /// Takes the histograms recorded since the last call.
+    pub fn take_latency(&self) -> BTreeMap<u16, ClassLatency> {
+        std::mem::take(&mut *self.latency.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Cumulative counters by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        ShadowCounter::ALL
+            .iter()
+            .map(|c| (c.name(), self.get(*c)))
+            .collect()
+    }
+}

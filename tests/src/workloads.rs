@@ -1,0 +1,186 @@
+//! Real servers from Debian packages as workloads inside testbed hosts: nginx with an access log
+//! that records exactly what it served, and redis-server whose `INFO commandstats` says what it
+//! executed.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::Stdio,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::testbed::{Host, Process};
+
+/// Waits until `addr` accepts connections from inside `host`.
+pub fn wait_listening(host: &Host, addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let up = {
+            let _inside = host.enter().expect("enter host");
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        };
+        if up {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} did not start on {addr}");
+        thread::sleep(Duration::from_millis(30));
+    }
+}
+
+/// nginx answering `200 ok` to every method and path, logging `METHOD URI` per request.
+#[derive(Debug)]
+pub struct Nginx {
+    _process: Process,
+    dir: PathBuf,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Nginx {
+    /// Starts nginx inside `host` on `addr:port`.
+    pub fn start(host: &Host, addr: IpAddr, port: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "doppel-nginx-{}-{}-{port}",
+            std::process::id(),
+            host.netns()
+        ));
+        std::fs::create_dir_all(dir.join("logs")).expect("nginx dir");
+        let listen = SocketAddr::new(addr, port);
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n log_format doppel '$request_method $request_uri';\n\
+             access_log {d}/access.log doppel;\n client_body_temp_path {d};\n proxy_temp_path {d};\n\
+             fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n\
+             keepalive_requests 100000;\n\
+             server {{ listen {listen}; location / {{ return 200 \"doppel nginx ok\\n\"; }} }}\n}}\n",
+            d = dir.display(),
+        );
+        let _ = std::fs::remove_file(dir.join("access.log"));
+        std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
+        let mut command = host.command("nginx");
+        command
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let process = host.spawn(command).expect("spawn nginx");
+        wait_listening(host, listen, "nginx");
+        Self {
+            _process: process,
+            dir,
+            addr: listen,
+        }
+    }
+
+    /// Every `METHOD URI` served so far, in order.
+    pub fn access_log(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// redis-server without persistence.
+#[derive(Debug)]
+pub struct Redis {
+    _process: Process,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Redis {
+    /// Starts redis-server inside `host` on `addr:port`.
+    pub fn start(host: &Host, addr: IpAddr, port: u16) -> Self {
+        let mut command = host.command("redis-server");
+        command
+            .args(["--port", &port.to_string(), "--bind", &addr.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--dir", std::env::temp_dir().to_str().expect("utf-8")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let process = host.spawn(command).expect("spawn redis-server");
+        let addr = SocketAddr::new(addr, port);
+        wait_listening(host, addr, "redis-server");
+        Self {
+            _process: process,
+            addr,
+        }
+    }
+
+    /// Calls per command (`set`, `get`, …) from `INFO commandstats`, asked from inside `host`.
+    pub fn command_calls(&self, host: &Host) -> BTreeMap<String, u64> {
+        let out = host
+            .run(
+                "redis-cli",
+                &[
+                    "-h",
+                    &self.addr.ip().to_string(),
+                    "-p",
+                    &self.addr.port().to_string(),
+                    "INFO",
+                    "commandstats",
+                ],
+            )
+            .expect("redis-cli INFO");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest
+                    .strip_prefix("calls=")?
+                    .split(',')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some((name.to_owned(), calls))
+            })
+            .collect()
+    }
+}
+
+/// Sends RESP commands on one connection, each after the previous reply, and returns the client
+/// port. Replies are read until they end in CRLF (every command used here has a one-line or
+/// small bulk reply).
+pub fn redis_flow(server: SocketAddr, commands: &[&[&str]]) -> u16 {
+    let mut conn = TcpStream::connect_timeout(&server, Duration::from_secs(5)).expect("connect");
+    conn.set_nodelay(true).expect("nodelay");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let port = conn.local_addr().expect("local").port();
+    for command in commands {
+        let mut wire = format!("*{}\r\n", command.len());
+        for arg in *command {
+            wire.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        conn.write_all(wire.as_bytes()).expect("send command");
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 512];
+        loop {
+            let n = conn.read(&mut chunk).expect("reply");
+            assert!(n > 0, "redis closed the connection");
+            reply.extend_from_slice(&chunk[..n]);
+            let lines = reply.windows(2).filter(|w| w == b"\r\n").count();
+            let bulk = reply.first() == Some(&b'$') && !reply.starts_with(b"$-1");
+            if reply.ends_with(b"\r\n") && (!bulk || lines >= 2) {
+                break;
+            }
+        }
+        // Think time, as a real client has: the exchanges are separate on the wire.
+        thread::sleep(Duration::from_millis(2));
+    }
+    port
+}

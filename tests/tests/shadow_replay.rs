@@ -1,0 +1,535 @@
+//! The shadow role end to end: a client talks to real servers (nginx, redis-server) on a live
+//! host whose agent mirrors every flow over VXLAN to a shadow host; the shadow agent
+//! (`doppel-agent --config shadow.toml`) admits the session in XDP, reassembles the flows and
+//! replays them against the same servers on the shadow's loopback. The servers' own records
+//! (nginx access logs, redis `INFO commandstats`) say what was replayed.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use doppel_agent::shadow::vxlan::SegmentBuilder;
+use doppel_tests::{
+    testbed::{Host, Link, Process, privileged_or_skip, workspace_binary},
+    traffic::{HttpServer, http_flow},
+    workloads::{Nginx, Redis, redis_flow},
+};
+use serde_json::Value;
+
+const VNI: u32 = 101;
+
+/// Client, live host and one shadow host.
+struct Topology {
+    client: Host,
+    live: Host,
+    shadow: Host,
+    client_link: Link,
+    shadow_link: Link,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let client = Host::new("client").expect("client");
+        let live = Host::new("live").expect("live");
+        let shadow = Host::new("shadow").expect("shadow");
+        let client_link = Link::new(&client, &live).expect("client link");
+        let shadow_link = Link::new(&live, &shadow).expect("shadow link");
+        Self {
+            client,
+            live,
+            shadow,
+            client_link,
+            shadow_link,
+        }
+    }
+
+    fn live_addr(&self) -> IpAddr {
+        self.client_link.b_v4.into()
+    }
+
+    /// The live agent mirroring 100 % of the flows to `ports` to the shadow.
+    fn live_agent(&self, ports: &[u16]) -> Agent {
+        let services: String = ports
+            .iter()
+            .map(|p| {
+                format!(
+                    "[[services]]\naddr = \"{}\"\nport = {p}\n",
+                    self.live_addr()
+                )
+            })
+            .collect();
+        Agent::start(
+            &self.live,
+            "live",
+            &format!(
+                "interface = \"{iface}\"\nreport_interval_ms = 300\ndefault_sample_percent = 100.0\n\
+                 {services}[[mirror_sessions]]\nshadow = \"{shadow}\"\nvni = {VNI}\n",
+                iface = self.client_link.b_iface,
+                shadow = self.shadow_link.b_v4,
+            ),
+        )
+    }
+
+    /// The shadow agent replaying `ports` to the shadow's loopback; `extra` is appended.
+    fn shadow_agent(&self, ports: &[u16], extra: &str) -> Agent {
+        let services: String = ports
+            .iter()
+            .map(|p| format!("[[services]]\nport = {p}\n"))
+            .collect();
+        Agent::start(
+            &self.shadow,
+            "shadow",
+            &format!(
+                "role = \"shadow\"\nxdp_interface = \"{iface}\"\nreplay_addr = \"127.0.0.1\"\n\
+                 replay_interface = \"lo\"\nreport_interval_ms = 300\nresponse_timeout_ms = 2000\n\
+                 {extra}\n[[sessions]]\nsource = \"{live}\"\nvni = {VNI}\n{services}",
+                iface = self.shadow_link.b_iface,
+                live = self.shadow_link.a_v4,
+            ),
+        )
+    }
+}
+
+/// A running agent and the JSON lines it printed.
+struct Agent {
+    process: Process,
+    lines: Arc<Mutex<Vec<Value>>>,
+    config_path: std::path::PathBuf,
+}
+
+impl Agent {
+    fn start(host: &Host, role: &str, config: &str) -> Self {
+        let config_path = std::env::temp_dir().join(format!(
+            "doppel-{role}-{}-{}.toml",
+            std::process::id(),
+            host.netns()
+        ));
+        std::fs::write(&config_path, config).expect("write config");
+        let mut command = host.command(workspace_binary("doppel-agent").to_str().expect("utf-8"));
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::piped());
+        let mut process = host.spawn(command).expect("spawn agent");
+        let stdout = process.child_mut().stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value: Value = serde_json::from_str(&line).expect("agent prints JSON lines");
+                sink.lock().expect("lock").push(value);
+            }
+        });
+        for _ in 0..200 {
+            if !lines.lock().expect("lock").is_empty() {
+                break;
+            }
+            if let Some(status) = process.wait_timeout(Duration::from_millis(25)) {
+                panic!("{role} agent exited early: {status:?}");
+            }
+        }
+        assert!(
+            !lines.lock().expect("lock").is_empty(),
+            "{role} agent printed no report"
+        );
+        Self {
+            process,
+            lines,
+            config_path,
+        }
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        counter(&self.lines.lock().expect("lock"), name)
+    }
+
+    fn stop(mut self) -> Vec<Value> {
+        let status = self.process.stop(Duration::from_secs(10));
+        assert!(status.success(), "agent exit status {status:?}");
+        thread::sleep(Duration::from_millis(100));
+        let _ = std::fs::remove_file(&self.config_path);
+        self.lines.lock().expect("lock").clone()
+    }
+}
+
+fn counter(lines: &[Value], name: &str) -> u64 {
+    lines
+        .iter()
+        .map(|l| l["counters"][name].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// The largest p50 (µs) among a source's latency entries, and their total count.
+fn latency(lines: &[Value], source: Option<&str>) -> (f64, u64) {
+    let entries: Vec<Value> = lines
+        .iter()
+        .flat_map(|l| l["latency"].as_array().cloned().unwrap_or_default())
+        .filter(|e| source.is_none_or(|s| e["source"] == s))
+        .filter(|e| e["scope"] != "mirrored")
+        .collect();
+    let p50 = entries
+        .iter()
+        .filter_map(|e| e["p50_us"].as_f64())
+        .fold(0.0, f64::max);
+    let count = entries.iter().filter_map(|e| e["count"].as_u64()).sum();
+    (p50, count)
+}
+
+/// Polls `f` until it returns true or `secs` pass.
+fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// Runs `flows` HTTP flows from the client, 2 at a time.
+fn http_flows(
+    t: &Topology,
+    server: SocketAddr,
+    flows: usize,
+    requests: impl Fn(usize) -> Vec<String> + Sync,
+) {
+    thread::scope(|s| {
+        for worker in 0..2 {
+            let requests = &requests;
+            s.spawn(move || {
+                let _inside = t.client.enter().expect("enter client");
+                for i in (worker..flows).step_by(2) {
+                    http_flow(server, &requests(i));
+                }
+            });
+        }
+    });
+}
+
+fn mixed_requests(i: usize) -> Vec<String> {
+    vec![
+        format!("GET /items/{i}?q=a HTTP/1.1\r\nHost: live\r\n\r\n"),
+        format!(
+            "POST /orders/{i} HTTP/1.1\r\nHost: live\r\nContent-Length: 11\r\n\r\n{{\"qty\": 1}}\n"
+        ),
+        format!("OPTIONS /static/{i}.css HTTP/1.1\r\nHost: live\r\n\r\n"),
+        format!(
+            "PUT /upload/{i} HTTP/1.1\r\nHost: live\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"
+        ),
+        format!("GET /after-writes/{i} HTTP/1.1\r\nHost: live\r\n\r\n"),
+    ]
+}
+
+#[test]
+fn nginx_shadow_serves_exactly_the_mirrored_safe_requests_and_skips_writes() {
+    if !privileged_or_skip(
+        "nginx_shadow_serves_exactly_the_mirrored_safe_requests_and_skips_writes",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    let live_nginx = Nginx::start(&t.live, t.live_addr(), 8080);
+    let shadow_nginx = Nginx::start(&t.shadow, "127.0.0.1".parse().expect("addr"), 8080);
+    let shadow = t.shadow_agent(&[8080], "");
+    let live = t.live_agent(&[8080]);
+
+    const FLOWS: usize = 30;
+    http_flows(&t, live_nginx.addr, FLOWS, mixed_requests);
+    let live_log = live_nginx.access_log();
+    assert_eq!(
+        live_log.len(),
+        FLOWS * 5,
+        "the live nginx served every request"
+    );
+    let expected: Vec<String> = live_log
+        .iter()
+        .filter(|l| l.starts_with("GET ") || l.starts_with("OPTIONS "))
+        .cloned()
+        .collect();
+    let complete = wait_for(15, || shadow_nginx.access_log().len() >= expected.len());
+    thread::sleep(Duration::from_millis(400));
+    let shadow_lines = shadow.stop();
+    let live_lines = live.stop();
+    assert!(
+        complete,
+        "shadow served {} of {}",
+        shadow_nginx.access_log().len(),
+        expected.len()
+    );
+    // Exactly the safe requests, each once; the POSTs and PUTs in between were skipped without
+    // breaking the keep-alive connection (the GET after them was still replayed).
+    assert_eq!(sorted(shadow_nginx.access_log()), sorted(expected));
+    assert_eq!(counter(&live_lines, "flows_sampled"), FLOWS as u64);
+    assert_eq!(counter(&shadow_lines, "flows_started"), FLOWS as u64);
+    assert_eq!(counter(&shadow_lines, "flows_completed"), FLOWS as u64);
+    assert_eq!(counter(&shadow_lines, "requests_denied"), 2 * FLOWS as u64);
+    assert_eq!(counter(&shadow_lines, "exchanges"), 3 * FLOWS as u64);
+    assert_eq!(counter(&shadow_lines, "http_2xx"), 3 * FLOWS as u64);
+    assert_eq!(counter(&shadow_lines, "replay_connections"), FLOWS as u64);
+    assert_eq!(counter(&shadow_lines, "xdp_dropped_not_admitted"), 0);
+    assert!(counter(&shadow_lines, "xdp_admitted") > 0);
+    // The in-kernel measurement on the shadow's loopback saw every replayed exchange, as the
+    // replayer did.
+    let (_, kernel) = latency(&shadow_lines, Some("kernel"));
+    let (_, replayed) = latency(&shadow_lines, Some("replay_first_byte"));
+    assert_eq!(kernel, 3 * FLOWS as u64, "kernel-timed shadow exchanges");
+    assert_eq!(replayed, 3 * FLOWS as u64, "replayer-timed exchanges");
+    // Resource use of the shadow host is reported every interval.
+    assert!(shadow_lines.iter().all(|l| l["host"].is_object()));
+}
+
+#[test]
+fn allowed_writes_are_replayed_and_amplification_doubles_the_requests() {
+    if !privileged_or_skip("allowed_writes_are_replayed_and_amplification_doubles_the_requests") {
+        return;
+    }
+    let t = Topology::new();
+    let live_nginx = Nginx::start(&t.live, t.live_addr(), 8080);
+    let shadow_nginx = Nginx::start(&t.shadow, "127.0.0.1".parse().expect("addr"), 8080);
+    let shadow = t.shadow_agent(
+        &[8080],
+        "amplification = 2.0\n[http]\nallow_methods = [\"GET\", \"OPTIONS\", \"POST\", \"PUT\"]",
+    );
+    let live = t.live_agent(&[8080]);
+    const FLOWS: usize = 20;
+    http_flows(&t, live_nginx.addr, FLOWS, mixed_requests);
+    let live_log = live_nginx.access_log();
+    let expected: Vec<String> = live_log
+        .iter()
+        .flat_map(|l| [l.clone(), l.clone()])
+        .collect();
+    let complete = wait_for(15, || shadow_nginx.access_log().len() >= expected.len());
+    thread::sleep(Duration::from_millis(400));
+    let shadow_lines = shadow.stop();
+    live.stop();
+    assert!(
+        complete,
+        "shadow served {} of {}",
+        shadow_nginx.access_log().len(),
+        expected.len()
+    );
+    assert_eq!(
+        sorted(shadow_nginx.access_log()),
+        sorted(expected),
+        "every request twice, writes included"
+    );
+    assert_eq!(
+        counter(&shadow_lines, "replay_connections"),
+        2 * FLOWS as u64
+    );
+    assert_eq!(counter(&shadow_lines, "requests_denied"), 0);
+}
+
+#[test]
+fn a_delay_on_the_shadow_shows_in_shadow_latency_and_not_in_live_latency() {
+    if !privileged_or_skip("a_delay_on_the_shadow_shows_in_shadow_latency_and_not_in_live_latency")
+    {
+        return;
+    }
+    let t = Topology::new();
+    let _live_server = {
+        let _inside = t.live.enter().expect("enter live");
+        HttpServer::start(TcpListener::bind((t.live_addr(), 8080)).expect("bind"))
+    };
+    let _shadow_server = {
+        let _inside = t.shadow.enter().expect("enter shadow");
+        HttpServer::start_with_delay(
+            TcpListener::bind(("127.0.0.1", 8080)).expect("bind"),
+            Duration::from_millis(40),
+        )
+    };
+    let shadow = t.shadow_agent(&[8080], "");
+    let live = t.live_agent(&[8080]);
+    const FLOWS: usize = 10;
+    http_flows(&t, SocketAddr::new(t.live_addr(), 8080), FLOWS, |i| {
+        vec![format!("GET /item/{i} HTTP/1.1\r\nHost: live\r\n\r\n"); 2]
+    });
+    wait_for(15, || shadow.counter("exchanges") >= 2 * FLOWS as u64);
+    thread::sleep(Duration::from_millis(400));
+    let shadow_lines = shadow.stop();
+    let live_lines = live.stop();
+    let (live_p50, live_n) = latency(&live_lines, None);
+    let (kernel_p50, kernel_n) = latency(&shadow_lines, Some("kernel"));
+    let (replay_p50, replay_n) = latency(&shadow_lines, Some("replay_first_byte"));
+    assert_eq!(live_n, 2 * FLOWS as u64, "live exchanges measured");
+    assert_eq!(
+        kernel_n,
+        2 * FLOWS as u64,
+        "shadow exchanges measured in the kernel"
+    );
+    assert_eq!(
+        replay_n,
+        2 * FLOWS as u64,
+        "shadow exchanges measured by the replayer"
+    );
+    assert!(
+        live_p50 < 10_000.0,
+        "live p50 {live_p50} µs: the delay is not on the live host"
+    );
+    assert!(
+        kernel_p50 >= 39_000.0,
+        "shadow kernel p50 {kernel_p50} µs shows the 40 ms delay"
+    );
+    assert!(
+        replay_p50 >= 39_000.0,
+        "shadow replay p50 {replay_p50} µs shows the 40 ms delay"
+    );
+}
+
+#[test]
+fn redis_shadow_executes_the_commands_the_client_sent() {
+    if !privileged_or_skip("redis_shadow_executes_the_commands_the_client_sent") {
+        return;
+    }
+    let t = Topology::new();
+    let live_redis = Redis::start(&t.live, t.live_addr(), 6379);
+    let shadow_redis = Redis::start(&t.shadow, "127.0.0.1".parse().expect("addr"), 6379);
+    let shadow = t.shadow_agent(&[6379], "");
+    let live = t.live_agent(&[6379]);
+    const FLOWS: usize = 12;
+    {
+        let _inside = t.client.enter().expect("enter client");
+        for i in 0..FLOWS {
+            let key = format!("k{i}");
+            redis_flow(
+                live_redis.addr,
+                &[
+                    &["SET", &key, "v"],
+                    &["INCR", "counter"],
+                    &["GET", &key],
+                    &["LPUSH", "list", &key],
+                ],
+            );
+        }
+    }
+    let wanted = ["set", "incr", "get", "lpush"];
+    let live_calls = live_redis.command_calls(&t.live);
+    for command in wanted {
+        assert_eq!(
+            live_calls.get(command),
+            Some(&(FLOWS as u64)),
+            "live {command}"
+        );
+    }
+    let replayed = wait_for(15, || {
+        let calls = shadow_redis.command_calls(&t.shadow);
+        wanted.iter().all(|c| calls.get(*c) >= live_calls.get(*c))
+    });
+    thread::sleep(Duration::from_millis(300));
+    let shadow_calls = shadow_redis.command_calls(&t.shadow);
+    let shadow_lines = shadow.stop();
+    live.stop();
+    assert!(
+        replayed,
+        "shadow executed {shadow_calls:?}, live {live_calls:?}"
+    );
+    for command in wanted {
+        assert_eq!(
+            shadow_calls.get(command),
+            live_calls.get(command),
+            "shadow {command}"
+        );
+    }
+    // Opaque exchanges, cut where the client saw a reply: one per command.
+    assert_eq!(counter(&shadow_lines, "exchanges"), 4 * FLOWS as u64);
+}
+
+#[test]
+fn non_admitted_sessions_never_reach_user_space_and_bad_input_is_counted() {
+    if !privileged_or_skip("non_admitted_sessions_never_reach_user_space_and_bad_input_is_counted")
+    {
+        return;
+    }
+    let t = Topology::new();
+    // No workload listens on the shadow: admitted flows must fail fast, counted.
+    let shadow = t.shadow_agent(&[8080], "connect_timeout_ms = 500");
+    // A second address on the live host's shadow link: a source that is not admitted.
+    let stranger = {
+        let a = t.shadow_link.a_v4.octets();
+        std::net::Ipv4Addr::new(a[0], a[1], a[2], 77)
+    };
+    t.live
+        .ip(&[
+            "addr",
+            "add",
+            &format!("{stranger}/24"),
+            "dev",
+            &t.shadow_link.a_iface,
+        ])
+        .expect("second address");
+    let target = SocketAddr::new(t.shadow_link.b_v4.into(), 4789);
+    let segment = |vni: u32, port: u16| SegmentBuilder {
+        vni,
+        client: SocketAddr::new(t.live_addr(), port),
+        service: SocketAddr::new(t.live_addr(), 8080),
+    };
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    {
+        let _inside = t.live.enter().expect("enter live");
+        let admitted = UdpSocket::bind((t.shadow_link.a_v4, 0)).expect("bind");
+        let foreign = UdpSocket::bind((stranger, 0)).expect("bind stranger");
+        for i in 0..20u16 {
+            // Wrong VNI from the admitted source, and the right VNI from a stranger.
+            admitted
+                .send_to(
+                    &segment(VNI + 1, 1000 + i).datagram(1, 1, 0, request),
+                    target,
+                )
+                .expect("send");
+            foreign
+                .send_to(&segment(VNI, 2000 + i).datagram(1, 1, 0, request), target)
+                .expect("send");
+            // Too short to be VXLAN: dropped in XDP as malformed.
+            admitted.send_to(&[0x08, 0, 0], target).expect("send");
+        }
+        // Admitted, but the inner frame is not TCP, or its lengths are absurd.
+        let good = segment(VNI, 3000).datagram(1, 1, 0, request);
+        let mut not_tcp = good.clone();
+        not_tcp[8 + 14 + 9] = 17;
+        let mut absurd = good.clone();
+        absurd[8 + 14 + 2..8 + 14 + 4].copy_from_slice(&60_000u16.to_be_bytes());
+        for bad in [&not_tcp, &absurd, &good[..30].to_vec()] {
+            admitted.send_to(bad, target).expect("send");
+        }
+        // Admitted flows to a workload that is down.
+        for i in 0..5u16 {
+            admitted
+                .send_to(
+                    &segment(VNI, 4000 + i).datagram(1, 1, 0x01, request),
+                    target,
+                )
+                .expect("send");
+        }
+    }
+    wait_for(5, || shadow.counter("connect_failures") >= 5);
+    thread::sleep(Duration::from_millis(400));
+    let lines = shadow.stop();
+    assert_eq!(counter(&lines, "xdp_dropped_not_admitted"), 40);
+    assert_eq!(counter(&lines, "xdp_dropped_malformed"), 20);
+    assert_eq!(
+        counter(&lines, "not_admitted"),
+        0,
+        "nothing non-admitted reached the socket"
+    );
+    assert_eq!(
+        counter(&lines, "datagrams"),
+        8,
+        "only admitted datagrams reached the socket"
+    );
+    assert_eq!(counter(&lines, "decode_not_tcp"), 1);
+    assert_eq!(counter(&lines, "decode_bad_ip"), 2);
+    assert_eq!(counter(&lines, "flows_started"), 5);
+    assert_eq!(counter(&lines, "connect_failures"), 5);
+    assert_eq!(counter(&lines, "exchanges"), 0);
+}
