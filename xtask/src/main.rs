@@ -1,8 +1,11 @@
-//! Developer tasks for doppel: `cargo xtask setup | build-ebpf | test`.
+//! Developer tasks for doppel: `cargo xtask setup | build-ebpf | test | eval | bench`.
 //!
-//! Every task but `setup` runs `setup` first, so a fresh machine needs one command.
+//! Tasks that build or load eBPF run `setup` first, so a fresh machine needs one command; `eval`
+//! and `bench` only exercise the sans-IO engine and need no toolchain beyond cargo.
 
+mod bench;
 mod build_ebpf;
+mod eval;
 mod setup;
 mod test;
 
@@ -23,6 +26,10 @@ enum Task {
     BuildEbpf(build_ebpf::Options),
     /// Set up, then run formatting and lint checks and every test.
     Test(test::Options),
+    /// Measure a component on real traces and simulations (`eval predictor`).
+    Eval(eval::Options),
+    /// Time a component's hot paths (`bench predictor`).
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +37,8 @@ fn main() -> anyhow::Result<()> {
         Task::Setup(options) => setup::run(&options).map(drop),
         Task::BuildEbpf(options) => build_ebpf::run(&options),
         Task::Test(options) => test::run(&options),
+        Task::Eval(options) => eval::run(&options),
+        Task::Bench(options) => bench::run(&options),
     }
 }
 

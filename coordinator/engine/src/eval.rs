@@ -1,0 +1,284 @@
+//! Offline evaluation of the predictor on in-memory series: walk-forward forecast backtests
+//! against persistence and seasonal-naive baselines, degradation-warning replays against a
+//! capacity threshold, and the simulated VM catalog for the choice of type.
+//!
+//! Reading trace files is the caller's job (`cargo xtask eval predictor`); this module only
+//! computes, so it stays sans-IO like the rest of the engine.
+
+use crate::Timestamp;
+use crate::forecast::{ForecastConfig, ForecastError, LoadForecaster};
+use crate::warning::{WarningPolicy, WarningState};
+
+/// Errors of one horizon for one method, accumulated over the test period.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ErrorSum {
+    /// Σ |forecast − actual|.
+    pub abs_error: f64,
+    /// Σ actual.
+    pub actual: f64,
+    /// Number of forecasts scored.
+    pub count: usize,
+}
+
+impl ErrorSum {
+    fn add(&mut self, forecast: f64, actual: f64) {
+        self.abs_error += (forecast - actual).abs();
+        self.actual += actual.abs();
+        self.count += 1;
+    }
+
+    /// Weighted absolute percentage error: Σ|e| / Σ|y|.
+    pub fn wape(&self) -> f64 {
+        if self.actual > 0.0 {
+            self.abs_error / self.actual
+        } else {
+            f64::NAN
+        }
+    }
+
+    /// Mean absolute error.
+    pub fn mae(&self) -> f64 {
+        if self.count > 0 {
+            self.abs_error / self.count as f64
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// One horizon's scores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HorizonScore {
+    /// Horizon in steps.
+    pub steps: usize,
+    /// The forecaster.
+    pub model: ErrorSum,
+    /// Last value carried forward.
+    pub persistence: ErrorSum,
+    /// Value one season earlier.
+    pub seasonal_naive: ErrorSum,
+    /// In-sample MAE of one-step persistence on the training part: the MASE scale (Hyndman).
+    pub mase_scale: f64,
+}
+
+impl HorizonScore {
+    /// MASE of a method: its MAE over the in-sample one-step naive MAE.
+    pub fn mase(&self, e: &ErrorSum) -> f64 {
+        e.mae() / self.mase_scale
+    }
+
+    /// The forecaster's MAE relative to the better naive baseline at this horizon: below 1 means
+    /// it beats both (the MASE of the forecaster scaled by that baseline's error).
+    pub fn relative_mase(&self) -> f64 {
+        self.model.mae() / self.persistence.mae().min(self.seasonal_naive.mae())
+    }
+
+    /// 1 − WAPE(model) / WAPE(better baseline).
+    pub fn wape_gain(&self) -> f64 {
+        1.0 - self.model.wape() / self.persistence.wape().min(self.seasonal_naive.wape())
+    }
+}
+
+/// A backtest: train on the first part, forecast every origin of the rest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BacktestSetup {
+    /// Model configuration (step, season, refit schedule).
+    pub config: ForecastConfig,
+    /// Horizons to score, in steps.
+    pub horizons: Vec<usize>,
+    /// Share of the series used only for training (the rest is held out).
+    pub train_fraction: f64,
+    /// When set, replay degradation warnings against this capacity threshold.
+    pub warning: Option<WarningSetup>,
+}
+
+/// A degradation-warning replay: the SLO breaks while load exceeds `capacity`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarningSetup {
+    /// Load above which the SLO is broken.
+    pub capacity: f64,
+    /// When to raise and clear.
+    pub policy: WarningPolicy,
+    /// Breaches closer than this many steps are one incident.
+    pub merge_gap_steps: usize,
+}
+
+/// What a warning replay found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WarningOutcome {
+    /// Breach incidents in the test period (excluding one already under way when it starts).
+    pub incidents: usize,
+    /// Incidents with a warning raised before they began.
+    pub warned: usize,
+    /// Lead time of each warned incident, in seconds.
+    pub lead_secs: Vec<u64>,
+    /// Warnings after which no breach came within the horizon.
+    pub false_alarms: usize,
+    /// Length of the test period in days.
+    pub test_days: f64,
+}
+
+/// Results of one trace's backtest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BacktestReport {
+    /// Scores per horizon, in the order asked.
+    pub horizons: Vec<HorizonScore>,
+    /// The warning replay, when asked.
+    pub warning: Option<WarningOutcome>,
+    /// Fits performed (the initial one and scheduled refits).
+    pub fits: usize,
+    /// Which model the last fit chose, for the report.
+    pub last_model: Option<crate::ModelKind>,
+}
+
+/// Walks forward through `series` (one value per `config.step_secs`, the first at `start`): fits
+/// on the training part, then at every test origin scores forecasts, optionally replays warnings,
+/// observes the next value and refits on schedule.
+pub fn backtest(
+    series: &[f64],
+    start: Timestamp,
+    setup: &BacktestSetup,
+) -> Result<BacktestReport, ForecastError> {
+    let config = &setup.config;
+    let step = config.step_secs;
+    let n = series.len();
+    let split = ((n as f64 * setup.train_fraction) as usize).clamp(4, n);
+    let at = |i: usize| start + i as u64 * step;
+    let m = config.season_steps;
+    let training = &series[..split];
+    let mase_scale = training
+        .windows(2)
+        .map(|w| (w[1] - w[0]).abs())
+        .sum::<f64>()
+        / (training.len() - 1) as f64;
+    let mut scores: Vec<HorizonScore> = setup
+        .horizons
+        .iter()
+        .map(|&steps| HorizonScore {
+            steps,
+            model: ErrorSum::default(),
+            persistence: ErrorSum::default(),
+            seasonal_naive: ErrorSum::default(),
+            mase_scale,
+        })
+        .collect();
+    let history_from = |end: usize| end.saturating_sub(config.max_history);
+    let mut model =
+        LoadForecaster::fit(config, &series[history_from(split)..split], at(split - 1))?;
+    let mut fits = 1;
+    let mut since_fit = 0;
+    let mut warning_state = WarningState::default();
+    let mut warning_active = vec![false; n];
+    // Origin `o`: the last observed index; forecasts target o + h.
+    for o in split - 1..n - 1 {
+        for score in &mut scores {
+            let h = score.steps;
+            if o + h >= n || o + h < m * h.div_ceil(m) {
+                continue;
+            }
+            let actual = series[o + h];
+            score.model.add(model.median(h), actual);
+            score.persistence.add(series[o], actual);
+            score
+                .seasonal_naive
+                .add(series[o + h - m * h.div_ceil(m)], actual);
+        }
+        if let Some(w) = &setup.warning {
+            warning_active[o] = warning_state
+                .evaluate(at(o), &w.policy, &model, &[w.capacity])
+                .is_some();
+        }
+        model.observe(at(o + 1), series[o + 1]);
+        since_fit += 1;
+        if since_fit >= config.refit_every {
+            model = LoadForecaster::fit(config, &series[history_from(o + 2)..o + 2], at(o + 1))?;
+            fits += 1;
+            since_fit = 0;
+        }
+    }
+    let warning = setup
+        .warning
+        .as_ref()
+        .map(|w| score_warnings(series, split, step, w, &warning_active));
+    Ok(BacktestReport {
+        horizons: scores,
+        warning,
+        fits,
+        last_model: Some(model.kind()),
+    })
+}
+
+/// Matches warnings with breach incidents in the test part `[split, n)`.
+fn score_warnings(
+    series: &[f64],
+    split: usize,
+    step_secs: u64,
+    setup: &WarningSetup,
+    active: &[bool],
+) -> WarningOutcome {
+    let n = series.len();
+    let horizon = setup.policy.horizon_steps;
+    let breach: Vec<bool> = series.iter().map(|&y| y > setup.capacity).collect();
+    // Incidents: breach runs, merged across gaps shorter than `merge_gap_steps`.
+    let mut incidents: Vec<(usize, usize)> = Vec::new();
+    for (i, _) in breach.iter().enumerate().skip(split).filter(|(_, b)| **b) {
+        match incidents.last_mut() {
+            Some((_, end)) if i - *end <= setup.merge_gap_steps => *end = i,
+            _ => incidents.push((i, i)),
+        }
+    }
+    // An incident already under way when the test starts could not be warned of.
+    incidents.retain(|&(s, _)| s > split);
+    let mut outcome = WarningOutcome {
+        incidents: incidents.len(),
+        test_days: (n - split) as f64 * step_secs as f64 / 86_400.0,
+        ..WarningOutcome::default()
+    };
+    for &(s, _) in &incidents {
+        // Warned if a warning was raised at the origin just before the breach; its lead is how
+        // long it had been raised, at most the horizon (a warning claims no more than that).
+        if active[s - 1] {
+            let mut onset = s - 1;
+            while onset > split && active[onset - 1] && s - onset < horizon {
+                onset -= 1;
+            }
+            outcome.warned += 1;
+            outcome.lead_secs.push((s - onset) as u64 * step_secs);
+        }
+    }
+    // False alarms: warning episodes with no breach from onset to end + horizon.
+    let mut i = split;
+    while i < n {
+        if !active[i] {
+            i += 1;
+            continue;
+        }
+        let onset = i;
+        while i < n && active[i] {
+            i += 1;
+        }
+        let until = (i + horizon).min(n);
+        if !breach[onset..until].iter().any(|&b| b) {
+            outcome.false_alarms += 1;
+        }
+    }
+    outcome
+}
+
+/// A synthetic per-minute load series: a daily cycle, a weekday/weekend difference, slow growth
+/// and multiplicative noise, seeded. For benchmarks and tests, not for judging accuracy.
+pub fn synthetic_load(days: usize, seed: u64) -> Vec<f64> {
+    use rand::{RngExt as _, SeedableRng as _};
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
+    let scale = 50.0 + rng.random_range(0.0..950.0);
+    (0..days * 1440)
+        .map(|i| {
+            let day = i / 1440;
+            let phase = (i % 1440) as f64 / 1440.0 * std::f64::consts::TAU;
+            let weekend = if day % 7 >= 5 { 0.7 } else { 1.0 };
+            let growth = 1.0 + 0.01 * day as f64;
+            let noise = 1.0 + 0.1 * (rng.random::<f64>() - 0.5);
+            scale * weekend * growth * (1.0 + 0.6 * (phase - 2.0).sin()) * noise
+        })
+        .collect()
+}
