@@ -152,6 +152,8 @@ fn evaluate_trace(trace: &Trace) -> anyhow::Result<BacktestReport> {
     // performance model.
     let capacity = test[(test.len() as f64 * 0.95) as usize];
     let steps_per_hour = (3600 / trace.step_secs) as usize;
+    // The SLO is judged over ten minutes: ten one-minute or two five-minute samples.
+    let min_breach_steps = (600 / trace.step_secs) as usize;
     let setup = BacktestSetup {
         config,
         horizons,
@@ -160,9 +162,11 @@ fn evaluate_trace(trace: &Trace) -> anyhow::Result<BacktestReport> {
             capacity,
             policy: WarningPolicy {
                 horizon_steps: steps_per_hour,
+                min_breach_steps,
                 ..WarningPolicy::default()
             },
             merge_gap_steps: steps_per_hour,
+            min_breach_steps,
         }),
     };
     backtest(&trace.values, trace.start, &setup).with_context(|| format!("backtest {}", trace.name))

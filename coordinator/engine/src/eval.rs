@@ -101,6 +101,9 @@ pub struct WarningSetup {
     pub policy: WarningPolicy,
     /// Breaches closer than this many steps are one incident.
     pub merge_gap_steps: usize,
+    /// Breaches shorter than this many steps are blips, not incidents: an SLO is judged over a
+    /// window, and one sample over the line does not break it.
+    pub min_breach_steps: usize,
 }
 
 /// What a warning replay found.
@@ -218,13 +221,29 @@ fn score_warnings(
 ) -> WarningOutcome {
     let n = series.len();
     let horizon = setup.policy.horizon_steps;
-    let breach: Vec<bool> = series.iter().map(|&y| y > setup.capacity).collect();
-    // Incidents: breach runs, merged across gaps shorter than `merge_gap_steps`.
+    // Breach runs long enough to count, then merged across gaps shorter than `merge_gap_steps`.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, _) in series
+        .iter()
+        .enumerate()
+        .skip(split)
+        .filter(|(_, y)| **y > setup.capacity)
+    {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == i => *end = i,
+            _ => runs.push((i, i)),
+        }
+    }
+    runs.retain(|&(s, e)| e + 1 - s >= setup.min_breach_steps);
+    let mut breach = vec![false; n];
+    for &(s, e) in &runs {
+        breach[s..=e].iter_mut().for_each(|b| *b = true);
+    }
     let mut incidents: Vec<(usize, usize)> = Vec::new();
-    for (i, _) in breach.iter().enumerate().skip(split).filter(|(_, b)| **b) {
+    for (s, e) in runs {
         match incidents.last_mut() {
-            Some((_, end)) if i - *end <= setup.merge_gap_steps => *end = i,
-            _ => incidents.push((i, i)),
+            Some((_, end)) if s - *end <= setup.merge_gap_steps => *end = e,
+            _ => incidents.push((s, e)),
         }
     }
     // An incident already under way when the test starts could not be warned of.
