@@ -13,13 +13,21 @@
 
 #![forbid(unsafe_code)]
 
+pub mod decision;
 pub mod eval;
 pub mod forecast;
 pub mod perf_model;
+pub mod shadow_pool;
 pub mod warning;
 
+pub use decision::{
+    Candidate, Decision, DecisionPolicy, DecisionState, Evidence, HoldReason, Placement,
+};
 pub use forecast::{ForecastConfig, ForecastError, LoadForecast, LoadForecaster, ModelKind};
 pub use perf_model::{LoadLatencyPoint, PerfModelError, PerformanceModel, PointSource};
+pub use shadow_pool::{
+    CapacityMeasurement, PoolAction, PoolPlan, PoolPolicy, PopulationPrior, ShadowPoolError, VmType,
+};
 pub use warning::{DegradationWarning, WarningPolicy, WarningState};
 
 /// Seconds since the Unix epoch. The engine never asks the system for it.
