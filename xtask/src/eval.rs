@@ -23,6 +23,9 @@ pub(crate) struct Options {
     /// Only traces whose name contains this.
     #[arg(long)]
     only: Option<String>,
+    /// Workloads in the simulated VM-catalog experiment.
+    #[arg(long, default_value_t = 500)]
+    sim_workloads: usize,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -117,12 +120,38 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
             days += w.test_days;
         }
     }
+    let started = std::time::Instant::now();
+    let sim = doppel_engine::eval::simulate_catalog(&doppel_engine::eval::CatalogSimSetup {
+        workloads: options.sim_workloads,
+        ..doppel_engine::eval::CatalogSimSetup::default()
+    })?;
+    let mut regrets = sim.regrets.clone();
+    regrets.sort_by(f64::total_cmp);
+    let mut exhaustive = sim.exhaustive_regrets.clone();
+    exhaustive.sort_by(f64::total_cmp);
+    let p90 = |v: &[f64]| v[((v.len() - 1) as f64 * 0.9).round() as usize];
+    let within = |v: &[f64]| v.iter().filter(|r| **r <= 0.05).count() as f64 / v.len() as f64;
+    let regret_p90 = p90(&regrets);
+    let shadow_hours_ratio = sim.shadow_hours / sim.exhaustive_hours;
+    println!(
+        "vm choice: {} simulated workloads, {} types: within 5 % of oracle cost {:.1} % (trying every type: {:.1} %), regret p90 {:.3} (every type: {:.3}), shadow-hours {:.0} vs {:.0} exhaustive ({:.1} %) [{:.1}s]",
+        sim.regrets.len(),
+        sim.types,
+        100.0 * within(&regrets),
+        100.0 * within(&exhaustive),
+        regret_p90,
+        p90(&exhaustive),
+        sim.shadow_hours,
+        sim.exhaustive_hours,
+        100.0 * shadow_hours_ratio,
+        started.elapsed().as_secs_f64(),
+    );
     leads.sort_unstable();
     let lead_min_median = leads
         .get(leads.len() / 2)
         .map_or(f64::NAN, |s| *s as f64 / 60.0);
     println!(
-        "predictor: mase_max={relative_mase_max:.3} wape_gain_1h_min={wape_gain_min:.3} lead_min_median={lead_min_median:.1} recall={:.3} false_alarms_per_day={:.3}",
+        "predictor: mase_max={relative_mase_max:.3} wape_gain_1h_min={wape_gain_min:.3} lead_min_median={lead_min_median:.1} recall={:.3} false_alarms_per_day={:.3} regret_p90={regret_p90:.3} shadow_hours_ratio={shadow_hours_ratio:.3}",
         warned as f64 / incidents.max(1) as f64,
         false_alarms as f64 / days,
     );

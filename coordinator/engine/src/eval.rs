@@ -301,3 +301,257 @@ pub fn synthetic_load(days: usize, seed: u64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// The simulated catalog experiment: workloads with hidden latency-versus-load curves on every
+/// type, measured with noise only where the shadow pool chooses to spend shadow-hours.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogSimSetup {
+    /// Workloads simulated, one after the other (each learns from the ones before).
+    pub workloads: usize,
+    /// Seed of everything random.
+    pub seed: u64,
+    /// Shadow-hours one trial of one type costs (a ramp of amplified replays).
+    pub hours_per_trial: f64,
+    /// Multiplicative noise (log-sd) on each measured latency.
+    pub latency_noise: f64,
+    /// The latency objective, in ms.
+    pub slo_ms: f64,
+    /// The shadow-pool policy under test.
+    pub policy: crate::shadow_pool::PoolPolicy,
+}
+
+impl Default for CatalogSimSetup {
+    fn default() -> Self {
+        Self {
+            workloads: 200,
+            seed: 42,
+            hours_per_trial: 2.0,
+            latency_noise: 0.08,
+            slo_ms: 200.0,
+            policy: crate::shadow_pool::PoolPolicy::default(),
+        }
+    }
+}
+
+/// What the simulated catalog experiment found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogSimReport {
+    /// Types in the catalog.
+    pub types: usize,
+    /// Relative regret per workload: cost of the chosen type (at the count its true capacity
+    /// needs) over the oracle's cost, minus one.
+    pub regrets: Vec<f64>,
+    /// The same when every type is tried once (same noise model), for reference.
+    pub exhaustive_regrets: Vec<f64>,
+    /// Shadow-hours spent by the steered pool.
+    pub shadow_hours: f64,
+    /// Shadow-hours that trying every type once would have cost.
+    pub exhaustive_hours: f64,
+}
+
+/// A catalog of 24 types: three families (compute, general, memory), two generations, four sizes.
+/// The memory family's catalog entries carry no benchmark score, as real catalogs often don't.
+pub fn simulated_catalog() -> Vec<crate::shadow_pool::VmType> {
+    let mut catalog = Vec::new();
+    // (family, GiB per vCPU, price per vCPU-hour, score per vCPU by generation, scored)
+    let families = [
+        ("c", 2.0, 0.0425, [100.0, 118.0], true),
+        ("m", 4.0, 0.048, [100.0, 118.0], true),
+        ("r", 8.0, 0.063, [100.0, 118.0], false),
+    ];
+    for (family, gib, price, scores, scored) in families {
+        for (generation, score) in scores.iter().enumerate() {
+            // The newer generation costs a little more per vCPU.
+            let price = price * if generation == 1 { 1.06 } else { 1.0 };
+            for (size, vcpus) in [
+                ("large", 2u32),
+                ("xlarge", 4),
+                ("2xlarge", 8),
+                ("4xlarge", 16),
+            ] {
+                catalog.push(crate::shadow_pool::VmType {
+                    name: format!("{family}{}.{size}", generation + 5),
+                    vcpus,
+                    memory_gib: gib * f64::from(vcpus),
+                    price_per_hour: price * f64::from(vcpus),
+                    benchmark_score: scored.then_some(score * f64::from(vcpus)),
+                });
+            }
+        }
+    }
+    catalog
+}
+
+/// Runs the simulated catalog experiment.
+pub fn simulate_catalog(
+    setup: &CatalogSimSetup,
+) -> Result<CatalogSimReport, crate::shadow_pool::ShadowPoolError> {
+    use crate::perf_model::{LoadLatencyPoint, PerformanceModel, PointSource};
+    use crate::shadow_pool::{CapacityMeasurement, PoolAction, PopulationPrior, plan};
+    use rand::{RngExt as _, SeedableRng as _};
+
+    let catalog = simulated_catalog();
+    let n = catalog.len();
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(setup.seed);
+    let normal = move |rng: &mut rand::rngs::ChaCha8Rng| {
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    };
+    // What a type does for every workload beyond its specification (hidden).
+    let type_effect: Vec<f64> = (0..n).map(|_| 0.08 * normal(&mut rng)).collect();
+    let policy = &setup.policy;
+    let mut history: Vec<Vec<CapacityMeasurement>> = Vec::new();
+    let mut report = CatalogSimReport {
+        types: n,
+        regrets: Vec::new(),
+        exhaustive_regrets: Vec::new(),
+        shadow_hours: 0.0,
+        exhaustive_hours: 0.0,
+    };
+    for w in 0..setup.workloads {
+        // Hidden truth for this workload.
+        let scale = 0.2 * (0.8 * normal(&mut rng)).exp();
+        let compute_scaling = rng.random_range(0.75..1.0);
+        let memory_bound = rng.random_range(-0.05..0.35);
+        let base_ms = rng.random_range(5.0..40.0);
+        let capacity: Vec<f64> = catalog
+            .iter()
+            .enumerate()
+            .map(|(t, vm)| {
+                let score = 109.0 * f64::from(vm.vcpus) * if t % 8 >= 4 { 1.08 } else { 0.92 };
+                let gib_per_vcpu = vm.memory_gib / f64::from(vm.vcpus);
+                (scale.ln()
+                    + compute_scaling * score.ln()
+                    + memory_bound * gib_per_vcpu.ln()
+                    + type_effect[t]
+                    + 0.05 * normal(&mut rng))
+                .exp()
+            })
+            .collect();
+        let reference = capacity[4 + 1]; // c6.xlarge
+        let peak = reference * rng.random_range(0.5..6.0);
+        let true_cost = |t: usize| {
+            let usable = capacity[t] * (1.0 - policy.margin);
+            (peak / usable).ceil().max(1.0) * catalog[t].price_per_hour
+        };
+        let oracle = (0..n).map(true_cost).fold(f64::INFINITY, f64::min);
+        // One measurement of type t: a ramp of (amplified) replays up to `reach` × capacity,
+        // one point per five-minute interval of the trial.
+        let intervals = (setup.hours_per_trial * 12.0).round().max(3.0) as u32;
+        let measure = |t: usize, reach: f64, rng: &mut rand::rngs::ChaCha8Rng| {
+            let saturation = capacity[t] * 1.25;
+            let k = (setup.slo_ms - base_ms) * (saturation - capacity[t]);
+            let points: Vec<LoadLatencyPoint> = (1..=intervals)
+                .map(|i| {
+                    let load = capacity[t] * reach * f64::from(i) / f64::from(intervals);
+                    let latency = base_ms + k / (saturation - load);
+                    LoadLatencyPoint {
+                        load,
+                        latency_ms: latency * (setup.latency_noise * normal(rng)).exp(),
+                        source: PointSource::AmplifiedShadow { factor: 1.0 },
+                    }
+                })
+                .collect();
+            let model = PerformanceModel::fit(&points, rng.random()).ok()?;
+            let samples: Vec<f64> = model
+                .capacity_samples(setup.slo_ms)
+                .into_iter()
+                .filter(|c| *c > 0.0)
+                .map(f64::ln)
+                .collect();
+            let capacity = model.capacity_at(setup.slo_ms);
+            if samples.len() < 5 || capacity <= 0.0 {
+                return None;
+            }
+            let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+            let sd = (samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>()
+                / (samples.len() - 1) as f64)
+                .sqrt();
+            Some(CapacityMeasurement {
+                vm_type: catalog[t].name.clone(),
+                capacity,
+                log_sd: sd,
+            })
+        };
+        let chosen_cost = |measured: &[CapacityMeasurement]| {
+            measured
+                .iter()
+                .filter_map(|m| {
+                    let t = catalog.iter().position(|v| v.name == m.vm_type)?;
+                    let usable = m.capacity * (1.0 - policy.margin);
+                    let estimated = (peak / usable).ceil().max(1.0) * catalog[t].price_per_hour;
+                    Some((estimated, t))
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .map_or(f64::INFINITY, |(_, t)| true_cost(t))
+        };
+        // Live type: its own traffic only reaches part of the way up the curve, for free.
+        let live = rng.random_range(0..n);
+        let mut measured: Vec<CapacityMeasurement> =
+            measure(live, 0.7, &mut rng).into_iter().collect();
+        let prior = if history.is_empty() {
+            PopulationPrior::uninformed(&catalog)
+        } else {
+            PopulationPrior::learn(&catalog, &history)?
+        };
+        let budget = 0.25 * n as f64 * setup.hours_per_trial;
+        let mut hours = 0.0;
+        let mut running: Vec<String> = Vec::new();
+        let mut choice: Option<String> = None;
+        for round in 0..n {
+            let p = plan(
+                &catalog,
+                &prior,
+                &measured,
+                &running,
+                peak,
+                policy,
+                setup.seed ^ ((w as u64) << 20) ^ round as u64,
+            )?;
+            choice = p.best_measured.map(|(name, _)| name);
+            running = p
+                .actions
+                .iter()
+                .filter_map(|a| match a {
+                    PoolAction::Keep { vm_type, .. } | PoolAction::Try { vm_type, .. } => {
+                        Some(vm_type.clone())
+                    }
+                    PoolAction::Drop { .. } => None,
+                })
+                .collect();
+            if p.converged || running.is_empty() {
+                break;
+            }
+            // Every running shadow spends a trial and reports a measurement.
+            let mut spent = false;
+            for name in &running {
+                if hours + setup.hours_per_trial > budget {
+                    break;
+                }
+                let Some(t) = catalog.iter().position(|v| v.name == *name) else {
+                    continue;
+                };
+                hours += setup.hours_per_trial;
+                spent = true;
+                measured.extend(measure(t, 1.15, &mut rng));
+            }
+            if !spent {
+                break;
+            }
+        }
+        let chosen = choice
+            .and_then(|name| catalog.iter().position(|v| v.name == name))
+            .map_or(f64::INFINITY, true_cost);
+        report.regrets.push(chosen / oracle - 1.0);
+        report.shadow_hours += hours;
+        report.exhaustive_hours += n as f64 * setup.hours_per_trial;
+        let everything: Vec<CapacityMeasurement> =
+            (0..n).filter_map(|t| measure(t, 1.15, &mut rng)).collect();
+        report
+            .exhaustive_regrets
+            .push(chosen_cost(&everything) / oracle - 1.0);
+        history.push(measured);
+    }
+    Ok(report)
+}

@@ -213,10 +213,9 @@ impl PerformanceModel {
 }
 
 fn fit_curve(points: &[LoadLatencyPoint], sample: &[usize], max_load: f64) -> Curve {
-    let mut best: Option<(f64, Curve)> = None;
-    for g in 0..GRID {
-        // Log-spaced from just above the highest load to GRID_SPAN times it.
-        let capacity = max_load * (1.0 + 1e-3) * GRID_SPAN.powf(g as f64 / (GRID - 1) as f64);
+    let lowest = max_load * (1.0 + 1e-3);
+    let ratio = GRID_SPAN.powf(1.0 / (GRID - 1) as f64);
+    let fit_at = |capacity: f64| {
         let (base, k) = nonnegative_least_squares(points, sample, capacity);
         let curve = Curve { base, k, capacity };
         let sse: f64 = sample
@@ -227,18 +226,46 @@ fn fit_curve(points: &[LoadLatencyPoint], sample: &[usize], max_load: f64) -> Cu
                 r * r
             })
             .sum();
-        if best.is_none_or(|(b, _)| sse < b) {
-            best = Some((sse, curve));
+        (sse, curve)
+    };
+    // Coarse: a log-spaced grid from just above the highest load to GRID_SPAN times it.
+    let mut best = (f64::INFINITY, 0usize);
+    for g in 0..GRID {
+        let (sse, _) = fit_at(lowest * ratio.powi(g as i32));
+        if sse < best.0 {
+            best = (sse, g);
         }
     }
-    best.map_or(
-        Curve {
-            base: 0.0,
-            k: 0.0,
-            capacity: max_load,
-        },
-        |(_, c)| c,
-    )
+    // Fine: golden-section search in log capacity between the best point's neighbours. The
+    // grid alone moves the capacity in 6 % steps, enough to flip an instance count.
+    let golden = 0.618_033_988_749_895;
+    let mut lo = (lowest * ratio.powi(best.1 as i32 - 1)).max(lowest).ln();
+    let mut hi = (lowest * ratio.powi(best.1 as i32 + 1)).ln();
+    let mut a = hi - golden * (hi - lo);
+    let mut b = lo + golden * (hi - lo);
+    let (mut fa, mut fb) = (fit_at(a.exp()).0, fit_at(b.exp()).0);
+    for _ in 0..24 {
+        if fa <= fb {
+            hi = b;
+            b = a;
+            fb = fa;
+            a = hi - golden * (hi - lo);
+            fa = fit_at(a.exp()).0;
+        } else {
+            lo = a;
+            a = b;
+            fa = fb;
+            b = lo + golden * (hi - lo);
+            fb = fit_at(b.exp()).0;
+        }
+    }
+    let refined = fit_at(f64::midpoint(lo, hi).exp());
+    let coarse = fit_at(lowest * ratio.powi(best.1 as i32));
+    if refined.0 <= coarse.0 {
+        refined.1
+    } else {
+        coarse.1
+    }
 }
 
 /// Minimises Σ w (base + k·u − L)² with u = 1/(C − λ), w = 1/L², over base, k ≥ 0.

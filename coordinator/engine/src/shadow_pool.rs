@@ -16,9 +16,11 @@
 //!
 //! Exploration is Thompson sampling on the cost of holding the workload's peak: draw capacities
 //! from the posterior, price each type at the instance count the draw needs, and see how often
-//! each type comes within `within` of the cheapest. Types that never do are dropped; untried types
-//! that often do are tried next; the search stops once the measured types include one within
-//! `within` of the cheapest with probability `confidence`.
+//! each type comes within `within` of the cheapest. Shadows of types that never do are dropped;
+//! shadows of types that still might are kept while their measurement is imprecise, and released
+//! once it is precise (more time on them buys nothing); untried types that often do are tried
+//! next. The search stops once the best measured type is within `within` of
+//! the cheapest with probability `confidence`.
 
 use rand::{RngExt as _, SeedableRng as _};
 
@@ -87,6 +89,9 @@ pub struct PoolPolicy {
     pub max_instances: u32,
     /// Posterior draws per plan.
     pub samples: usize,
+    /// A measured type whose log-capacity is known to this standard deviation needs no more
+    /// shadow time: its shadow is released so the budget goes to types not yet tried.
+    pub precise_log_sd: f64,
 }
 
 impl Default for PoolPolicy {
@@ -94,11 +99,12 @@ impl Default for PoolPolicy {
         Self {
             margin: 0.2,
             within: 0.05,
-            confidence: 0.9,
+            confidence: 0.95,
             drop_below: 0.02,
             max_concurrent: 2,
             max_instances: 64,
             samples: 400,
+            precise_log_sd: 0.03,
         }
     }
 }
@@ -106,14 +112,15 @@ impl Default for PoolPolicy {
 /// One instruction for the shadow manager.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PoolAction {
-    /// Keep (or start) shadowing this type.
+    /// Keep shadowing this type: it may be chosen and its measurement is not yet precise.
     Keep {
         /// Type name.
         vm_type: String,
         /// Probability it is within `within` of the cheapest.
         p_good: f64,
     },
-    /// Stop shadowing this type: it is very unlikely to be chosen.
+    /// Stop shadowing this type: it is very unlikely to be chosen, or its measurement is precise
+    /// enough (its evidence stays).
     Drop {
         /// Type name.
         vm_type: String,
@@ -134,7 +141,7 @@ pub enum PoolAction {
 pub struct PoolPlan {
     /// What to do, in order: drops, keeps, tries.
     pub actions: Vec<PoolAction>,
-    /// Some measured type is good enough with probability `confidence`: exploration can stop.
+    /// The best measured type is good enough with probability `confidence`: the search can stop.
     pub converged: bool,
     /// The measured type with the lowest expected cost, and that cost per hour.
     pub best_measured: Option<(String, f64)>,
@@ -154,7 +161,7 @@ pub struct PopulationPrior {
 }
 
 /// Workloads' measurements needed before their spread replaces the default prior width.
-const MIN_WORKLOADS_FOR_SPREAD: usize = 3;
+const MIN_WORKLOADS_FOR_SPREAD: usize = 10;
 
 impl PopulationPrior {
     /// A prior that knows nothing beyond the catalog: capacity roughly proportional to the
@@ -192,7 +199,7 @@ impl PopulationPrior {
             }
             for (effect, r) in prior.type_effect.iter_mut().zip(&residuals) {
                 // Shrink towards 0: one workload's residual is mostly its own noise.
-                *effect += r.iter().sum::<f64>() / (r.len() as f64 + 2.0);
+                *effect += r.iter().sum::<f64>() / (r.len() as f64 + 5.0);
             }
             if betas.len() >= MIN_WORKLOADS_FOR_SPREAD {
                 for k in 1..3 {
@@ -201,12 +208,13 @@ impl PopulationPrior {
                         / (betas.len() - 1) as f64;
                     prior.mean[k] = mean;
                     // Keep some width: the population is a sample, and this workload may differ.
-                    prior.var[k] = var.max(0.05 * 0.05);
+                    prior.var[k] = var.max(0.1 * 0.1);
                 }
                 let all: Vec<f64> = residuals.iter().flatten().copied().collect();
                 if all.len() > 10 {
                     let ss = all.iter().map(|r| r * r).sum::<f64>() / all.len() as f64;
-                    prior.residual_sd = ss.sqrt().clamp(0.03, 0.5);
+                    // Floor: the residuals are in-sample, and a new workload is not.
+                    prior.residual_sd = ss.sqrt().clamp(0.08, 0.5);
                 }
             }
         }
@@ -420,18 +428,7 @@ pub fn plan(
     }
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
     let mut good = vec![0usize; catalog.len()];
-    let mut measured_good = 0usize;
-    // The measured type with the lowest expected cost (at its direct estimate).
-    let best_measured = direct
-        .iter()
-        .enumerate()
-        .filter_map(|(t, d)| {
-            d.and_then(|(y, _)| {
-                placement_cost(peak_load, y.exp(), catalog[t].price_per_hour, policy)
-                    .map(|(_, cost)| (t, cost))
-            })
-        })
-        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    let mut draws: Vec<(f64, Vec<f64>)> = Vec::with_capacity(policy.samples);
     let mut costs = vec![f64::INFINITY; catalog.len()];
     for _ in 0..policy.samples {
         let z = [
@@ -472,29 +469,36 @@ pub fn plan(
                 good[t] += 1;
             }
         }
-        // Exploration is done when the measured set already holds a good type; which of them
-        // to run is the decision's business, with more data from the kept shadows.
-        let cheapest_measured = costs
-            .iter()
-            .zip(&direct)
-            .filter(|(_, d)| d.is_some())
-            .map(|(c, _)| *c)
-            .fold(f64::INFINITY, f64::min);
-        if cheapest_measured <= cheapest * (1.0 + policy.within) {
-            measured_good += 1;
-        }
+        draws.push((cheapest, costs.clone()));
     }
+    // The measured type with the lowest expected cost over the posterior: near an
+    // instance-count boundary a point estimate flips the count on a 1 % error, the expectation
+    // weighs both counts.
+    let best_measured = (0..catalog.len())
+        .filter(|&t| direct[t].is_some())
+        .map(|t| {
+            let mean = draws.iter().map(|(_, c)| c[t]).sum::<f64>() / draws.len().max(1) as f64;
+            (t, mean)
+        })
+        .filter(|(_, c)| c.is_finite())
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    let best_good = best_measured.map_or(0, |(b, _)| {
+        draws
+            .iter()
+            .filter(|(cheapest, c)| c[b] <= cheapest * (1.0 + policy.within))
+            .count()
+    });
     let samples = policy.samples.max(1) as f64;
     let p_good: Vec<f64> = good.iter().map(|&g| g as f64 / samples).collect();
-    let converged = best_measured.is_some() && measured_good as f64 / samples >= policy.confidence;
+    let converged = best_measured.is_some() && best_good as f64 / samples >= policy.confidence;
     let mut actions = Vec::new();
     let mut kept = 0;
     for name in running {
         let Some(t) = features.names.iter().position(|n| n == name) else {
             return Err(ShadowPoolError::UnknownType(name.clone()));
         };
-        let keep = !converged && p_good[t] >= policy.drop_below
-            || best_measured.is_some_and(|(b, _)| b == t);
+        let settled = direct[t].is_some_and(|(_, v)| v.sqrt() <= policy.precise_log_sd);
+        let keep = !converged && !settled && p_good[t] >= policy.drop_below;
         if keep {
             kept += 1;
             actions.push(PoolAction::Keep {
@@ -610,7 +614,10 @@ mod tests {
     fn tries_the_promising_types_and_converges_once_they_are_measured() {
         let catalog = catalog();
         let prior = PopulationPrior::uninformed(&catalog);
-        let policy = PoolPolicy::default();
+        let policy = PoolPolicy {
+            confidence: 0.9,
+            ..PoolPolicy::default()
+        };
         // Live on the pricier family's middle size: 100/s per instance, capacity ∝ score.
         let live = CapacityMeasurement {
             vm_type: "t4".into(),
@@ -650,7 +657,7 @@ mod tests {
             .chain(std::iter::once(live))
             .collect();
         let running = vec!["t0".to_owned(), "t1".to_owned(), "t2".to_owned()];
-        let settled = plan(&catalog, &prior, &measured, &running, 380.0, &policy, 9).unwrap();
+        let settled = plan(&catalog, &prior, &measured, &running, 350.0, &policy, 9).unwrap();
         assert!(settled.converged, "{settled:?}");
         assert!(
             !settled
@@ -661,7 +668,7 @@ mod tests {
         // Identical inputs, identical plan.
         assert_eq!(
             settled,
-            plan(&catalog, &prior, &measured, &running, 380.0, &policy, 9).unwrap()
+            plan(&catalog, &prior, &measured, &running, 350.0, &policy, 9).unwrap()
         );
     }
 }
