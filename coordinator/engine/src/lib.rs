@@ -16,6 +16,7 @@
 pub mod decision;
 pub mod eval;
 pub mod forecast;
+pub mod mirror_mix;
 pub mod perf_model;
 pub mod shadow_pool;
 pub mod warning;
@@ -24,6 +25,7 @@ pub use decision::{
     Candidate, Decision, DecisionPolicy, DecisionState, Evidence, HoldReason, Placement,
 };
 pub use forecast::{ForecastConfig, ForecastError, LoadForecast, LoadForecaster, ModelKind};
+pub use mirror_mix::{MirrorMix, MirrorMixError, MirrorMixPolicy, PatternStats, StressReason};
 pub use perf_model::{LoadLatencyPoint, PerfModelError, PerformanceModel, PointSource};
 pub use shadow_pool::{
     CapacityMeasurement, PoolAction, PoolPlan, PoolPolicy, PopulationPrior, ShadowPoolError, VmType,
