@@ -5,7 +5,7 @@
 //! with prediction intervals ([`forecast`]), a latency-versus-load model per workload and VM type
 //! ([`perf_model`]), a warning before the SLO breaks ([`warning`]), the VM type and count to run
 //! ([`decision`]), which traffic to mirror ([`mirror_mix`]) and which types deserve shadow time
-//! ([`shadow_pool`]). [`eval`] measures all of it on in-memory series so `cargo xtask eval
+//! ([`shadow_pool`]). [`predictor`] ties the first four into one state machine per workload. [`eval`] measures all of it on in-memory series so `cargo xtask eval
 //! predictor` can replay real traces.
 //!
 //! Nothing here reads a clock, a file or a socket: time is always an argument ([`Timestamp`]) and
@@ -18,6 +18,7 @@ pub mod eval;
 pub mod forecast;
 pub mod mirror_mix;
 pub mod perf_model;
+pub mod predictor;
 pub mod shadow_pool;
 pub mod warning;
 
@@ -27,6 +28,7 @@ pub use decision::{
 pub use forecast::{ForecastConfig, ForecastError, LoadForecast, LoadForecaster, ModelKind};
 pub use mirror_mix::{MirrorMix, MirrorMixError, MirrorMixPolicy, PatternStats, StressReason};
 pub use perf_model::{LoadLatencyPoint, PerfModelError, PerformanceModel, PointSource};
+pub use predictor::{PredictorEvent, WorkloadPredictor};
 pub use shadow_pool::{
     CapacityMeasurement, PoolAction, PoolPlan, PoolPolicy, PopulationPrior, ShadowPoolError, VmType,
 };
