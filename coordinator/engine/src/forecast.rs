@@ -240,7 +240,7 @@ const BUCKETS: &[usize] = &[
 /// Weights of the smoothing model in its blend with seasonal naive (the rest goes to the value
 /// one season earlier). Series whose days repeat to the minute (batch jobs, cron) are forecast
 /// best by last season's value; smooth ones by the model; many by a mix.
-const BLENDS: &[f64] = &[1.0, 0.75, 0.5, 0.25, 0.0];
+const BLENDS: &[f64] = &[1.0, 0.5, 0.0];
 /// Level smoothing candidates.
 const ALPHAS: &[f64] = &[0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0];
 /// Origins per horizon used for residual distributions; more adds time, not accuracy.
@@ -689,8 +689,14 @@ fn validation_mae(
     let fit_horizons = &config.fit_horizons;
     let damped: Vec<f64> = fit_horizons.iter().map(|&h| damped_sum(p.phi, h)).collect();
     let mut totals = vec![vec![0.0; BLENDS.len()]; fit_horizons.len()];
-    let mut counts = vec![0usize; fit_horizons.len()];
+    let mut counts = vec![0.0; fit_horizons.len()];
     let first_target = n - validation;
+    // Recent errors count more (half-weight half a season back): after a regime change the
+    // variant that tracks the new regime should win, not the one that fitted the old one best.
+    let half_life = (m as f64 / 2.0).max(1.0);
+    let weights: Vec<f64> = (0..validation)
+        .map(|age| 0.5f64.powf((validation - 1 - age) as f64 / half_life))
+        .collect();
     run_holt(x, p, |i, level, trend| {
         for (k, (&h, &d)) in fit_horizons.iter().zip(&damped).enumerate() {
             let j = i + h;
@@ -698,10 +704,11 @@ fn validation_mae(
                 let step = first_step + j as u64;
                 let model = transform.inverse(level + d * trend + season_at(season, step));
                 let naive = naive_at(y, m, j, h).unwrap_or(model);
+                let weight = weights[j - first_target];
                 for (total, &w) in totals[k].iter_mut().zip(BLENDS) {
-                    *total += (w * model + (1.0 - w) * naive - y[j]).abs();
+                    *total += weight * (w * model + (1.0 - w) * naive - y[j]).abs();
                 }
-                counts[k] += 1;
+                counts[k] += weight;
             }
         }
     });
@@ -713,7 +720,7 @@ fn validation_mae(
                 .zip(BLENDS)
                 // Nothing to score (history shorter than the horizon): prefer the smoothest pure
                 // model, deterministically.
-                .map(|(t, &w)| if c > 0 { t / c as f64 } else { -p.alpha - w })
+                .map(|(t, &w)| if c > 0.0 { t / c } else { -p.alpha - w })
                 .collect()
         })
         .collect()
