@@ -243,6 +243,9 @@ const BUCKETS: &[usize] = &[
 const BLENDS: &[f64] = &[1.0, 0.5, 0.0];
 /// Level smoothing candidates.
 const ALPHAS: &[f64] = &[0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0];
+/// Variants averaged per fit horizon: the best few on the held-out days, not the single best,
+/// because picking one of dozens on two days of data picks noise as often as skill.
+const COMBINED: usize = 3;
 /// Origins per horizon used for residual distributions; more adds time, not accuracy.
 const MAX_SCORED_ORIGINS: usize = 3000;
 /// Days held out at the end of history to choose among model variants.
@@ -348,8 +351,8 @@ impl LoadForecaster {
         // on always looks good and pushes the smoothing towards ignoring new data.
         let validation = ((VALIDATION_DAYS * m as f64) as usize).min(n / 4).max(1);
         let fit_horizons = &config.fit_horizons;
-        // (score, transform, seasonal, params) per fit horizon.
-        let mut best: Vec<Option<Choice>> = vec![None; fit_horizons.len()];
+        // The best COMBINED variants per fit horizon, best first.
+        let mut best: Vec<Vec<Choice>> = vec![Vec::new(); fit_horizons.len()];
         for transform in transforms {
             let z: Vec<f64> = history.iter().map(|&y| transform.forward(y)).collect();
             let held_out_profile = seasonal_profile(config, &z[..n - validation], first_step);
@@ -369,8 +372,10 @@ impl LoadForecaster {
                         );
                         for (slot, per_blend) in best.iter_mut().zip(scores) {
                             for (&blend, score) in BLENDS.iter().zip(per_blend) {
-                                if slot.is_none_or(|(s, ..)| score < s) {
-                                    *slot = Some((score, transform, seasonal, params, blend));
+                                let at = slot.partition_point(|(s, ..)| *s <= score);
+                                if at < COMBINED {
+                                    slot.insert(at, (score, transform, seasonal, params, blend));
+                                    slot.truncate(COMBINED);
                                 }
                             }
                         }
@@ -379,26 +384,29 @@ impl LoadForecaster {
             }
         }
         let mut components = Vec::new();
-        for (&fit_horizon, choice) in fit_horizons.iter().zip(best) {
-            let (_, transform, seasonal, params, blend) =
-                choice.ok_or(ForecastError::TooLittleHistory { have: n, need: 4 })?;
-            let z: Vec<f64> = history.iter().map(|&y| transform.forward(y)).collect();
-            let season = if seasonal {
-                seasonal_profile(config, &z, first_step)
-            } else {
-                Vec::new()
-            };
-            let x = deseasonalise(&z, &season, first_step);
-            let (level, trend) = run_holt(&x, params, |_, _, _| {});
-            components.push(Component {
-                fit_horizon,
-                transform,
-                params,
-                blend,
-                season,
-                level,
-                trend,
-            });
+        for (&fit_horizon, choices) in fit_horizons.iter().zip(best) {
+            if choices.is_empty() {
+                return Err(ForecastError::TooLittleHistory { have: n, need: 4 });
+            }
+            for (_, transform, seasonal, params, blend) in choices {
+                let z: Vec<f64> = history.iter().map(|&y| transform.forward(y)).collect();
+                let season = if seasonal {
+                    seasonal_profile(config, &z, first_step)
+                } else {
+                    Vec::new()
+                };
+                let x = deseasonalise(&z, &season, first_step);
+                let (level, trend) = run_holt(&x, params, |_, _, _| {});
+                components.push(Component {
+                    fit_horizon,
+                    transform,
+                    params,
+                    blend,
+                    season,
+                    level,
+                    trend,
+                });
+            }
         }
         let days = n as f64 / m as f64;
         let kind = if n < m {
@@ -482,19 +490,32 @@ impl LoadForecaster {
         true
     }
 
-    /// The component that forecasts horizon `h`: the one fitted for the nearest fit horizon on
-    /// a log scale.
-    fn component_for(&self, h: usize) -> &Component {
+    /// The components that forecast horizon `h`: those fitted for the nearest fit horizon on a
+    /// log scale (they are stored together, best first).
+    fn group_for(&self, h: usize) -> &[Component] {
         let target = (h as f64).ln();
-        let mut best = &self.components[0];
-        for c in &self.components[1..] {
-            if ((c.fit_horizon as f64).ln() - target).abs()
-                < ((best.fit_horizon as f64).ln() - target).abs()
-            {
-                best = c;
-            }
-        }
-        best
+        let distance = |c: &Component| ((c.fit_horizon as f64).ln() - target).abs();
+        let nearest = self
+            .components
+            .iter()
+            .map(|c| c.fit_horizon)
+            .min_by(|a, b| {
+                let da = ((*a as f64).ln() - target).abs();
+                let db = ((*b as f64).ln() - target).abs();
+                da.total_cmp(&db)
+            })
+            .unwrap_or(1);
+        let start = self
+            .components
+            .iter()
+            .position(|c| c.fit_horizon == nearest)
+            .unwrap_or(0);
+        let len = self.components[start..]
+            .iter()
+            .take_while(|c| c.fit_horizon == nearest && distance(c).is_finite())
+            .count()
+            .max(1);
+        &self.components[start..start + len]
     }
 
     /// The value observed one (or more) seasons before the step `h` ahead, if remembered.
@@ -505,15 +526,22 @@ impl LoadForecaster {
         (back < len && len == m).then(|| self.recent[len - 1 - back])
     }
 
-    /// The blended median forecast `h` steps ahead, in the component's transformed units.
+    /// The combined median forecast `h` steps ahead, in the best component's transformed units.
     fn point_transformed(&self, h: usize) -> (&Component, f64) {
-        let c = self.component_for(h);
-        let model = c.transform.inverse(c.point(self.last_step, h));
-        let blended = match self.seasonal_naive(h) {
-            Some(naive) => c.blend * model + (1.0 - c.blend) * naive,
-            None => model,
-        };
-        (c, c.transform.forward(blended))
+        let group = self.group_for(h);
+        let naive = self.seasonal_naive(h);
+        let mean = group
+            .iter()
+            .map(|c| {
+                let model = c.transform.inverse(c.point(self.last_step, h));
+                match naive {
+                    Some(naive) => c.blend * model + (1.0 - c.blend) * naive,
+                    None => model,
+                }
+            })
+            .sum::<f64>()
+            / group.len() as f64;
+        (&group[0], group[0].transform.forward(mean))
     }
 
     /// Median forecast `h` steps after the last observation.
@@ -743,38 +771,63 @@ fn residual_quantiles(
         .collect();
     let warmup = (n / 10).max(1);
     let stride = n.div_ceil(MAX_SCORED_ORIGINS).max(1);
+    let origins: Vec<usize> = (warmup..n).step_by(stride).collect();
     let mut errors: Vec<Vec<f64>> = vec![Vec::new(); buckets.len()];
-    for c in &model.components {
+    let mut start = 0;
+    while start < model.components.len() {
+        let fit_horizon = model.components[start].fit_horizon;
+        let len = model.components[start..]
+            .iter()
+            .take_while(|c| c.fit_horizon == fit_horizon)
+            .count();
+        let group = &model.components[start..start + len];
+        start += len;
         let mine: Vec<(usize, usize)> = buckets
             .iter()
             .enumerate()
-            .filter(|(_, h)| std::ptr::eq(model.component_for(**h), c))
+            .filter(|(_, h)| model.group_for(**h)[0].fit_horizon == fit_horizon)
             .map(|(k, h)| (k, *h))
             .collect();
         if mine.is_empty() {
             continue;
         }
-        let z: Vec<f64> = history.iter().map(|&y| c.transform.forward(y)).collect();
-        let x = deseasonalise(&z, &c.season, first_step);
-        run_holt(&x, c.params, |i, level, trend| {
-            if i < warmup || !(i - warmup).is_multiple_of(stride) {
-                return;
-            }
-            for &(k, h) in &mine {
-                let j = i + h;
-                if j < n {
-                    let step = first_step + j as u64;
-                    let model = c.transform.inverse(
-                        level + damped_sum(c.params.phi, h) * trend + season_at(&c.season, step),
-                    );
-                    let predicted = match naive_at(history, m, j, h) {
-                        Some(naive) => c.blend * model + (1.0 - c.blend) * naive,
-                        None => model,
-                    };
-                    errors[k].push(z[j] - c.transform.forward(predicted));
+        // Sum of the members' (blended) forecasts per bucket and origin, original units.
+        let mut sums = vec![vec![0.0; origins.len()]; mine.len()];
+        for c in group {
+            let z: Vec<f64> = history.iter().map(|&y| c.transform.forward(y)).collect();
+            let x = deseasonalise(&z, &c.season, first_step);
+            let mut slot = 0;
+            run_holt(&x, c.params, |i, level, trend| {
+                if slot >= origins.len() || origins[slot] != i {
+                    return;
+                }
+                for (b, &(_, h)) in mine.iter().enumerate() {
+                    let j = i + h;
+                    if j < n {
+                        let step = first_step + j as u64;
+                        let model = c.transform.inverse(
+                            level
+                                + damped_sum(c.params.phi, h) * trend
+                                + season_at(&c.season, step),
+                        );
+                        sums[b][slot] += match naive_at(history, m, j, h) {
+                            Some(naive) => c.blend * model + (1.0 - c.blend) * naive,
+                            None => model,
+                        };
+                    }
+                }
+                slot += 1;
+            });
+        }
+        let t = group[0].transform;
+        for (b, &(k, h)) in mine.iter().enumerate() {
+            for (slot, &i) in origins.iter().enumerate() {
+                if i + h < n {
+                    let mean = sums[b][slot] / group.len() as f64;
+                    errors[k].push(t.forward(history[i + h]) - t.forward(mean));
                 }
             }
-        });
+        }
     }
     let mut out = Vec::new();
     for (h, mut e) in buckets.into_iter().zip(errors) {
