@@ -11,9 +11,9 @@
 //! steps' errors move together. Breaches starting at different steps are combined as if
 //! independent, `1 − Π(1 − q_h)`. For level-driven breaches (one forecast error moves the whole
 //! path) this overstates the risk; for burst-driven ones the largest single `q_h` would
-//! understate it badly. Measured on the traces (see the issue note): taking the largest `q_h`
-//! gave recall 0.10; interpolating each window towards `p^k` by the forecaster's adjacent-error
-//! correlation gave 0.30; this gives 0.89. Overstating costs some false alarms; the raise
+//! understate it badly. Measured on the traces with `cargo xtask eval predictor` (see the issue
+//! note): taking the largest `q_h` gave recall 0.10; interpolating each window towards `p^k` by
+//! the forecaster's adjacent-error correlation gave 0.30; this gives 0.86–0.89. Overstating costs some false alarms; the raise
 //! threshold is set for that. Raising and clearing thresholds differ (hysteresis) so a
 //! probability hovering at the threshold does not page repeatedly.
 
