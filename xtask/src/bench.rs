@@ -14,11 +14,14 @@ enum Target {
     Datapath(crate::bench_datapath::Options),
     /// The shadow's replay: exchanges/s one core replays with ≤ 0.1 % lost, CPU per exchange.
     Replay(crate::bench_replay::Options),
+    /// The predictor: fit + forecast time for one workload, and a 1,000-workload refresh.
+    Predictor(crate::bench_predictor::Options),
 }
 
 pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     match &options.target {
         Target::Datapath(o) => crate::bench_datapath::run(o),
         Target::Replay(o) => crate::bench_replay::run(o),
+        Target::Predictor(o) => crate::bench_predictor::run(o),
     }
 }

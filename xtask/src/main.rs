@@ -1,11 +1,14 @@
-//! Developer tasks for doppel: `cargo xtask setup | build-ebpf | test | bench`.
+//! Developer tasks for doppel: `cargo xtask setup | build-ebpf | test | eval | bench`.
 //!
-//! Every task but `setup` runs `setup` first, so a fresh machine needs one command.
+//! Tasks that build or load eBPF run `setup` first, so a fresh machine needs one command; `eval`
+//! and `bench` only exercise the sans-IO engine and need no toolchain beyond cargo.
 
 mod bench;
 mod bench_datapath;
+mod bench_predictor;
 mod bench_replay;
 mod build_ebpf;
+mod eval;
 mod setup;
 mod test;
 
@@ -26,7 +29,9 @@ enum Task {
     BuildEbpf(build_ebpf::Options),
     /// Set up, then run formatting and lint checks and every test.
     Test(test::Options),
-    /// Benchmarks that print figures.
+    /// Measure a component on real traces and simulations (`eval predictor`).
+    Eval(eval::Options),
+    /// Benchmarks that print figures (`bench datapath|replay|predictor`).
     Bench(bench::Options),
 }
 
@@ -35,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup(options) => setup::run(&options).map(drop),
         Task::BuildEbpf(options) => build_ebpf::run(&options),
         Task::Test(options) => test::run(&options),
+        Task::Eval(options) => eval::run(&options),
         Task::Bench(options) => bench::run(&options),
     }
 }

@@ -1,0 +1,465 @@
+//! The placement decision: the cheapest VM type and instance count predicted to hold the SLO at
+//! the forecast peak with a margin, citing the shadow evidence; a move up when the current
+//! placement will not hold, a move down when a cheaper one proved it holds, and hysteresis so the
+//! recommendation does not flap.
+//!
+//! Only types with a fitted [`PerformanceModel`] are candidates: a type is recommended on the
+//! evidence of having carried this workload's traffic, never on its specification alone. A
+//! type's capacity is trusted up to a multiple of the highest load it was measured at
+//! ([`DecisionPolicy::max_extrapolation`]) and at a pessimistic bootstrap quantile.
+//!
+//! Hysteresis, two ways: the current placement keeps its place while it holds the SLO with half
+//! the margin a new placement must show, and a cheaper placement must win
+//! [`DecisionPolicy::confirmations`] consecutive decisions (and save at least
+//! [`DecisionPolicy::min_saving`]) before the engine recommends moving down. Moving up when the
+//! current placement will not hold is immediate.
+
+use crate::Timestamp;
+use crate::perf_model::PerformanceModel;
+use crate::shadow_pool::VmType;
+
+/// How placements are chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionPolicy {
+    /// The latency objective (same quantile as the performance models), in milliseconds.
+    pub slo_ms: f64,
+    /// Headroom a new placement must keep below its capacity at the SLO (0.2 = plan for 80 %).
+    pub margin: f64,
+    /// Capacity is trusted up to this multiple of the highest load a type was measured at.
+    pub max_extrapolation: f64,
+    /// Bootstrap quantile of capacity used (0.1 = a pessimistic estimate).
+    pub capacity_quantile: f64,
+    /// Most instances a placement may use.
+    pub max_instances: u32,
+    /// A move down must save at least this fraction of the current hourly cost.
+    pub min_saving: f64,
+    /// Consecutive decisions a cheaper placement must win before a move down.
+    pub confirmations: u32,
+}
+
+impl Default for DecisionPolicy {
+    fn default() -> Self {
+        Self {
+            slo_ms: 200.0,
+            margin: 0.2,
+            max_extrapolation: 1.25,
+            capacity_quantile: 0.1,
+            max_instances: 64,
+            min_saving: 0.1,
+            confirmations: 3,
+        }
+    }
+}
+
+/// A VM type and how many instances of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// Catalog name of the type.
+    pub vm_type: String,
+    /// Instances.
+    pub count: u32,
+    /// Price per hour of the whole placement.
+    pub hourly_cost: f64,
+}
+
+/// A type with the evidence measured for this workload.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    /// The type.
+    pub vm_type: &'a VmType,
+    /// Its latency-versus-load model for this workload.
+    pub model: &'a PerformanceModel,
+}
+
+/// The evidence behind a recommended placement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evidence {
+    /// Capacity at the SLO per instance that the decision relied on (after the quantile and
+    /// extrapolation limits, before the margin).
+    pub capacity_per_instance: f64,
+    /// Predicted latency (pessimistic bootstrap quantile) at the peak, per instance, in ms.
+    pub latency_at_peak_ms: f64,
+    /// Highest load per instance the type was measured at.
+    pub max_observed_load: f64,
+    /// Measurements behind the model.
+    pub points: usize,
+    /// Of which from shadows.
+    pub shadow_points: usize,
+}
+
+/// Why the engine recommends no change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HoldReason {
+    /// The current placement holds the SLO at the peak and nothing enough cheaper does.
+    Holds,
+    /// A cheaper placement holds too, but has not yet won enough consecutive decisions.
+    Confirming {
+        /// The cheaper placement.
+        candidate: Placement,
+        /// Decisions it has won so far.
+        wins: u32,
+    },
+    /// There is no performance model for the current type, so whether it holds is unknown.
+    NoModelForCurrent,
+}
+
+/// What the engine recommends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Keep the current placement.
+    Hold {
+        /// The current placement.
+        placement: Placement,
+        /// Why.
+        reason: HoldReason,
+    },
+    /// Move to another placement.
+    Move {
+        /// From.
+        from: Placement,
+        /// To.
+        to: Placement,
+        /// The current placement is predicted to break the SLO at the peak (move now).
+        urgent: bool,
+        /// Predicted latency of the current placement at the peak, in ms (infinite when
+        /// saturated).
+        current_latency_ms: f64,
+        /// The shadow evidence for the new placement.
+        evidence: Evidence,
+    },
+    /// The current placement will not hold and no measured type can hold the peak within the
+    /// instance limit.
+    NoViablePlacement {
+        /// The current placement.
+        placement: Placement,
+        /// Predicted latency of the current placement at the peak, in ms.
+        current_latency_ms: f64,
+    },
+}
+
+/// What the decision remembers between calls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionState {
+    current: Placement,
+    pending: Option<(Placement, u32)>,
+    last_change: Option<Timestamp>,
+}
+
+/// A candidate placement with its evidence.
+struct ScoredPlacement {
+    placement: Placement,
+    evidence: Evidence,
+}
+
+impl DecisionState {
+    /// Starts from the placement the workload runs on.
+    pub fn new(current: Placement) -> Self {
+        Self {
+            current,
+            pending: None,
+            last_change: None,
+        }
+    }
+
+    /// The placement the workload is (or has been told to be) on.
+    pub fn current(&self) -> &Placement {
+        &self.current
+    }
+
+    /// When the last move was recommended.
+    pub fn last_change(&self) -> Option<Timestamp> {
+        self.last_change
+    }
+
+    /// Decides at `now` for a total forecast peak of `peak_load` exchanges/s.
+    pub fn decide(
+        &mut self,
+        now: Timestamp,
+        policy: &DecisionPolicy,
+        peak_load: f64,
+        candidates: &[Candidate<'_>],
+    ) -> Decision {
+        let best = candidates
+            .iter()
+            .filter_map(|c| evaluate(policy, peak_load, c, policy.margin))
+            .min_by(|a, b| {
+                a.placement
+                    .hourly_cost
+                    .total_cmp(&b.placement.hourly_cost)
+                    .then(a.placement.count.cmp(&b.placement.count))
+                    .then(a.placement.vm_type.cmp(&b.placement.vm_type))
+            });
+        let Some(current) = candidates
+            .iter()
+            .find(|c| c.vm_type.name == self.current.vm_type)
+        else {
+            self.pending = None;
+            return Decision::Hold {
+                placement: self.current.clone(),
+                reason: HoldReason::NoModelForCurrent,
+            };
+        };
+        let per_instance = peak_load / f64::from(self.current.count.max(1));
+        let current_latency_ms = current
+            .model
+            .latency_quantile_at(per_instance, 1.0 - policy.capacity_quantile);
+        let holds =
+            usable_capacity(policy, current.model) * (1.0 - policy.margin / 2.0) >= per_instance;
+        if !holds {
+            self.pending = None;
+            return match best {
+                Some(best) => self.move_to(now, best, true, current_latency_ms),
+                None => Decision::NoViablePlacement {
+                    placement: self.current.clone(),
+                    current_latency_ms,
+                },
+            };
+        }
+        match best {
+            Some(best)
+                if best.placement.vm_type != self.current.vm_type
+                    || best.placement.count != self.current.count =>
+            {
+                if best.placement.hourly_cost > self.current.hourly_cost * (1.0 - policy.min_saving)
+                {
+                    self.pending = None;
+                    return self.hold(HoldReason::Holds);
+                }
+                let wins = match &self.pending {
+                    Some((p, w)) if *p == best.placement => w + 1,
+                    _ => 1,
+                };
+                if wins >= policy.confirmations {
+                    self.pending = None;
+                    self.move_to(now, best, false, current_latency_ms)
+                } else {
+                    self.pending = Some((best.placement.clone(), wins));
+                    self.hold(HoldReason::Confirming {
+                        candidate: best.placement,
+                        wins,
+                    })
+                }
+            }
+            _ => {
+                self.pending = None;
+                self.hold(HoldReason::Holds)
+            }
+        }
+    }
+
+    fn hold(&self, reason: HoldReason) -> Decision {
+        Decision::Hold {
+            placement: self.current.clone(),
+            reason,
+        }
+    }
+
+    fn move_to(
+        &mut self,
+        now: Timestamp,
+        to: ScoredPlacement,
+        urgent: bool,
+        current_latency_ms: f64,
+    ) -> Decision {
+        let from = std::mem::replace(&mut self.current, to.placement.clone());
+        self.last_change = Some(now);
+        Decision::Move {
+            from,
+            to: to.placement,
+            urgent,
+            current_latency_ms,
+            evidence: to.evidence,
+        }
+    }
+}
+
+/// Capacity per instance the decision trusts: a pessimistic bootstrap quantile, capped at what
+/// extrapolation from the measured loads allows.
+fn usable_capacity(policy: &DecisionPolicy, model: &PerformanceModel) -> f64 {
+    let samples = model.capacity_samples(policy.slo_ms);
+    let index = ((samples.len() - 1) as f64 * policy.capacity_quantile).round() as usize;
+    samples[index].min(model.max_observed_load() * policy.max_extrapolation)
+}
+
+fn evaluate(
+    policy: &DecisionPolicy,
+    peak_load: f64,
+    candidate: &Candidate<'_>,
+    margin: f64,
+) -> Option<ScoredPlacement> {
+    let capacity = usable_capacity(policy, candidate.model);
+    let usable = capacity * (1.0 - margin);
+    if usable <= 0.0 {
+        return None;
+    }
+    let count = (peak_load / usable).ceil().max(1.0);
+    if count > f64::from(policy.max_instances) {
+        return None;
+    }
+    let count = count as u32;
+    let per_instance = peak_load / f64::from(count);
+    Some(ScoredPlacement {
+        placement: Placement {
+            vm_type: candidate.vm_type.name.clone(),
+            count,
+            hourly_cost: f64::from(count) * candidate.vm_type.price_per_hour,
+        },
+        evidence: Evidence {
+            capacity_per_instance: capacity,
+            latency_at_peak_ms: candidate
+                .model
+                .latency_quantile_at(per_instance, 1.0 - policy.capacity_quantile),
+            max_observed_load: candidate.model.max_observed_load(),
+            points: candidate.model.points(),
+            shadow_points: candidate.model.shadow_points(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::perf_model::{LoadLatencyPoint, PointSource};
+
+    fn vm(name: &str, price: f64) -> VmType {
+        VmType {
+            name: name.into(),
+            vcpus: 2,
+            memory_gib: 8.0,
+            price_per_hour: price,
+            benchmark_score: None,
+        }
+    }
+
+    /// A type saturating at `saturation`/s, measured up to 90 % of it.
+    fn model(saturation: f64) -> PerformanceModel {
+        let points: Vec<LoadLatencyPoint> = (1..=18)
+            .map(|i| {
+                let load = saturation * f64::from(i) / 20.0;
+                LoadLatencyPoint {
+                    load,
+                    latency_ms: 20.0 + 2.0 * saturation / (saturation - load),
+                    source: PointSource::AmplifiedShadow { factor: 2.0 },
+                }
+            })
+            .collect();
+        PerformanceModel::fit(&points, 5).unwrap()
+    }
+
+    #[test]
+    fn moves_up_at_once_when_the_current_type_will_not_hold() {
+        let (m, c) = (vm("m.large", 0.10), vm("c.large", 0.085));
+        let (mm, cm) = (model(100.0), model(180.0));
+        let candidates = [
+            Candidate {
+                vm_type: &m,
+                model: &mm,
+            },
+            Candidate {
+                vm_type: &c,
+                model: &cm,
+            },
+        ];
+        let policy = DecisionPolicy::default();
+        let mut state = DecisionState::new(Placement {
+            vm_type: "m.large".into(),
+            count: 1,
+            hourly_cost: 0.10,
+        });
+        // 120/s: past m.large's saturation; c.large holds it with margin on one instance.
+        match state.decide(1000, &policy, 120.0, &candidates) {
+            Decision::Move {
+                to,
+                urgent,
+                current_latency_ms,
+                evidence,
+                ..
+            } => {
+                assert!(urgent);
+                assert_eq!(to.vm_type, "c.large");
+                assert_eq!(to.count, 1);
+                assert!(current_latency_ms > policy.slo_ms);
+                assert!(evidence.latency_at_peak_ms < policy.slo_ms);
+                assert_eq!(evidence.shadow_points, 18);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(state.current().vm_type, "c.large");
+        assert_eq!(state.last_change(), Some(1000));
+    }
+
+    #[test]
+    fn scales_down_only_after_confirmation_and_does_not_flap() {
+        let (big, small) = (vm("m.xlarge", 0.20), vm("m.large", 0.10));
+        let (bm, sm) = (model(400.0), model(200.0));
+        let candidates = [
+            Candidate {
+                vm_type: &big,
+                model: &bm,
+            },
+            Candidate {
+                vm_type: &small,
+                model: &sm,
+            },
+        ];
+        let policy = DecisionPolicy::default();
+        let mut state = DecisionState::new(Placement {
+            vm_type: "m.xlarge".into(),
+            count: 1,
+            hourly_cost: 0.20,
+        });
+        // 50/s: m.large holds it for half the price; confirm twice, move on the third.
+        for wins in 1..policy.confirmations {
+            match state.decide(u64::from(wins), &policy, 50.0, &candidates) {
+                Decision::Hold {
+                    reason: HoldReason::Confirming { wins: w, candidate },
+                    ..
+                } => {
+                    assert_eq!(w, wins);
+                    assert_eq!(candidate.vm_type, "m.large");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            state.decide(9, &policy, 50.0, &candidates),
+            Decision::Move { urgent: false, .. }
+        ));
+        // On m.large now; load wobbling a little never moves it back up.
+        for (i, load) in [55.0, 48.0, 60.0, 52.0].into_iter().enumerate() {
+            assert!(matches!(
+                state.decide(10 + i as u64, &policy, load, &candidates),
+                Decision::Hold {
+                    reason: HoldReason::Holds,
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn no_model_for_the_current_type_is_said_plainly() {
+        let c = vm("c.large", 0.085);
+        let cm = model(180.0);
+        let mut state = DecisionState::new(Placement {
+            vm_type: "x.large".into(),
+            count: 2,
+            hourly_cost: 0.3,
+        });
+        assert!(matches!(
+            state.decide(
+                0,
+                &DecisionPolicy::default(),
+                10.0,
+                &[Candidate {
+                    vm_type: &c,
+                    model: &cm
+                }]
+            ),
+            Decision::Hold {
+                reason: HoldReason::NoModelForCurrent,
+                ..
+            }
+        ));
+    }
+}

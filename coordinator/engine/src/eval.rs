@@ -1,0 +1,557 @@
+//! Offline evaluation of the predictor on in-memory series: walk-forward forecast backtests
+//! against persistence and seasonal-naive baselines, degradation-warning replays against a
+//! capacity threshold, and the simulated VM catalog for the choice of type.
+//!
+//! Reading trace files is the caller's job (`cargo xtask eval predictor`); this module only
+//! computes, so it stays sans-IO like the rest of the engine.
+
+use crate::Timestamp;
+use crate::forecast::{ForecastConfig, ForecastError, LoadForecaster};
+use crate::warning::{WarningPolicy, WarningState};
+
+/// Errors of one horizon for one method, accumulated over the test period.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ErrorSum {
+    /// Σ |forecast − actual|.
+    pub abs_error: f64,
+    /// Σ actual.
+    pub actual: f64,
+    /// Number of forecasts scored.
+    pub count: usize,
+}
+
+impl ErrorSum {
+    fn add(&mut self, forecast: f64, actual: f64) {
+        self.abs_error += (forecast - actual).abs();
+        self.actual += actual.abs();
+        self.count += 1;
+    }
+
+    /// Weighted absolute percentage error: Σ|e| / Σ|y|.
+    pub fn wape(&self) -> f64 {
+        if self.actual > 0.0 {
+            self.abs_error / self.actual
+        } else {
+            f64::NAN
+        }
+    }
+
+    /// Mean absolute error.
+    pub fn mae(&self) -> f64 {
+        if self.count > 0 {
+            self.abs_error / self.count as f64
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// One horizon's scores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HorizonScore {
+    /// Horizon in steps.
+    pub steps: usize,
+    /// The forecaster.
+    pub model: ErrorSum,
+    /// Last value carried forward.
+    pub persistence: ErrorSum,
+    /// Value one season earlier.
+    pub seasonal_naive: ErrorSum,
+    /// In-sample MAE of one-step persistence on the training part: the MASE scale (Hyndman).
+    pub mase_scale: f64,
+}
+
+impl HorizonScore {
+    /// MASE of a method: its MAE over the in-sample one-step naive MAE.
+    pub fn mase(&self, e: &ErrorSum) -> f64 {
+        e.mae() / self.mase_scale
+    }
+
+    /// The forecaster's MAE relative to the better naive baseline at this horizon: below 1 means
+    /// it beats both (the MASE of the forecaster scaled by that baseline's error).
+    pub fn relative_mase(&self) -> f64 {
+        self.model.mae() / self.persistence.mae().min(self.seasonal_naive.mae())
+    }
+
+    /// 1 − WAPE(model) / WAPE(better baseline).
+    pub fn wape_gain(&self) -> f64 {
+        1.0 - self.model.wape() / self.persistence.wape().min(self.seasonal_naive.wape())
+    }
+}
+
+/// A backtest: train on the first part, forecast every origin of the rest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BacktestSetup {
+    /// Model configuration (step, season, refit schedule).
+    pub config: ForecastConfig,
+    /// Horizons to score, in steps.
+    pub horizons: Vec<usize>,
+    /// Share of the series used only for training (the rest is held out).
+    pub train_fraction: f64,
+    /// When set, replay degradation warnings against this capacity threshold.
+    pub warning: Option<WarningSetup>,
+}
+
+/// A degradation-warning replay: the SLO breaks while load exceeds `capacity`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarningSetup {
+    /// Load above which the SLO is broken.
+    pub capacity: f64,
+    /// When to raise and clear.
+    pub policy: WarningPolicy,
+    /// Breaches closer than this many steps are one incident.
+    pub merge_gap_steps: usize,
+    /// Breaches shorter than this many steps are blips, not incidents: an SLO is judged over a
+    /// window, and one sample over the line does not break it.
+    pub min_breach_steps: usize,
+}
+
+/// What a warning replay found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WarningOutcome {
+    /// Breach incidents in the test period (excluding one already under way when it starts).
+    pub incidents: usize,
+    /// Incidents with a warning raised before they began.
+    pub warned: usize,
+    /// Lead time of each warned incident, in seconds.
+    pub lead_secs: Vec<u64>,
+    /// Warnings after which no breach came within the horizon.
+    pub false_alarms: usize,
+    /// Length of the test period in days.
+    pub test_days: f64,
+}
+
+/// Results of one trace's backtest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BacktestReport {
+    /// Scores per horizon, in the order asked.
+    pub horizons: Vec<HorizonScore>,
+    /// The warning replay, when asked.
+    pub warning: Option<WarningOutcome>,
+    /// Fits performed (the initial one and scheduled refits).
+    pub fits: usize,
+    /// Which model the last fit chose, for the report.
+    pub last_model: Option<crate::ModelKind>,
+}
+
+/// Walks forward through `series` (one value per `config.step_secs`, the first at `start`): fits
+/// on the training part, then at every test origin scores forecasts, optionally replays warnings,
+/// observes the next value and refits on schedule.
+pub fn backtest(
+    series: &[f64],
+    start: Timestamp,
+    setup: &BacktestSetup,
+) -> Result<BacktestReport, ForecastError> {
+    let config = &setup.config;
+    let step = config.step_secs;
+    let n = series.len();
+    let split = ((n as f64 * setup.train_fraction) as usize).clamp(4, n);
+    let at = |i: usize| start + i as u64 * step;
+    let m = config.season_steps;
+    let training = &series[..split];
+    let mase_scale = training
+        .windows(2)
+        .map(|w| (w[1] - w[0]).abs())
+        .sum::<f64>()
+        / (training.len() - 1) as f64;
+    let mut scores: Vec<HorizonScore> = setup
+        .horizons
+        .iter()
+        .map(|&steps| HorizonScore {
+            steps,
+            model: ErrorSum::default(),
+            persistence: ErrorSum::default(),
+            seasonal_naive: ErrorSum::default(),
+            mase_scale,
+        })
+        .collect();
+    let history_from = |end: usize| end.saturating_sub(config.max_history);
+    let mut model =
+        LoadForecaster::fit(config, &series[history_from(split)..split], at(split - 1))?;
+    let mut fits = 1;
+    let mut since_fit = 0;
+    let mut warning_state = WarningState::default();
+    let mut warning_active = vec![false; n];
+    // Origin `o`: the last observed index; forecasts target o + h.
+    for o in split - 1..n - 1 {
+        for score in &mut scores {
+            let h = score.steps;
+            if o + h >= n || o + h < m * h.div_ceil(m) {
+                continue;
+            }
+            let actual = series[o + h];
+            score.model.add(model.median(h), actual);
+            score.persistence.add(series[o], actual);
+            score
+                .seasonal_naive
+                .add(series[o + h - m * h.div_ceil(m)], actual);
+        }
+        if let Some(w) = &setup.warning {
+            warning_active[o] = warning_state
+                .evaluate(at(o), &w.policy, &model, &[w.capacity])
+                .is_some();
+        }
+        model.observe(at(o + 1), series[o + 1]);
+        since_fit += 1;
+        if since_fit >= config.refit_every {
+            model = LoadForecaster::fit(config, &series[history_from(o + 2)..o + 2], at(o + 1))?;
+            fits += 1;
+            since_fit = 0;
+        }
+    }
+    let warning = setup
+        .warning
+        .as_ref()
+        .map(|w| score_warnings(series, split, step, w, &warning_active));
+    Ok(BacktestReport {
+        horizons: scores,
+        warning,
+        fits,
+        last_model: Some(model.kind()),
+    })
+}
+
+/// Matches warnings with breach incidents in the test part `[split, n)`.
+fn score_warnings(
+    series: &[f64],
+    split: usize,
+    step_secs: u64,
+    setup: &WarningSetup,
+    active: &[bool],
+) -> WarningOutcome {
+    let n = series.len();
+    let horizon = setup.policy.horizon_steps;
+    // Breach runs long enough to count, then merged across gaps shorter than `merge_gap_steps`.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, _) in series
+        .iter()
+        .enumerate()
+        .skip(split)
+        .filter(|(_, y)| **y > setup.capacity)
+    {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == i => *end = i,
+            _ => runs.push((i, i)),
+        }
+    }
+    runs.retain(|&(s, e)| e + 1 - s >= setup.min_breach_steps);
+    let mut breach = vec![false; n];
+    for &(s, e) in &runs {
+        breach[s..=e].iter_mut().for_each(|b| *b = true);
+    }
+    let mut incidents: Vec<(usize, usize)> = Vec::new();
+    for (s, e) in runs {
+        match incidents.last_mut() {
+            Some((_, end)) if s - *end <= setup.merge_gap_steps => *end = e,
+            _ => incidents.push((s, e)),
+        }
+    }
+    // An incident already under way when the test starts could not be warned of.
+    incidents.retain(|&(s, _)| s > split);
+    let mut outcome = WarningOutcome {
+        incidents: incidents.len(),
+        test_days: (n - split) as f64 * step_secs as f64 / 86_400.0,
+        ..WarningOutcome::default()
+    };
+    for &(s, _) in &incidents {
+        // Warned if a warning was raised at the origin just before the breach; its lead is how
+        // long it had been raised, at most the horizon (a warning claims no more than that).
+        if active[s - 1] {
+            let mut onset = s - 1;
+            while onset > split && active[onset - 1] && s - onset < horizon {
+                onset -= 1;
+            }
+            outcome.warned += 1;
+            outcome.lead_secs.push((s - onset) as u64 * step_secs);
+        }
+    }
+    // False alarms: warning episodes with no breach from onset to end + horizon.
+    let mut i = split;
+    while i < n {
+        if !active[i] {
+            i += 1;
+            continue;
+        }
+        let onset = i;
+        while i < n && active[i] {
+            i += 1;
+        }
+        let until = (i + horizon).min(n);
+        if !breach[onset..until].iter().any(|&b| b) {
+            outcome.false_alarms += 1;
+        }
+    }
+    outcome
+}
+
+/// A synthetic per-minute load series: a daily cycle, a weekday/weekend difference, slow growth
+/// and multiplicative noise, seeded. For benchmarks and tests, not for judging accuracy.
+pub fn synthetic_load(days: usize, seed: u64) -> Vec<f64> {
+    use rand::{RngExt as _, SeedableRng as _};
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
+    let scale = 50.0 + rng.random_range(0.0..950.0);
+    (0..days * 1440)
+        .map(|i| {
+            let day = i / 1440;
+            let phase = (i % 1440) as f64 / 1440.0 * std::f64::consts::TAU;
+            let weekend = if day % 7 >= 5 { 0.7 } else { 1.0 };
+            let growth = 1.0 + 0.01 * day as f64;
+            let noise = 1.0 + 0.1 * (rng.random::<f64>() - 0.5);
+            scale * weekend * growth * (1.0 + 0.6 * (phase - 2.0).sin()) * noise
+        })
+        .collect()
+}
+
+/// The simulated catalog experiment: workloads with hidden latency-versus-load curves on every
+/// type, measured with noise only where the shadow pool chooses to spend shadow-hours.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogSimSetup {
+    /// Workloads simulated, one after the other (each learns from the ones before).
+    pub workloads: usize,
+    /// Seed of everything random.
+    pub seed: u64,
+    /// Shadow-hours one trial of one type costs (a ramp of amplified replays).
+    pub hours_per_trial: f64,
+    /// Multiplicative noise (log-sd) on each measured latency.
+    pub latency_noise: f64,
+    /// The latency objective, in ms.
+    pub slo_ms: f64,
+    /// The shadow-pool policy under test.
+    pub policy: crate::shadow_pool::PoolPolicy,
+}
+
+impl Default for CatalogSimSetup {
+    fn default() -> Self {
+        Self {
+            workloads: 200,
+            seed: 42,
+            hours_per_trial: 2.0,
+            latency_noise: 0.08,
+            slo_ms: 200.0,
+            policy: crate::shadow_pool::PoolPolicy::default(),
+        }
+    }
+}
+
+/// What the simulated catalog experiment found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogSimReport {
+    /// Types in the catalog.
+    pub types: usize,
+    /// Relative regret per workload: cost of the chosen type (at the count its true capacity
+    /// needs) over the oracle's cost, minus one.
+    pub regrets: Vec<f64>,
+    /// The same when every type is tried once (same noise model), for reference.
+    pub exhaustive_regrets: Vec<f64>,
+    /// Shadow-hours spent by the steered pool.
+    pub shadow_hours: f64,
+    /// Shadow-hours that trying every type once would have cost.
+    pub exhaustive_hours: f64,
+}
+
+/// A catalog of 24 types: three families (compute, general, memory), two generations, four sizes.
+/// The memory family's catalog entries carry no benchmark score, as real catalogs often don't.
+pub fn simulated_catalog() -> Vec<crate::shadow_pool::VmType> {
+    let mut catalog = Vec::new();
+    // (family, GiB per vCPU, price per vCPU-hour, score per vCPU by generation, scored)
+    let families = [
+        ("c", 2.0, 0.0425, [100.0, 118.0], true),
+        ("m", 4.0, 0.048, [100.0, 118.0], true),
+        ("r", 8.0, 0.063, [100.0, 118.0], false),
+    ];
+    for (family, gib, price, scores, scored) in families {
+        for (generation, score) in scores.iter().enumerate() {
+            // The newer generation costs a little more per vCPU.
+            let price = price * if generation == 1 { 1.06 } else { 1.0 };
+            for (size, vcpus) in [
+                ("large", 2u32),
+                ("xlarge", 4),
+                ("2xlarge", 8),
+                ("4xlarge", 16),
+            ] {
+                catalog.push(crate::shadow_pool::VmType {
+                    name: format!("{family}{}.{size}", generation + 5),
+                    vcpus,
+                    memory_gib: gib * f64::from(vcpus),
+                    price_per_hour: price * f64::from(vcpus),
+                    benchmark_score: scored.then_some(score * f64::from(vcpus)),
+                });
+            }
+        }
+    }
+    catalog
+}
+
+/// Runs the simulated catalog experiment.
+pub fn simulate_catalog(
+    setup: &CatalogSimSetup,
+) -> Result<CatalogSimReport, crate::shadow_pool::ShadowPoolError> {
+    use crate::perf_model::{LoadLatencyPoint, PerformanceModel, PointSource};
+    use crate::shadow_pool::{CapacityMeasurement, PoolAction, PopulationPrior, plan};
+    use rand::{RngExt as _, SeedableRng as _};
+
+    let catalog = simulated_catalog();
+    let n = catalog.len();
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(setup.seed);
+    let normal = move |rng: &mut rand::rngs::ChaCha8Rng| {
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    };
+    // What a type does for every workload beyond its specification (hidden).
+    let type_effect: Vec<f64> = (0..n).map(|_| 0.08 * normal(&mut rng)).collect();
+    let policy = &setup.policy;
+    let mut history: Vec<Vec<CapacityMeasurement>> = Vec::new();
+    let mut report = CatalogSimReport {
+        types: n,
+        regrets: Vec::new(),
+        exhaustive_regrets: Vec::new(),
+        shadow_hours: 0.0,
+        exhaustive_hours: 0.0,
+    };
+    for w in 0..setup.workloads {
+        // Hidden truth for this workload.
+        let scale = 0.2 * (0.8 * normal(&mut rng)).exp();
+        let compute_scaling = rng.random_range(0.75..1.0);
+        let memory_bound = rng.random_range(-0.05..0.35);
+        let base_ms = rng.random_range(5.0..40.0);
+        let capacity: Vec<f64> = catalog
+            .iter()
+            .enumerate()
+            .map(|(t, vm)| {
+                let score = 109.0 * f64::from(vm.vcpus) * if t % 8 >= 4 { 1.08 } else { 0.92 };
+                let gib_per_vcpu = vm.memory_gib / f64::from(vm.vcpus);
+                (scale.ln()
+                    + compute_scaling * score.ln()
+                    + memory_bound * gib_per_vcpu.ln()
+                    + type_effect[t]
+                    + 0.05 * normal(&mut rng))
+                .exp()
+            })
+            .collect();
+        let reference = capacity[4 + 1]; // c6.xlarge
+        let peak = reference * rng.random_range(0.5..6.0);
+        let true_cost = |t: usize| {
+            let usable = capacity[t] * (1.0 - policy.margin);
+            (peak / usable).ceil().max(1.0) * catalog[t].price_per_hour
+        };
+        let oracle = (0..n).map(true_cost).fold(f64::INFINITY, f64::min);
+        // One measurement of type t: a ramp of (amplified) replays up to `reach` × capacity,
+        // one point per five-minute interval of the trial.
+        let intervals = (setup.hours_per_trial * 12.0).round().max(3.0) as u32;
+        let measure = |t: usize, reach: f64, rng: &mut rand::rngs::ChaCha8Rng| {
+            let saturation = capacity[t] * 1.25;
+            let k = (setup.slo_ms - base_ms) * (saturation - capacity[t]);
+            let points: Vec<LoadLatencyPoint> = (1..=intervals)
+                .map(|i| {
+                    let load = capacity[t] * reach * f64::from(i) / f64::from(intervals);
+                    let latency = base_ms + k / (saturation - load);
+                    LoadLatencyPoint {
+                        load,
+                        latency_ms: latency * (setup.latency_noise * normal(rng)).exp(),
+                        source: PointSource::AmplifiedShadow { factor: 1.0 },
+                    }
+                })
+                .collect();
+            let model = PerformanceModel::fit(&points, rng.random()).ok()?;
+            let samples: Vec<f64> = model
+                .capacity_samples(setup.slo_ms)
+                .into_iter()
+                .filter(|c| *c > 0.0)
+                .map(f64::ln)
+                .collect();
+            let capacity = model.capacity_at(setup.slo_ms);
+            if samples.len() < 5 || capacity <= 0.0 {
+                return None;
+            }
+            let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+            let sd = (samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>()
+                / (samples.len() - 1) as f64)
+                .sqrt();
+            Some(CapacityMeasurement {
+                vm_type: catalog[t].name.clone(),
+                capacity,
+                log_sd: sd,
+            })
+        };
+        let chosen_cost = |measured: &[CapacityMeasurement]| {
+            measured
+                .iter()
+                .filter_map(|m| {
+                    let t = catalog.iter().position(|v| v.name == m.vm_type)?;
+                    let usable = m.capacity * (1.0 - policy.margin);
+                    let estimated = (peak / usable).ceil().max(1.0) * catalog[t].price_per_hour;
+                    Some((estimated, t))
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .map_or(f64::INFINITY, |(_, t)| true_cost(t))
+        };
+        // Live type: its own traffic only reaches part of the way up the curve, for free.
+        let live = rng.random_range(0..n);
+        let mut measured: Vec<CapacityMeasurement> =
+            measure(live, 0.7, &mut rng).into_iter().collect();
+        let prior = if history.is_empty() {
+            PopulationPrior::uninformed(&catalog)
+        } else {
+            PopulationPrior::learn(&catalog, &history)?
+        };
+        let budget = 0.25 * n as f64 * setup.hours_per_trial;
+        let mut hours = 0.0;
+        let mut running: Vec<String> = Vec::new();
+        let mut choice: Option<String> = None;
+        for round in 0..n {
+            let p = plan(
+                &catalog,
+                &prior,
+                &measured,
+                &running,
+                peak,
+                policy,
+                setup.seed ^ ((w as u64) << 20) ^ round as u64,
+            )?;
+            choice = p.best_measured.map(|(name, _)| name);
+            running = p
+                .actions
+                .iter()
+                .filter_map(|a| match a {
+                    PoolAction::Keep { vm_type, .. } | PoolAction::Try { vm_type, .. } => {
+                        Some(vm_type.clone())
+                    }
+                    PoolAction::Drop { .. } => None,
+                })
+                .collect();
+            if p.converged || running.is_empty() {
+                break;
+            }
+            // Every running shadow spends a trial and reports a measurement.
+            let mut spent = false;
+            for name in &running {
+                if hours + setup.hours_per_trial > budget {
+                    break;
+                }
+                let Some(t) = catalog.iter().position(|v| v.name == *name) else {
+                    continue;
+                };
+                hours += setup.hours_per_trial;
+                spent = true;
+                measured.extend(measure(t, 1.15, &mut rng));
+            }
+            if !spent {
+                break;
+            }
+        }
+        let chosen = choice
+            .and_then(|name| catalog.iter().position(|v| v.name == name))
+            .map_or(f64::INFINITY, true_cost);
+        report.regrets.push(chosen / oracle - 1.0);
+        report.shadow_hours += hours;
+        report.exhaustive_hours += n as f64 * setup.hours_per_trial;
+        let everything: Vec<CapacityMeasurement> =
+            (0..n).filter_map(|t| measure(t, 1.15, &mut rng)).collect();
+        report
+            .exhaustive_regrets
+            .push(chosen_cost(&everything) / oracle - 1.0);
+        history.push(measured);
+    }
+    Ok(report)
+}

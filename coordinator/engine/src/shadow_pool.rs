@@ -1,0 +1,674 @@
+//! Shadow-pool steering: which VM types of the catalog deserve shadow time for a workload — which
+//! to keep, which to drop, which to try next — so the cheapest type that holds the SLO is found
+//! with far fewer shadow-hours than trying every type.
+//!
+//! The model is a Bayesian linear regression of a type's log capacity at the SLO on what the
+//! catalog says about it:
+//!
+//! `ln capacity(w, t) = a_w + b_w · ln performance(t) + c_w · ln(GiB per vCPU of t) + u_t + e`
+//!
+//! `performance(t)` is the catalog's benchmark score, or vCPUs times the median score per vCPU
+//! when the catalog gives none. `a_w` is the workload's scale, `b_w` how well it scales with
+//! compute, `c_w` how memory-bound it is, `u_t` what a type does for every workload beyond its
+//! specification (a noisy generation, a fast network), `e` the rest. Other workloads' measurements
+//! give the priors: the population's `b` and `c` and each type's `u_t`. The workload's own live
+//! type and every shadow measured so far update `(a, b, c)` in closed form.
+//!
+//! Exploration is Thompson sampling on the cost of holding the workload's peak: draw capacities
+//! from the posterior, price each type at the instance count the draw needs, and see how often
+//! each type comes within `within` of the cheapest. Shadows of types that never do are dropped;
+//! shadows of types that still might are kept while their measurement is imprecise, and released
+//! once it is precise (more time on them buys nothing); untried types that often do are tried
+//! next. The search stops once the best measured type is within `within` of
+//! the cheapest with probability `confidence`.
+
+use rand::{RngExt as _, SeedableRng as _};
+
+/// A VM type as the catalog describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmType {
+    /// Catalog name, e.g. `c7.2xlarge`.
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in GiB.
+    pub memory_gib: f64,
+    /// Price per instance-hour.
+    pub price_per_hour: f64,
+    /// A throughput benchmark score for the whole instance, when the catalog has one.
+    pub benchmark_score: Option<f64>,
+}
+
+/// A type's measured capacity at the SLO for one workload (from its [`crate::PerformanceModel`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapacityMeasurement {
+    /// Catalog name of the type.
+    pub vm_type: String,
+    /// Capacity at the SLO, exchanges/s per instance.
+    pub capacity: f64,
+    /// Standard deviation of `ln capacity` (from the model's bootstrap).
+    pub log_sd: f64,
+}
+
+/// Why the pool cannot be planned.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ShadowPoolError {
+    /// The catalog has no types.
+    #[error("the VM catalog is empty")]
+    EmptyCatalog,
+    /// A catalog entry is unusable.
+    #[error("catalog type `{name}`: {reason}")]
+    BadType {
+        /// Its name.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A measurement names a type the catalog does not have.
+    #[error("measurement for `{0}`, which is not in the catalog")]
+    UnknownType(String),
+    /// A measurement's capacity is not positive and finite.
+    #[error("measurement for `{0}` has a non-positive or non-finite capacity")]
+    BadMeasurement(String),
+}
+
+/// How the pool is steered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolPolicy {
+    /// Headroom kept below the capacity at the SLO when counting instances (0.2 = plan for 80 %).
+    pub margin: f64,
+    /// A type is good enough within this fraction of the cheapest cost (0.05 = 5 %).
+    pub within: f64,
+    /// Stop exploring when a measured type is good enough with this probability.
+    pub confidence: f64,
+    /// Drop (or never try) types good enough with less than this probability.
+    pub drop_below: f64,
+    /// Shadows that may run at once.
+    pub max_concurrent: usize,
+    /// Most instances a placement may use.
+    pub max_instances: u32,
+    /// Posterior draws per plan.
+    pub samples: usize,
+    /// A measured type whose log-capacity is known to this standard deviation needs no more
+    /// shadow time: its shadow is released so the budget goes to types not yet tried.
+    pub precise_log_sd: f64,
+}
+
+impl Default for PoolPolicy {
+    fn default() -> Self {
+        Self {
+            margin: 0.2,
+            within: 0.05,
+            confidence: 0.95,
+            drop_below: 0.02,
+            max_concurrent: 2,
+            max_instances: 64,
+            samples: 400,
+            precise_log_sd: 0.03,
+        }
+    }
+}
+
+/// One instruction for the shadow manager.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PoolAction {
+    /// Keep shadowing this type: it may be chosen and its measurement is not yet precise.
+    Keep {
+        /// Type name.
+        vm_type: String,
+        /// Probability it is within `within` of the cheapest.
+        p_good: f64,
+    },
+    /// Stop shadowing this type: it is very unlikely to be chosen, or its measurement is precise
+    /// enough (its evidence stays).
+    Drop {
+        /// Type name.
+        vm_type: String,
+        /// Probability it is within `within` of the cheapest.
+        p_good: f64,
+    },
+    /// Start a shadow of this untried type next.
+    Try {
+        /// Type name.
+        vm_type: String,
+        /// Probability it is within `within` of the cheapest.
+        p_good: f64,
+    },
+}
+
+/// A plan for one workload's shadow pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolPlan {
+    /// What to do, in order: drops, keeps, tries.
+    pub actions: Vec<PoolAction>,
+    /// The best measured type is good enough with probability `confidence`: the search can stop.
+    pub converged: bool,
+    /// The measured type with the lowest expected cost, and that cost per hour.
+    pub best_measured: Option<(String, f64)>,
+}
+
+/// What other workloads taught about the catalog.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PopulationPrior {
+    /// Prior mean of `(a, b, c)`.
+    mean: [f64; 3],
+    /// Prior variance of `(a, b, c)` (independent).
+    var: [f64; 3],
+    /// Per-type effect `u_t` (shrunk towards 0), by catalog index.
+    type_effect: Vec<f64>,
+    /// Standard deviation of `e`.
+    residual_sd: f64,
+}
+
+/// Workloads' measurements needed before their spread replaces the default prior width.
+const MIN_WORKLOADS_FOR_SPREAD: usize = 10;
+
+impl PopulationPrior {
+    /// A prior that knows nothing beyond the catalog: capacity roughly proportional to the
+    /// performance index, memory per vCPU of little consequence.
+    pub fn uninformed(catalog: &[VmType]) -> Self {
+        Self {
+            mean: [0.0, 1.0, 0.0],
+            var: [100.0, 0.25 * 0.25, 0.3 * 0.3],
+            type_effect: vec![0.0; catalog.len()],
+            residual_sd: 0.15,
+        }
+    }
+
+    /// Learns `b`, `c`, `u_t` and the residual spread from other workloads' measurements.
+    pub fn learn(
+        catalog: &[VmType],
+        workloads: &[Vec<CapacityMeasurement>],
+    ) -> Result<Self, ShadowPoolError> {
+        let features = Features::new(catalog)?;
+        let mut prior = Self::uninformed(catalog);
+        let observations: Vec<Vec<(usize, f64, f64)>> = workloads
+            .iter()
+            .map(|w| features.observations(w))
+            .collect::<Result<_, _>>()?;
+        // Two rounds: fit each workload, estimate type effects from the residuals, refit.
+        for _ in 0..2 {
+            let mut betas = Vec::new();
+            let mut residuals = vec![Vec::new(); catalog.len()];
+            for obs in observations.iter().filter(|o| !o.is_empty()) {
+                let post = Posterior::new(&prior, &features, obs);
+                for &(t, y, _) in obs {
+                    residuals[t].push(y - prior.type_effect[t] - dot(&features.x[t], &post.mean));
+                }
+                betas.push(post.mean);
+            }
+            for (effect, r) in prior.type_effect.iter_mut().zip(&residuals) {
+                // Shrink towards 0: one workload's residual is mostly its own noise.
+                *effect += r.iter().sum::<f64>() / (r.len() as f64 + 5.0);
+            }
+            if betas.len() >= MIN_WORKLOADS_FOR_SPREAD {
+                for k in 1..3 {
+                    let mean = betas.iter().map(|b| b[k]).sum::<f64>() / betas.len() as f64;
+                    let var = betas.iter().map(|b| (b[k] - mean).powi(2)).sum::<f64>()
+                        / (betas.len() - 1) as f64;
+                    prior.mean[k] = mean;
+                    // Keep some width: the population is a sample, and this workload may differ.
+                    prior.var[k] = var.max(0.1 * 0.1);
+                }
+                let all: Vec<f64> = residuals.iter().flatten().copied().collect();
+                if all.len() > 10 {
+                    let ss = all.iter().map(|r| r * r).sum::<f64>() / all.len() as f64;
+                    // Floor: the residuals are in-sample, and a new workload is not.
+                    prior.residual_sd = ss.sqrt().clamp(0.08, 0.5);
+                }
+            }
+        }
+        Ok(prior)
+    }
+}
+
+/// Regression features per catalog type: `[1, ln performance, ln GiB/vCPU]`.
+#[derive(Debug)]
+struct Features {
+    x: Vec<[f64; 3]>,
+    names: Vec<String>,
+}
+
+impl Features {
+    fn new(catalog: &[VmType]) -> Result<Self, ShadowPoolError> {
+        if catalog.is_empty() {
+            return Err(ShadowPoolError::EmptyCatalog);
+        }
+        for t in catalog {
+            let bad = |reason| {
+                Err(ShadowPoolError::BadType {
+                    name: t.name.clone(),
+                    reason,
+                })
+            };
+            if t.vcpus == 0 {
+                return bad("vcpus must be positive");
+            }
+            if !(t.memory_gib > 0.0 && t.memory_gib.is_finite()) {
+                return bad("memory_gib must be positive");
+            }
+            if !(t.price_per_hour > 0.0 && t.price_per_hour.is_finite()) {
+                return bad("price_per_hour must be positive");
+            }
+            if t.benchmark_score
+                .is_some_and(|s| !(s > 0.0 && s.is_finite()))
+            {
+                return bad("benchmark_score must be positive");
+            }
+        }
+        let mut per_vcpu: Vec<f64> = catalog
+            .iter()
+            .filter_map(|t| t.benchmark_score.map(|s| s / f64::from(t.vcpus)))
+            .collect();
+        per_vcpu.sort_by(f64::total_cmp);
+        let typical = per_vcpu.get(per_vcpu.len() / 2).copied().unwrap_or(1.0);
+        Ok(Self {
+            x: catalog
+                .iter()
+                .map(|t| {
+                    let performance = t.benchmark_score.unwrap_or(typical * f64::from(t.vcpus));
+                    [
+                        1.0,
+                        performance.ln(),
+                        (t.memory_gib / f64::from(t.vcpus)).ln(),
+                    ]
+                })
+                .collect(),
+            names: catalog.iter().map(|t| t.name.clone()).collect(),
+        })
+    }
+
+    /// `(type index, ln capacity, measurement variance)` per measurement.
+    fn observations(
+        &self,
+        measurements: &[CapacityMeasurement],
+    ) -> Result<Vec<(usize, f64, f64)>, ShadowPoolError> {
+        measurements
+            .iter()
+            .map(|m| {
+                let t = self
+                    .names
+                    .iter()
+                    .position(|n| *n == m.vm_type)
+                    .ok_or_else(|| ShadowPoolError::UnknownType(m.vm_type.clone()))?;
+                if !(m.capacity > 0.0 && m.capacity.is_finite()) {
+                    return Err(ShadowPoolError::BadMeasurement(m.vm_type.clone()));
+                }
+                Ok((t, m.capacity.ln(), m.log_sd.max(0.0).powi(2)))
+            })
+            .collect()
+    }
+}
+
+/// Gaussian posterior of `(a, b, c)` for one workload.
+#[derive(Debug)]
+struct Posterior {
+    mean: [f64; 3],
+    cov: [[f64; 3]; 3],
+}
+
+impl Posterior {
+    fn new(prior: &PopulationPrior, features: &Features, obs: &[(usize, f64, f64)]) -> Self {
+        let mut precision = [[0.0; 3]; 3];
+        let mut rhs = [0.0; 3];
+        for k in 0..3 {
+            precision[k][k] = 1.0 / prior.var[k];
+            rhs[k] = prior.mean[k] / prior.var[k];
+        }
+        let noise = prior.residual_sd.powi(2);
+        for &(t, y, meas_var) in obs {
+            let x = features.x[t];
+            let w = 1.0 / (noise + meas_var);
+            let target = y - prior.type_effect[t];
+            for i in 0..3 {
+                rhs[i] += w * x[i] * target;
+                for j in 0..3 {
+                    precision[i][j] += w * x[i] * x[j];
+                }
+            }
+        }
+        let cov = invert3(precision);
+        let mut mean = [0.0; 3];
+        for (i, m) in mean.iter_mut().enumerate() {
+            *m = (0..3).map(|j| cov[i][j] * rhs[j]).sum();
+        }
+        Self { mean, cov }
+    }
+}
+
+fn dot(a: &[f64; 3], b: &[f64; 3]) -> f64 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+/// Inverse of a symmetric positive-definite 3×3 matrix by cofactors.
+fn invert3(m: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
+    let c =
+        |r0: usize, r1: usize, c0: usize, c1: usize| m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0];
+    let cof = [
+        [c(1, 2, 1, 2), -c(1, 2, 0, 2), c(1, 2, 0, 1)],
+        [-c(0, 2, 1, 2), c(0, 2, 0, 2), -c(0, 2, 0, 1)],
+        [c(0, 1, 1, 2), -c(0, 1, 0, 2), c(0, 1, 0, 1)],
+    ];
+    let det = m[0][0] * cof[0][0] + m[0][1] * cof[0][1] + m[0][2] * cof[0][2];
+    let mut inv = [[0.0; 3]; 3];
+    for (i, row) in inv.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            // The adjugate is the transpose of the cofactor matrix.
+            *v = cof[j][i] / det;
+        }
+    }
+    inv
+}
+
+/// Lower Cholesky factor of a symmetric positive-definite 3×3 matrix (jittered if needed).
+fn cholesky3(m: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
+    let mut l = [[0.0; 3]; 3];
+    for i in 0..3 {
+        for j in 0..=i {
+            let s: f64 = (0..j).map(|k| l[i][k] * l[j][k]).sum();
+            if i == j {
+                l[i][j] = (m[i][i] - s).max(1e-12).sqrt();
+            } else {
+                l[i][j] = (m[i][j] - s) / l[j][j];
+            }
+        }
+    }
+    l
+}
+
+fn standard_normal(rng: &mut rand::rngs::ChaCha8Rng) -> f64 {
+    // Box–Muller; `1 - u` keeps the logarithm finite.
+    let u1: f64 = 1.0 - rng.random::<f64>();
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// Hourly cost of holding `peak` on type `t` with capacity `capacity` per instance, or `None` if
+/// it would take more than `max_instances`.
+fn placement_cost(peak: f64, capacity: f64, price: f64, policy: &PoolPolicy) -> Option<(u32, f64)> {
+    let usable = capacity * (1.0 - policy.margin);
+    if usable <= 0.0 {
+        return None;
+    }
+    let count = (peak / usable).ceil().max(1.0);
+    (count <= f64::from(policy.max_instances)).then_some((count as u32, count * price))
+}
+
+/// Plans the shadow pool of one workload.
+///
+/// `measured` holds this workload's capacity measurements (its live type's included), `running`
+/// the types currently shadowed, `peak_load` the load to hold (exchanges/s, e.g. the forecast's
+/// upper bound), `seed` the draws (identical inputs give identical plans).
+pub fn plan(
+    catalog: &[VmType],
+    prior: &PopulationPrior,
+    measured: &[CapacityMeasurement],
+    running: &[String],
+    peak_load: f64,
+    policy: &PoolPolicy,
+    seed: u64,
+) -> Result<PoolPlan, ShadowPoolError> {
+    let features = Features::new(catalog)?;
+    let obs = features.observations(measured)?;
+    let post = Posterior::new(prior, &features, &obs);
+    let chol = cholesky3(post.cov);
+    let noise = prior.residual_sd.powi(2);
+    // For measured types, the measurement itself pins the type's own deviation: combine the
+    // regression's prediction with the measurement (precision-weighted).
+    let mut direct: Vec<Option<(f64, f64)>> = vec![None; catalog.len()];
+    for &(t, y, meas_var) in &obs {
+        let var = meas_var.max(1e-6);
+        direct[t] = Some(match direct[t] {
+            None => (y, var),
+            Some((m0, v0)) => {
+                let v = 1.0 / (1.0 / v0 + 1.0 / var);
+                ((m0 / v0 + y / var) * v, v)
+            }
+        });
+    }
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
+    let mut good = vec![0usize; catalog.len()];
+    let mut draws: Vec<(f64, Vec<f64>)> = Vec::with_capacity(policy.samples);
+    let mut costs = vec![f64::INFINITY; catalog.len()];
+    for _ in 0..policy.samples {
+        let z = [
+            standard_normal(&mut rng),
+            standard_normal(&mut rng),
+            standard_normal(&mut rng),
+        ];
+        let mut beta = post.mean;
+        for (i, b) in beta.iter_mut().enumerate() {
+            *b += (0..=i).map(|k| chol[i][k] * z[k]).sum::<f64>();
+        }
+        for (t, cost) in costs.iter_mut().enumerate() {
+            let regression = dot(&features.x[t], &beta) + prior.type_effect[t];
+            let log_capacity = match direct[t] {
+                Some((y, v)) => {
+                    // Regression draw (with the type's own noise) combined with the measurement.
+                    let pv = noise;
+                    let var = 1.0 / (1.0 / pv + 1.0 / v);
+                    let mean = (regression / pv + y / v) * var;
+                    mean + var.sqrt() * standard_normal(&mut rng)
+                }
+                None => regression + noise.sqrt() * standard_normal(&mut rng),
+            };
+            *cost = placement_cost(
+                peak_load,
+                log_capacity.exp(),
+                catalog[t].price_per_hour,
+                policy,
+            )
+            .map_or(f64::INFINITY, |(_, c)| c);
+        }
+        let cheapest = costs.iter().copied().fold(f64::INFINITY, f64::min);
+        if !cheapest.is_finite() {
+            continue;
+        }
+        for (t, &c) in costs.iter().enumerate() {
+            if c <= cheapest * (1.0 + policy.within) {
+                good[t] += 1;
+            }
+        }
+        draws.push((cheapest, costs.clone()));
+    }
+    // The measured type with the lowest expected cost over the posterior: near an
+    // instance-count boundary a point estimate flips the count on a 1 % error, the expectation
+    // weighs both counts.
+    let best_measured = (0..catalog.len())
+        .filter(|&t| direct[t].is_some())
+        .map(|t| {
+            let mean = draws.iter().map(|(_, c)| c[t]).sum::<f64>() / draws.len().max(1) as f64;
+            (t, mean)
+        })
+        .filter(|(_, c)| c.is_finite())
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    let best_good = best_measured.map_or(0, |(b, _)| {
+        draws
+            .iter()
+            .filter(|(cheapest, c)| c[b] <= cheapest * (1.0 + policy.within))
+            .count()
+    });
+    let samples = policy.samples.max(1) as f64;
+    let p_good: Vec<f64> = good.iter().map(|&g| g as f64 / samples).collect();
+    let converged = best_measured.is_some() && best_good as f64 / samples >= policy.confidence;
+    let mut actions = Vec::new();
+    let mut kept = 0;
+    for name in running {
+        let Some(t) = features.names.iter().position(|n| n == name) else {
+            return Err(ShadowPoolError::UnknownType(name.clone()));
+        };
+        let settled = direct[t].is_some_and(|(_, v)| v.sqrt() <= policy.precise_log_sd);
+        let keep = !converged && !settled && p_good[t] >= policy.drop_below;
+        if keep {
+            kept += 1;
+            actions.push(PoolAction::Keep {
+                vm_type: name.clone(),
+                p_good: p_good[t],
+            });
+        } else {
+            actions.push(PoolAction::Drop {
+                vm_type: name.clone(),
+                p_good: p_good[t],
+            });
+        }
+    }
+    if !converged {
+        let mut candidates: Vec<usize> = (0..catalog.len())
+            .filter(|&t| direct[t].is_none() && !running.contains(&catalog[t].name))
+            .filter(|&t| p_good[t] >= policy.drop_below)
+            .collect();
+        // Most promising first; among equals the cheaper instance, then the name.
+        candidates.sort_by(|&a, &b| {
+            p_good[b]
+                .total_cmp(&p_good[a])
+                .then(
+                    catalog[a]
+                        .price_per_hour
+                        .total_cmp(&catalog[b].price_per_hour),
+                )
+                .then(catalog[a].name.cmp(&catalog[b].name))
+        });
+        for t in candidates
+            .into_iter()
+            .take(policy.max_concurrent.saturating_sub(kept))
+        {
+            actions.push(PoolAction::Try {
+                vm_type: catalog[t].name.clone(),
+                p_good: p_good[t],
+            });
+        }
+    }
+    Ok(PoolPlan {
+        actions,
+        converged,
+        best_measured: best_measured.map(|(t, c)| (catalog[t].name.clone(), c)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> Vec<VmType> {
+        (0..6)
+            .map(|i| VmType {
+                name: format!("t{i}"),
+                vcpus: 1 << (i % 3),
+                memory_gib: 4.0 * f64::from(1u32 << (i % 3)),
+                price_per_hour: 0.05 * f64::from(1u32 << (i % 3)) * if i < 3 { 1.0 } else { 1.3 },
+                benchmark_score: Some(100.0 * f64::from(1u32 << (i % 3))),
+            })
+            .collect()
+    }
+
+    #[test]
+    #[expect(
+        clippy::needless_range_loop,
+        reason = "matrix products read clearest with indices"
+    )]
+    fn inverse_and_cholesky_are_right() {
+        let m = [[4.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 2.0]];
+        let inv = invert3(m);
+        for i in 0..3 {
+            for j in 0..3 {
+                let p: f64 = (0..3).map(|k| m[i][k] * inv[k][j]).sum();
+                assert!((p - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
+            }
+        }
+        let l = cholesky3(m);
+        for i in 0..3 {
+            for j in 0..3 {
+                let p: f64 = (0..3).map(|k| l[i][k] * l[j][k]).sum();
+                assert!((p - m[i][j]).abs() < 1e-12);
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_types_and_bad_catalogs_are_refused() {
+        let prior = PopulationPrior::uninformed(&catalog());
+        let m = CapacityMeasurement {
+            vm_type: "nope".into(),
+            capacity: 10.0,
+            log_sd: 0.1,
+        };
+        assert_eq!(
+            plan(
+                &catalog(),
+                &prior,
+                &[m],
+                &[],
+                10.0,
+                &PoolPolicy::default(),
+                1
+            ),
+            Err(ShadowPoolError::UnknownType("nope".into()))
+        );
+        assert_eq!(
+            plan(&[], &prior, &[], &[], 10.0, &PoolPolicy::default(), 1),
+            Err(ShadowPoolError::EmptyCatalog)
+        );
+    }
+
+    #[test]
+    fn tries_the_promising_types_and_converges_once_they_are_measured() {
+        let catalog = catalog();
+        let prior = PopulationPrior::uninformed(&catalog);
+        let policy = PoolPolicy {
+            confidence: 0.9,
+            ..PoolPolicy::default()
+        };
+        // Live on the pricier family's middle size: 100/s per instance, capacity ∝ score.
+        let live = CapacityMeasurement {
+            vm_type: "t4".into(),
+            capacity: 100.0,
+            log_sd: 0.05,
+        };
+        let first = plan(
+            &catalog,
+            &prior,
+            std::slice::from_ref(&live),
+            &[],
+            380.0,
+            &policy,
+            9,
+        )
+        .unwrap();
+        assert!(!first.converged);
+        let tries: Vec<&str> = first
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                PoolAction::Try { vm_type, .. } => Some(vm_type.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert!(!tries.is_empty());
+        // The cheaper family is expected to win; its types come first.
+        assert!(["t0", "t1", "t2"].contains(&tries[0]), "{tries:?}");
+        // Measure the cheaper family exactly as the prior expects: the search settles.
+        let measured: Vec<CapacityMeasurement> = [("t0", 50.0), ("t1", 100.0), ("t2", 200.0)]
+            .iter()
+            .map(|&(t, c)| CapacityMeasurement {
+                vm_type: t.into(),
+                capacity: c,
+                log_sd: 0.03,
+            })
+            .chain(std::iter::once(live))
+            .collect();
+        let running = vec!["t0".to_owned(), "t1".to_owned(), "t2".to_owned()];
+        let settled = plan(&catalog, &prior, &measured, &running, 350.0, &policy, 9).unwrap();
+        assert!(settled.converged, "{settled:?}");
+        assert!(
+            !settled
+                .actions
+                .iter()
+                .any(|a| matches!(a, PoolAction::Try { .. }))
+        );
+        // Identical inputs, identical plan.
+        assert_eq!(
+            settled,
+            plan(&catalog, &prior, &measured, &running, 350.0, &policy, 9).unwrap()
+        );
+    }
+}
