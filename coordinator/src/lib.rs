@@ -3,14 +3,18 @@
 //! Agents connect over QUIC with mutual TLS ([`net`]) using certificates from the coordinator's
 //! own CA ([`ca`]); their reports are stored exactly once in SQLite ([`store`]) and acknowledged
 //! only when durable; workloads and their policy ([`policy`]) are pushed to connected agents.
-//! [`serve`] wires it together. [`answer_hello`] is the handshake decision.
+//! The [`api`] serves the CLI ([`cli`], [`client`], [`table`]) over HTTP. [`serve`] wires it together. [`answer_hello`] is the handshake decision.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod ca;
+pub mod cli;
+pub mod client;
 pub mod net;
 pub mod policy;
 pub mod serve;
 pub mod store;
+pub mod table;
 
 use doppel_common::wire::{Hello, Message, Refused, SUPPORTED_VERSIONS, Welcome, negotiate};
 

@@ -14,6 +14,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
+    api::{self, ApiStartError},
     ca::{CaError, CertificateAuthority},
     net::{self, Hub, IngestServer, NetError, PolicySnapshot, ServerContext, tls},
     store::{Store, StoreError, ingest},
@@ -27,6 +28,9 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     /// QUIC listen address for agents.
     pub quic_listen: SocketAddr,
+    /// HTTP API listen address (CLI, `/metrics`). Loopback by default: the token is the only
+    /// authentication and travels in clear text.
+    pub api_listen: SocketAddr,
     /// Days of measurements (reports, comparisons, finished webhook deliveries) kept.
     pub retention_days: u32,
     /// Largest frame accepted from an agent, bytes.
@@ -38,6 +42,7 @@ impl Default for ServeConfig {
         Self {
             state_dir: PathBuf::from("/var/lib/doppel"),
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
             retention_days: 14,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
         }
@@ -59,6 +64,9 @@ pub enum ServeError {
     /// The QUIC endpoint could not be bound.
     #[error("QUIC endpoint")]
     Net(#[source] NetError),
+    /// The HTTP API could not start.
+    #[error("HTTP API")]
+    Api(#[source] ApiStartError),
     /// A thread could not be started.
     #[error("cannot start the ingest writer thread")]
     Thread(#[source] std::io::Error),
@@ -99,7 +107,9 @@ async fn run_retention(store: Store, days: u32, mut shutdown: watch::Receiver<bo
 pub struct Coordinator {
     /// Where agents connect.
     pub quic_addr: SocketAddr,
-    policy: watch::Sender<Arc<PolicySnapshot>>,
+    /// Where the HTTP API listens.
+    pub api_addr: SocketAddr,
+    policy: Arc<watch::Sender<Arc<PolicySnapshot>>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     writer: std::thread::JoinHandle<()>,
@@ -149,8 +159,31 @@ impl Coordinator {
             hub: Arc::clone(&hub),
             max_frame_len: config.max_frame_len,
         });
+        let policy = Arc::new(policy_tx);
+        let token = api::load_or_create_token(&config.state_dir).map_err(ServeError::Api)?;
+        let listener = api::bind(config.api_listen)
+            .await
+            .map_err(ServeError::Api)?;
+        let api_addr = listener.local_addr().map_err(|source| {
+            ServeError::Api(ApiStartError::Bind {
+                addr: config.api_listen,
+                source,
+            })
+        })?;
+        api::write_addr_file(&config.state_dir, api_addr).map_err(ServeError::Api)?;
+        let api_state = Arc::new(api::ApiState {
+            store: Arc::new(Mutex::new(open()?)),
+            policy: Arc::clone(&policy),
+            hub: Arc::clone(&hub),
+            token,
+        });
         let retention_store = open()?;
         let tasks = vec![
+            tokio::spawn(api::serve(
+                listener,
+                api::router(api_state),
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(run_retention(
                 retention_store,
                 config.retention_days,
@@ -159,11 +192,10 @@ impl Coordinator {
             tokio::spawn(server.run(Arc::clone(&ctx), shutdown_rx.clone())),
             tokio::spawn(net::watch_crl(ca, verifier, Arc::clone(&hub), shutdown_rx)),
         ];
-        // Held so that policy changes made through the API reach every connection.
-        let policy = policy_tx;
-        info!(%quic_addr, state_dir = %config.state_dir.display(), "coordinator running");
+        info!(%quic_addr, %api_addr, state_dir = %config.state_dir.display(), "coordinator running");
         Ok(Self {
             quic_addr,
+            api_addr,
             policy,
             shutdown,
             tasks,

@@ -63,6 +63,21 @@ pub enum StoreError {
     NoSuchWorkload(String),
 }
 
+impl StoreError {
+    /// Whether the failure is the database being busy, locked or full: the caller should back
+    /// off and retry (the API answers 503 with `Retry-After`), nothing was written.
+    pub fn is_back_pressure(&self) -> bool {
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked, DiskFull};
+        match self {
+            Self::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } => matches!(e.code, DatabaseBusy | DatabaseLocked | DiskFull),
+            _ => false,
+        }
+    }
+}
+
 fn sql(action: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { action, source }
 }
