@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::{
     api::{AgentView, Revision},
     client::{ApiClient, ClientError},
+    compare::{Comparison, Verdict},
     policy::{Policy, WorkloadSpec},
     table::{render, timestamp},
 };
@@ -26,6 +27,34 @@ pub enum ClientCommand {
     Policy(PolicyCommand),
     /// Agents that ever connected, their workload and whether they are connected now.
     Agents,
+    /// Compare live with each shadow VM type at matched load, best first.
+    Compare {
+        /// Workload name.
+        workload: String,
+        /// Window: `90s`, `15m`, `2h`, `1d` (default: the coordinator's, 15m).
+        #[arg(long, value_parser = parse_window)]
+        window: Option<u64>,
+    },
+}
+
+/// Parses `90s`, `15m`, `2h`, `1d` (or bare seconds) into milliseconds.
+pub fn parse_window(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit_ms) = match text.char_indices().last() {
+        Some((i, 's')) => (&text[..i], 1_000),
+        Some((i, 'm')) => (&text[..i], 60_000),
+        Some((i, 'h')) => (&text[..i], 3_600_000),
+        Some((i, 'd')) => (&text[..i], 86_400_000),
+        _ => (text, 1_000),
+    };
+    match digits.parse::<u64>() {
+        Ok(n) if n > 0 => n
+            .checked_mul(unit_ms)
+            .ok_or_else(|| format!("{text} is too long")),
+        _ => Err(format!(
+            "{text:?} is not a duration like 90s, 15m, 2h or 1d"
+        )),
+    }
 }
 
 /// `doppel workload …`
@@ -310,6 +339,106 @@ fn agents_table(agents: &[AgentView]) -> String {
     )
 }
 
+fn num(value: f64, decimals: usize) -> String {
+    format!("{value:.decimals$}")
+}
+
+fn comparison_text(c: &Comparison) -> String {
+    let mut out = format!(
+        "{}: live {} vs shadows over the last {} s, compared at p{}\n\n",
+        c.workload,
+        c.live_vm_type.as_deref().unwrap_or("(no live data)"),
+        c.window_ms / 1000,
+        c.percentile
+    );
+    let rows: Vec<Vec<String>> = c
+        .types
+        .iter()
+        .map(|t| {
+            vec![
+                t.vm_type.clone(),
+                format!("{:?}", t.role).to_lowercase(),
+                t.price_per_hour.map_or_else(|| "-".into(), |p| num(p, 3)),
+                num(t.all.exchanges_per_s, 1),
+                t.all
+                    .error_rate
+                    .map_or_else(|| "-".into(), |e| num(e * 100.0, 2)),
+                num(t.all.p50_ms, 2),
+                num(t.all.p90_ms, 2),
+                num(t.all.p99_ms, 2),
+                num(t.all.p999_ms, 2),
+            ]
+        })
+        .collect();
+    out.push_str(&render(
+        &[
+            "VM TYPE", "ROLE", "PRICE/H", "EXCH/S", "ERR %", "P50 MS", "P90 MS", "P99 MS",
+            "P99.9 MS",
+        ],
+        &rows,
+    ));
+    out.push('\n');
+    let rows: Vec<Vec<String>> = c
+        .ranking
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let d = &r.difference;
+            let judged = r.verdict != Verdict::InsufficientEvidence;
+            vec![
+                (i + 1).to_string(),
+                r.vm_type.clone(),
+                r.verdict.as_str().replace('_', " "),
+                d.pairs.to_string(),
+                if judged {
+                    format!(
+                        "{} / {}",
+                        num(d.live_load_per_s, 1),
+                        num(d.shadow_load_per_s, 1)
+                    )
+                } else {
+                    "-".into()
+                },
+                if judged {
+                    format!(
+                        "{} / {}",
+                        num(r.live_at_load_ms, 2),
+                        num(r.shadow_at_load_ms, 2)
+                    )
+                } else {
+                    "-".into()
+                },
+                if judged {
+                    format!(
+                        "{} [{}, {}]",
+                        num(d.mean_ms, 2),
+                        num(d.ci_low_ms, 2),
+                        num(d.ci_high_ms, 2)
+                    )
+                } else {
+                    "-".into()
+                },
+                r.cost_delta_per_hour
+                    .map_or_else(|| "-".into(), |c| format!("{c:+.3}")),
+            ]
+        })
+        .collect();
+    out.push_str(&render(
+        &[
+            "RANK",
+            "SHADOW",
+            "VERDICT",
+            "PAIRS",
+            "LOAD/S LIVE / SHADOW",
+            "LIVE / SHADOW MS",
+            "DELTA MS [95% CI]",
+            "COST DELTA/H",
+        ],
+        &rows,
+    ));
+    out
+}
+
 fn path_segment(name: &str) -> String {
     // Workload names are [A-Za-z0-9._-] (validated); anything else is escaped so a bad name
     // reaches the API as a 404 instead of a different route.
@@ -403,6 +532,18 @@ pub async fn run(
                 as_json(&p)
             } else {
                 Ok(policy_text(&p))
+            }
+        }
+        ClientCommand::Compare { workload, window } => {
+            let mut path = format!("/v1/workloads/{}/compare", path_segment(&workload));
+            if let Some(window) = window {
+                path.push_str(&format!("?window_ms={window}"));
+            }
+            let c: Comparison = client.get(&path).await?;
+            if json {
+                as_json(&c)
+            } else {
+                Ok(comparison_text(&c))
             }
         }
         ClientCommand::Agents => {

@@ -10,6 +10,8 @@ pub mod api;
 pub mod ca;
 pub mod cli;
 pub mod client;
+pub mod compare;
+pub mod evaluate;
 pub mod net;
 pub mod policy;
 pub mod serve;

@@ -119,6 +119,7 @@ fn load_config(args: &ServeArgs, state_dir: PathBuf) -> anyhow::Result<ServeConf
     if let Some(addr) = args.quic_listen {
         config.quic_listen = addr;
     }
+    config.validate()?;
     Ok(config)
 }
 

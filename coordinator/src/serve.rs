@@ -16,6 +16,8 @@ use tracing::{info, warn};
 use crate::{
     api::{self, ApiStartError},
     ca::{CaError, CertificateAuthority},
+    compare::CompareConfig,
+    evaluate::{VmTypePrice, price_table},
     net::{self, Hub, IngestServer, NetError, PolicySnapshot, ServerContext, tls},
     store::{Store, StoreError, ingest},
 };
@@ -35,6 +37,63 @@ pub struct ServeConfig {
     pub retention_days: u32,
     /// Largest frame accepted from an agent, bytes.
     pub max_frame_len: usize,
+    /// VM type prices (`[[vm_types]] name, price_per_hour`), for cost deltas and budgets.
+    pub vm_types: Vec<VmTypePrice>,
+    /// Comparison tunables (`[compare]`).
+    pub compare: CompareConfig,
+    /// Default comparison window, seconds (`doppel compare` and recommendations).
+    pub compare_window_secs: u64,
+}
+
+/// A config value that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid `{field}`: {reason}")]
+pub struct InvalidConfig {
+    /// The offending field, e.g. `vm_types[2].price_per_hour`.
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl ServeConfig {
+    /// Checks what TOML types alone cannot.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        let invalid = |field: String, reason: &str| {
+            Err(InvalidConfig {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.vm_types.iter().enumerate() {
+            if t.name.is_empty() {
+                return invalid(format!("vm_types[{i}].name"), "must not be empty");
+            }
+            if !names.insert(t.name.as_str()) {
+                return invalid(format!("vm_types[{i}].name"), "listed twice");
+            }
+            if !(t.price_per_hour.is_finite() && t.price_per_hour >= 0.0) {
+                return invalid(
+                    format!("vm_types[{i}].price_per_hour"),
+                    "must be a non-negative number",
+                );
+            }
+        }
+        let c = &self.compare;
+        if !(c.load_tolerance > 0.0 && c.load_tolerance < 1.0) {
+            return invalid("compare.load_tolerance".into(), "must be in (0, 1)");
+        }
+        if c.min_pairs < 2 {
+            return invalid(
+                "compare.min_pairs".into(),
+                "at least 2 pairs are needed for a confidence interval",
+            );
+        }
+        if self.compare_window_secs == 0 {
+            return invalid("compare_window_secs".into(), "must be positive");
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServeConfig {
@@ -45,6 +104,9 @@ impl Default for ServeConfig {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
             retention_days: 14,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            vm_types: Vec::new(),
+            compare: CompareConfig::default(),
+            compare_window_secs: 900,
         }
     }
 }
@@ -176,6 +238,10 @@ impl Coordinator {
             policy: Arc::clone(&policy),
             hub: Arc::clone(&hub),
             token,
+            prices: price_table(&config.vm_types),
+            compare: config.compare,
+            compare_window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
         });
         let retention_store = open()?;
         let tasks = vec![

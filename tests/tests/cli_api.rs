@@ -8,13 +8,19 @@ use std::{
 };
 
 use doppel_agent::report::{ClientConfig, ReportClient, Spool, SpoolConfig};
+use doppel_common::wire::{
+    EncodedHistogram, FlowScope, HistogramRecord, IntervalReport, LatencyMetric, ResourceUsage,
+};
 use doppel_coordinator::{
     ca::CertificateAuthority,
     client::{ApiClient, ClientError},
+    compare::{Comparison, Verdict},
     policy::{Policy, WorkloadSpec},
     serve::{Coordinator, ServeConfig},
+    store::{CheckedReport, Store},
 };
 use doppel_tests::testbed::workspace_binary;
+use hdrhistogram::Histogram;
 use time::OffsetDateTime;
 
 const WEB_TOML: &str = r#"
@@ -327,5 +333,79 @@ async fn a_policy_change_made_with_the_cli_reaches_connected_agents_within_a_sec
 
     live.stop().await.expect("stop");
     shadow.stop().await.expect("stop");
+    coordinator.shutdown().await;
+}
+
+/// Reports of `agent` for the last `n` seconds: `load` exchanges/s at `latency_ms`.
+fn seed_reports(
+    store: &mut Store,
+    agent: &str,
+    n: u64,
+    load: impl Fn(u64) -> u64,
+    latency_ms: f64,
+) {
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms");
+    let reports: Vec<CheckedReport> = (0..n)
+        .map(|i| {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("hist");
+            h.record_n((latency_ms * 1e6) as u64, load(i))
+                .expect("record");
+            CheckedReport::check(IntervalReport {
+                seq: i,
+                interval_start_unix_ms: now - (n + 5 - i) * 1000,
+                interval_ms: 1000,
+                histograms: vec![HistogramRecord {
+                    service: "10.0.0.2:8080".into(),
+                    class: 0,
+                    scope: FlowScope::All,
+                    metric: LatencyMetric::KernelFirstByte,
+                    histogram: EncodedHistogram::encode(&h).expect("encode"),
+                }],
+                counters: vec![],
+                host: ResourceUsage::default(),
+                workload: None,
+                patterns: vec![],
+            })
+        })
+        .collect();
+    let batch: Vec<_> = reports.iter().map(|r| (agent, r)).collect();
+    store.ingest_batch(&batch, 0).expect("ingest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_ranks_the_shadow_types_from_stored_reports() {
+    let f = fixture();
+    let coordinator = f.start().await;
+    let web = f.write("web.toml", WEB_TOML);
+    f.doppel_ok(&["workload", "add", "--file", web.to_str().expect("path")])
+        .await;
+    let mut store = Store::open_in(f.state_dir()).expect("store");
+    seed_reports(&mut store, "live-1", 60, |i| 100 + i, 20.0);
+    seed_reports(&mut store, "shadow-1", 60, |i| 100 + i, 5.0);
+
+    let c: Comparison = serde_json::from_str(
+        &f.doppel_ok(&["compare", "web", "--window", "15m", "--json"])
+            .await,
+    )
+    .expect("json");
+    assert_eq!(c.window_ms, 900_000);
+    assert_eq!(c.live_vm_type.as_deref(), Some("m5.large"));
+    assert_eq!(c.ranking.len(), 1);
+    assert_eq!(c.ranking[0].vm_type, "c6g.large");
+    assert_eq!(c.ranking[0].verdict, Verdict::Faster);
+    assert_eq!(c.ranking[0].difference.pairs, 60);
+    let table = f.doppel_ok(&["compare", "web"]).await;
+    assert!(
+        table.contains("c6g.large") && table.contains("faster"),
+        "{table}"
+    );
+    let out = f.doppel(&["compare", "web", "--window", "soon"]).await;
+    assert!(!out.status.success());
     coordinator.shutdown().await;
 }

@@ -12,6 +12,7 @@
 //! connection is held, so concurrent changes reach agents in the order they were committed.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -21,7 +22,7 @@ use std::{
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path as UrlPath, Request, State},
+    extract::{Path as UrlPath, Query, Request, State},
     http::{HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -31,6 +32,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::watch;
 
 use crate::{
+    compare::{CompareConfig, Comparison},
+    evaluate::compare_workload,
     net::{Hub, PolicySnapshot},
     policy::{InvalidPolicy, Policy, WorkloadSpec, validate, validate_policy},
     store::{AgentRow, Store, StoreError},
@@ -200,6 +203,12 @@ pub struct ApiState {
     pub hub: Arc<Hub>,
     /// The bearer token.
     pub token: String,
+    /// VM type prices.
+    pub prices: HashMap<String, f64>,
+    /// Comparison tunables.
+    pub compare: CompareConfig,
+    /// Default comparison window, ms.
+    pub compare_window_ms: i64,
 }
 
 impl ApiState {
@@ -388,6 +397,45 @@ async fn list_agents(State(state): State<Arc<ApiState>>) -> Result<Json<Vec<Agen
     Ok(Json(views))
 }
 
+/// Query of `GET /v1/workloads/{name}/compare`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct CompareQuery {
+    /// Window, ms (default: the serve config's).
+    pub window_ms: Option<i64>,
+}
+
+async fn compare_live_and_shadows(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    Query(query): Query<CompareQuery>,
+) -> Result<Json<Comparison>, ApiError> {
+    let window_ms = match query.window_ms {
+        Some(w) if w > 0 => w,
+        Some(_) => {
+            return Err(ApiError::BadBody {
+                field: "window_ms".into(),
+                reason: "must be positive".into(),
+            });
+        }
+        None => state.compare_window_ms,
+    };
+    let shared = Arc::clone(&state);
+    state
+        .with_store(move |s| {
+            let spec = s.workload(&name)?.ok_or(ApiError::NoSuchWorkload(name))?;
+            Ok(compare_workload(
+                s,
+                &spec,
+                now_ms(),
+                window_ms,
+                &shared.compare,
+                &shared.prices,
+            )?)
+        })
+        .await
+        .map(Json)
+}
+
 fn token_matches(expected: &str, given: &str) -> bool {
     // Constant-time in the token's length, so response timing does not leak a prefix.
     expected.len() == given.len()
@@ -426,6 +474,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route(
             "/v1/workloads/{name}/policy",
             get(show_policy).put(set_policy),
+        )
+        .route(
+            "/v1/workloads/{name}/compare",
+            get(compare_live_and_shadows),
         )
         .route("/v1/agents", get(list_agents))
         .route_layer(middleware::from_fn_with_state(
