@@ -13,6 +13,7 @@ use crate::{
     client::{ApiClient, ClientError},
     compare::{Comparison, Verdict},
     policy::{Policy, WorkloadSpec},
+    store::{DeliveryRow, RecommendationRow},
     table::{render, timestamp},
 };
 
@@ -34,6 +35,29 @@ pub enum ClientCommand {
         /// Window: `90s`, `15m`, `2h`, `1d` (default: the coordinator's, 15m).
         #[arg(long, value_parser = parse_window)]
         window: Option<u64>,
+    },
+    /// Stored recommendations, newest first.
+    Recommendations {
+        /// Only this workload.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Most rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Webhook deliveries.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+}
+
+/// `doppel webhooks …`
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Delivery attempts, newest first.
+    Log {
+        /// Most rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
     },
 }
 
@@ -545,6 +569,78 @@ pub async fn run(
             } else {
                 Ok(comparison_text(&c))
             }
+        }
+        ClientCommand::Recommendations { workload, limit } => {
+            let mut path = format!("/v1/recommendations?limit={limit}");
+            if let Some(w) = workload {
+                path.push_str(&format!("&workload={}", path_segment(&w)));
+            }
+            let rows: Vec<RecommendationRow> = client.get(&path).await?;
+            if json {
+                return as_json(&rows);
+            }
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    let field = |k: &str| r.body.get(k).and_then(serde_json::Value::as_f64);
+                    vec![
+                        timestamp(r.created_ms),
+                        r.workload.clone(),
+                        r.reason.replace('_', " "),
+                        format!("{} -> {}", r.current_vm_type, r.recommended_vm_type),
+                        field("confidence").map_or_else(|| "-".into(), |c| num(c, 3)),
+                        field("cost_delta_per_hour")
+                            .map_or_else(|| "-".into(), |c| format!("{c:+.3}")),
+                        r.idempotency_key.clone(),
+                    ]
+                })
+                .collect();
+            Ok(render(
+                &[
+                    "CREATED (UTC)",
+                    "WORKLOAD",
+                    "REASON",
+                    "MOVE",
+                    "CONFIDENCE",
+                    "COST DELTA/H",
+                    "IDEMPOTENCY KEY",
+                ],
+                &rows,
+            ))
+        }
+        ClientCommand::Webhooks(WebhooksCommand::Log { limit }) => {
+            let rows: Vec<DeliveryRow> = client
+                .get(&format!("/v1/webhooks/log?limit={limit}"))
+                .await?;
+            if json {
+                return as_json(&rows);
+            }
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|d| {
+                    vec![
+                        timestamp(d.at_ms),
+                        d.url.clone(),
+                        d.idempotency_key.clone(),
+                        d.attempt.to_string(),
+                        d.status.map_or_else(|| "-".into(), |s| s.to_string()),
+                        format!("{} ms", d.duration_ms),
+                        d.error.clone().unwrap_or_else(|| "ok".into()),
+                    ]
+                })
+                .collect();
+            Ok(render(
+                &[
+                    "AT (UTC)",
+                    "URL",
+                    "IDEMPOTENCY KEY",
+                    "ATTEMPT",
+                    "STATUS",
+                    "TOOK",
+                    "RESULT",
+                ],
+                &rows,
+            ))
         }
         ClientCommand::Agents => {
             let agents: Vec<AgentView> = client.get("/v1/agents").await?;

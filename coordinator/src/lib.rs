@@ -17,6 +17,7 @@ pub mod policy;
 pub mod serve;
 pub mod store;
 pub mod table;
+pub mod webhook;
 
 use doppel_common::wire::{Hello, Message, Refused, SUPPORTED_VERSIONS, Welcome, negotiate};
 

@@ -20,6 +20,7 @@ use crate::{
     evaluate::{VmTypePrice, price_table},
     net::{self, Hub, IngestServer, NetError, PolicySnapshot, ServerContext, tls},
     store::{Store, StoreError, ingest},
+    webhook::{Recommender, WebhookConfig, WebhookStats},
 };
 
 /// Everything `doppel serve` reads from its config file and flags.
@@ -43,6 +44,14 @@ pub struct ServeConfig {
     pub compare: CompareConfig,
     /// Default comparison window, seconds (`doppel compare` and recommendations).
     pub compare_window_secs: u64,
+    /// Time between two evaluations (comparison and recommendation of every workload), ms.
+    pub evaluate_interval_ms: u64,
+    /// Webhooks receiving recommendations (`[[webhooks]] url, secret`).
+    pub webhooks: Vec<WebhookConfig>,
+    /// First webhook retry delay, ms; doubled per attempt up to 15 min.
+    pub webhook_backoff_ms: u64,
+    /// Attempts per delivery before giving up.
+    pub webhook_max_attempts: u32,
 }
 
 /// A config value that cannot be used.
@@ -92,6 +101,29 @@ impl ServeConfig {
         if self.compare_window_secs == 0 {
             return invalid("compare_window_secs".into(), "must be positive");
         }
+        if self.evaluate_interval_ms < 100 {
+            return invalid("evaluate_interval_ms".into(), "must be at least 100");
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if reqwest::Url::parse(&w.url)
+                .map(|u| !matches!(u.scheme(), "http" | "https"))
+                .unwrap_or(true)
+            {
+                return invalid(format!("webhooks[{i}].url"), "not an http(s) URL");
+            }
+            if w.secret.len() < 16 {
+                return invalid(
+                    format!("webhooks[{i}].secret"),
+                    "use at least 16 characters",
+                );
+            }
+        }
+        if self.webhook_backoff_ms == 0 {
+            return invalid("webhook_backoff_ms".into(), "must be positive");
+        }
+        if self.webhook_max_attempts == 0 {
+            return invalid("webhook_max_attempts".into(), "must be positive");
+        }
         Ok(())
     }
 }
@@ -107,6 +139,10 @@ impl Default for ServeConfig {
             vm_types: Vec::new(),
             compare: CompareConfig::default(),
             compare_window_secs: 900,
+            evaluate_interval_ms: 60_000,
+            webhooks: Vec::new(),
+            webhook_backoff_ms: 1_000,
+            webhook_max_attempts: 12,
         }
     }
 }
@@ -243,8 +279,29 @@ impl Coordinator {
             compare_window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
         });
+        let recommender = Arc::new(Recommender {
+            store: Arc::new(Mutex::new(open()?)),
+            webhooks: config.webhooks.clone(),
+            prices: price_table(&config.vm_types),
+            compare: config.compare,
+            window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            evaluate_interval: Duration::from_millis(config.evaluate_interval_ms),
+            backoff_base_ms: config.webhook_backoff_ms,
+            max_attempts: config.webhook_max_attempts,
+            stats: Arc::new(WebhookStats::default()),
+            queued: tokio::sync::Notify::new(),
+        });
         let retention_store = open()?;
         let tasks = vec![
+            tokio::spawn(crate::webhook::run_evaluator(
+                Arc::clone(&recommender),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(crate::webhook::run_deliverer(
+                Arc::clone(&recommender),
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(api::serve(
                 listener,
                 api::router(api_state),

@@ -36,7 +36,7 @@ use crate::{
     evaluate::compare_workload,
     net::{Hub, PolicySnapshot},
     policy::{InvalidPolicy, Policy, WorkloadSpec, validate, validate_policy},
-    store::{AgentRow, Store, StoreError},
+    store::{AgentRow, DeliveryRow, RecommendationRow, Store, StoreError},
 };
 
 /// The API token's file name in the state directory.
@@ -154,7 +154,8 @@ impl From<StoreError> for ApiError {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+/// An error and its causes on one line, `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -176,10 +177,10 @@ impl IntoResponse for ApiError {
             Self::Store(_) | Self::Task(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
         if status.is_server_error() {
-            tracing::warn!(error = %chain(&self), "API request failed");
+            tracing::warn!(error = %error_chain(&self), "API request failed");
         }
         let body = ErrorBody {
-            error: chain(&self),
+            error: error_chain(&self),
             field,
         };
         let mut response = (status, Json(body)).into_response();
@@ -397,6 +398,37 @@ async fn list_agents(State(state): State<Arc<ApiState>>) -> Result<Json<Vec<Agen
     Ok(Json(views))
 }
 
+/// Query of the list routes.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ListQuery {
+    /// Only this workload.
+    pub workload: Option<String>,
+    /// Most rows (default 50).
+    pub limit: Option<u32>,
+}
+
+async fn list_recommendations(
+    State(state): State<Arc<ApiState>>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<RecommendationRow>>, ApiError> {
+    state
+        .with_store(move |s| {
+            Ok(s.recommendations(query.workload.as_deref(), query.limit.unwrap_or(50))?)
+        })
+        .await
+        .map(Json)
+}
+
+async fn delivery_log(
+    State(state): State<Arc<ApiState>>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<DeliveryRow>>, ApiError> {
+    state
+        .with_store(move |s| Ok(s.deliveries(query.limit.unwrap_or(50))?))
+        .await
+        .map(Json)
+}
+
 /// Query of `GET /v1/workloads/{name}/compare`.
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 pub struct CompareQuery {
@@ -480,6 +512,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(compare_live_and_shadows),
         )
         .route("/v1/agents", get(list_agents))
+        .route("/v1/recommendations", get(list_recommendations))
+        .route("/v1/webhooks/log", get(delivery_log))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,
