@@ -269,7 +269,10 @@ impl Coordinator {
             })
         })?;
         api::write_addr_file(&config.state_dir, api_addr).map_err(ServeError::Api)?;
+        let webhook_stats = Arc::new(WebhookStats::default());
         let api_state = Arc::new(api::ApiState {
+            ingest_stats: Arc::clone(ctx.ingest.stats()),
+            webhook_stats: Arc::clone(&webhook_stats),
             store: Arc::new(Mutex::new(open()?)),
             policy: Arc::clone(&policy),
             hub: Arc::clone(&hub),
@@ -289,7 +292,7 @@ impl Coordinator {
             evaluate_interval: Duration::from_millis(config.evaluate_interval_ms),
             backoff_base_ms: config.webhook_backoff_ms,
             max_attempts: config.webhook_max_attempts,
-            stats: Arc::new(WebhookStats::default()),
+            stats: webhook_stats,
             queued: tokio::sync::Notify::new(),
         });
         let retention_store = open()?;

@@ -325,6 +325,17 @@ async fn a_policy_change_made_with_the_cli_reaches_connected_agents_within_a_sec
     assert_eq!(live_row["connected"], true);
     assert_eq!(live_row["role_in_workload"], "live");
     assert_eq!(live_row["vm_type"], "m5.large");
+    let metrics = reqwest::get(format!("http://{}/metrics", coordinator.api_addr))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains("\ndoppel_agents_connected 2\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# TYPE doppel_reports_ingested_total counter"));
     let table = f.doppel_ok(&["agents"]).await;
     assert!(
         table.contains("shadow-1") && table.contains("c6g.large"),

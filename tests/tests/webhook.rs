@@ -255,6 +255,26 @@ async fn a_recommendation_reaches_the_webhook_once_despite_failures_and_a_restar
     assert_eq!(body["evidence"].as_array().expect("evidence").len(), 2);
     assert!(body["load_per_s"].as_f64().expect("load") > 100.0);
 
+    let metrics = reqwest::get(format!("http://{}/metrics", coordinator.api_addr))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body");
+    // Counters restart with the process: after the restart, one failure and one delivery.
+    assert!(
+        metrics.contains("\ndoppel_webhook_deliveries_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\ndoppel_webhook_delivery_failures_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE doppel_store_size_bytes gauge"),
+        "{metrics}"
+    );
+
     let state_dir = dir.path().to_owned();
     let (recs, log) = tokio::task::spawn_blocking(move || {
         (

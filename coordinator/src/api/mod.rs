@@ -36,7 +36,8 @@ use crate::{
     evaluate::compare_workload,
     net::{Hub, PolicySnapshot},
     policy::{InvalidPolicy, Policy, WorkloadSpec, validate, validate_policy},
-    store::{AgentRow, DeliveryRow, RecommendationRow, Store, StoreError},
+    store::{AgentRow, DeliveryRow, RecommendationRow, Store, StoreError, ingest::IngestStats},
+    webhook::WebhookStats,
 };
 
 /// The API token's file name in the state directory.
@@ -210,6 +211,10 @@ pub struct ApiState {
     pub compare: CompareConfig,
     /// Default comparison window, ms.
     pub compare_window_ms: i64,
+    /// The ingest writer's counters.
+    pub ingest_stats: Arc<IngestStats>,
+    /// The webhook deliverer's counters.
+    pub webhook_stats: Arc<WebhookStats>,
 }
 
 impl ApiState {
@@ -495,6 +500,112 @@ async fn require_token(
     Ok(next.run(request).await)
 }
 
+/// `GET /metrics`: Prometheus text exposition. Not behind the token, like every Prometheus
+/// target; it carries counts only, no workload data.
+async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+    let store_bytes = state.with_store(|s| Ok(s.size_bytes())).await?;
+    let ingest = &state.ingest_stats;
+    let webhook = &state.webhook_stats;
+    let net = &state.hub.stats;
+    let lag_s = ingest.last_lag_ms.load(Relaxed) as f64 / 1e3;
+    let metrics: [(&str, &str, &str, String); 13] = [
+        (
+            "doppel_agents_connected",
+            "gauge",
+            "Agents connected now.",
+            state.hub.connected().len().to_string(),
+        ),
+        (
+            "doppel_reports_ingested_total",
+            "counter",
+            "Reports stored durably.",
+            ingest.stored.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_reports_duplicate_total",
+            "counter",
+            "Duplicate reports acknowledged without storing.",
+            ingest.duplicates.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_reports_failed_total",
+            "counter",
+            "Reports whose transaction failed (left unacknowledged).",
+            ingest.failed.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_histograms_rejected_total",
+            "counter",
+            "Histograms dropped because they did not decode.",
+            ingest.rejected_histograms.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_ingest_lag_seconds",
+            "gauge",
+            "Commit time minus interval end of the last stored report.",
+            lag_s.to_string(),
+        ),
+        (
+            "doppel_store_size_bytes",
+            "gauge",
+            "Database file and WAL size.",
+            store_bytes.to_string(),
+        ),
+        (
+            "doppel_webhook_deliveries_total",
+            "counter",
+            "Webhook deliveries answered 2xx.",
+            webhook.delivered.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_webhook_delivery_failures_total",
+            "counter",
+            "Webhook attempts that failed.",
+            webhook.failed_attempts.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_webhook_given_up_total",
+            "counter",
+            "Webhook deliveries abandoned after the last attempt.",
+            webhook.given_up.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_recommendations_total",
+            "counter",
+            "Recommendations stored.",
+            webhook.recommendations.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_handshake_failures_total",
+            "counter",
+            "Agent TLS/QUIC handshakes that failed.",
+            net.handshake_failures.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_policy_updates_total",
+            "counter",
+            "Policy updates sent to agents.",
+            net.policy_updates.load(Relaxed).to_string(),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, value) in metrics {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response())
+}
+
 /// The API's routes, token-protected.
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
@@ -518,6 +629,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             Arc::clone(&state),
             require_token,
         ))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
