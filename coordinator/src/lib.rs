@@ -3,14 +3,25 @@
 //! Agents connect over QUIC with mutual TLS ([`net`]) using certificates from the coordinator's
 //! own CA ([`ca`]); their reports are stored exactly once in SQLite ([`store`]) and acknowledged
 //! only when durable; workloads and their policy ([`policy`]) are pushed to connected agents.
-//! [`serve`] wires it together. [`answer_hello`] is the handshake decision.
+//! [`compare`] is the sans-IO comparison of live and shadow VM types at matched load and the
+//! recommendation rules; [`evaluate`] feeds it from the store; [`webhook`] stores
+//! recommendations and delivers them signed from a persistent outbox. The [`api`] serves the CLI
+//! ([`cli`], [`client`], [`table`]) and `/metrics` over HTTP. [`serve`] wires it together.
+//! [`answer_hello`] is the handshake decision.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod ca;
+pub mod cli;
+pub mod client;
+pub mod compare;
+pub mod evaluate;
 pub mod net;
 pub mod policy;
 pub mod serve;
 pub mod store;
+pub mod table;
+pub mod webhook;
 
 use doppel_common::wire::{Hello, Message, Refused, SUPPORTED_VERSIONS, Welcome, negotiate};
 

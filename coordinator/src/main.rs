@@ -1,4 +1,5 @@
-//! `doppel`: the coordinator (`doppel serve`) and its certificate authority (`doppel ca …`).
+//! `doppel`: the coordinator (`doppel serve`), its certificate authority (`doppel ca …`) and the
+//! operator's commands against a running coordinator (`doppel workload|policy|agents …`).
 //! This file only wires command line, config, runtime and shutdown; the work is in the library.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
@@ -7,6 +8,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use doppel_coordinator::{
     ca::CertificateAuthority,
+    cli::{self, ClientCommand},
+    client::{ApiClient, resolve_base, resolve_token},
     serve::{Coordinator, ServeConfig},
 };
 use time::OffsetDateTime;
@@ -16,6 +19,10 @@ use tracing_subscriber::EnvFilter;
 const LOG_ENV: &str = "DOPPEL_LOG";
 /// Environment variable naming the state directory.
 const STATE_DIR_ENV: &str = "DOPPEL_STATE_DIR";
+/// Environment variable with the coordinator's API URL.
+const API_ENV: &str = "DOPPEL_API";
+/// Environment variable with the API token.
+const TOKEN_ENV: &str = "DOPPEL_API_TOKEN";
 /// Exit code for a bad configuration (EX_CONFIG-like; linkerd uses 64 for usage errors).
 const EXIT_CONFIG: u8 = 64;
 
@@ -26,6 +33,16 @@ struct Cli {
     /// State directory: CA, database, API token.
     #[arg(long, global = true, env = STATE_DIR_ENV, default_value = "/var/lib/doppel")]
     state_dir: PathBuf,
+    /// The coordinator's API URL (default: the address in the state directory, else
+    /// http://127.0.0.1:7480).
+    #[arg(long, global = true, env = API_ENV)]
+    api: Option<String>,
+    /// API token (default: read from the state directory).
+    #[arg(long, global = true, env = TOKEN_ENV, hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,6 +54,8 @@ enum Command {
     /// Manage the coordinator's certificate authority and agent certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    #[command(flatten)]
+    Client(ClientCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -100,6 +119,7 @@ fn load_config(args: &ServeArgs, state_dir: PathBuf) -> anyhow::Result<ServeConf
     if let Some(addr) = args.quic_listen {
         config.quic_listen = addr;
     }
+    config.validate()?;
     Ok(config)
 }
 
@@ -116,10 +136,53 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the API is, how to authenticate, and how to print.
+struct ClientOptions<'a> {
+    state_dir: &'a std::path::Path,
+    api: Option<&'a str>,
+    token: Option<&'a str>,
+    json: bool,
+}
+
+fn run_client(cli: &ClientOptions<'_>, command: ClientCommand) -> anyhow::Result<ExitCode> {
+    // Only the reply is awaited: one thread is plenty.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let result = match resolve_token(cli.token, cli.state_dir) {
+        Ok(token) => {
+            let client = ApiClient::new(resolve_base(cli.api, cli.state_dir), token);
+            runtime.block_on(cli::run(&client, command, cli.json))
+        }
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            eprintln!("doppel: {:#}", anyhow::Error::from(e));
+            Ok(ExitCode::from(code))
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let ca = CertificateAuthority::in_state_dir(&cli.state_dir);
     let now = OffsetDateTime::now_utc();
     match cli.command {
+        Command::Client(command) => {
+            let options = ClientOptions {
+                state_dir: &cli.state_dir,
+                api: cli.api.as_deref(),
+                token: cli.token.as_deref(),
+                json: cli.json,
+            };
+            return run_client(&options, command);
+        }
         Command::Serve(args) => {
             let config = match load_config(&args, cli.state_dir) {
                 Ok(config) => config,

@@ -14,9 +14,13 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
+    api::{self, ApiStartError},
     ca::{CaError, CertificateAuthority},
+    compare::CompareConfig,
+    evaluate::{VmTypePrice, price_table},
     net::{self, Hub, IngestServer, NetError, PolicySnapshot, ServerContext, tls},
     store::{Store, StoreError, ingest},
+    webhook::{Recommender, WebhookConfig, WebhookStats},
 };
 
 /// Everything `doppel serve` reads from its config file and flags.
@@ -27,10 +31,101 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     /// QUIC listen address for agents.
     pub quic_listen: SocketAddr,
+    /// HTTP API listen address (CLI, `/metrics`). Loopback by default: the token is the only
+    /// authentication and travels in clear text.
+    pub api_listen: SocketAddr,
     /// Days of measurements (reports, comparisons, finished webhook deliveries) kept.
     pub retention_days: u32,
     /// Largest frame accepted from an agent, bytes.
     pub max_frame_len: usize,
+    /// VM type prices (`[[vm_types]] name, price_per_hour`), for cost deltas and budgets.
+    pub vm_types: Vec<VmTypePrice>,
+    /// Comparison tunables (`[compare]`).
+    pub compare: CompareConfig,
+    /// Default comparison window, seconds (`doppel compare` and recommendations).
+    pub compare_window_secs: u64,
+    /// Time between two evaluations (comparison and recommendation of every workload), ms.
+    pub evaluate_interval_ms: u64,
+    /// Webhooks receiving recommendations (`[[webhooks]] url, secret`).
+    pub webhooks: Vec<WebhookConfig>,
+    /// First webhook retry delay, ms; doubled per attempt up to 15 min.
+    pub webhook_backoff_ms: u64,
+    /// Attempts per delivery before giving up.
+    pub webhook_max_attempts: u32,
+}
+
+/// A config value that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid `{field}`: {reason}")]
+pub struct InvalidConfig {
+    /// The offending field, e.g. `vm_types[2].price_per_hour`.
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl ServeConfig {
+    /// Checks what TOML types alone cannot.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        let invalid = |field: String, reason: &str| {
+            Err(InvalidConfig {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.vm_types.iter().enumerate() {
+            if t.name.is_empty() {
+                return invalid(format!("vm_types[{i}].name"), "must not be empty");
+            }
+            if !names.insert(t.name.as_str()) {
+                return invalid(format!("vm_types[{i}].name"), "listed twice");
+            }
+            if !(t.price_per_hour.is_finite() && t.price_per_hour >= 0.0) {
+                return invalid(
+                    format!("vm_types[{i}].price_per_hour"),
+                    "must be a non-negative number",
+                );
+            }
+        }
+        let c = &self.compare;
+        if !(c.load_tolerance > 0.0 && c.load_tolerance < 1.0) {
+            return invalid("compare.load_tolerance".into(), "must be in (0, 1)");
+        }
+        if c.min_pairs < 2 {
+            return invalid(
+                "compare.min_pairs".into(),
+                "at least 2 pairs are needed for a confidence interval",
+            );
+        }
+        if self.compare_window_secs == 0 {
+            return invalid("compare_window_secs".into(), "must be positive");
+        }
+        if self.evaluate_interval_ms < 100 {
+            return invalid("evaluate_interval_ms".into(), "must be at least 100");
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if reqwest::Url::parse(&w.url)
+                .map(|u| !matches!(u.scheme(), "http" | "https"))
+                .unwrap_or(true)
+            {
+                return invalid(format!("webhooks[{i}].url"), "not an http(s) URL");
+            }
+            if w.secret.len() < 16 {
+                return invalid(
+                    format!("webhooks[{i}].secret"),
+                    "use at least 16 characters",
+                );
+            }
+        }
+        if self.webhook_backoff_ms == 0 {
+            return invalid("webhook_backoff_ms".into(), "must be positive");
+        }
+        if self.webhook_max_attempts == 0 {
+            return invalid("webhook_max_attempts".into(), "must be positive");
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServeConfig {
@@ -38,8 +133,16 @@ impl Default for ServeConfig {
         Self {
             state_dir: PathBuf::from("/var/lib/doppel"),
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
             retention_days: 14,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            vm_types: Vec::new(),
+            compare: CompareConfig::default(),
+            compare_window_secs: 900,
+            evaluate_interval_ms: 60_000,
+            webhooks: Vec::new(),
+            webhook_backoff_ms: 1_000,
+            webhook_max_attempts: 12,
         }
     }
 }
@@ -59,6 +162,9 @@ pub enum ServeError {
     /// The QUIC endpoint could not be bound.
     #[error("QUIC endpoint")]
     Net(#[source] NetError),
+    /// The HTTP API could not start.
+    #[error("HTTP API")]
+    Api(#[source] ApiStartError),
     /// A thread could not be started.
     #[error("cannot start the ingest writer thread")]
     Thread(#[source] std::io::Error),
@@ -99,7 +205,9 @@ async fn run_retention(store: Store, days: u32, mut shutdown: watch::Receiver<bo
 pub struct Coordinator {
     /// Where agents connect.
     pub quic_addr: SocketAddr,
-    policy: watch::Sender<Arc<PolicySnapshot>>,
+    /// Where the HTTP API listens.
+    pub api_addr: SocketAddr,
+    policy: Arc<watch::Sender<Arc<PolicySnapshot>>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     writer: std::thread::JoinHandle<()>,
@@ -149,8 +257,59 @@ impl Coordinator {
             hub: Arc::clone(&hub),
             max_frame_len: config.max_frame_len,
         });
+        let policy = Arc::new(policy_tx);
+        let token = api::load_or_create_token(&config.state_dir).map_err(ServeError::Api)?;
+        let listener = api::bind(config.api_listen)
+            .await
+            .map_err(ServeError::Api)?;
+        let api_addr = listener.local_addr().map_err(|source| {
+            ServeError::Api(ApiStartError::Bind {
+                addr: config.api_listen,
+                source,
+            })
+        })?;
+        api::write_addr_file(&config.state_dir, api_addr).map_err(ServeError::Api)?;
+        let webhook_stats = Arc::new(WebhookStats::default());
+        let api_state = Arc::new(api::ApiState {
+            ingest_stats: Arc::clone(ctx.ingest.stats()),
+            webhook_stats: Arc::clone(&webhook_stats),
+            store: Arc::new(Mutex::new(open()?)),
+            policy: Arc::clone(&policy),
+            hub: Arc::clone(&hub),
+            token,
+            prices: price_table(&config.vm_types),
+            compare: config.compare,
+            compare_window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+        });
+        let recommender = Arc::new(Recommender {
+            store: Arc::new(Mutex::new(open()?)),
+            webhooks: config.webhooks.clone(),
+            prices: price_table(&config.vm_types),
+            compare: config.compare,
+            window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            evaluate_interval: Duration::from_millis(config.evaluate_interval_ms),
+            backoff_base_ms: config.webhook_backoff_ms,
+            max_attempts: config.webhook_max_attempts,
+            stats: webhook_stats,
+            queued: tokio::sync::Notify::new(),
+        });
         let retention_store = open()?;
         let tasks = vec![
+            tokio::spawn(crate::webhook::run_evaluator(
+                Arc::clone(&recommender),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(crate::webhook::run_deliverer(
+                Arc::clone(&recommender),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(api::serve(
+                listener,
+                api::router(api_state),
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(run_retention(
                 retention_store,
                 config.retention_days,
@@ -159,11 +318,10 @@ impl Coordinator {
             tokio::spawn(server.run(Arc::clone(&ctx), shutdown_rx.clone())),
             tokio::spawn(net::watch_crl(ca, verifier, Arc::clone(&hub), shutdown_rx)),
         ];
-        // Held so that policy changes made through the API reach every connection.
-        let policy = policy_tx;
-        info!(%quic_addr, state_dir = %config.state_dir.display(), "coordinator running");
+        info!(%quic_addr, %api_addr, state_dir = %config.state_dir.display(), "coordinator running");
         Ok(Self {
             quic_addr,
+            api_addr,
             policy,
             shutdown,
             tasks,

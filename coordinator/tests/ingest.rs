@@ -41,6 +41,7 @@ impl Setup {
         ServeConfig {
             state_dir: self.dir.path().to_owned(),
             quic_listen: "127.0.0.1:0".parse().expect("addr"),
+            api_listen: "127.0.0.1:0".parse().expect("addr"),
             ..ServeConfig::default()
         }
     }

@@ -61,6 +61,7 @@ impl Fixture {
         Coordinator::start(ServeConfig {
             state_dir: self.dir.path().to_owned(),
             quic_listen,
+            api_listen: "127.0.0.1:0".parse().expect("addr"),
             ..ServeConfig::default()
         })
         .await

@@ -63,6 +63,21 @@ pub enum StoreError {
     NoSuchWorkload(String),
 }
 
+impl StoreError {
+    /// Whether the failure is the database being busy, locked or full: the caller should back
+    /// off and retry (the API answers 503 with `Retry-After`), nothing was written.
+    pub fn is_back_pressure(&self) -> bool {
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked, DiskFull};
+        match self {
+            Self::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } => matches!(e.code, DatabaseBusy | DatabaseLocked | DiskFull),
+            _ => false,
+        }
+    }
+}
+
 fn sql(action: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { action, source }
 }
@@ -165,7 +180,7 @@ pub struct IntervalHistogram {
 }
 
 /// A stored recommendation.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct RecommendationRow {
     /// Row id.
     pub id: i64,
@@ -227,7 +242,7 @@ pub struct DeliveryAttempt<'a> {
 }
 
 /// One delivery attempt, as logged.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DeliveryRow {
     /// Outbox item.
     pub outbox_id: i64,
@@ -615,6 +630,20 @@ impl Store {
             .optional()
             .map_err(sql("read workload"))?;
         json.map(|j| parse_spec(&j)).transpose()
+    }
+
+    /// The policy revision of a workload's last change.
+    pub fn workload_revision(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let revision: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT revision FROM workloads WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("read workload revision"))?;
+        Ok(revision.map(|r| u64::try_from(r).unwrap_or_default()))
     }
 
     /// Every workload, by name.

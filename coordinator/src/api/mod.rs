@@ -1,0 +1,699 @@
+//! The HTTP API the `doppel` CLI talks to, on 127.0.0.1 by default.
+//!
+//! Every route but `/metrics` needs `Authorization: Bearer <token>`; the token is generated once
+//! and kept in the state directory ([`TOKEN_FILE`], mode 0600), where the CLI finds it, next to
+//! the address the API listens on ([`ADDR_FILE`]). Answers are JSON. A refused workload or
+//! policy is a 400 naming the field (`{"error": …, "field": "policy.classes[0].sample_rate"}`);
+//! a busy, locked or full database is a 503 with `Retry-After`: the change was not made and the
+//! caller is told so, never silently dropped.
+//!
+//! Store work runs on the blocking pool, on the API's own connection. A change to workloads or
+//! policy is written and then published to the agents ([`PolicySnapshot`]) while that
+//! connection is held, so concurrent changes reach agents in the order they were committed.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path as UrlPath, Query, Request, State},
+    http::{HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::sync::watch;
+
+use crate::{
+    compare::{CompareConfig, Comparison},
+    evaluate::compare_workload,
+    net::{Hub, PolicySnapshot},
+    policy::{InvalidPolicy, Policy, WorkloadSpec, validate, validate_policy},
+    store::{AgentRow, DeliveryRow, RecommendationRow, Store, StoreError, ingest::IngestStats},
+    webhook::WebhookStats,
+};
+
+/// The API token's file name in the state directory.
+pub const TOKEN_FILE: &str = "api.token";
+/// The file in the state directory holding the address the API listens on.
+pub const ADDR_FILE: &str = "api.addr";
+
+/// Why the API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiStartError {
+    /// The token or address file could not be read or written.
+    #[error("cannot use {path}")]
+    StateFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listening socket could not be bound.
+    #[error("cannot bind the HTTP API on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads the API token from `state_dir`, creating it (0600) when missing.
+pub fn load_or_create_token(state_dir: &Path) -> Result<String, ApiStartError> {
+    let path = state_dir.join(TOKEN_FILE);
+    let state_file = |source| ApiStartError::StateFile {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(state_file(e)),
+    }
+    let bytes: [u8; 32] = rand::random();
+    let token = hex::encode(bytes);
+    write_private(&path, &token).map_err(state_file)?;
+    Ok(token)
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Records the address the API listens on, for the CLI.
+pub fn write_addr_file(state_dir: &Path, addr: SocketAddr) -> Result<(), ApiStartError> {
+    let path = state_dir.join(ADDR_FILE);
+    write_private(&path, &format!("{addr}\n"))
+        .map_err(|source| ApiStartError::StateFile { path, source })
+}
+
+/// A request the API refuses or could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No or a wrong bearer token.
+    #[error("missing or wrong API token")]
+    Unauthorized,
+    /// The body is not a valid document of the expected shape.
+    #[error("invalid `{field}`: {reason}")]
+    BadBody {
+        /// Path of the offending field (`body` when the JSON itself is malformed).
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The workload or policy is refused.
+    #[error(transparent)]
+    Invalid(#[from] InvalidPolicy),
+    /// The named workload does not exist.
+    #[error("no workload named {0:?}")]
+    NoSuchWorkload(String),
+    /// The store failed.
+    #[error("store")]
+    Store(#[source] StoreError),
+    /// A blocking task panicked or was cancelled.
+    #[error("internal task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// The JSON body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Human-readable message, causes included.
+    pub error: String,
+    /// The offending field, for refused input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NoSuchWorkload(name) => Self::NoSuchWorkload(name),
+            e => Self::Store(e),
+        }
+    }
+}
+
+/// An error and its causes on one line, `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, field) = match &self {
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, None),
+            Self::BadBody { field, .. } => (StatusCode::BAD_REQUEST, Some(field.clone())),
+            Self::Invalid(e) => (StatusCode::BAD_REQUEST, Some(e.field.clone())),
+            Self::NoSuchWorkload(_) => (StatusCode::NOT_FOUND, None),
+            Self::Store(e) if e.is_back_pressure() => (StatusCode::SERVICE_UNAVAILABLE, None),
+            Self::Store(_) | Self::Task(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
+        };
+        if status.is_server_error() {
+            tracing::warn!(error = %error_chain(&self), "API request failed");
+        }
+        let body = ErrorBody {
+            error: error_chain(&self),
+            field,
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct ApiState {
+    /// The API's own store connection.
+    pub store: Arc<Mutex<Store>>,
+    /// Where policy changes are published to agent connections.
+    pub policy: Arc<watch::Sender<Arc<PolicySnapshot>>>,
+    /// Connected agents.
+    pub hub: Arc<Hub>,
+    /// The bearer token.
+    pub token: String,
+    /// VM type prices.
+    pub prices: HashMap<String, f64>,
+    /// Comparison tunables.
+    pub compare: CompareConfig,
+    /// Default comparison window, ms.
+    pub compare_window_ms: i64,
+    /// The ingest writer's counters.
+    pub ingest_stats: Arc<IngestStats>,
+    /// The webhook deliverer's counters.
+    pub webhook_stats: Arc<WebhookStats>,
+}
+
+impl ApiState {
+    async fn with_store<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Store) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(&mut store.lock().unwrap_or_else(|e| e.into_inner())))
+            .await
+            .map_err(ApiError::Task)?
+    }
+
+    /// Applies a change and publishes the resulting policy while the store is held.
+    async fn change(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Store) -> Result<u64, ApiError> + Send + 'static,
+    ) -> Result<Json<Revision>, ApiError> {
+        let policy = Arc::clone(&self.policy);
+        let revision = self
+            .with_store(move |store| {
+                f(store)?;
+                let snapshot = PolicySnapshot {
+                    revision: store.policy_revision()?,
+                    workloads: store.workloads()?,
+                };
+                let revision = snapshot.revision;
+                policy.send_replace(Arc::new(snapshot));
+                Ok(revision)
+            })
+            .await?;
+        Ok(Json(Revision { revision }))
+    }
+}
+
+/// The policy revision a change produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revision {
+    /// Policy revision now in force.
+    pub revision: u64,
+}
+
+/// An agent as `GET /v1/agents` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    /// Certificate common name.
+    pub name: String,
+    /// Host name it reported.
+    pub hostname: String,
+    /// Its software version.
+    pub agent_version: String,
+    /// Its roles.
+    pub roles: String,
+    /// Connected now.
+    pub connected: bool,
+    /// Last connection or report, ms since the epoch.
+    pub last_seen_ms: i64,
+    /// Reports stored.
+    pub reports: i64,
+    /// The workload it belongs to, if any.
+    pub workload: Option<String>,
+    /// Its VM type in that workload.
+    pub vm_type: Option<String>,
+    /// `live` or `shadow` in that workload.
+    pub role_in_workload: Option<String>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// Parses a JSON body, naming the field that does not fit.
+fn parse_body<T: DeserializeOwned>(body: &[u8], prefix: &str) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let malformed = e.inner().is_syntax() || e.inner().is_eof();
+        let field = match (prefix, path.as_str()) {
+            _ if malformed => "body".to_owned(),
+            ("", ".") => "body".to_owned(),
+            (prefix, ".") => prefix.to_owned(),
+            ("", path) => path.to_owned(),
+            (prefix, path) => format!("{prefix}.{path}"),
+        };
+        ApiError::BadBody {
+            field,
+            reason: e.into_inner().to_string(),
+        }
+    })
+}
+
+async fn list_workloads(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<Vec<WorkloadSpec>>, ApiError> {
+    state.with_store(|s| Ok(s.workloads()?)).await.map(Json)
+}
+
+async fn add_workload(
+    State(state): State<Arc<ApiState>>,
+    body: Bytes,
+) -> Result<Json<Revision>, ApiError> {
+    let spec: WorkloadSpec = parse_body(&body, "")?;
+    state
+        .change(move |store| {
+            validate(&spec, &store.workloads()?)?;
+            Ok(store.put_workload(&spec, now_ms())?)
+        })
+        .await
+}
+
+async fn show_workload(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<WorkloadSpec>, ApiError> {
+    state
+        .with_store(move |s| s.workload(&name)?.ok_or(ApiError::NoSuchWorkload(name)))
+        .await
+        .map(Json)
+}
+
+async fn remove_workload(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Revision>, ApiError> {
+    state
+        .change(move |store| Ok(store.remove_workload(&name)?))
+        .await
+}
+
+async fn show_policy(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Policy>, ApiError> {
+    state
+        .with_store(move |s| {
+            s.workload(&name)?
+                .map(|w| w.policy)
+                .ok_or(ApiError::NoSuchWorkload(name))
+        })
+        .await
+        .map(Json)
+}
+
+async fn set_policy(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> Result<Json<Revision>, ApiError> {
+    let policy: Policy = parse_body(&body, "policy")?;
+    validate_policy(&policy)?;
+    state
+        .change(move |store| Ok(store.set_policy(&name, &policy, now_ms())?))
+        .await
+}
+
+async fn list_agents(State(state): State<Arc<ApiState>>) -> Result<Json<Vec<AgentView>>, ApiError> {
+    let connected = state.hub.connected();
+    let (agents, workloads) = state
+        .with_store(|s| Ok((s.agents()?, s.workloads()?)))
+        .await?;
+    let views = agents
+        .into_iter()
+        .map(|a: AgentRow| {
+            let placement = workloads.iter().find_map(|w| {
+                crate::policy::agent_placement(w, &a.name).map(|(vm, live)| (w, vm, live))
+            });
+            AgentView {
+                // The hub is the truth for "connected now"; the row can lag by one write.
+                connected: connected.contains(&a.name),
+                workload: placement.map(|(w, _, _)| w.name.clone()),
+                vm_type: placement.map(|(_, vm, _)| vm.to_owned()),
+                role_in_workload: placement
+                    .map(|(_, _, live)| if live { "live" } else { "shadow" }.to_owned()),
+                name: a.name,
+                hostname: a.hostname,
+                agent_version: a.agent_version,
+                roles: a.roles,
+                last_seen_ms: a.last_seen_ms,
+                reports: a.reports,
+            }
+        })
+        .collect();
+    Ok(Json(views))
+}
+
+/// Query of the list routes.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ListQuery {
+    /// Only this workload.
+    pub workload: Option<String>,
+    /// Most rows (default 50).
+    pub limit: Option<u32>,
+}
+
+async fn list_recommendations(
+    State(state): State<Arc<ApiState>>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<RecommendationRow>>, ApiError> {
+    state
+        .with_store(move |s| {
+            Ok(s.recommendations(query.workload.as_deref(), query.limit.unwrap_or(50))?)
+        })
+        .await
+        .map(Json)
+}
+
+async fn delivery_log(
+    State(state): State<Arc<ApiState>>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<DeliveryRow>>, ApiError> {
+    state
+        .with_store(move |s| Ok(s.deliveries(query.limit.unwrap_or(50))?))
+        .await
+        .map(Json)
+}
+
+/// Query of `GET /v1/workloads/{name}/compare`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct CompareQuery {
+    /// Window, ms (default: the serve config's).
+    pub window_ms: Option<i64>,
+}
+
+async fn compare_live_and_shadows(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    Query(query): Query<CompareQuery>,
+) -> Result<Json<Comparison>, ApiError> {
+    let window_ms = match query.window_ms {
+        Some(w) if w > 0 => w,
+        Some(_) => {
+            return Err(ApiError::BadBody {
+                field: "window_ms".into(),
+                reason: "must be positive".into(),
+            });
+        }
+        None => state.compare_window_ms,
+    };
+    let shared = Arc::clone(&state);
+    state
+        .with_store(move |s| {
+            let spec = s.workload(&name)?.ok_or(ApiError::NoSuchWorkload(name))?;
+            Ok(compare_workload(
+                s,
+                &spec,
+                now_ms(),
+                window_ms,
+                &shared.compare,
+                &shared.prices,
+            )?)
+        })
+        .await
+        .map(Json)
+}
+
+fn token_matches(expected: &str, given: &str) -> bool {
+    // Constant-time in the token's length, so response timing does not leak a prefix.
+    expected.len() == given.len()
+        && expected
+            .bytes()
+            .zip(given.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn require_token(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !token_matches(&state.token, given) {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(next.run(request).await)
+}
+
+/// `GET /metrics`: Prometheus text exposition. Not behind the token, like every Prometheus
+/// target; it carries counts only, no workload data.
+async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+    let store_bytes = state.with_store(|s| Ok(s.size_bytes())).await?;
+    let ingest = &state.ingest_stats;
+    let webhook = &state.webhook_stats;
+    let net = &state.hub.stats;
+    let lag_s = ingest.last_lag_ms.load(Relaxed) as f64 / 1e3;
+    let metrics: [(&str, &str, &str, String); 13] = [
+        (
+            "doppel_agents_connected",
+            "gauge",
+            "Agents connected now.",
+            state.hub.connected().len().to_string(),
+        ),
+        (
+            "doppel_reports_ingested_total",
+            "counter",
+            "Reports stored durably.",
+            ingest.stored.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_reports_duplicate_total",
+            "counter",
+            "Duplicate reports acknowledged without storing.",
+            ingest.duplicates.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_reports_failed_total",
+            "counter",
+            "Reports whose transaction failed (left unacknowledged).",
+            ingest.failed.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_histograms_rejected_total",
+            "counter",
+            "Histograms dropped because they did not decode.",
+            ingest.rejected_histograms.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_ingest_lag_seconds",
+            "gauge",
+            "Commit time minus interval end of the last stored report.",
+            lag_s.to_string(),
+        ),
+        (
+            "doppel_store_size_bytes",
+            "gauge",
+            "Database file and WAL size.",
+            store_bytes.to_string(),
+        ),
+        (
+            "doppel_webhook_deliveries_total",
+            "counter",
+            "Webhook deliveries answered 2xx.",
+            webhook.delivered.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_webhook_delivery_failures_total",
+            "counter",
+            "Webhook attempts that failed.",
+            webhook.failed_attempts.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_webhook_given_up_total",
+            "counter",
+            "Webhook deliveries abandoned after the last attempt.",
+            webhook.given_up.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_recommendations_total",
+            "counter",
+            "Recommendations stored.",
+            webhook.recommendations.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_handshake_failures_total",
+            "counter",
+            "Agent TLS/QUIC handshakes that failed.",
+            net.handshake_failures.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_policy_updates_total",
+            "counter",
+            "Policy updates sent to agents.",
+            net.policy_updates.load(Relaxed).to_string(),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, value) in metrics {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response())
+}
+
+/// The API's routes, token-protected.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/workloads", get(list_workloads).post(add_workload))
+        .route(
+            "/v1/workloads/{name}",
+            get(show_workload).delete(remove_workload),
+        )
+        .route(
+            "/v1/workloads/{name}/policy",
+            get(show_policy).put(set_policy),
+        )
+        .route(
+            "/v1/workloads/{name}/compare",
+            get(compare_live_and_shadows),
+        )
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/recommendations", get(list_recommendations))
+        .route("/v1/webhooks/log", get(delivery_log))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_token,
+        ))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Binds the API's listener.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ApiStartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ApiStartError::Bind { addr, source })
+}
+
+/// Serves `router` on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "HTTP API stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_misfitting_field_is_named_with_its_path() {
+        let body = br#"{"report_interval_ms": 1000, "classes": [{"id": 0, "name": "d", "sample_rate": "lots"}]}"#;
+        match parse_body::<Policy>(body, "policy") {
+            Err(ApiError::BadBody { field, .. }) => {
+                assert_eq!(field, "policy.classes[0].sample_rate");
+            }
+            other => panic!("expected BadBody, got {other:?}"),
+        }
+        match parse_body::<Policy>(b"{not json", "policy") {
+            Err(ApiError::BadBody { field, .. }) => assert_eq!(field, "body"),
+            other => panic!("expected BadBody, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_the_exact_token_matches() {
+        assert!(token_matches("abc", "abc"));
+        assert!(!token_matches("abc", "abd"));
+        assert!(!token_matches("abc", "ab"));
+        assert!(!token_matches("abc", ""));
+    }
+
+    #[test]
+    fn the_token_is_created_once_and_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = load_or_create_token(dir.path()).expect("create");
+        assert_eq!(first.len(), 64);
+        assert_eq!(load_or_create_token(dir.path()).expect("read"), first);
+        let mode = std::fs::metadata(dir.path().join(TOKEN_FILE))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

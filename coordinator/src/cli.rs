@@ -1,0 +1,654 @@
+//! The operator's commands that talk to a running coordinator (`doppel workload …`,
+//! `doppel policy …`, `doppel agents`): each calls the [HTTP API](crate::api) through an
+//! [`ApiClient`] and renders a human table, or the API's JSON with `--json`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use reqwest::Method;
+use serde::Serialize;
+
+use crate::{
+    api::{AgentView, Revision},
+    client::{ApiClient, ClientError},
+    compare::{Comparison, Verdict},
+    policy::{Policy, WorkloadSpec},
+    store::{DeliveryRow, RecommendationRow},
+    table::{render, timestamp},
+};
+
+/// Commands run against the coordinator's API.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Define, list, show and remove workloads.
+    #[command(subcommand)]
+    Workload(WorkloadCommand),
+    /// Show or replace a workload's policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Agents that ever connected, their workload and whether they are connected now.
+    Agents,
+    /// Compare live with each shadow VM type at matched load, best first.
+    Compare {
+        /// Workload name.
+        workload: String,
+        /// Window: `90s`, `15m`, `2h`, `1d` (default: the coordinator's, 15m).
+        #[arg(long, value_parser = parse_window)]
+        window: Option<u64>,
+    },
+    /// Stored recommendations, newest first.
+    Recommendations {
+        /// Only this workload.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Most rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Webhook deliveries.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+}
+
+/// `doppel webhooks …`
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Delivery attempts, newest first.
+    Log {
+        /// Most rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+/// Parses `90s`, `15m`, `2h`, `1d` (or bare seconds) into milliseconds.
+pub fn parse_window(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit_ms) = match text.char_indices().last() {
+        Some((i, 's')) => (&text[..i], 1_000),
+        Some((i, 'm')) => (&text[..i], 60_000),
+        Some((i, 'h')) => (&text[..i], 3_600_000),
+        Some((i, 'd')) => (&text[..i], 86_400_000),
+        _ => (text, 1_000),
+    };
+    match digits.parse::<u64>() {
+        Ok(n) if n > 0 => n
+            .checked_mul(unit_ms)
+            .ok_or_else(|| format!("{text} is too long")),
+        _ => Err(format!(
+            "{text:?} is not a duration like 90s, 15m, 2h or 1d"
+        )),
+    }
+}
+
+/// `doppel workload …`
+#[derive(Debug, Subcommand)]
+pub enum WorkloadCommand {
+    /// Create or replace a workload from a TOML or JSON file (`-`: standard input).
+    Add {
+        /// The workload file.
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+    /// List workloads.
+    List,
+    /// Show one workload.
+    Show {
+        /// Workload name.
+        name: String,
+    },
+    /// Remove a workload; its agents get an empty policy.
+    Rm {
+        /// Workload name.
+        name: String,
+    },
+}
+
+/// `doppel policy …`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Replace a workload's policy from a TOML or JSON file (`-`: standard input).
+    Set {
+        /// Workload name.
+        workload: String,
+        /// The policy file.
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+    /// Show a workload's policy.
+    Show {
+        /// Workload name.
+        workload: String,
+    },
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The input file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The input file is neither valid TOML nor valid JSON.
+    #[error("{path} is not valid {format}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// `TOML` or `JSON`.
+        format: &'static str,
+        /// Parser message (it names the line and the key).
+        reason: String,
+    },
+    /// The API call failed.
+    #[error(transparent)]
+    Api(#[from] ClientError),
+    /// The answer could not be rendered as JSON.
+    #[error("cannot render JSON")]
+    Json(#[source] serde_json::Error),
+}
+
+/// Exit code for refused input (EX_DATAERR).
+pub const EXIT_DATA: u8 = 65;
+/// Exit code for an unreadable input file (EX_NOINPUT).
+pub const EXIT_NO_INPUT: u8 = 66;
+/// Exit code when the coordinator cannot be reached (EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+impl CliError {
+    /// The process exit code this failure maps to.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Read { .. } => EXIT_NO_INPUT,
+            Self::Parse { .. } => EXIT_DATA,
+            Self::Api(ClientError::Api { status, .. }) if status.is_client_error() => EXIT_DATA,
+            Self::Api(ClientError::Http { .. } | ClientError::NoToken { .. }) => EXIT_UNAVAILABLE,
+            Self::Api(_) | Self::Json(_) => 1,
+        }
+    }
+}
+
+/// Reads a TOML or JSON document (JSON when the file ends in `.json` or starts with `{`).
+fn read_document(path: &Path) -> Result<serde_json::Value, CliError> {
+    let read = |source| CliError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).map_err(read)?
+    } else {
+        std::fs::read_to_string(path).map_err(read)?
+    };
+    let json = path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+    if json {
+        serde_json::from_str(&text).map_err(|e| CliError::Parse {
+            path: path.to_owned(),
+            format: "JSON",
+            reason: e.to_string(),
+        })
+    } else {
+        toml::from_str(&text).map_err(|e| CliError::Parse {
+            path: path.to_owned(),
+            format: "TOML",
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn as_json(value: &impl Serialize) -> Result<String, CliError> {
+    serde_json::to_string_pretty(value)
+        .map(|mut s| {
+            s.push('\n');
+            s
+        })
+        .map_err(CliError::Json)
+}
+
+fn workloads_table(workloads: &[WorkloadSpec]) -> String {
+    let rows: Vec<Vec<String>> = workloads
+        .iter()
+        .map(|w| {
+            vec![
+                w.name.clone(),
+                w.live
+                    .iter()
+                    .map(|l| format!("{}@{}", l.agent, l.vm_type))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                w.shadows
+                    .iter()
+                    .map(|s| format!("{}@{}", s.agent, s.vm_type))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                w.policy.classes.len().to_string(),
+                format!(
+                    "p{} < {} ms",
+                    w.policy.slo.percentile, w.policy.slo.max_latency_ms
+                ),
+                format!("{:?}", w.policy.mode).to_lowercase(),
+            ]
+        })
+        .collect();
+    render(
+        &["NAME", "LIVE", "SHADOWS", "CLASSES", "SLO", "MODE"],
+        &rows,
+    )
+}
+
+fn policy_text(policy: &Policy) -> String {
+    let mut out = format!(
+        "report interval: {} ms\nslo: p{} < {} ms\nbudget: {}\nmode: {}\n\n",
+        policy.report_interval_ms,
+        policy.slo.percentile,
+        policy.slo.max_latency_ms,
+        policy
+            .budget
+            .max_cost_per_hour
+            .map_or_else(|| "no limit".to_owned(), |c| format!("{c}/hour")),
+        format!("{:?}", policy.mode).to_lowercase(),
+    );
+    let rows: Vec<Vec<String>> = policy
+        .classes
+        .iter()
+        .map(|c| {
+            let patterns = c
+                .patterns
+                .iter()
+                .map(|p| {
+                    [
+                        p.port.map(|p| format!("port {p}")),
+                        p.client_prefix.as_ref().map(|c| format!("from {c}")),
+                        p.payload_prefix.as_ref().map(|b| format!("{b:?}")),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            vec![
+                c.id.to_string(),
+                c.name.clone(),
+                format!("{}", c.sample_rate),
+                c.priority.to_string(),
+                if patterns.is_empty() {
+                    "-".into()
+                } else {
+                    patterns
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&render(
+        &["CLASS", "NAME", "SAMPLE", "PRIORITY", "PATTERNS"],
+        &rows,
+    ));
+    out
+}
+
+fn workload_text(w: &WorkloadSpec) -> String {
+    let mut out = format!(
+        "workload {}\nservices: {}\n\n",
+        w.name,
+        w.services.join(", ")
+    );
+    let rows: Vec<Vec<String>> = w
+        .live
+        .iter()
+        .map(|l| {
+            vec![
+                "live".into(),
+                l.agent.clone(),
+                l.vm_type.clone(),
+                if l.interfaces.is_empty() {
+                    "-".into()
+                } else {
+                    l.interfaces.join(",")
+                },
+                "-".into(),
+            ]
+        })
+        .chain(w.shadows.iter().map(|s| {
+            vec![
+                "shadow".into(),
+                s.agent.clone(),
+                s.vm_type.clone(),
+                s.addr.to_string(),
+                s.vni.to_string(),
+            ]
+        }))
+        .collect();
+    out.push_str(&render(
+        &["ROLE", "AGENT", "VM TYPE", "INTERFACES/ADDR", "VNI"],
+        &rows,
+    ));
+    out.push('\n');
+    out.push_str(&policy_text(&w.policy));
+    out
+}
+
+fn agents_table(agents: &[AgentView]) -> String {
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                if a.connected { "yes" } else { "no" }.into(),
+                a.workload.clone().unwrap_or_else(|| "-".into()),
+                a.role_in_workload.clone().unwrap_or_else(|| "-".into()),
+                a.vm_type.clone().unwrap_or_else(|| "-".into()),
+                a.hostname.clone(),
+                a.reports.to_string(),
+                timestamp(a.last_seen_ms),
+            ]
+        })
+        .collect();
+    render(
+        &[
+            "AGENT",
+            "CONNECTED",
+            "WORKLOAD",
+            "ROLE",
+            "VM TYPE",
+            "HOST",
+            "REPORTS",
+            "LAST SEEN (UTC)",
+        ],
+        &rows,
+    )
+}
+
+fn num(value: f64, decimals: usize) -> String {
+    format!("{value:.decimals$}")
+}
+
+fn comparison_text(c: &Comparison) -> String {
+    let mut out = format!(
+        "{}: live {} vs shadows over the last {} s, compared at p{}\n\n",
+        c.workload,
+        c.live_vm_type.as_deref().unwrap_or("(no live data)"),
+        c.window_ms / 1000,
+        c.percentile
+    );
+    let rows: Vec<Vec<String>> = c
+        .types
+        .iter()
+        .map(|t| {
+            vec![
+                t.vm_type.clone(),
+                format!("{:?}", t.role).to_lowercase(),
+                t.price_per_hour.map_or_else(|| "-".into(), |p| num(p, 3)),
+                num(t.all.exchanges_per_s, 1),
+                t.all
+                    .error_rate
+                    .map_or_else(|| "-".into(), |e| num(e * 100.0, 2)),
+                num(t.all.p50_ms, 2),
+                num(t.all.p90_ms, 2),
+                num(t.all.p99_ms, 2),
+                num(t.all.p999_ms, 2),
+            ]
+        })
+        .collect();
+    out.push_str(&render(
+        &[
+            "VM TYPE", "ROLE", "PRICE/H", "EXCH/S", "ERR %", "P50 MS", "P90 MS", "P99 MS",
+            "P99.9 MS",
+        ],
+        &rows,
+    ));
+    out.push('\n');
+    let rows: Vec<Vec<String>> = c
+        .ranking
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let d = &r.difference;
+            let judged = r.verdict != Verdict::InsufficientEvidence;
+            vec![
+                (i + 1).to_string(),
+                r.vm_type.clone(),
+                r.verdict.as_str().replace('_', " "),
+                d.pairs.to_string(),
+                if judged {
+                    format!(
+                        "{} / {}",
+                        num(d.live_load_per_s, 1),
+                        num(d.shadow_load_per_s, 1)
+                    )
+                } else {
+                    "-".into()
+                },
+                if judged {
+                    format!(
+                        "{} / {}",
+                        num(r.live_at_load_ms, 2),
+                        num(r.shadow_at_load_ms, 2)
+                    )
+                } else {
+                    "-".into()
+                },
+                if judged {
+                    format!(
+                        "{} [{}, {}]",
+                        num(d.mean_ms, 2),
+                        num(d.ci_low_ms, 2),
+                        num(d.ci_high_ms, 2)
+                    )
+                } else {
+                    "-".into()
+                },
+                r.cost_delta_per_hour
+                    .map_or_else(|| "-".into(), |c| format!("{c:+.3}")),
+            ]
+        })
+        .collect();
+    out.push_str(&render(
+        &[
+            "RANK",
+            "SHADOW",
+            "VERDICT",
+            "PAIRS",
+            "LOAD/S LIVE / SHADOW",
+            "LIVE / SHADOW MS",
+            "DELTA MS [95% CI]",
+            "COST DELTA/H",
+        ],
+        &rows,
+    ));
+    out
+}
+
+fn path_segment(name: &str) -> String {
+    // Workload names are [A-Za-z0-9._-] (validated); anything else is escaped so a bad name
+    // reaches the API as a 404 instead of a different route.
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Runs `command` and returns what to print.
+pub async fn run(
+    client: &ApiClient,
+    command: ClientCommand,
+    json: bool,
+) -> Result<String, CliError> {
+    match command {
+        ClientCommand::Workload(WorkloadCommand::Add { file }) => {
+            let doc = read_document(&file)?;
+            let r: Revision = client
+                .call(Method::POST, "/v1/workloads", Some(&doc))
+                .await?;
+            if json {
+                as_json(&r)
+            } else {
+                Ok(format!("workload stored; policy revision {}\n", r.revision))
+            }
+        }
+        ClientCommand::Workload(WorkloadCommand::List) => {
+            let workloads: Vec<WorkloadSpec> = client.get("/v1/workloads").await?;
+            if json {
+                as_json(&workloads)
+            } else {
+                Ok(workloads_table(&workloads))
+            }
+        }
+        ClientCommand::Workload(WorkloadCommand::Show { name }) => {
+            let w: WorkloadSpec = client
+                .get(&format!("/v1/workloads/{}", path_segment(&name)))
+                .await?;
+            if json {
+                as_json(&w)
+            } else {
+                Ok(workload_text(&w))
+            }
+        }
+        ClientCommand::Workload(WorkloadCommand::Rm { name }) => {
+            let r: Revision = client
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/workloads/{}", path_segment(&name)),
+                    None::<&()>,
+                )
+                .await?;
+            if json {
+                as_json(&r)
+            } else {
+                Ok(format!(
+                    "workload {name} removed; policy revision {}\n",
+                    r.revision
+                ))
+            }
+        }
+        ClientCommand::Policy(PolicyCommand::Set { workload, file }) => {
+            let doc = read_document(&file)?;
+            let r: Revision = client
+                .call(
+                    Method::PUT,
+                    &format!("/v1/workloads/{}/policy", path_segment(&workload)),
+                    Some(&doc),
+                )
+                .await?;
+            if json {
+                as_json(&r)
+            } else {
+                Ok(format!(
+                    "policy of {workload} replaced; policy revision {}\n",
+                    r.revision
+                ))
+            }
+        }
+        ClientCommand::Policy(PolicyCommand::Show { workload }) => {
+            let p: Policy = client
+                .get(&format!("/v1/workloads/{}/policy", path_segment(&workload)))
+                .await?;
+            if json {
+                as_json(&p)
+            } else {
+                Ok(policy_text(&p))
+            }
+        }
+        ClientCommand::Compare { workload, window } => {
+            let mut path = format!("/v1/workloads/{}/compare", path_segment(&workload));
+            if let Some(window) = window {
+                path.push_str(&format!("?window_ms={window}"));
+            }
+            let c: Comparison = client.get(&path).await?;
+            if json {
+                as_json(&c)
+            } else {
+                Ok(comparison_text(&c))
+            }
+        }
+        ClientCommand::Recommendations { workload, limit } => {
+            let mut path = format!("/v1/recommendations?limit={limit}");
+            if let Some(w) = workload {
+                path.push_str(&format!("&workload={}", path_segment(&w)));
+            }
+            let rows: Vec<RecommendationRow> = client.get(&path).await?;
+            if json {
+                return as_json(&rows);
+            }
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    let field = |k: &str| r.body.get(k).and_then(serde_json::Value::as_f64);
+                    vec![
+                        timestamp(r.created_ms),
+                        r.workload.clone(),
+                        r.reason.replace('_', " "),
+                        format!("{} -> {}", r.current_vm_type, r.recommended_vm_type),
+                        field("confidence").map_or_else(|| "-".into(), |c| num(c, 3)),
+                        field("cost_delta_per_hour")
+                            .map_or_else(|| "-".into(), |c| format!("{c:+.3}")),
+                        r.idempotency_key.clone(),
+                    ]
+                })
+                .collect();
+            Ok(render(
+                &[
+                    "CREATED (UTC)",
+                    "WORKLOAD",
+                    "REASON",
+                    "MOVE",
+                    "CONFIDENCE",
+                    "COST DELTA/H",
+                    "IDEMPOTENCY KEY",
+                ],
+                &rows,
+            ))
+        }
+        ClientCommand::Webhooks(WebhooksCommand::Log { limit }) => {
+            let rows: Vec<DeliveryRow> = client
+                .get(&format!("/v1/webhooks/log?limit={limit}"))
+                .await?;
+            if json {
+                return as_json(&rows);
+            }
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|d| {
+                    vec![
+                        timestamp(d.at_ms),
+                        d.url.clone(),
+                        d.idempotency_key.clone(),
+                        d.attempt.to_string(),
+                        d.status.map_or_else(|| "-".into(), |s| s.to_string()),
+                        format!("{} ms", d.duration_ms),
+                        d.error.clone().unwrap_or_else(|| "ok".into()),
+                    ]
+                })
+                .collect();
+            Ok(render(
+                &[
+                    "AT (UTC)",
+                    "URL",
+                    "IDEMPOTENCY KEY",
+                    "ATTEMPT",
+                    "STATUS",
+                    "TOOK",
+                    "RESULT",
+                ],
+                &rows,
+            ))
+        }
+        ClientCommand::Agents => {
+            let agents: Vec<AgentView> = client.get("/v1/agents").await?;
+            if json {
+                as_json(&agents)
+            } else {
+                Ok(agents_table(&agents))
+            }
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! Live vs shadow comparison: sans-IO and deterministic. No clock, no sockets, no store: the
+//! caller passes the measurements and `now`, and gets a [`Comparison`] back.
+//!
+//! Histograms are merged per VM type × class over the window for the summary (p50/p90/p99/p99.9,
+//! exchanges/s, error rate). A shadow that receives a sample of the traffic is less loaded than
+//! the live instance and would look faster for that reason alone, so the verdict is drawn only
+//! from *matched-load pairs*: each interval of a shadow is paired with a distinct live interval
+//! whose offered load (exchanges/s) is within [`CompareConfig::load_tolerance`] of it, and the
+//! per-pair difference of the SLO percentile gives a mean and a Student-t confidence interval.
+//! Shadows are then ranked: conclusive evidence first, then by that difference, then by price.
+//!
+//! [`recommend`] turns a comparison and a workload's policy into at most one recommendation.
+
+pub mod recommend;
+
+use std::collections::{BTreeMap, HashMap};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Whether a measurement comes from the live instance or a shadow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The instance serving real clients.
+    Live,
+    /// A shadow replaying sampled traffic.
+    Shadow,
+}
+
+/// One histogram of one report interval of one agent.
+#[derive(Clone, Debug)]
+pub struct Measurement {
+    /// Reporting agent.
+    pub agent: String,
+    /// The VM type it runs on.
+    pub vm_type: String,
+    /// Live or shadow.
+    pub role: Role,
+    /// Interval start, ms since the epoch.
+    pub interval_start_ms: i64,
+    /// Interval length, ms.
+    pub interval_ms: i64,
+    /// Traffic class.
+    pub class: u16,
+    /// Exchange latencies, nanoseconds.
+    pub histogram: Histogram<u64>,
+    /// Exchange errors of the whole report (shared by its histograms: counted once per report).
+    pub report_errors: u64,
+}
+
+/// Tunables of the comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompareConfig {
+    /// Largest relative load difference of a matched pair (0.15: within 15 %).
+    pub load_tolerance: f64,
+    /// Pairs needed before a verdict is drawn.
+    pub min_pairs: usize,
+    /// Intervals with fewer exchanges are too thin for a percentile and are not paired.
+    pub min_exchanges_per_interval: u64,
+}
+
+impl Default for CompareConfig {
+    fn default() -> Self {
+        Self {
+            load_tolerance: 0.15,
+            min_pairs: 5,
+            min_exchanges_per_interval: 10,
+        }
+    }
+}
+
+/// Latency and rate figures of a merged histogram.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyStats {
+    /// Exchanges measured.
+    pub exchanges: u64,
+    /// Exchanges per second over the measured intervals.
+    pub exchanges_per_s: f64,
+    /// Errors per exchange; `None` per class, since agents count errors per report, not per
+    /// class.
+    pub error_rate: Option<f64>,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 90th percentile, ms.
+    pub p90_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// 99.9th percentile, ms.
+    pub p999_ms: f64,
+}
+
+/// What the matched-load pairs say about one shadow type against live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Faster than live: the whole confidence interval of the difference is below zero.
+    Faster,
+    /// Slower than live: the whole interval is above zero.
+    Slower,
+    /// The interval contains zero.
+    Inconclusive,
+    /// Fewer matched pairs than [`CompareConfig::min_pairs`].
+    InsufficientEvidence,
+}
+
+impl Verdict {
+    /// The verdict as it is serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Faster => "faster",
+            Self::Slower => "slower",
+            Self::Inconclusive => "inconclusive",
+            Self::InsufficientEvidence => "insufficient_evidence",
+        }
+    }
+}
+
+/// The SLO percentile of shadow minus live over matched-load pairs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PairedDifference {
+    /// Pairs.
+    pub pairs: usize,
+    /// Mean difference, ms (negative: the shadow is faster).
+    pub mean_ms: f64,
+    /// Lower end of the 95 % confidence interval, ms.
+    pub ci_low_ms: f64,
+    /// Upper end of the 95 % confidence interval, ms.
+    pub ci_high_ms: f64,
+    /// One-sided confidence that the shadow is faster (normal approximation), 0..=1.
+    pub confidence_faster: f64,
+    /// Mean offered load of the pairs' live side, exchanges/s.
+    pub live_load_per_s: f64,
+    /// Mean offered load of the pairs' shadow side, exchanges/s.
+    pub shadow_load_per_s: f64,
+}
+
+/// One VM type's summary over the window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TypeSummary {
+    /// VM type.
+    pub vm_type: String,
+    /// Live or shadow.
+    pub role: Role,
+    /// Price per hour from the catalog, if listed.
+    pub price_per_hour: Option<f64>,
+    /// All classes merged.
+    pub all: LatencyStats,
+    /// The comparison's percentile (the SLO's) over the window, all classes, ms.
+    pub at_percentile_ms: f64,
+    /// Per class.
+    pub classes: BTreeMap<u16, LatencyStats>,
+}
+
+/// A shadow type's place in the ranking.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ranked {
+    /// VM type.
+    pub vm_type: String,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The paired difference of the SLO percentile.
+    pub difference: PairedDifference,
+    /// The shadow's SLO percentile over its matched intervals, ms.
+    pub shadow_at_load_ms: f64,
+    /// Live's SLO percentile over the same pairs, ms.
+    pub live_at_load_ms: f64,
+    /// Price difference to the live type per hour (negative: cheaper), if both are listed.
+    pub cost_delta_per_hour: Option<f64>,
+}
+
+/// The comparison of a workload's live type with each of its shadow types.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// Workload.
+    pub workload: String,
+    /// When it was computed, ms since the epoch.
+    pub computed_ms: i64,
+    /// Window length, ms.
+    pub window_ms: i64,
+    /// The percentile compared (the workload's SLO percentile).
+    pub percentile: f64,
+    /// The live VM type (the first live agent's).
+    pub live_vm_type: Option<String>,
+    /// Every type measured in the window, live first.
+    pub types: Vec<TypeSummary>,
+    /// Shadow types, best first.
+    pub ranking: Vec<Ranked>,
+}
+
+/// One agent interval, all classes merged.
+#[derive(Debug)]
+struct Point {
+    load_per_s: f64,
+    histogram: Histogram<u64>,
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+fn quantile_ms(h: &Histogram<u64>, percentile: f64) -> f64 {
+    if h.is_empty() {
+        0.0
+    } else {
+        ms(h.value_at_percentile(percentile))
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // Auto-resizing, so histograms of any range merge without loss.
+    let mut h = Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits is valid"));
+    h.auto(true);
+    h
+}
+
+/// Adds `from` into `into`. With auto-resize on, `add` only fails on counter overflow, which
+/// u64 counts of real exchanges do not reach.
+pub fn merge(into: &mut Histogram<u64>, from: &Histogram<u64>) {
+    let _ = into.add(from);
+}
+
+/// Two-sided 97.5 % quantile of Student's t for `df` degrees of freedom.
+fn t_975(df: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::INFINITY,
+        1..=30 => TABLE[df - 1],
+        31..=60 => 2.000,
+        61..=120 => 1.980,
+        _ => 1.960,
+    }
+}
+
+/// Standard normal CDF (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7).
+fn normal_cdf(z: f64) -> f64 {
+    let x = z.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * x);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erf = 1.0 - poly * (-x * x).exp();
+    if z >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
+    }
+}
+
+/// Mean and 95 % confidence interval of paired differences.
+pub fn paired_difference(differences: &[f64]) -> (f64, f64, f64, f64) {
+    let n = differences.len();
+    if n == 0 {
+        return (0.0, 0.0, 0.0, 0.5);
+    }
+    let mean = differences.iter().sum::<f64>() / n as f64;
+    if n == 1 {
+        return (mean, f64::NEG_INFINITY, f64::INFINITY, 0.5);
+    }
+    let var = differences.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let se = (var / n as f64).sqrt();
+    let half = t_975(n - 1) * se;
+    let confidence_faster = if se > 0.0 {
+        normal_cdf(-mean / se)
+    } else if mean < 0.0 {
+        1.0
+    } else if mean > 0.0 {
+        0.0
+    } else {
+        0.5
+    };
+    (mean, mean - half, mean + half, confidence_faster)
+}
+
+/// Pairs points of similar load, each point used at most once: both sides sorted by load, a
+/// pair is taken when within `tolerance` (relative to the larger load), else the lower side
+/// advances. Returns index pairs `(live, shadow)`.
+pub fn match_by_load(live: &[f64], shadow: &[f64], tolerance: f64) -> Vec<(usize, usize)> {
+    let sorted = |loads: &[f64]| {
+        let mut idx: Vec<usize> = (0..loads.len()).collect();
+        idx.sort_by(|&a, &b| loads[a].total_cmp(&loads[b]));
+        idx
+    };
+    let (li, si) = (sorted(live), sorted(shadow));
+    let (mut i, mut j) = (0, 0);
+    let mut pairs = Vec::new();
+    while i < li.len() && j < si.len() {
+        let (l, s) = (live[li[i]], shadow[si[j]]);
+        if (l - s).abs() <= tolerance * l.max(s) {
+            pairs.push((li[i], si[j]));
+            i += 1;
+            j += 1;
+        } else if l < s {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    pairs
+}
+
+#[derive(Debug, Default)]
+struct TypeAcc {
+    all: Option<Histogram<u64>>,
+    classes: BTreeMap<u16, Histogram<u64>>,
+    /// (agent, interval start) → (interval ms, errors, merged histogram)
+    intervals: BTreeMap<(String, i64), (i64, u64, Histogram<u64>)>,
+}
+
+fn stats(h: &Histogram<u64>, seconds: f64, errors: Option<u64>) -> LatencyStats {
+    let exchanges = h.len();
+    LatencyStats {
+        exchanges,
+        exchanges_per_s: if seconds > 0.0 {
+            exchanges as f64 / seconds
+        } else {
+            0.0
+        },
+        error_rate: errors.map(|e| {
+            if exchanges > 0 {
+                e as f64 / exchanges as f64
+            } else {
+                0.0
+            }
+        }),
+        p50_ms: quantile_ms(h, 50.0),
+        p90_ms: quantile_ms(h, 90.0),
+        p99_ms: quantile_ms(h, 99.0),
+        p999_ms: quantile_ms(h, 99.9),
+    }
+}
+
+/// Compares live with each shadow type over `[now_ms - window_ms, now_ms)`.
+pub fn compare(
+    workload: &str,
+    now_ms: i64,
+    window_ms: i64,
+    percentile: f64,
+    config: &CompareConfig,
+    prices: &HashMap<String, f64>,
+    measurements: &[Measurement],
+) -> Comparison {
+    let since = now_ms.saturating_sub(window_ms);
+    let mut types: BTreeMap<(Role, String), TypeAcc> = BTreeMap::new();
+    for m in measurements
+        .iter()
+        .filter(|m| (since..now_ms).contains(&m.interval_start_ms))
+    {
+        let acc = types.entry((m.role, m.vm_type.clone())).or_default();
+        merge(acc.all.get_or_insert_with(new_histogram), &m.histogram);
+        merge(
+            acc.classes.entry(m.class).or_insert_with(new_histogram),
+            &m.histogram,
+        );
+        let interval = acc
+            .intervals
+            .entry((m.agent.clone(), m.interval_start_ms))
+            .or_insert_with(|| (m.interval_ms, m.report_errors, new_histogram()));
+        merge(&mut interval.2, &m.histogram);
+    }
+
+    let mut summaries = Vec::new();
+    let mut points: HashMap<(Role, String), Vec<Point>> = HashMap::new();
+    for ((role, vm_type), acc) in &types {
+        let seconds: f64 = acc
+            .intervals
+            .values()
+            .map(|(ms, _, _)| *ms as f64 / 1e3)
+            .sum();
+        let errors: u64 = acc.intervals.values().map(|(_, e, _)| e).sum();
+        let all = acc.all.as_ref().map(|h| stats(h, seconds, Some(errors)));
+        let classes = acc
+            .classes
+            .iter()
+            .map(|(class, h)| (*class, stats(h, seconds, None)))
+            .collect();
+        summaries.push(TypeSummary {
+            vm_type: vm_type.clone(),
+            role: *role,
+            price_per_hour: prices.get(vm_type).copied(),
+            all: all.unwrap_or_default(),
+            at_percentile_ms: acc.all.as_ref().map_or(0.0, |h| quantile_ms(h, percentile)),
+            classes,
+        });
+        points.insert(
+            (*role, vm_type.clone()),
+            acc.intervals
+                .values()
+                .filter(|(ms, _, h)| *ms > 0 && h.len() >= config.min_exchanges_per_interval)
+                .map(|(ms, _, h)| Point {
+                    load_per_s: h.len() as f64 * 1e3 / *ms as f64,
+                    histogram: h.clone(),
+                })
+                .collect(),
+        );
+    }
+    let live_vm_type = summaries
+        .iter()
+        .find(|s| s.role == Role::Live)
+        .map(|s| s.vm_type.clone());
+    let live_points: Vec<&Point> = points
+        .iter()
+        .filter(|((role, _), _)| *role == Role::Live)
+        .flat_map(|(_, p)| p)
+        .collect();
+    let live_loads: Vec<f64> = live_points.iter().map(|p| p.load_per_s).collect();
+    let live_price = live_vm_type.as_ref().and_then(|t| prices.get(t)).copied();
+
+    let mut ranking: Vec<Ranked> = summaries
+        .iter()
+        .filter(|s| s.role == Role::Shadow)
+        .map(|s| {
+            let shadow_points = &points[&(Role::Shadow, s.vm_type.clone())];
+            let shadow_loads: Vec<f64> = shadow_points.iter().map(|p| p.load_per_s).collect();
+            let pairs = match_by_load(&live_loads, &shadow_loads, config.load_tolerance);
+            let mut live_merged = new_histogram();
+            let mut shadow_merged = new_histogram();
+            let differences: Vec<f64> = pairs
+                .iter()
+                .map(|&(l, sh)| {
+                    let (l, sh) = (live_points[l], &shadow_points[sh]);
+                    merge(&mut live_merged, &l.histogram);
+                    merge(&mut shadow_merged, &sh.histogram);
+                    quantile_ms(&sh.histogram, percentile) - quantile_ms(&l.histogram, percentile)
+                })
+                .collect();
+            let (mean_ms, ci_low_ms, ci_high_ms, confidence_faster) =
+                paired_difference(&differences);
+            let n = pairs.len().max(1) as f64;
+            let difference = PairedDifference {
+                pairs: pairs.len(),
+                mean_ms,
+                ci_low_ms,
+                ci_high_ms,
+                confidence_faster,
+                live_load_per_s: pairs.iter().map(|&(l, _)| live_loads[l]).sum::<f64>() / n,
+                shadow_load_per_s: pairs.iter().map(|&(_, s)| shadow_loads[s]).sum::<f64>() / n,
+            };
+            let verdict = if pairs.len() < config.min_pairs {
+                Verdict::InsufficientEvidence
+            } else if ci_high_ms < 0.0 {
+                Verdict::Faster
+            } else if ci_low_ms > 0.0 {
+                Verdict::Slower
+            } else {
+                Verdict::Inconclusive
+            };
+            Ranked {
+                vm_type: s.vm_type.clone(),
+                verdict,
+                difference,
+                shadow_at_load_ms: quantile_ms(&shadow_merged, percentile),
+                live_at_load_ms: quantile_ms(&live_merged, percentile),
+                cost_delta_per_hour: s.price_per_hour.zip(live_price).map(|(s, l)| s - l),
+            }
+        })
+        .collect();
+    ranking.sort_by(|a, b| {
+        let evidence = |r: &Ranked| u8::from(r.verdict == Verdict::InsufficientEvidence);
+        evidence(a)
+            .cmp(&evidence(b))
+            .then(a.difference.mean_ms.total_cmp(&b.difference.mean_ms))
+            .then(
+                a.cost_delta_per_hour
+                    .unwrap_or(f64::INFINITY)
+                    .total_cmp(&b.cost_delta_per_hour.unwrap_or(f64::INFINITY)),
+            )
+            .then(a.vm_type.cmp(&b.vm_type))
+    });
+    Comparison {
+        workload: workload.to_owned(),
+        computed_ms: now_ms,
+        window_ms,
+        percentile,
+        live_vm_type,
+        types: summaries,
+        ranking,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,193 @@
+//! Recommendations v1, from a [`Comparison`] and the workload's policy. Sans-IO like the rest
+//! of the engine.
+//!
+//! Two triggers, checked in this order:
+//! - **SLO broken**: live's SLO percentile over the window is above the bound. The cheapest
+//!   shadow type within budget whose percentile at matched load holds the SLO is recommended
+//!   (the fastest on a price tie); with none holding it, nothing is recommended.
+//! - **Faster for no more money**: a shadow type is [`Verdict::Faster`] with confidence and
+//!   costs no more than live (both prices known) and is within budget; the fastest is chosen.
+//!
+//! The idempotency key is derived from workload, types, trigger and the policy revision, so the
+//! same advice is stored and delivered once until the policy changes, however often the
+//! comparison runs.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::{Comparison, LatencyStats, Ranked, Role, Verdict};
+use crate::policy::Policy;
+
+/// Why a recommendation was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// Live breaks its SLO.
+    SloBreach,
+    /// A shadow type is faster at lower or equal cost.
+    FasterAtLowerOrEqualCost,
+}
+
+impl Trigger {
+    /// The stored reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SloBreach => "slo_breach",
+            Self::FasterAtLowerOrEqualCost => "faster_at_lower_or_equal_cost",
+        }
+    }
+}
+
+/// The evidence for one VM type.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// VM type.
+    pub vm_type: String,
+    /// Live or shadow.
+    pub role: Role,
+    /// Price per hour, if listed.
+    pub price_per_hour: Option<f64>,
+    /// Figures over the window, all classes.
+    pub window: LatencyStats,
+    /// For shadows: the matched-load comparison against live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versus_live: Option<Ranked>,
+}
+
+/// The JSON document stored and POSTed to webhooks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recommendation {
+    /// Workload.
+    pub workload: String,
+    /// Why.
+    pub trigger: Trigger,
+    /// The live VM type now.
+    pub current_vm_type: String,
+    /// The VM type recommended.
+    pub recommended_vm_type: String,
+    /// Live's offered load over the window, exchanges/s.
+    pub load_per_s: f64,
+    /// Confidence that the recommended type is faster than live at matched load, 0..=1.
+    pub confidence: f64,
+    /// Price per hour of the recommended type minus the current one, if both are listed.
+    pub cost_delta_per_hour: Option<f64>,
+    /// The SLO in force: percentile and bound (ms).
+    pub slo_percentile: f64,
+    /// The SLO bound, ms.
+    pub slo_max_latency_ms: f64,
+    /// Evidence per VM type.
+    pub evidence: Vec<Evidence>,
+    /// When, ms since the epoch.
+    pub created_ms: i64,
+    /// Delivered as the `Idempotency-Key` header too.
+    pub idempotency_key: String,
+    /// Policy revision it was computed under.
+    pub policy_revision: u64,
+}
+
+fn within_budget(policy: &Policy, r: &Ranked, comparison: &Comparison) -> bool {
+    let price = comparison
+        .types
+        .iter()
+        .find(|t| t.vm_type == r.vm_type && t.role == Role::Shadow)
+        .and_then(|t| t.price_per_hour);
+    match (policy.budget.max_cost_per_hour, price) {
+        (None, _) => true,
+        (Some(max), Some(price)) => price <= max,
+        // A budget is set and the price is unknown: it cannot be shown to fit.
+        (Some(_), None) => false,
+    }
+}
+
+/// The idempotency key of a piece of advice.
+pub fn idempotency_key(
+    workload: &str,
+    current: &str,
+    recommended: &str,
+    trigger: Trigger,
+    revision: u64,
+) -> String {
+    let mut h = Sha256::new();
+    for part in [workload, current, recommended, trigger.as_str()] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    h.update(revision.to_be_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+/// At most one recommendation for the workload compared in `comparison`.
+pub fn recommend(
+    comparison: &Comparison,
+    policy: &Policy,
+    revision: u64,
+) -> Option<Recommendation> {
+    let current = comparison.live_vm_type.clone()?;
+    let live = comparison.types.iter().find(|t| t.role == Role::Live)?;
+    let live_at_slo = live.at_percentile_ms;
+    let slo_max = policy.slo.max_latency_ms;
+    let eligible = comparison
+        .ranking
+        .iter()
+        .filter(|r| r.verdict != Verdict::InsufficientEvidence)
+        .filter(|r| within_budget(policy, r, comparison));
+
+    let chosen = if live.all.exchanges > 0 && live_at_slo > slo_max {
+        eligible
+            .filter(|r| r.shadow_at_load_ms <= slo_max)
+            .min_by(|a, b| {
+                a.cost_delta_per_hour
+                    .unwrap_or(f64::INFINITY)
+                    .total_cmp(&b.cost_delta_per_hour.unwrap_or(f64::INFINITY))
+                    .then(a.shadow_at_load_ms.total_cmp(&b.shadow_at_load_ms))
+            })
+            .map(|r| (r, Trigger::SloBreach))
+    } else {
+        // The ranking is best first.
+        eligible
+            .filter(|r| r.verdict == Verdict::Faster)
+            .find(|r| r.cost_delta_per_hour.is_some_and(|d| d <= 0.0))
+            .map(|r| (r, Trigger::FasterAtLowerOrEqualCost))
+    }?;
+    let (best, trigger) = chosen;
+    let evidence = comparison
+        .types
+        .iter()
+        .map(|t| Evidence {
+            vm_type: t.vm_type.clone(),
+            role: t.role,
+            price_per_hour: t.price_per_hour,
+            window: t.all,
+            versus_live: (t.role == Role::Shadow)
+                .then(|| {
+                    comparison
+                        .ranking
+                        .iter()
+                        .find(|r| r.vm_type == t.vm_type)
+                        .cloned()
+                })
+                .flatten(),
+        })
+        .collect();
+    Some(Recommendation {
+        workload: comparison.workload.clone(),
+        trigger,
+        idempotency_key: idempotency_key(
+            &comparison.workload,
+            &current,
+            &best.vm_type,
+            trigger,
+            revision,
+        ),
+        current_vm_type: current,
+        recommended_vm_type: best.vm_type.clone(),
+        load_per_s: live.all.exchanges_per_s,
+        confidence: best.difference.confidence_faster,
+        cost_delta_per_hour: best.cost_delta_per_hour,
+        slo_percentile: policy.slo.percentile,
+        slo_max_latency_ms: slo_max,
+        evidence,
+        created_ms: comparison.computed_ms,
+        policy_revision: revision,
+    })
+}

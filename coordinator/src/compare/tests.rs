@@ -1,0 +1,213 @@
+//! Synthetic histograms with known latencies and loads.
+
+use std::collections::HashMap;
+
+use super::{recommend::*, *};
+use crate::policy::Policy;
+
+const NOW: i64 = 1_700_000_900_000;
+
+/// One interval: `exchanges` in 1 s, all at `latency_ms` except 2 % at `tail_ms`.
+fn m(role: Role, vm: &str, agent: &str, i: i64, exchanges: u64, latency_ms: f64) -> Measurement {
+    let mut h = Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
+    let tail = exchanges / 50;
+    h.record_n((latency_ms * 1e6) as u64, exchanges - tail)
+        .expect("record");
+    h.record_n((latency_ms * 3e6) as u64, tail).expect("record");
+    Measurement {
+        agent: agent.into(),
+        vm_type: vm.into(),
+        role,
+        interval_start_ms: NOW - 600_000 + i * 1000,
+        interval_ms: 1000,
+        class: 0,
+        histogram: h,
+        report_errors: 1,
+    }
+}
+
+fn prices() -> HashMap<String, f64> {
+    [("m5.large", 0.10), ("c6g.large", 0.08), ("m5.xlarge", 0.20)]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+}
+
+#[test]
+fn intervals_pair_only_with_a_distinct_interval_of_similar_load() {
+    let live = [100.0, 200.0, 300.0, 1000.0];
+    let shadow = [95.0, 310.0, 500.0, 105.0];
+    let pairs = match_by_load(&live, &shadow, 0.1);
+    assert_eq!(
+        pairs,
+        [(0, 0), (2, 1)],
+        "105 has no partner left, 500 none near"
+    );
+    assert!(match_by_load(&live, &[10.0], 0.1).is_empty());
+}
+
+#[test]
+fn the_confidence_interval_follows_student_t() {
+    let (mean, low, high, faster) = paired_difference(&[-1.0, -2.0, -3.0, -4.0, -5.0]);
+    assert!((mean + 3.0).abs() < 1e-9);
+    // sd = 1.5811, se = 0.7071, t(4) = 2.776 → half-width 1.963
+    assert!((high - (-3.0 + 1.963)).abs() < 1e-3, "{high}");
+    assert!((low - (-3.0 - 1.963)).abs() < 1e-3, "{low}");
+    assert!(faster > 0.99);
+    let (_, low, high, faster) = paired_difference(&[-1.0, 1.0, -1.0, 1.0]);
+    assert!(low < 0.0 && high > 0.0);
+    assert!((faster - 0.5).abs() < 1e-9);
+}
+
+#[test]
+fn a_faster_shadow_at_matched_load_ranks_first_and_a_lightly_loaded_one_is_not_judged() {
+    let mut ms = Vec::new();
+    for i in 0..60 {
+        // Live load swings between 100 and 159/s; latency 10 ms (+ a little noise).
+        let load = 100 + (i as u64 % 60);
+        ms.push(m(
+            Role::Live,
+            "m5.large",
+            "live-1",
+            i,
+            load,
+            10.0 + (i % 3) as f64 * 0.1,
+        ));
+        // c6g gets amplified replay at the same loads and is faster.
+        ms.push(m(
+            Role::Shadow,
+            "c6g.large",
+            "sh-1",
+            i,
+            load,
+            6.0 + (i % 2) as f64 * 0.1,
+        ));
+        // m5.xlarge is even faster but only ever sees 10 % of the load: no matched pairs.
+        ms.push(m(Role::Shadow, "m5.xlarge", "sh-2", i, load / 10, 2.0));
+    }
+    // Measurements outside the window are ignored.
+    let mut old = m(Role::Live, "m5.large", "live-1", 0, 100, 900.0);
+    old.interval_start_ms = NOW - 3_600_000;
+    ms.push(old);
+
+    let c = compare(
+        "web",
+        NOW,
+        900_000,
+        99.0,
+        &CompareConfig::default(),
+        &prices(),
+        &ms,
+    );
+    assert_eq!(c.live_vm_type.as_deref(), Some("m5.large"));
+    let live = c.types.iter().find(|t| t.role == Role::Live).expect("live");
+    assert_eq!(live.all.exchanges, (100..160).sum::<u64>());
+    assert!((live.all.exchanges_per_s - 129.5).abs() < 1e-9);
+    assert!((live.all.p50_ms - 10.0).abs() < 0.3, "{}", live.all.p50_ms);
+    assert!((live.all.p99_ms - 30.0).abs() < 1.0, "{}", live.all.p99_ms);
+    assert_eq!(live.all.error_rate, Some(60.0 / 7770.0));
+
+    assert_eq!(c.ranking.len(), 2);
+    let best = &c.ranking[0];
+    assert_eq!(best.vm_type, "c6g.large");
+    assert_eq!(best.verdict, Verdict::Faster);
+    assert_eq!(best.difference.pairs, 60);
+    assert!(
+        best.difference.ci_high_ms < 0.0 && (best.difference.mean_ms + 12.0).abs() < 1.0,
+        "{:?}",
+        best.difference
+    );
+    assert!((best.cost_delta_per_hour.expect("priced") + 0.02).abs() < 1e-9);
+    let light = &c.ranking[1];
+    assert_eq!(light.vm_type, "m5.xlarge");
+    assert_eq!(light.verdict, Verdict::InsufficientEvidence);
+    assert_eq!(light.difference.pairs, 0);
+
+    let rec = recommend(&c, &Policy::default(), 3).expect("c6g is faster and cheaper");
+    assert_eq!(rec.trigger, Trigger::FasterAtLowerOrEqualCost);
+    assert_eq!(rec.recommended_vm_type, "c6g.large");
+    assert_eq!(rec.current_vm_type, "m5.large");
+    assert!(rec.confidence > 0.99);
+    assert_eq!(rec.evidence.len(), 3);
+    assert_eq!(
+        rec.idempotency_key,
+        recommend(&c, &Policy::default(), 3)
+            .expect("again")
+            .idempotency_key,
+        "the same advice has the same key"
+    );
+    assert_ne!(
+        rec.idempotency_key,
+        recommend(&c, &Policy::default(), 4)
+            .expect("new revision")
+            .idempotency_key
+    );
+}
+
+#[test]
+fn a_broken_slo_recommends_the_cheapest_type_that_holds_it_within_budget() {
+    let mut ms = Vec::new();
+    for i in 0..30 {
+        let load = 200 + i as u64;
+        ms.push(m(Role::Live, "m5.large", "live-1", i, load, 100.0));
+        ms.push(m(Role::Shadow, "m5.xlarge", "sh-1", i, load, 20.0));
+        ms.push(m(Role::Shadow, "c6g.large", "sh-2", i, load, 90.0));
+    }
+    let c = compare(
+        "web",
+        NOW,
+        900_000,
+        99.0,
+        &CompareConfig::default(),
+        &prices(),
+        &ms,
+    );
+    let mut policy = Policy::default();
+    policy.slo.max_latency_ms = 100.0;
+    let rec = recommend(&c, &policy, 1).expect("SLO broken: live p99 is ~300 ms");
+    assert_eq!(rec.trigger, Trigger::SloBreach);
+    assert_eq!(
+        rec.recommended_vm_type, "m5.xlarge",
+        "c6g (p99 ~270 ms) does not hold it"
+    );
+    assert!((rec.cost_delta_per_hour.expect("priced") - 0.10).abs() < 1e-9);
+
+    policy.budget.max_cost_per_hour = Some(0.15);
+    assert_eq!(recommend(&c, &policy, 1), None, "m5.xlarge is over budget");
+}
+
+#[test]
+fn nothing_is_recommended_without_a_conclusive_advantage() {
+    let mut ms = Vec::new();
+    for i in 0..30 {
+        let load = 200 + i as u64;
+        let wobble = if i % 2 == 0 { 0.5 } else { -0.5 };
+        ms.push(m(Role::Live, "m5.large", "live-1", i, load, 10.0));
+        ms.push(m(Role::Shadow, "c6g.large", "sh-1", i, load, 10.0 + wobble));
+    }
+    let c = compare(
+        "web",
+        NOW,
+        900_000,
+        99.0,
+        &CompareConfig::default(),
+        &prices(),
+        &ms,
+    );
+    assert_eq!(c.ranking[0].verdict, Verdict::Inconclusive);
+    assert_eq!(recommend(&c, &Policy::default(), 1), None);
+}
+
+#[test]
+fn merging_is_fast_enough_for_the_ingest_target() {
+    // Not a benchmark (that is `cargo xtask bench ingest`); a guard against an accidental
+    // quadratic merge. Debug builds are ~10x slower than release.
+    let h = m(Role::Live, "t", "a", 0, 1000, 5.0).histogram;
+    let mut into = new_histogram();
+    let start = std::time::Instant::now();
+    for _ in 0..1000 {
+        merge(&mut into, &h);
+    }
+    assert_eq!(into.len(), 1_000_000);
+    assert!(start.elapsed() < std::time::Duration::from_secs(2));
+}
