@@ -7,6 +7,7 @@
 //! It never touches the root namespace's addresses or routes, and its hosts have no route out of
 //! the testbed.
 
+pub mod agent;
 pub mod testbed;
 pub mod traffic;
 pub mod workloads;

@@ -5,16 +5,15 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::{BufRead as _, BufReader},
     net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
-    process::Stdio,
-    sync::{Arc, Mutex},
+    sync::Mutex,
     thread,
     time::Duration,
 };
 
 use doppel_tests::{
-    testbed::{Host, Link, Process, privileged_or_skip, workspace_binary},
+    agent::{AgentProcess as Agent, counter},
+    testbed::{Host, Link, privileged_or_skip},
     traffic::{HttpServer, VxlanSink, http_flow},
 };
 use serde_json::Value;
@@ -72,73 +71,6 @@ impl Topology {
         let _inside = self.shadows[i].enter().expect("enter shadow");
         VxlanSink::start(UdpSocket::bind((self.shadow_addr(i, v6), 4789)).expect("bind sink"))
     }
-}
-
-/// The running agent and the JSON lines it printed so far.
-struct Agent {
-    process: Process,
-    lines: Arc<Mutex<Vec<Value>>>,
-    config_path: std::path::PathBuf,
-}
-
-impl Agent {
-    fn start(host: &Host, config: &str) -> Self {
-        let config_path = std::env::temp_dir().join(format!(
-            "doppel-live-{}-{}.toml",
-            std::process::id(),
-            host.netns()
-        ));
-        std::fs::write(&config_path, config).expect("write config");
-        let mut command = host.command(workspace_binary("doppel-agent").to_str().expect("utf-8"));
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(Stdio::piped());
-        let mut process = host.spawn(command).expect("spawn agent");
-        let stdout = process.child_mut().stdout.take().expect("stdout");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let value: Value = serde_json::from_str(&line).expect("agent prints JSON lines");
-                sink.lock().expect("lock").push(value);
-            }
-        });
-        // The first report arrives one interval after everything is attached.
-        for _ in 0..200 {
-            if !lines.lock().expect("lock").is_empty() {
-                break;
-            }
-            if let Some(status) = process.wait_timeout(Duration::from_millis(25)) {
-                panic!("agent exited early: {status:?}");
-            }
-        }
-        assert!(
-            !lines.lock().expect("lock").is_empty(),
-            "agent printed no report"
-        );
-        Self {
-            process,
-            lines,
-            config_path,
-        }
-    }
-
-    /// Stops the agent (SIGTERM) and returns every line, including the final partial interval.
-    fn stop(mut self) -> Vec<Value> {
-        let status = self.process.stop(Duration::from_secs(10));
-        assert!(status.success(), "agent exit status {status:?}");
-        thread::sleep(Duration::from_millis(100));
-        let _ = std::fs::remove_file(&self.config_path);
-        self.lines.lock().expect("lock").clone()
-    }
-}
-
-fn counter(lines: &[Value], name: &str) -> u64 {
-    lines
-        .iter()
-        .map(|l| l["counters"][name].as_u64().unwrap_or(0))
-        .sum()
 }
 
 fn class_total(lines: &[Value], class: u64, field: &str) -> u64 {
@@ -225,6 +157,7 @@ payload_prefix = "GET /static/"
 "#;
     let agent = Agent::start(
         &t.live,
+        "live",
         &live_config(&t, &t.client_link.b_iface, false, "", classes),
     );
 
@@ -349,6 +282,7 @@ fn a_known_server_delay_shows_as_the_exchange_latency() {
     let _server = t.start_server(false);
     let agent = Agent::start(
         &t.live,
+        "live",
         &live_config(&t, &t.client_link.b_iface, false, "", ""),
     );
     run_flows(&t, false, 40, |_| {
@@ -385,6 +319,7 @@ fn ipv6_flows_are_measured_and_mirrored_over_ipv6() {
     let sinks = [t.start_sink(0, true), t.start_sink(1, true)];
     let agent = Agent::start(
         &t.live,
+        "live",
         &live_config(
             &t,
             &t.client_link.b_iface,
@@ -433,6 +368,7 @@ fn malformed_and_unusual_packets_pass_untouched_and_are_counted() {
         .expect("timeout");
     let agent = Agent::start(
         &t.live,
+        "live",
         &live_config(&t, &t.client_link.b_iface, false, "", ""),
     );
     let macs = (
@@ -528,7 +464,7 @@ fn a_killed_agent_is_replaced_cleanly_and_a_stopped_one_leaves_nothing() {
         "default_sample_percent = 100.0",
         "",
     );
-    let crashed = Agent::start(&t.live, &config);
+    let crashed = Agent::start(&t.live, "live", &config);
     crashed.process.signal(nix::sys::signal::Signal::SIGKILL);
     let mut crashed = crashed;
     assert!(
@@ -543,7 +479,7 @@ fn a_killed_agent_is_replaced_cleanly_and_a_stopped_one_leaves_nothing() {
         "a SIGKILLed agent leaves its VXLAN device (precondition)"
     );
 
-    let agent = Agent::start(&t.live, &config);
+    let agent = Agent::start(&t.live, "live", &config);
     run_flows(&t, false, 20, |i| {
         vec![format!("GET /r/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
     });
@@ -593,7 +529,7 @@ fn flows_open_before_the_agent_are_measured_but_never_mirrored() {
         "default_sample_percent = 100.0",
         "",
     );
-    let agent = Agent::start(&t.live, &config);
+    let agent = Agent::start(&t.live, "live", &config);
     for _ in 0..5 {
         use std::io::{Read as _, Write as _};
         early
@@ -631,7 +567,7 @@ fn a_reloaded_policy_applies_to_new_flows_and_keeps_decided_ones() {
         "default_sample_percent = 100.0",
         "",
     );
-    let agent = Agent::start(&t.live, &all);
+    let agent = Agent::start(&t.live, "live", &all);
     let request = b"GET /kept HTTP/1.1\r\nHost: live\r\n\r\n";
     let mut kept = {
         let _inside = t.client.enter().expect("enter client");

@@ -5,17 +5,15 @@
 //! (nginx access logs, redis `INFO commandstats`) say what was replayed.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
-    process::Stdio,
-    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
 
 use doppel_agent::shadow::vxlan::SegmentBuilder;
 use doppel_tests::{
-    testbed::{Host, Link, Process, privileged_or_skip, workspace_binary},
+    agent::{AgentProcess as Agent, counter},
+    testbed::{Host, Link, privileged_or_skip},
     traffic::{HttpServer, http_flow},
     workloads::{Nginx, Redis, redis_flow},
 };
@@ -93,75 +91,6 @@ impl Topology {
             ),
         )
     }
-}
-
-/// A running agent and the JSON lines it printed.
-struct Agent {
-    process: Process,
-    lines: Arc<Mutex<Vec<Value>>>,
-    config_path: std::path::PathBuf,
-}
-
-impl Agent {
-    fn start(host: &Host, role: &str, config: &str) -> Self {
-        let config_path = std::env::temp_dir().join(format!(
-            "doppel-{role}-{}-{}.toml",
-            std::process::id(),
-            host.netns()
-        ));
-        std::fs::write(&config_path, config).expect("write config");
-        let mut command = host.command(workspace_binary("doppel-agent").to_str().expect("utf-8"));
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(Stdio::piped());
-        let mut process = host.spawn(command).expect("spawn agent");
-        let stdout = process.child_mut().stdout.take().expect("stdout");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let value: Value = serde_json::from_str(&line).expect("agent prints JSON lines");
-                sink.lock().expect("lock").push(value);
-            }
-        });
-        for _ in 0..200 {
-            if !lines.lock().expect("lock").is_empty() {
-                break;
-            }
-            if let Some(status) = process.wait_timeout(Duration::from_millis(25)) {
-                panic!("{role} agent exited early: {status:?}");
-            }
-        }
-        assert!(
-            !lines.lock().expect("lock").is_empty(),
-            "{role} agent printed no report"
-        );
-        Self {
-            process,
-            lines,
-            config_path,
-        }
-    }
-
-    fn counter(&self, name: &str) -> u64 {
-        counter(&self.lines.lock().expect("lock"), name)
-    }
-
-    fn stop(mut self) -> Vec<Value> {
-        let status = self.process.stop(Duration::from_secs(10));
-        assert!(status.success(), "agent exit status {status:?}");
-        thread::sleep(Duration::from_millis(100));
-        let _ = std::fs::remove_file(&self.config_path);
-        self.lines.lock().expect("lock").clone()
-    }
-}
-
-fn counter(lines: &[Value], name: &str) -> u64 {
-    lines
-        .iter()
-        .map(|l| l["counters"][name].as_u64().unwrap_or(0))
-        .sum()
 }
 
 /// The largest p50 (µs) among a source's latency entries, and their total count.

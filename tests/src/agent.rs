@@ -1,0 +1,105 @@
+//! A `doppel-agent` started in a testbed host with a configuration file, and the JSON lines it
+//! prints (one per report interval), for the end-to-end tests of both roles.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::testbed::{Host, Process, workspace_binary};
+
+/// A running agent and the JSON lines it printed so far.
+#[derive(Debug)]
+pub struct AgentProcess {
+    /// The agent process (signal it to test reloads and crashes).
+    pub process: Process,
+    /// Its configuration file (rewrite it and send SIGHUP to test reloads).
+    pub config_path: PathBuf,
+    label: String,
+    lines: Arc<Mutex<Vec<Value>>>,
+}
+
+impl AgentProcess {
+    /// Writes `config` to a file, starts `doppel-agent --config FILE` inside `host`, and waits
+    /// for its first report line (so everything is attached). `label` names it in messages.
+    pub fn start(host: &Host, label: &str, config: &str) -> Self {
+        let config_path = std::env::temp_dir().join(format!(
+            "doppel-{label}-{}-{}.toml",
+            std::process::id(),
+            host.netns()
+        ));
+        std::fs::write(&config_path, config).expect("write config");
+        let mut command = host.command(workspace_binary("doppel-agent").to_str().expect("utf-8"));
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::piped());
+        let mut process = host.spawn(command).expect("spawn agent");
+        let stdout = process.child_mut().stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value: Value = serde_json::from_str(&line).expect("agent prints JSON lines");
+                sink.lock().expect("lock").push(value);
+            }
+        });
+        // The first report arrives one interval after everything is attached.
+        for _ in 0..200 {
+            if !lines.lock().expect("lock").is_empty() {
+                break;
+            }
+            if let Some(status) = process.wait_timeout(Duration::from_millis(25)) {
+                panic!("{label} agent exited early: {status:?}");
+            }
+        }
+        assert!(
+            !lines.lock().expect("lock").is_empty(),
+            "{label} agent printed no report"
+        );
+        Self {
+            process,
+            config_path,
+            label: label.to_owned(),
+            lines,
+        }
+    }
+
+    /// The lines printed so far.
+    pub fn lines(&self) -> Vec<Value> {
+        self.lines.lock().expect("lock").clone()
+    }
+
+    /// A counter summed over the lines printed so far.
+    pub fn counter(&self, name: &str) -> u64 {
+        counter(&self.lines(), name)
+    }
+
+    /// Stops the agent (SIGTERM), checks it exits cleanly, and returns every line, including
+    /// the final partial interval.
+    pub fn stop(mut self) -> Vec<Value> {
+        let status = self.process.stop(Duration::from_secs(10));
+        assert!(
+            status.success(),
+            "{} agent exit status {status:?}",
+            self.label
+        );
+        thread::sleep(Duration::from_millis(100));
+        let _ = std::fs::remove_file(&self.config_path);
+        self.lines()
+    }
+}
+
+/// A counter (`counters.NAME`) summed over report lines.
+pub fn counter(lines: &[Value], name: &str) -> u64 {
+    lines
+        .iter()
+        .map(|l| l["counters"][name].as_u64().unwrap_or(0))
+        .sum()
+}
