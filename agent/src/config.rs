@@ -84,17 +84,22 @@ pub enum Role {
     Shadow,
 }
 
-/// Reads only the `role` key of a configuration file.
-pub fn role_of(path: &Path) -> Result<Role, ConfigError> {
+/// Reads a TOML file into `T`; errors name the file, and for parse errors the field and line.
+pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: shown.clone(),
         source,
     })?;
-    let table: toml::Table = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
         path: shown,
         source,
-    })?;
+    })
+}
+
+/// Reads only the `role` key of a configuration file.
+pub fn role_of(path: &Path) -> Result<Role, ConfigError> {
+    let table: toml::Table = read_toml(path)?;
     match table.get("role") {
         None => Ok(Role::Live),
         Some(toml::Value::String(r)) if r == "live" => Ok(Role::Live),
@@ -310,15 +315,7 @@ fn parse_hex(field: &str, text: &str) -> Result<Vec<u8>, ConfigError> {
 impl LiveConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: shown,
-            source,
-        })?;
+        let config: Self = read_toml(path)?;
         config.validate()?;
         Ok(config)
     }

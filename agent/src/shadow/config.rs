@@ -188,15 +188,7 @@ const fn default_max_flows() -> usize {
 impl ShadowConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: shown,
-            source,
-        })?;
+        let config: Self = crate::config::read_toml(path)?;
         config.validate()?;
         Ok(config)
     }
