@@ -114,8 +114,8 @@ fn add(counter: DatapathCounter, n: u64) {
 fn count_iface(ctx: &TcContext, direction: Direction) {
     // SAFETY: `skb` points at the kernel's `__sk_buff` for the whole program run.
     let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
-    add(DatapathCounter::Packets, 1);
-    add(DatapathCounter::Bytes, u64::from(len));
+    // The per-interface counters are the only per-packet totals: user space derives the
+    // `packets` and `bytes` counters from them rather than the program counting twice.
     if let Some(counters) = IFACE_COUNTERS.get_ptr_mut(iface_slot(ifindex, direction)) {
         // SAFETY: as in `add`.
         unsafe {
@@ -432,7 +432,7 @@ fn bump(array: &PerCpuArray<u64>, index: u32) {
 fn decide(ctx: &TcContext, packet: &Packet, config: &DatapathConfig, state: &mut FlowState) {
     let mut head = [0u64; PATTERN_SAMPLE_LEN / 8];
     let have = load_head(ctx, packet, &mut head);
-    let class = classify(packet, &head, have);
+    let class = classify(packet, config.rule_count, &head, have);
     state.class = class;
     state.flags |= FLOW_DECIDED;
     bump(&CLASS_FLOWS, class);
@@ -490,12 +490,16 @@ fn load_head(ctx: &TcContext, packet: &Packet, head: &mut [u64; PATTERN_SAMPLE_L
 
 /// The class of the highest-priority matching rule (0 when none matches).
 #[inline(always)]
-fn classify(packet: &Packet, head: &[u64; PATTERN_SAMPLE_LEN / 8], have: usize) -> u32 {
-    let Some(config) = config() else { return 0 };
+fn classify(
+    packet: &Packet,
+    rule_count: u32,
+    head: &[u64; PATTERN_SAMPLE_LEN / 8],
+    have: usize,
+) -> u32 {
     let mut best_class = 0;
     let mut best_priority = 0;
     let mut i = 0;
-    while i < MAX_RULES && i < config.rule_count {
+    while i < MAX_RULES && i < rule_count {
         if let Some(rule) = RULES.get(i) {
             if rule_matches(rule, packet, head, have) {
                 let priority = CLASSES.get(rule.class).map_or(0, |c| c.priority) + 1;

@@ -545,13 +545,18 @@ impl Datapath {
     pub fn counters(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
         use doppel_common::maps::{DatapathCounter, names};
         let array = self.per_cpu_array(names::COUNTERS)?;
+        // `packets` and `bytes` are not counted twice per packet in the kernel: they are the sum
+        // of the per-interface counters.
+        let ifaces = self.iface_counters()?;
         DatapathCounter::ALL
             .iter()
             .map(|c| {
-                Ok((
-                    c.name(),
-                    Self::sum_slot(&array, names::COUNTERS, *c as u32)?,
-                ))
+                let value = match c {
+                    DatapathCounter::Packets => ifaces.iter().map(|i| i.packets).sum(),
+                    DatapathCounter::Bytes => ifaces.iter().map(|i| i.bytes).sum(),
+                    _ => Self::sum_slot(&array, names::COUNTERS, *c as u32)?,
+                };
+                Ok((c.name(), value))
             })
             .collect()
     }

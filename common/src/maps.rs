@@ -283,9 +283,10 @@ pub struct PatternSample {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DatapathCounter {
-    /// Packets inspected (both directions).
+    /// Packets inspected (both directions). Its slot stays zero: user space reports the sum of
+    /// the per-interface counters under this name.
     Packets = 0,
-    /// Bytes of those packets.
+    /// Bytes of those packets (derived the same way).
     Bytes,
     /// Packets not parsed further (not IPv4/IPv6 TCP, VLAN-tagged, fragmented, IP options,
     /// IPv6 extension headers, truncated): passed untouched.
