@@ -8,6 +8,7 @@ mod bench_datapath;
 mod bench_predictor;
 mod bench_replay;
 mod build_ebpf;
+mod demo;
 mod eval;
 mod setup;
 mod test;
@@ -31,6 +32,9 @@ enum Task {
     Test(test::Options),
     /// Measure a component on real traces and simulations (`eval predictor`).
     Eval(eval::Options),
+    /// The whole system on this machine: live workload, real traffic, shadows on several VM
+    /// types, forecast, warning, recommendation, webhook and (act mode) the move.
+    Demo(demo::Options),
     /// Benchmarks that print figures (`bench datapath|replay|predictor`).
     Bench(bench::Options),
 }
@@ -42,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test(options) => test::run(&options),
         Task::Eval(options) => eval::run(&options),
         Task::Bench(options) => bench::run(&options),
+        Task::Demo(options) => demo::run(&options),
     }
 }
 

@@ -17,7 +17,7 @@ pub(crate) struct Options {
 }
 
 /// Every member but the eBPF crate, which only builds for the BPF target.
-const HOST_PACKAGES: &[&str] = &["--workspace", "--exclude", "doppel-agent-ebpf"];
+pub(crate) const HOST_PACKAGES: &[&str] = &["--workspace", "--exclude", "doppel-agent-ebpf"];
 
 pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     let toolchain = crate::setup::run(&crate::setup::Options {})?;
@@ -41,7 +41,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     crate::run_command(&mut bins)?;
     let mut test = cargo(&["test"]);
     test.args(HOST_PACKAGES);
-    if nix_is_root() {
+    if is_root() {
         test.env("DOPPEL_REQUIRE_ROOT", "1");
     } else {
         println!("test: not root; tests needing network namespaces and eBPF will be skipped");
@@ -52,7 +52,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     crate::run_command(&mut test)
 }
 
-fn nix_is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // The effective uid is the second field of "Uid:" in /proc/self/status.
     std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
         s.lines()

@@ -1,0 +1,87 @@
+//! The demo's traffic shape: a stretch of the WorldCup98 per-minute request trace, time
+//! compressed (one trace minute per schedule step) and scaled so its peak is a chosen rate.
+
+use std::path::Path;
+
+/// One stretch of the trace.
+#[derive(Debug, Clone)]
+pub(super) struct Stretch {
+    /// Timestamp of the first minute, as the trace writes it.
+    pub(super) start: String,
+    /// Requests per minute, one per minute.
+    pub(super) counts: Vec<f64>,
+}
+
+impl Stretch {
+    /// Reads `minutes` rows from `csv` (columns `timestamp,num_request,size`) starting at the
+    /// row whose timestamp is `start`.
+    pub(super) fn read(csv: &Path, start: &str, minutes: usize) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(csv)
+            .map_err(|e| anyhow::anyhow!("reading the trace {}: {e}", csv.display()))?;
+        let mut rows = text.lines().skip(1).skip_while(|l| !l.starts_with(start));
+        let mut counts = Vec::with_capacity(minutes);
+        for (i, line) in rows.by_ref().take(minutes).enumerate() {
+            let count = line
+                .split(',')
+                .nth(1)
+                .and_then(|c| c.trim().parse::<f64>().ok())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{}: row {i} after {start}: no request count", csv.display())
+                })?;
+            counts.push(count);
+        }
+        anyhow::ensure!(
+            counts.len() == minutes,
+            "{}: {} rows from {start}, {minutes} wanted",
+            csv.display(),
+            counts.len()
+        );
+        Ok(Self {
+            start: start.to_owned(),
+            counts,
+        })
+    }
+
+    /// Requests per second per step, scaled so the busiest minute is `peak_rps`.
+    pub(super) fn rates(&self, peak_rps: f64) -> Vec<f64> {
+        let peak = self.counts.iter().copied().fold(0.0, f64::max);
+        if peak <= 0.0 {
+            return vec![0.0; self.counts.len()];
+        }
+        self.counts.iter().map(|c| c / peak * peak_rps).collect()
+    }
+
+    /// The step of the busiest minute.
+    pub(super) fn peak_step(&self) -> usize {
+        self.counts
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stretch_is_read_from_its_timestamp_and_scaled_to_its_peak() {
+        let dir = std::env::temp_dir().join(format!("doppel-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let csv = dir.join("t.csv");
+        std::fs::write(
+            &csv,
+            "timestamp,num_request,size\n1998-01-01 00:00,5,1\n1998-01-01 00:01,10,1\n\
+             1998-01-01 00:02,40,1\n1998-01-01 00:03,20,1\n",
+        )
+        .unwrap();
+        let s = Stretch::read(&csv, "1998-01-01 00:01", 3).unwrap();
+        assert_eq!(s.counts, [10.0, 40.0, 20.0]);
+        assert_eq!(s.rates(100.0), [25.0, 100.0, 50.0]);
+        assert_eq!(s.peak_step(), 1);
+        let short = Stretch::read(&csv, "1998-01-01 00:02", 3).unwrap_err();
+        assert!(short.to_string().contains("2 rows"), "{short}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
