@@ -13,7 +13,7 @@ use crate::{
     client::{ApiClient, ClientError},
     compare::{Comparison, Verdict},
     policy::{Policy, WorkloadSpec},
-    store::{DeliveryRow, RecommendationRow},
+    store::{ActionRow, DeliveryRow, RecommendationRow},
     table::{render, timestamp},
 };
 
@@ -38,6 +38,15 @@ pub enum ClientCommand {
     },
     /// Stored recommendations, newest first.
     Recommendations {
+        /// Only this workload.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Most rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Scale actions taken in act mode and whether latency recovered, newest first.
+    Actions {
         /// Only this workload.
         #[arg(long)]
         workload: Option<String>,
@@ -569,6 +578,42 @@ pub async fn run(
             } else {
                 Ok(comparison_text(&c))
             }
+        }
+        ClientCommand::Actions { workload, limit } => {
+            let mut path = format!("/v1/actions?limit={limit}");
+            if let Some(w) = workload {
+                path.push_str(&format!("&workload={}", path_segment(&w)));
+            }
+            let rows: Vec<ActionRow> = client.get(&path).await?;
+            if json {
+                return as_json(&rows);
+            }
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|a| {
+                    vec![
+                        timestamp(a.started_ms),
+                        a.workload.clone(),
+                        format!("{} -> {}", a.from_vm_type, a.to_vm_type),
+                        a.action.clone(),
+                        a.state.as_str().replace('_', " "),
+                        a.live_latency_ms.map_or_else(|| "-".into(), |l| num(l, 2)),
+                        a.detail.lines().last().unwrap_or_default().to_owned(),
+                    ]
+                })
+                .collect();
+            Ok(render(
+                &[
+                    "STARTED (UTC)",
+                    "WORKLOAD",
+                    "MOVE",
+                    "ACTION",
+                    "STATE",
+                    "LIVE MS AFTER",
+                    "DETAIL",
+                ],
+                &rows,
+            ))
         }
         ClientCommand::Recommendations { workload, limit } => {
             let mut path = format!("/v1/recommendations?limit={limit}");

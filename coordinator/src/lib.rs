@@ -10,6 +10,7 @@
 //! [`answer_hello`] is the handshake decision.
 #![forbid(unsafe_code)]
 
+pub mod act;
 pub mod api;
 pub mod ca;
 pub mod cli;

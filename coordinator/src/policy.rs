@@ -71,6 +71,8 @@ pub struct Policy {
     pub budget: Budget,
     /// Whether the coordinator only recommends or also acts.
     pub mode: Mode,
+    /// In act mode, the serve config's `[[actions]]` entry that carries out a recommendation.
+    pub action: Option<String>,
 }
 
 impl Default for Policy {
@@ -87,6 +89,7 @@ impl Default for Policy {
             slo: Slo::default(),
             budget: Budget::default(),
             mode: Mode::Recommend,
+            action: None,
         }
     }
 }
@@ -158,7 +161,7 @@ pub enum Mode {
     /// Store and deliver recommendations only.
     #[default]
     Recommend,
-    /// Also act through the provisioner (not built yet: treated as `recommend`, and said so).
+    /// Also carry recommendations out through the policy's `action` (see [`crate::act`]).
     Act,
 }
 
@@ -319,6 +322,18 @@ pub fn validate_policy(policy: &Policy) -> Result<(), InvalidPolicy> {
             "policy.budget.max_cost_per_hour",
             "must be a non-negative number",
         ));
+    }
+    match (&policy.mode, &policy.action) {
+        (Mode::Act, None) => {
+            return Err(invalid(
+                "policy.action",
+                "act mode needs the name of an action from the coordinator's config",
+            ));
+        }
+        (_, Some(name)) if name.trim().is_empty() => {
+            return Err(invalid("policy.action", "must not be empty"));
+        }
+        _ => {}
     }
     Ok(())
 }

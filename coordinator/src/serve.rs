@@ -14,6 +14,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
+    act::{ActionConfig, Actor},
     api::{self, ApiStartError},
     ca::{CaError, CertificateAuthority},
     compare::CompareConfig,
@@ -52,6 +53,9 @@ pub struct ServeConfig {
     pub webhook_backoff_ms: u64,
     /// Attempts per delivery before giving up.
     pub webhook_max_attempts: u32,
+    /// Scale actions act-mode workloads may name (`[[actions]] name, command, timeout_ms,
+    /// verify_after_ms`).
+    pub actions: Vec<ActionConfig>,
 }
 
 /// A config value that cannot be used.
@@ -124,6 +128,21 @@ impl ServeConfig {
         if self.webhook_max_attempts == 0 {
             return invalid("webhook_max_attempts".into(), "must be positive");
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, a) in self.actions.iter().enumerate() {
+            if a.name.trim().is_empty() {
+                return invalid(format!("actions[{i}].name"), "must not be empty");
+            }
+            if !names.insert(a.name.as_str()) {
+                return invalid(format!("actions[{i}].name"), "listed twice");
+            }
+            if a.command.first().is_none_or(|p| p.is_empty()) {
+                return invalid(format!("actions[{i}].command"), "needs a program");
+            }
+            if a.timeout_ms == 0 {
+                return invalid(format!("actions[{i}].timeout_ms"), "must be positive");
+            }
+        }
         Ok(())
     }
 }
@@ -143,6 +162,7 @@ impl Default for ServeConfig {
             webhooks: Vec::new(),
             webhook_backoff_ms: 1_000,
             webhook_max_attempts: 12,
+            actions: Vec::new(),
         }
     }
 }
@@ -295,6 +315,19 @@ impl Coordinator {
             stats: webhook_stats,
             queued: tokio::sync::Notify::new(),
         });
+        let actor = Arc::new(Actor {
+            store: Arc::new(Mutex::new(open()?)),
+            actions: config
+                .actions
+                .iter()
+                .map(|a| (a.name.clone(), a.clone()))
+                .collect(),
+            policy: Arc::clone(&policy),
+            prices: price_table(&config.vm_types),
+            compare: config.compare,
+            max_age_ms: i64::try_from(config.evaluate_interval_ms.saturating_mul(5))
+                .unwrap_or(i64::MAX),
+        });
         let retention_store = open()?;
         let tasks = vec![
             tokio::spawn(crate::webhook::run_evaluator(
@@ -303,6 +336,11 @@ impl Coordinator {
             )),
             tokio::spawn(crate::webhook::run_deliverer(
                 Arc::clone(&recommender),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(crate::act::run_actor(
+                actor,
+                Duration::from_millis(config.evaluate_interval_ms),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(api::serve(

@@ -124,7 +124,8 @@ pub struct Recommender {
     pub queued: Notify,
 }
 
-fn now_ms() -> i64 {
+/// Wall-clock time, ms since the epoch.
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

@@ -8,6 +8,7 @@
 //! the testbed.
 
 pub mod agent;
+pub mod reports;
 pub mod testbed;
 pub mod traffic;
 pub mod workloads;

@@ -16,19 +16,18 @@ use axum::{
     http::{HeaderMap, StatusCode},
     routing::post,
 };
-use doppel_common::wire::{
-    EncodedHistogram, FlowScope, HistogramRecord, IntervalReport, LatencyMetric, ResourceUsage,
-};
 use doppel_coordinator::{
     ca::CertificateAuthority,
     evaluate::VmTypePrice,
     policy::{LiveEndpoint, Policy, ShadowEndpoint, WorkloadSpec},
     serve::{Coordinator, ServeConfig},
-    store::{CheckedReport, Store},
+    store::Store,
     webhook::WebhookConfig,
 };
-use doppel_tests::testbed::workspace_binary;
-use hdrhistogram::Histogram;
+use doppel_tests::{
+    reports::{Seed, now_ms, seed},
+    testbed::workspace_binary,
+};
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 use time::OffsetDateTime;
@@ -86,38 +85,18 @@ async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Byte
 }
 
 fn seed_reports(store: &mut Store, agent: &str, n: u64, latency_ms: f64) {
-    let now = u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_millis(),
-    )
-    .expect("ms");
-    let reports: Vec<CheckedReport> = (0..n)
-        .map(|i| {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("hist");
-            h.record_n((latency_ms * 1e6) as u64, 100 + i)
-                .expect("record");
-            CheckedReport::check(IntervalReport {
-                seq: i,
-                interval_start_unix_ms: now - (n + 5 - i) * 1000,
-                interval_ms: 1000,
-                histograms: vec![HistogramRecord {
-                    service: "10.0.0.2:8080".into(),
-                    class: 0,
-                    scope: FlowScope::All,
-                    metric: LatencyMetric::KernelFirstByte,
-                    histogram: EncodedHistogram::encode(&h).expect("encode"),
-                }],
-                counters: vec![],
-                host: ResourceUsage::default(),
-                workload: None,
-                patterns: vec![],
-            })
-        })
-        .collect();
-    let batch: Vec<_> = reports.iter().map(|r| (agent, r)).collect();
-    store.ingest_batch(&batch, 0).expect("ingest");
+    seed(
+        store,
+        &Seed {
+            agent,
+            service: "10.0.0.2:8080",
+            first_seq: 0,
+            count: n,
+            last_start_ms: now_ms() - 6000,
+            latency_ms,
+            exchanges: 100,
+        },
+    );
 }
 
 async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {

@@ -36,7 +36,9 @@ use crate::{
     evaluate::compare_workload,
     net::{Hub, PolicySnapshot},
     policy::{InvalidPolicy, Policy, WorkloadSpec, validate, validate_policy},
-    store::{AgentRow, DeliveryRow, RecommendationRow, Store, StoreError, ingest::IngestStats},
+    store::{
+        ActionRow, AgentRow, DeliveryRow, RecommendationRow, Store, StoreError, ingest::IngestStats,
+    },
     webhook::WebhookStats,
 };
 
@@ -424,6 +426,16 @@ async fn list_recommendations(
         .map(Json)
 }
 
+async fn list_actions(
+    State(state): State<Arc<ApiState>>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<ActionRow>>, ApiError> {
+    state
+        .with_store(move |s| Ok(s.actions(query.workload.as_deref(), query.limit.unwrap_or(50))?))
+        .await
+        .map(Json)
+}
+
 async fn delivery_log(
     State(state): State<Arc<ApiState>>,
     Query(query): Query<ListQuery>,
@@ -624,6 +636,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/agents", get(list_agents))
         .route("/v1/recommendations", get(list_recommendations))
+        .route("/v1/actions", get(list_actions))
         .route("/v1/webhooks/log", get(delivery_log))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),

@@ -21,7 +21,10 @@ use serde::Serialize;
 use crate::policy::{Policy, WorkloadSpec};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-pub const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_actions.sql"),
+];
 
 /// The store's file name in the state directory.
 pub const DB_FILE: &str = "doppel.db";
@@ -994,5 +997,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+mod actions;
 #[cfg(test)]
 mod tests;
+
+pub use actions::{ActionRow, ActionState};
