@@ -8,6 +8,7 @@
 //! the testbed.
 
 pub mod agent;
+pub mod demo;
 pub mod reports;
 pub mod testbed;
 pub mod traffic;

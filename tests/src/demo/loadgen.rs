@@ -19,40 +19,40 @@ use std::{
     time::{Duration, Instant},
 };
 
-use doppel_tests::testbed::Host;
+use crate::testbed::Host;
 use hdrhistogram::Histogram;
 use rand::{RngExt as _, SeedableRng as _};
 
 /// What to send.
 #[derive(Debug, Clone)]
-pub(super) struct LoadSpec {
+pub struct LoadSpec {
     /// The live service.
-    pub(super) target: SocketAddr,
+    pub target: SocketAddr,
     /// The request path.
-    pub(super) path: String,
+    pub path: String,
     /// Length of one schedule step.
-    pub(super) step: Duration,
+    pub step: Duration,
     /// Requests per second in each step.
-    pub(super) rates: Vec<f64>,
+    pub rates: Vec<f64>,
     /// Concurrent requests at most (queued requests wait, and their wait counts).
-    pub(super) workers: usize,
+    pub workers: usize,
     /// A request not answered within this is a failure.
-    pub(super) timeout: Duration,
+    pub timeout: Duration,
 }
 
 /// What the client saw in one step.
 #[derive(Debug, Clone)]
-pub(super) struct StepStats {
+pub struct StepStats {
     /// Requests scheduled.
-    pub(super) offered: u64,
+    pub offered: u64,
     /// Complete `200` responses.
-    pub(super) ok: u64,
+    pub ok: u64,
     /// Refused, reset, timed out or not `200`.
-    pub(super) failed: u64,
+    pub failed: u64,
     /// Response bytes received (headers and body).
-    pub(super) bytes: u64,
+    pub bytes: u64,
     /// Latency of the `ok` requests from their scheduled time, microseconds.
-    pub(super) latency_us: Histogram<u64>,
+    pub latency_us: Histogram<u64>,
 }
 
 impl StepStats {
@@ -67,7 +67,7 @@ impl StepStats {
     }
 
     /// Adds `other` into `self`.
-    pub(super) fn add(&mut self, other: &Self) {
+    pub fn add(&mut self, other: &Self) {
         self.offered += other.offered;
         self.ok += other.ok;
         self.failed += other.failed;
@@ -76,7 +76,7 @@ impl StepStats {
     }
 
     /// A latency quantile in milliseconds (0 without responses).
-    pub(super) fn quantile_ms(&self, q: f64) -> f64 {
+    pub fn quantile_ms(&self, q: f64) -> f64 {
         if self.latency_us.is_empty() {
             return 0.0;
         }
@@ -84,8 +84,9 @@ impl StepStats {
     }
 }
 
-/// A running load generator; [`LoadGenerator::finish`] waits for the schedule's end.
-pub(super) struct LoadGenerator {
+/// A running load generator; dropping it stops scheduling.
+#[derive(Debug)]
+pub struct LoadGenerator {
     stats: Arc<Mutex<Vec<StepStats>>>,
     stop: Arc<AtomicBool>,
     started: Instant,
@@ -100,7 +101,7 @@ struct Job {
 
 impl LoadGenerator {
     /// Starts sending from inside `client`'s network namespace.
-    pub(super) fn start(client: &Host, spec: LoadSpec, seed: u64) -> anyhow::Result<Self> {
+    pub fn start(client: &Host, spec: LoadSpec, seed: u64) -> anyhow::Result<Self> {
         let stats = Arc::new(Mutex::new(
             (0..spec.rates.len())
                 .map(|_| StepStats::new())
@@ -162,19 +163,19 @@ impl LoadGenerator {
     }
 
     /// The schedule step now running (may be past the end).
-    pub(super) fn current_step(&self) -> usize {
+    pub fn current_step(&self) -> usize {
         (self.started.elapsed().as_secs_f64() / self.step.as_secs_f64()) as usize
     }
 
     /// Whether every request has been scheduled.
-    pub(super) fn is_done(&self) -> bool {
+    pub fn is_done(&self) -> bool {
         self.dispatcher
             .as_ref()
             .is_none_or(thread::JoinHandle::is_finished)
     }
 
     /// Everything the client saw in steps `range`, merged.
-    pub(super) fn merged(&self, range: std::ops::Range<usize>) -> StepStats {
+    pub fn merged(&self, range: std::ops::Range<usize>) -> StepStats {
         let stats = self.stats.lock().expect("stats lock");
         let mut total = StepStats::new();
         for s in stats.get(range).unwrap_or_default() {
@@ -184,7 +185,7 @@ impl LoadGenerator {
     }
 
     /// Stops scheduling (requests in flight finish on their own).
-    pub(super) fn stop(&mut self) {
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(dispatcher) = self.dispatcher.take() {
             let _ = dispatcher.join();
@@ -239,7 +240,7 @@ fn dispatch(
 }
 
 /// One request on its own connection; the response's size in bytes when it is a complete `200`.
-pub(super) fn request(target: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u64> {
+pub fn request(target: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u64> {
     let mut stream = TcpStream::connect_timeout(&target, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;

@@ -9,20 +9,20 @@ use std::{
 };
 
 /// The port the workload listens on, live and in every shadow.
-pub(super) const PORT: u16 = 8080;
+pub const PORT: u16 = 8080;
 /// The path the load generator asks for.
-pub(super) const PATH: &str = "/page.html";
+pub const PATH: &str = "/page.html";
 
 /// The workload's files: the page and an nginx config per instance.
 #[derive(Debug, Clone)]
-pub(super) struct WorkloadFiles {
+pub struct WorkloadFiles {
     /// Directory holding `page.html`.
-    pub(super) root: PathBuf,
+    pub root: PathBuf,
 }
 
 impl WorkloadFiles {
     /// Writes the page (deterministic pseudo-text of `bytes` bytes) into `root`.
-    pub(super) fn create(root: &Path, bytes: usize) -> anyhow::Result<Self> {
+    pub fn create(root: &Path, bytes: usize) -> anyhow::Result<Self> {
         std::fs::create_dir_all(root)?;
         // A small word list drawn with an LCG: compressible like real text, but not trivially.
         let mut state = 0x2545_f491_4f6c_dd1d_u64;
@@ -50,17 +50,31 @@ impl WorkloadFiles {
         })
     }
 
-    /// An nginx config for one instance listening on `listen`, its scratch files under `dir`.
-    pub(super) fn nginx_conf(&self, listen: SocketAddr, dir: &Path) -> String {
+    /// An nginx config listening on `listen`. Its scratch files are relative to nginx's
+    /// prefix (`-p DIR/`), so one file serves the live instance and every shadow. The access log
+    /// has one line per response: the bytes sent.
+    pub fn nginx_conf(&self, listen: SocketAddr) -> String {
         format!(
-            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+            "worker_processes 1;\ndaemon off;\npid nginx.pid;\nerror_log error.log;\n\
              events {{ worker_connections 4096; }}\n\
-             http {{\n access_log off;\n gzip on;\n gzip_comp_level 9;\n gzip_types *;\n\
-             gzip_min_length 0;\n client_body_temp_path {d};\n proxy_temp_path {d};\n\
-             fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n\
+             http {{\n log_format sent '$bytes_sent';\n\
+             access_log access.log sent buffer=64k flush=1s;\n gzip on;\n gzip_comp_level 9;\n gzip_types *;\n\
+             gzip_min_length 0;\n client_body_temp_path tmp;\n proxy_temp_path tmp;\n\
+             fastcgi_temp_path tmp;\n uwsgi_temp_path tmp;\n scgi_temp_path tmp;\n\
              server {{ listen {listen}; root {root}; location / {{ }} }}\n}}\n",
-            d = dir.display(),
             root = self.root.display(),
         )
     }
+}
+
+/// Responses an instance logged and the bytes it sent, from `DIR/access.log`.
+pub fn served(prefix: &Path) -> anyhow::Result<(u64, u64)> {
+    let log = std::fs::read_to_string(prefix.join("access.log"))?;
+    let mut responses = 0;
+    let mut bytes = 0;
+    for line in log.lines() {
+        responses += 1;
+        bytes += line.trim().parse::<u64>()?;
+    }
+    Ok((responses, bytes))
 }

@@ -12,11 +12,11 @@ use std::{
 
 /// One accepted delivery.
 #[derive(Debug, Clone)]
-pub(super) struct Delivery {
+pub struct Delivery {
     /// The `Idempotency-Key` header.
-    pub(super) idempotency_key: String,
+    pub idempotency_key: String,
     /// The recommendation.
-    pub(super) body: serde_json::Value,
+    pub body: serde_json::Value,
 }
 
 /// What the receiver has seen.
@@ -28,15 +28,15 @@ struct Seen {
 
 /// A running receiver (the listener thread ends with the process).
 #[derive(Debug, Clone)]
-pub(super) struct WebhookReceiver {
+pub struct WebhookReceiver {
     /// Where it listens.
-    pub(super) addr: SocketAddr,
+    pub addr: SocketAddr,
     seen: Arc<Mutex<Seen>>,
 }
 
 impl WebhookReceiver {
     /// Serves on `listener`, verifying signatures with `secret`.
-    pub(super) fn start(listener: TcpListener, secret: String) -> anyhow::Result<Self> {
+    pub fn start(listener: TcpListener, secret: String) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let seen = Arc::new(Mutex::new(Seen::default()));
         let shared = Arc::clone(&seen);
@@ -53,12 +53,12 @@ impl WebhookReceiver {
     }
 
     /// Deliveries accepted so far.
-    pub(super) fn accepted(&self) -> Vec<Delivery> {
+    pub fn accepted(&self) -> Vec<Delivery> {
         self.seen.lock().expect("lock").accepted.clone()
     }
 
     /// Deliveries refused for a wrong signature.
-    pub(super) fn bad_signatures(&self) -> usize {
+    pub fn bad_signatures(&self) -> usize {
         self.seen.lock().expect("lock").bad_signatures
     }
 }

@@ -5,17 +5,17 @@ use std::path::Path;
 
 /// One stretch of the trace.
 #[derive(Debug, Clone)]
-pub(super) struct Stretch {
+pub struct Stretch {
     /// Timestamp of the first minute, as the trace writes it.
-    pub(super) start: String,
+    pub start: String,
     /// Requests per minute, one per minute.
-    pub(super) counts: Vec<f64>,
+    pub counts: Vec<f64>,
 }
 
 impl Stretch {
     /// Reads `minutes` rows from `csv` (columns `timestamp,num_request,size`) starting at the
     /// row whose timestamp is `start`.
-    pub(super) fn read(csv: &Path, start: &str, minutes: usize) -> anyhow::Result<Self> {
+    pub fn read(csv: &Path, start: &str, minutes: usize) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(csv)
             .map_err(|e| anyhow::anyhow!("reading the trace {}: {e}", csv.display()))?;
         let mut rows = text.lines().skip(1).skip_while(|l| !l.starts_with(start));
@@ -43,7 +43,7 @@ impl Stretch {
     }
 
     /// Requests per second per step, scaled so the busiest minute is `peak_rps`.
-    pub(super) fn rates(&self, peak_rps: f64) -> Vec<f64> {
+    pub fn rates(&self, peak_rps: f64) -> Vec<f64> {
         let peak = self.counts.iter().copied().fold(0.0, f64::max);
         if peak <= 0.0 {
             return vec![0.0; self.counts.len()];
@@ -52,7 +52,7 @@ impl Stretch {
     }
 
     /// The step of the busiest minute.
-    pub(super) fn peak_step(&self) -> usize {
+    pub fn peak_step(&self) -> usize {
         self.counts
             .iter()
             .enumerate()

@@ -5,32 +5,33 @@
 
 use std::net::Ipv4Addr;
 
-use doppel_tests::testbed::Host;
+use crate::testbed::Host;
 
 /// The bridge in the lab namespace.
-pub(super) const BRIDGE: &str = "doppel0";
+pub const BRIDGE: &str = "doppel0";
 /// The lab subnet's prefix length.
-pub(super) const PREFIX_LEN: u8 = 24;
+pub const PREFIX_LEN: u8 = 24;
 /// The bridge's (and coordinator's) address.
-pub(super) const COORDINATOR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+pub const COORDINATOR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 /// The live host's address.
-pub(super) const LIVE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+pub const LIVE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 /// The client host's address.
-pub(super) const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 
 /// The demo's hosts.
-pub(super) struct Lab {
+#[derive(Debug)]
+pub struct Lab {
     /// Bridge and coordinator.
-    pub(super) lab: Host,
+    pub lab: Host,
     /// The live workload and its agent.
-    pub(super) live: Host,
+    pub live: Host,
     /// The load generator.
-    pub(super) client: Host,
+    pub client: Host,
 }
 
 impl Lab {
     /// Creates the namespaces, the bridge and the two attached hosts.
-    pub(super) fn new() -> anyhow::Result<Self> {
+    pub fn new() -> anyhow::Result<Self> {
         let lab = Host::new("lab")?;
         lab.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         lab.ip(&[
@@ -49,8 +50,11 @@ impl Lab {
     }
 }
 
+/// The subnet the lab hosts and the shadows share.
+pub const SUBNET: &str = "10.77.0.0/24";
+
 /// The interface name inside attached hosts.
-pub(super) const HOST_IFACE: &str = "eth0";
+pub const HOST_IFACE: &str = "eth0";
 
 /// Connects `host` to the lab bridge through a veth pair, `eth0` inside the host at `addr`.
 fn attach(lab: &Host, host: &Host, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {

@@ -1,0 +1,845 @@
+//! The whole product on one machine, in about five minutes: what `cargo xtask demo` shows and
+//! what the end-to-end demo test asserts on.
+//!
+//! A lab namespace holds a bridge and the coordinator; a live host runs a CPU-bound nginx in a
+//! cgroup sized like the smallest VM type, with a live agent; a client host sends it traffic
+//! whose rate follows a time-compressed stretch of the WorldCup98 trace up to a peak the live
+//! type cannot hold. The coordinator's Shadow Instance Manager creates shadows on the other types
+//! (namespaces + cgroups on the same bridge), the live agent mirrors sampled flows to them, and
+//! the demo prints what the coordinator sees every few seconds: per VM type p50, p99, load and
+//! cost; the forecast; the warning; the recommendation; the webhook delivery; and in act mode
+//! the resize of the live host and the recovery. It ends with a [`Summary`].
+//!
+//! Everything runs in namespaces made here and is removed at the end, on error, or when the
+//! caller's stop flag is raised (Ctrl-C in `cargo xtask demo`).
+
+pub mod lab;
+pub mod loadgen;
+pub mod receiver;
+pub mod trace;
+pub mod workload;
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use self::{
+    lab::Lab,
+    loadgen::{LoadGenerator, LoadSpec, StepStats},
+    receiver::WebhookReceiver,
+    trace::Stretch,
+    workload::WorkloadFiles,
+};
+use crate::testbed::{Cgroup, CgroupLimits, Host, Process};
+
+/// How to run the demo.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Act on the recommendation (resize the live host) or only recommend.
+    pub act: bool,
+    /// Demo time per trace minute.
+    pub step: Duration,
+    /// The WorldCup98 per-minute trace.
+    pub trace: PathBuf,
+    /// First trace minute replayed.
+    pub trace_start: String,
+    /// Trace minutes replayed.
+    pub minutes: usize,
+    /// Peak request rate; `None`: 1.5 times what the live type holds, measured at start.
+    pub peak_rps: Option<f64>,
+    /// Where `doppel` and `doppel-agent` are.
+    pub bin_dir: PathBuf,
+    /// Scratch directory (configs, state, logs).
+    pub work: PathBuf,
+}
+
+/// A VM type of the demo's catalog.
+#[derive(Debug, Clone, Copy)]
+pub struct VmType {
+    /// Name.
+    pub name: &'static str,
+    /// CPU share, thousandths of a CPU.
+    pub cpu_millis: u32,
+    /// Price.
+    pub price_per_hour: f64,
+}
+
+/// The demo's catalog: CPU shares of clearly different capacity, priced by size.
+pub const VM_TYPES: &[VmType] = &[
+    VmType {
+        name: "small",
+        cpu_millis: 200,
+        price_per_hour: 0.05,
+    },
+    VmType {
+        name: "medium",
+        cpu_millis: 400,
+        price_per_hour: 0.10,
+    },
+    VmType {
+        name: "large",
+        cpu_millis: 800,
+        price_per_hour: 0.20,
+    },
+    VmType {
+        name: "xlarge",
+        cpu_millis: 1600,
+        price_per_hour: 0.40,
+    },
+];
+/// The type the live host starts on.
+pub const LIVE_TYPE: &str = "small";
+/// The workload's latency objective: p99 below this.
+pub const SLO_P99_MS: f64 = 100.0;
+const MEMORY_BYTES: u64 = 256 << 20;
+const WORKLOAD: &str = "shop";
+const WEBHOOK_SECRET: &str = "doppel-demo-webhook-secret";
+/// Shadows the manager keeps (one per type other than the live one).
+const SHADOWS: usize = 3;
+
+/// What happened, for the closing summary and the end-to-end test.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// The peak request rate sent.
+    pub peak_rps: f64,
+    /// Steps of the schedule, and the step of the trace's peak.
+    pub steps: usize,
+    /// The step of the trace's busiest minute.
+    pub peak_step: usize,
+    /// Shadow VM types the manager ran.
+    pub shadow_types: Vec<String>,
+    /// Requests the client sent, and complete responses it got.
+    pub client_requests: u64,
+    /// Complete responses.
+    pub client_responses: u64,
+    /// Response bytes the client received.
+    pub client_bytes: u64,
+    /// Responses the live nginx logged, and the bytes it sent.
+    pub live_served: (u64, u64),
+    /// First step at which the client's p99 (over that step) broke the SLO.
+    pub first_breach_step: Option<usize>,
+    /// The schedule step when the first warning was seen.
+    pub warning_step: Option<usize>,
+    /// The first warning.
+    pub warning: Option<Value>,
+    /// The latest forecast the coordinator published.
+    pub forecast: Option<Value>,
+    /// The first recommendation.
+    pub recommendation: Option<Value>,
+    /// The schedule step when it was seen.
+    pub recommendation_step: Option<usize>,
+    /// Webhook deliveries the receiver accepted.
+    pub webhook_deliveries: Vec<Value>,
+    /// Deliveries refused for a bad signature.
+    pub bad_signatures: usize,
+    /// The act-mode action, as the coordinator recorded it.
+    pub action: Option<Value>,
+    /// The final comparison.
+    pub comparison: Option<Value>,
+    /// Client-side stats before the move (from the first breach to the action) and after it.
+    pub client_p99_before_ms: Option<f64>,
+    /// Client-side p99 from the action's end to the end of the peak.
+    pub client_p99_after_ms: Option<f64>,
+}
+
+fn stopped(stop: &AtomicBool) -> anyhow::Result<()> {
+    anyhow::ensure!(!stop.load(Ordering::Relaxed), "stopped");
+    Ok(())
+}
+
+/// Runs the demo; `stop` makes it unwind (cleaning up) at the next check.
+pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let say = |what: &str| println!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
+    let stretch = Stretch::read(&options.trace, &options.trace_start, options.minutes)?;
+    let work = &options.work;
+    std::fs::create_dir_all(work)?;
+    let files = WorkloadFiles::create(&work.join("www"), 48 << 10)?;
+    let lab = Lab::new()?;
+    say("lab network up: a bridge, a live host and a client host, each in its own namespace");
+
+    // The coordinator, in the lab namespace.
+    let state = work.join("state");
+    let doppel = Doppel {
+        lab: &lab.lab,
+        state: state.clone(),
+        bin: options.bin_dir.join("doppel"),
+        stop,
+    };
+    doppel.run(&["ca", "init", "--san", &lab::COORDINATOR.to_string()])?;
+    let certs = work.join("certs");
+    doppel.run(&[
+        "ca",
+        "issue",
+        "--agent",
+        "live-1",
+        "--out",
+        &certs.display().to_string(),
+    ])?;
+    let receiver = {
+        let _inside = lab.lab.enter()?;
+        WebhookReceiver::start(TcpListener::bind("127.0.0.1:0")?, WEBHOOK_SECRET.to_owned())?
+    };
+
+    // The live workload in a cgroup the size of the live type.
+    let live_cgroup = Cgroup::new("demo-live", limits(vm_type(LIVE_TYPE)?))?;
+    let nginx_conf = work.join("nginx.conf");
+    std::fs::write(
+        &nginx_conf,
+        files.nginx_conf(SocketAddr::from(([0, 0, 0, 0], workload::PORT))),
+    )?;
+    let resize = work.join("resize-live.sh");
+    std::fs::write(&resize, resize_script(&live_cgroup))?;
+
+    let serve_config = work.join("serve.toml");
+    std::fs::write(
+        &serve_config,
+        serve_toml(&state, receiver.addr, &options.bin_dir, &resize),
+    )?;
+    let mut serve = lab.lab.command(&path_str(&doppel.bin));
+    serve
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["serve", "--config"])
+        .arg(&serve_config)
+        .stdout(log_file(work, "coordinator.log")?)
+        .stderr(log_file(work, "coordinator.log")?);
+    let mut coordinator = lab.lab.spawn(serve)?;
+    doppel.wait_ready()?;
+    say("coordinator up: QUIC + mTLS on 10.77.0.1:4433, API on the lab's loopback");
+
+    let live_dir = work.join("live");
+    std::fs::create_dir_all(live_dir.join("tmp"))?;
+    let nginx = spawn_in_cgroup(
+        &lab.live,
+        &live_cgroup,
+        "nginx",
+        &[
+            "-c",
+            &path_str(&nginx_conf),
+            "-p",
+            &format!("{}/", live_dir.display()),
+        ],
+    )?;
+    let live_config = live_dir.join("agent.toml");
+    std::fs::write(&live_config, live_agent_toml(&certs, &live_dir))?;
+    let mut agent = lab
+        .live
+        .command(&path_str(&options.bin_dir.join("doppel-agent")));
+    agent
+        .arg("--config")
+        .arg(&live_config)
+        .stdout(Stdio::null())
+        .stderr(log_file(work, "live-agent.log")?);
+    let _live_agent = lab.live.spawn(agent)?;
+    let listen = SocketAddr::from((lab::LIVE, workload::PORT));
+    let probe = measure_capacity(&lab.client, listen, stop)?;
+    let capacity = probe.rps;
+    say(&format!(
+        "live host up: nginx compressing every response (gzip -9) within {} CPU ({LIVE_TYPE}), \
+         holding about {capacity:.0} req/s; live agent attached with TC eBPF",
+        f64::from(vm_type(LIVE_TYPE)?.cpu_millis) / 1000.0
+    ));
+
+    let workload_file = work.join("workload.toml");
+    std::fs::write(&workload_file, workload_toml(options.act, &nginx_conf))?;
+    doppel.run(&["workload", "add", "--file", &path_str(&workload_file)])?;
+    say(&format!(
+        "workload `{WORKLOAD}` registered: SLO p99 < {SLO_P99_MS} ms, every flow mirrored, {} mode",
+        if options.act { "act" } else { "recommend" }
+    ));
+    let shadows = doppel.wait_for_shadows(SHADOWS, Duration::from_secs(60))?;
+    for s in &shadows {
+        say(&format!(
+            "shadow {} running on {} at {} (created by the coordinator's local provisioner)",
+            s["id"]
+                .as_str()
+                .or(s["instance_id"].as_str())
+                .unwrap_or("?"),
+            s["vm_type"].as_str().unwrap_or("?"),
+            s["addr"].as_str().unwrap_or("?"),
+        ));
+    }
+
+    let peak_rps = options.peak_rps.unwrap_or(1.5 * capacity);
+    let rates = stretch.rates(peak_rps);
+    say(&format!(
+        "traffic: WorldCup98 from {} ({} minutes, one every {:.1} s), peak {peak_rps:.0} req/s at minute {}",
+        stretch.start,
+        rates.len(),
+        options.step.as_secs_f64(),
+        stretch.peak_step()
+    ));
+    let mut summary = Summary {
+        peak_rps,
+        steps: rates.len(),
+        peak_step: stretch.peak_step(),
+        shadow_types: shadows
+            .iter()
+            .filter_map(|s| s["vm_type"].as_str().map(str::to_owned))
+            .collect(),
+        ..Summary::default()
+    };
+    let mut load = LoadGenerator::start(
+        &lab.client,
+        LoadSpec {
+            target: listen,
+            path: workload::PATH.to_owned(),
+            step: options.step,
+            rates,
+            workers: 256,
+            timeout: Duration::from_secs(10),
+        },
+        7,
+    )?;
+    watch(&doppel, &load, &receiver, options, &mut summary, &say, stop)?;
+    load.stop();
+    // Let the last requests finish, and nginx flush its log, before counting.
+    std::thread::sleep(Duration::from_secs(3));
+    let total = load.merged(0..summary.steps);
+    summary.client_requests = total.offered + probe.responses;
+    summary.client_responses = total.ok + probe.responses;
+    summary.client_bytes = total.bytes + probe.bytes;
+    summary.live_served = workload::served(&live_dir)?;
+    summary.forecast = doppel.json(&["forecast", WORKLOAD]).ok();
+    summary.comparison = doppel.json(&["compare", WORKLOAD, "--window", "5m"]).ok();
+    summary.webhook_deliveries = receiver.accepted().into_iter().map(|d| d.body).collect();
+    summary.bad_signatures = receiver.bad_signatures();
+    println!(
+        "{}",
+        doppel.output(&["compare", WORKLOAD, "--window", "5m"])?
+    );
+    print_summary(&summary);
+
+    // Shadows outlive a coordinator restart by design; the demo removes its own.
+    for s in doppel
+        .json(&["shadows", "list", "--workload", WORKLOAD])?
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        if let Some(id) = s["id"].as_str().or(s["instance_id"].as_str()) {
+            let _ = doppel.run(&["shadows", "destroy", id]);
+        }
+    }
+    doppel.wait_for_shadows(0, Duration::from_secs(30)).ok();
+    coordinator.stop(Duration::from_secs(10));
+    drop(nginx);
+    Ok(summary)
+}
+
+/// Follows the run step by step: prints the live table every few steps and notes the first
+/// warning, recommendation and action.
+fn watch(
+    doppel: &Doppel<'_>,
+    load: &LoadGenerator,
+    receiver: &WebhookReceiver,
+    options: &Options,
+    summary: &mut Summary,
+    say: &dyn Fn(&str),
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let table_every =
+        (Duration::from_secs(5).as_millis() / options.step.as_millis().max(1)).max(1) as usize;
+    let mut printed = 0;
+    let mut checked = 0;
+    let mut action_done_step = None;
+    while !load.is_done() {
+        stopped(stop)?;
+        std::thread::sleep(Duration::from_millis(250));
+        let now = load.current_step().min(summary.steps);
+        // Client-side breach, judged per completed step.
+        while checked + 1 < now {
+            let s = load.merged(checked..checked + 1);
+            if summary.first_breach_step.is_none() && s.ok > 20 && s.quantile_ms(0.99) > SLO_P99_MS
+            {
+                summary.first_breach_step = Some(checked);
+                say(&format!(
+                    "client: p99 {:.0} ms at minute {checked} breaks the SLO",
+                    s.quantile_ms(0.99)
+                ));
+            }
+            checked += 1;
+        }
+        if summary.warning.is_none()
+            && let Some(w) = doppel.oldest(&["warnings", "--workload", WORKLOAD])
+        {
+            summary.warning_step = Some(now);
+            say(&format!(
+                "WARNING at minute {now}: {} expected to break the SLO (p = {}, lead {} s, forecast {} req/s vs capacity {})",
+                w["vm_type"].as_str().unwrap_or("?"),
+                num(&w["body"]["probability"]),
+                num(&w["body"]["lead_secs"]),
+                num(&w["body"]["forecast_load_per_s"]),
+                num(&w["body"]["capacity_per_s"]),
+            ));
+            summary.warning = Some(w);
+        }
+        if summary.recommendation.is_none()
+            && let Some(r) = doppel.oldest(&["recommendations", "--workload", WORKLOAD])
+        {
+            summary.recommendation_step = Some(now);
+            say(&format!(
+                "RECOMMENDATION at minute {now}: {} -> {} ({})",
+                r["current_vm_type"].as_str().unwrap_or("?"),
+                r["recommended_vm_type"].as_str().unwrap_or("?"),
+                r["reason"].as_str().unwrap_or("?"),
+            ));
+            summary.recommendation = Some(r);
+        }
+        if options.act
+            && action_done_step.is_none()
+            && let Some(a) = doppel.oldest(&["actions", "--workload", WORKLOAD])
+            && a["state"] != "running"
+        {
+            action_done_step = Some(now);
+            say(&format!(
+                "ACT at minute {now}: {} -> {}: {} ({})",
+                a["from_vm_type"].as_str().unwrap_or("?"),
+                a["to_vm_type"].as_str().unwrap_or("?"),
+                a["state"].as_str().unwrap_or("?"),
+                a["detail"].as_str().unwrap_or_default().trim(),
+            ));
+        }
+        if now >= printed + table_every {
+            let s = load.merged(printed..now);
+            say(&format!(
+                "minutes {printed:>3}-{:>3}: client sent {:.0} req/s, p50 {:.1} ms, p99 {:.1} ms",
+                now - 1,
+                s.offered as f64 / ((now - printed) as f64 * options.step.as_secs_f64()),
+                s.quantile_ms(0.5),
+                s.quantile_ms(0.99)
+            ));
+            if let Ok(c) = doppel.json(&["compare", WORKLOAD, "--window", "10s"]) {
+                print_types(&c);
+            }
+            printed = now;
+        }
+    }
+    if options.act {
+        // The action's verification comes after its settling time.
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            stopped(stop)?;
+            let a = doppel
+                .json(&["actions", "--workload", WORKLOAD])
+                .ok()
+                .and_then(|v| v.as_array().and_then(|a| a.first().cloned()));
+            let settled = a.as_ref().is_some_and(|a| {
+                a["state"] == "verified" || a["state"] == "not_recovered" || a["state"] == "failed"
+            });
+            if settled || a.is_none() || Instant::now() > deadline {
+                summary.action = a;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if let (Some(breach), Some(done)) = (summary.first_breach_step, action_done_step) {
+            let before = load.merged(breach..done.max(breach + 1));
+            let after = load.merged(done + 5..summary.peak_step + 10);
+            summary.client_p99_before_ms = p99(&before);
+            summary.client_p99_after_ms = p99(&after);
+        }
+    }
+    let _ = receiver;
+    Ok(())
+}
+
+fn p99(s: &StepStats) -> Option<f64> {
+    (s.ok > 0).then(|| s.quantile_ms(0.99))
+}
+
+fn num(v: &Value) -> String {
+    v.as_f64().map_or_else(|| "-".into(), |x| format!("{x:.1}"))
+}
+
+/// The per-type live table: p50, p99, load, cost.
+fn print_types(c: &Value) {
+    let Some(types) = c["types"].as_array() else {
+        return;
+    };
+    println!(
+        "    {:<8} {:<6} {:>9} {:>9} {:>9} {:>8}",
+        "TYPE", "ROLE", "P50 MS", "P99 MS", "REQ/S", "$/H"
+    );
+    for t in types {
+        println!(
+            "    {:<8} {:<6} {:>9} {:>9} {:>9} {:>8}",
+            t["vm_type"].as_str().unwrap_or("?"),
+            t["role"].as_str().unwrap_or("?"),
+            num(&t["all"]["p50_ms"]),
+            num(&t["all"]["p99_ms"]),
+            num(&t["all"]["exchanges_per_s"]),
+            t["price_per_hour"]
+                .as_f64()
+                .map_or_else(|| "-".into(), |p| format!("{p:.2}")),
+        );
+    }
+}
+
+fn print_summary(s: &Summary) {
+    println!("\n==== doppel demo summary ====");
+    println!(
+        "traffic: {} requests, {} complete responses, {} bytes to the client; peak {:.0} req/s at minute {}",
+        s.client_requests, s.client_responses, s.client_bytes, s.peak_rps, s.peak_step
+    );
+    println!(
+        "live nginx sent {} responses, {} bytes: the client's own count (the shadows' answers to the mirrored copies never left their hosts)",
+        s.live_served.0, s.live_served.1
+    );
+    println!("shadows on: {}", s.shadow_types.join(", "));
+    if let Some(f) = &s.forecast {
+        println!("forecast: {}", f["forecast"]);
+    }
+    match (&s.warning, s.warning_step, s.first_breach_step) {
+        (Some(_), Some(w), Some(b)) if w <= b => println!(
+            "warning: raised at minute {w}, {} minutes before the client saw the SLO break (minute {b})",
+            b - w
+        ),
+        (Some(_), Some(w), Some(b)) => {
+            println!(
+                "warning: raised at minute {w}, after the client saw the SLO break at minute {b}"
+            )
+        }
+        (Some(_), Some(w), None) => {
+            println!("warning: raised at minute {w}; the SLO never broke at the client")
+        }
+        _ => println!("warning: none"),
+    }
+    match &s.recommendation {
+        Some(r) => println!(
+            "recommendation: {} -> {} ({}), minute {}",
+            r["current_vm_type"].as_str().unwrap_or("?"),
+            r["recommended_vm_type"].as_str().unwrap_or("?"),
+            r["reason"].as_str().unwrap_or("?"),
+            s.recommendation_step.unwrap_or_default()
+        ),
+        None => println!("recommendation: none"),
+    }
+    println!(
+        "webhook: {} signed deliveries accepted by the local receiver, {} refused",
+        s.webhook_deliveries.len(),
+        s.bad_signatures
+    );
+    if let Some(a) = &s.action {
+        println!(
+            "act: {} -> {}: {} (live p{} after the move: {} ms; client p99 before {} ms, after {} ms)",
+            a["from_vm_type"].as_str().unwrap_or("?"),
+            a["to_vm_type"].as_str().unwrap_or("?"),
+            a["state"].as_str().unwrap_or("?"),
+            99,
+            num(&a["live_latency_ms"]),
+            s.client_p99_before_ms
+                .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+            s.client_p99_after_ms
+                .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+        );
+    }
+}
+
+/// Runs the CLI inside the lab namespace (the API listens on the lab's loopback).
+struct Doppel<'a> {
+    lab: &'a Host,
+    state: PathBuf,
+    bin: PathBuf,
+    stop: &'a AtomicBool,
+}
+
+impl Doppel<'_> {
+    /// Runs a command; its output, or an error with its stderr.
+    fn output(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .lab
+            .command(&path_str(&self.bin))
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "doppel {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn run(&self, args: &[&str]) -> anyhow::Result<()> {
+        self.output(args).map(drop)
+    }
+
+    /// `--json` output, parsed.
+    fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        Ok(serde_json::from_str(&self.output(&all)?)?)
+    }
+
+    /// The last element of a `--json` list (lists are newest first: the oldest row).
+    fn oldest(&self, args: &[&str]) -> Option<Value> {
+        self.json(args)
+            .ok()
+            .and_then(|v| v.as_array().and_then(|a| a.last().cloned()))
+    }
+
+    /// Waits until the API answers.
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            stopped(self.stop)?;
+            match self.json(&["agents"]) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context("the coordinator did not start (see coordinator.log)"));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Waits until exactly `n` of the workload's shadows are running; returns them.
+    fn wait_for_shadows(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            stopped(self.stop)?;
+            let all = self.json(&["shadows", "list", "--workload", WORKLOAD])?;
+            let running: Vec<Value> = all
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| s["state"] == "running")
+                .cloned()
+                .collect();
+            if running.len() == n {
+                return Ok(running);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} shadows running after {timeout:?}, {n} wanted: {all}",
+                running.len()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+fn path_str(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn log_file(work: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(work.join(name))?)
+}
+
+/// The catalog entry called `name`.
+pub fn vm_type(name: &str) -> anyhow::Result<VmType> {
+    VM_TYPES
+        .iter()
+        .find(|t| t.name == name)
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("no VM type {name}"))
+}
+
+fn limits(t: VmType) -> CgroupLimits {
+    CgroupLimits {
+        cpu_millis: Some(t.cpu_millis),
+        memory_bytes: Some(MEMORY_BYTES),
+    }
+}
+
+/// Spawns `program args` in `host` inside `cgroup`: a shell joins the cgroup and then execs
+/// `ip netns exec … program`, so every process it forks (nginx's workers) is limited from its
+/// first instruction. (Joining from inside would not work: `ip netns exec` remounts `/sys`, and
+/// the cgroup mounts are not in the new mount namespace.)
+fn spawn_in_cgroup(
+    host: &Host,
+    cgroup: &Cgroup,
+    program: &str,
+    args: &[&str],
+) -> anyhow::Result<Process> {
+    let mut script = String::new();
+    for dir in cgroup.dirs() {
+        script.push_str(&format!("echo $$ > '{}/cgroup.procs' && ", dir.display()));
+    }
+    script.push_str("exec \"$0\" \"$@\"");
+    let mut inside = Command::new("sh");
+    inside
+        .arg("-c")
+        .arg(script)
+        .args(["ip", "netns", "exec", host.netns(), program])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Ok(host.spawn(inside)?)
+}
+
+/// What the capacity probe sent.
+struct Probe {
+    rps: f64,
+    responses: u64,
+    bytes: u64,
+}
+
+/// Requests per second the live instance holds, measured with a short closed-loop burst (four
+/// concurrent clients for three seconds) once it answers at all. Its responses are counted so
+/// the client's totals still match what the live server sent.
+fn measure_capacity(client: &Host, target: SocketAddr, stop: &AtomicBool) -> anyhow::Result<Probe> {
+    let timeout = Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let responses = std::sync::atomic::AtomicU64::new(0);
+    let bytes = std::sync::atomic::AtomicU64::new(0);
+    {
+        let _inside = client.enter()?;
+        loop {
+            match loadgen::request(target, workload::PATH, timeout) {
+                Ok(n) => {
+                    responses.fetch_add(1, Ordering::Relaxed);
+                    bytes.fetch_add(n, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    stopped(stop)?;
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "the live workload does not answer: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+    let burst = Duration::from_secs(3);
+    let deadline = Instant::now() + burst;
+    let in_burst = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| -> anyhow::Result<()> {
+                let _inside = client.enter()?;
+                while Instant::now() < deadline {
+                    if let Ok(n) = loadgen::request(target, workload::PATH, timeout) {
+                        in_burst.fetch_add(1, Ordering::Relaxed);
+                        responses.fetch_add(1, Ordering::Relaxed);
+                        bytes.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+                Ok(())
+            });
+        }
+    });
+    let rps = in_burst.load(Ordering::Relaxed) as f64 / burst.as_secs_f64();
+    anyhow::ensure!(rps > 0.0, "the live workload answered nothing");
+    Ok(Probe {
+        rps,
+        responses: responses.load(Ordering::Relaxed),
+        bytes: bytes.load(Ordering::Relaxed),
+    })
+}
+
+/// The demo's scale action: gives the live workload's cgroup the CPU of the recommended type,
+/// as resizing its VM would.
+fn resize_script(cgroup: &Cgroup) -> String {
+    let mut cases = String::new();
+    for t in VM_TYPES {
+        cases.push_str(&format!(
+            "  {}) quota={} ;;\n",
+            t.name,
+            u64::from(t.cpu_millis) * 100
+        ));
+    }
+    let mut writes = String::new();
+    for dir in cgroup.dirs() {
+        let dir = dir.display();
+        writes.push_str(&format!(
+            "if [ -e '{dir}/cpu.max' ]; then echo \"$quota 100000\" > '{dir}/cpu.max'; fi\n\
+             if [ -e '{dir}/cpu.cfs_quota_us' ]; then echo \"$quota\" > '{dir}/cpu.cfs_quota_us'; fi\n"
+        ));
+    }
+    format!(
+        "#!/bin/sh\n# doppel demo scale action: resize the live host to $DOPPEL_TO_VM_TYPE.\nset -eu\n\
+         case \"$DOPPEL_TO_VM_TYPE\" in\n{cases}  *) echo \"unknown VM type $DOPPEL_TO_VM_TYPE\" >&2; exit 2 ;;\nesac\n\
+         {writes}echo \"live resized from $DOPPEL_FROM_VM_TYPE to $DOPPEL_TO_VM_TYPE ($quota us of CPU per 100 ms)\"\n"
+    )
+}
+
+fn serve_toml(state: &Path, webhook: SocketAddr, bin_dir: &Path, resize: &Path) -> String {
+    let mut toml = format!(
+        "state_dir = \"{state}\"\nquic_listen = \"{coordinator}:4433\"\n\
+         evaluate_interval_ms = 1000\ncompare_window_secs = 20\nwebhook_backoff_ms = 500\n\
+         [[webhooks]]\nurl = \"http://{webhook}/doppel\"\nsecret = \"{WEBHOOK_SECRET}\"\n\
+         [[actions]]\nname = \"resize-live\"\ncommand = [\"sh\", \"{resize}\"]\n\
+         timeout_ms = 10000\nverify_after_ms = 15000\n\
+         [sim]\ncoordinator_address = \"{coordinator}:4433\"\nserver_name = \"{coordinator}\"\n\
+         reconcile_interval_ms = 1000\n\
+         [sim.local]\nbridge = \"{bridge}\"\nsubnet = \"{subnet}\"\ngateway = \"{coordinator}\"\n\
+         pool = [\"10.77.0.100\", \"10.77.0.199\"]\nagent_binary = \"{agent}\"\n",
+        state = state.display(),
+        coordinator = lab::COORDINATOR,
+        resize = resize.display(),
+        bridge = lab::BRIDGE,
+        subnet = lab::SUBNET,
+        agent = bin_dir.join("doppel-agent").display(),
+    );
+    for t in VM_TYPES {
+        toml.push_str(&format!(
+            "[[vm_types]]\nname = \"{}\"\nprice_per_hour = {}\nvcpus = 1\nmemory_mib = {}\n\
+             local = {{ cpu = {}, memory_bytes = {MEMORY_BYTES} }}\n",
+            t.name,
+            t.price_per_hour,
+            MEMORY_BYTES >> 20,
+            f64::from(t.cpu_millis) / 1000.0,
+        ));
+    }
+    toml
+}
+
+fn live_agent_toml(certs: &Path, dir: &Path) -> String {
+    format!(
+        "interface = \"{iface}\"\nreport_interval_ms = 1000\n\
+         [coordinator]\naddress = \"{coordinator}:4433\"\nserver_name = \"{coordinator}\"\n\
+         ca_cert = \"{c}/ca.crt\"\ncert = \"{c}/live-1.crt\"\nkey = \"{c}/live-1.key\"\n\
+         spool_dir = \"{spool}\"\n\
+         [[services]]\naddr = \"{live}\"\nport = {port}\n",
+        iface = lab::HOST_IFACE,
+        coordinator = lab::COORDINATOR,
+        c = certs.display(),
+        spool = dir.join("spool").display(),
+        live = lab::LIVE,
+        port = workload::PORT,
+    )
+}
+
+fn workload_toml(act: bool, nginx_conf: &Path) -> String {
+    let shadow_budget: f64 = VM_TYPES
+        .iter()
+        .filter(|t| t.name != LIVE_TYPE)
+        .map(|t| t.price_per_hour)
+        .sum();
+    let mode = if act {
+        "mode = \"act\"\naction = \"resize-live\"\n"
+    } else {
+        "mode = \"recommend\"\n"
+    };
+    format!(
+        "name = \"{WORKLOAD}\"\nservices = [\"{live}:{port}\"]\n\
+         [[live]]\nagent = \"live-1\"\nvm_type = \"{LIVE_TYPE}\"\nvxlan_source = \"{live}\"\n\
+         [shadow]\ncommand = \"nginx\"\nargs = [\"-c\", \"{conf}\", \"-p\", \"{{dir}}/\"]\n\
+         count = {SHADOWS}\npin_out = [\"{LIVE_TYPE}\"]\n\
+         [policy]\nreport_interval_ms = 1000\n{mode}\
+         [policy.slo]\npercentile = 99.0\nmax_latency_ms = {SLO_P99_MS}\n\
+         [policy.budget]\nshadow_cost_per_hour = {budget}\n\
+         [[policy.classes]]\nid = 0\nname = \"default\"\nsample_rate = 1.0\n",
+        live = lab::LIVE,
+        port = workload::PORT,
+        conf = nginx_conf.display(),
+        budget = shadow_budget + 0.001,
+    )
+}
