@@ -35,6 +35,8 @@ const QUIC_PORT: u16 = 4433;
 const SAMPLE_RATE: f64 = 0.5;
 const REQUESTS_PER_FLOW: usize = 3;
 const FLOWS_PER_BATCH: usize = 40;
+/// Flows whose first request starts with `GET /items/1` (flows 1 and 10..=19): class 1.
+const CLASS_1_FLOWS: usize = 11;
 
 /// Runs `doppel --state-dir STATE ARGS…` inside `host` (the API listens on the host's loopback).
 fn doppel(host: &Host, state: &Path, args: &[&str]) -> Output {
@@ -165,14 +167,15 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// Exchanges in the stored kernel histograms of `agent` with `scope`.
-fn stored_exchanges(state: &Path, agent: &str, scope: FlowScope) -> u64 {
+/// Exchanges in the stored kernel histograms of `agent` with `scope` (and `class`, if given).
+fn stored_exchanges(state: &Path, agent: &str, scope: FlowScope, class: Option<u16>) -> u64 {
     Store::open_in(state)
         .expect("store")
         .interval_histograms(&[agent], 0, now_ms() + 60_000)
         .expect("histograms")
         .into_iter()
         .filter(|r| r.scope == scope && r.metric == LatencyMetric::KernelFirstByte)
+        .filter(|r| class.is_none_or(|c| r.class == c))
         .map(|r| EncodedHistogram(r.hist).decode().expect("decode").len())
         .sum()
 }
@@ -230,6 +233,11 @@ report_interval_ms = 400
 id = 0
 name = "default"
 sample_rate = {SAMPLE_RATE}
+[[policy.classes]]
+id = 1
+name = "items-1x"
+sample_rate = 1.0
+patterns = [{{ payload_prefix = "GET /items/1" }}]
 "#,
         shadow_addr = shadow_link.b_v4,
     );
@@ -369,7 +377,7 @@ sample_rate = {SAMPLE_RATE}
         "live exchanges measured"
     );
     // The shadow measured exactly the exchanges of the flows the live agent mirrored.
-    let mirrored = stored_exchanges(state, "live-1", FlowScope::Mirrored);
+    let mirrored = stored_exchanges(state, "live-1", FlowScope::Mirrored, None);
     let shadow_lines = shadow_agent.lines();
     assert!(shadow_row.all.exchanges > 0, "the shadow measured nothing");
     assert_eq!(
@@ -382,15 +390,35 @@ sample_rate = {SAMPLE_RATE}
         "shadow nginx served each mirrored request once"
     );
     assert_eq!(counter(&shadow_lines, "exchanges"), mirrored);
-    // A sample of the live exchanges at the policy's rate: whole flows are sampled, so the
-    // spread is that of a binomial over flows; 4.5 sigma keeps a correct agent from failing.
-    let flows = (2 * FLOWS_PER_BATCH) as f64;
+    // The shadow's file has no classes: class 1 exists on the shadow only because it applied
+    // the coordinator's policy, and it classifies replayed flows as the live host did.
+    let class_1 = |row: &doppel_coordinator::compare::TypeSummary| {
+        row.classes.get(&1).map_or(0, |c| c.exchanges)
+    };
+    // Flows 1 and 10..=19 of the two batches start with `GET /items/1`, a class mirrored
+    // whole.
+    let class_1_exchanges = (CLASS_1_FLOWS * REQUESTS_PER_FLOW) as u64;
+    assert_eq!(class_1(&live_row), class_1_exchanges);
+    assert_eq!(
+        stored_exchanges(state, "live-1", FlowScope::Mirrored, Some(1)),
+        class_1_exchanges
+    );
+    assert_eq!(
+        class_1(&shadow_row),
+        class_1_exchanges,
+        "shadow class 1 = live class 1"
+    );
+    // Class 0 is a sample of the live exchanges at the policy's rate: whole flows are sampled,
+    // so the spread is that of a binomial over flows; 4.5 sigma keeps a correct agent from
+    // failing. (A plain `shadow <= live x rate` would fail a correct agent half the time.)
+    let flows = (2 * FLOWS_PER_BATCH - CLASS_1_FLOWS) as f64;
     let sigma_exchanges =
         (flows * SAMPLE_RATE * (1.0 - SAMPLE_RATE)).sqrt() * REQUESTS_PER_FLOW as f64;
-    let expected = live_row.all.exchanges as f64 * SAMPLE_RATE;
+    let expected = class_1_exchanges as f64
+        + (live_row.all.exchanges - class_1_exchanges) as f64 * SAMPLE_RATE;
     assert!(
         (shadow_row.all.exchanges as f64 - expected).abs() <= 4.5 * sigma_exchanges,
-        "shadow exchanges {} vs live {} x {SAMPLE_RATE}",
+        "shadow exchanges {} vs expected {expected:.1} (live {})",
         shadow_row.all.exchanges,
         live_row.all.exchanges
     );
