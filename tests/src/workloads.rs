@@ -90,6 +90,20 @@ impl Nginx {
             .collect()
     }
 
+    /// The access log once it holds at least `requests` lines (up to 5 s). nginx writes a
+    /// request's line after sending its response, so a client that has its last response may
+    /// read the log a moment before the line is there.
+    pub fn access_log_of(&self, requests: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.access_log();
+            if log.len() >= requests || Instant::now() >= deadline {
+                return log;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Bytes nginx sent to its clients so far (`$bytes_sent` summed over every request it
     /// logged): what a client on its connections received, to the byte.
     pub fn bytes_sent(&self) -> u64 {
