@@ -253,11 +253,11 @@ impl ShadowAgent {
     /// [`ShadowConfig::kernel_policy_under`]). Nothing is detached; flows already being replayed
     /// keep their class. A policy that cannot be applied leaves everything as it was.
     ///
-    /// An agent the coordinator has in no workload gets an empty policy; the file's classes
-    /// stay until it is placed in one.
+    /// An agent the coordinator has in no workload gets an empty policy: the classes in force
+    /// (the file's, or an earlier coordinator policy's) stay until it is placed in one.
     pub fn set_policy(&mut self, coordinator: &AgentPolicy) -> Result<(), ShadowError> {
         if coordinator.workload.is_empty() {
-            info!("the coordinator has this shadow in no workload yet; the file's classes stay");
+            info!("the coordinator has this shadow in no workload; the classes in force stay");
             return Ok(());
         }
         let policy = self.config.kernel_policy_under(coordinator);
