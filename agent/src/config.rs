@@ -26,6 +26,12 @@
 //! [[mirror_sessions]]
 //! shadow = "10.1.0.2"
 //! vni = 42
+//! [coordinator]                      # optional: report over QUIC + mTLS (both roles, same section)
+//! address = "10.0.0.1:4433"
+//! ca_cert = "/etc/doppel/ca.crt"
+//! cert = "/etc/doppel/web-1.crt"     # from `doppel ca issue --agent web-1`
+//! key = "/etc/doppel/web-1.key"
+//! spool_dir = "/var/lib/doppel/spool"
 //! ```
 
 use std::{net::IpAddr, path::Path, time::Duration};
@@ -191,7 +197,9 @@ pub struct WorkloadConfig {
     pub cgroup: Option<std::path::PathBuf>,
 }
 
-/// Where reports go. Without this section the agent prints JSON lines only.
+/// Where reports go: the `[coordinator]` section of both roles' files (one type, one check, so
+/// a live and a shadow agent are set up the same way). Without it the agent prints JSON lines
+/// only.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
@@ -212,6 +220,32 @@ pub struct CoordinatorConfig {
 
 fn default_server_name() -> String {
     "localhost".to_owned()
+}
+
+impl CoordinatorConfig {
+    /// Checks what TOML cannot: the certificate and key files exist. Errors name the field as
+    /// `coordinator.<field>`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, path) in [
+            ("coordinator.ca_cert", &self.ca_cert),
+            ("coordinator.cert", &self.cert),
+            ("coordinator.key", &self.key),
+        ] {
+            if !path.is_file() {
+                return Err(invalid(
+                    field,
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+        if self.spool_dir.as_os_str().is_empty() {
+            return Err(invalid("coordinator.spool_dir", "must not be empty"));
+        }
+        if self.server_name.is_empty() {
+            return Err(invalid("coordinator.server_name", "must not be empty"));
+        }
+        Ok(())
+    }
 }
 
 /// The live role's configuration file.
@@ -361,18 +395,7 @@ impl LiveConfig {
             }
         }
         if let Some(coordinator) = &self.coordinator {
-            for (field, path) in [
-                ("coordinator.ca_cert", &coordinator.ca_cert),
-                ("coordinator.cert", &coordinator.cert),
-                ("coordinator.key", &coordinator.key),
-            ] {
-                if !path.is_file() {
-                    return Err(invalid(
-                        field,
-                        format!("{} is not a readable file", path.display()),
-                    ));
-                }
-            }
+            coordinator.validate()?;
         }
         if let Some(workload) = &self.workload
             && workload.pid.is_some() == workload.cgroup.is_some()

@@ -180,8 +180,21 @@ impl LiveAgent {
 
     /// Replaces the policy at run time: maps change in place, nothing is detached, and flows
     /// already decided keep their decision.
+    ///
+    /// A policy bringing the first mirror sessions creates the VXLAN device then: an agent whose
+    /// file mirrors nothing learns its shadows from the coordinator. The device stays until
+    /// [`LiveAgent::stop`] once created.
     pub fn set_policy(&mut self, policy: AgentPolicy) -> Result<(), LiveError> {
         let compiled: CompiledPolicy = policy::compile(&policy)?;
+        if self.vxlan_ifindex == 0 && !compiled.sessions.is_empty() {
+            self.vxlan_ifindex =
+                netlink::create_vxlan_external(&self.config.vxlan.device, self.config.vxlan.port)
+                    .map_err(|source| LiveError::Vxlan {
+                    device: self.config.vxlan.device.clone(),
+                    source,
+                })?;
+            info!(device = %self.config.vxlan.device, "VXLAN device created for the coordinator's mirror sessions");
+        }
         let settings = DatapathSettings {
             vxlan_ifindex: self.vxlan_ifindex,
             flow_idle_timeout: self.config.flow_idle_timeout(),

@@ -84,32 +84,35 @@ fn init_logging() {
 /// Exit code for a configuration that cannot be used (EX_CONFIG from sysexits.h).
 const EXIT_CONFIG: u8 = 78;
 
-async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
-    use doppel_agent::report::{ClientConfig, ReportClient, Spool, SpoolConfig};
-    let config = doppel_agent::config::LiveConfig::load(path)?;
-    let reporter = match &config.coordinator {
-        Some(c) => {
-            let mut client = ClientConfig::new(
-                c.address,
-                c.server_name.clone(),
-                c.ca_cert.clone(),
-                c.cert.clone(),
-                c.key.clone(),
-            );
-            client.hostname = nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let spool = Spool::open(SpoolConfig::new(c.spool_dir.clone()))?;
-            Some(ReportClient::start(client, spool))
-        }
+/// Starts the reporting client of a `[coordinator]` section, if the file has one.
+fn reporter(
+    section: Option<&doppel_agent::config::CoordinatorConfig>,
+    role: doppel_common::wire::AgentRole,
+) -> anyhow::Result<Option<doppel_agent::report::ReportClient>> {
+    Ok(match section {
+        Some(c) => Some(doppel_agent::report::ReportClient::from_config(c, role)?),
         None => None,
-    };
+    })
+}
+
+/// A report interval timer whose first tick is one interval from now.
+async fn interval_timer(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    tick
+}
+
+async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = doppel_agent::config::LiveConfig::load(path)?;
+    let reporter = reporter(
+        config.coordinator.as_ref(),
+        doppel_common::wire::AgentRole::Live,
+    )?;
     let mut policy_updates = reporter.as_ref().map(|r| r.handle.policy());
     let mut agent = doppel_agent::live::LiveAgent::start(config)?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let mut tick = tokio::time::interval(agent.interval());
-    tick.tick().await;
+    let mut tick = interval_timer(agent.interval()).await;
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = tick.tick() => match agent.report() {
@@ -126,7 +129,12 @@ async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
             // The coordinator's policy replaces the file's once it arrives.
             Some(update) = next_policy(&mut policy_updates) => {
                 match agent.set_policy(update.policy) {
-                    Ok(()) => tracing::info!(revision = update.revision, "coordinator policy applied"),
+                    Ok(()) => {
+                        tracing::info!(revision = update.revision, "coordinator policy applied");
+                        if tick.period() != agent.interval() {
+                            tick = interval_timer(agent.interval()).await;
+                        }
+                    }
                     Err(e) => tracing::error!(error = %error_chain(&e), "coordinator policy refused"),
                 }
             }
@@ -176,25 +184,62 @@ async fn next_policy(
 
 async fn run_shadow(path: &std::path::Path) -> anyhow::Result<()> {
     let config = doppel_agent::shadow::config::ShadowConfig::load(path)?;
+    let reporter = reporter(
+        config.coordinator.as_ref(),
+        doppel_common::wire::AgentRole::Shadow,
+    )?;
+    let mut policy_updates = reporter.as_ref().map(|r| r.handle.policy());
     let mut agent = doppel_agent::shadow::ShadowAgent::start(config)?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(agent.interval());
-    tick.tick().await;
-    let outcome = loop {
+    // The shadow's admission and replay are set up once from its file; a reload would have to
+    // re-bind and re-admit, so SIGHUP (systemd's `reload`, shared with the live role's unit)
+    // only says so instead of killing the agent, which is SIGHUP's default action.
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut tick = interval_timer(agent.interval()).await;
+    let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = tick.tick() => match agent.report() {
-                Ok((line, _report)) => println!("{}", serde_json::to_string(&line)?),
-                Err(e) => break Err(e),
+                Ok((line, report)) => {
+                    println!("{}", serde_json::to_string(&line)?);
+                    if let Some(reporter) = &reporter {
+                        // Waits while the spool is full; the replayer's histograms and the
+                        // kernel's cumulative counts keep what is measured meanwhile.
+                        reporter.handle.submit(report).await?;
+                    }
+                }
+                Err(e) => break Err(e.into()),
             },
+            Some(update) = next_policy(&mut policy_updates) => {
+                match agent.set_policy(&update.policy) {
+                    Ok(()) => {
+                        tracing::info!(revision = update.revision, "coordinator policy applied");
+                        if tick.period() != agent.interval() {
+                            tick = interval_timer(agent.interval()).await;
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %error_chain(&e), "coordinator policy refused; the previous one stays"),
+                }
+            }
+            _ = sighup.recv() => tracing::warn!(
+                path = %path.display(),
+                "SIGHUP: the shadow role does not reload its file; restart it to apply changes"
+            ),
             _ = tokio::signal::ctrl_c() => break Ok(()),
             _ = sigterm.recv() => break Ok(()),
         }
     };
     if outcome.is_ok() {
-        let (line, _report) = agent.report()?;
+        let (line, report) = agent.report()?;
         println!("{}", serde_json::to_string(&line)?);
+        if let Some(reporter) = &reporter {
+            reporter.handle.submit(report).await?;
+        }
     }
     let stopped = agent.stop();
+    if let Some(reporter) = reporter {
+        // Unacknowledged reports stay in the spool for the next start.
+        reporter.stop().await?;
+    }
     outcome?;
     stopped?;
     Ok(())

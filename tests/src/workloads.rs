@@ -30,7 +30,8 @@ pub fn wait_listening(host: &Host, addr: SocketAddr, what: &str) {
     }
 }
 
-/// nginx answering `200 ok` to every method and path, logging `METHOD URI` per request.
+/// nginx answering `200 ok` to every method and path, logging `METHOD URI` per request, and
+/// the bytes it sent for each request (headers and body) in a second log.
 #[derive(Debug)]
 pub struct Nginx {
     _process: Process,
@@ -53,13 +54,15 @@ impl Nginx {
             "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\n\
              events {{ worker_connections 1024; }}\n\
              http {{\n log_format doppel '$request_method $request_uri';\n\
-             access_log {d}/access.log doppel;\n client_body_temp_path {d};\n proxy_temp_path {d};\n\
+             access_log {d}/access.log doppel;\n log_format doppel_bytes '$bytes_sent';\n\
+             access_log {d}/bytes.log doppel_bytes;\n client_body_temp_path {d};\n proxy_temp_path {d};\n\
              fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n\
              keepalive_requests 100000;\n\
              server {{ listen {listen}; location / {{ return 200 \"doppel nginx ok\\n\"; }} }}\n}}\n",
             d = dir.display(),
         );
         let _ = std::fs::remove_file(dir.join("access.log"));
+        let _ = std::fs::remove_file(dir.join("bytes.log"));
         std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
         let mut command = host.command("nginx");
         command
@@ -85,6 +88,30 @@ impl Nginx {
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    /// The access log once it holds at least `requests` lines (up to 5 s). nginx writes a
+    /// request's line after sending its response, so a client that has its last response may
+    /// read the log a moment before the line is there.
+    pub fn access_log_of(&self, requests: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.access_log();
+            if log.len() >= requests || Instant::now() >= deadline {
+                return log;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Bytes nginx sent to its clients so far (`$bytes_sent` summed over every request it
+    /// logged): what a client on its connections received, to the byte.
+    pub fn bytes_sent(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("bytes.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().parse::<u64>().expect("$bytes_sent is a number"))
+            .sum()
     }
 }
 

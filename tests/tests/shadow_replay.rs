@@ -175,7 +175,7 @@ fn nginx_shadow_serves_exactly_the_mirrored_safe_requests_and_skips_writes() {
 
     const FLOWS: usize = 30;
     http_flows(&t, live_nginx.addr, FLOWS, mixed_requests);
-    let live_log = live_nginx.access_log();
+    let live_log = live_nginx.access_log_of(FLOWS * 5);
     assert_eq!(
         live_log.len(),
         FLOWS * 5,
@@ -233,7 +233,7 @@ fn allowed_writes_are_replayed_and_amplification_doubles_the_requests() {
     let live = t.live_agent(&[8080]);
     const FLOWS: usize = 20;
     http_flows(&t, live_nginx.addr, FLOWS, mixed_requests);
-    let live_log = live_nginx.access_log();
+    let live_log = live_nginx.access_log_of(FLOWS * 5);
     let expected: Vec<String> = live_log
         .iter()
         .flat_map(|l| [l.clone(), l.clone()])

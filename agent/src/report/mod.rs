@@ -7,6 +7,9 @@
 //! counts each `(agent, seq)` once. The coordinator's policy updates arrive on the same
 //! connection and are published through [`ReportHandle::policy`] for the data path to apply.
 //!
+//! Both roles start it the same way, from their file's `[coordinator]` section, with
+//! [`ReportClient::from_config`]; only the role announced in `Hello` differs.
+//!
 //! When the spool is full, [`ReportHandle::submit`] waits for room (and [`ReportHandle::try_submit`]
 //! hands the report back): the caller keeps measuring into its in-kernel histograms meanwhile, so
 //! the next report covers more time, and no measurement is dropped.
@@ -20,7 +23,7 @@ use std::sync::{
 };
 
 pub use client::{ClientConfig, ClientError};
-use doppel_common::wire::{IntervalReport, PolicyUpdate};
+use doppel_common::wire::{AgentRole, IntervalReport, PolicyUpdate};
 pub use spool::{Spool, SpoolConfig, SpoolError};
 use tokio::{
     sync::{Notify, watch},
@@ -81,6 +84,27 @@ impl ReportClient {
             task,
             shutdown,
         }
+    }
+
+    /// Opens the spool named in a `[coordinator]` section and starts the client for an agent
+    /// running `role`. The host name goes into `Hello` for the operator's eyes.
+    pub fn from_config(
+        config: &crate::config::CoordinatorConfig,
+        role: AgentRole,
+    ) -> Result<Self, SpoolError> {
+        let mut client = ClientConfig::new(
+            config.address,
+            config.server_name.clone(),
+            config.ca_cert.clone(),
+            config.cert.clone(),
+            config.key.clone(),
+        );
+        client.roles = vec![role];
+        client.hostname = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let spool = Spool::open(SpoolConfig::new(config.spool_dir.clone()))?;
+        Ok(Self::start(client, spool))
     }
 
     /// Stops the client; unacknowledged reports stay in the spool for the next run.

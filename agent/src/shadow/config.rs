@@ -23,6 +23,12 @@
 //! deny_paths = ["/admin"]
 //! [workload]                         # optional: pid = 1234, or cgroup = "/sys/fs/cgroup/web"
 //! pid = 1234
+//! [coordinator]                      # optional: the live role's section, same fields and checks
+//! address = "10.0.0.1:4433"
+//! ca_cert = "/etc/doppel/ca.crt"
+//! cert = "/etc/doppel/shadow-1.crt"  # from `doppel ca issue --agent shadow-1`
+//! key = "/etc/doppel/shadow-1.key"
+//! spool_dir = "/var/lib/doppel/spool"
 //! ```
 
 use std::{
@@ -36,7 +42,7 @@ use serde::Deserialize;
 
 use super::http::HttpPolicy;
 use crate::{
-    config::{ConfigError, WorkloadConfig},
+    config::{ConfigError, CoordinatorConfig, WorkloadConfig},
     datapath::AttachMode,
     metrics::WorkloadSource,
 };
@@ -146,6 +152,9 @@ pub struct ShadowConfig {
     pub http: HttpPolicy,
     /// Where workload resource use is read.
     pub workload: Option<WorkloadConfig>,
+    /// Report to a coordinator (QUIC + mTLS) besides printing JSON lines; the same section, type
+    /// and checks as the live role's.
+    pub coordinator: Option<CoordinatorConfig>,
 }
 
 fn default_workload_name() -> String {
@@ -253,6 +262,9 @@ impl ShadowConfig {
         {
             return Err(invalid("workload", "give exactly one of pid or cgroup"));
         }
+        if let Some(coordinator) = &self.coordinator {
+            coordinator.validate()?;
+        }
         crate::policy::compile(&self.kernel_policy()).map_err(|e| invalid(e.field, e.reason))?;
         Ok(())
     }
@@ -300,13 +312,50 @@ impl ShadowConfig {
         }
     }
 
-    /// The class of a flow whose stream starts with `head` (0 when none matches). The kernel's
-    /// rules give the same answer: both match the flow's first payload bytes.
-    pub fn class_of(&self, head: &[u8]) -> u16 {
-        self.classes
+    /// The in-kernel measurement's policy under a coordinator's policy: its classes and rules
+    /// (so the shadow's histograms carry the same class ids as the live host's), measured on the
+    /// replayed services (`replay_addr` x this file's ports; the coordinator's addresses are the
+    /// live host's), sampling and mirroring nothing.
+    ///
+    /// Rules on the client's address are left out: replayed connections come from the shadow
+    /// host itself, so the kernel on the replay interface cannot evaluate them, and the replayer
+    /// leaves them out too ([`FlowClassifier::from_policy`]) so both measurements agree.
+    pub fn kernel_policy_under(&self, coordinator: &AgentPolicy) -> AgentPolicy {
+        let mut policy = self.kernel_policy();
+        policy.workload = coordinator.workload.clone();
+        policy.report_interval_ms = coordinator.report_interval_ms;
+        policy.classes = coordinator
+            .classes
             .iter()
-            .find(|c| head.starts_with(c.payload_prefix.as_bytes()))
-            .map_or(0, |c| c.id)
+            .map(|c| ClassPolicy {
+                sample_rate_ppm: 0,
+                ..c.clone()
+            })
+            .collect();
+        if !policy.classes.iter().any(|c| c.id == 0) {
+            policy.classes.insert(
+                0,
+                ClassPolicy {
+                    id: 0,
+                    name: "default".to_owned(),
+                    sample_rate_ppm: 0,
+                    priority: 0,
+                },
+            );
+        }
+        policy.rules = coordinator
+            .rules
+            .iter()
+            .filter(|r| r.client_prefix.is_none())
+            .cloned()
+            .collect();
+        policy
+    }
+
+    /// The class of a flow whose stream starts with `head` (0 when none matches), under this
+    /// file's classes.
+    pub fn class_of(&self, head: &[u8]) -> u16 {
+        FlowClassifier::from_policy(&self.kernel_policy()).class_of(0, head)
     }
 
     /// Where the workload's resource use is read, if configured.
@@ -320,6 +369,88 @@ impl ShadowConfig {
     /// Report interval.
     pub fn interval(&self) -> Duration {
         Duration::from_millis(u64::from(self.report_interval_ms))
+    }
+}
+
+/// The replayer's classification of a flow by its service port and first payload bytes, with
+/// the kernel's semantics (`agent-ebpf` `classify`): among matching rules the class with the
+/// highest priority wins, the first such rule on ties; 0 when none matches. It is built from the
+/// same policy as the in-kernel measurement on the replay interface, so the replayer's and the
+/// kernel's histograms of a flow carry the same class.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowClassifier {
+    /// In policy order.
+    rules: Vec<ClassifierRule>,
+}
+
+/// One rule of a [`FlowClassifier`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ClassifierRule {
+    class: u16,
+    /// The class's priority.
+    priority: u16,
+    port: Option<u16>,
+    prefix: Vec<u8>,
+    /// Same length as `prefix`.
+    mask: Vec<u8>,
+}
+
+impl FlowClassifier {
+    /// The classifier of a policy's rules (rules on the client's address left out, see
+    /// [`ShadowConfig::kernel_policy_under`]).
+    pub fn from_policy(policy: &AgentPolicy) -> Self {
+        let priority = |class: u16| {
+            policy
+                .classes
+                .iter()
+                .find(|c| c.id == class)
+                .map_or(0, |c| c.priority)
+        };
+        Self {
+            rules: policy
+                .rules
+                .iter()
+                .filter(|r| r.client_prefix.is_none())
+                .map(|r| {
+                    // The kernel compares at most PAYLOAD_MATCH_LEN bytes; so does this.
+                    let len = r
+                        .payload_prefix
+                        .len()
+                        .min(doppel_common::maps::PAYLOAD_MATCH_LEN);
+                    let mask = if r.payload_mask.is_empty() {
+                        vec![0xff; len]
+                    } else {
+                        r.payload_mask[..len.min(r.payload_mask.len())].to_vec()
+                    };
+                    ClassifierRule {
+                        class: r.class,
+                        priority: priority(r.class),
+                        port: r.port,
+                        prefix: r.payload_prefix[..len].to_vec(),
+                        mask,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The class of a flow to `port` whose stream starts with `head` (`port` 0: any port).
+    pub fn class_of(&self, port: u16, head: &[u8]) -> u16 {
+        let mut best: Option<(u16, u16)> = None;
+        for rule in &self.rules {
+            let port_ok = rule.port.is_none_or(|p| port == 0 || p == port);
+            let payload_ok = head.len() >= rule.prefix.len()
+                && rule
+                    .prefix
+                    .iter()
+                    .zip(&rule.mask)
+                    .zip(head)
+                    .all(|((p, m), h)| (p & m) == (h & m));
+            if port_ok && payload_ok && best.is_none_or(|(_, b)| rule.priority > b) {
+                best = Some((rule.class, rule.priority));
+            }
+        }
+        best.map_or(0, |(class, _)| class)
     }
 }
 
@@ -359,6 +490,82 @@ mod tests {
         assert_eq!(c.class_of(b"GET /api/x"), 1);
         assert_eq!(c.class_of(b"GET /"), 0);
         assert_eq!(c.kernel_policy().rules.len(), 1);
+    }
+
+    #[test]
+    fn a_coordinator_policy_sets_the_classes_of_both_measurements() {
+        let c = parse(GOOD).unwrap();
+        let coordinator = AgentPolicy {
+            workload: "web".into(),
+            report_interval_ms: 500,
+            services: vec![ServiceAddr {
+                addr: "10.0.0.2".parse().unwrap(),
+                port: 8080,
+            }],
+            classes: vec![
+                ClassPolicy {
+                    id: 0,
+                    name: "default".into(),
+                    sample_rate_ppm: 100_000,
+                    priority: 0,
+                },
+                ClassPolicy {
+                    id: 3,
+                    name: "search".into(),
+                    sample_rate_ppm: 500_000,
+                    priority: 1,
+                },
+                ClassPolicy {
+                    id: 4,
+                    name: "from-office".into(),
+                    sample_rate_ppm: 500_000,
+                    priority: 9,
+                },
+            ],
+            rules: vec![
+                ClassRule {
+                    class: 3,
+                    port: Some(8080),
+                    client_prefix: None,
+                    payload_prefix: b"GET /search".to_vec(),
+                    payload_mask: Vec::new(),
+                },
+                ClassRule {
+                    class: 4,
+                    port: None,
+                    client_prefix: Some(doppel_common::wire::IpPrefix {
+                        addr: "10.0.0.0".parse().unwrap(),
+                        len: 8,
+                    }),
+                    payload_prefix: Vec::new(),
+                    payload_mask: Vec::new(),
+                },
+            ],
+            mirror_sessions: Vec::new(),
+            sampling_seed: 9,
+        };
+        let kernel = c.kernel_policy_under(&coordinator);
+        // Measured where the replay arrives, sampling nothing; the client-address rule is out.
+        assert_eq!(kernel.services[0].addr, c.replay_addr);
+        assert_eq!(kernel.workload, "web");
+        assert!(kernel.classes.iter().all(|c| c.sample_rate_ppm == 0));
+        assert_eq!(kernel.rules.len(), 1);
+        crate::policy::compile(&kernel).unwrap();
+        let classifier = FlowClassifier::from_policy(&kernel);
+        assert_eq!(classifier.class_of(8080, b"GET /search?q=1"), 3);
+        assert_eq!(classifier.class_of(9090, b"GET /search?q=1"), 0);
+        assert_eq!(classifier.class_of(8080, b"GET /api/x"), 0);
+    }
+
+    #[test]
+    fn the_coordinator_section_is_the_live_roles() {
+        let message = parse(&format!(
+            "{GOOD}\n[coordinator]\naddress = \"127.0.0.1:4433\"\nca_cert = \"/nonexistent/ca.crt\"\n\
+             cert = \"/nonexistent/a.crt\"\nkey = \"/nonexistent/a.key\"\nspool_dir = \"/tmp/s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(message.starts_with("coordinator.ca_cert:"), "{message}");
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! task per flow copy. This module wires them to the data path (XDP admission on the receiving
 //! interface, the live role's TC latency programs where replayed connections reach the
 //! workload) and reports every interval.
+//!
+//! A coordinator's policy ([`ShadowAgent::set_policy`]) sets the classes, rules and report
+//! interval of both measurements, so a shadow's histograms carry the live host's class ids and
+//! line up with its intervals. What the shadow admits and replays (sessions, ports, replay
+//! address, HTTP lists) stays the file's: the coordinator's policy describes the live side.
 
 pub mod config;
 pub mod exchange;
@@ -19,7 +24,7 @@ pub mod vxlan;
 
 use std::{
     collections::BTreeMap,
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -31,7 +36,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use self::{
-    config::ShadowConfig,
+    config::{FlowClassifier, ShadowConfig},
     receiver::Receiver,
     replay::ReplaySettings,
     stats::{ShadowCounter, ShadowStats},
@@ -112,7 +117,10 @@ pub struct ShadowLine {
 #[derive(Debug)]
 pub struct ShadowAgent {
     config: Arc<ShadowConfig>,
+    /// The in-kernel measurement's policy (the file's, or derived from the coordinator's).
     policy: AgentPolicy,
+    /// The replayer's classes, built from `policy`.
+    classifier: Arc<RwLock<FlowClassifier>>,
     datapath: Option<Datapath>,
     admission: Option<XdpAdmission>,
     stats: Arc<ShadowStats>,
@@ -197,7 +205,13 @@ impl ShadowAgent {
             max_exchange: config.max_flow_buffer_bytes,
             epoch: Instant::now(),
         });
-        let receiver = Receiver::new(Arc::clone(&config), Arc::clone(&stats), settings);
+        let classifier = Arc::new(RwLock::new(FlowClassifier::from_policy(&policy)));
+        let receiver = Receiver::new(
+            Arc::clone(&config),
+            Arc::clone(&classifier),
+            Arc::clone(&stats),
+            settings,
+        );
         let receiver = tokio::spawn(receiver.run(socket));
         info!(
             listen = %config.listen,
@@ -209,6 +223,7 @@ impl ShadowAgent {
         let mut agent = Self {
             config,
             policy,
+            classifier,
             datapath,
             admission,
             stats,
@@ -228,9 +243,39 @@ impl ShadowAgent {
         Ok(agent)
     }
 
-    /// The report interval.
+    /// The report interval (the file's until a coordinator's policy sets it).
     pub fn interval(&self) -> Duration {
-        self.config.interval()
+        Duration::from_millis(u64::from(self.policy.report_interval_ms))
+    }
+
+    /// Applies a coordinator's policy: its classes and rules to the in-kernel measurement on
+    /// the replay interface and to the replayer, its report interval to the reports (see
+    /// [`ShadowConfig::kernel_policy_under`]). Nothing is detached; flows already being replayed
+    /// keep their class. A policy that cannot be applied leaves everything as it was.
+    ///
+    /// An agent the coordinator has in no workload gets an empty policy: the classes in force
+    /// (the file's, or an earlier coordinator policy's) stay until it is placed in one.
+    pub fn set_policy(&mut self, coordinator: &AgentPolicy) -> Result<(), ShadowError> {
+        if coordinator.workload.is_empty() {
+            info!("the coordinator has this shadow in no workload; the classes in force stay");
+            return Ok(());
+        }
+        let policy = self.config.kernel_policy_under(coordinator);
+        let compiled = policy::compile(&policy)?;
+        if let Some(datapath) = self.datapath.as_mut()
+            && self.config.replay_interface.is_some()
+        {
+            let settings = DatapathSettings {
+                vxlan_ifindex: 0,
+                flow_idle_timeout: Duration::from_millis(self.config.flow_idle_timeout_ms),
+                pattern_sample_one_in: 0,
+            };
+            datapath.apply_policy(&compiled, settings)?;
+        }
+        *self.classifier.write().unwrap_or_else(|e| e.into_inner()) =
+            FlowClassifier::from_policy(&policy);
+        self.policy = policy;
+        Ok(())
     }
 
     fn histogram_pairs(&self) -> Vec<(u32, u32)> {

@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -20,7 +20,7 @@ use tokio::{net::UdpSocket, sync::mpsc};
 use tracing::warn;
 
 use super::{
-    config::ShadowConfig,
+    config::{FlowClassifier, ShadowConfig},
     exchange::SegmentMeta,
     reassembly::{Reassembler, ReassemblyError, ReassemblyLimits},
     replay::{Charged, FlowEvent, ReplaySettings, replay_flow},
@@ -77,6 +77,9 @@ pub struct Receiver {
     ports: HashSet<u16>,
     replay_addr: IpAddr,
     config: Arc<ShadowConfig>,
+    /// Shared with the agent, which replaces it when the coordinator's policy changes the
+    /// classes; read once per flow.
+    classifier: Arc<RwLock<FlowClassifier>>,
     limits: ReassemblyLimits,
     flows: HashMap<FlowId, Flow>,
     by_age: BTreeMap<u64, FlowId>,
@@ -98,6 +101,7 @@ impl Receiver {
     /// A receiver for `config`.
     pub fn new(
         config: Arc<ShadowConfig>,
+        classifier: Arc<RwLock<FlowClassifier>>,
         stats: Arc<ShadowStats>,
         settings: Arc<ReplaySettings>,
     ) -> Self {
@@ -115,6 +119,7 @@ impl Receiver {
             },
             amplifier: Amplifier::new(config.amplification),
             config,
+            classifier,
             flows: HashMap::new(),
             by_age: BTreeMap::new(),
             next_order: 0,
@@ -263,7 +268,11 @@ impl Receiver {
             && let Some(first) = chunks.first()
         {
             flow.spawned = true;
-            let class = self.config.class_of(&first.data);
+            let class = self
+                .classifier
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .class_of(id.service.port(), &first.data);
             let target = SocketAddr::new(self.replay_addr, id.service.port());
             for _ in 0..self.amplifier.copies() {
                 let (tx, rx) = mpsc::unbounded_channel();

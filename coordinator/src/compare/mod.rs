@@ -124,9 +124,11 @@ pub struct PairedDifference {
     pub pairs: usize,
     /// Mean difference, ms (negative: the shadow is faster).
     pub mean_ms: f64,
-    /// Lower end of the 95 % confidence interval, ms.
+    /// Lower end of the 95 % confidence interval, ms; `-inf` (JSON `null`) with one pair.
+    #[serde(with = "unbounded::low")]
     pub ci_low_ms: f64,
-    /// Upper end of the 95 % confidence interval, ms.
+    /// Upper end of the 95 % confidence interval, ms; `+inf` (JSON `null`) with one pair.
+    #[serde(with = "unbounded::high")]
     pub ci_high_ms: f64,
     /// One-sided confidence that the shadow is faster (normal approximation), 0..=1.
     pub confidence_faster: f64,
@@ -134,6 +136,46 @@ pub struct PairedDifference {
     pub live_load_per_s: f64,
     /// Mean offered load of the pairs' shadow side, exchanges/s.
     pub shadow_load_per_s: f64,
+}
+
+/// JSON has no infinities, and a confidence interval from a single pair is unbounded. serde_json
+/// writes a non-finite `f64` as `null` but cannot read `null` back into an `f64`, so every
+/// `doppel compare` of a workload with a shadow at exactly one matched pair failed to decode.
+/// These write an unbounded end as `null` and read `null` back as the infinity it stands for.
+mod unbounded {
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    fn write<S: Serializer>(value: f64, s: S) -> Result<S::Ok, S::Error> {
+        if value.is_finite() {
+            s.serialize_some(&value)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub(super) mod low {
+        use super::*;
+
+        pub(crate) fn serialize<S: Serializer>(value: &f64, s: S) -> Result<S::Ok, S::Error> {
+            write(*value, s)
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+            Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NEG_INFINITY))
+        }
+    }
+
+    pub(super) mod high {
+        use super::*;
+
+        pub(crate) fn serialize<S: Serializer>(value: &f64, s: S) -> Result<S::Ok, S::Error> {
+            write(*value, s)
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+            Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
+        }
+    }
 }
 
 /// One VM type's summary over the window.

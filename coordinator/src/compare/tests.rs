@@ -211,3 +211,30 @@ fn merging_is_fast_enough_for_the_ingest_target() {
     assert_eq!(into.len(), 1_000_000);
     assert!(start.elapsed() < std::time::Duration::from_secs(2));
 }
+
+#[test]
+fn an_unbounded_interval_survives_json() {
+    // One matched pair: the interval is unbounded on both sides.
+    let (mean_ms, ci_low_ms, ci_high_ms, confidence_faster) = paired_difference(&[-2.0]);
+    let difference = PairedDifference {
+        pairs: 1,
+        mean_ms,
+        ci_low_ms,
+        ci_high_ms,
+        confidence_faster,
+        live_load_per_s: 10.0,
+        shadow_load_per_s: 10.0,
+    };
+    let json = serde_json::to_string(&difference).expect("serialize");
+    assert!(json.contains("\"ci_low_ms\":null"), "{json}");
+    let back: PairedDifference = serde_json::from_str(&json).expect("deserialize");
+    assert_eq!(back, difference);
+    let bounded = PairedDifference {
+        ci_low_ms: -1.5,
+        ci_high_ms: 2.5,
+        ..difference
+    };
+    let back: PairedDifference =
+        serde_json::from_str(&serde_json::to_string(&bounded).expect("serialize")).expect("de");
+    assert_eq!(back, bounded);
+}
