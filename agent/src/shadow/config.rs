@@ -23,6 +23,12 @@
 //! deny_paths = ["/admin"]
 //! [workload]                         # optional: pid = 1234, or cgroup = "/sys/fs/cgroup/web"
 //! pid = 1234
+//! [coordinator]                      # optional: as in the live role's file
+//! address = "10.213.0.1:7443"
+//! ca_cert = "ca.crt"
+//! cert = "agent.crt"
+//! key = "agent.key"
+//! spool_dir = "spool"
 //! ```
 
 use std::{
@@ -146,6 +152,10 @@ pub struct ShadowConfig {
     pub http: HttpPolicy,
     /// Where workload resource use is read.
     pub workload: Option<WorkloadConfig>,
+    /// The coordinator to report to, as in the live role's file. Accepted here so a
+    /// coordinator-provisioned shadow's file (which always carries it) loads; reporting from the
+    /// shadow role over QUIC is being added on the `agent` branch, which replaces this stub.
+    pub coordinator: Option<crate::config::CoordinatorConfig>,
 }
 
 fn default_workload_name() -> String {
