@@ -19,6 +19,7 @@ pub mod evaluate;
 pub mod net;
 pub mod policy;
 pub mod serve;
+pub mod sim;
 pub mod store;
 pub mod table;
 pub mod webhook;

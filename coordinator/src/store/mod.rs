@@ -8,6 +8,7 @@
 //! [`StoreError`], never as a dropped report.
 
 pub mod ingest;
+pub mod shadows;
 
 use std::{
     path::{Path, PathBuf},
@@ -21,7 +22,10 @@ use serde::Serialize;
 use crate::policy::{Policy, WorkloadSpec};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-pub const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_shadow_instances.sql"),
+];
 
 /// The store's file name in the state directory.
 pub const DB_FILE: &str = "doppel.db";
