@@ -832,7 +832,11 @@ impl ShadowManager {
                     continue;
                 }
                 match self.create(&mut store, &spec.name, vm_type, ShadowOrigin::Auto) {
-                    Ok(_) => active.push(vm_type.clone()),
+                    Ok(_) => {
+                        active.push(vm_type.clone());
+                        // Register it now, not after the other creates: mirroring starts sooner.
+                        self.sync_sessions(&mut store, &spec.name)?;
+                    }
                     // A cheaper type further down may still fit.
                     Err(SimError::OverBudget { .. }) => {}
                     Err(e) => {
