@@ -636,6 +636,38 @@ fn a_restarted_coordinator_keeps_live_shadows_and_replaces_dead_ones() {
     });
 }
 
+#[test]
+fn shadows_are_recreated_on_schedule() {
+    if !privileged_or_skip("shadow re-creation on schedule") {
+        return;
+    }
+    let c = Coordinator::new("sim-recreate", "[sim]\nreconcile_interval_ms = 300\n", true);
+    c.add_workload(&workload(1, None).replace("count = 1", "count = 1\nrecreate_every_secs = 10"));
+    let first = c.wait_for("a running shadow", 30, || c.running().into_iter().next());
+    let pids = cgroup_pids(&first.id);
+    let fresh = c.wait_for("a fresh shadow", 40, || {
+        c.running().into_iter().find(|r| r.id != first.id)
+    });
+    let old = c
+        .rows()
+        .into_iter()
+        .find(|r| r.id == first.id)
+        .expect("first row");
+    assert_eq!(old.state, ShadowState::Destroyed);
+    assert_eq!(old.error.as_deref(), Some("re-created on schedule"));
+    let lived = old.updated_ms - old.running_ms.expect("ran");
+    assert!((10_000..20_000).contains(&lived), "lived {lived} ms");
+    assert!(
+        fresh.created_ms >= old.updated_ms,
+        "replacement made before the old one went"
+    );
+    assert_gone(&c, &first.id, &pids);
+    c.doppel_ok(&["workload", "rm", "web"]);
+    c.wait_for("no shadow left", 30, || {
+        c.rows().iter().all(|r| !r.state.is_active()).then_some(())
+    });
+}
+
 /// `exec` scripts that record what they create in `marks`; `create_tail` decides how create
 /// ends after it made its mark.
 fn exec_scripts(dir: &Path, create_tail: &str) -> (PathBuf, String) {

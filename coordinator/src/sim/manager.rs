@@ -222,6 +222,98 @@ pub fn publish(
     Ok(revision)
 }
 
+/// The workload's VM types in the order shadows should be made: pinned-in types, then what
+/// the pool steering keeps or wants tried, then the rest it does not drop, cheapest first. Types
+/// the provisioner cannot make (`supports`), pinned out, or live (unless pinned in) are left out.
+pub fn desired_types(
+    catalog: &[VmType],
+    supports: impl Fn(&VmType) -> bool,
+    spec: &WorkloadSpec,
+    running: &[String],
+) -> Vec<String> {
+    let Some(template) = &spec.shadow else {
+        return Vec::new();
+    };
+    let live: HashSet<&str> = spec.live.iter().map(|l| l.vm_type.as_str()).collect();
+    let mut candidates: Vec<&VmType> = catalog
+        .iter()
+        .filter(|t| supports(t))
+        .filter(|t| !template.pin_out.contains(&t.name))
+        .filter(|t| template.pin_in.contains(&t.name) || !live.contains(t.name.as_str()))
+        .collect();
+    candidates.sort_by(|a, b| {
+        a.price_per_hour
+            .total_cmp(&b.price_per_hour)
+            .then(a.name.cmp(&b.name))
+    });
+    let mut order: Vec<String> = template
+        .pin_in
+        .iter()
+        .filter(|p| candidates.iter().any(|t| t.name == **p))
+        .cloned()
+        .collect();
+    let mut dropped = HashSet::new();
+    // Steering needs vCPUs and memory; the live type holding today's load is the one fact
+    // known before any shadow is measured, so it anchors the capacity scale.
+    let steerable: Vec<doppel_engine::VmType> =
+        catalog.iter().filter_map(VmType::steering).collect();
+    if !steerable.is_empty() {
+        let anchor: Vec<CapacityMeasurement> = spec
+            .live
+            .iter()
+            .filter(|l| steerable.iter().any(|t| t.name == l.vm_type))
+            .take(1)
+            .map(|l| CapacityMeasurement {
+                vm_type: l.vm_type.clone(),
+                capacity: 100.0,
+                log_sd: 0.3,
+            })
+            .collect();
+        let running: Vec<String> = running
+            .iter()
+            .filter(|r| steerable.iter().any(|t| t.name == **r))
+            .cloned()
+            .collect();
+        let policy = PoolPolicy {
+            margin: 0.0,
+            max_concurrent: template.count as usize,
+            ..PoolPolicy::default()
+        };
+        let seed = spec.name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let prior = PopulationPrior::uninformed(&steerable);
+        let peak = if anchor.is_empty() { 1.0 } else { 100.0 };
+        match shadow_pool::plan(&steerable, &prior, &anchor, &running, peak, &policy, seed) {
+            Ok(plan) => {
+                for action in plan.actions {
+                    match action {
+                        PoolAction::Keep { vm_type, .. } | PoolAction::Try { vm_type, .. } => {
+                            order.push(vm_type);
+                        }
+                        PoolAction::Drop { vm_type, .. } => {
+                            dropped.insert(vm_type);
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(workload = spec.name, error = %e, "pool steering failed"),
+        }
+    }
+    for t in &candidates {
+        if !dropped.contains(&t.name) {
+            order.push(t.name.clone());
+        }
+    }
+    let mut seen = HashSet::new();
+    order
+        .into_iter()
+        .filter(|t| candidates.iter().any(|c| c.name == *t))
+        .filter(|t| template.pin_in.contains(t) || !dropped.contains(t))
+        .filter(|t| seen.insert(t.clone()))
+        .collect()
+}
+
 fn instance_ref(row: &ShadowRow) -> InstanceRef {
     InstanceRef {
         instance_id: row.id.clone(),
@@ -636,98 +728,6 @@ impl ShadowManager {
         Ok(())
     }
 
-    /// The workload's VM types in the order shadows should be made: pinned-in types, then what
-    /// the pool steering keeps or wants tried, then the rest it does not drop, cheapest first.
-    fn desired_types(&self, spec: &WorkloadSpec, running: &[String]) -> Vec<String> {
-        let Some(template) = &spec.shadow else {
-            return Vec::new();
-        };
-        let live: HashSet<&str> = spec.live.iter().map(|l| l.vm_type.as_str()).collect();
-        let mut candidates: Vec<&VmType> = self
-            .parts
-            .catalog
-            .iter()
-            .filter(|t| self.parts.provisioner.supports(t))
-            .filter(|t| !template.pin_out.contains(&t.name))
-            .filter(|t| template.pin_in.contains(&t.name) || !live.contains(t.name.as_str()))
-            .collect();
-        candidates.sort_by(|a, b| {
-            a.price_per_hour
-                .total_cmp(&b.price_per_hour)
-                .then(a.name.cmp(&b.name))
-        });
-        let mut order: Vec<String> = template
-            .pin_in
-            .iter()
-            .filter(|p| candidates.iter().any(|t| t.name == **p))
-            .cloned()
-            .collect();
-        let mut dropped = HashSet::new();
-        // Steering needs vCPUs and memory; the live type holding today's load is the one fact
-        // known before any shadow is measured, so it anchors the capacity scale.
-        let steerable: Vec<doppel_engine::VmType> = self
-            .parts
-            .catalog
-            .iter()
-            .filter_map(VmType::steering)
-            .collect();
-        if !steerable.is_empty() {
-            let anchor: Vec<CapacityMeasurement> = spec
-                .live
-                .iter()
-                .filter(|l| steerable.iter().any(|t| t.name == l.vm_type))
-                .take(1)
-                .map(|l| CapacityMeasurement {
-                    vm_type: l.vm_type.clone(),
-                    capacity: 100.0,
-                    log_sd: 0.3,
-                })
-                .collect();
-            let running: Vec<String> = running
-                .iter()
-                .filter(|r| steerable.iter().any(|t| t.name == **r))
-                .cloned()
-                .collect();
-            let policy = PoolPolicy {
-                margin: 0.0,
-                max_concurrent: template.count as usize,
-                ..PoolPolicy::default()
-            };
-            let seed = spec.name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
-            let prior = PopulationPrior::uninformed(&steerable);
-            let peak = if anchor.is_empty() { 1.0 } else { 100.0 };
-            match shadow_pool::plan(&steerable, &prior, &anchor, &running, peak, &policy, seed) {
-                Ok(plan) => {
-                    for action in plan.actions {
-                        match action {
-                            PoolAction::Keep { vm_type, .. } | PoolAction::Try { vm_type, .. } => {
-                                order.push(vm_type);
-                            }
-                            PoolAction::Drop { vm_type, .. } => {
-                                dropped.insert(vm_type);
-                            }
-                        }
-                    }
-                }
-                Err(e) => warn!(workload = spec.name, error = %e, "pool steering failed"),
-            }
-        }
-        for t in &candidates {
-            if !dropped.contains(&t.name) {
-                order.push(t.name.clone());
-            }
-        }
-        let mut seen = HashSet::new();
-        order
-            .into_iter()
-            .filter(|t| candidates.iter().any(|c| c.name == *t))
-            .filter(|t| template.pin_in.contains(t) || !dropped.contains(t))
-            .filter(|t| seen.insert(t.clone()))
-            .collect()
-    }
-
     /// One pass of the lifecycle (see the module docs).
     pub fn reconcile(&self) -> Result<(), SimError> {
         let mut store = self.lock();
@@ -796,7 +796,12 @@ impl ShadowManager {
                 .filter(|r| r.state == ShadowState::Running)
                 .map(|r| r.vm_type.clone())
                 .collect();
-            let desired = self.desired_types(spec, &running);
+            let desired = desired_types(
+                &self.parts.catalog,
+                |t| self.parts.provisioner.supports(t),
+                spec,
+                &running,
+            );
             for row in mine(&store)? {
                 if row.state != ShadowState::Running {
                     continue;
@@ -852,5 +857,95 @@ impl ShadowManager {
             self.sync_sessions(&mut store, &name)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{LiveEndpoint, Policy, ShadowTemplate};
+
+    fn vm(name: &str, price: f64, vcpus: u32, local: bool) -> VmType {
+        VmType {
+            name: name.into(),
+            price_per_hour: price,
+            vcpus: Some(vcpus),
+            memory_mib: Some(2048 * u64::from(vcpus)),
+            local: local.then_some(super::super::catalog::LocalLimits {
+                cpu: f64::from(vcpus) / 4.0,
+                memory_bytes: 256 << 20,
+            }),
+            ..VmType::default()
+        }
+    }
+
+    fn spec(pin_in: &[&str], pin_out: &[&str]) -> WorkloadSpec {
+        WorkloadSpec {
+            name: "web".into(),
+            live: vec![LiveEndpoint {
+                agent: "live-1".into(),
+                vm_type: "m.2".into(),
+                interfaces: vec![],
+                vxlan_source: Some("10.0.0.2".parse().expect("addr")),
+            }],
+            services: vec!["10.0.0.2:80".into()],
+            shadows: vec![],
+            policy: Policy::default(),
+            shadow: Some(ShadowTemplate {
+                command: "srv".into(),
+                args: vec![],
+                count: 2,
+                pin_in: pin_in.iter().map(|s| (*s).to_owned()).collect(),
+                pin_out: pin_out.iter().map(|s| (*s).to_owned()).collect(),
+                recreate_every_secs: None,
+            }),
+        }
+    }
+
+    fn catalog() -> Vec<VmType> {
+        vec![
+            vm("m.1", 0.10, 1, true),
+            vm("m.2", 0.20, 2, true),
+            vm("m.4", 0.40, 4, true),
+            vm("c.4", 0.30, 4, true),
+            vm("cloud-only", 0.05, 1, false),
+        ]
+    }
+
+    #[test]
+    fn pins_come_first_and_pinned_out_live_and_unsupported_types_never() {
+        let local = |t: &VmType| t.local.is_some();
+        let order = desired_types(&catalog(), local, &spec(&["m.4"], &["m.1"]), &[]);
+        assert_eq!(order.first().map(String::as_str), Some("m.4"), "{order:?}");
+        assert!(!order.iter().any(|t| t == "m.1"), "pinned out: {order:?}");
+        assert!(!order.iter().any(|t| t == "m.2"), "live type: {order:?}");
+        assert!(
+            !order.iter().any(|t| t == "cloud-only"),
+            "unsupported: {order:?}"
+        );
+        // Pinning the live type in shadows it too (a same-type baseline).
+        let order = desired_types(&catalog(), local, &spec(&["m.2"], &[]), &[]);
+        assert_eq!(order.first().map(String::as_str), Some("m.2"));
+        // Identical inputs, identical order (the steering is seeded by the workload).
+        assert_eq!(
+            desired_types(&catalog(), local, &spec(&[], &[]), &[]),
+            desired_types(&catalog(), local, &spec(&[], &[]), &[])
+        );
+    }
+
+    #[test]
+    fn steering_tries_the_cheapest_placement_first_and_drops_a_dominated_running_type() {
+        let local = |t: &VmType| t.local.is_some();
+        // The live m.2 holds today's load. Under the catalog prior m.1 holds it with two
+        // instances (0.20/h), c.4 with one (0.30/h), m.4 with one (0.40/h): as fast as c.4 and
+        // dearer.
+        let order = desired_types(&catalog(), local, &spec(&[], &[]), &[]);
+        assert_eq!(order, ["m.1", "c.4", "m.4"], "{order:?}");
+        // A running m.4 is dominated: the steering drops it, so the manager replaces it.
+        let order = desired_types(&catalog(), local, &spec(&[], &[]), &["m.4".to_owned()]);
+        assert!(!order.contains(&"m.4".to_owned()), "{order:?}");
+        // Unless an operator pinned it in.
+        let order = desired_types(&catalog(), local, &spec(&["m.4"], &[]), &["m.4".to_owned()]);
+        assert_eq!(order.first().map(String::as_str), Some("m.4"), "{order:?}");
     }
 }
