@@ -324,6 +324,17 @@ fn assert_gone(c: &Coordinator, id: &str, pids: &[u32]) {
         !c.state_dir().join("shadows").join(id).exists(),
         "directory of {id} left"
     );
+    let index = CertificateAuthority::in_state_dir(c.state_dir())
+        .index()
+        .expect("CA index");
+    let agent = format!("doppel-sh-{id}");
+    assert!(
+        index
+            .iter()
+            .filter(|cert| cert.agent == agent)
+            .all(|cert| cert.revoked_at_unix.is_some()),
+        "certificate of {agent} not revoked"
+    );
     let host = c.host.as_ref().expect("host");
     let links = host.ip(&["-br", "link"]).expect("ip link");
     assert!(
@@ -431,6 +442,7 @@ fn a_local_shadow_is_a_netns_and_cgroup_with_the_types_limits_and_destroy_leaves
         Some(i64::from(row.vni))
     );
     assert_eq!(agent_toml["services"][0]["port"].as_integer(), Some(6390));
+    assert_eq!(agent_toml["report_interval_ms"].as_integer(), Some(1000));
     assert_eq!(
         agent_toml["coordinator"]["address"].as_str(),
         Some("10.213.0.1:7443")
@@ -653,8 +665,24 @@ fn shadows_are_recreated_on_schedule() {
         .into_iter()
         .find(|r| r.id == first.id)
         .expect("first row");
+    let events = Store::open_in(c.state_dir())
+        .expect("store")
+        .shadow_events(&first.id)
+        .expect("events");
     assert_eq!(old.state, ShadowState::Destroyed);
-    assert_eq!(old.error.as_deref(), Some("re-created on schedule"));
+    assert_eq!(
+        old.error.as_deref(),
+        Some("re-created on schedule"),
+        "{events:#?}"
+    );
+    assert!(
+        !events.iter().any(|e| e
+            .detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("destroy failed")),
+        "{events:#?}"
+    );
     let lived = old.updated_ms - old.running_ms.expect("ran");
     assert!((10_000..20_000).contains(&lived), "lived {lived} ms");
     assert!(

@@ -13,7 +13,7 @@
 //!  "vm_type": {"name": "c7.large", "price_per_hour": 0.085, "vcpus": 2, "memory_mib": 4096},
 //!  "services": ["10.0.0.2:8080"],
 //!  "shadow": {"command": "/usr/sbin/nginx", "args": ["..."], "count": 1, "pin_in": [], "pin_out": []},
-//!  "live_sources": ["10.1.0.1"], "vni": 1000,
+//!  "live_sources": ["10.1.0.1"], "vni": 1000, "report_interval_ms": 1000,
 //!  "agent": {"name": "doppel-sh-3fa9c2d1", "cert": "/var/lib/doppel/shadows/3fa9c2d1/doppel-sh-3fa9c2d1.crt",
 //!            "key": "…", "ca_cert": "…", "coordinator": "10.0.0.1:7443", "server_name": "localhost"}}
 //! ```
@@ -132,8 +132,8 @@ impl ExecProvisioner {
         body: &T,
         timeout: Duration,
     ) -> Result<String, ProvisionError> {
-        let input = serde_json::to_vec(&ActionRequest { action, body })
-            .map_err(ProvisionError::BadHandle)?;
+        let input =
+            serde_json::to_vec(&ActionRequest { action, body }).map_err(ProvisionError::Json)?;
         run_script(script, &input, timeout)
     }
 }

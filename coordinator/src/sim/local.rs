@@ -456,6 +456,10 @@ impl LocalProvisioner {
         doc.insert("replay_addr".into(), "127.0.0.1".into());
         doc.insert("replay_interface".into(), "lo".into());
         doc.insert(
+            "report_interval_ms".into(),
+            i64::from(request.report_interval_ms).into(),
+        );
+        doc.insert(
             "sessions".into(),
             Value::Array(
                 request
@@ -571,7 +575,7 @@ impl LocalProvisioner {
         Ok(Created {
             addr: IpAddr::V4(addr),
             agent: None,
-            handle: serde_json::to_value(&handle).map_err(ProvisionError::BadHandle)?,
+            handle: serde_json::to_value(&handle).map_err(ProvisionError::Json)?,
         })
     }
 }

@@ -596,6 +596,7 @@ impl ShadowManager {
                     shadow: template,
                     live_sources: spec.live.iter().filter_map(|l| l.vxlan_source).collect(),
                     vni: row.vni,
+                    report_interval_ms: spec.policy.report_interval_ms,
                     agent: AgentIdentity {
                         name: agent.clone(),
                         cert: files.cert,
@@ -651,6 +652,10 @@ impl ShadowManager {
         why: &str,
     ) -> Result<ShadowRow, SimError> {
         if row.state != ShadowState::Destroying {
+            // The first reason is the one worth keeping, whatever retries follow.
+            if row.error.is_none() && end == ShadowState::Destroyed {
+                row.error = Some(why.to_owned());
+            }
             row.state = ShadowState::Destroying;
             row.updated_ms = now_ms();
             store.update_shadow(&row, Some(why))?;
@@ -673,6 +678,20 @@ impl ShadowManager {
         row.updated_ms = now_ms();
         match result {
             Ok(()) => {
+                // Its key is gone with its directory; revoking the certificate too means a copy
+                // of the key can never report as this shadow again.
+                if row.agent == format!("doppel-sh-{}", row.id) {
+                    match self
+                        .parts
+                        .ca
+                        .revoke(&row.agent, time::OffsetDateTime::now_utc())
+                    {
+                        Ok(_) | Err(crate::ca::CaError::UnknownAgent(_)) => {}
+                        Err(e) => {
+                            warn!(id = row.id, error = %error_chain(&e), "cannot revoke the shadow agent's certificate")
+                        }
+                    }
+                }
                 row.state = end;
                 if end == ShadowState::Destroyed && row.error.is_none() {
                     row.error = Some(why.to_owned());

@@ -42,6 +42,9 @@ pub struct CreateRequest {
     pub live_sources: Vec<IpAddr>,
     /// The mirror session's VXLAN network identifier.
     pub vni: u32,
+    /// How often the shadow agent reports, ms (the workload's policy, so live and shadow
+    /// intervals line up for the comparison).
+    pub report_interval_ms: u32,
     /// The shadow agent's identity and where it reports.
     pub agent: AgentIdentity,
 }
@@ -165,9 +168,9 @@ pub enum ProvisionError {
     /// No address is left in the local pool.
     #[error("the local address pool is exhausted")]
     PoolExhausted,
-    /// The stored handle is not one this provisioner made.
-    #[error("instance handle unreadable")]
-    BadHandle(#[source] serde_json::Error),
+    /// A request or handle could not be encoded as JSON.
+    #[error("cannot encode JSON for the provisioner")]
+    Json(#[source] serde_json::Error),
 }
 
 /// Creates, destroys and checks shadow instances. Calls block (they run commands); the manager
