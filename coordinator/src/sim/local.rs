@@ -652,10 +652,19 @@ impl Provisioner for LocalProvisioner {
         if netns_exists {
             run("ip", &["netns", "del", &netns])?;
         }
-        // Deleting the namespace deletes `eth0` and so its peer; a failed create may have left
-        // the port alone.
-        if run("ip", &["link", "show", "dev", &veth]).is_ok() {
-            run("ip", &["link", "del", "dev", &veth])?;
+        // Deleting the namespace deletes `eth0` and so its peer, but asynchronously (the kernel
+        // tears namespaces down from a workqueue): wait for the port to go, and delete it only
+        // if it stays (a failed create may have left it alone).
+        let port_exists = || run("ip", &["link", "show", "dev", &veth]).is_ok();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while port_exists() && netns_exists && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if port_exists()
+            && let Err(e) = run("ip", &["link", "del", "dev", &veth])
+            && port_exists()
+        {
+            return Err(e);
         }
         let dir = self.root.join(id);
         if dir.exists() {
