@@ -444,6 +444,10 @@ fn a_local_shadow_is_a_netns_and_cgroup_with_the_types_limits_and_destroy_leaves
     assert_eq!(agent_toml["services"][0]["port"].as_integer(), Some(6390));
     assert_eq!(agent_toml["report_interval_ms"].as_integer(), Some(1000));
     assert_eq!(
+        agent_toml["workload"]["cgroup"].as_str(),
+        Some(format!("/sys/fs/cgroup/doppel/sh-{id}").as_str())
+    );
+    assert_eq!(
         agent_toml["coordinator"]["address"].as_str(),
         Some("10.213.0.1:7443")
     );

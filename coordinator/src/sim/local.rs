@@ -260,8 +260,12 @@ impl LocalProvisioner {
         if is_cgroup2(root) {
             vec![root.join(CGROUP_PARENT).join(name)]
         } else {
-            ["cpu", "memory"]
+            // `cpuacct` too (where it is mounted), so the shadow agent can read the workload's
+            // CPU time from the cgroup as on a v2 host; on hosts that co-mount `cpu,cpuacct`
+            // both paths are the same directory.
+            ["cpu", "memory", "cpuacct"]
                 .iter()
+                .filter(|c| **c != "cpuacct" || root.join(c).exists())
                 .map(|c| root.join(c).join(CGROUP_PARENT).join(&name))
                 .collect()
         }
@@ -426,11 +430,7 @@ impl LocalProvisioner {
         Ok(pid)
     }
 
-    fn agent_config(
-        request: &CreateRequest,
-        dir: &Path,
-        workload_pid: u32,
-    ) -> Result<String, ProvisionError> {
+    fn agent_config(request: &CreateRequest, dir: &Path) -> Result<String, ProvisionError> {
         use toml::{Table, Value};
         let mut ports: Vec<u16> = request
             .services
@@ -483,9 +483,20 @@ impl LocalProvisioner {
                     .collect(),
             ),
         );
+        // The whole cgroup is the "VM": the agent reads its CPU and memory (and their limits)
+        // there; given as `/sys/fs/cgroup/doppel/sh-ID`, which the agent maps onto each v1
+        // controller or the v2 hierarchy.
         doc.insert(
             "workload".into(),
-            table_of(vec![("pid", i64::from(workload_pid).into())]),
+            table_of(vec![(
+                "cgroup",
+                Path::new(CGROUP_ROOT)
+                    .join(CGROUP_PARENT)
+                    .join(format!("sh-{}", request.instance_id))
+                    .display()
+                    .to_string()
+                    .into(),
+            )]),
         );
         let agent = &request.agent;
         doc.insert(
@@ -532,10 +543,7 @@ impl LocalProvisioner {
         let command = substitute(&request.shadow.command);
         let workload_pid = Self::start(&netns, &cgroups, &dir, "workload.log", &command, &args)?;
         let config_path = dir.join("agent.toml");
-        write(
-            &config_path,
-            &Self::agent_config(request, &dir, workload_pid)?,
-        )?;
+        write(&config_path, &Self::agent_config(request, &dir)?)?;
         let agent = self.agent_binary();
         let agent_pid = Self::start(
             &netns,
