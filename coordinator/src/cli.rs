@@ -14,7 +14,10 @@ use crate::{
     compare::{Comparison, Verdict},
     policy::{Policy, WorkloadSpec},
     sim::manager::{CreateShadow, Pin, PinRequest, ShadowView},
-    store::{DeliveryRow, RecommendationRow, shadows::ShadowRow},
+    store::{
+        DeliveryRow, RecommendationRow,
+        shadows::{ShadowEvent, ShadowRow},
+    },
     table::{render, timestamp},
 };
 
@@ -78,6 +81,11 @@ pub enum ShadowsCommand {
         /// The VM type, from the catalog.
         #[arg(long = "type")]
         vm_type: String,
+    },
+    /// A shadow's state changes, oldest first, with their reasons.
+    Events {
+        /// The shadow's id.
+        id: String,
     },
     /// Withdraw a shadow's mirror session; the manager leaves it alone until resumed.
     Pause {
@@ -604,6 +612,25 @@ async fn run_shadows(
                 )
                 .await?;
             one(row, "created")
+        }
+        ShadowsCommand::Events { id } => {
+            let events: Vec<ShadowEvent> = client
+                .get(&format!("/v1/shadows/{}/events", path_segment(&id)))
+                .await?;
+            if json {
+                return as_json(&events);
+            }
+            let rows: Vec<Vec<String>> = events
+                .iter()
+                .map(|e| {
+                    vec![
+                        timestamp(e.at_ms),
+                        e.state.as_str().to_owned(),
+                        e.detail.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            Ok(render(&["AT (UTC)", "STATE", "WHY"], &rows))
         }
         ShadowsCommand::Pause { id } => {
             let path = format!("/v1/shadows/{}/pause", path_segment(&id));

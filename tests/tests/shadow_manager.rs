@@ -589,6 +589,8 @@ fn a_killed_shadow_is_replaced_and_the_budget_is_never_exceeded() {
         ]
     );
     assert!(events.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+    let shown = c.doppel_ok(&["shadows", "events", &victim.id]);
+    assert!(shown.contains("found dead"), "{shown}");
     // The mirror sessions follow: the replacement in, the victim out.
     c.wait_for("the replacement's mirror session", 10, || {
         let agents: HashSet<String> = c.spec().shadows.into_iter().map(|s| s.agent).collect();
@@ -784,6 +786,17 @@ fn exec_failure(create_tail: &str, expected: &[&str]) {
         "the create script is still running"
     );
     assert!(c.spec().shadows.is_empty());
+    // The shadow routes are behind the API token like every other.
+    let addr = read_trimmed(&c.state_dir().join("api.addr"));
+    let mut stream = std::net::TcpStream::connect(&addr).expect("connect to the API");
+    std::io::Write::write_all(
+        &mut stream,
+        b"GET /v1/shadows HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .expect("send");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     // By hand: a clear error on the command line, and nothing left either.
     let out = c.doppel(&["shadows", "create", "--workload", "web", "--type", "small"]);
     assert!(!out.status.success());

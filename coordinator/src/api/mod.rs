@@ -38,8 +38,9 @@ use crate::{
     policy::{InvalidPolicy, Policy, WorkloadSpec, validate, validate_policy},
     sim::manager::{CreateShadow, PinRequest, ShadowManager, ShadowView, SimError},
     store::{
-        AgentRow, DeliveryRow, RecommendationRow, Store, StoreError, ingest::IngestStats,
-        shadows::ShadowRow,
+        AgentRow, DeliveryRow, RecommendationRow, Store, StoreError,
+        ingest::IngestStats,
+        shadows::{ShadowEvent, ShadowRow},
     },
     webhook::WebhookStats,
 };
@@ -549,6 +550,13 @@ async fn create_shadow(
         .map(Json)
 }
 
+async fn shadow_events(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<Vec<ShadowEvent>>, ApiError> {
+    state.with_sim(move |sim| sim.events(&id)).await.map(Json)
+}
+
 async fn pause_shadow(
     State(state): State<Arc<ApiState>>,
     UrlPath(id): UrlPath<String>,
@@ -732,6 +740,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/agents", get(list_agents))
         .route("/v1/shadows", get(list_shadows).post(create_shadow))
         .route("/v1/shadows/{id}", axum::routing::delete(destroy_shadow))
+        .route("/v1/shadows/{id}/events", get(shadow_events))
         .route("/v1/shadows/{id}/pause", post(pause_shadow))
         .route("/v1/shadows/{id}/resume", post(resume_shadow))
         .route(

@@ -405,6 +405,15 @@ impl ShadowManager {
             .collect())
     }
 
+    /// An instance's state changes, oldest first.
+    pub fn events(&self, id: &str) -> Result<Vec<crate::store::shadows::ShadowEvent>, SimError> {
+        let store = self.lock();
+        if store.shadow(id)?.is_none() {
+            return Err(SimError::NoSuchInstance(id.to_owned()));
+        }
+        Ok(store.shadow_events(id)?)
+    }
+
     /// Creates a shadow by hand (kept until destroyed by hand or found dead).
     pub fn create_manual(&self, workload: &str, vm_type: &str) -> Result<ShadowRow, SimError> {
         let mut store = self.lock();
