@@ -349,6 +349,19 @@ fn a_local_shadow_is_a_netns_and_cgroup_with_the_types_limits_and_destroy_leaves
         return;
     }
     let c = Coordinator::new("sim-local", "", true);
+    // A template pinning a type the catalog lacks is refused naming the field.
+    let path = c.state_dir().join("typo.toml");
+    std::fs::write(
+        &path,
+        workload(1, None).replace("count = 1", "count = 1\npin_in = [\"smal\"]"),
+    )
+    .expect("write");
+    let out = c.doppel(&["workload", "add", "--file", path.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(65), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("shadow.pin_in[0]"),
+        "{out:?}"
+    );
     c.add_workload(&workload(1, None));
     let row = c.wait_for("a running shadow", 30, || c.running().into_iter().next());
     let id = row.id.clone();

@@ -352,6 +352,21 @@ async fn add_workload(
     body: Bytes,
 ) -> Result<Json<Revision>, ApiError> {
     let spec: WorkloadSpec = parse_body(&body, "")?;
+    // Pins name catalog types; a typo would silently pin nothing.
+    if let Some(template) = &spec.shadow {
+        for (list, types) in [("pin_in", &template.pin_in), ("pin_out", &template.pin_out)] {
+            if let Some((i, name)) = types
+                .iter()
+                .enumerate()
+                .find(|(_, t)| !state.prices.contains_key(*t))
+            {
+                return Err(ApiError::Invalid(InvalidPolicy {
+                    field: format!("shadow.{list}[{i}]"),
+                    reason: format!("{name:?} is not in the coordinator's [[vm_types]] catalog"),
+                }));
+            }
+        }
+    }
     state
         .change(move |store| {
             validate(&spec, &store.workloads()?)?;
