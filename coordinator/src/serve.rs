@@ -281,6 +281,8 @@ impl Coordinator {
                 server_name: config.sim.server_name.clone(),
                 retry_after_failure_ms: i64::try_from(config.sim.retry_after_failure_ms)
                     .unwrap_or(i64::MAX),
+                window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
+                    .unwrap_or(i64::MAX),
             },
             open()?,
         ));

@@ -6,7 +6,8 @@
 //! 2. a running instance the provisioner reports dead or missing is destroyed (and so replaced
 //!    below); an instance of a removed workload, or of one without a shadow template, is destroyed;
 //! 3. the manager's own instances are destroyed when they are due for re-creation or when the
-//!    pool steering ([`doppel_engine::shadow_pool`]) drops their type or a pin excludes it;
+//!    pool steering ([`doppel_engine::shadow_pool`], fed with the capacities the stored intervals
+//!    give, see [`super::capacity`]) drops their type or a pin excludes it;
 //! 4. new instances are created, in steering order, until the template's `count` runs — never
 //!    beyond the workload's shadow budget (`policy.budget.shadow_cost_per_hour`): an instance is
 //!    destroyed before its replacement is created, and a create that would exceed the budget is
@@ -139,6 +140,8 @@ pub struct ManagerParts {
     pub server_name: String,
     /// Wait after a failed create before the same type is tried again for the workload, ms.
     pub retry_after_failure_ms: i64,
+    /// Measurements older than this are not used for steering, ms.
+    pub window_ms: i64,
 }
 
 /// The Shadow Instance Manager.
@@ -225,11 +228,18 @@ pub fn publish(
 /// The workload's VM types in the order shadows should be made: pinned-in types, then what
 /// the pool steering keeps or wants tried, then the rest it does not drop, cheapest first. Types
 /// the provisioner cannot make (`supports`), pinned out, or live (unless pinned in) are left out.
+///
+/// `measured` are the capacities the store's intervals give ([`super::capacity`]) and `peak` the
+/// highest live load seen; they are used once the live type itself is measured (capacities are
+/// then in exchanges/s). Before that, the one fact known is that the live type holds today's
+/// load, which anchors the catalog prior's scale.
 pub fn desired_types(
     catalog: &[VmType],
     supports: impl Fn(&VmType) -> bool,
     spec: &WorkloadSpec,
     running: &[String],
+    measured: &[CapacityMeasurement],
+    peak: Option<f64>,
 ) -> Vec<String> {
     let Some(template) = &spec.shadow else {
         return Vec::new();
@@ -258,17 +268,30 @@ pub fn desired_types(
     let steerable: Vec<doppel_engine::VmType> =
         catalog.iter().filter_map(VmType::steering).collect();
     if !steerable.is_empty() {
-        let anchor: Vec<CapacityMeasurement> = spec
-            .live
+        let known: Vec<CapacityMeasurement> = measured
             .iter()
-            .filter(|l| steerable.iter().any(|t| t.name == l.vm_type))
-            .take(1)
-            .map(|l| CapacityMeasurement {
-                vm_type: l.vm_type.clone(),
-                capacity: 100.0,
-                log_sd: 0.3,
-            })
+            .filter(|m| steerable.iter().any(|t| t.name == m.vm_type))
+            .cloned()
             .collect();
+        let live_measured = known
+            .iter()
+            .any(|m| spec.live.iter().any(|l| l.vm_type == m.vm_type));
+        let (anchor, measured_peak) = match peak {
+            Some(peak) if live_measured && peak > 0.0 => (known, Some(peak)),
+            _ => (
+                spec.live
+                    .iter()
+                    .filter(|l| steerable.iter().any(|t| t.name == l.vm_type))
+                    .take(1)
+                    .map(|l| CapacityMeasurement {
+                        vm_type: l.vm_type.clone(),
+                        capacity: 100.0,
+                        log_sd: 0.3,
+                    })
+                    .collect(),
+                None,
+            ),
+        };
         let running: Vec<String> = running
             .iter()
             .filter(|r| steerable.iter().any(|t| t.name == **r))
@@ -283,7 +306,11 @@ pub fn desired_types(
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
         let prior = PopulationPrior::uninformed(&steerable);
-        let peak = if anchor.is_empty() { 1.0 } else { 100.0 };
+        let peak = match measured_peak {
+            Some(peak) => peak,
+            None if anchor.is_empty() => 1.0,
+            None => 100.0,
+        };
         match shadow_pool::plan(&steerable, &prior, &anchor, &running, peak, &policy, seed) {
             Ok(plan) => {
                 for action in plan.actions {
@@ -824,11 +851,30 @@ impl ShadowManager {
                 .filter(|r| r.state == ShadowState::Running)
                 .map(|r| r.vm_type.clone())
                 .collect();
+            let (measured, peak) = match crate::evaluate::load_measurements(
+                &store,
+                spec,
+                now.saturating_sub(self.parts.window_ms),
+                now,
+            ) {
+                Ok(m) => super::capacity::capacities(
+                    &m,
+                    spec.policy.slo.percentile,
+                    spec.policy.slo.max_latency_ms,
+                    u64::try_from(now / 60_000).unwrap_or_default(),
+                ),
+                Err(e) => {
+                    warn!(workload = spec.name, error = %error_chain(&e), "cannot read measurements for steering");
+                    (Vec::new(), None)
+                }
+            };
             let desired = desired_types(
                 &self.parts.catalog,
                 |t| self.parts.provisioner.supports(t),
                 spec,
                 &running,
+                &measured,
+                peak,
             );
             for row in mine(&store)? {
                 if row.state != ShadowState::Running {
@@ -943,7 +989,7 @@ mod tests {
     #[test]
     fn pins_come_first_and_pinned_out_live_and_unsupported_types_never() {
         let local = |t: &VmType| t.local.is_some();
-        let order = desired_types(&catalog(), local, &spec(&["m.4"], &["m.1"]), &[]);
+        let order = desired_types(&catalog(), local, &spec(&["m.4"], &["m.1"]), &[], &[], None);
         assert_eq!(order.first().map(String::as_str), Some("m.4"), "{order:?}");
         assert!(!order.iter().any(|t| t == "m.1"), "pinned out: {order:?}");
         assert!(!order.iter().any(|t| t == "m.2"), "live type: {order:?}");
@@ -952,12 +998,12 @@ mod tests {
             "unsupported: {order:?}"
         );
         // Pinning the live type in shadows it too (a same-type baseline).
-        let order = desired_types(&catalog(), local, &spec(&["m.2"], &[]), &[]);
+        let order = desired_types(&catalog(), local, &spec(&["m.2"], &[]), &[], &[], None);
         assert_eq!(order.first().map(String::as_str), Some("m.2"));
         // Identical inputs, identical order (the steering is seeded by the workload).
         assert_eq!(
-            desired_types(&catalog(), local, &spec(&[], &[]), &[]),
-            desired_types(&catalog(), local, &spec(&[], &[]), &[])
+            desired_types(&catalog(), local, &spec(&[], &[]), &[], &[], None),
+            desired_types(&catalog(), local, &spec(&[], &[]), &[], &[], None)
         );
     }
 
@@ -967,13 +1013,51 @@ mod tests {
         // The live m.2 holds today's load. Under the catalog prior m.1 holds it with two
         // instances (0.20/h), c.4 with one (0.30/h), m.4 with one (0.40/h): as fast as c.4 and
         // dearer.
-        let order = desired_types(&catalog(), local, &spec(&[], &[]), &[]);
+        let order = desired_types(&catalog(), local, &spec(&[], &[]), &[], &[], None);
         assert_eq!(order, ["m.1", "c.4", "m.4"], "{order:?}");
         // A running m.4 is dominated: the steering drops it, so the manager replaces it.
-        let order = desired_types(&catalog(), local, &spec(&[], &[]), &["m.4".to_owned()]);
+        let order = desired_types(
+            &catalog(),
+            local,
+            &spec(&[], &[]),
+            &["m.4".to_owned()],
+            &[],
+            None,
+        );
         assert!(!order.contains(&"m.4".to_owned()), "{order:?}");
+        // Measured: m.1 holds far less than the catalog suggests (the live m.2 holds 100/s, m.1
+        // only 10/s): placing the peak on m.1 now costs 10 instances, so c.4 goes first.
+        let measured = [
+            CapacityMeasurement {
+                vm_type: "m.2".into(),
+                capacity: 100.0,
+                log_sd: 0.05,
+            },
+            CapacityMeasurement {
+                vm_type: "m.1".into(),
+                capacity: 10.0,
+                log_sd: 0.05,
+            },
+        ];
+        let order = desired_types(
+            &catalog(),
+            local,
+            &spec(&[], &[]),
+            &["m.1".to_owned()],
+            &measured,
+            Some(90.0),
+        );
+        assert_eq!(order.first().map(String::as_str), Some("c.4"), "{order:?}");
+        assert!(!order.contains(&"m.1".to_owned()), "m.1 kept: {order:?}");
         // Unless an operator pinned it in.
-        let order = desired_types(&catalog(), local, &spec(&["m.4"], &[]), &["m.4".to_owned()]);
+        let order = desired_types(
+            &catalog(),
+            local,
+            &spec(&["m.4"], &[]),
+            &["m.4".to_owned()],
+            &[],
+            None,
+        );
         assert_eq!(order.first().map(String::as_str), Some("m.4"), "{order:?}");
     }
 }

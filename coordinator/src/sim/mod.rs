@@ -6,8 +6,10 @@
 //! lifecycle: it reconciles what each workload's [`ShadowTemplate`](crate::policy::ShadowTemplate)
 //! and the pool steering ask for against what runs, within the workload's shadow budget, records
 //! every state change in the store, and registers each running shadow's mirror session in the
-//! workload so live agents start cloning to it. The [`catalog`] says what each VM type is.
+//! workload so live agents start cloning to it. The [`catalog`] says what each VM type is;
+//! [`capacity`] turns stored measurements into the capacities the pool steering weighs.
 
+pub mod capacity;
 pub mod catalog;
 pub mod exec;
 pub mod local;
