@@ -21,7 +21,7 @@
 //! check and the create that follows it atomic.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -152,7 +152,16 @@ pub struct ShadowManager {
     ops: Mutex<Store>,
     /// Wakes the reconcile loop early (a workload changed).
     wake: Notify,
+    /// Per workload: when its capacities were last computed, and what they were. Decoding a
+    /// window of histograms on every reconcile pass would cost more than steering is worth.
+    capacities: Mutex<HashMap<String, (i64, Capacities)>>,
 }
+
+/// Measured capacities and the live peak of one workload.
+type Capacities = (Vec<CapacityMeasurement>, Option<f64>);
+
+/// How often a workload's capacities are recomputed for steering, ms.
+const CAPACITY_REFRESH_MS: i64 = 60_000;
 
 /// An instance as `doppel shadows` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -364,6 +373,7 @@ impl ShadowManager {
             parts,
             ops: Mutex::new(store),
             wake: Notify::new(),
+            capacities: Mutex::new(HashMap::new()),
         }
     }
 
@@ -783,6 +793,35 @@ impl ShadowManager {
         Ok(())
     }
 
+    /// The workload's measured capacities, recomputed at most every minute.
+    fn capacities(&self, store: &Store, spec: &WorkloadSpec, now: i64) -> Capacities {
+        let mut cache = self.capacities.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, cached)) = cache.get(&spec.name)
+            && now - at < CAPACITY_REFRESH_MS
+        {
+            return cached.clone();
+        }
+        let computed = match crate::evaluate::load_measurements(
+            store,
+            spec,
+            now.saturating_sub(self.parts.window_ms),
+            now,
+        ) {
+            Ok(m) => super::capacity::capacities(
+                &m,
+                spec.policy.slo.percentile,
+                spec.policy.slo.max_latency_ms,
+                u64::try_from(now / CAPACITY_REFRESH_MS).unwrap_or_default(),
+            ),
+            Err(e) => {
+                warn!(workload = spec.name, error = %error_chain(&e), "cannot read measurements for steering");
+                (Vec::new(), None)
+            }
+        };
+        cache.insert(spec.name.clone(), (now, computed.clone()));
+        computed
+    }
+
     /// One pass of the lifecycle (see the module docs).
     pub fn reconcile(&self) -> Result<(), SimError> {
         let mut store = self.lock();
@@ -851,23 +890,7 @@ impl ShadowManager {
                 .filter(|r| r.state == ShadowState::Running)
                 .map(|r| r.vm_type.clone())
                 .collect();
-            let (measured, peak) = match crate::evaluate::load_measurements(
-                &store,
-                spec,
-                now.saturating_sub(self.parts.window_ms),
-                now,
-            ) {
-                Ok(m) => super::capacity::capacities(
-                    &m,
-                    spec.policy.slo.percentile,
-                    spec.policy.slo.max_latency_ms,
-                    u64::try_from(now / 60_000).unwrap_or_default(),
-                ),
-                Err(e) => {
-                    warn!(workload = spec.name, error = %error_chain(&e), "cannot read measurements for steering");
-                    (Vec::new(), None)
-                }
-            };
+            let (measured, peak) = self.capacities(&store, spec, now);
             let desired = desired_types(
                 &self.parts.catalog,
                 |t| self.parts.provisioner.supports(t),
