@@ -13,7 +13,11 @@ use crate::{
     client::{ApiClient, ClientError},
     compare::{Comparison, Verdict},
     policy::{Policy, WorkloadSpec},
-    store::{ActionRow, DeliveryRow, RecommendationRow},
+    sim::manager::{CreateShadow, Pin, PinRequest, ShadowView},
+    store::{
+        ActionRow, DeliveryRow, RecommendationRow,
+        shadows::{ShadowEvent, ShadowRow},
+    },
     table::{render, timestamp},
 };
 
@@ -57,6 +61,75 @@ pub enum ClientCommand {
     /// Webhook deliveries.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
+    /// Shadow instances: list them (the default), create, pause, resume or destroy one, pin a
+    /// VM type in or out of a workload's pool.
+    Shadows {
+        /// What to do (default: list).
+        #[command(subcommand)]
+        command: Option<ShadowsCommand>,
+    },
+}
+
+/// `doppel shadows …`
+#[derive(Debug, Subcommand)]
+pub enum ShadowsCommand {
+    /// Shadows with state, type, age, cost per hour and address.
+    List {
+        /// Only this workload.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Destroyed and failed ones too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Create a shadow of a workload on a VM type by hand (within the workload's budget).
+    Create {
+        /// The workload.
+        #[arg(long)]
+        workload: String,
+        /// The VM type, from the catalog.
+        #[arg(long = "type")]
+        vm_type: String,
+    },
+    /// A shadow's state changes, oldest first, with their reasons.
+    Events {
+        /// The shadow's id.
+        id: String,
+    },
+    /// Withdraw a shadow's mirror session; the manager leaves it alone until resumed.
+    Pause {
+        /// The shadow's id.
+        id: String,
+    },
+    /// Register a paused shadow's mirror session again.
+    Resume {
+        /// The shadow's id.
+        id: String,
+    },
+    /// Destroy a shadow.
+    Destroy {
+        /// The shadow's id.
+        id: String,
+    },
+    /// Pin a VM type in (always shadowed) or out (never) of a workload's pool.
+    #[command(group(clap::ArgGroup::new("where").required(true).args(["pin_in", "pin_out", "unpin"])))]
+    Pin {
+        /// The workload.
+        #[arg(long)]
+        workload: String,
+        /// The VM type.
+        #[arg(long = "type")]
+        vm_type: String,
+        /// Always shadow it.
+        #[arg(long = "in", conflicts_with_all = ["pin_out", "unpin"])]
+        pin_in: bool,
+        /// Never shadow it.
+        #[arg(long = "out", conflicts_with = "unpin")]
+        pin_out: bool,
+        /// Leave it to the steering again.
+        #[arg(long = "none")]
+        unpin: bool,
+    },
 }
 
 /// `doppel webhooks …`
@@ -472,6 +545,158 @@ fn comparison_text(c: &Comparison) -> String {
     out
 }
 
+fn age(seconds: i64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn shadows_table(shadows: &[ShadowView]) -> String {
+    let rows: Vec<Vec<String>> = shadows
+        .iter()
+        .map(|v| {
+            let r = &v.row;
+            vec![
+                r.id.clone(),
+                r.workload.clone(),
+                r.state.as_str().to_owned(),
+                r.vm_type.clone(),
+                age(v.age_s),
+                format!("{:.3}", r.price_per_hour),
+                r.addr.clone().unwrap_or_else(|| "-".into()),
+                r.vni.to_string(),
+                format!("{:?}", r.origin).to_lowercase(),
+                r.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    render(
+        &[
+            "ID", "WORKLOAD", "STATE", "TYPE", "AGE", "COST/H", "ADDR", "VNI", "ORIGIN", "NOTE",
+        ],
+        &rows,
+    )
+}
+
+async fn run_shadows(
+    client: &ApiClient,
+    command: ShadowsCommand,
+    json: bool,
+) -> Result<String, CliError> {
+    let one = |row: ShadowRow, what: &str| {
+        if json {
+            as_json(&row)
+        } else {
+            Ok(format!(
+                "shadow {} ({} on {}) {what}; now {}\n",
+                row.id,
+                row.workload,
+                row.vm_type,
+                row.state.as_str()
+            ))
+        }
+    };
+    match command {
+        ShadowsCommand::List { workload, all } => {
+            let mut path = format!("/v1/shadows?all={all}");
+            if let Some(w) = workload {
+                path.push_str(&format!("&workload={}", path_segment(&w)));
+            }
+            let shadows: Vec<ShadowView> = client.get(&path).await?;
+            if json {
+                as_json(&shadows)
+            } else {
+                Ok(shadows_table(&shadows))
+            }
+        }
+        ShadowsCommand::Create { workload, vm_type } => {
+            let row: ShadowRow = client
+                .call(
+                    Method::POST,
+                    "/v1/shadows",
+                    Some(&CreateShadow { workload, vm_type }),
+                )
+                .await?;
+            one(row, "created")
+        }
+        ShadowsCommand::Events { id } => {
+            let events: Vec<ShadowEvent> = client
+                .get(&format!("/v1/shadows/{}/events", path_segment(&id)))
+                .await?;
+            if json {
+                return as_json(&events);
+            }
+            let rows: Vec<Vec<String>> = events
+                .iter()
+                .map(|e| {
+                    vec![
+                        timestamp(e.at_ms),
+                        e.state.as_str().to_owned(),
+                        e.detail.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            Ok(render(&["AT (UTC)", "STATE", "WHY"], &rows))
+        }
+        ShadowsCommand::Pause { id } => {
+            let path = format!("/v1/shadows/{}/pause", path_segment(&id));
+            one(
+                client.call(Method::POST, &path, None::<&()>).await?,
+                "paused",
+            )
+        }
+        ShadowsCommand::Resume { id } => {
+            let path = format!("/v1/shadows/{}/resume", path_segment(&id));
+            one(
+                client.call(Method::POST, &path, None::<&()>).await?,
+                "resumed",
+            )
+        }
+        ShadowsCommand::Destroy { id } => {
+            let path = format!("/v1/shadows/{}", path_segment(&id));
+            one(
+                client.call(Method::DELETE, &path, None::<&()>).await?,
+                "destroyed",
+            )
+        }
+        ShadowsCommand::Pin {
+            workload,
+            vm_type,
+            pin_in,
+            pin_out,
+            unpin: _,
+        } => {
+            let pin = match (pin_in, pin_out) {
+                (true, _) => Pin::In,
+                (_, true) => Pin::Out,
+                _ => Pin::None,
+            };
+            let r: Revision = client
+                .call(
+                    Method::PUT,
+                    &format!("/v1/workloads/{}/pins", path_segment(&workload)),
+                    Some(&PinRequest {
+                        vm_type: vm_type.clone(),
+                        pin,
+                    }),
+                )
+                .await?;
+            if json {
+                as_json(&r)
+            } else {
+                Ok(format!(
+                    "{vm_type} pinned {} for {workload}; policy revision {}\n",
+                    format!("{pin:?}").to_lowercase(),
+                    r.revision
+                ))
+            }
+        }
+    }
+}
+
 fn path_segment(name: &str) -> String {
     // Workload names are [A-Za-z0-9._-] (validated); anything else is escaped so a bad name
     // reaches the API as a 404 instead of a different route.
@@ -686,6 +911,13 @@ pub async fn run(
                 ],
                 &rows,
             ))
+        }
+        ClientCommand::Shadows { command } => {
+            let command = command.unwrap_or(ShadowsCommand::List {
+                workload: None,
+                all: false,
+            });
+            run_shadows(client, command, json).await
         }
         ClientCommand::Agents => {
             let agents: Vec<AgentView> = client.get("/v1/agents").await?;

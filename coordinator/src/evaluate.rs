@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 
 use doppel_common::wire::{EncodedHistogram, FlowScope, LatencyMetric};
-use serde::{Deserialize, Serialize};
 
 use crate::{
     compare::{CompareConfig, Comparison, Measurement, Role, compare},
@@ -13,23 +12,7 @@ use crate::{
     store::{Store, StoreError},
 };
 
-/// A VM type's price, from the `[[vm_types]]` catalog of the serve config.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmTypePrice {
-    /// VM type name, as workloads use it.
-    pub name: String,
-    /// Price per hour, in whatever currency the operator uses throughout.
-    pub price_per_hour: f64,
-}
-
-/// The catalog as a lookup table.
-pub fn price_table(catalog: &[VmTypePrice]) -> HashMap<String, f64> {
-    catalog
-        .iter()
-        .map(|t| (t.name.clone(), t.price_per_hour))
-        .collect()
-}
+pub use crate::sim::catalog::{VmType, price_table};
 
 /// Every agent of `spec` with its VM type and role.
 fn placements(spec: &WorkloadSpec) -> Vec<(&str, &str, Role)> {

@@ -6,7 +6,9 @@
 //! [`compare`] is the sans-IO comparison of live and shadow VM types at matched load and the
 //! recommendation rules; [`evaluate`] feeds it from the store; [`webhook`] stores
 //! recommendations and delivers them signed from a persistent outbox. The [`api`] serves the CLI
-//! ([`cli`], [`client`], [`table`]) and `/metrics` over HTTP. [`serve`] wires it together.
+//! ([`cli`], [`client`], [`table`]) and `/metrics` over HTTP. The Shadow Instance Manager
+//! ([`sim`]) creates, replaces and destroys the workloads' shadow instances within their budget
+//! and registers their mirror sessions. [`serve`] wires it together.
 //! [`answer_hello`] is the handshake decision.
 #![forbid(unsafe_code)]
 
@@ -20,6 +22,7 @@ pub mod evaluate;
 pub mod net;
 pub mod policy;
 pub mod serve;
+pub mod sim;
 pub mod store;
 pub mod table;
 pub mod webhook;

@@ -28,7 +28,52 @@ pub struct WorkloadSpec {
     /// What to sample, the SLO, the budget and the mode.
     #[serde(default)]
     pub policy: Policy,
+    /// How the coordinator makes shadows of this workload itself (absent: it makes none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowTemplate>,
 }
+
+/// How the Shadow Instance Manager runs a workload in a shadow, how many and on which types.
+///
+/// ```toml
+/// [shadow]
+/// command = "/usr/sbin/nginx"
+/// args = ["-p", "{dir}", "-c", "{dir}/nginx.conf", "-g", "daemon off;"]
+/// count = 2                        # shadows running at once, 1..=16
+/// pin_in = ["c7.large"]            # always shadowed (within the budget)
+/// pin_out = ["m5.large"]           # never shadowed
+/// recreate_every_secs = 86400      # fresh instances daily (absent: never)
+/// ```
+///
+/// In `args`, `{dir}` is the shadow's private directory and `{addr}` its address.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowTemplate {
+    /// The workload's program, started inside the shadow.
+    pub command: String,
+    /// Its arguments, with `{dir}` and `{addr}` substituted.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Shadows kept running at once.
+    #[serde(default = "one_shadow")]
+    pub count: u32,
+    /// VM types always shadowed (as long as the budget allows).
+    #[serde(default)]
+    pub pin_in: Vec<String>,
+    /// VM types never shadowed.
+    #[serde(default)]
+    pub pin_out: Vec<String>,
+    /// Replace every shadow by a fresh one after this many seconds (absent: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreate_every_secs: Option<u64>,
+}
+
+const fn one_shadow() -> u32 {
+    1
+}
+
+/// Most shadows a template may ask for.
+pub const MAX_SHADOWS: u32 = 16;
 
 /// A live host of a workload.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -41,6 +86,10 @@ pub struct LiveEndpoint {
     /// Interfaces the agent attaches to (empty: the agent's default).
     #[serde(default)]
     pub interfaces: Vec<String>,
+    /// Outer source address of this host's mirror traffic (its VXLAN endpoint); shadows the
+    /// coordinator makes admit mirror traffic from these addresses only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan_source: Option<std::net::IpAddr>,
 }
 
 /// A shadow instance of a workload.
@@ -152,6 +201,10 @@ impl Default for Slo {
 pub struct Budget {
     /// Most a recommended VM type may cost per hour (per instance); none: no limit.
     pub max_cost_per_hour: Option<f64>,
+    /// Most the workload's shadows may cost per hour together (catalog prices); none: no limit.
+    /// The Shadow Instance Manager never creates a shadow that would exceed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow_cost_per_hour: Option<f64>,
 }
 
 /// Whether the coordinator acts on its recommendations.
@@ -259,6 +312,7 @@ pub fn validate(spec: &WorkloadSpec, others: &[WorkloadSpec]) -> Result<(), Inva
             return Err(invalid(format!("shadows[{i}].vni"), "used twice"));
         }
     }
+    validate_shadow(spec)?;
     validate_policy(&spec.policy)
 }
 
@@ -313,15 +367,16 @@ pub fn validate_policy(policy: &Policy) -> Result<(), InvalidPolicy> {
     if !(slo.max_latency_ms.is_finite() && slo.max_latency_ms > 0.0) {
         return Err(invalid("policy.slo.max_latency_ms", "must be positive"));
     }
-    if policy
-        .budget
-        .max_cost_per_hour
-        .is_some_and(|c| !(c.is_finite() && c >= 0.0))
-    {
-        return Err(invalid(
-            "policy.budget.max_cost_per_hour",
-            "must be a non-negative number",
-        ));
+    for (field, value) in [
+        ("max_cost_per_hour", policy.budget.max_cost_per_hour),
+        ("shadow_cost_per_hour", policy.budget.shadow_cost_per_hour),
+    ] {
+        if value.is_some_and(|c| !(c.is_finite() && c >= 0.0)) {
+            return Err(invalid(
+                format!("policy.budget.{field}"),
+                "must be a non-negative number",
+            ));
+        }
     }
     match (&policy.mode, &policy.action) {
         (Mode::Act, None) => {
@@ -334,6 +389,57 @@ pub fn validate_policy(policy: &Policy) -> Result<(), InvalidPolicy> {
             return Err(invalid("policy.action", "must not be empty"));
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// Checks a workload's shadow template and what it needs from the rest of the spec.
+pub fn validate_shadow(spec: &WorkloadSpec) -> Result<(), InvalidPolicy> {
+    let Some(t) = &spec.shadow else {
+        return Ok(());
+    };
+    if t.command.trim().is_empty() {
+        return Err(invalid("shadow.command", "must not be empty"));
+    }
+    if !(1..=MAX_SHADOWS).contains(&t.count) {
+        return Err(invalid(
+            "shadow.count",
+            format!("must be in 1..={MAX_SHADOWS}"),
+        ));
+    }
+    for (list, types) in [("pin_in", &t.pin_in), ("pin_out", &t.pin_out)] {
+        for (i, name) in types.iter().enumerate() {
+            if !valid_name(name) {
+                return Err(invalid(
+                    format!("shadow.{list}[{i}]"),
+                    "not a valid VM type name",
+                ));
+            }
+        }
+    }
+    if let Some((i, name)) = t
+        .pin_in
+        .iter()
+        .enumerate()
+        .find(|(_, n)| t.pin_out.contains(n))
+    {
+        return Err(invalid(
+            format!("shadow.pin_in[{i}]"),
+            format!("{name:?} is pinned both in and out"),
+        ));
+    }
+    if t.recreate_every_secs.is_some_and(|s| s < 10) {
+        return Err(invalid(
+            "shadow.recreate_every_secs",
+            "must be at least 10 seconds",
+        ));
+    }
+    if !spec.live.iter().any(|l| l.vxlan_source.is_some()) {
+        return Err(invalid(
+            "live[0].vxlan_source",
+            "shadows admit mirror traffic only from known sources: give each live host's VXLAN \
+             source address",
+        ));
     }
     Ok(())
 }
@@ -457,6 +563,7 @@ mod tests {
                 agent: "live-1".into(),
                 vm_type: "m5.large".into(),
                 interfaces: vec![],
+                vxlan_source: None,
             }],
             services: vec!["10.0.0.2:8080".into()],
             shadows: vec![ShadowEndpoint {
@@ -466,6 +573,7 @@ mod tests {
                 vni: 42,
             }],
             policy: Policy::default(),
+            shadow: None,
         }
     }
 
@@ -493,6 +601,53 @@ mod tests {
             "live[0].agent"
         );
         validate(&web(), &[web()]).expect("a workload may be replaced by itself");
+    }
+
+    #[test]
+    fn invalid_shadow_templates_name_the_field() {
+        let good = || {
+            let mut spec = web();
+            spec.live[0].vxlan_source = Some("10.0.0.2".parse().expect("addr"));
+            spec.shadow = Some(ShadowTemplate {
+                command: "/bin/server".into(),
+                args: vec!["{dir}".into()],
+                count: 2,
+                pin_in: vec!["a".into()],
+                pin_out: vec!["b".into()],
+                recreate_every_secs: Some(3600),
+            });
+            spec
+        };
+        validate(&good(), &[]).expect("valid");
+        let field = |f: &dyn Fn(&mut WorkloadSpec)| {
+            let mut spec = good();
+            f(&mut spec);
+            validate(&spec, &[]).expect_err("invalid").field
+        };
+        assert_eq!(
+            field(&|s| s.shadow.as_mut().expect("t").count = 0),
+            "shadow.count"
+        );
+        assert_eq!(
+            field(&|s| s.shadow.as_mut().expect("t").command = " ".into()),
+            "shadow.command"
+        );
+        assert_eq!(
+            field(&|s| s.shadow.as_mut().expect("t").pin_out = vec!["a".into()]),
+            "shadow.pin_in[0]"
+        );
+        assert_eq!(
+            field(&|s| s.shadow.as_mut().expect("t").recreate_every_secs = Some(1)),
+            "shadow.recreate_every_secs"
+        );
+        assert_eq!(
+            field(&|s| s.live[0].vxlan_source = None),
+            "live[0].vxlan_source"
+        );
+        assert_eq!(
+            field(&|s| s.policy.budget.shadow_cost_per_hour = Some(-1.0)),
+            "policy.budget.shadow_cost_per_hour"
+        );
     }
 
     #[test]

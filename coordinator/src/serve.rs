@@ -18,8 +18,12 @@ use crate::{
     api::{self, ApiStartError},
     ca::{CaError, CertificateAuthority},
     compare::CompareConfig,
-    evaluate::{VmTypePrice, price_table},
     net::{self, Hub, IngestServer, NetError, PolicySnapshot, ServerContext, tls},
+    sim::{
+        SimConfig,
+        catalog::{self, VmType, price_table},
+        manager::{ManagerParts, ShadowManager},
+    },
     store::{Store, StoreError, ingest},
     webhook::{Recommender, WebhookConfig, WebhookStats},
 };
@@ -39,8 +43,9 @@ pub struct ServeConfig {
     pub retention_days: u32,
     /// Largest frame accepted from an agent, bytes.
     pub max_frame_len: usize,
-    /// VM type prices (`[[vm_types]] name, price_per_hour`), for cost deltas and budgets.
-    pub vm_types: Vec<VmTypePrice>,
+    /// The VM catalog (`[[vm_types]]`): prices for cost deltas and budgets, sizes and priors for
+    /// shadow-pool steering, `local` limits for the local provisioner ([`catalog`]).
+    pub vm_types: Vec<VmType>,
     /// Comparison tunables (`[compare]`).
     pub compare: CompareConfig,
     /// Default comparison window, seconds (`doppel compare` and recommendations).
@@ -56,6 +61,8 @@ pub struct ServeConfig {
     /// Scale actions act-mode workloads may name (`[[actions]] name, command, timeout_ms,
     /// verify_after_ms`).
     pub actions: Vec<ActionConfig>,
+    /// The Shadow Instance Manager (`[sim]`).
+    pub sim: SimConfig,
 }
 
 /// A config value that cannot be used.
@@ -77,21 +84,10 @@ impl ServeConfig {
                 reason: reason.to_owned(),
             })
         };
-        let mut names = std::collections::HashSet::new();
-        for (i, t) in self.vm_types.iter().enumerate() {
-            if t.name.is_empty() {
-                return invalid(format!("vm_types[{i}].name"), "must not be empty");
-            }
-            if !names.insert(t.name.as_str()) {
-                return invalid(format!("vm_types[{i}].name"), "listed twice");
-            }
-            if !(t.price_per_hour.is_finite() && t.price_per_hour >= 0.0) {
-                return invalid(
-                    format!("vm_types[{i}].price_per_hour"),
-                    "must be a non-negative number",
-                );
-            }
-        }
+        catalog::validate(&self.vm_types).map_err(|e| InvalidConfig {
+            field: e.field,
+            reason: e.reason,
+        })?;
         let c = &self.compare;
         if !(c.load_tolerance > 0.0 && c.load_tolerance < 1.0) {
             return invalid("compare.load_tolerance".into(), "must be in (0, 1)");
@@ -128,12 +124,12 @@ impl ServeConfig {
         if self.webhook_max_attempts == 0 {
             return invalid("webhook_max_attempts".into(), "must be positive");
         }
-        let mut names = std::collections::HashSet::new();
+        let mut action_names = std::collections::HashSet::new();
         for (i, a) in self.actions.iter().enumerate() {
             if a.name.trim().is_empty() {
                 return invalid(format!("actions[{i}].name"), "must not be empty");
             }
-            if !names.insert(a.name.as_str()) {
+            if !action_names.insert(a.name.as_str()) {
                 return invalid(format!("actions[{i}].name"), "listed twice");
             }
             if a.command.first().is_none_or(|p| p.is_empty()) {
@@ -143,7 +139,10 @@ impl ServeConfig {
                 return invalid(format!("actions[{i}].timeout_ms"), "must be positive");
             }
         }
-        Ok(())
+        self.sim.validate().map_err(|e| InvalidConfig {
+            field: e.field,
+            reason: e.reason,
+        })
     }
 }
 
@@ -163,6 +162,7 @@ impl Default for ServeConfig {
             webhook_backoff_ms: 1_000,
             webhook_max_attempts: 12,
             actions: Vec::new(),
+            sim: SimConfig::default(),
         }
     }
 }
@@ -290,9 +290,26 @@ impl Coordinator {
         })?;
         api::write_addr_file(&config.state_dir, api_addr).map_err(ServeError::Api)?;
         let webhook_stats = Arc::new(WebhookStats::default());
+        let sim = Arc::new(ShadowManager::new(
+            ManagerParts {
+                provisioner: config.sim.provisioner(&config.state_dir),
+                policy: Arc::clone(&policy),
+                catalog: config.vm_types.clone(),
+                ca: ca.clone(),
+                shadows_dir: config.state_dir.join("shadows"),
+                coordinator: config.sim.coordinator_address(quic_addr.port()),
+                server_name: config.sim.server_name.clone(),
+                retry_after_failure_ms: i64::try_from(config.sim.retry_after_failure_ms)
+                    .unwrap_or(i64::MAX),
+                window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
+                    .unwrap_or(i64::MAX),
+            },
+            open()?,
+        ));
         let api_state = Arc::new(api::ApiState {
             ingest_stats: Arc::clone(ctx.ingest.stats()),
             webhook_stats: Arc::clone(&webhook_stats),
+            sim: Arc::clone(&sim),
             store: Arc::new(Mutex::new(open()?)),
             policy: Arc::clone(&policy),
             hub: Arc::clone(&hub),
@@ -354,6 +371,10 @@ impl Coordinator {
                 shutdown_rx.clone(),
             )),
             tokio::spawn(server.run(Arc::clone(&ctx), shutdown_rx.clone())),
+            tokio::spawn(Arc::clone(&sim).run(
+                Duration::from_millis(config.sim.reconcile_interval_ms),
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(net::watch_crl(ca, verifier, Arc::clone(&hub), shutdown_rx)),
         ];
         info!(%quic_addr, %api_addr, state_dir = %config.state_dir.display(), "coordinator running");
@@ -370,13 +391,7 @@ impl Coordinator {
     /// Reads the workloads from the store and publishes them to every connected agent (and to
     /// those connecting later). Called after every workload or policy change.
     pub fn publish_policy(&self, store: &Store) -> Result<u64, StoreError> {
-        let snapshot = PolicySnapshot {
-            revision: store.policy_revision()?,
-            workloads: store.workloads()?,
-        };
-        let revision = snapshot.revision;
-        self.policy.send_replace(Arc::new(snapshot));
-        Ok(revision)
+        crate::sim::manager::publish(&self.policy, store)
     }
 
     /// Stops accepting, closes agent connections, lets the writer commit what it holds.

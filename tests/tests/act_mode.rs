@@ -9,9 +9,9 @@ use std::{path::Path, time::Duration};
 use doppel_coordinator::{
     act::ActionConfig,
     ca::CertificateAuthority,
-    evaluate::VmTypePrice,
     policy::{LiveEndpoint, Mode, Policy, ShadowEndpoint, Slo, WorkloadSpec},
     serve::{Coordinator, ServeConfig},
+    sim::catalog::VmType,
     store::{ActionState, Store},
 };
 use doppel_tests::reports::{Seed, now_ms, seed};
@@ -33,6 +33,7 @@ fn setup(dir: &Path, action: &str) {
                     agent: "live-1".into(),
                     vm_type: "small".into(),
                     interfaces: vec![],
+                    vxlan_source: None,
                 }],
                 services: vec![SERVICE.into()],
                 shadows: vec![ShadowEndpoint {
@@ -41,6 +42,7 @@ fn setup(dir: &Path, action: &str) {
                     addr: "10.0.1.2".parse().expect("addr"),
                     vni: 42,
                 }],
+                shadow: None,
                 policy: Policy {
                     slo: Slo {
                         percentile: 99.0,
@@ -77,13 +79,15 @@ fn config(dir: &Path, action: ActionConfig) -> ServeConfig {
         quic_listen: "127.0.0.1:0".parse().expect("addr"),
         api_listen: "127.0.0.1:0".parse().expect("addr"),
         vm_types: vec![
-            VmTypePrice {
+            VmType {
                 name: "small".into(),
                 price_per_hour: 0.05,
+                ..VmType::default()
             },
-            VmTypePrice {
+            VmType {
                 name: "large".into(),
                 price_per_hour: 0.20,
+                ..VmType::default()
             },
         ],
         compare_window_secs: 60,

@@ -161,10 +161,12 @@ async fn a_policy_change_reaches_a_connected_agent_within_a_second() {
             agent: "live-1".into(),
             vm_type: "m5.large".into(),
             interfaces: vec![],
+            vxlan_source: None,
         }],
         services: vec!["10.0.0.2:8080".into()],
         shadows: vec![],
         policy: spec_policy,
+        shadow: None,
     };
     store.put_workload(&spec, 0).expect("put");
     let changed_at = tokio::time::Instant::now();

@@ -18,7 +18,7 @@ use axum::{
 };
 use doppel_coordinator::{
     ca::CertificateAuthority,
-    evaluate::VmTypePrice,
+    evaluate::VmType,
     policy::{LiveEndpoint, Policy, ShadowEndpoint, WorkloadSpec},
     serve::{Coordinator, ServeConfig},
     store::Store,
@@ -144,6 +144,7 @@ async fn a_recommendation_reaches_the_webhook_once_despite_failures_and_a_restar
                         agent: "live-1".into(),
                         vm_type: "m5.large".into(),
                         interfaces: vec![],
+                        vxlan_source: None,
                     }],
                     services: vec!["10.0.0.2:8080".into()],
                     shadows: vec![ShadowEndpoint {
@@ -153,6 +154,7 @@ async fn a_recommendation_reaches_the_webhook_once_despite_failures_and_a_restar
                         vni: 42,
                     }],
                     policy: Policy::default(),
+                    shadow: None,
                 },
                 0,
             )
@@ -179,13 +181,15 @@ async fn a_recommendation_reaches_the_webhook_once_despite_failures_and_a_restar
         quic_listen: "127.0.0.1:0".parse().expect("addr"),
         api_listen: "127.0.0.1:0".parse().expect("addr"),
         vm_types: vec![
-            VmTypePrice {
+            VmType {
                 name: "m5.large".into(),
                 price_per_hour: 0.10,
+                ..VmType::default()
             },
-            VmTypePrice {
+            VmType {
                 name: "c6g.large".into(),
                 price_per_hour: 0.08,
+                ..VmType::default()
             },
         ],
         evaluate_interval_ms: 200,

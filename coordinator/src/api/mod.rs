@@ -26,7 +26,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::watch;
@@ -36,8 +36,11 @@ use crate::{
     evaluate::compare_workload,
     net::{Hub, PolicySnapshot},
     policy::{InvalidPolicy, Policy, WorkloadSpec, validate, validate_policy},
+    sim::manager::{CreateShadow, PinRequest, ShadowManager, ShadowView, SimError},
     store::{
-        ActionRow, AgentRow, DeliveryRow, RecommendationRow, Store, StoreError, ingest::IngestStats,
+        ActionRow, AgentRow, DeliveryRow, RecommendationRow, Store, StoreError,
+        ingest::IngestStats,
+        shadows::{ShadowEvent, ShadowRow},
     },
     webhook::WebhookStats,
 };
@@ -136,6 +139,19 @@ pub enum ApiError {
     /// A blocking task panicked or was cancelled.
     #[error("internal task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// A shadow lifecycle operation was refused or failed.
+    #[error(transparent)]
+    Sim(SimError),
+}
+
+impl From<SimError> for ApiError {
+    fn from(e: SimError) -> Self {
+        match e {
+            SimError::NoSuchWorkload(name) => Self::NoSuchWorkload(name),
+            SimError::Store(e) => Self::Store(e),
+            e => Self::Sim(e),
+        }
+    }
 }
 
 /// The JSON body of every error answer.
@@ -178,6 +194,22 @@ impl IntoResponse for ApiError {
             Self::NoSuchWorkload(_) => (StatusCode::NOT_FOUND, None),
             Self::Store(e) if e.is_back_pressure() => (StatusCode::SERVICE_UNAVAILABLE, None),
             Self::Store(_) | Self::Task(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
+            Self::Sim(e) => match e {
+                SimError::NoSuchInstance(_) => (StatusCode::NOT_FOUND, None),
+                SimError::NoTemplate(_) => (StatusCode::CONFLICT, Some("shadow".to_owned())),
+                SimError::BadType { .. } => (StatusCode::BAD_REQUEST, Some("vm_type".to_owned())),
+                SimError::OverBudget { .. } => (
+                    StatusCode::CONFLICT,
+                    Some("policy.budget.shadow_cost_per_hour".to_owned()),
+                ),
+                SimError::WrongState { .. } => (StatusCode::CONFLICT, None),
+                // The provisioner (a script, iproute2) failed: a bad gateway, said in full.
+                SimError::CreateFailed { .. } | SimError::DestroyFailed { .. } => {
+                    (StatusCode::BAD_GATEWAY, None)
+                }
+                SimError::NoSuchWorkload(_) => (StatusCode::NOT_FOUND, None),
+                SimError::Ca(_) | SimError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
+            },
         };
         if status.is_server_error() {
             tracing::warn!(error = %error_chain(&self), "API request failed");
@@ -217,6 +249,8 @@ pub struct ApiState {
     pub ingest_stats: Arc<IngestStats>,
     /// The webhook deliverer's counters.
     pub webhook_stats: Arc<WebhookStats>,
+    /// The Shadow Instance Manager.
+    pub sim: Arc<ShadowManager>,
 }
 
 impl ApiState {
@@ -239,15 +273,11 @@ impl ApiState {
         let revision = self
             .with_store(move |store| {
                 f(store)?;
-                let snapshot = PolicySnapshot {
-                    revision: store.policy_revision()?,
-                    workloads: store.workloads()?,
-                };
-                let revision = snapshot.revision;
-                policy.send_replace(Arc::new(snapshot));
-                Ok(revision)
+                Ok(crate::sim::manager::publish(&policy, store)?)
             })
             .await?;
+        // A new or changed workload may want shadows (or fewer): reconcile now.
+        self.sim.poke();
         Ok(Json(Revision { revision }))
     }
 }
@@ -322,6 +352,21 @@ async fn add_workload(
     body: Bytes,
 ) -> Result<Json<Revision>, ApiError> {
     let spec: WorkloadSpec = parse_body(&body, "")?;
+    // Pins name catalog types; a typo would silently pin nothing.
+    if let Some(template) = &spec.shadow {
+        for (list, types) in [("pin_in", &template.pin_in), ("pin_out", &template.pin_out)] {
+            if let Some((i, name)) = types
+                .iter()
+                .enumerate()
+                .find(|(_, t)| !state.prices.contains_key(*t))
+            {
+                return Err(ApiError::Invalid(InvalidPolicy {
+                    field: format!("shadow.{list}[{i}]"),
+                    reason: format!("{name:?} is not in the coordinator's [[vm_types]] catalog"),
+                }));
+            }
+        }
+    }
     state
         .change(move |store| {
             validate(&spec, &store.workloads()?)?;
@@ -485,6 +530,89 @@ async fn compare_live_and_shadows(
         .map(Json)
 }
 
+/// Query of `GET /v1/shadows`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ShadowQuery {
+    /// Only this workload.
+    pub workload: Option<String>,
+    /// Destroyed and failed instances too.
+    #[serde(default)]
+    pub all: bool,
+}
+
+impl ApiState {
+    async fn with_sim<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ShadowManager) -> Result<T, SimError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let sim = Arc::clone(&self.sim);
+        tokio::task::spawn_blocking(move || f(&sim))
+            .await
+            .map_err(ApiError::Task)?
+            .map_err(ApiError::from)
+    }
+}
+
+async fn list_shadows(
+    State(state): State<Arc<ApiState>>,
+    Query(query): Query<ShadowQuery>,
+) -> Result<Json<Vec<ShadowView>>, ApiError> {
+    let mut views = state.with_sim(move |sim| sim.list(query.all)).await?;
+    if let Some(w) = &query.workload {
+        views.retain(|v| v.row.workload == *w);
+    }
+    Ok(Json(views))
+}
+
+async fn create_shadow(
+    State(state): State<Arc<ApiState>>,
+    body: Bytes,
+) -> Result<Json<ShadowRow>, ApiError> {
+    let request: CreateShadow = parse_body(&body, "")?;
+    state
+        .with_sim(move |sim| sim.create_manual(&request.workload, &request.vm_type))
+        .await
+        .map(Json)
+}
+
+async fn shadow_events(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<Vec<ShadowEvent>>, ApiError> {
+    state.with_sim(move |sim| sim.events(&id)).await.map(Json)
+}
+
+async fn pause_shadow(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<ShadowRow>, ApiError> {
+    state.with_sim(move |sim| sim.pause(&id)).await.map(Json)
+}
+
+async fn resume_shadow(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<ShadowRow>, ApiError> {
+    state.with_sim(move |sim| sim.resume(&id)).await.map(Json)
+}
+
+async fn destroy_shadow(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<ShadowRow>, ApiError> {
+    state.with_sim(move |sim| sim.destroy(&id)).await.map(Json)
+}
+
+async fn pin_shadow_type(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> Result<Json<Revision>, ApiError> {
+    let request: PinRequest = parse_body(&body, "")?;
+    let revision = state.with_sim(move |sim| sim.pin(&name, &request)).await?;
+    Ok(Json(Revision { revision }))
+}
+
 fn token_matches(expected: &str, given: &str) -> bool {
     // Constant-time in the token's length, so response timing does not leak a prefix.
     expected.len() == given.len()
@@ -635,6 +763,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(compare_live_and_shadows),
         )
         .route("/v1/agents", get(list_agents))
+        .route("/v1/shadows", get(list_shadows).post(create_shadow))
+        .route("/v1/shadows/{id}", axum::routing::delete(destroy_shadow))
+        .route("/v1/shadows/{id}/events", get(shadow_events))
+        .route("/v1/shadows/{id}/pause", post(pause_shadow))
+        .route("/v1/shadows/{id}/resume", post(resume_shadow))
+        .route(
+            "/v1/workloads/{name}/pins",
+            axum::routing::put(pin_shadow_type),
+        )
         .route("/v1/recommendations", get(list_recommendations))
         .route("/v1/actions", get(list_actions))
         .route("/v1/webhooks/log", get(delivery_log))

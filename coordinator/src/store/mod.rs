@@ -8,6 +8,7 @@
 //! [`StoreError`], never as a dropped report.
 
 pub mod ingest;
+pub mod shadows;
 
 use std::{
     path::{Path, PathBuf},
@@ -24,6 +25,7 @@ use crate::policy::{Policy, WorkloadSpec};
 pub const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_actions.sql"),
+    include_str!("migrations/0003_shadow_instances.sql"),
 ];
 
 /// The store's file name in the state directory.
