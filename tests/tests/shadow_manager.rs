@@ -136,12 +136,7 @@ impl Coordinator {
     /// /run/netns are visible to everyone and outlive its restart.
     fn command(&self, program: &Path) -> Command {
         match &self.host {
-            Some(host) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{}", host.netns()))
-                    .arg(program);
-                c
-            }
+            Some(host) => host.command_net_only(&program.display().to_string()),
             None => Command::new(program),
         }
     }

@@ -272,11 +272,14 @@ pub fn desired_types(
         .cloned()
         .collect();
     let mut dropped = HashSet::new();
+    // With room for every candidate there is nothing to choose: steering would only drop a
+    // running type to make room for none (and the manager would re-create it on the next pass).
+    let room_for_all = candidates.len() <= template.count as usize;
     // Steering needs vCPUs and memory; the live type holding today's load is the one fact
     // known before any shadow is measured, so it anchors the capacity scale.
     let steerable: Vec<doppel_engine::VmType> =
         catalog.iter().filter_map(VmType::steering).collect();
-    if !steerable.is_empty() {
+    if !steerable.is_empty() && !room_for_all {
         let known: Vec<CapacityMeasurement> = measured
             .iter()
             .filter(|m| steerable.iter().any(|t| t.name == m.vm_type))
@@ -348,6 +351,10 @@ pub fn desired_types(
         .filter(|t| template.pin_in.contains(t) || !dropped.contains(t))
         .filter(|t| seen.insert(t.clone()))
         .collect()
+}
+
+fn is_pinned_out(template: &crate::policy::ShadowTemplate, vm_type: &str) -> bool {
+    template.pin_out.iter().any(|p| p == vm_type)
 }
 
 fn instance_ref(row: &ShadowRow) -> InstanceRef {
@@ -907,9 +914,14 @@ impl ShadowManager {
                     now - row.running_ms.unwrap_or(row.created_ms)
                         >= i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
                 });
+                // A type the steering no longer wants goes only when a wanted type is waiting
+                // for its place; otherwise the fill below would make the same type again.
+                let waiting = desired.iter().any(|t| !running.contains(t));
                 let why = if due {
                     "re-created on schedule"
-                } else if !desired.contains(&row.vm_type) {
+                } else if !desired.contains(&row.vm_type)
+                    && (waiting || is_pinned_out(template, &row.vm_type))
+                {
                     "pool steering or a pin no longer wants this type"
                 } else {
                     continue;

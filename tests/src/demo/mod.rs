@@ -202,7 +202,8 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
         &serve_config,
         serve_toml(&state, receiver.addr, &options.bin_dir, &resize),
     )?;
-    let mut serve = lab.lab.command(&path_str(&doppel.bin));
+    // Entering only the network namespace: the local provisioner manages cgroups.
+    let mut serve = lab.lab.command_net_only(&path_str(&doppel.bin));
     serve
         .arg("--state-dir")
         .arg(&state)

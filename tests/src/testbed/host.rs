@@ -141,6 +141,18 @@ impl Host {
         command
     }
 
+    /// Like [`Host::command`], but entering only the network namespace (`nsenter --net`):
+    /// `ip netns exec` also remounts `/sys`, which hides the cgroup hierarchy from programs that
+    /// manage cgroups themselves (the coordinator's local shadow provisioner).
+    pub fn command_net_only(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(program);
+        command
+    }
+
     /// Starts a command made by [`Host::command`] in its own process group, so it and its
     /// children can be stopped together.
     pub fn spawn(&self, mut command: Command) -> Result<Process, TestbedError> {
