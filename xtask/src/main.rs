@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_datapath;
+mod bench_ingest;
 mod bench_predictor;
 mod bench_replay;
 mod build_ebpf;
@@ -31,7 +32,7 @@ enum Task {
     Test(test::Options),
     /// Measure a component on real traces and simulations (`eval predictor`).
     Eval(eval::Options),
-    /// Benchmarks that print figures (`bench datapath|replay|predictor`).
+    /// Benchmarks that print figures (`bench datapath|replay|predictor|ingest`).
     Bench(bench::Options),
 }
 
