@@ -454,7 +454,7 @@ async fn session(conn: quinn::Connection, identity: AgentIdentity, ctx: Arc<Serv
                         }
                     }
                     Ok(Err(e)) => {
-                        warn!(seq, error = %e, "report not stored; closing so the agent retries later");
+                        warn!(seq, error = %crate::api::error_chain(&*e), "report not stored; closing so the agent retries later");
                         ack_conn.close(
                             close_code::STORE_UNAVAILABLE.into(),
                             b"store unavailable; retry later",

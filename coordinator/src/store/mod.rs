@@ -315,6 +315,21 @@ impl Store {
         })
     }
 
+    /// Begins a transaction that writes. `BEGIN IMMEDIATE` takes the write lock at once, waiting
+    /// up to the busy timeout for it. A deferred transaction would start as a reader, and its
+    /// first write would fail at once with `SQLITE_BUSY` — without waiting — whenever another
+    /// connection committed in between (a WAL snapshot cannot be upgraded); under load (agents
+    /// connecting while reports are committed) that failed whole ingest batches.
+    /// <https://www.sqlite.org/lang_transaction.html#deferred_immediate_and_exclusive_transactions>
+    fn write_transaction(
+        &mut self,
+        action: &'static str,
+    ) -> Result<rusqlite::Transaction<'_>, StoreError> {
+        self.conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql(action))
+    }
+
     /// The underlying connection, for the engine's read queries in tests.
     pub fn path(&self) -> &Path {
         &self.path
@@ -327,7 +342,7 @@ impl Store {
         batch: &[(&str, &CheckedReport)],
         received_ms: i64,
     ) -> Result<Vec<IngestOutcome>, StoreError> {
-        let tx = self.conn.transaction().map_err(sql("begin ingest"))?;
+        let tx = self.write_transaction("begin ingest")?;
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut agent_id = tx
@@ -561,7 +576,7 @@ impl Store {
             what: "policy",
             source,
         })?;
-        let tx = self.conn.transaction().map_err(sql("begin"))?;
+        let tx = self.write_transaction("begin")?;
         let revision = bump_revision(&tx)?;
         tx.execute(
             "INSERT INTO workloads (name, spec, revision, created_ms, updated_ms)
@@ -608,7 +623,7 @@ impl Store {
 
     /// Removes a workload; returns the new policy revision.
     pub fn remove_workload(&mut self, name: &str) -> Result<u64, StoreError> {
-        let tx = self.conn.transaction().map_err(sql("begin"))?;
+        let tx = self.write_transaction("begin")?;
         let removed = tx
             .execute("DELETE FROM workloads WHERE name = ?1", [name])
             .map_err(sql("remove workload"))?;
@@ -738,7 +753,7 @@ impl Store {
         rec: &RecommendationRow,
         webhook_urls: &[String],
     ) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction().map_err(sql("begin"))?;
+        let tx = self.write_transaction("begin")?;
         let inserted = tx
             .execute(
                 "INSERT INTO recommendations (workload, created_ms, idempotency_key, reason,
@@ -980,7 +995,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         });
     }
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction().map_err(sql("begin migration"))?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("begin migration"))?;
         tx.execute_batch(migration)
             .map_err(sql("apply migration"))?;
         tx.pragma_update(
