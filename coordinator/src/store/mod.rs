@@ -455,27 +455,30 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// Records that an agent connected (handshake done).
+    /// Records that an agent connected (handshake done). Returns the highest report sequence
+    /// number stored for it, if any.
     pub fn agent_connected(
         &self,
         name: &str,
         hello: &Hello,
         serial: &str,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let roles = hello
             .roles
             .iter()
             .map(|r| format!("{r:?}").to_lowercase())
             .collect::<Vec<_>>()
             .join(",");
-        self.conn
-            .execute(
+        let last_seq: Option<i64> = self
+            .conn
+            .query_row(
                 "INSERT INTO agents (name, hostname, agent_version, roles, cert_serial,
                     first_seen_ms, last_seen_ms, connected)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 1)
                  ON CONFLICT(name) DO UPDATE SET hostname = ?2, agent_version = ?3, roles = ?4,
-                    cert_serial = ?5, last_seen_ms = ?6, connected = 1",
+                    cert_serial = ?5, last_seen_ms = ?6, connected = 1
+                 RETURNING last_seq",
                 params![
                     name,
                     hello.hostname,
@@ -484,9 +487,10 @@ impl Store {
                     serial,
                     now_ms
                 ],
+                |r| r.get(0),
             )
             .map_err(sql("record agent connection"))?;
-        Ok(())
+        Ok(last_seq.map(|s| u64::try_from(s).unwrap_or_default()))
     }
 
     /// Records that an agent disconnected.
