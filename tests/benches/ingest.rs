@@ -210,11 +210,11 @@ fn cpu_seconds(stat_path: &Path) -> anyhow::Result<f64> {
         .context("stat format")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| -> anyhow::Result<u64> {
-        Ok(fields
+        fields
             .get(i)
             .context("stat too short")?
-            .parse()
-            .context("stat field")?)
+            .parse::<u64>()
+            .context("stat field")
     };
     // In clock ticks of USER_HZ, which the kernel fixes at 100 for user space on Linux.
     Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
@@ -647,6 +647,19 @@ async fn run_ingest(options: &Options) -> anyhow::Result<IngestResult> {
         100.0 * self_cpu / window
     );
 
+    println!(
+        "coordinator: {:.0} µs CPU per report stored, so {} agents need {:.1} % of a core",
+        1e6 * cpu / stored_window,
+        names.len(),
+        100.0 * cpu / stored_window * names.len() as f64
+    );
+    if let Some(pressure) = cpu_pressure() {
+        // Shared machine: how often runnable tasks waited for a CPU (PSI), over the last minute.
+        println!(
+            "machine: CPU pressure {pressure:.0} % (share of time some task waited for a CPU)"
+        );
+    }
+
     coordinator.stop();
     // Nothing acknowledged is missing from the store.
     let store = Store::open_in(state.path())?;
@@ -670,6 +683,17 @@ async fn run_ingest(options: &Options) -> anyhow::Result<IngestResult> {
         p99_ms: ms(latency.value_at_quantile(0.99)),
         coordinator_cpu_pct: 100.0 * cpu / window,
     })
+}
+
+/// `some avg60` of `/proc/pressure/cpu`, when the kernel has PSI.
+fn cpu_pressure() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
+    text.lines()
+        .find(|l| l.starts_with("some "))?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("avg60="))?
+        .parse()
+        .ok()
 }
 
 /// Prints how often each distinct warning or error occurred, and keeps the log.
