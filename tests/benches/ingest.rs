@@ -604,7 +604,10 @@ async fn run_ingest(options: &Options) -> anyhow::Result<IngestResult> {
         .context("latency histogram")?;
     let missing = submitted.saturating_sub(window_acked);
     let drain_us = u64::try_from(DRAIN.as_micros()).unwrap_or(u64::MAX);
-    latency.saturating_record_n(drain_us, missing);
+    if missing > 0 {
+        // (`record_n` with a count of 0 would still move the maximum.)
+        latency.saturating_record_n(drain_us, missing);
+    }
     for agent in agents {
         agent.abort();
     }
