@@ -117,9 +117,10 @@ async fn reports_sent_across_a_coordinator_restart_arrive_exactly_once() {
 
     let store = Store::open_in(f.dir.path()).expect("store");
     let seqs = store.report_seqs("agent-1").expect("seqs");
+    let first = seqs.first().copied().unwrap_or_default();
     assert_eq!(
         seqs,
-        (0..60).collect::<Vec<_>>(),
+        (first..first + 60).collect::<Vec<_>>(),
         "each report exactly once"
     );
     assert!(
@@ -182,6 +183,60 @@ async fn a_policy_change_reaches_a_connected_agent_within_a_second() {
     assert_eq!(update.policy.workload, "web");
     assert_eq!(update.policy.classes[0].sample_rate_ppm, 250_000);
     assert!(changed_at.elapsed() < Duration::from_secs(1));
+    agent.stop().await.expect("stop");
+    coordinator.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_from_a_wiped_spool_are_stored_not_taken_for_duplicates() {
+    let mut f = fixture("agent-1");
+    let coordinator = f.start("127.0.0.1:0".parse().expect("addr")).await;
+    f.client.coordinator = coordinator.quic_addr;
+    let agent = ReportClient::start(f.client.clone(), f.spool());
+    let handle = agent.handle.clone();
+    for n in 0..5 {
+        handle.submit(report(n)).await.expect("submit");
+    }
+    eventually(
+        "the first run's reports acknowledged",
+        Duration::from_secs(10),
+        || handle.unacknowledged() == 0,
+    )
+    .await;
+    agent.stop().await.expect("stop");
+
+    // The spool directory is lost (a reinstall, an operator's `rm -rf`); the agent starts again
+    // under the same name with an empty spool.
+    std::fs::remove_dir_all(f.dir.path().join("spool")).expect("wipe the spool");
+    let agent = ReportClient::start(f.client.clone(), f.spool());
+    let handle = agent.handle.clone();
+    for n in 5..10 {
+        handle.submit(report(n)).await.expect("submit");
+    }
+    eventually(
+        "the second run's reports acknowledged",
+        Duration::from_secs(10),
+        || handle.unacknowledged() == 0,
+    )
+    .await;
+
+    let store = Store::open_in(f.dir.path()).expect("store");
+    let seqs = store.report_seqs("agent-1").expect("seqs");
+    assert_eq!(
+        seqs.len(),
+        10,
+        "both runs' reports stored, none taken for a duplicate: {seqs:?}"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", coordinator.api_addr))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    assert!(
+        metrics.contains("doppel_reports_duplicate_total 0\n"),
+        "no report acknowledged as a duplicate:\n{metrics}"
+    );
     agent.stop().await.expect("stop");
     coordinator.shutdown().await;
 }

@@ -16,6 +16,8 @@ enum Target {
     Replay(crate::bench_replay::Options),
     /// The predictor: fit + forecast time for one workload, and a 1,000-workload refresh.
     Predictor(crate::bench_predictor::Options),
+    /// The coordinator's ingest: agents held over QUIC, report-to-durable p99, CPU, merges/s.
+    Ingest(crate::bench_ingest::Options),
 }
 
 pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
@@ -23,5 +25,6 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
         Target::Datapath(o) => crate::bench_datapath::run(o),
         Target::Replay(o) => crate::bench_replay::run(o),
         Target::Predictor(o) => crate::bench_predictor::run(o),
+        Target::Ingest(o) => crate::bench_ingest::run(o),
     }
 }

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_datapath;
+mod bench_ingest;
 mod bench_predictor;
 mod bench_replay;
 mod build_ebpf;
@@ -35,7 +36,7 @@ enum Task {
     /// The whole system on this machine: live workload, real traffic, shadows on several VM
     /// types, forecast, warning, recommendation, webhook and (act mode) the move.
     Demo(demo::Options),
-    /// Benchmarks that print figures (`bench datapath|replay|predictor`).
+    /// Benchmarks that print figures (`bench datapath|replay|predictor|ingest`).
     Bench(bench::Options),
 }
 

@@ -353,6 +353,8 @@ async fn connection(
                         let aside = shared.spool().quarantine(seq);
                         shared.stats.corrupt.fetch_add(1, Ordering::Relaxed);
                         warn!(seq, error = %error_chain(&e), ?aside, "unreadable spooled report moved aside");
+                        // It left the spool: room for another, and `acknowledged(seq)` returns.
+                        shared.acked.notify_waiters();
                         last_sent = Some(seq);
                         continue;
                     }

@@ -158,6 +158,23 @@ impl ReportHandle {
         result
     }
 
+    /// Waits until report `seq` has left the spool: the coordinator acknowledged that it is
+    /// durable in its store (or, never silently, it was unreadable and moved aside, which
+    /// [`ReportStats::corrupt`] counts). Returns at once for a report no longer spooled.
+    ///
+    /// What `cargo xtask bench ingest` times as report-to-durable latency.
+    pub async fn acknowledged(&self, seq: u64) {
+        loop {
+            // Created before the check: `notify_waiters` reaches a `Notified` from its creation
+            // on, so an ack landing between the check and the await is not missed.
+            let acked = self.shared.acked.notified();
+            if !self.shared.spool().contains(seq) {
+                return;
+            }
+            acked.await;
+        }
+    }
+
     /// The latest policy from the coordinator (`None` until the first arrives).
     pub fn policy(&self) -> watch::Receiver<Option<PolicyUpdate>> {
         self.policy.clone()

@@ -5,6 +5,16 @@
 //! same way *before* a report takes its number: sequence numbers are never reused, even after
 //! every report was acknowledged and deleted, because the coordinator counts `(agent, seq)` once.
 //!
+//! A spool that has lost its numbering — a new install under an existing agent name, a wiped or
+//! corrupted spool directory — must not start again at 0: the coordinator would take its first
+//! reports for ones it already stored and acknowledge them as duplicates, silently dropping them.
+//! So a fresh spool starts at the current Unix time in microseconds ([`fresh_start`]). Numbers
+//! advance by one per report (one a second or less), the clock by a million a second, so a new
+//! spool starts above every number its predecessor used unless the clock went back by about as
+//! long as that predecessor lived. Starting above is enough: the coordinator only needs each
+//! `(agent, seq)` unique, not the numbers dense. (An instance id in `Hello` would do without the
+//! clock, but `Hello` is frozen by the wire protocol's versioning rules.)
+//!
 //! Bounded by count and bytes. When full, [`Spool::push`] refuses the new report and hands it
 //! back ([`SpoolError::Full`]) — never dropping one already spooled — and counts the refusal.
 //! The caller applies back-pressure: [`ReportHandle::submit`](super::ReportHandle::submit) waits
@@ -107,6 +117,14 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
     fs::rename(&tmp, path).map_err(io("rename", path))
 }
 
+/// First sequence number of a spool without numbering: the Unix time in microseconds (see the
+/// module docs for why that is above every number an earlier spool of the agent used).
+pub fn fresh_start() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+}
+
 impl Spool {
     /// Opens the spool, finding the reports a previous run left.
     pub fn open(config: SpoolConfig) -> Result<Self, SpoolError> {
@@ -128,10 +146,12 @@ impl Spool {
         }
         let next_path = config.dir.join(NEXT_SEQ);
         let stored_next = match fs::read_to_string(&next_path) {
-            Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Ok(s) => s.trim().parse::<u64>().ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io("read", &next_path)(e)),
         };
+        // Missing or unreadable: the numbering is lost, start above anything used before.
+        let stored_next = stored_next.unwrap_or_else(fresh_start);
         let after_last = entries.keys().next_back().map_or(0, |s| s + 1);
         Ok(Self {
             config,
@@ -274,18 +294,53 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = SpoolConfig::new(dir.path().to_owned());
         let mut spool = Spool::open(config.clone()).expect("open");
-        assert_eq!(spool.push(report()).expect("push"), 0);
-        assert_eq!(spool.push(report()).expect("push"), 1);
-        assert_eq!(spool.read(1).expect("read").seq, 1);
+        let first = spool.push(report()).expect("push");
+        assert_eq!(spool.push(report()).expect("push"), first + 1);
+        assert_eq!(spool.read(first + 1).expect("read").seq, first + 1);
         drop(spool);
         let mut spool = Spool::open(config.clone()).expect("reopen");
-        assert_eq!(spool.pending_after(None).collect::<Vec<_>>(), [0, 1]);
-        assert!(spool.ack(0).expect("ack") && spool.ack(1).expect("ack"));
-        assert!(!spool.ack(1).expect("second ack is a no-op"));
+        assert_eq!(
+            spool.pending_after(None).collect::<Vec<_>>(),
+            [first, first + 1]
+        );
+        assert!(spool.ack(first).expect("ack") && spool.ack(first + 1).expect("ack"));
+        assert!(!spool.ack(first + 1).expect("second ack is a no-op"));
         drop(spool);
         let mut spool = Spool::open(config).expect("reopen");
         assert!(spool.is_empty());
-        assert_eq!(spool.push(report()).expect("push"), 2);
+        assert_eq!(spool.push(report()).expect("push"), first + 2);
+    }
+
+    #[test]
+    fn a_wiped_spool_numbers_above_everything_its_predecessor_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = SpoolConfig::new(dir.path().join("spool"));
+        let mut spool = Spool::open(config.clone()).expect("open");
+        let mut used = Vec::new();
+        for _ in 0..100 {
+            used.push(spool.push(report()).expect("push"));
+        }
+        drop(spool);
+        // A wipe (the operator, a reinstall) loses `next_seq` with the reports.
+        fs::remove_dir_all(&config.dir).expect("wipe");
+        let mut spool = Spool::open(config.clone()).expect("open the wiped spool");
+        let next = spool.push(report()).expect("push");
+        assert!(
+            used.iter().all(|&old| next > old),
+            "{next} reuses a number of the wiped spool (up to {:?})",
+            used.last()
+        );
+        drop(spool);
+        // An unreadable `next_seq` is lost numbering too, not a restart at 0.
+        fs::write(config.dir.join(NEXT_SEQ), "garbage").expect("corrupt next_seq");
+        for entry in fs::read_dir(&config.dir).expect("list") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == SUFFIX) {
+                fs::remove_file(path).expect("remove");
+            }
+        }
+        let mut spool = Spool::open(config).expect("open");
+        assert!(spool.push(report()).expect("push") > next);
     }
 
     #[test]
@@ -294,17 +349,20 @@ mod tests {
         let mut config = SpoolConfig::new(dir.path().to_owned());
         config.max_reports = 2;
         let mut spool = Spool::open(config).expect("open");
-        spool.push(report()).expect("push");
+        let first = spool.push(report()).expect("push");
         spool.push(report()).expect("push");
         match spool.push(report()) {
             Err(SpoolError::Full {
                 reports: 2, report, ..
-            }) => assert_eq!(report.seq, 2),
+            }) => assert_eq!(report.seq, first + 2),
             other => panic!("expected Full, got {other:?}"),
         }
         assert_eq!(spool.refused(), 1);
-        assert_eq!(spool.pending_after(None).collect::<Vec<_>>(), [0, 1]);
-        spool.ack(0).expect("ack");
-        assert_eq!(spool.push(report()).expect("room again"), 2);
+        assert_eq!(
+            spool.pending_after(None).collect::<Vec<_>>(),
+            [first, first + 1]
+        );
+        spool.ack(first).expect("ack");
+        assert_eq!(spool.push(report()).expect("room again"), first + 2);
     }
 }

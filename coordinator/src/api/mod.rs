@@ -649,7 +649,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiErro
     let webhook = &state.webhook_stats;
     let net = &state.hub.stats;
     let lag_s = ingest.last_lag_ms.load(Relaxed) as f64 / 1e3;
-    let metrics: [(&str, &str, &str, String); 13] = [
+    let metrics: [(&str, &str, &str, String); 14] = [
         (
             "doppel_agents_connected",
             "gauge",
@@ -661,6 +661,12 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiErro
             "counter",
             "Reports stored durably.",
             ingest.stored.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_ingest_commits_total",
+            "counter",
+            "Ingest transactions committed (reports per commit = ingested / commits).",
+            ingest.commits.load(Relaxed).to_string(),
         ),
         (
             "doppel_reports_duplicate_total",

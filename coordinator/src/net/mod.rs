@@ -382,14 +382,31 @@ async fn session(conn: quinn::Connection, identity: AgentIdentity, ctx: Arc<Serv
         return;
     }
     let name: Arc<str> = Arc::from(identity.name.as_str());
+    let next_report_seq = hello.next_report_seq;
     {
         let (name, serial, hello) = (name.clone(), identity.serial.clone(), hello.clone());
         let recorded = with_store(&ctx, move |s| {
             s.agent_connected(&name, &hello, &serial, now_ms())
         })
         .await;
-        if let Some(Err(e)) = recorded {
-            warn!(error = %e, "could not record the connection");
+        match recorded {
+            Some(Err(e)) => {
+                warn!(error = %crate::api::error_chain(&e), "could not record the connection");
+            }
+            // An agent's spool numbers its reports upwards for ever, even across a wiped spool
+            // (it restarts from the clock), so its next number is above everything stored. If
+            // not, reports numbered up to `last_seq` would be acknowledged as duplicates of
+            // older ones without being stored: say so rather than lose them silently.
+            Some(Ok(Some(last_seq))) if next_report_seq <= last_seq => {
+                warn!(
+                    next_report_seq,
+                    last_seq,
+                    "the agent's report numbering went backwards (spool reset by an agent \
+                     numbering from 0, or while its clock was behind); its reports numbered up \
+                     to last_seq will be taken for duplicates"
+                );
+            }
+            _ => {}
         }
     }
     let session_id = ctx.hub.register(&name, &identity.serial, conn.clone());
@@ -454,7 +471,7 @@ async fn session(conn: quinn::Connection, identity: AgentIdentity, ctx: Arc<Serv
                         }
                     }
                     Ok(Err(e)) => {
-                        warn!(seq, error = %e, "report not stored; closing so the agent retries later");
+                        warn!(seq, error = %crate::api::error_chain(&*e), "report not stored; closing so the agent retries later");
                         ack_conn.close(
                             close_code::STORE_UNAVAILABLE.into(),
                             b"store unavailable; retry later",

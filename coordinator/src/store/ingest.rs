@@ -156,7 +156,13 @@ fn commit(store: &mut Store, jobs: &mut Vec<Job>, stats: &IngestStats) {
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, reports = jobs.len(), "ingest transaction failed; reports stay unacknowledged");
+            // The whole cause chain ("…: database is locked"), so the operator sees why.
+            tracing::error!(
+                error = %crate::api::error_chain(&e),
+                reports = jobs.len(),
+                back_pressure = e.is_back_pressure(),
+                "ingest transaction failed; reports stay unacknowledged in the agents' spools"
+            );
             let e = Arc::new(e);
             stats.failed.fetch_add(jobs.len() as u64, Ordering::Relaxed);
             for job in jobs.drain(..) {

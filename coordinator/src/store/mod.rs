@@ -320,6 +320,21 @@ impl Store {
         })
     }
 
+    /// Begins a transaction that writes. `BEGIN IMMEDIATE` takes the write lock at once, waiting
+    /// up to the busy timeout for it. A deferred transaction would start as a reader, and its
+    /// first write would fail at once with `SQLITE_BUSY` — without waiting — whenever another
+    /// connection committed in between (a WAL snapshot cannot be upgraded); under load (agents
+    /// connecting while reports are committed) that failed whole ingest batches.
+    /// <https://www.sqlite.org/lang_transaction.html#deferred_immediate_and_exclusive_transactions>
+    fn write_transaction(
+        &mut self,
+        action: &'static str,
+    ) -> Result<rusqlite::Transaction<'_>, StoreError> {
+        self.conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql(action))
+    }
+
     /// The underlying connection, for the engine's read queries in tests.
     pub fn path(&self) -> &Path {
         &self.path
@@ -332,7 +347,7 @@ impl Store {
         batch: &[(&str, &CheckedReport)],
         received_ms: i64,
     ) -> Result<Vec<IngestOutcome>, StoreError> {
-        let tx = self.conn.transaction().map_err(sql("begin ingest"))?;
+        let tx = self.write_transaction("begin ingest")?;
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut agent_id = tx
@@ -445,27 +460,30 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// Records that an agent connected (handshake done).
+    /// Records that an agent connected (handshake done). Returns the highest report sequence
+    /// number stored for it, if any.
     pub fn agent_connected(
         &self,
         name: &str,
         hello: &Hello,
         serial: &str,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let roles = hello
             .roles
             .iter()
             .map(|r| format!("{r:?}").to_lowercase())
             .collect::<Vec<_>>()
             .join(",");
-        self.conn
-            .execute(
+        let last_seq: Option<i64> = self
+            .conn
+            .query_row(
                 "INSERT INTO agents (name, hostname, agent_version, roles, cert_serial,
                     first_seen_ms, last_seen_ms, connected)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 1)
                  ON CONFLICT(name) DO UPDATE SET hostname = ?2, agent_version = ?3, roles = ?4,
-                    cert_serial = ?5, last_seen_ms = ?6, connected = 1",
+                    cert_serial = ?5, last_seen_ms = ?6, connected = 1
+                 RETURNING last_seq",
                 params![
                     name,
                     hello.hostname,
@@ -474,9 +492,10 @@ impl Store {
                     serial,
                     now_ms
                 ],
+                |r| r.get(0),
             )
             .map_err(sql("record agent connection"))?;
-        Ok(())
+        Ok(last_seq.map(|s| u64::try_from(s).unwrap_or_default()))
     }
 
     /// Records that an agent disconnected.
@@ -566,7 +585,7 @@ impl Store {
             what: "policy",
             source,
         })?;
-        let tx = self.conn.transaction().map_err(sql("begin"))?;
+        let tx = self.write_transaction("begin")?;
         let revision = bump_revision(&tx)?;
         tx.execute(
             "INSERT INTO workloads (name, spec, revision, created_ms, updated_ms)
@@ -613,7 +632,7 @@ impl Store {
 
     /// Removes a workload; returns the new policy revision.
     pub fn remove_workload(&mut self, name: &str) -> Result<u64, StoreError> {
-        let tx = self.conn.transaction().map_err(sql("begin"))?;
+        let tx = self.write_transaction("begin")?;
         let removed = tx
             .execute("DELETE FROM workloads WHERE name = ?1", [name])
             .map_err(sql("remove workload"))?;
@@ -743,7 +762,7 @@ impl Store {
         rec: &RecommendationRow,
         webhook_urls: &[String],
     ) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction().map_err(sql("begin"))?;
+        let tx = self.write_transaction("begin")?;
         let inserted = tx
             .execute(
                 "INSERT INTO recommendations (workload, created_ms, idempotency_key, reason,
@@ -985,7 +1004,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         });
     }
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction().map_err(sql("begin migration"))?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("begin migration"))?;
         tx.execute_batch(migration)
             .map_err(sql("apply migration"))?;
         tx.pragma_update(
