@@ -416,11 +416,16 @@ fn a_local_shadow_is_a_netns_and_cgroup_with_the_types_limits_and_destroy_leaves
         );
     }
 
-    // The workload and the shadow agent run in it, and in the namespace.
-    let pids = cgroup_pids(&id);
+    // The workload runs in it; the shadow agent outside it (its replay work must not use the
+    // type's CPU); both in the namespace.
+    let mut pids = cgroup_pids(&id);
     let names: HashSet<String> = pids.iter().map(|p| comm(*p)).collect();
     assert!(names.contains("redis-server"), "{names:?}");
-    assert!(names.contains("doppel-agent"), "{names:?}");
+    assert!(!names.contains("doppel-agent"), "{names:?}");
+    let agent_pid =
+        u32::try_from(row.handle["agent_pid"].as_u64().expect("agent pid")).expect("pid");
+    assert_eq!(comm(agent_pid), "doppel-agent");
+    pids.push(agent_pid);
     let in_netns = Command::new("ip")
         .args(["netns", "pids", &format!("doppel-sh-{id}")])
         .output()

@@ -545,9 +545,12 @@ impl LocalProvisioner {
         let config_path = dir.join("agent.toml");
         write(&config_path, &Self::agent_config(request, &dir)?)?;
         let agent = self.agent_binary();
+        // The agent stays out of the type's cgroup: its replay work must not eat the CPU the VM
+        // type gives the workload (the live host's agent is outside the workload's limits too),
+        // or every shadow would look slower than the type really is.
         let agent_pid = Self::start(
             &netns,
-            &cgroups,
+            &[],
             &dir,
             "agent.log",
             &agent.display().to_string(),
@@ -697,9 +700,9 @@ impl Provisioner for LocalProvisioner {
         };
         let members = cgroups.first().map(|d| cgroup_pids(d)).unwrap_or_default();
         let running = netns_exists
-            && [handle.workload_pid, handle.agent_pid]
-                .iter()
-                .all(|&pid| members.contains(&pid) && alive(pid));
+            && members.contains(&handle.workload_pid)
+            && alive(handle.workload_pid)
+            && alive(handle.agent_pid);
         Ok(if running {
             InstanceHealth::Running
         } else {
