@@ -6,8 +6,15 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use doppel_engine::eval::{BacktestReport, BacktestSetup, WarningSetup, backtest};
+use doppel_engine::eval::{
+    BacktestReport, BacktestSetup, WarningProbe, WarningSetup, backtest, calibrate_thresholds,
+    threshold_candidates,
+};
 use doppel_engine::{ForecastConfig, WarningPolicy};
+
+/// False alarms per day the threshold calibration accepts on the training parts: below the
+/// target of one, because thresholds chosen on one period fit the next a little worse.
+const CALIBRATION_MAX_FALSE_ALARMS_PER_DAY: f64 = 0.7;
 
 /// Environment override for where the traces live.
 const TRACES_ENV: &str = "DOPPEL_TRACES";
@@ -71,12 +78,17 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
         "{:<44} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7}",
         "trace", "h", "WAPE fc", "WAPE per", "WAPE sn", "MASE fc", "MASE per", "MASE sn", "rel"
     );
-    for trace in traces.iter().filter(|t| {
-        options
-            .only
-            .as_ref()
-            .is_none_or(|o| t.name.contains(o.as_str()))
-    }) {
+    let selected: Vec<&Trace> = traces
+        .iter()
+        .filter(|t| {
+            options
+                .only
+                .as_ref()
+                .is_none_or(|o| t.name.contains(o.as_str()))
+        })
+        .collect();
+    let mut reports: Vec<(&Trace, BacktestReport, f64)> = Vec::new();
+    for trace in selected {
         let started = std::time::Instant::now();
         let report = evaluate_trace(trace)?;
         traces_seen += 1;
@@ -109,7 +121,38 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
                 wape_gain_min = wape_gain_min.min(score.wape_gain());
             }
         }
-        if let Some(w) = &report.warning {
+        reports.push((trace, report, started.elapsed().as_secs_f64()));
+    }
+    // Warning thresholds are chosen on the training parts only (pooled over traces, so the
+    // choice rests on more than the handful of incidents one trace's training tail has), then
+    // applied unchanged to the test parts.
+    let probes: Vec<(&WarningProbe, &[f64])> = reports
+        .iter()
+        .filter_map(|(t, r, _)| r.warning.as_ref().map(|w| (w, t.values.as_slice())))
+        .collect();
+    let (raise, clear) = match calibrate_thresholds(
+        &probes,
+        &threshold_candidates(),
+        CALIBRATION_MAX_FALSE_ALARMS_PER_DAY,
+    ) {
+        Some(((raise, clear), calibration)) => {
+            println!(
+                "warning calibration (training parts only): raise_at={raise:.2} clear_below={clear:.2}: recall {:.3}, {:.2} false alarms/day over {} incidents in {:.1} days",
+                calibration.recall(),
+                calibration.false_alarms_per_day(),
+                calibration.incidents,
+                calibration.test_days,
+            );
+            (raise, clear)
+        }
+        None => {
+            let p = WarningPolicy::default();
+            (p.raise_at, p.clear_below)
+        }
+    };
+    for (trace, report, secs) in &reports {
+        if let Some(probe) = &report.warning {
+            let w = probe.test_outcome(&trace.values, raise, clear);
             let mut lead = w.lead_secs.clone();
             lead.sort_unstable();
             println!(
@@ -120,11 +163,11 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
                 lead.get(lead.len() / 2)
                     .map_or_else(|| "-".to_owned(), |s| format!("{}min", s / 60)),
                 w.false_alarms,
-                w.false_alarms as f64 / w.test_days,
+                w.false_alarms_per_day(),
                 report.fits,
                 report.last_model,
                 trace.filled,
-                started.elapsed().as_secs_f64(),
+                secs,
             );
             leads.extend(&w.lead_secs);
             incidents += w.incidents;
@@ -182,6 +225,9 @@ fn horizon_label(secs: u64) -> String {
     }
 }
 
+/// The SLO breaks when load exceeds this quantile of the period's own load (5 % of the time).
+const CAPACITY_QUANTILE: f64 = 0.95;
+
 fn evaluate_trace(trace: &Trace) -> anyhow::Result<BacktestReport> {
     let (config, horizons) = if trace.step_secs == 60 {
         (ForecastConfig::per_minute(), vec![5, 60, 1440])
@@ -195,7 +241,7 @@ fn evaluate_trace(trace: &Trace) -> anyhow::Result<BacktestReport> {
     // The capacity the SLO breaks at: the load the test period exceeds 5 % of the time. The
     // forecaster never sees it until it is told, as in production where it comes from the
     // performance model.
-    let capacity = test[(test.len() as f64 * 0.95) as usize];
+    let capacity = test[(test.len() as f64 * CAPACITY_QUANTILE) as usize];
     let steps_per_hour = (3600 / trace.step_secs) as usize;
     // The SLO is judged over ten minutes: ten one-minute or two five-minute samples.
     let min_breach_steps = (600 / trace.step_secs) as usize;
@@ -212,6 +258,10 @@ fn evaluate_trace(trace: &Trace) -> anyhow::Result<BacktestReport> {
             },
             merge_gap_steps: steps_per_hour,
             min_breach_steps,
+            // A week of training tail (or a third of the training part, if shorter): enough
+            // incidents to choose thresholds on, without replaying all of WorldCup's 65 days.
+            calibration_steps: (split / 3).min(7 * 86_400 / trace.step_secs as usize),
+            calibration_capacity_quantile: CAPACITY_QUANTILE,
         }),
     };
     backtest(&trace.values, trace.start, &setup).with_context(|| format!("backtest {}", trace.name))
