@@ -5,7 +5,9 @@
 //! only when durable; workloads and their policy ([`policy`]) are pushed to connected agents.
 //! [`compare`] is the sans-IO comparison of live and shadow VM types at matched load and the
 //! recommendation rules; [`evaluate`] feeds it from the store; [`webhook`] stores
-//! recommendations and delivers them signed from a persistent outbox. The [`api`] serves the CLI
+//! recommendations and delivers them signed from a persistent outbox. [`forecast`] runs the
+//! predictor engine (`doppel-engine`) on the stored reports: load forecasts, degradation
+//! warnings and forecast-breach recommendations. The [`api`] serves the CLI
 //! ([`cli`], [`client`], [`table`]) and `/metrics` over HTTP. [`serve`] wires it together.
 //! [`answer_hello`] is the handshake decision.
 #![forbid(unsafe_code)]
@@ -16,6 +18,7 @@ pub mod cli;
 pub mod client;
 pub mod compare;
 pub mod evaluate;
+pub mod forecast;
 pub mod net;
 pub mod policy;
 pub mod serve;

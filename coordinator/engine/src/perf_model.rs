@@ -112,6 +112,7 @@ pub struct PerformanceModel {
     curve: Curve,
     bootstrap: Vec<Curve>,
     max_observed_load: f64,
+    min_observed_load: f64,
     points: usize,
     shadow_points: usize,
 }
@@ -154,6 +155,7 @@ impl PerformanceModel {
             curve,
             bootstrap,
             max_observed_load: max_load,
+            min_observed_load: min_load,
             points: points.len(),
             shadow_points: points
                 .iter()
@@ -199,6 +201,20 @@ impl PerformanceModel {
     /// Highest load the type was measured at: beyond it, the model extrapolates.
     pub fn max_observed_load(&self) -> f64 {
         self.max_observed_load
+    }
+
+    /// How much of the way from its low-load latency to `slo_ms` the fitted latency rises over
+    /// the measured loads: 0 when latency is flat across them, 1 or more when the measurements
+    /// reach the SLO. A type measured only where its latency is flat has an unidentified knee:
+    /// the fit then puts saturation anywhere above the highest load (the data cannot tell), so
+    /// its capacity is a guess, and callers should not warn or choose on it.
+    pub fn knee_evidence(&self, slo_ms: f64) -> f64 {
+        let low = self.curve.latency(self.min_observed_load);
+        let high = self.curve.latency(self.max_observed_load);
+        if slo_ms <= low {
+            return 1.0;
+        }
+        ((high - low) / (slo_ms - low)).max(0.0)
     }
 
     /// Points the fit used.

@@ -36,7 +36,10 @@ use crate::{
     evaluate::compare_workload,
     net::{Hub, PolicySnapshot},
     policy::{InvalidPolicy, Policy, WorkloadSpec, validate, validate_policy},
-    store::{AgentRow, DeliveryRow, RecommendationRow, Store, StoreError, ingest::IngestStats},
+    store::{
+        AgentRow, DeliveryRow, RecommendationRow, Store, StoreError, WarningRow,
+        ingest::IngestStats,
+    },
     webhook::WebhookStats,
 };
 
@@ -424,6 +427,50 @@ async fn list_recommendations(
         .map(Json)
 }
 
+/// `GET /v1/workloads/{name}/forecast`: the predictor's latest forecast of the workload and its
+/// recent warning episodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForecastView {
+    /// Workload.
+    pub workload: String,
+    /// The latest [`ForecastSnapshot`](crate::forecast::ForecastSnapshot), once the evaluator
+    /// has run.
+    pub forecast: Option<serde_json::Value>,
+    /// Warning episodes, newest first.
+    pub warnings: Vec<WarningRow>,
+}
+
+async fn show_forecast(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<ForecastView>, ApiError> {
+    state
+        .with_store(move |s| {
+            if s.workload(&name)?.is_none() {
+                return Err(ApiError::NoSuchWorkload(name));
+            }
+            let forecast = s.forecast(&name)?.map(|(_, body)| body);
+            let warnings = s.warnings(Some(&name), 10)?;
+            Ok(ForecastView {
+                workload: name,
+                forecast,
+                warnings,
+            })
+        })
+        .await
+        .map(Json)
+}
+
+async fn list_warnings(
+    State(state): State<Arc<ApiState>>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<WarningRow>>, ApiError> {
+    state
+        .with_store(move |s| Ok(s.warnings(query.workload.as_deref(), query.limit.unwrap_or(50))?))
+        .await
+        .map(Json)
+}
+
 async fn delivery_log(
     State(state): State<Arc<ApiState>>,
     Query(query): Query<ListQuery>,
@@ -623,7 +670,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(compare_live_and_shadows),
         )
         .route("/v1/agents", get(list_agents))
+        .route("/v1/workloads/{name}/forecast", get(show_forecast))
         .route("/v1/recommendations", get(list_recommendations))
+        .route("/v1/warnings", get(list_warnings))
         .route("/v1/webhooks/log", get(delivery_log))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),

@@ -7,7 +7,10 @@
 //! for each other up to the busy timeout, and a database that stays locked or full surfaces as a
 //! [`StoreError`], never as a dropped report.
 
+mod forecast;
 pub mod ingest;
+
+pub use forecast::{OfferedLoad, WarningRow};
 
 use std::{
     path::{Path, PathBuf},
@@ -21,7 +24,10 @@ use serde::Serialize;
 use crate::policy::{Policy, WorkloadSpec};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-pub const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_forecast.sql"),
+];
 
 /// The store's file name in the state directory.
 pub const DB_FILE: &str = "doppel.db";
