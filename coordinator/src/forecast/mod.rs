@@ -115,7 +115,7 @@ impl ForecastSettings {
         if self.max_points_per_type < 3 {
             return Err(("max_points_per_type", "a model needs at least 3 points"));
         }
-        if !(self.min_knee_evidence >= 0.0) {
+        if self.min_knee_evidence.is_nan() || self.min_knee_evidence < 0.0 {
             return Err(("min_knee_evidence", "must not be negative"));
         }
         if self.settle_ms < 0 {
@@ -557,20 +557,20 @@ impl Forecasts {
             unmodelled,
         };
         store.put_forecast(&spec.name, now_ms, &to_json("forecast", &snapshot)?)?;
-        match &warning_view {
-            Some(w) => {
-                if store.raise_warning(&spec.name, &w.vm_type, now_ms, &to_json("warning", w)?)? {
-                    info!(
-                        workload = %spec.name,
-                        vm_type = %w.vm_type,
-                        probability = w.probability,
-                        lead_secs = w.lead_secs,
-                        "SLO breach forecast: warning raised"
-                    );
-                }
+        if let Some(w) = &warning_view {
+            let raised =
+                store.raise_warning(&spec.name, &w.vm_type, now_ms, &to_json("warning", w)?)?;
+            if raised {
+                info!(
+                    workload = %spec.name,
+                    vm_type = %w.vm_type,
+                    probability = w.probability,
+                    lead_secs = w.lead_secs,
+                    "SLO breach forecast: warning raised"
+                );
             }
-            None if cleared => store.clear_warning(&spec.name, now_ms)?,
-            None => {}
+        } else if cleared {
+            store.clear_warning(&spec.name, now_ms)?;
         }
         Ok(ForecastOutcome {
             snapshot,
@@ -644,6 +644,9 @@ fn feed_load(
     Ok(())
 }
 
+/// One agent's interval, classes merged: its VM type, role, length (ms) and latencies.
+type AgentInterval = (String, Role, i64, Histogram<u64>);
+
 /// Turns settled live and shadow intervals into load/latency points per VM type, and forgets
 /// points older than the window.
 fn collect_points(
@@ -659,8 +662,7 @@ fn collect_points(
     if settled_ms > since {
         let measurements = load_measurements(store, spec, since, settled_ms)?;
         // One point per agent and interval: its classes merged.
-        let mut intervals: BTreeMap<(i64, String), (String, Role, i64, Histogram<u64>)> =
-            BTreeMap::new();
+        let mut intervals: BTreeMap<(i64, String), AgentInterval> = BTreeMap::new();
         for m in measurements {
             match intervals.entry((m.interval_start_ms, m.agent.clone())) {
                 std::collections::btree_map::Entry::Occupied(mut e) => {
