@@ -77,7 +77,9 @@ fn report(t: &SimType, seq: u64, interval: i64, load: f64) -> CheckedReport {
     let exchanges = load.round().max(1.0) as u64;
     let tail = (exchanges * 2).div_ceil(100);
     let p99 = p99_ms(t, load, interval);
-    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
+    // Two significant digits (1 % resolution, plenty for a p99 against a 100 ms SLO) keep the
+    // count arrays small: allocating and merging them is most of this test's time unoptimised.
+    let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 2).expect("histogram");
     h.record_n((0.4 * p99 * 1e6) as u64, exchanges - tail)
         .expect("record");
     h.record_n((p99 * 1e6) as u64, tail).expect("record");
