@@ -7,7 +7,7 @@
 
 use crate::Timestamp;
 use crate::forecast::{ForecastConfig, ForecastError, LoadForecaster};
-use crate::warning::{WarningPolicy, breach_probability};
+use crate::warning::{BreachCombine, WarningPolicy, breach_scores};
 
 /// Errors of one horizon for one method, accumulated over the test period.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -172,10 +172,11 @@ pub struct WarningProbe {
     pub split: usize,
     /// The calibration window's capacity (from training data only).
     pub calibration_capacity: f64,
-    /// Breach probability at origins `calibration_from..split` against `calibration_capacity`.
-    pub calibration: Vec<f64>,
-    /// Breach probability at origins `split..n` against the test capacity.
-    pub test: Vec<f64>,
+    /// Breach probability at origins `calibration_from..split` against `calibration_capacity`,
+    /// combined each way ([`BreachCombine::Union`], [`BreachCombine::LargestWindow`]).
+    pub calibration: [Vec<f64>; 2],
+    /// Breach probability at origins `split..n` against the test capacity, both ways.
+    pub test: [Vec<f64>; 2],
     setup: WarningSetup,
     step_secs: u64,
 }
@@ -183,14 +184,14 @@ pub struct WarningProbe {
 impl WarningProbe {
     /// The replay of the calibration window with thresholds `(raise, clear)`. Only values before
     /// the split are looked at, outcomes included.
-    pub fn calibration_outcome(&self, series: &[f64], raise: f64, clear: f64) -> WarningOutcome {
+    pub fn calibration_outcome(&self, series: &[f64], thresholds: Thresholds) -> WarningOutcome {
         let training = &series[..self.split];
         let active = replay_hysteresis(
             training.len(),
             self.calibration_from,
-            &self.calibration,
-            raise,
-            clear,
+            &self.calibration[combine_index(thresholds.combine)],
+            thresholds.raise,
+            thresholds.clear,
         );
         score_warnings(
             training,
@@ -203,8 +204,14 @@ impl WarningProbe {
     }
 
     /// The replay of the test part with thresholds `(raise, clear)`.
-    pub fn test_outcome(&self, series: &[f64], raise: f64, clear: f64) -> WarningOutcome {
-        let active = replay_hysteresis(series.len(), self.split, &self.test, raise, clear);
+    pub fn test_outcome(&self, series: &[f64], thresholds: Thresholds) -> WarningOutcome {
+        let active = replay_hysteresis(
+            series.len(),
+            self.split,
+            &self.test[combine_index(thresholds.combine)],
+            thresholds.raise,
+            thresholds.clear,
+        );
         score_warnings(
             series,
             self.split,
@@ -216,14 +223,38 @@ impl WarningProbe {
     }
 }
 
-/// Raise/clear pairs tried by [`calibrate_thresholds`]: raise from 0.1 to 0.95, clear at a
-/// fraction of it (hysteresis widths from none to wide).
-pub fn threshold_candidates() -> Vec<(f64, f64)> {
+/// A warning rule: how breach probabilities are combined, and when to raise and clear.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// How the per-step probabilities are combined.
+    pub combine: BreachCombine,
+    /// Raise at this probability.
+    pub raise: f64,
+    /// Clear below this one.
+    pub clear: f64,
+}
+
+fn combine_index(combine: BreachCombine) -> usize {
+    match combine {
+        BreachCombine::Union => 0,
+        BreachCombine::LargestWindow => 1,
+    }
+}
+
+/// Rules tried by [`calibrate_thresholds`]: both combinations, raise from 0.05 to 0.95, clear
+/// at a fraction of it (hysteresis widths from none to wide).
+pub fn threshold_candidates() -> Vec<Thresholds> {
     let mut out = Vec::new();
-    for r in 2..=19 {
-        let raise = f64::from(r) * 0.05;
-        for ratio in [1.0, 0.7, 0.5, 0.3] {
-            out.push((raise, raise * ratio));
+    for combine in [BreachCombine::Union, BreachCombine::LargestWindow] {
+        for r in 1..=19 {
+            let raise = f64::from(r) * 0.05;
+            for ratio in [1.0, 0.7, 0.5, 0.3] {
+                out.push(Thresholds {
+                    combine,
+                    raise,
+                    clear: raise * ratio,
+                });
+            }
         }
     }
     out
@@ -235,19 +266,10 @@ pub fn threshold_candidates() -> Vec<(f64, f64)> {
 /// meets the limit. Returns the pair and its pooled calibration outcome.
 pub fn calibrate_thresholds(
     probes: &[(&WarningProbe, &[f64])],
-    candidates: &[(f64, f64)],
+    candidates: &[Thresholds],
     max_false_alarms_per_day: f64,
-) -> Option<((f64, f64), WarningOutcome)> {
-    let scored: Vec<((f64, f64), WarningOutcome)> = candidates
-        .iter()
-        .map(|&(raise, clear)| {
-            let mut pooled = WarningOutcome::default();
-            for (probe, series) in probes {
-                pooled.merge(&probe.calibration_outcome(series, raise, clear));
-            }
-            ((raise, clear), pooled)
-        })
-        .collect();
+) -> Option<(Thresholds, WarningOutcome)> {
+    let scored = calibration_table(probes, candidates);
     let median_lead = |o: &WarningOutcome| {
         let mut l = o.lead_secs.clone();
         l.sort_unstable();
@@ -271,6 +293,24 @@ pub fn calibrate_thresholds(
             })
         })
         .cloned()
+}
+
+/// Every candidate rule with its pooled outcome on the calibration windows (training data
+/// only), in the order given.
+pub fn calibration_table(
+    probes: &[(&WarningProbe, &[f64])],
+    candidates: &[Thresholds],
+) -> Vec<(Thresholds, WarningOutcome)> {
+    candidates
+        .iter()
+        .map(|&t| {
+            let mut pooled = WarningOutcome::default();
+            for (probe, series) in probes {
+                pooled.merge(&probe.calibration_outcome(series, t));
+            }
+            (t, pooled)
+        })
+        .collect()
 }
 
 /// Results of one trace's backtest.
@@ -345,8 +385,8 @@ pub fn backtest(
     )?;
     let mut fits = 1;
     let mut since_fit = 0;
-    let mut calibration = Vec::new();
-    let mut test = Vec::new();
+    let mut calibration = [Vec::new(), Vec::new()];
+    let mut test = [Vec::new(), Vec::new()];
     // Origin `o`: the last observed index; forecasts target o + h.
     for o in first_origin..n - 1 {
         if o + 1 >= split {
@@ -364,10 +404,17 @@ pub fn backtest(
             }
         }
         if let Some(w) = &setup.warning {
-            if o >= calibration_from && o < split {
-                calibration.push(breach_probability(&model, &[calibration_capacity], &w.policy).0);
-            } else if o >= split {
-                test.push(breach_probability(&model, &[w.capacity], &w.policy).0);
+            let into = if o >= split {
+                Some((&mut test, w.capacity))
+            } else if o >= calibration_from {
+                Some((&mut calibration, calibration_capacity))
+            } else {
+                None
+            };
+            if let Some((into, capacity)) = into {
+                let scores = breach_scores(&model, &[capacity], &w.policy);
+                into[0].push(scores.union);
+                into[1].push(scores.largest_window);
             }
         }
         model.observe(at(o + 1), series[o + 1]);
@@ -759,4 +806,86 @@ pub fn simulate_catalog(
         history.push(measured);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> WarningSetup {
+        WarningSetup {
+            capacity: 10.0,
+            policy: WarningPolicy {
+                horizon_steps: 5,
+                min_breach_steps: 1,
+                ..WarningPolicy::default()
+            },
+            merge_gap_steps: 5,
+            min_breach_steps: 1,
+            calibration_steps: 50,
+            calibration_capacity_quantile: 0.95,
+        }
+    }
+
+    /// 100 steps: calibration window 50..70, test 70..100. Breaches (load 20 over capacity 10)
+    /// at 60..62 (calibration) and 85..87 (test).
+    fn probe(calibration_scores: Vec<f64>, test_scores: Vec<f64>) -> (WarningProbe, Vec<f64>) {
+        let mut series = vec![5.0; 100];
+        for i in (60..63).chain(85..88) {
+            series[i] = 20.0;
+        }
+        let probe = WarningProbe {
+            calibration_from: 50,
+            split: 70,
+            calibration_capacity: 10.0,
+            calibration: [calibration_scores.clone(), calibration_scores],
+            test: [test_scores.clone(), test_scores],
+            setup: setup(),
+            step_secs: 60,
+        };
+        (probe, series)
+    }
+
+    fn scores(len: usize, offset: usize, rising_at: usize) -> Vec<f64> {
+        // 0.6 for the three origins before `rising_at`, 0 elsewhere but a 0.3 blip at 52.
+        (0..len)
+            .map(|i| {
+                let o = offset + i;
+                if o + 3 >= rising_at && o < rising_at {
+                    0.6
+                } else if o == 52 {
+                    0.3
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn thresholds_are_chosen_on_training_data_and_the_test_part_cannot_move_them() {
+        let (a, series_a) = probe(scores(20, 50, 60), scores(30, 70, 85));
+        // The same training part; the test part's scores turned upside down.
+        let (b, series_b) = probe(scores(20, 50, 60), vec![0.9; 30]);
+        let candidates = threshold_candidates();
+        let chosen_a = calibrate_thresholds(&[(&a, series_a.as_slice())], &candidates, 100.0)
+            .expect("a choice");
+        let chosen_b = calibrate_thresholds(&[(&b, series_b.as_slice())], &candidates, 100.0)
+            .expect("a choice");
+        assert_eq!(chosen_a, chosen_b);
+        let (t, calibration) = chosen_a;
+        assert_eq!(calibration.incidents, 1);
+        assert_eq!(calibration.warned, 1);
+        // Above the 0.3 blip (a false alarm) and at most the 0.6 before the breach.
+        assert!(t.raise > 0.3 && t.raise <= 0.6, "{t:?}");
+        let test = a.test_outcome(&series_a, t);
+        assert_eq!((test.incidents, test.warned, test.false_alarms), (1, 1, 0));
+        assert_eq!(test.lead_secs, [3 * 60]);
+    }
+
+    #[test]
+    fn hysteresis_keeps_a_warning_raised_until_the_score_falls_below_the_clear_threshold() {
+        let active = replay_hysteresis(6, 1, &[0.2, 0.6, 0.4, 0.2, 0.6], 0.5, 0.3);
+        assert_eq!(active, [false, false, true, true, false, true]);
+    }
 }

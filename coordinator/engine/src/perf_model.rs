@@ -330,6 +330,34 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn a_knee_is_identified_only_once_latency_has_risen_over_the_measured_loads() {
+        let curve = Curve {
+            base: 20.0,
+            k: 2000.0,
+            capacity: 250.0,
+        };
+        let noise = [0.03, -0.02, 0.01, -0.04, 0.02];
+        // 60..68/s: latency ~28.5 ms throughout, the knee (SLO 100 ms at 225/s) is a guess.
+        let flat: Vec<f64> = (0..20).map(|i| 60.0 + 0.4 * f64::from(i)).collect();
+        let flat = PerformanceModel::fit(&points(curve, &flat, &noise), 1).expect("fit");
+        assert!(
+            flat.knee_evidence(100.0) < 0.2,
+            "{}",
+            flat.knee_evidence(100.0)
+        );
+        // 60..200/s: latency rises from 30 to 60 ms, half way to the SLO.
+        let rising: Vec<f64> = (0..20).map(|i| 60.0 + 7.0 * f64::from(i)).collect();
+        let rising = PerformanceModel::fit(&points(curve, &rising, &noise), 1).expect("fit");
+        let evidence = rising.knee_evidence(100.0);
+        assert!((0.3..0.8).contains(&evidence), "{evidence}");
+        assert!(
+            (rising.capacity_at(100.0) - 225.0).abs() < 25.0,
+            "{}",
+            rising.capacity_at(100.0)
+        );
+    }
+
     fn points(curve: Curve, loads: &[f64], noise: &[f64]) -> Vec<LoadLatencyPoint> {
         loads
             .iter()

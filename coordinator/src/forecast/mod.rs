@@ -331,6 +331,7 @@ impl Forecasts {
                     raise_at: s.raise_at,
                     clear_below: s.clear_below,
                     min_breach_steps: s.min_breach_steps,
+                    ..WarningPolicy::default()
                 },
                 DecisionPolicy {
                     slo_ms: spec.policy.slo.max_latency_ms,
