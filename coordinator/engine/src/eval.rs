@@ -130,6 +130,10 @@ pub struct WarningOutcome {
     pub false_alarms: usize,
     /// Length of the scored period in days.
     pub test_days: f64,
+    /// Origins of the scored period with a warning raised.
+    pub warned_steps: usize,
+    /// Origins scored.
+    pub scored_steps: usize,
 }
 
 impl WarningOutcome {
@@ -140,6 +144,19 @@ impl WarningOutcome {
         self.lead_secs.extend(&other.lead_secs);
         self.false_alarms += other.false_alarms;
         self.test_days += other.test_days;
+        self.warned_steps += other.warned_steps;
+        self.scored_steps += other.scored_steps;
+    }
+
+    /// Share of the time a warning was raised. False alarms count warning *episodes*, so a rule
+    /// that raises early and never clears would look perfect on recall and false alarms alike;
+    /// this is what exposes it.
+    pub fn warned_fraction(&self) -> f64 {
+        if self.scored_steps == 0 {
+            0.0
+        } else {
+            self.warned_steps as f64 / self.scored_steps as f64
+        }
     }
 
     /// Warned incidents over incidents (1 when there were none).
@@ -262,16 +279,30 @@ pub fn threshold_candidates() -> Vec<Thresholds> {
     out
 }
 
+/// What a calibrated warning rule may cost on the training parts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CalibrationLimits {
+    /// Most false alarms (warning episodes with no breach) per day.
+    pub max_false_alarms_per_day: f64,
+    /// Most of the time a warning may be raised: a warning that is always on warns of every
+    /// breach with a single "episode", and says nothing.
+    pub max_warned_fraction: f64,
+}
+
 /// Chooses warning thresholds from calibration replays pooled over traces (training data only):
-/// the highest pooled recall with at most `max_false_alarms_per_day`, ties to fewer false alarms,
-/// then to longer median lead. Falls back to the pair with the fewest false alarms when none
-/// meets the limit. Returns the pair and its pooled calibration outcome.
+/// the highest pooled recall within `limits`, ties to fewer false alarms, then to longer median
+/// lead. Falls back to the rule with the fewest false alarms among those within the warned-time
+/// limit when none meets both. Returns the rule and its pooled calibration outcome.
 pub fn calibrate_thresholds(
     probes: &[(&WarningProbe, &[f64])],
     candidates: &[Thresholds],
-    max_false_alarms_per_day: f64,
+    limits: CalibrationLimits,
 ) -> Option<(Thresholds, WarningOutcome)> {
-    let scored = calibration_table(probes, candidates);
+    let scored: Vec<(Thresholds, WarningOutcome)> = calibration_table(probes, candidates)
+        .into_iter()
+        .filter(|(_, o)| o.warned_fraction() <= limits.max_warned_fraction)
+        .collect();
+    let max_false_alarms_per_day = limits.max_false_alarms_per_day;
     let median_lead = |o: &WarningOutcome| {
         let mut l = o.lead_secs.clone();
         l.sort_unstable();
@@ -505,6 +536,8 @@ fn score_warnings(
     let mut outcome = WarningOutcome {
         incidents: incidents.len(),
         test_days: (n - from) as f64 * step_secs as f64 / 86_400.0,
+        warned_steps: active[from..].iter().filter(|a| **a).count(),
+        scored_steps: n - from,
         ..WarningOutcome::default()
     };
     for &(s, _) in &incidents {
@@ -870,9 +903,13 @@ mod tests {
         // The same training part; the test part's scores turned upside down.
         let (b, series_b) = probe(scores(20, 50, 60), vec![0.9; 30]);
         let candidates = threshold_candidates();
-        let chosen_a = calibrate_thresholds(&[(&a, series_a.as_slice())], &candidates, 100.0)
+        let limits = CalibrationLimits {
+            max_false_alarms_per_day: 100.0,
+            max_warned_fraction: 0.5,
+        };
+        let chosen_a = calibrate_thresholds(&[(&a, series_a.as_slice())], &candidates, limits)
             .expect("a choice");
-        let chosen_b = calibrate_thresholds(&[(&b, series_b.as_slice())], &candidates, 100.0)
+        let chosen_b = calibrate_thresholds(&[(&b, series_b.as_slice())], &candidates, limits)
             .expect("a choice");
         assert_eq!(chosen_a, chosen_b);
         let (t, calibration) = chosen_a;
@@ -883,6 +920,29 @@ mod tests {
         let test = a.test_outcome(&series_a, t);
         assert_eq!((test.incidents, test.warned, test.false_alarms), (1, 1, 0));
         assert_eq!(test.lead_secs, [3 * 60]);
+        assert_eq!((test.warned_steps, test.scored_steps), (3, 30));
+    }
+
+    #[test]
+    fn a_warning_that_never_clears_is_refused_by_the_warned_time_limit() {
+        // Raised at the blip and never cleared: one episode covers the breach, so recall is 1
+        // and there is no false alarm; only the warned time gives it away.
+        let (a, series) = probe(scores(20, 50, 60), scores(30, 70, 85));
+        let always = Thresholds {
+            combine: BreachCombine::Union,
+            raise: 0.25,
+            clear: 0.0,
+        };
+        let o = a.calibration_outcome(&series, always);
+        assert_eq!((o.warned, o.false_alarms), (1, 0));
+        assert!(o.warned_fraction() > 0.8, "{}", o.warned_fraction());
+        let limits = CalibrationLimits {
+            max_false_alarms_per_day: 100.0,
+            max_warned_fraction: 0.5,
+        };
+        let (t, _) = calibrate_thresholds(&[(&a, series.as_slice())], &[always], limits)
+            .map_or((None, ()), |(t, _)| (Some(t), ()));
+        assert_eq!(t, None);
     }
 
     #[test]
