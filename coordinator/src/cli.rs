@@ -9,13 +9,13 @@ use reqwest::Method;
 use serde::Serialize;
 
 use crate::{
-    api::{AgentView, Revision},
+    api::{AgentView, ForecastView, Revision},
     client::{ApiClient, ClientError},
     compare::{Comparison, Verdict},
     policy::{Policy, WorkloadSpec},
     sim::manager::{CreateShadow, Pin, PinRequest, ShadowView},
     store::{
-        ActionRow, DeliveryRow, RecommendationRow,
+        ActionRow, DeliveryRow, RecommendationRow, WarningRow,
         shadows::{ShadowEvent, ShadowRow},
     },
     table::{render, timestamp},
@@ -61,6 +61,21 @@ pub enum ClientCommand {
     /// Webhook deliveries.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
+    /// A workload's load forecast: model, forecast peak, each VM type's capacity at the SLO,
+    /// and whether a warning is raised (with its lead time).
+    Forecast {
+        /// Workload name.
+        workload: String,
+    },
+    /// Degradation warnings (the SLO expected to break within the horizon), newest first.
+    Warnings {
+        /// Only this workload.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Most rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// Shadow instances: list them (the default), create, pause, resume or destroy one, pin a
     /// VM type in or out of a workload's pool.
     Shadows {
@@ -919,6 +934,31 @@ pub async fn run(
             });
             run_shadows(client, command, json).await
         }
+        ClientCommand::Forecast { workload } => {
+            let view: ForecastView = client
+                .get(&format!(
+                    "/v1/workloads/{}/forecast",
+                    path_segment(&workload)
+                ))
+                .await?;
+            if json {
+                as_json(&view)
+            } else {
+                Ok(forecast_text(&view))
+            }
+        }
+        ClientCommand::Warnings { workload, limit } => {
+            let mut path = format!("/v1/warnings?limit={limit}");
+            if let Some(w) = workload {
+                path.push_str(&format!("&workload={}", path_segment(&w)));
+            }
+            let rows: Vec<WarningRow> = client.get(&path).await?;
+            if json {
+                as_json(&rows)
+            } else {
+                Ok(warnings_table(&rows))
+            }
+        }
         ClientCommand::Agents => {
             let agents: Vec<AgentView> = client.get("/v1/agents").await?;
             if json {
@@ -928,4 +968,130 @@ pub async fn run(
             }
         }
     }
+}
+
+fn opt_num(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| num(v, digits))
+}
+
+fn warnings_table(rows: &[WarningRow]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|w| {
+            let field = |k: &str| w.body.get(k).and_then(serde_json::Value::as_f64);
+            vec![
+                timestamp(w.raised_ms),
+                w.workload.clone(),
+                w.vm_type.clone(),
+                w.cleared_ms
+                    .map_or_else(|| "raised".into(), |c| format!("cleared {}", timestamp(c))),
+                opt_num(field("probability"), 2),
+                field("lead_secs").map_or_else(|| "-".into(), |s| format!("{s:.0} s")),
+                opt_num(field("forecast_load_per_s"), 1),
+                opt_num(field("capacity_per_s"), 1),
+                w.body
+                    .get("recommended_vm_type")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("-")
+                    .to_owned(),
+            ]
+        })
+        .collect();
+    render(
+        &[
+            "RAISED (UTC)",
+            "WORKLOAD",
+            "VM TYPE",
+            "STATE",
+            "P(BREACH)",
+            "LEAD",
+            "FORECAST/S",
+            "CAPACITY/S",
+            "RECOMMENDED",
+        ],
+        &rows,
+    )
+}
+
+fn forecast_text(view: &ForecastView) -> String {
+    let Some(f) = &view.forecast else {
+        return format!(
+            "{}: no forecast yet (the evaluator has not run since it was defined)\n",
+            view.workload
+        );
+    };
+    let s = |k: &str| f.get(k).and_then(serde_json::Value::as_str).unwrap_or("-");
+    let n = |k: &str| f.get(k).and_then(serde_json::Value::as_f64);
+    let mut out = format!(
+        "{}: model {} on {} steps of {} s; load now {}/s, forecast peak {}/s (90 % peak {}/s) within {} s\n",
+        view.workload,
+        s("model"),
+        n("history_steps").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
+        n("step_secs").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
+        opt_num(n("last_load_per_s"), 1),
+        opt_num(n("forecast_peak_per_s"), 1),
+        opt_num(n("provisioned_peak_per_s"), 1),
+        n("horizon_secs").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
+    );
+    out.push_str(&format!(
+        "live: {} x{}, capacity at the SLO {}/s; decision: {}\n",
+        s("current_vm_type"),
+        n("current_count").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
+        opt_num(n("current_capacity_per_s"), 1),
+        s("decision").replace('_', " "),
+    ));
+    match f.get("warning").filter(|w| !w.is_null()) {
+        Some(w) => {
+            let wn = |k: &str| w.get(k).and_then(serde_json::Value::as_f64);
+            out.push_str(&format!(
+                "WARNING: SLO expected to break in {} s (probability {}), forecast {}/s against capacity {}/s{}\n",
+                wn("lead_secs").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
+                opt_num(wn("probability"), 2),
+                opt_num(wn("forecast_load_per_s"), 1),
+                opt_num(wn("capacity_per_s"), 1),
+                w.get("recommended_vm_type")
+                    .and_then(serde_json::Value::as_str)
+                    .map_or_else(String::new, |t| format!("; recommended: {t}")),
+            ));
+        }
+        None => out.push_str("no warning\n"),
+    }
+    let types: Vec<Vec<String>> = f
+        .get("types")
+        .and_then(serde_json::Value::as_array)
+        .map(|types| {
+            types
+                .iter()
+                .map(|t| {
+                    let tn = |k: &str| t.get(k).and_then(serde_json::Value::as_f64);
+                    vec![
+                        t.get("vm_type")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or("-")
+                            .to_owned(),
+                        t.get("role")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or("-")
+                            .to_owned(),
+                        opt_num(tn("price_per_hour"), 3),
+                        opt_num(tn("capacity_at_slo_per_s"), 1),
+                        opt_num(tn("max_observed_load_per_s"), 1),
+                        tn("points").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push_str(&render(
+        &[
+            "VM TYPE",
+            "ROLE",
+            "PRICE/H",
+            "CAPACITY/S AT SLO",
+            "MAX MEASURED/S",
+            "POINTS",
+        ],
+        &types,
+    ));
+    out
 }

@@ -5,10 +5,13 @@
 //! only when durable; workloads and their policy ([`policy`]) are pushed to connected agents.
 //! [`compare`] is the sans-IO comparison of live and shadow VM types at matched load and the
 //! recommendation rules; [`evaluate`] feeds it from the store; [`webhook`] stores
-//! recommendations and delivers them signed from a persistent outbox. The [`api`] serves the CLI
-//! ([`cli`], [`client`], [`table`]) and `/metrics` over HTTP. The Shadow Instance Manager
-//! ([`sim`]) creates, replaces and destroys the workloads' shadow instances within their budget
-//! and registers their mirror sessions. [`serve`] wires it together.
+//! recommendations and delivers them signed from a persistent outbox. [`forecast`] runs the
+//! predictor engine (`doppel-engine`) on the stored reports: load forecasts, degradation
+//! warnings and forecast-breach recommendations; [`act`] carries recommendations out in act
+//! mode. The [`api`] serves the CLI ([`cli`], [`client`], [`table`]) and `/metrics` over HTTP.
+//! The Shadow Instance Manager ([`sim`]) creates, replaces and destroys the workloads' shadow
+//! instances within their budget and registers their mirror sessions. [`serve`] wires it
+//! together.
 //! [`answer_hello`] is the handshake decision.
 #![forbid(unsafe_code)]
 
@@ -19,6 +22,7 @@ pub mod cli;
 pub mod client;
 pub mod compare;
 pub mod evaluate;
+pub mod forecast;
 pub mod net;
 pub mod policy;
 pub mod serve;

@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub compare_window_secs: u64,
     /// Time between two evaluations (comparison and recommendation of every workload), ms.
     pub evaluate_interval_ms: u64,
+    /// The predictor: warning horizon and thresholds, history, performance-model window.
+    pub forecast: crate::forecast::ForecastSettings,
     /// Webhooks receiving recommendations (`[[webhooks]] url, secret`).
     pub webhooks: Vec<WebhookConfig>,
     /// First webhook retry delay, ms; doubled per attempt up to 15 min.
@@ -103,6 +105,9 @@ impl ServeConfig {
         }
         if self.evaluate_interval_ms < 100 {
             return invalid("evaluate_interval_ms".into(), "must be at least 100");
+        }
+        if let Err((field, reason)) = self.forecast.validate() {
+            return invalid(format!("forecast.{field}"), reason);
         }
         for (i, w) in self.webhooks.iter().enumerate() {
             if reqwest::Url::parse(&w.url)
@@ -158,6 +163,7 @@ impl Default for ServeConfig {
             compare: CompareConfig::default(),
             compare_window_secs: 900,
             evaluate_interval_ms: 60_000,
+            forecast: crate::forecast::ForecastSettings::default(),
             webhooks: Vec::new(),
             webhook_backoff_ms: 1_000,
             webhook_max_attempts: 12,
@@ -331,6 +337,7 @@ impl Coordinator {
             max_attempts: config.webhook_max_attempts,
             stats: webhook_stats,
             queued: tokio::sync::Notify::new(),
+            forecasts: Mutex::new(crate::forecast::Forecasts::new(config.forecast.clone())),
         });
         let actor = Arc::new(Actor {
             store: Arc::new(Mutex::new(open()?)),

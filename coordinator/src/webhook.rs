@@ -8,6 +8,10 @@
 //! exponential backoff. The outbox lives in SQLite, so deliveries survive a restart: delivery is
 //! at least once, and receivers deduplicate on the idempotency key (which is also unique in the
 //! store, so the same advice is never queued twice).
+//!
+//! Each evaluation also runs the workload's predictor ([`crate::forecast`]): its forecast and
+//! warning are stored, and a forecast-breach recommendation, when advised, is stored and queued
+//! exactly like the comparison's.
 
 use std::{
     collections::HashMap,
@@ -25,8 +29,12 @@ use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use crate::{
-    compare::{CompareConfig, recommend::recommend},
+    compare::{
+        CompareConfig,
+        recommend::{Recommendation, recommend},
+    },
     evaluate::compare_workload,
+    forecast::Forecasts,
     store::{DeliveryAttempt, DeliveryOutcome, OutboxItem, RecommendationRow, Store, StoreError},
 };
 
@@ -122,6 +130,8 @@ pub struct Recommender {
     pub stats: Arc<WebhookStats>,
     /// Woken when something was queued.
     pub queued: Notify,
+    /// Each workload's predictor, kept between evaluations.
+    pub forecasts: Mutex<Forecasts>,
 }
 
 /// Wall-clock time, ms since the epoch.
@@ -143,6 +153,7 @@ impl Recommender {
         let mut store = self.store();
         let urls: Vec<String> = self.webhooks.iter().map(|w| w.url.clone()).collect();
         let mut new = 0;
+        let mut names = Vec::new();
         for spec in store.workloads()? {
             let comparison = compare_workload(
                 &store,
@@ -158,37 +169,65 @@ impl Recommender {
             })?;
             store.put_comparison(&spec.name, now_ms, self.window_ms, &json)?;
             let revision = store.workload_revision(&spec.name)?.unwrap_or_default();
-            let Some(rec) = recommend(&comparison, &spec.policy, revision) else {
-                continue;
-            };
-            let body = serde_json::to_value(&rec).map_err(|source| StoreError::Json {
-                what: "recommendation",
-                source,
-            })?;
-            let row = RecommendationRow {
-                id: 0,
-                workload: rec.workload.clone(),
-                created_ms: now_ms,
-                idempotency_key: rec.idempotency_key.clone(),
-                reason: rec.trigger.as_str().to_owned(),
-                current_vm_type: rec.current_vm_type.clone(),
-                recommended_vm_type: rec.recommended_vm_type.clone(),
-                body,
-            };
-            if store.put_recommendation(&row, &urls)? {
-                info!(
-                    workload = %rec.workload,
-                    from = %rec.current_vm_type,
-                    to = %rec.recommended_vm_type,
-                    reason = rec.trigger.as_str(),
-                    "recommendation stored"
-                );
-                self.stats.recommendations.fetch_add(1, Ordering::Relaxed);
-                new += 1;
+            if let Some(rec) = recommend(&comparison, &spec.policy, revision) {
+                new += usize::from(self.store_recommendation(&mut store, &rec, now_ms, &urls)?);
             }
+            // The predictor runs whatever the comparison said: it warns before the SLO breaks,
+            // the comparison only once it has. Each trigger has its own idempotency key.
+            let forecast = self
+                .forecasts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .evaluate(&mut store, &spec, revision, &self.prices, now_ms)?;
+            if let Some(rec) = forecast.recommendation {
+                new += usize::from(self.store_recommendation(&mut store, &rec, now_ms, &urls)?);
+            }
+            names.push(spec.name);
         }
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.forecasts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(&names);
         if new > 0 {
             self.queued.notify_one();
+        }
+        Ok(new)
+    }
+
+    /// Stores `rec` and queues it for every webhook, unless the same advice (idempotency key) is
+    /// stored already. Returns whether it was new.
+    fn store_recommendation(
+        &self,
+        store: &mut Store,
+        rec: &Recommendation,
+        now_ms: i64,
+        urls: &[String],
+    ) -> Result<bool, StoreError> {
+        let body = serde_json::to_value(rec).map_err(|source| StoreError::Json {
+            what: "recommendation",
+            source,
+        })?;
+        let row = RecommendationRow {
+            id: 0,
+            workload: rec.workload.clone(),
+            created_ms: now_ms,
+            idempotency_key: rec.idempotency_key.clone(),
+            reason: rec.trigger.as_str().to_owned(),
+            current_vm_type: rec.current_vm_type.clone(),
+            recommended_vm_type: rec.recommended_vm_type.clone(),
+            body,
+        };
+        let new = store.put_recommendation(&row, urls)?;
+        if new {
+            info!(
+                workload = %rec.workload,
+                from = %rec.current_vm_type,
+                to = %rec.recommended_vm_type,
+                reason = rec.trigger.as_str(),
+                "recommendation stored"
+            );
+            self.stats.recommendations.fetch_add(1, Ordering::Relaxed);
         }
         Ok(new)
     }

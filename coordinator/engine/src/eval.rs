@@ -7,7 +7,7 @@
 
 use crate::Timestamp;
 use crate::forecast::{ForecastConfig, ForecastError, LoadForecaster};
-use crate::warning::{WarningPolicy, WarningState};
+use crate::warning::{BreachCombine, WarningPolicy, breach_scores};
 
 /// Errors of one horizon for one method, accumulated over the test period.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -92,24 +92,35 @@ pub struct BacktestSetup {
     pub warning: Option<WarningSetup>,
 }
 
-/// A degradation-warning replay: the SLO breaks while load exceeds `capacity`.
+/// A degradation-warning replay: the SLO breaks while load exceeds a capacity.
+///
+/// The raise and clear thresholds are not given: they are chosen on a walk-forward replay of the
+/// end of the *training* part (see [`calibrate_thresholds`]) and only then applied to the test
+/// part, so the test figures are out of sample. Choosing them while looking at the test period
+/// would flatter recall and false alarms alike.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WarningSetup {
-    /// Load above which the SLO is broken.
+    /// Load above which the SLO is broken in the test part.
     pub capacity: f64,
-    /// When to raise and clear.
+    /// Look-ahead and SLO window; `raise_at` and `clear_below` are ignored here (they are
+    /// calibrated).
     pub policy: WarningPolicy,
     /// Breaches closer than this many steps are one incident.
     pub merge_gap_steps: usize,
     /// Breaches shorter than this many steps are blips, not incidents: an SLO is judged over a
     /// window, and one sample over the line does not break it.
     pub min_breach_steps: usize,
+    /// Steps at the end of the training part replayed to calibrate the thresholds.
+    pub calibration_steps: usize,
+    /// The calibration window's capacity is this quantile of its own load: the same rule that
+    /// defines the test capacity, applied to training data only.
+    pub calibration_capacity_quantile: f64,
 }
 
 /// What a warning replay found.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct WarningOutcome {
-    /// Breach incidents in the test period (excluding one already under way when it starts).
+    /// Breach incidents in the scored period (excluding one already under way when it starts).
     pub incidents: usize,
     /// Incidents with a warning raised before they began.
     pub warned: usize,
@@ -117,8 +128,222 @@ pub struct WarningOutcome {
     pub lead_secs: Vec<u64>,
     /// Warnings after which no breach came within the horizon.
     pub false_alarms: usize,
-    /// Length of the test period in days.
+    /// Length of the scored period in days.
     pub test_days: f64,
+    /// Origins of the scored period with a warning raised.
+    pub warned_steps: usize,
+    /// Origins scored.
+    pub scored_steps: usize,
+}
+
+impl WarningOutcome {
+    /// Adds another period's outcome (pooling traces).
+    pub fn merge(&mut self, other: &Self) {
+        self.incidents += other.incidents;
+        self.warned += other.warned;
+        self.lead_secs.extend(&other.lead_secs);
+        self.false_alarms += other.false_alarms;
+        self.test_days += other.test_days;
+        self.warned_steps += other.warned_steps;
+        self.scored_steps += other.scored_steps;
+    }
+
+    /// Share of the time a warning was raised. False alarms count warning *episodes*, so a rule
+    /// that raises early and never clears would look perfect on recall and false alarms alike;
+    /// this is what exposes it.
+    pub fn warned_fraction(&self) -> f64 {
+        if self.scored_steps == 0 {
+            0.0
+        } else {
+            self.warned_steps as f64 / self.scored_steps as f64
+        }
+    }
+
+    /// Warned incidents over incidents (1 when there were none).
+    pub fn recall(&self) -> f64 {
+        if self.incidents == 0 {
+            1.0
+        } else {
+            self.warned as f64 / self.incidents as f64
+        }
+    }
+
+    /// False alarms per day of the scored period.
+    pub fn false_alarms_per_day(&self) -> f64 {
+        if self.test_days > 0.0 {
+            self.false_alarms as f64 / self.test_days
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Breach probabilities at every walked origin of one trace, so warnings can be replayed with
+/// any thresholds without refitting: first on the calibration window (training data only), then,
+/// with the thresholds chosen there, on the test part.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarningProbe {
+    /// First origin of the calibration window.
+    pub calibration_from: usize,
+    /// First test origin (the train/test split).
+    pub split: usize,
+    /// The calibration window's capacity (from training data only).
+    pub calibration_capacity: f64,
+    /// Breach probability at origins `calibration_from..split` against `calibration_capacity`,
+    /// combined each way ([`BreachCombine::Union`], [`BreachCombine::LargestWindow`]).
+    pub calibration: [Vec<f64>; 2],
+    /// Breach probability at origins `split..n` against the test capacity, both ways.
+    pub test: [Vec<f64>; 2],
+    setup: WarningSetup,
+    step_secs: u64,
+}
+
+impl WarningProbe {
+    /// The replay of the calibration window with thresholds `(raise, clear)`. Only values before
+    /// the split are looked at, outcomes included.
+    pub fn calibration_outcome(&self, series: &[f64], thresholds: Thresholds) -> WarningOutcome {
+        let training = &series[..self.split];
+        let active = replay_hysteresis(
+            training.len(),
+            self.calibration_from,
+            &self.calibration[combine_index(thresholds.combine)],
+            thresholds.raise,
+            thresholds.clear,
+        );
+        score_warnings(
+            training,
+            self.calibration_from,
+            self.step_secs,
+            self.calibration_capacity,
+            &self.setup,
+            &active,
+        )
+    }
+
+    /// The replay of the test part with thresholds `(raise, clear)`.
+    pub fn test_outcome(&self, series: &[f64], thresholds: Thresholds) -> WarningOutcome {
+        let active = replay_hysteresis(
+            series.len(),
+            self.split,
+            &self.test[combine_index(thresholds.combine)],
+            thresholds.raise,
+            thresholds.clear,
+        );
+        score_warnings(
+            series,
+            self.split,
+            self.step_secs,
+            self.setup.capacity,
+            &self.setup,
+            &active,
+        )
+    }
+}
+
+/// A warning rule: how breach probabilities are combined, and when to raise and clear.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// How the per-step probabilities are combined.
+    pub combine: BreachCombine,
+    /// Raise at this probability.
+    pub raise: f64,
+    /// Clear below this one.
+    pub clear: f64,
+}
+
+fn combine_index(combine: BreachCombine) -> usize {
+    match combine {
+        BreachCombine::Union => 0,
+        BreachCombine::LargestWindow => 1,
+    }
+}
+
+/// Rules tried by [`calibrate_thresholds`]: both combinations, raise from 0.025 to 0.975, clear
+/// at a fraction of it (hysteresis widths from none to wide). The trade-off on the traces is
+/// steep (recall jumps from about 0.5 to above 0.9 between one and 1.1 false alarms a day), so
+/// the grid is fine.
+pub fn threshold_candidates() -> Vec<Thresholds> {
+    let mut out = Vec::new();
+    for combine in [BreachCombine::Union, BreachCombine::LargestWindow] {
+        for r in 1..=39 {
+            let raise = f64::from(r) * 0.025;
+            for ratio in [1.0, 0.85, 0.7, 0.5, 0.3, 0.15] {
+                out.push(Thresholds {
+                    combine,
+                    raise,
+                    clear: raise * ratio,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// What a calibrated warning rule may cost on the training parts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CalibrationLimits {
+    /// Most false alarms (warning episodes with no breach) per day.
+    pub max_false_alarms_per_day: f64,
+    /// Most of the time a warning may be raised: a warning that is always on warns of every
+    /// breach with a single "episode", and says nothing.
+    pub max_warned_fraction: f64,
+}
+
+/// Chooses warning thresholds from calibration replays pooled over traces (training data only):
+/// the highest pooled recall within `limits`, ties to fewer false alarms, then to longer median
+/// lead. Falls back to the rule with the fewest false alarms among those within the warned-time
+/// limit when none meets both. Returns the rule and its pooled calibration outcome.
+pub fn calibrate_thresholds(
+    probes: &[(&WarningProbe, &[f64])],
+    candidates: &[Thresholds],
+    limits: CalibrationLimits,
+) -> Option<(Thresholds, WarningOutcome)> {
+    let scored: Vec<(Thresholds, WarningOutcome)> = calibration_table(probes, candidates)
+        .into_iter()
+        .filter(|(_, o)| o.warned_fraction() <= limits.max_warned_fraction)
+        .collect();
+    let max_false_alarms_per_day = limits.max_false_alarms_per_day;
+    let median_lead = |o: &WarningOutcome| {
+        let mut l = o.lead_secs.clone();
+        l.sort_unstable();
+        l.get(l.len() / 2).copied().unwrap_or(0)
+    };
+    let within = scored
+        .iter()
+        .filter(|(_, o)| o.false_alarms_per_day() <= max_false_alarms_per_day)
+        .max_by(|(_, a), (_, b)| {
+            a.recall()
+                .total_cmp(&b.recall())
+                .then(b.false_alarms.cmp(&a.false_alarms))
+                .then(median_lead(a).cmp(&median_lead(b)))
+        });
+    within
+        .or_else(|| {
+            scored.iter().min_by(|(_, a), (_, b)| {
+                a.false_alarms
+                    .cmp(&b.false_alarms)
+                    .then(b.recall().total_cmp(&a.recall()))
+            })
+        })
+        .cloned()
+}
+
+/// Every candidate rule with its pooled outcome on the calibration windows (training data
+/// only), in the order given.
+pub fn calibration_table(
+    probes: &[(&WarningProbe, &[f64])],
+    candidates: &[Thresholds],
+) -> Vec<(Thresholds, WarningOutcome)> {
+    candidates
+        .iter()
+        .map(|&t| {
+            let mut pooled = WarningOutcome::default();
+            for (probe, series) in probes {
+                pooled.merge(&probe.calibration_outcome(series, t));
+            }
+            (t, pooled)
+        })
+        .collect()
 }
 
 /// Results of one trace's backtest.
@@ -126,8 +351,8 @@ pub struct WarningOutcome {
 pub struct BacktestReport {
     /// Scores per horizon, in the order asked.
     pub horizons: Vec<HorizonScore>,
-    /// The warning replay, when asked.
-    pub warning: Option<WarningOutcome>,
+    /// Breach probabilities for warning replays, when asked.
+    pub warning: Option<WarningProbe>,
     /// Fits performed (the initial one and scheduled refits).
     pub fits: usize,
     /// Which model the last fit chose, for the report.
@@ -135,8 +360,10 @@ pub struct BacktestReport {
 }
 
 /// Walks forward through `series` (one value per `config.step_secs`, the first at `start`): fits
-/// on the training part, then at every test origin scores forecasts, optionally replays warnings,
-/// observes the next value and refits on schedule.
+/// on the history before the first origin, then at every origin computes what is asked (breach
+/// probabilities in the calibration window and the test part; forecast scores in the test part),
+/// observes the next value and refits on schedule. Every figure at an origin uses only values up
+/// to that origin.
 pub fn backtest(
     series: &[f64],
     start: Timestamp,
@@ -165,31 +392,63 @@ pub fn backtest(
             mase_scale,
         })
         .collect();
+    // The calibration window ends where the test starts; it keeps at least a few steps of
+    // history before it for the first fit.
+    let calibration_from = setup
+        .warning
+        .as_ref()
+        .map_or(split, |w| split.saturating_sub(w.calibration_steps).max(4));
+    let calibration_capacity = setup.warning.as_ref().map_or(0.0, |w| {
+        let mut window = series[calibration_from..split].to_vec();
+        window.sort_by(f64::total_cmp);
+        window
+            .get(
+                ((window.len() as f64 * w.calibration_capacity_quantile) as usize)
+                    .min(window.len().saturating_sub(1)),
+            )
+            .copied()
+            .unwrap_or(0.0)
+    });
+    let first_origin = calibration_from.min(split) - 1;
     let history_from = |end: usize| end.saturating_sub(config.max_history);
-    let mut model =
-        LoadForecaster::fit(config, &series[history_from(split)..split], at(split - 1))?;
+    let mut model = LoadForecaster::fit(
+        config,
+        &series[history_from(first_origin + 1)..=first_origin],
+        at(first_origin),
+    )?;
     let mut fits = 1;
     let mut since_fit = 0;
-    let mut warning_state = WarningState::default();
-    let mut warning_active = vec![false; n];
+    let mut calibration = [Vec::new(), Vec::new()];
+    let mut test = [Vec::new(), Vec::new()];
     // Origin `o`: the last observed index; forecasts target o + h.
-    for o in split - 1..n - 1 {
-        for score in &mut scores {
-            let h = score.steps;
-            if o + h >= n || o + h < m * h.div_ceil(m) {
-                continue;
+    for o in first_origin..n - 1 {
+        if o + 1 >= split {
+            for score in &mut scores {
+                let h = score.steps;
+                if o + h >= n || o + h < m * h.div_ceil(m) {
+                    continue;
+                }
+                let actual = series[o + h];
+                score.model.add(model.median(h), actual);
+                score.persistence.add(series[o], actual);
+                score
+                    .seasonal_naive
+                    .add(series[o + h - m * h.div_ceil(m)], actual);
             }
-            let actual = series[o + h];
-            score.model.add(model.median(h), actual);
-            score.persistence.add(series[o], actual);
-            score
-                .seasonal_naive
-                .add(series[o + h - m * h.div_ceil(m)], actual);
         }
         if let Some(w) = &setup.warning {
-            warning_active[o] = warning_state
-                .evaluate(at(o), &w.policy, &model, &[w.capacity])
-                .is_some();
+            let into = if o >= split {
+                Some((&mut test, w.capacity))
+            } else if o >= calibration_from {
+                Some((&mut calibration, calibration_capacity))
+            } else {
+                None
+            };
+            if let Some((into, capacity)) = into {
+                let scores = breach_scores(&model, &[capacity], &w.policy);
+                into[0].push(scores.union);
+                into[1].push(scores.largest_window);
+            }
         }
         model.observe(at(o + 1), series[o + 1]);
         since_fit += 1;
@@ -199,10 +458,15 @@ pub fn backtest(
             since_fit = 0;
         }
     }
-    let warning = setup
-        .warning
-        .as_ref()
-        .map(|w| score_warnings(series, split, step, w, &warning_active));
+    let warning = setup.warning.as_ref().map(|w| WarningProbe {
+        calibration_from,
+        split,
+        calibration_capacity,
+        calibration,
+        test,
+        setup: w.clone(),
+        step_secs: step,
+    });
     Ok(BacktestReport {
         horizons: scores,
         warning,
@@ -211,11 +475,32 @@ pub fn backtest(
     })
 }
 
-/// Matches warnings with breach incidents in the test part `[split, n)`.
+/// Which origins of `[from, len)` have a warning raised, replaying the raise/clear hysteresis
+/// over `probabilities` (one per origin from `from`).
+fn replay_hysteresis(
+    len: usize,
+    from: usize,
+    probabilities: &[f64],
+    raise: f64,
+    clear: f64,
+) -> Vec<bool> {
+    let mut active = vec![false; len];
+    let mut on = false;
+    for (i, &p) in probabilities.iter().enumerate() {
+        on = if on { p >= clear } else { p >= raise };
+        if let Some(a) = active.get_mut(from + i) {
+            *a = on;
+        }
+    }
+    active
+}
+
+/// Matches warnings with breach incidents in `[from, series.len())`.
 fn score_warnings(
     series: &[f64],
-    split: usize,
+    from: usize,
     step_secs: u64,
+    capacity: f64,
     setup: &WarningSetup,
     active: &[bool],
 ) -> WarningOutcome {
@@ -226,8 +511,8 @@ fn score_warnings(
     for (i, _) in series
         .iter()
         .enumerate()
-        .skip(split)
-        .filter(|(_, y)| **y > setup.capacity)
+        .skip(from)
+        .filter(|(_, y)| **y > capacity)
     {
         match runs.last_mut() {
             Some((_, end)) if *end + 1 == i => *end = i,
@@ -246,11 +531,13 @@ fn score_warnings(
             _ => incidents.push((s, e)),
         }
     }
-    // An incident already under way when the test starts could not be warned of.
-    incidents.retain(|&(s, _)| s > split);
+    // An incident already under way when the period starts could not be warned of.
+    incidents.retain(|&(s, _)| s > from);
     let mut outcome = WarningOutcome {
         incidents: incidents.len(),
-        test_days: (n - split) as f64 * step_secs as f64 / 86_400.0,
+        test_days: (n - from) as f64 * step_secs as f64 / 86_400.0,
+        warned_steps: active[from..].iter().filter(|a| **a).count(),
+        scored_steps: n - from,
         ..WarningOutcome::default()
     };
     for &(s, _) in &incidents {
@@ -258,7 +545,7 @@ fn score_warnings(
         // long it had been raised, at most the horizon (a warning claims no more than that).
         if active[s - 1] {
             let mut onset = s - 1;
-            while onset > split && active[onset - 1] && s - onset < horizon {
+            while onset > from && active[onset - 1] && s - onset < horizon {
                 onset -= 1;
             }
             outcome.warned += 1;
@@ -266,7 +553,7 @@ fn score_warnings(
         }
     }
     // False alarms: warning episodes with no breach from onset to end + horizon.
-    let mut i = split;
+    let mut i = from;
     while i < n {
         if !active[i] {
             i += 1;
@@ -554,4 +841,113 @@ pub fn simulate_catalog(
         history.push(measured);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> WarningSetup {
+        WarningSetup {
+            capacity: 10.0,
+            policy: WarningPolicy {
+                horizon_steps: 5,
+                min_breach_steps: 1,
+                ..WarningPolicy::default()
+            },
+            merge_gap_steps: 5,
+            min_breach_steps: 1,
+            calibration_steps: 50,
+            calibration_capacity_quantile: 0.95,
+        }
+    }
+
+    /// 100 steps: calibration window 50..70, test 70..100. Breaches (load 20 over capacity 10)
+    /// at 60..62 (calibration) and 85..87 (test).
+    fn probe(calibration_scores: Vec<f64>, test_scores: Vec<f64>) -> (WarningProbe, Vec<f64>) {
+        let mut series = vec![5.0; 100];
+        for i in (60..63).chain(85..88) {
+            series[i] = 20.0;
+        }
+        let probe = WarningProbe {
+            calibration_from: 50,
+            split: 70,
+            calibration_capacity: 10.0,
+            calibration: [calibration_scores.clone(), calibration_scores],
+            test: [test_scores.clone(), test_scores],
+            setup: setup(),
+            step_secs: 60,
+        };
+        (probe, series)
+    }
+
+    fn scores(len: usize, offset: usize, rising_at: usize) -> Vec<f64> {
+        // 0.6 for the three origins before `rising_at`, 0 elsewhere but a 0.3 blip at 52.
+        (0..len)
+            .map(|i| {
+                let o = offset + i;
+                if o + 3 >= rising_at && o < rising_at {
+                    0.6
+                } else if o == 52 {
+                    0.3
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn thresholds_are_chosen_on_training_data_and_the_test_part_cannot_move_them() {
+        let (a, series_a) = probe(scores(20, 50, 60), scores(30, 70, 85));
+        // The same training part; the test part's scores turned upside down.
+        let (b, series_b) = probe(scores(20, 50, 60), vec![0.9; 30]);
+        let candidates = threshold_candidates();
+        let limits = CalibrationLimits {
+            max_false_alarms_per_day: 100.0,
+            max_warned_fraction: 0.5,
+        };
+        let chosen_a = calibrate_thresholds(&[(&a, series_a.as_slice())], &candidates, limits)
+            .expect("a choice");
+        let chosen_b = calibrate_thresholds(&[(&b, series_b.as_slice())], &candidates, limits)
+            .expect("a choice");
+        assert_eq!(chosen_a, chosen_b);
+        let (t, calibration) = chosen_a;
+        assert_eq!(calibration.incidents, 1);
+        assert_eq!(calibration.warned, 1);
+        // Above the 0.3 blip (a false alarm) and at most the 0.6 before the breach.
+        assert!(t.raise > 0.3 && t.raise <= 0.6, "{t:?}");
+        let test = a.test_outcome(&series_a, t);
+        assert_eq!((test.incidents, test.warned, test.false_alarms), (1, 1, 0));
+        assert_eq!(test.lead_secs, [3 * 60]);
+        assert_eq!((test.warned_steps, test.scored_steps), (3, 30));
+    }
+
+    #[test]
+    fn a_warning_that_never_clears_is_refused_by_the_warned_time_limit() {
+        // Raised at the blip and never cleared: one episode covers the breach, so recall is 1
+        // and there is no false alarm; only the warned time gives it away.
+        let (a, series) = probe(scores(20, 50, 60), scores(30, 70, 85));
+        let always = Thresholds {
+            combine: BreachCombine::Union,
+            raise: 0.25,
+            clear: 0.0,
+        };
+        let o = a.calibration_outcome(&series, always);
+        assert_eq!((o.warned, o.false_alarms), (1, 0));
+        assert!(o.warned_fraction() > 0.8, "{}", o.warned_fraction());
+        let limits = CalibrationLimits {
+            max_false_alarms_per_day: 100.0,
+            max_warned_fraction: 0.5,
+        };
+        let (t, _) = calibrate_thresholds(&[(&a, series.as_slice())], &[always], limits)
+            .map_or((None, ()), |(t, _)| (Some(t), ()));
+        assert_eq!(t, None);
+    }
+
+    #[test]
+    fn hysteresis_keeps_a_warning_raised_until_the_score_falls_below_the_clear_threshold() {
+        let active = replay_hysteresis(6, 1, &[0.2, 0.6, 0.4, 0.2, 0.6], 0.5, 0.3);
+        assert_eq!(active, [false, false, true, true, false, true]);
+    }
 }

@@ -101,6 +101,35 @@ impl ForecastConfig {
         }
     }
 
+    /// One observation per `step_secs` (a coordinator's report interval), for series whose
+    /// seasonality is unknown. The season is still a day, so a workload that has reported for
+    /// more than a day gets a daily profile; until then (always, at one-second steps with
+    /// `max_history_steps` below a day) the forecaster is the honest cold start, damped Holt with
+    /// empirical intervals, and says so. History is capped at `max_history_steps` so a fit stays
+    /// cheap at short steps.
+    pub fn for_step(step_secs: u64, max_history_steps: usize, max_horizon: usize) -> Self {
+        let step_secs = step_secs.max(1);
+        let season_steps = usize::try_from(86_400 / step_secs)
+            .unwrap_or(usize::MAX)
+            .max(2);
+        let max_horizon = max_horizon.max(1);
+        let mut fit_horizons = vec![1];
+        for h in [max_horizon / 4, max_horizon] {
+            if h > *fit_horizons.last().unwrap_or(&1) {
+                fit_horizons.push(h);
+            }
+        }
+        Self {
+            step_secs,
+            season_steps,
+            max_history: max_history_steps.max(MIN_FIT_HISTORY),
+            refit_every: (max_horizon / 4).clamp(1, 60),
+            max_horizon,
+            fit_horizons,
+            season_day_decay: 0.8,
+        }
+    }
+
     fn validate(&self) -> Result<(), ForecastError> {
         let bad = |field, reason| Err(ForecastError::BadConfig { field, reason });
         if self.step_secs == 0 {
@@ -230,6 +259,9 @@ impl Transform {
         }
     }
 }
+
+/// Smallest history a configuration may keep.
+const MIN_FIT_HISTORY: usize = 16;
 
 /// Quantile levels stored per horizon bucket: 1 %, 2 %, …, 99 %.
 const QUANTILES: usize = 99;

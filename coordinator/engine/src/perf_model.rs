@@ -112,6 +112,7 @@ pub struct PerformanceModel {
     curve: Curve,
     bootstrap: Vec<Curve>,
     max_observed_load: f64,
+    min_observed_load: f64,
     points: usize,
     shadow_points: usize,
 }
@@ -154,6 +155,7 @@ impl PerformanceModel {
             curve,
             bootstrap,
             max_observed_load: max_load,
+            min_observed_load: min_load,
             points: points.len(),
             shadow_points: points
                 .iter()
@@ -199,6 +201,20 @@ impl PerformanceModel {
     /// Highest load the type was measured at: beyond it, the model extrapolates.
     pub fn max_observed_load(&self) -> f64 {
         self.max_observed_load
+    }
+
+    /// How much of the way from its low-load latency to `slo_ms` the fitted latency rises over
+    /// the measured loads: 0 when latency is flat across them, 1 or more when the measurements
+    /// reach the SLO. A type measured only where its latency is flat has an unidentified knee:
+    /// the fit then puts saturation anywhere above the highest load (the data cannot tell), so
+    /// its capacity is a guess, and callers should not warn or choose on it.
+    pub fn knee_evidence(&self, slo_ms: f64) -> f64 {
+        let low = self.curve.latency(self.min_observed_load);
+        let high = self.curve.latency(self.max_observed_load);
+        if slo_ms <= low {
+            return 1.0;
+        }
+        ((high - low) / (slo_ms - low)).max(0.0)
     }
 
     /// Points the fit used.
@@ -313,6 +329,34 @@ fn nonnegative_least_squares(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_knee_is_identified_only_once_latency_has_risen_over_the_measured_loads() {
+        let curve = Curve {
+            base: 20.0,
+            k: 2000.0,
+            capacity: 250.0,
+        };
+        let noise = [0.03, -0.02, 0.01, -0.04, 0.02];
+        // 60..68/s: latency ~28.5 ms throughout, the knee (SLO 100 ms at 225/s) is a guess.
+        let flat: Vec<f64> = (0..20).map(|i| 60.0 + 0.4 * f64::from(i)).collect();
+        let flat = PerformanceModel::fit(&points(curve, &flat, &noise), 1).expect("fit");
+        assert!(
+            flat.knee_evidence(100.0) < 0.2,
+            "{}",
+            flat.knee_evidence(100.0)
+        );
+        // 60..200/s: latency rises from 30 to 60 ms, half way to the SLO.
+        let rising: Vec<f64> = (0..20).map(|i| 60.0 + 7.0 * f64::from(i)).collect();
+        let rising = PerformanceModel::fit(&points(curve, &rising, &noise), 1).expect("fit");
+        let evidence = rising.knee_evidence(100.0);
+        assert!((0.3..0.8).contains(&evidence), "{evidence}");
+        assert!(
+            (rising.capacity_at(100.0) - 225.0).abs() < 25.0,
+            "{}",
+            rising.capacity_at(100.0)
+        );
+    }
 
     fn points(curve: Curve, loads: &[f64], noise: &[f64]) -> Vec<LoadLatencyPoint> {
         loads

@@ -129,6 +129,36 @@ impl WorkloadPredictor {
         self.decision.current()
     }
 
+    /// Tells the predictor what the workload actually runs on. A recommended move is only
+    /// advice until the operator makes it, so the coordinator restates the live placement
+    /// before every evaluation; a change resets the decision's hysteresis, because the
+    /// confirmations it counted were against the old placement.
+    pub fn set_placement(&mut self, placement: Placement) {
+        if *self.decision.current() != placement {
+            self.decision = DecisionState::new(placement);
+        }
+    }
+
+    /// The fitted forecaster, once there is one.
+    pub fn forecaster(&self) -> Option<&LoadForecaster> {
+        self.forecaster.as_ref()
+    }
+
+    /// Observations of history held.
+    pub fn history_len(&self) -> usize {
+        self.history.len()
+    }
+
+    /// Whether a degradation warning is raised.
+    pub fn warning_active(&self) -> bool {
+        self.warning.is_active()
+    }
+
+    /// The warning policy in force.
+    pub fn warning_policy(&self) -> &WarningPolicy {
+        &self.warning_policy
+    }
+
     /// Evaluates the warning and the placement at `now`, given the performance models measured
     /// for this workload (live and shadow types).
     pub fn handle_timeout(&mut self, now: Timestamp, candidates: &[Candidate<'_>]) {

@@ -38,7 +38,7 @@ use crate::{
     policy::{InvalidPolicy, Policy, WorkloadSpec, validate, validate_policy},
     sim::manager::{CreateShadow, PinRequest, ShadowManager, ShadowView, SimError},
     store::{
-        ActionRow, AgentRow, DeliveryRow, RecommendationRow, Store, StoreError,
+        ActionRow, AgentRow, DeliveryRow, RecommendationRow, Store, StoreError, WarningRow,
         ingest::IngestStats,
         shadows::{ShadowEvent, ShadowRow},
     },
@@ -481,6 +481,50 @@ async fn list_actions(
         .map(Json)
 }
 
+/// `GET /v1/workloads/{name}/forecast`: the predictor's latest forecast of the workload and its
+/// recent warning episodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForecastView {
+    /// Workload.
+    pub workload: String,
+    /// The latest [`ForecastSnapshot`](crate::forecast::ForecastSnapshot), once the evaluator
+    /// has run.
+    pub forecast: Option<serde_json::Value>,
+    /// Warning episodes, newest first.
+    pub warnings: Vec<WarningRow>,
+}
+
+async fn show_forecast(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<ForecastView>, ApiError> {
+    state
+        .with_store(move |s| {
+            if s.workload(&name)?.is_none() {
+                return Err(ApiError::NoSuchWorkload(name));
+            }
+            let forecast = s.forecast(&name)?.map(|(_, body)| body);
+            let warnings = s.warnings(Some(&name), 10)?;
+            Ok(ForecastView {
+                workload: name,
+                forecast,
+                warnings,
+            })
+        })
+        .await
+        .map(Json)
+}
+
+async fn list_warnings(
+    State(state): State<Arc<ApiState>>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<WarningRow>>, ApiError> {
+    state
+        .with_store(move |s| Ok(s.warnings(query.workload.as_deref(), query.limit.unwrap_or(50))?))
+        .await
+        .map(Json)
+}
+
 async fn delivery_log(
     State(state): State<Arc<ApiState>>,
     Query(query): Query<ListQuery>,
@@ -780,6 +824,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/recommendations", get(list_recommendations))
         .route("/v1/actions", get(list_actions))
+        .route("/v1/workloads/{name}/forecast", get(show_forecast))
+        .route("/v1/warnings", get(list_warnings))
         .route("/v1/webhooks/log", get(delivery_log))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),

@@ -1,12 +1,17 @@
 //! Recommendations v1, from a [`Comparison`] and the workload's policy. Sans-IO like the rest
 //! of the engine.
 //!
-//! Two triggers, checked in this order:
+//! Two triggers from the comparison, checked in this order:
 //! - **SLO broken**: live's SLO percentile over the window is above the bound. The cheapest
 //!   shadow type within budget whose percentile at matched load holds the SLO is recommended
 //!   (the fastest on a price tie); with none holding it, nothing is recommended.
 //! - **Faster for no more money**: a shadow type is [`Verdict::Faster`] with confidence and
 //!   costs no more than live (both prices known) and is within budget; the fastest is chosen.
+//!
+//! A third, [`Trigger::ForecastBreach`], comes from the predictor ([`crate::forecast`]): the
+//! SLO is expected to break within the forecast horizon, and the cheapest type within budget
+//! whose measured capacity holds the SLO at the forecast peak is recommended before it does;
+//! [`forecast_recommendation`] builds it, with the forecast and each type's capacity as evidence.
 //!
 //! The idempotency key is derived from workload, types, trigger and the policy revision, so the
 //! same advice is stored and delivered once until the policy changes, however often the
@@ -26,6 +31,8 @@ pub enum Trigger {
     SloBreach,
     /// A shadow type is faster at lower or equal cost.
     FasterAtLowerOrEqualCost,
+    /// The load forecast says live will break its SLO within the horizon.
+    ForecastBreach,
 }
 
 impl Trigger {
@@ -34,6 +41,7 @@ impl Trigger {
         match self {
             Self::SloBreach => "slo_breach",
             Self::FasterAtLowerOrEqualCost => "faster_at_lower_or_equal_cost",
+            Self::ForecastBreach => "forecast_breach",
         }
     }
 }
@@ -67,7 +75,8 @@ pub struct Recommendation {
     pub recommended_vm_type: String,
     /// Live's offered load over the window, exchanges/s.
     pub load_per_s: f64,
-    /// Confidence that the recommended type is faster than live at matched load, 0..=1.
+    /// Confidence that the recommended type is faster than live at matched load, 0..=1; for
+    /// [`Trigger::ForecastBreach`], the probability that live breaks its SLO within the horizon.
     pub confidence: f64,
     /// Price per hour of the recommended type minus the current one, if both are listed.
     pub cost_delta_per_hour: Option<f64>,
@@ -83,6 +92,106 @@ pub struct Recommendation {
     pub idempotency_key: String,
     /// Policy revision it was computed under.
     pub policy_revision: u64,
+    /// For [`Trigger::ForecastBreach`]: the forecast and the capacity evidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<ForecastEvidence>,
+}
+
+/// Why the predictor expects a breach, and why the recommended type holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ForecastEvidence {
+    /// The forecasting model in use (e.g. `cold_start` while history is short).
+    pub model: String,
+    /// Seconds between the series' observations (the report interval).
+    pub step_secs: u64,
+    /// Look-ahead of the warning, seconds.
+    pub horizon_secs: u64,
+    /// Probability that live breaks its SLO within the horizon.
+    pub breach_probability: f64,
+    /// Seconds from now until the breach is expected to begin.
+    pub lead_secs: u64,
+    /// When the breach is expected to begin, ms since the epoch.
+    pub expected_breach_ms: i64,
+    /// Highest median forecast load over the horizon, exchanges/s (all live instances).
+    pub forecast_peak_per_s: f64,
+    /// The load the recommended placement is sized for: the forecast's 90th percentile peak.
+    pub provisioned_peak_per_s: f64,
+    /// Live's capacity at the SLO (median estimate, all live instances), exchanges/s.
+    pub current_capacity_per_s: f64,
+    /// Instances of the recommended type.
+    pub recommended_count: u32,
+    /// The recommended type's capacity at the SLO per instance that the choice relied on.
+    pub recommended_capacity_per_instance: f64,
+    /// Predicted SLO percentile of the recommended type at the provisioned peak, ms.
+    pub recommended_latency_at_peak_ms: f64,
+    /// Predicted SLO percentile of live at the provisioned peak, ms (infinite: saturated).
+    pub current_latency_at_peak_ms: Option<f64>,
+    /// Every type with a performance model: what was measured and what it can hold.
+    pub types: Vec<TypeCapacity>,
+}
+
+/// One VM type's performance model, as evidence.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TypeCapacity {
+    /// VM type.
+    pub vm_type: String,
+    /// Live or shadow.
+    pub role: Role,
+    /// Price per hour, if listed.
+    pub price_per_hour: Option<f64>,
+    /// Load per instance at which the SLO percentile reaches the bound (median estimate).
+    pub capacity_at_slo_per_s: f64,
+    /// Highest load per instance it was measured at.
+    pub max_observed_load_per_s: f64,
+    /// Intervals behind the model.
+    pub points: usize,
+    /// Whether the budget allows it.
+    pub within_budget: bool,
+}
+
+/// The recommendation for a forecast breach: live on `current` is expected to break its SLO,
+/// and `recommended` holds it at the forecast peak (chosen by the predictor's decision).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the fields of the document it builds; a struct would only rename them"
+)]
+pub fn forecast_recommendation(
+    workload: &str,
+    current: &str,
+    recommended: &str,
+    load_per_s: f64,
+    prices: &std::collections::HashMap<String, f64>,
+    policy: &Policy,
+    revision: u64,
+    created_ms: i64,
+    forecast: ForecastEvidence,
+) -> Recommendation {
+    let cost_delta_per_hour = match (prices.get(recommended), prices.get(current)) {
+        (Some(to), Some(from)) => Some(to * f64::from(forecast.recommended_count) - from),
+        _ => None,
+    };
+    Recommendation {
+        workload: workload.to_owned(),
+        trigger: Trigger::ForecastBreach,
+        current_vm_type: current.to_owned(),
+        recommended_vm_type: recommended.to_owned(),
+        load_per_s,
+        confidence: forecast.breach_probability,
+        cost_delta_per_hour,
+        slo_percentile: policy.slo.percentile,
+        slo_max_latency_ms: policy.slo.max_latency_ms,
+        evidence: Vec::new(),
+        created_ms,
+        idempotency_key: idempotency_key(
+            workload,
+            current,
+            recommended,
+            Trigger::ForecastBreach,
+            revision,
+        ),
+        policy_revision: revision,
+        forecast: Some(forecast),
+    }
 }
 
 fn within_budget(policy: &Policy, r: &Ranked, comparison: &Comparison) -> bool {
@@ -189,5 +298,6 @@ pub fn recommend(
         evidence,
         created_ms: comparison.computed_ms,
         policy_revision: revision,
+        forecast: None,
     })
 }

@@ -7,8 +7,11 @@
 //! for each other up to the busy timeout, and a database that stays locked or full surfaces as a
 //! [`StoreError`], never as a dropped report.
 
+mod forecast;
 pub mod ingest;
 pub mod shadows;
+
+pub use forecast::{OfferedLoad, WarningRow};
 
 use std::{
     path::{Path, PathBuf},
@@ -26,6 +29,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_actions.sql"),
     include_str!("migrations/0003_shadow_instances.sql"),
+    include_str!("migrations/0004_forecast.sql"),
 ];
 
 /// The store's file name in the state directory.

@@ -1,0 +1,312 @@
+//! The predictor end to end through a real SQLite store: reports go in through
+//! `Store::ingest_batch` exactly as the ingest writer stores them, evaluations run through the
+//! [`Recommender`] the coordinator runs, and what comes out is read back from the store.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use doppel_common::wire::{
+    Counter, EncodedHistogram, FlowScope, HistogramRecord, IntervalReport, LatencyMetric,
+    ResourceUsage,
+};
+use hdrhistogram::Histogram;
+
+use super::*;
+use crate::{
+    compare::CompareConfig,
+    store::CheckedReport,
+    webhook::{Recommender, WebhookStats},
+};
+
+const SLO_MS: f64 = 100.0;
+/// Start of the simulated day, ms since the epoch.
+const T0_MS: i64 = 1_700_000_000_000;
+/// Seconds between evaluations in the simulation.
+const EVALUATE_EVERY_S: i64 = 15;
+
+/// A VM type of the simulation: its catalog price and the load at which it saturates.
+struct SimType {
+    agent: &'static str,
+    vm_type: &'static str,
+    price: f64,
+    saturation: f64,
+}
+
+const LIVE: SimType = SimType {
+    agent: "live-1",
+    vm_type: "m.large",
+    price: 0.10,
+    saturation: 250.0,
+};
+/// Cheaper than live and than `c.large`, but its capacity is below the coming peak.
+const SMALL: SimType = SimType {
+    agent: "shadow-s",
+    vm_type: "s.small",
+    price: 0.05,
+    saturation: 150.0,
+};
+/// The cheapest type that holds the peak.
+const COMPUTE: SimType = SimType {
+    agent: "shadow-c",
+    vm_type: "c.large",
+    price: 0.085,
+    saturation: 500.0,
+};
+/// Holds it too, at more than three times the price.
+const LARGE: SimType = SimType {
+    agent: "shadow-x",
+    vm_type: "x.large",
+    price: 0.30,
+    saturation: 1000.0,
+};
+
+/// The true p99 at `load`: a 20 ms floor plus a queueing term, so the SLO (100 ms) breaks at
+/// 90 % of saturation. A deterministic ±5 % wobble per interval stands in for measurement noise.
+fn p99_ms(t: &SimType, load: f64, interval: i64) -> f64 {
+    let queue = 8.0 * t.saturation / (t.saturation - load).max(t.saturation * 0.01);
+    let wobble = ((interval as u64).wrapping_mul(2_654_435_761) % 1000) as f64 / 10_000.0 - 0.05;
+    (20.0 + queue) * (1.0 + wobble)
+}
+
+/// One second's report of `t` serving `load` exchanges/s: 98 % of exchanges near the median,
+/// 2 % at the p99, so the stored histogram's 99th percentile is the p99.
+fn report(t: &SimType, seq: u64, interval: i64, load: f64) -> CheckedReport {
+    let exchanges = load.round().max(1.0) as u64;
+    let tail = (exchanges * 2).div_ceil(100);
+    let p99 = p99_ms(t, load, interval);
+    // Two significant digits (1 % resolution, plenty for a p99 against a 100 ms SLO) keep the
+    // count arrays small: allocating and merging them is most of this test's time unoptimised.
+    let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 2).expect("histogram");
+    h.record_n((0.4 * p99 * 1e6) as u64, exchanges - tail)
+        .expect("record");
+    h.record_n((p99 * 1e6) as u64, tail).expect("record");
+    CheckedReport::check(IntervalReport {
+        seq,
+        interval_start_unix_ms: u64::try_from(T0_MS + interval * 1000).expect("positive"),
+        interval_ms: 1000,
+        histograms: vec![HistogramRecord {
+            service: "10.0.0.2:80".into(),
+            class: 0,
+            scope: FlowScope::All,
+            metric: LatencyMetric::KernelFirstByte,
+            histogram: EncodedHistogram::encode(&h).expect("encode"),
+        }],
+        counters: vec![Counter {
+            name: "exchange_errors".into(),
+            value: 0,
+        }],
+        host: ResourceUsage::default(),
+        workload: None,
+        patterns: vec![],
+    })
+}
+
+/// An amplified replay on a shadow: its load sweeps 10–85 % of its saturation every two
+/// minutes, which is what finds a type's knee.
+fn shadow_load(t: &SimType, second: i64) -> f64 {
+    let phase = (second % 120) as f64 / 120.0;
+    t.saturation * (0.10 + 0.75 * phase)
+}
+
+fn recommender(dir: &std::path::Path) -> Recommender {
+    let mut store = Store::open_in(dir).expect("open store");
+    let shadows: Vec<serde_json::Value> = [&SMALL, &COMPUTE, &LARGE]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            serde_json::json!({
+                "agent": t.agent, "vm_type": t.vm_type,
+                "addr": format!("10.0.1.{}", i + 1), "vni": 100 + i,
+            })
+        })
+        .collect();
+    let spec: WorkloadSpec = serde_json::from_value(serde_json::json!({
+        "name": "web",
+        "live": [{"agent": LIVE.agent, "vm_type": LIVE.vm_type}],
+        "services": ["10.0.0.2:80"],
+        "shadows": shadows,
+        "policy": {
+            "report_interval_ms": 1000,
+            "slo": {"percentile": 99.0, "max_latency_ms": SLO_MS},
+            "budget": {"max_cost_per_hour": 1.0},
+        },
+    }))
+    .expect("spec");
+    store.put_workload(&spec, T0_MS).expect("put workload");
+    let prices: HashMap<String, f64> = [&LIVE, &SMALL, &COMPUTE, &LARGE]
+        .iter()
+        .map(|t| (t.vm_type.to_owned(), t.price))
+        .collect();
+    Recommender {
+        store: Arc::new(Mutex::new(store)),
+        webhooks: Vec::new(),
+        prices,
+        compare: CompareConfig::default(),
+        // A short comparison window keeps the v1 comparison cheap; it is not under test here.
+        window_ms: 60_000,
+        evaluate_interval: Duration::from_secs(10),
+        backoff_base_ms: 100,
+        max_attempts: 3,
+        stats: Arc::new(WebhookStats::default()),
+        queued: tokio::sync::Notify::new(),
+        forecasts: Mutex::new(Forecasts::new(ForecastSettings::default())),
+    }
+}
+
+/// What a run produced.
+struct Run {
+    /// Start of the first interval whose live p99 broke the SLO, ms.
+    breach_ms: Option<i64>,
+    /// Evaluations whose stored snapshot said `cold_start`.
+    cold_start_snapshots: usize,
+}
+
+/// Feeds `seconds` of reports (live at `live_load(second)`, shadows sweeping), evaluating every
+/// [`EVALUATE_EVERY_S`] seconds, each time after the evaluated intervals have settled.
+fn run(r: &Recommender, seconds: i64, live_load: impl Fn(i64) -> f64) -> Run {
+    let mut breach_ms = None;
+    let mut cold_start_snapshots = 0;
+    for second in 0..seconds {
+        let seq = u64::try_from(second).expect("positive");
+        let load = live_load(second);
+        if breach_ms.is_none() && p99_ms(&LIVE, load, second) > SLO_MS {
+            breach_ms = Some(T0_MS + second * 1000);
+        }
+        let reports = [
+            (LIVE.agent, report(&LIVE, seq, second, load)),
+            (
+                SMALL.agent,
+                report(&SMALL, seq, second, shadow_load(&SMALL, second)),
+            ),
+            (
+                COMPUTE.agent,
+                report(&COMPUTE, seq, second, shadow_load(&COMPUTE, second)),
+            ),
+            (
+                LARGE.agent,
+                report(&LARGE, seq, second, shadow_load(&LARGE, second)),
+            ),
+        ];
+        let batch: Vec<(&str, &CheckedReport)> = reports.iter().map(|(a, c)| (*a, c)).collect();
+        let received_ms = T0_MS + (second + 1) * 1000;
+        r.store
+            .lock()
+            .expect("store")
+            .ingest_batch(&batch, received_ms)
+            .expect("ingest");
+        if (second + 1) % EVALUATE_EVERY_S == 0 {
+            // The settle time has passed for every interval reported so far.
+            let now_ms = received_ms + ForecastSettings::default().settle_ms;
+            r.evaluate(now_ms).expect("evaluate");
+            let store = r.store.lock().expect("store");
+            let (_, snapshot) = store.forecast("web").expect("read").expect("stored");
+            if snapshot["model"] == "cold_start" {
+                cold_start_snapshots += 1;
+            }
+        }
+    }
+    Run {
+        breach_ms,
+        cold_start_snapshots,
+    }
+}
+
+#[test]
+fn a_ramp_is_warned_of_before_the_slo_breaks_and_the_cheapest_type_that_holds_is_recommended() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = recommender(dir.path());
+    // 60/s rising by 0.2/s each second: live (capacity ≈ 225/s at the SLO) breaks near 825 s.
+    let outcome = run(&r, 900, |s| 60.0 + 0.2 * s as f64);
+    let breach_ms = outcome.breach_ms.expect("the ramp breaks live's SLO");
+    assert!(
+        outcome.cold_start_snapshots > 0,
+        "with less than a day of history the forecast must say it is a cold start"
+    );
+    let store = r.store.lock().expect("store");
+
+    let warnings = store.warnings(Some("web"), 10).expect("warnings");
+    let first = warnings.last().expect("a warning was raised");
+    assert_eq!(first.vm_type, "m.large");
+    assert!(
+        first.raised_ms < breach_ms,
+        "warned at {} ms, the SLO broke at {} ms",
+        first.raised_ms - T0_MS,
+        breach_ms - T0_MS
+    );
+
+    let recs = store
+        .recommendations(Some("web"), 100)
+        .expect("recommendations");
+    let forecast: Vec<_> = recs
+        .iter()
+        .filter(|r| r.reason == "forecast_breach")
+        .collect();
+    // Stored once however many evaluations repeat it (same idempotency key), and nothing else
+    // was advised on the forecast's account.
+    assert_eq!(forecast.len(), 1, "{forecast:?}");
+    let rec = forecast[0];
+    assert_eq!(rec.current_vm_type, "m.large");
+    assert_eq!(
+        rec.recommended_vm_type, "c.large",
+        "s.small is cheaper but cannot hold the peak; x.large holds it at more cost"
+    );
+    assert!(
+        rec.created_ms < breach_ms,
+        "recommended at {} ms, the SLO broke at {} ms",
+        rec.created_ms - T0_MS,
+        breach_ms - T0_MS
+    );
+    let f = &rec.body["forecast"];
+    let lead = f["lead_secs"].as_u64().expect("lead_secs");
+    assert!(
+        lead > 0 && lead <= 60,
+        "lead {lead} s within the 60 s horizon"
+    );
+    let peak = f["forecast_peak_per_s"].as_f64().expect("peak");
+    let capacity = f["current_capacity_per_s"].as_f64().expect("capacity");
+    // Warned while the median forecast is still below capacity: the warning rests on the
+    // forecast's upper tail, which is the point of warning early.
+    assert!(
+        peak > 0.8 * capacity && peak < 1.5 * capacity,
+        "the forecast peak {peak}/s must approach live's capacity {capacity}/s"
+    );
+    let held = f["recommended_capacity_per_instance"]
+        .as_f64()
+        .expect("capacity of the recommended type");
+    assert!(
+        held > f["provisioned_peak_per_s"].as_f64().expect("provisioned"),
+        "the recommended type's capacity {held}/s must exceed the provisioned peak"
+    );
+    let types = f["types"].as_array().expect("types");
+    assert!(
+        types.iter().any(|t| t["vm_type"] == "s.small")
+            && types.iter().any(|t| t["vm_type"] == "m.large"),
+        "live's and the too-small type's models are evidence too: {types:?}"
+    );
+    assert_eq!(rec.body["trigger"], "forecast_breach");
+}
+
+#[test]
+fn a_steady_load_well_within_capacity_raises_no_warning_and_no_forecast_advice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = recommender(dir.path());
+    // Half of live's capacity at the SLO, with a small daily-looking wobble.
+    let outcome = run(&r, 400, |s| 110.0 + 5.0 * (s as f64 / 40.0).sin());
+    assert_eq!(outcome.breach_ms, None);
+    let store = r.store.lock().expect("store");
+    assert_eq!(store.warnings(Some("web"), 10).expect("warnings"), []);
+    let recs = store
+        .recommendations(Some("web"), 100)
+        .expect("recommendations");
+    assert!(
+        recs.iter().all(|r| r.reason != "forecast_breach"),
+        "{recs:?}"
+    );
+    let (_, snapshot) = store.forecast("web").expect("read").expect("stored");
+    assert_eq!(snapshot["warning"], serde_json::Value::Null);
+    let peak = snapshot["forecast_peak_per_s"].as_f64().expect("peak");
+    assert!((90.0..130.0).contains(&peak), "peak {peak}");
+}
