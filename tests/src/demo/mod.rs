@@ -74,22 +74,22 @@ pub struct VmType {
 pub const VM_TYPES: &[VmType] = &[
     VmType {
         name: "small",
-        cpu_millis: 200,
+        cpu_millis: 100,
         price_per_hour: 0.05,
     },
     VmType {
         name: "medium",
-        cpu_millis: 400,
+        cpu_millis: 200,
         price_per_hour: 0.10,
     },
     VmType {
         name: "large",
-        cpu_millis: 800,
+        cpu_millis: 400,
         price_per_hour: 0.20,
     },
     VmType {
         name: "xlarge",
-        cpu_millis: 1600,
+        cpu_millis: 800,
         price_per_hour: 0.40,
     },
 ];
@@ -212,6 +212,9 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
         .stdout(log_file(work, "coordinator.log")?)
         .stderr(log_file(work, "coordinator.log")?);
     let mut coordinator = lab.lab.spawn(serve)?;
+    // Dropped before the coordinator: on every way out (end, error, Ctrl-C) the shadows, which
+    // outlive a coordinator by design, are destroyed through it.
+    let shadows_guard = ShadowCleanup(&doppel);
     doppel.wait_ready()?;
     say("coordinator up: QUIC + mTLS on 10.77.0.1:4433, API on the lab's loopback");
 
@@ -228,6 +231,10 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
             &format!("{}/", live_dir.display()),
         ],
     )?;
+    // Measured before the agent starts, so the probe's overload is not in the coordinator's data.
+    let listen = SocketAddr::from((lab::LIVE, workload::PORT));
+    let probe = measure_capacity(&lab.client, listen, stop)?;
+    let capacity = probe.rps;
     let live_config = live_dir.join("agent.toml");
     std::fs::write(&live_config, live_agent_toml(&certs, &live_dir))?;
     let mut agent = lab
@@ -239,9 +246,6 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
         .stdout(Stdio::null())
         .stderr(log_file(work, "live-agent.log")?);
     let _live_agent = lab.live.spawn(agent)?;
-    let listen = SocketAddr::from((lab::LIVE, workload::PORT));
-    let probe = measure_capacity(&lab.client, listen, stop)?;
-    let capacity = probe.rps;
     say(&format!(
         "live host up: nginx compressing every response (gzip -9) within {} CPU ({LIVE_TYPE}), \
          holding about {capacity:.0} req/s; live agent attached with TC eBPF",
@@ -318,21 +322,42 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
     );
     print_summary(&summary);
 
-    // Shadows outlive a coordinator restart by design; the demo removes its own.
-    for s in doppel
-        .json(&["shadows", "list", "--workload", WORKLOAD])?
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-    {
-        if let Some(id) = s["id"].as_str().or(s["instance_id"].as_str()) {
-            let _ = doppel.run(&["shadows", "destroy", id]);
-        }
-    }
-    doppel.wait_for_shadows(0, Duration::from_secs(30)).ok();
+    drop(shadows_guard);
     coordinator.stop(Duration::from_secs(10));
     drop(nginx);
     Ok(summary)
+}
+
+/// Destroys the workload's shadows when dropped (the coordinator must still run).
+struct ShadowCleanup<'a>(&'a Doppel<'a>);
+
+impl Drop for ShadowCleanup<'_> {
+    fn drop(&mut self) {
+        let doppel = self.0;
+        // Removing the workload makes the manager destroy every shadow it made; the CLI
+        // destroys those made by hand.
+        let _ = doppel.output(&["workload", "rm", WORKLOAD]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let active: Vec<String> = doppel
+                .output(&["--json", "shadows", "list"])
+                .ok()
+                .and_then(|out| serde_json::from_str::<Value>(&out).ok())
+                .and_then(|v| v.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|s| s["id"].as_str().map(str::to_owned))
+                .collect();
+            if active.is_empty() {
+                return;
+            }
+            for id in &active {
+                let _ = doppel.output(&["shadows", "destroy", id]);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        eprintln!("demo: shadows still listed after 30 s; see `doppel shadows`");
+    }
 }
 
 /// Follows the run step by step: prints the live table every few steps and notes the first
@@ -791,10 +816,11 @@ fn serve_toml(state: &Path, webhook: SocketAddr, bin_dir: &Path, resize: &Path) 
     );
     for t in VM_TYPES {
         toml.push_str(&format!(
-            "[[vm_types]]\nname = \"{}\"\nprice_per_hour = {}\nvcpus = 1\nmemory_mib = {}\n\
+            "[[vm_types]]\nname = \"{}\"\nprice_per_hour = {}\nvcpus = {}\nmemory_mib = {}\n\
              local = {{ cpu = {}, memory_bytes = {MEMORY_BYTES} }}\n",
             t.name,
             t.price_per_hour,
+            (t.cpu_millis / 100).max(1),
             MEMORY_BYTES >> 20,
             f64::from(t.cpu_millis) / 1000.0,
         ));
