@@ -449,9 +449,9 @@ impl Datapath {
         policy: &crate::policy::CompiledPolicy,
         settings: DatapathSettings,
     ) -> Result<(), DatapathError> {
-        use aya::maps::{Array, HashMap};
+        use aya::maps::Array;
         use doppel_common::maps::{
-            ClassConfig, DatapathConfig, MirrorSessionConfig, Rule, ServiceKey, ServiceValue, names,
+            ClassConfig, DatapathConfig, MAX_SERVICES, MirrorSessionConfig, Rule, ServiceKey, names,
         };
         let map_error = |map: &'static str| move |source| DatapathError::Map { map, source };
 
@@ -473,19 +473,9 @@ impl Datapath {
                 .set(i as u32, session, 0)
                 .map_err(map_error(names::SESSIONS))?;
         }
-        let mut services: HashMap<_, ServiceKey, ServiceValue> = self.map_mut(names::SERVICES)?;
-        let stale: Vec<ServiceKey> = services
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !policy.services.contains(k))
-            .collect();
-        for key in stale {
-            let _ = services.remove(&key);
-        }
-        for (id, key) in policy.services.iter().enumerate() {
-            services
-                .insert(key, ServiceValue { id: id as u32 }, 0)
-                .map_err(map_error(names::SERVICES))?;
+        let mut services = [ServiceKey::default(); MAX_SERVICES as usize];
+        for (slot, key) in services.iter_mut().zip(&policy.services) {
+            *slot = *key;
         }
         let config = DatapathConfig {
             sampling_seed: policy.sampling_seed,
@@ -502,6 +492,10 @@ impl Datapath {
             },
             rule_count: policy.rules.len() as u32,
             pattern_sample_one_in: settings.pattern_sample_one_in,
+            // `compile` refuses more than MAX_SERVICES.
+            service_count: policy.services.len().min(MAX_SERVICES as usize) as u32,
+            _pad: 0,
+            services,
         };
         let mut config_map: Array<_, DatapathConfig> = self.map_mut(names::CONFIG)?;
         config_map
