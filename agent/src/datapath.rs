@@ -146,14 +146,14 @@ impl Datapath {
     pub fn load() -> Result<Self, DatapathError> {
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
-            classifier(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Program {
+            load_program(classifier(&mut ebpf, name)?).map_err(|source| {
+                DatapathError::Program {
                     action: "loading",
                     program: name,
                     iface: String::new(),
                     source: Box::new(source),
-                })?;
+                }
+            })?;
         }
         Ok(Self {
             ebpf,
@@ -365,6 +365,32 @@ impl Drop for Datapath {
     fn drop(&mut self) {
         // aya would drop the links too, but not the clsact qdisc we may own.
         let _ = self.detach_all();
+    }
+}
+
+/// Loads `program`, retrying while the kernel answers `EAGAIN`.
+///
+/// The verifier gives up with `EAGAIN` when a signal is pending for the loading thread
+/// (`do_check` tests `signal_pending(current)` as it walks the program), which becomes likely
+/// when a busy machine stretches verification; aya retries only once, to fetch the verifier
+/// log. libbpf retries `BPF_PROG_LOAD` on `EAGAIN` for the same reason (`PROG_LOAD_ATTEMPTS`,
+/// 5 attempts); so do we.
+fn load_program(program: &mut SchedClassifier) -> Result<(), ProgramError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match program.load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                warn!(
+                    attempt,
+                    "the verifier was interrupted (EAGAIN); loading again"
+                );
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
 }
 
