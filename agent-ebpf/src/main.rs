@@ -73,23 +73,31 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "#[classifier] hands the context over by value"
+)]
 pub fn doppel_tc_ingress(ctx: TcContext) -> i32 {
     count_iface(&ctx, Direction::Ingress);
-    if let Some(config) = CONFIG.get(0) {
-        if let Some(packet) = parse(&ctx, config, Direction::Ingress) {
-            on_client_packet(&ctx, config, &packet);
-        }
+    if let Some(config) = CONFIG.get(0)
+        && let Some(packet) = parse(&ctx, config, Direction::Ingress)
+    {
+        on_client_packet(&ctx, config, &packet);
     }
     TC_ACT_PIPE
 }
 
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "#[classifier] hands the context over by value"
+)]
 pub fn doppel_tc_egress(ctx: TcContext) -> i32 {
     count_iface(&ctx, Direction::Egress);
-    if let Some(config) = CONFIG.get(0) {
-        if let Some(packet) = parse(&ctx, config, Direction::Egress) {
-            on_service_packet(&packet);
-        }
+    if let Some(config) = CONFIG.get(0)
+        && let Some(packet) = parse(&ctx, config, Direction::Egress)
+    {
+        on_service_packet(&packet);
     }
     TC_ACT_PIPE
 }
