@@ -37,15 +37,12 @@ use doppel_common::maps::{
     FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState, IFACE_SLOTS, IfaceCounters, LATENCY_BUCKETS,
     LATENCY_HISTOGRAMS, MAX_ADMITTED, MAX_CLASSES, MAX_RULES, MAX_SERVICES, MAX_SESSIONS,
     MirrorSessionConfig, PATTERN_SAMPLE_LEN, PatternSample, RULE_MATCH_PORT, RULE_MATCH_PREFIX,
-    Rule, ServiceKey, ServiceValue, iface_slot, latency_bucket, latency_histogram_base,
+    Rule, iface_slot, latency_bucket, latency_histogram_base,
 };
 
 #[map(name = "IFACE_COUNTERS")]
 static IFACE_COUNTERS: PerCpuArray<IfaceCounters> =
     PerCpuArray::with_max_entries(2 * IFACE_SLOTS, 0);
-#[map(name = "SERVICES")]
-static SERVICES: aya_ebpf::maps::HashMap<ServiceKey, ServiceValue> =
-    aya_ebpf::maps::HashMap::with_max_entries(MAX_SERVICES, 0);
 #[map(name = "FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOW_MAP_ENTRIES, 0);
 #[map(name = "CLASSES")]
@@ -76,18 +73,30 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "#[classifier] hands the context over by value"
+)]
 pub fn doppel_tc_ingress(ctx: TcContext) -> i32 {
     count_iface(&ctx, Direction::Ingress);
-    if let Some(packet) = parse(&ctx, Direction::Ingress) {
-        on_client_packet(&ctx, &packet);
+    if let Some(config) = CONFIG.get(0)
+        && let Some(packet) = parse(&ctx, config, Direction::Ingress)
+    {
+        on_client_packet(&ctx, config, &packet);
     }
     TC_ACT_PIPE
 }
 
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "#[classifier] hands the context over by value"
+)]
 pub fn doppel_tc_egress(ctx: TcContext) -> i32 {
     count_iface(&ctx, Direction::Egress);
-    if let Some(packet) = parse(&ctx, Direction::Egress) {
+    if let Some(config) = CONFIG.get(0)
+        && let Some(packet) = parse(&ctx, config, Direction::Egress)
+    {
         on_service_packet(&packet);
     }
     TC_ACT_PIPE
@@ -198,7 +207,7 @@ fn words(bytes: &[u8; 16]) -> [u32; 4] {
 /// truncation) are counted as `ParseSkipped`. VLAN tags never reach TC: the kernel moves them
 /// into the skb's metadata first.
 #[inline(always)]
-fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
+fn parse(ctx: &TcContext, config: &DatapathConfig, direction: Direction) -> Option<Packet> {
     let skipped = || {
         add(DatapathCounter::ParseSkipped, 1);
         None
@@ -270,14 +279,7 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
         u16::from_ne_bytes(client_port),
         u16::from_ne_bytes(service_port),
     );
-    // SAFETY: the value is copied out before the map can change it.
-    let Some(service) = (unsafe {
-        SERVICES.get(&ServiceKey {
-            addr: service_addr,
-            port_be: service_port_be,
-            _pad: 0,
-        })
-    }) else {
+    let Some(service_id) = find_service(config, service_addr, service_port_be) else {
         add(DatapathCounter::OtherTraffic, 1);
         return None;
     };
@@ -290,7 +292,7 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
             client_addr,
             client_port_be,
             service_port_be,
-            service_id: service.id,
+            service_id,
         },
         tcp_flags: tcp.flags,
         payload_offset,
@@ -298,17 +300,30 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Packet> {
     })
 }
 
+/// The id of the service listening on `addr`:`port_be`: its index in the config's table.
 #[inline(always)]
-fn config() -> Option<DatapathConfig> {
-    CONFIG.get(0).copied()
+fn find_service(config: &DatapathConfig, addr: [u32; 4], port_be: u16) -> Option<u32> {
+    let mut i = 0;
+    while i < MAX_SERVICES as usize && (i as u32) < config.service_count {
+        let service = &config.services[i];
+        // Port first: it tells services apart on most hosts, and the address words are only
+        // compared for a port that matched.
+        let a = service.addr;
+        if service.port_be == port_be
+            && (a[0] ^ addr[0]) | (a[1] ^ addr[1]) | (a[2] ^ addr[2]) | (a[3] ^ addr[3]) == 0
+        {
+            return Some(i as u32);
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Client -> service: track, decide, clone, open an exchange.
 #[inline(always)]
-fn on_client_packet(ctx: &TcContext, packet: &Packet) {
+fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(config) = config() else { return };
     if packet.tcp_flags & TCP_SYN != 0 && packet.tcp_flags & TCP_ACK == 0 {
         let state = FlowState {
             last_request_ns: 0,
@@ -356,13 +371,13 @@ fn on_client_packet(ctx: &TcContext, packet: &Packet) {
         (*state).last_seen_ns = now;
         if packet.payload_len > 0 {
             if (*state).flags & FLOW_DECIDED == 0 {
-                decide(ctx, packet, &config, &mut *state);
+                decide(ctx, packet, config, &mut *state);
             }
             (*state).last_request_ns = now;
             (*state).flags |= FLOW_AWAITING_RESPONSE;
         }
         if (*state).flags & FLOW_SAMPLED != 0 {
-            mirror(ctx, &config);
+            mirror(ctx, config);
         }
     }
     if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {

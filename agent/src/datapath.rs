@@ -146,14 +146,14 @@ impl Datapath {
     pub fn load() -> Result<Self, DatapathError> {
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
-            classifier(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Program {
+            load_program(classifier(&mut ebpf, name)?).map_err(|source| {
+                DatapathError::Program {
                     action: "loading",
                     program: name,
                     iface: String::new(),
                     source: Box::new(source),
-                })?;
+                }
+            })?;
         }
         Ok(Self {
             ebpf,
@@ -368,6 +368,32 @@ impl Drop for Datapath {
     }
 }
 
+/// Loads `program`, retrying while the kernel answers `EAGAIN`.
+///
+/// The verifier gives up with `EAGAIN` when a signal is pending for the loading thread
+/// (`do_check` tests `signal_pending(current)` as it walks the program), which becomes likely
+/// when a busy machine stretches verification; aya retries only once, to fetch the verifier
+/// log. libbpf retries `BPF_PROG_LOAD` on `EAGAIN` for the same reason (`PROG_LOAD_ATTEMPTS`,
+/// 5 attempts); so do we.
+fn load_program(program: &mut SchedClassifier) -> Result<(), ProgramError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match program.load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                warn!(
+                    attempt,
+                    "the verifier was interrupted (EAGAIN); loading again"
+                );
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 const fn programs() -> [(TcAttachType, &'static str); 2] {
     [
         (TcAttachType::Ingress, TC_INGRESS_PROGRAM),
@@ -449,9 +475,9 @@ impl Datapath {
         policy: &crate::policy::CompiledPolicy,
         settings: DatapathSettings,
     ) -> Result<(), DatapathError> {
-        use aya::maps::{Array, HashMap};
+        use aya::maps::Array;
         use doppel_common::maps::{
-            ClassConfig, DatapathConfig, MirrorSessionConfig, Rule, ServiceKey, ServiceValue, names,
+            ClassConfig, DatapathConfig, MAX_SERVICES, MirrorSessionConfig, Rule, ServiceKey, names,
         };
         let map_error = |map: &'static str| move |source| DatapathError::Map { map, source };
 
@@ -473,19 +499,9 @@ impl Datapath {
                 .set(i as u32, session, 0)
                 .map_err(map_error(names::SESSIONS))?;
         }
-        let mut services: HashMap<_, ServiceKey, ServiceValue> = self.map_mut(names::SERVICES)?;
-        let stale: Vec<ServiceKey> = services
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !policy.services.contains(k))
-            .collect();
-        for key in stale {
-            let _ = services.remove(&key);
-        }
-        for (id, key) in policy.services.iter().enumerate() {
-            services
-                .insert(key, ServiceValue { id: id as u32 }, 0)
-                .map_err(map_error(names::SERVICES))?;
+        let mut services = [ServiceKey::default(); MAX_SERVICES as usize];
+        for (slot, key) in services.iter_mut().zip(&policy.services) {
+            *slot = *key;
         }
         let config = DatapathConfig {
             sampling_seed: policy.sampling_seed,
@@ -502,6 +518,10 @@ impl Datapath {
             },
             rule_count: policy.rules.len() as u32,
             pattern_sample_one_in: settings.pattern_sample_one_in,
+            // `compile` refuses more than MAX_SERVICES.
+            service_count: policy.services.len().min(MAX_SERVICES as usize) as u32,
+            _pad: 0,
+            services,
         };
         let mut config_map: Array<_, DatapathConfig> = self.map_mut(names::CONFIG)?;
         config_map

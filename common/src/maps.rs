@@ -131,7 +131,7 @@ pub const PATTERN_SAMPLE_LEN: usize = 64;
 /// Flows tracked at once (LRU: the least recently used is evicted when full).
 pub const FLOW_MAP_ENTRIES: u32 = 65_536;
 
-/// Key of `SERVICES`: a listening address. IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so
+/// A service: a listening address, as kept in [`DatapathConfig::services`]. IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so
 /// one key type serves both families; words hold the address bytes in network order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -144,14 +144,6 @@ pub struct ServiceKey {
     pub _pad: u16,
 }
 
-/// Value of `SERVICES`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ServiceValue {
-    /// Index of the service, `< MAX_SERVICES`; names its histograms.
-    pub id: u32,
-}
-
 /// Key of `FLOWS`: one TCP connection to a service, seen from the service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -162,7 +154,7 @@ pub struct FlowKey {
     pub client_port_be: u16,
     /// Service port, network byte order.
     pub service_port_be: u16,
-    /// [`ServiceValue::id`] of the service.
+    /// Id of the service (its index in [`DatapathConfig::services`]).
     pub service_id: u32,
 }
 
@@ -249,7 +241,10 @@ pub struct MirrorSessionConfig {
     pub ipv6: u32,
 }
 
-/// Value of `CONFIG` (a one-entry array): what the programs need beyond the tables.
+/// Value of `CONFIG` (a one-entry array): what the programs need beyond the tables, and the
+/// services themselves. Every packet reads this value anyway, so finding its service in it costs a
+/// few compares on memory already loaded, where a hash map lookup cost a hash and one or two more
+/// cache lines per packet (issue 3's per-packet budget).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DatapathConfig {
@@ -265,6 +260,12 @@ pub struct DatapathConfig {
     pub rule_count: u32,
     /// One new flow in this many sends its first payload bytes for pattern discovery (0 = off).
     pub pattern_sample_one_in: u32,
+    /// Services in use (`services[0..service_count]`).
+    pub service_count: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+    /// The workload's listening addresses; a service's id is its index here.
+    pub services: [ServiceKey; MAX_SERVICES as usize],
 }
 
 /// What the pattern ring buffer carries: the first payload bytes of a sampled new flow.
@@ -440,8 +441,6 @@ pub const fn latency_histogram_base(service_id: u32, class: u32, mirrored: bool)
 
 /// Map names, shared by the programs and the loader.
 pub mod names {
-    /// `HashMap<ServiceKey, ServiceValue>`.
-    pub const SERVICES: &str = "SERVICES";
     /// `LruHashMap<FlowKey, FlowState>`.
     pub const FLOWS: &str = "FLOWS";
     /// `Array<ClassConfig>` of `MAX_CLASSES`.
@@ -469,7 +468,6 @@ mod datapath_pod {
     // byte spelled out as a field (see the size assertions in the tests), so any bit pattern is
     // a valid value.
     unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for ClassConfig {}
@@ -493,7 +491,10 @@ mod datapath_tests {
         assert_eq!(size_of::<ClassConfig>(), 16);
         assert_eq!(size_of::<Rule>(), 4 + 4 + 16 + 16 + 2 + 1 + 1 + 4 + 32 + 32);
         assert_eq!(size_of::<MirrorSessionConfig>(), 4 + 16 + 4 + 4);
-        assert_eq!(size_of::<DatapathConfig>(), 32);
+        assert_eq!(
+            size_of::<DatapathConfig>(),
+            32 + 8 + 20 * MAX_SERVICES as usize
+        );
         assert_eq!(size_of::<PatternSample>(), 8 + PATTERN_SAMPLE_LEN);
     }
 

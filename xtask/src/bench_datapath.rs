@@ -5,8 +5,12 @@
 //! Figures:
 //! - `throughput_ratio`: wrk's requests/s with the agent on / off (mean over rounds);
 //! - `p99_added_us`: p99 at half the agent-off maximum, on minus off, from an open-loop paced
-//!   client (latency counted from each request's scheduled time, so stalls are not hidden);
-//! - `ns_per_packet`: the TC programs' `run_time_ns / run_cnt` from `bpf_stats_enabled`;
+//!   client (latency counted from each request's scheduled time, so stalls are not hidden): the
+//!   mean of the per-round differences, with its 95 % confidence interval printed before;
+//! - `ns_per_packet`: the TC programs' `run_time_ns / run_cnt` from `bpf_stats_enabled`, with
+//!   10 % of flows mirrored. That time includes `bpf_clone_redirect`, which encapsulates and sends
+//!   each copy synchronously, so the rounds with nothing mirrored (inspection alone) and the cost
+//!   of one copy are printed on the line before;
 //! - `agent_cpu_pct`: the agent process's CPU at 10 k exchanges/s, percent of one core.
 
 use std::{
@@ -28,9 +32,18 @@ pub(crate) struct Options {
     /// Seconds per measured round.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Agent off/on round pairs for throughput and for latency.
+    /// Throughput rounds; each runs agent off, on, and on with nothing mirrored, in an order
+    /// that rotates from round to round.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
+    /// Half-load latency rounds; each runs agent off and on back to back (the order alternates),
+    /// and the p99 added is the mean of the per-round differences.
+    #[arg(long, default_value_t = 6)]
+    latency_rounds: u32,
+    /// Measure this agent binary instead of building the workspace's (to compare two builds
+    /// under the same conditions).
+    #[arg(long)]
+    agent: Option<std::path::PathBuf>,
     /// Share of flows mirrored (to two sessions), percent.
     #[arg(long, default_value_t = 10.0)]
     mirror_percent: f64,
@@ -176,6 +189,9 @@ fn paced(
         let workers: Vec<_> = (0..connections)
             .map(|i| {
                 s.spawn(move || -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+                    // The default 50 us timer slack would make every wake-up late by a random
+                    // amount that has nothing to do with the agent and lands in the figure.
+                    nix::sys::prctl::set_timerslack(1)?;
                     let mut h = hdrhistogram::Histogram::new_with_bounds(1, 10_000_000_000, 3)?;
                     let mut conn = {
                         let _inside = bed.client.enter()?;
@@ -220,21 +236,79 @@ fn paced(
     Ok(total)
 }
 
-/// Sum of `run_time_ns` and `run_cnt` over doppel's TC programs (bpftool, global).
-fn prog_stats() -> anyhow::Result<(u64, u64)> {
+/// `run_time_ns` and `run_cnt` of one program.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProgStats {
+    run_time_ns: u64,
+    run_cnt: u64,
+}
+
+impl ProgStats {
+    fn since(self, before: Self) -> Self {
+        Self {
+            run_time_ns: self.run_time_ns - before.run_time_ns,
+            run_cnt: self.run_cnt - before.run_cnt,
+        }
+    }
+
+    fn add(&mut self, other: Self) {
+        self.run_time_ns += other.run_time_ns;
+        self.run_cnt += other.run_cnt;
+    }
+
+    fn ns_per_run(self) -> f64 {
+        self.run_time_ns as f64 / self.run_cnt.max(1) as f64
+    }
+}
+
+/// Ingress and egress stats of the TC programs `pid` holds. Only that agent's programs count:
+/// other doppel agents on this machine (tests, other benches) run programs of the same name.
+fn prog_stats(pid: u32) -> anyhow::Result<[ProgStats; 2]> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(entry?.path()).unwrap_or_default();
+        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:")) {
+            ids.push(id.trim().parse::<u64>()?);
+        }
+    }
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()?;
     let progs: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let mut totals = (0, 0);
+    let mut stats = [ProgStats::default(); 2];
     for p in progs.as_array().into_iter().flatten() {
-        let name = p["name"].as_str().unwrap_or_default();
-        if name.starts_with("doppel_tc_") {
-            totals.0 += p["run_time_ns"].as_u64().unwrap_or(0);
-            totals.1 += p["run_cnt"].as_u64().unwrap_or(0);
+        if !p["id"].as_u64().is_some_and(|id| ids.contains(&id)) {
+            continue;
         }
+        let slot = match p["name"].as_str().unwrap_or_default() {
+            "doppel_tc_ingress" => 0,
+            "doppel_tc_egress" => 1,
+            _ => continue,
+        };
+        stats[slot].run_time_ns += p["run_time_ns"].as_u64().unwrap_or(0);
+        stats[slot].run_cnt += p["run_cnt"].as_u64().unwrap_or(0);
     }
-    Ok(totals)
+    anyhow::ensure!(
+        ids.len() >= 2,
+        "agent {pid} holds no TC programs (is bpftool installed and the agent attached?)"
+    );
+    Ok(stats)
+}
+
+/// Mean and the half-width of its 95 % confidence interval (Student's t).
+fn mean_ci95(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    let mean = values.iter().sum::<f64>() / n.max(1) as f64;
+    if n < 2 {
+        return (mean, f64::INFINITY);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    // 0.975 quantiles of Student's t (two-sided 95 %) for 1..=10 degrees of freedom, then normal.
+    const T: [f64; 10] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    ];
+    let t = T.get(n - 2).copied().unwrap_or(1.96);
+    (mean, t * (var / n as f64).sqrt())
 }
 
 fn process_cpu_ticks(pid: u32) -> u64 {
@@ -253,14 +327,22 @@ fn process_cpu_ticks(pid: u32) -> u64 {
 pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     let toolchain = crate::setup::run(&crate::setup::Options {})?;
     crate::setup::ensure_debian_packages(&["nginx", "wrk"])?;
-    let mut build = Command::new("cargo");
-    build
-        .args(["build", "--release", "--package", "doppel-agent"])
-        .current_dir(crate::workspace_root());
-    toolchain.apply(&mut build);
-    crate::run_command(&mut build)?;
-    let agent = crate::workspace_root().join("target/release/doppel-agent");
-
+    let agent = match &options.agent {
+        Some(agent) => agent.clone(),
+        None => {
+            let mut build = Command::new("cargo");
+            build
+                .args(["build", "--release", "--package", "doppel-agent"])
+                .current_dir(crate::workspace_root());
+            toolchain.apply(&mut build);
+            crate::run_command(&mut build)?;
+            // Where that build put it: CARGO_TARGET_DIR when set (a stale `target/` would be measured
+            // otherwise, or none found).
+            let target_dir: std::path::PathBuf = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| crate::workspace_root().join("target"), Into::into);
+            target_dir.join("release/doppel-agent")
+        }
+    };
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling bpf_stats")?;
     let bed = setup_bed()?;
     let seconds = options.seconds;
@@ -269,44 +351,95 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     );
 
     let _ = wrk(&bed, 1)?; // warm-up
-    let (mut off, mut on) = (Vec::new(), Vec::new());
-    let mut stats = (0u64, 0u64);
+    let copies = |bed: &Bed| bed.sinks.iter().map(UdpDrain::received).sum::<u64>();
+    let (mut off, mut on, mut on_unmirrored) = (Vec::new(), Vec::new(), Vec::new());
+    // [ingress, egress] with `mirror_percent`, and with nothing mirrored; copies sent.
+    let mut mirrored_stats = [ProgStats::default(); 2];
+    let mut inspect_stats = [ProgStats::default(); 2];
+    let mut mirrored_copies = 0;
     for round in 0..options.rounds {
-        off.push(wrk(&bed, seconds)?);
-        let mut process = start_agent(&bed, &agent, options.mirror_percent)?;
-        let before = prog_stats()?;
-        on.push(wrk(&bed, seconds)?);
-        let after = prog_stats()?;
-        stats.0 += after.0 - before.0;
-        stats.1 += after.1 - before.1;
-        process.stop(Duration::from_secs(5));
+        // The order rotates so that no setting always runs first (or after the warmest cache).
+        for setting in (0..3).map(|i| (i + round) % 3) {
+            if setting == 0 {
+                off.push(wrk(&bed, seconds)?);
+                continue;
+            }
+            let percent = if setting == 1 {
+                options.mirror_percent
+            } else {
+                0.0
+            };
+            let mut process = start_agent(&bed, &agent, percent)?;
+            let (before, copies_before) = (prog_stats(process.pid())?, copies(&bed));
+            let rps = wrk(&bed, seconds)?;
+            let after = prog_stats(process.pid())?;
+            process.stop(Duration::from_secs(5));
+            let totals = if setting == 1 {
+                on.push(rps);
+                // The shadows' sockets have drained by the time the agent has stopped.
+                mirrored_copies += copies(&bed) - copies_before;
+                &mut mirrored_stats
+            } else {
+                on_unmirrored.push(rps);
+                &mut inspect_stats
+            };
+            for (total, (a, b)) in totals.iter_mut().zip(after.iter().zip(&before)) {
+                total.add(a.since(*b));
+            }
+        }
         println!(
-            "  round {round}: off {:.0} req/s, on {:.0} req/s",
+            "  round {round}: off {:.0} req/s, on {:.0} req/s, on with nothing mirrored {:.0} req/s",
             off[off.len() - 1],
-            on[on.len() - 1]
+            on[on.len() - 1],
+            on_unmirrored[on_unmirrored.len() - 1]
         );
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let throughput_ratio = mean(&on) / mean(&off);
-    let ns_per_packet = stats.0 as f64 / stats.1.max(1) as f64;
+    let mut mirrored_total = mirrored_stats[0];
+    mirrored_total.add(mirrored_stats[1]);
+    let mut inspect_total = inspect_stats[0];
+    inspect_total.add(inspect_stats[1]);
+    anyhow::ensure!(
+        mirrored_total.run_cnt > 0 && inspect_total.run_cnt > 0,
+        "the TC programs never ran: is /proc/sys/kernel/bpf_stats_enabled honoured?"
+    );
+    let ns_per_packet = mirrored_total.ns_per_run();
+    // What mirroring added over inspection alone, per copy the shadows received.
+    let copy_ns = (mirrored_total.run_time_ns as f64
+        - inspect_total.ns_per_run() * mirrored_total.run_cnt as f64)
+        / mirrored_copies.max(1) as f64;
 
     let half = mean(&off) / 2.0;
     let mut latency_off = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
     let mut latency_on = latency_off.clone();
-    for round in 0..options.rounds {
-        latency_off.add(paced(&bed, half, 8, seconds)?)?;
-        let mut process = start_agent(&bed, &agent, options.mirror_percent)?;
-        latency_on.add(paced(&bed, half, 8, seconds)?)?;
-        process.stop(Duration::from_secs(5));
+    let mut added = Vec::new();
+    for round in 0..options.latency_rounds {
+        let mut p99 = [0.0; 2];
+        for agent_on in [round % 2 == 1, round % 2 == 0] {
+            let process = if agent_on {
+                Some(start_agent(&bed, &agent, options.mirror_percent)?)
+            } else {
+                None
+            };
+            let h = paced(&bed, half, 8, seconds)?;
+            p99[usize::from(agent_on)] = h.value_at_quantile(0.99) as f64 / 1e3;
+            if agent_on {
+                latency_on.add(h)?;
+            } else {
+                latency_off.add(h)?;
+            }
+            if let Some(mut process) = process {
+                process.stop(Duration::from_secs(5));
+            }
+        }
+        added.push(p99[1] - p99[0]);
         println!(
             "  half load {half:.0} req/s, round {round}: p99 off {:.1} us, on {:.1} us",
-            latency_off.value_at_quantile(0.99) as f64 / 1e3,
-            latency_on.value_at_quantile(0.99) as f64 / 1e3
+            p99[0], p99[1]
         );
     }
-    let p99_added_us = (latency_on.value_at_quantile(0.99) as f64
-        - latency_off.value_at_quantile(0.99) as f64)
-        / 1e3;
+    let (p99_added_us, p99_added_ci) = mean_ci95(&added);
 
     let rate = 10_000.0_f64.min(mean(&off) * 0.8);
     let process = start_agent(&bed, &agent, options.mirror_percent)?;
@@ -322,10 +455,27 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
         load.len()
     );
     println!(
-        "  off p99 {:.1} us, on p99 {:.1} us; TC programs {} runs",
+        "  p99 added {p99_added_us:.1} us +/- {p99_added_ci:.1} (95 % CI over {} rounds); pooled p99 off {:.1} us, on {:.1} us",
+        added.len(),
         latency_off.value_at_quantile(0.99) as f64 / 1e3,
         latency_on.value_at_quantile(0.99) as f64 / 1e3,
-        stats.1
+    );
+    println!(
+        "  throughput with nothing mirrored: {:.3} of agent off",
+        mean(&on_unmirrored) / mean(&off)
+    );
+    println!(
+        "  TC ns per packet: inspection alone (nothing mirrored) {:.0} (ingress {:.0}, egress {:.0}; {} runs); \
+         {}% mirrored {ns_per_packet:.0} (ingress {:.0}, egress {:.0}; {} runs), \
+         of which copies {copy_ns:.0} ns each x {mirrored_copies} copies",
+        inspect_total.ns_per_run(),
+        inspect_stats[0].ns_per_run(),
+        inspect_stats[1].ns_per_run(),
+        inspect_total.run_cnt,
+        options.mirror_percent,
+        mirrored_stats[0].ns_per_run(),
+        mirrored_stats[1].ns_per_run(),
+        mirrored_total.run_cnt,
     );
     let mirrored: Vec<u64> = bed.sinks.iter().map(UdpDrain::received).collect();
     println!("  mirror copies received by the two shadows: {mirrored:?}");
