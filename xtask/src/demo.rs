@@ -71,12 +71,18 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow::anyhow!("{} has no directory", exe.display()))?
         .to_owned();
+    let trace = root.join("../shared/traces/worldcup98_per_minute.csv");
+    anyhow::ensure!(
+        trace.exists(),
+        "the demo replays {}: not found (the traces live beside the project, in ../shared/traces)",
+        trace.display()
+    );
     let work = std::env::temp_dir().join(format!("doppel-demo-{}", std::process::id()));
     let outcome = doppel_tests::demo::run(
         &doppel_tests::demo::Options {
             act: options.mode == "act",
             step: Duration::from_millis(options.step_ms),
-            trace: root.join("../shared/traces/worldcup98_per_minute.csv"),
+            trace: Some(trace),
             trace_start: options.trace_start.clone(),
             minutes: options.minutes,
             peak_rps: options.peak_rps,

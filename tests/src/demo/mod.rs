@@ -45,8 +45,8 @@ pub struct Options {
     pub act: bool,
     /// Demo time per trace minute.
     pub step: Duration,
-    /// The WorldCup98 per-minute trace.
-    pub trace: PathBuf,
+    /// The WorldCup98 per-minute trace; `None`: a synthetic curve of the same shape.
+    pub trace: Option<PathBuf>,
     /// First trace minute replayed.
     pub trace_start: String,
     /// Trace minutes replayed.
@@ -157,7 +157,10 @@ fn stopped(stop: &AtomicBool) -> anyhow::Result<()> {
 pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let say = |what: &str| println!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
-    let stretch = Stretch::read(&options.trace, &options.trace_start, options.minutes)?;
+    let stretch = match &options.trace {
+        Some(csv) => Stretch::read(csv, &options.trace_start, options.minutes)?,
+        None => Stretch::synthetic(options.minutes),
+    };
     let work = &options.work;
     std::fs::create_dir_all(work)?;
     let files = WorkloadFiles::create(&work.join("www"), 48 << 10)?;
@@ -520,8 +523,30 @@ fn print_summary(s: &Summary) {
         s.live_served.0, s.live_served.1
     );
     println!("shadows on: {}", s.shadow_types.join(", "));
-    if let Some(f) = &s.forecast {
-        println!("forecast: {}", f["forecast"]);
+    if let Some(f) = s.forecast.as_ref().map(|f| &f["forecast"]) {
+        let capacities: Vec<String> = f["types"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                format!(
+                    "{} {} req/s",
+                    t["vm_type"].as_str().unwrap_or("?"),
+                    num(&t["capacity_at_slo_per_s"])
+                )
+            })
+            .collect();
+        println!(
+            "forecast ({} model): peak {} req/s (provisioned for {}); capacities at the SLO: {}",
+            f["model"].as_str().unwrap_or("?"),
+            num(&f["forecast_peak_per_s"]),
+            num(&f["provisioned_peak_per_s"]),
+            if capacities.is_empty() {
+                "-".to_owned()
+            } else {
+                capacities.join(", ")
+            }
+        );
     }
     match (&s.warning, s.warning_step, s.first_breach_step) {
         (Some(_), Some(w), Some(b)) if w <= b => println!(

@@ -42,6 +42,29 @@ impl Stretch {
         })
     }
 
+    /// A stand-in with the WorldCup98 stretch's shape (a fifth of the peak for the first
+    /// fifth, a rise to the peak at 70 % of the way, a fall to a third), for machines without
+    /// the trace files.
+    pub fn synthetic(minutes: usize) -> Self {
+        let n = minutes.max(1) as f64;
+        let counts = (0..minutes)
+            .map(|i| {
+                let x = i as f64 / n;
+                if x < 0.2 {
+                    0.2
+                } else if x < 0.7 {
+                    0.2 + 0.8 * ((x - 0.2) / 0.5).powf(1.5)
+                } else {
+                    1.0 - 0.65 * ((x - 0.7) / 0.3).min(1.0)
+                }
+            })
+            .collect();
+        Self {
+            start: "synthetic".into(),
+            counts,
+        }
+    }
+
     /// Requests per second per step, scaled so the busiest minute is `peak_rps`.
     pub fn rates(&self, peak_rps: f64) -> Vec<f64> {
         let peak = self.counts.iter().copied().fold(0.0, f64::max);
@@ -80,6 +103,9 @@ mod tests {
         assert_eq!(s.counts, [10.0, 40.0, 20.0]);
         assert_eq!(s.rates(100.0), [25.0, 100.0, 50.0]);
         assert_eq!(s.peak_step(), 1);
+        let synthetic = Stretch::synthetic(100);
+        assert_eq!(synthetic.peak_step(), 69);
+        assert!(synthetic.counts[0] < 0.25 && synthetic.counts[99] < 0.4);
         let short = Stretch::read(&csv, "1998-01-01 00:02", 3).unwrap_err();
         assert!(short.to_string().contains("2 rows"), "{short}");
         std::fs::remove_dir_all(dir).unwrap();
