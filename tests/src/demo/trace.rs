@@ -104,7 +104,7 @@ mod tests {
         assert_eq!(s.rates(100.0), [25.0, 100.0, 50.0]);
         assert_eq!(s.peak_step(), 1);
         let synthetic = Stretch::synthetic(100);
-        assert_eq!(synthetic.peak_step(), 69);
+        assert_eq!(synthetic.peak_step(), 70);
         assert!(synthetic.counts[0] < 0.25 && synthetic.counts[99] < 0.4);
         let short = Stretch::read(&csv, "1998-01-01 00:02", 3).unwrap_err();
         assert!(short.to_string().contains("2 rows"), "{short}");
