@@ -85,6 +85,21 @@ fn init_logging() {
 const EXIT_CONFIG: u8 = 78;
 
 /// Starts the reporting client of a `[coordinator]` section, if the file has one.
+/// Prints an interval's JSON line and, with a coordinator, hands its report to the spool.
+/// Waits while the spool is full: the kernel and the replayer keep counting meanwhile, so the
+/// next report covers the gap and nothing is lost.
+async fn emit(
+    line: &impl serde::Serialize,
+    report: doppel_common::wire::IntervalReport,
+    reporter: Option<&doppel_agent::report::ReportClient>,
+) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(line)?);
+    if let Some(reporter) = reporter {
+        reporter.handle.submit(report).await?;
+    }
+    Ok(())
+}
+
 fn reporter(
     section: Option<&doppel_agent::config::CoordinatorConfig>,
     role: doppel_common::wire::AgentRole,
@@ -116,14 +131,7 @@ async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = tick.tick() => match agent.report() {
-                Ok((line, report)) => {
-                    println!("{}", serde_json::to_string(&line)?);
-                    if let Some(reporter) = &reporter {
-                        // Waits while the spool is full: the kernel keeps counting meanwhile,
-                        // so the next report covers the gap and nothing is lost.
-                        reporter.handle.submit(report).await?;
-                    }
-                }
+                Ok((line, report)) => emit(&line, report, reporter.as_ref()).await?,
                 Err(e) => break Err(e.into()),
             },
             // The coordinator's policy replaces the file's once it arrives.
@@ -156,10 +164,7 @@ async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
     // The partial last interval is reported too: stopping must not lose what was measured.
     if outcome.is_ok() {
         let (line, report) = agent.report()?;
-        println!("{}", serde_json::to_string(&line)?);
-        if let Some(reporter) = &reporter {
-            reporter.handle.submit(report).await?;
-        }
+        emit(&line, report, reporter.as_ref()).await?;
     }
     let stopped = agent.stop();
     if let Some(reporter) = reporter {
@@ -199,14 +204,7 @@ async fn run_shadow(path: &std::path::Path) -> anyhow::Result<()> {
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = tick.tick() => match agent.report() {
-                Ok((line, report)) => {
-                    println!("{}", serde_json::to_string(&line)?);
-                    if let Some(reporter) = &reporter {
-                        // Waits while the spool is full; the replayer's histograms and the
-                        // kernel's cumulative counts keep what is measured meanwhile.
-                        reporter.handle.submit(report).await?;
-                    }
-                }
+                Ok((line, report)) => emit(&line, report, reporter.as_ref()).await?,
                 Err(e) => break Err(e.into()),
             },
             Some(update) = next_policy(&mut policy_updates) => {
@@ -230,10 +228,7 @@ async fn run_shadow(path: &std::path::Path) -> anyhow::Result<()> {
     };
     if outcome.is_ok() {
         let (line, report) = agent.report()?;
-        println!("{}", serde_json::to_string(&line)?);
-        if let Some(reporter) = &reporter {
-            reporter.handle.submit(report).await?;
-        }
+        emit(&line, report, reporter.as_ref()).await?;
     }
     let stopped = agent.stop();
     if let Some(reporter) = reporter {

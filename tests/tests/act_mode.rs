@@ -110,6 +110,24 @@ async fn wait_for_state(dir: &Path, wanted: ActionState, timeout: Duration) -> V
             .map(|a| a.state)
             .collect();
         if states.first() == Some(&wanted) || tokio::time::Instant::now() > deadline {
+            if states.first() != Some(&wanted) {
+                let store = Store::open_in(dir).expect("store");
+                eprintln!(
+                    "recommendations: {:?}",
+                    store
+                        .recommendations(None, 10)
+                        .expect("recommendations")
+                        .iter()
+                        .map(|r| (
+                            r.id,
+                            r.created_ms,
+                            &r.reason,
+                            &r.current_vm_type,
+                            &r.recommended_vm_type
+                        ))
+                        .collect::<Vec<_>>()
+                );
+            }
             return states;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -138,7 +156,7 @@ async fn an_act_mode_recommendation_is_carried_out_once_and_verified() {
     .await
     .expect("start");
 
-    let states = wait_for_state(dir.path(), ActionState::Done, Duration::from_secs(10)).await;
+    let states = wait_for_state(dir.path(), ActionState::Done, Duration::from_secs(30)).await;
     assert_eq!(states, [ActionState::Done], "one action, done");
     let spec = Store::open_in(dir.path())
         .expect("store")
@@ -168,7 +186,7 @@ async fn an_act_mode_recommendation_is_carried_out_once_and_verified() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let states = wait_for_state(dir.path(), ActionState::Verified, Duration::from_secs(10)).await;
+    let states = wait_for_state(dir.path(), ActionState::Verified, Duration::from_secs(30)).await;
     assert_eq!(
         states,
         [ActionState::Verified],
@@ -213,7 +231,7 @@ async fn a_failing_action_is_recorded_with_its_reason_and_moves_nothing() {
     ))
     .await
     .expect("start");
-    let states = wait_for_state(dir.path(), ActionState::Failed, Duration::from_secs(10)).await;
+    let states = wait_for_state(dir.path(), ActionState::Failed, Duration::from_secs(30)).await;
     assert_eq!(states, [ActionState::Failed]);
     // Give the actor more rounds: a failed action is not retried for the same advice.
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -248,7 +266,7 @@ async fn a_hanging_action_is_killed_with_its_children_at_the_timeout() {
     ))
     .await
     .expect("start");
-    let states = wait_for_state(dir.path(), ActionState::Failed, Duration::from_secs(10)).await;
+    let states = wait_for_state(dir.path(), ActionState::Failed, Duration::from_secs(30)).await;
     assert_eq!(states, [ActionState::Failed]);
     let store = Store::open_in(dir.path()).expect("store");
     let detail = store.actions(None, 1).expect("actions")[0].detail.clone();

@@ -306,7 +306,7 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
         },
         7,
     )?;
-    watch(&doppel, &load, &receiver, options, &mut summary, &say, stop)?;
+    watch(&doppel, &load, options, &mut summary, &say, stop)?;
     load.stop();
     // Let the last requests finish, and nginx flush its log, before counting.
     std::thread::sleep(Duration::from_secs(3));
@@ -368,7 +368,6 @@ impl Drop for ShadowCleanup<'_> {
 fn watch(
     doppel: &Doppel<'_>,
     load: &LoadGenerator,
-    receiver: &WebhookReceiver,
     options: &Options,
     summary: &mut Summary,
     say: &dyn Fn(&str),
@@ -476,7 +475,6 @@ fn watch(
             summary.client_p99_after_ms = p99(&after);
         }
     }
-    let _ = receiver;
     Ok(())
 }
 
