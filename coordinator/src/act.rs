@@ -153,8 +153,7 @@ impl Actor {
             let mut store = self.store();
             match outcome {
                 Ok(detail) => {
-                    store.finish_action(id, ActionState::Done, &detail, now)?;
-                    self.move_live(&mut store, &rec)?;
+                    self.finish_moving_live(&mut store, id, &detail, now, &rec)?;
                     info!(workload = %rec.workload, to = %rec.recommended_vm_type, "scale action done; verification pending");
                 }
                 Err(detail) => {
@@ -166,17 +165,26 @@ impl Actor {
         Ok(())
     }
 
-    /// Records the live hosts' new VM type and publishes the policy.
-    fn move_live(&self, store: &mut Store, rec: &RecommendationRow) -> Result<(), StoreError> {
+    /// Marks the action done, records the live hosts' new VM type with it, and publishes the
+    /// policy.
+    fn finish_moving_live(
+        &self,
+        store: &mut Store,
+        id: i64,
+        detail: &str,
+        now_ms: i64,
+        rec: &RecommendationRow,
+    ) -> Result<(), StoreError> {
         let Some(mut spec) = store.workload(&rec.workload)? else {
-            return Ok(());
+            // Deleted while the action ran: nothing to move.
+            return store.finish_action(id, ActionState::Done, detail, now_ms);
         };
         for live in &mut spec.live {
             if live.vm_type == rec.current_vm_type {
                 live.vm_type.clone_from(&rec.recommended_vm_type);
             }
         }
-        store.put_workload(&spec, crate::webhook::now_ms())?;
+        store.finish_action_moving_live(id, detail, now_ms, &spec)?;
         let snapshot = PolicySnapshot {
             revision: store.policy_revision()?,
             workloads: store.workloads()?,

@@ -28,6 +28,9 @@ use crate::{
     webhook::{Recommender, WebhookConfig, WebhookStats},
 };
 
+/// The shortest age limit for acting on a recommendation, ms (see `Actor::max_age_ms`).
+const MIN_ACTION_AGE_LIMIT_MS: i64 = 60_000;
+
 /// Everything `doppel serve` reads from its config file and flags.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -349,8 +352,13 @@ impl Coordinator {
             policy: Arc::clone(&policy),
             prices: price_table(&config.vm_types),
             compare: config.compare,
+            // Five evaluation rounds, but never under a minute: `created_ms` is when the
+            // evaluation that produced it started, and one evaluation of many workloads on a
+            // loaded host can take longer than several short intervals (seen: 900 ms against a
+            // 1 s limit, so the advice was never acted on).
             max_age_ms: i64::try_from(config.evaluate_interval_ms.saturating_mul(5))
-                .unwrap_or(i64::MAX),
+                .unwrap_or(i64::MAX)
+                .max(MIN_ACTION_AGE_LIMIT_MS),
         });
         let retention_store = open()?;
         let tasks = vec![

@@ -21,6 +21,11 @@ const SERVICE: &str = "10.0.0.2:8080";
 
 /// A workload in act mode, live on `small` breaking a 20 ms SLO, a `large` shadow holding it.
 fn setup(dir: &Path, action: &str) {
+    // The coordinator's log, shown when a test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug,quinn=info,rustls=info,hyper=info,h2=info,reqwest=info")
+        .with_test_writer()
+        .try_init();
     CertificateAuthority::in_state_dir(dir)
         .init(&["localhost".into()], OffsetDateTime::now_utc())
         .expect("ca init");

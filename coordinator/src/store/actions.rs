@@ -5,6 +5,7 @@ use rusqlite::{OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 
 use super::{RecommendationRow, Store, StoreError, sql};
+use crate::policy::WorkloadSpec;
 
 /// Where an action is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +139,27 @@ impl Store {
             )
             .map_err(sql("finish action"))?;
         Ok(())
+    }
+
+    /// Marks action `id` done and stores `moved` (the workload with its live hosts on the new
+    /// type) in one transaction, so nobody reads a done action whose move is not recorded, and a
+    /// crash cannot record one without the other. Returns the new policy revision.
+    pub fn finish_action_moving_live(
+        &mut self,
+        id: i64,
+        detail: &str,
+        now_ms: i64,
+        moved: &WorkloadSpec,
+    ) -> Result<u64, StoreError> {
+        let tx = self.write_transaction("begin")?;
+        tx.execute(
+            "UPDATE actions SET state = ?2, detail = ?3, finished_ms = ?4 WHERE id = ?1",
+            params![id, ActionState::Done.as_str(), detail, now_ms],
+        )
+        .map_err(sql("finish action"))?;
+        let revision = super::write_workload(&tx, moved, now_ms)?;
+        tx.commit().map_err(sql("commit action"))?;
+        Ok(revision)
     }
 
     /// Records the verification.

@@ -581,41 +581,8 @@ impl Store {
 
     /// Creates or replaces a workload; returns the new policy revision.
     pub fn put_workload(&mut self, spec: &WorkloadSpec, now_ms: i64) -> Result<u64, StoreError> {
-        let json = serde_json::to_string(spec).map_err(|source| StoreError::Json {
-            what: "workload",
-            source,
-        })?;
-        let policy = serde_json::to_string(&spec.policy).map_err(|source| StoreError::Json {
-            what: "policy",
-            source,
-        })?;
         let tx = self.write_transaction("begin")?;
-        let revision = bump_revision(&tx)?;
-        tx.execute(
-            "INSERT INTO workloads (name, spec, revision, created_ms, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, ?4)
-             ON CONFLICT(name) DO UPDATE SET spec = ?2, revision = ?3, updated_ms = ?4",
-            params![spec.name, json, i64_of(revision), now_ms],
-        )
-        .map_err(sql("store workload"))?;
-        tx.execute(
-            "INSERT INTO policies (workload, revision, policy, changed_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![spec.name, i64_of(revision), policy, now_ms],
-        )
-        .map_err(sql("store policy"))?;
-        tx.execute(
-            "DELETE FROM shadow_sessions WHERE workload = ?1",
-            [&spec.name],
-        )
-        .map_err(sql("replace shadow sessions"))?;
-        for s in &spec.shadows {
-            tx.execute(
-                "INSERT INTO shadow_sessions (workload, vni, agent, vm_type, shadow_addr, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![spec.name, s.vni, s.agent, s.vm_type, s.addr.to_string(), now_ms],
-            )
-            .map_err(sql("store shadow session"))?;
-        }
+        let revision = write_workload(&tx, spec, now_ms)?;
         tx.commit().map_err(sql("commit workload"))?;
         Ok(revision)
     }
@@ -1029,3 +996,54 @@ mod actions;
 mod tests;
 
 pub use actions::{ActionRow, ActionState};
+
+/// Writes `spec` (its row, a policy history row, its shadow sessions) in `tx` under a new
+/// policy revision, which it returns.
+pub(crate) fn write_workload(
+    tx: &rusqlite::Transaction<'_>,
+    spec: &WorkloadSpec,
+    now_ms: i64,
+) -> Result<u64, StoreError> {
+    let json = serde_json::to_string(spec).map_err(|source| StoreError::Json {
+        what: "workload",
+        source,
+    })?;
+    let policy = serde_json::to_string(&spec.policy).map_err(|source| StoreError::Json {
+        what: "policy",
+        source,
+    })?;
+    let revision = bump_revision(tx)?;
+    tx.execute(
+        "INSERT INTO workloads (name, spec, revision, created_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?4)
+             ON CONFLICT(name) DO UPDATE SET spec = ?2, revision = ?3, updated_ms = ?4",
+        params![spec.name, json, i64_of(revision), now_ms],
+    )
+    .map_err(sql("store workload"))?;
+    tx.execute(
+        "INSERT INTO policies (workload, revision, policy, changed_ms) VALUES (?1, ?2, ?3, ?4)",
+        params![spec.name, i64_of(revision), policy, now_ms],
+    )
+    .map_err(sql("store policy"))?;
+    tx.execute(
+        "DELETE FROM shadow_sessions WHERE workload = ?1",
+        [&spec.name],
+    )
+    .map_err(sql("replace shadow sessions"))?;
+    for s in &spec.shadows {
+        tx.execute(
+            "INSERT INTO shadow_sessions (workload, vni, agent, vm_type, shadow_addr, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                spec.name,
+                s.vni,
+                s.agent,
+                s.vm_type,
+                s.addr.to_string(),
+                now_ms
+            ],
+        )
+        .map_err(sql("store shadow session"))?;
+    }
+    Ok(revision)
+}
