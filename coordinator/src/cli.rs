@@ -1077,6 +1077,11 @@ fn forecast_text(view: &ForecastView) -> String {
                         opt_num(tn("capacity_at_slo_per_s"), 1),
                         opt_num(tn("max_observed_load_per_s"), 1),
                         tn("points").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
+                        opt_num(tn("cpu_ceiling_per_s"), 1),
+                        t.get("basis")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or("-")
+                            .to_owned(),
                     ]
                 })
                 .collect()
@@ -1090,6 +1095,8 @@ fn forecast_text(view: &ForecastView) -> String {
             "CAPACITY/S AT SLO",
             "MAX MEASURED/S",
             "POINTS",
+            "CPU CEILING/S",
+            "BASIS",
         ],
         &types,
     ));

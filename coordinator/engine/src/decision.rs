@@ -5,7 +5,8 @@
 //!
 //! Only types with a fitted [`PerformanceModel`] are candidates: a type is recommended on the
 //! evidence of having carried this workload's traffic, never on its specification alone. A
-//! type's capacity is trusted up to a multiple of the highest load it was measured at
+//! type's capacity is trusted up to a multiple of the highest load its curve rests on (measured
+//! on it, or on the type it was scaled from: [`PerformanceModel::evidence_load`]),
 //! ([`DecisionPolicy::max_extrapolation`]) and at a pessimistic bootstrap quantile.
 //!
 //! Hysteresis, two ways: the current placement keeps its place while it holds the SLO with half
@@ -278,7 +279,7 @@ impl DecisionState {
 fn usable_capacity(policy: &DecisionPolicy, model: &PerformanceModel) -> f64 {
     let samples = model.capacity_samples(policy.slo_ms);
     let index = ((samples.len() - 1) as f64 * policy.capacity_quantile).round() as usize;
-    samples[index].min(model.max_observed_load() * policy.max_extrapolation)
+    samples[index].min(model.evidence_load() * policy.max_extrapolation)
 }
 
 fn evaluate(

@@ -113,6 +113,9 @@ pub struct PerformanceModel {
     bootstrap: Vec<Curve>,
     max_observed_load: f64,
     min_observed_load: f64,
+    /// Load up to which the curve rests on measurement: the highest observed load for a fit, the
+    /// reference's scaled for a [`PerformanceModel::scaled`] one.
+    evidence_load: f64,
     points: usize,
     shadow_points: usize,
 }
@@ -156,12 +159,82 @@ impl PerformanceModel {
             bootstrap,
             max_observed_load: max_load,
             min_observed_load: min_load,
+            evidence_load: max_load,
             points: points.len(),
             shadow_points: points
                 .iter()
                 .filter(|p| !matches!(p.source, PointSource::Live))
                 .count(),
         })
+    }
+
+    /// A model for a type whose own measurements never reached its knee, transferred from
+    /// `self` (a type of the same workload whose knee was measured) by `scale`, the ratio of the
+    /// two types' saturation loads measured some other way (the coordinator uses the utilization
+    /// law: CPUs over CPU time per exchange, each measured on its own type).
+    ///
+    /// The queueing term is scaled with the saturation load (`C·scale`, `k·scale`), so both types
+    /// show the same latency at the same utilisation and their capacities at the SLO keep the
+    /// ratio of their saturation loads; the load-independent floor is the type's own, from
+    /// `points` (its measurements, all below the knee), or `self`'s when there are none. An
+    /// estimate by assumption, not a fit: the caller must say so where it shows it.
+    #[must_use]
+    pub fn scaled(&self, scale: f64, points: &[LoadLatencyPoint]) -> Self {
+        let scale = if scale.is_finite() && scale > 0.0 {
+            scale
+        } else {
+            1.0
+        };
+        let scaled = |c: &Curve| Curve {
+            base: c.base,
+            k: c.k * scale,
+            capacity: c.capacity * scale,
+        };
+        let mut curve = scaled(&self.curve);
+        // Own floor: weighted (1/L², as in the fit) mean of what the queueing term leaves.
+        let usable: Vec<&LoadLatencyPoint> = points
+            .iter()
+            .filter(|p| {
+                p.load.is_finite()
+                    && p.load >= 0.0
+                    && p.load < curve.capacity
+                    && p.latency_ms.is_finite()
+                    && p.latency_ms > 0.0
+            })
+            .collect();
+        if !usable.is_empty() {
+            let (mut sw, mut sb) = (0.0, 0.0);
+            for p in &usable {
+                let w = 1.0 / (p.latency_ms * p.latency_ms);
+                sw += w;
+                sb += w * (p.latency_ms - curve.k / (curve.capacity - p.load));
+            }
+            curve.base = (sb / sw).max(0.0);
+        }
+        let shift = curve.base - self.curve.base;
+        let bootstrap = self
+            .bootstrap
+            .iter()
+            .map(|c| Curve {
+                base: (c.base + shift).max(0.0),
+                ..scaled(c)
+            })
+            .collect();
+        let loads = usable.iter().map(|p| p.load);
+        let max_observed_load = loads.clone().fold(0.0, f64::max);
+        Self {
+            curve,
+            bootstrap,
+            max_observed_load,
+            min_observed_load: loads.fold(f64::INFINITY, f64::min).min(f64::MAX),
+            // The reference was measured up to its knee; scaled, that range is this type's.
+            evidence_load: (self.evidence_load * scale).max(max_observed_load),
+            points: usable.len(),
+            shadow_points: usable
+                .iter()
+                .filter(|p| !matches!(p.source, PointSource::Live))
+                .count(),
+        }
     }
 
     /// Predicted latency quantile (ms) at `load`; infinite at or past saturation.
@@ -201,6 +274,12 @@ impl PerformanceModel {
     /// Highest load the type was measured at: beyond it, the model extrapolates.
     pub fn max_observed_load(&self) -> f64 {
         self.max_observed_load
+    }
+
+    /// Load up to which the curve rests on measurement rather than extrapolation: the highest
+    /// observed load for a fitted model, the reference's scaled for a scaled one.
+    pub fn evidence_load(&self) -> f64 {
+        self.evidence_load
     }
 
     /// How much of the way from its low-load latency to `slo_ms` the fitted latency rises over
@@ -473,6 +552,49 @@ mod tests {
                 .map(|&(load, latency_ms)| LoadLatencyPoint { load, latency_ms, source: PointSource::Shadow })
                 .collect();
             prop_assert_eq!(PerformanceModel::fit(&pts, seed), PerformanceModel::fit(&pts, seed));
+        }
+    }
+
+    #[test]
+    fn a_scaled_model_keeps_the_capacity_ratio_and_its_own_floor() {
+        // Reference: saturates at 100/s, 2 ms floor, measured up to its knee.
+        let reference: Vec<LoadLatencyPoint> = (1..=18)
+            .map(|i| {
+                let load = f64::from(i) * 5.0;
+                LoadLatencyPoint {
+                    load,
+                    latency_ms: 2.0 + 200.0 / (100.0 - load),
+                    source: PointSource::Live,
+                }
+            })
+            .collect();
+        let model = PerformanceModel::fit(&reference, 7).expect("fit");
+        // The other type: twice the saturation load, a 3 ms floor, measured only where flat.
+        let own: Vec<LoadLatencyPoint> = (1..=6)
+            .map(|i| {
+                let load = f64::from(i) * 10.0;
+                LoadLatencyPoint {
+                    load,
+                    latency_ms: 3.0 + 400.0 / (200.0 - load),
+                    source: PointSource::Shadow,
+                }
+            })
+            .collect();
+        let scaled = model.scaled(2.0, &own);
+        let ratio = scaled.capacity_at(50.0) / model.capacity_at(50.0);
+        assert!((ratio - 2.0).abs() < 0.1, "capacity ratio {ratio}");
+        assert!(
+            (scaled.latency_at(10.0) - (3.0 + 400.0 / 190.0)).abs() < 0.3,
+            "own floor: {}",
+            scaled.latency_at(10.0)
+        );
+        assert_eq!(scaled.max_observed_load(), 60.0);
+        // Still monotone in load.
+        let mut last = 0.0;
+        for i in 0..200 {
+            let l = scaled.latency_at(f64::from(i));
+            assert!(l >= last, "latency fell at {i}");
+            last = l;
         }
     }
 }

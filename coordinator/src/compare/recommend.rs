@@ -147,6 +147,13 @@ pub struct TypeCapacity {
     pub points: usize,
     /// Whether the budget allows it.
     pub within_budget: bool,
+    /// Where the capacity comes from: `measured knee`, or `scaled from TYPE by CPU ceiling ×R`
+    /// for a type only measured where its latency is flat.
+    #[serde(default)]
+    pub basis: String,
+    /// Its CPU ceiling (utilization law), exchanges/s per instance, when its CPU use is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ceiling_per_s: Option<f64>,
 }
 
 /// The recommendation for a forecast breach: live on `current` is expected to break its SLO,

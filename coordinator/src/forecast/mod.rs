@@ -232,6 +232,9 @@ pub struct ForecastSnapshot {
     pub types: Vec<TypeCapacity>,
     /// Types seen without a model.
     pub unmodelled: Vec<Unmodelled>,
+    /// Every type whose CPU use was reported, with its ceiling.
+    #[serde(default)]
+    pub cpu_ceilings: Vec<CpuCeiling>,
 }
 
 /// What one evaluation of one workload produced.
@@ -249,6 +252,74 @@ struct TypePoints {
     role: Option<Role>,
     /// (interval start ms, point), oldest first.
     points: VecDeque<(i64, LoadLatencyPoint)>,
+    /// (interval start ms, CPU use of the workload in it), oldest first.
+    cpu: VecDeque<(i64, CpuSample)>,
+}
+
+/// One interval's workload CPU use on one instance.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct CpuSample {
+    /// CPU time the workload used, µs.
+    cpu_us: u64,
+    /// Exchanges it served.
+    exchanges: u64,
+    /// CPUs it may use (its cgroup's quota, or the host's), thousandths.
+    capacity_millis: u32,
+}
+
+/// A VM type's CPU ceiling by the utilization law: an instance that spends `cpu_ms_per_exchange`
+/// of CPU on each exchange and may use `cpus` CPUs cannot serve more than
+/// `cpus / cpu_ms_per_exchange` exchanges per second, whatever its latency. Measured at any
+/// load, so it is known for types never driven near their knee; it bounds CPU-bound work only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CpuCeiling {
+    /// VM type.
+    pub vm_type: String,
+    /// CPUs available to the workload (median over the intervals).
+    pub cpus: f64,
+    /// CPU time per exchange, ms (median over the intervals).
+    pub cpu_ms_per_exchange: f64,
+    /// `cpus / cpu_ms_per_exchange`, exchanges/s per instance.
+    pub saturation_per_s: f64,
+    /// Intervals behind it.
+    pub intervals: usize,
+}
+
+/// Fewest intervals a CPU ceiling is drawn from.
+const MIN_CPU_INTERVALS: usize = 5;
+
+fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some(f64::midpoint(values[n / 2 - 1], values[n / 2])),
+    }
+}
+
+/// The ceiling of one type from its intervals' CPU samples, when there are enough.
+fn cpu_ceiling(vm_type: &str, samples: &VecDeque<(i64, CpuSample)>) -> Option<CpuCeiling> {
+    if samples.len() < MIN_CPU_INTERVALS {
+        return None;
+    }
+    let mut per_exchange: Vec<f64> = samples
+        .iter()
+        .map(|(_, s)| s.cpu_us as f64 / 1000.0 / s.exchanges as f64)
+        .collect();
+    let mut cpus: Vec<f64> = samples
+        .iter()
+        .map(|(_, s)| f64::from(s.capacity_millis) / 1000.0)
+        .collect();
+    let cpu_ms_per_exchange = median(&mut per_exchange)?;
+    let cpus = median(&mut cpus)?;
+    (cpu_ms_per_exchange > 0.0 && cpus > 0.0).then(|| CpuCeiling {
+        vm_type: vm_type.to_owned(),
+        cpus,
+        cpu_ms_per_exchange,
+        saturation_per_s: cpus * 1000.0 / cpu_ms_per_exchange,
+        intervals: samples.len(),
+    })
 }
 
 /// A workload's predictor and what has been read for it.
@@ -367,6 +438,15 @@ impl Forecasts {
                 },
                 placement,
             );
+            // Points already collected keep the type they were measured on: after a move the
+            // live agent's earlier intervals belong to the type it left, which re-reading the
+            // window under the new spec would get wrong.
+            let (perf_until_ms, by_type) = self
+                .workloads
+                .remove(&spec.name)
+                .filter(|old| old.step_ms == step_ms)
+                .map(|old| (old.perf_until_ms, old.by_type))
+                .unwrap_or_default();
             self.workloads.insert(
                 spec.name.clone(),
                 WorkloadForecast {
@@ -374,8 +454,8 @@ impl Forecasts {
                     revision,
                     step_ms,
                     fed_until_ms: None,
-                    perf_until_ms: 0,
-                    by_type: BTreeMap::new(),
+                    perf_until_ms,
+                    by_type,
                     last_load: None,
                 },
             );
@@ -405,35 +485,69 @@ impl Forecasts {
         collect_points(store, spec, state, &settings, now_ms, settled_ms)?;
 
         let placement = live_placement(spec, prices);
-        let mut models: Vec<(String, Role, PerformanceModel)> = Vec::new();
+        let ceilings: BTreeMap<&str, CpuCeiling> = state
+            .by_type
+            .iter()
+            .filter_map(|(t, tp)| cpu_ceiling(t, &tp.cpu).map(|c| (t.as_str(), c)))
+            .collect();
+        let mut models: Vec<(String, Role, PerformanceModel, String)> = Vec::new();
+        // Types measured only below their knee: (type, role, points, why the fit is not used).
+        let mut flat: Vec<(String, Role, Vec<LoadLatencyPoint>, String)> = Vec::new();
         let mut unmodelled = Vec::new();
         for (vm_type, tp) in &state.by_type {
             let points: Vec<LoadLatencyPoint> = tp.points.iter().map(|(_, p)| *p).collect();
+            let role = tp.role.unwrap_or(Role::Shadow);
             match PerformanceModel::fit(&points, seed_of(vm_type)) {
                 Ok(m)
                     if m.knee_evidence(spec.policy.slo.max_latency_ms)
                         < settings.min_knee_evidence =>
                 {
-                    unmodelled.push(Unmodelled {
-                        vm_type: vm_type.clone(),
-                        reason: format!(
-                            "capacity not identified: over the measured {:.0}/s its latency rose only {:.0} % of the way to the SLO",
-                            m.max_observed_load(),
-                            100.0 * m.knee_evidence(spec.policy.slo.max_latency_ms)
-                        ),
-                    });
+                    let why = format!(
+                        "capacity not identified: over the measured {:.0}/s its latency rose only {:.0} % of the way to the SLO",
+                        m.max_observed_load(),
+                        100.0 * m.knee_evidence(spec.policy.slo.max_latency_ms)
+                    );
+                    flat.push((vm_type.clone(), role, points, why));
                 }
-                Ok(m) => models.push((vm_type.clone(), tp.role.unwrap_or(Role::Shadow), m)),
+                Ok(m) => models.push((vm_type.clone(), role, m, "measured knee".to_owned())),
                 Err(e) => unmodelled.push(Unmodelled {
                     vm_type: vm_type.clone(),
                     reason: e.to_string(),
                 }),
             }
         }
+        // A type whose knee was measured and whose CPU ceiling is known lends its curve to the
+        // types that were only measured where latency is flat, scaled by their CPU ceilings:
+        // the utilization law gives each type's saturation load from its own CPU time per
+        // exchange at any load, so shadows need not be driven to their knees.
+        let reference = models
+            .iter()
+            .filter_map(|(name, _, m, _)| Some((name, m, ceilings.get(name.as_str())?)))
+            .max_by(|a, b| {
+                let evidence =
+                    |m: &PerformanceModel| m.knee_evidence(spec.policy.slo.max_latency_ms);
+                evidence(a.1)
+                    .total_cmp(&evidence(b.1))
+                    .then_with(|| b.0.cmp(a.0))
+            })
+            .map(|(name, m, c)| (name.clone(), m.clone(), c.saturation_per_s));
+        for (vm_type, role, points, why) in flat {
+            match (&reference, ceilings.get(vm_type.as_str())) {
+                (Some((ref_name, ref_model, ref_ceiling)), Some(ceiling)) => {
+                    let scale = ceiling.saturation_per_s / ref_ceiling;
+                    let basis = format!("scaled from {ref_name} by CPU ceiling ×{scale:.2}");
+                    models.push((vm_type, role, ref_model.scaled(scale, &points), basis));
+                }
+                _ => unmodelled.push(Unmodelled {
+                    vm_type,
+                    reason: why,
+                }),
+            }
+        }
         let slo_ms = spec.policy.slo.max_latency_ms;
         let vm_types: Vec<VmType> = models
             .iter()
-            .map(|(name, _, _)| VmType {
+            .map(|(name, _, _, _)| VmType {
                 name: name.clone(),
                 vcpus: 0,
                 memory_gib: 0.0,
@@ -445,12 +559,12 @@ impl Forecasts {
         let candidates: Vec<Candidate<'_>> = models
             .iter()
             .zip(&vm_types)
-            .filter(|((name, _, _), _)| {
+            .filter(|((name, _, _, _), _)| {
                 // The current type stays a candidate whatever its price: the warning needs its
                 // model. Others must fit the budget.
                 *name == placement.vm_type || within_budget(spec, prices.get(name).copied())
             })
-            .map(|((_, _, model), vm_type)| Candidate { vm_type, model })
+            .map(|((_, _, model, _), vm_type)| Candidate { vm_type, model })
             .collect();
         let now_secs = u64::try_from(now_ms / 1000).unwrap_or_default();
         state.predictor.set_placement(placement.clone());
@@ -468,11 +582,11 @@ impl Forecasts {
         }
         let current_model = models
             .iter()
-            .find(|(name, _, _)| *name == placement.vm_type)
-            .map(|(_, _, m)| m);
+            .find(|(name, _, _, _)| *name == placement.vm_type)
+            .map(|(_, _, m, _)| m);
         let types: Vec<TypeCapacity> = models
             .iter()
-            .map(|(name, role, m)| TypeCapacity {
+            .map(|(name, role, m, basis)| TypeCapacity {
                 vm_type: name.clone(),
                 role: *role,
                 price_per_hour: prices.get(name).copied(),
@@ -480,6 +594,8 @@ impl Forecasts {
                 max_observed_load_per_s: m.max_observed_load(),
                 points: m.points(),
                 within_budget: within_budget(spec, prices.get(name).copied()),
+                basis: basis.clone(),
+                cpu_ceiling_per_s: ceilings.get(name.as_str()).map(|c| c.saturation_per_s),
             })
             .collect();
         let step_secs = u64::try_from(step_ms / 1000).unwrap_or(1);
@@ -582,6 +698,7 @@ impl Forecasts {
             decision: decision.as_ref().map_or("none", decision_name).to_owned(),
             types,
             unmodelled,
+            cpu_ceilings: ceilings.into_values().collect(),
         };
         store.put_forecast(&spec.name, now_ms, &to_json("forecast", &snapshot)?)?;
         if let Some(w) = &warning_view {
@@ -703,11 +820,30 @@ fn collect_points(
                 }
             }
         }
+        let agents: Vec<&str> = spec
+            .live
+            .iter()
+            .map(|l| l.agent.as_str())
+            .chain(spec.shadows.iter().map(|s| s.agent.as_str()))
+            .collect();
+        let usage: HashMap<(i64, String), doppel_common::wire::ResourceUsage> = store
+            .workload_usage(&agents, since, settled_ms)?
+            .into_iter()
+            .map(|(agent, start, usage)| ((start, agent), usage))
+            .collect();
         let quantile = spec.policy.slo.percentile / 100.0;
-        for ((start, _), (vm_type, role, interval_ms, h)) in intervals {
+        for ((start, agent), (vm_type, role, interval_ms, h)) in intervals {
             if h.len() < settings.min_exchanges_per_interval || interval_ms <= 0 {
                 continue;
             }
+            let cpu = usage
+                .get(&(start, agent))
+                .filter(|u| u.cpu_capacity_millis > 0 && u.cpu_time_us > 0)
+                .map(|u| CpuSample {
+                    cpu_us: u.cpu_time_us,
+                    exchanges: h.len(),
+                    capacity_millis: u.cpu_capacity_millis,
+                });
             let point = LoadLatencyPoint {
                 load: h.len() as f64 / (interval_ms as f64 / 1000.0),
                 latency_ms: h.value_at_quantile(quantile) as f64 / 1e6,
@@ -723,6 +859,9 @@ fn collect_points(
                 _ => Role::Shadow,
             });
             tp.points.push_back((start, point));
+            if let Some(cpu) = cpu {
+                tp.cpu.push_back((start, cpu));
+            }
         }
         state.perf_until_ms = settled_ms;
     }
@@ -735,6 +874,15 @@ fn collect_points(
             .collect();
         while tp.points.len() > settings.max_points_per_type {
             tp.points.pop_front();
+        }
+        tp.cpu.make_contiguous().sort_by_key(|(start, _)| *start);
+        while tp
+            .cpu
+            .front()
+            .is_some_and(|(start, _)| *start < window_start)
+            || tp.cpu.len() > settings.max_points_per_type
+        {
+            tp.cpu.pop_front();
         }
     }
     state.by_type.retain(|_, tp| !tp.points.is_empty());

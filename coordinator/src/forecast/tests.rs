@@ -74,6 +74,16 @@ fn p99_ms(t: &SimType, load: f64, interval: i64) -> f64 {
 /// One second's report of `t` serving `load` exchanges/s: 98 % of exchanges near the median,
 /// 2 % at the p99, so the stored histogram's 99th percentile is the p99.
 fn report(t: &SimType, seq: u64, interval: i64, load: f64) -> CheckedReport {
+    report_with(t, seq, interval, load, false)
+}
+
+/// CPU time per exchange of the simulated workload, ms: every type spends the same, so a type's
+/// saturation load is its CPUs over this.
+const CPU_MS_PER_EXCHANGE: f64 = 4.0;
+
+/// [`report`], with the workload's CPU use when `usage` (the CPUs are `saturation` times
+/// [`CPU_MS_PER_EXCHANGE`]).
+fn report_with(t: &SimType, seq: u64, interval: i64, load: f64, usage: bool) -> CheckedReport {
     let exchanges = load.round().max(1.0) as u64;
     let tail = (exchanges * 2).div_ceil(100);
     let p99 = p99_ms(t, load, interval);
@@ -99,7 +109,11 @@ fn report(t: &SimType, seq: u64, interval: i64, load: f64) -> CheckedReport {
             value: 0,
         }],
         host: ResourceUsage::default(),
-        workload: None,
+        workload: usage.then(|| ResourceUsage {
+            cpu_time_us: (exchanges as f64 * CPU_MS_PER_EXCHANGE * 1000.0) as u64,
+            cpu_capacity_millis: (t.saturation * CPU_MS_PER_EXCHANGE) as u32,
+            ..ResourceUsage::default()
+        }),
         patterns: vec![],
     })
 }
@@ -167,6 +181,17 @@ struct Run {
 /// Feeds `seconds` of reports (live at `live_load(second)`, shadows sweeping), evaluating every
 /// [`EVALUATE_EVERY_S`] seconds, each time after the evaluated intervals have settled.
 fn run(r: &Recommender, seconds: i64, live_load: impl Fn(i64) -> f64) -> Run {
+    run_with(r, seconds, live_load, false)
+}
+
+/// [`run`]; with `replay_at_live_load`, shadows replay live's load (never amplified) and every
+/// report carries the workload's CPU use.
+fn run_with(
+    r: &Recommender,
+    seconds: i64,
+    live_load: impl Fn(i64) -> f64,
+    replay_at_live_load: bool,
+) -> Run {
     let mut breach_ms = None;
     let mut cold_start_snapshots = 0;
     for second in 0..seconds {
@@ -175,20 +200,25 @@ fn run(r: &Recommender, seconds: i64, live_load: impl Fn(i64) -> f64) -> Run {
         if breach_ms.is_none() && p99_ms(&LIVE, load, second) > SLO_MS {
             breach_ms = Some(T0_MS + second * 1000);
         }
+        let shadow = |t: &SimType| {
+            let shadow_load = if replay_at_live_load {
+                load
+            } else {
+                shadow_load(t, second)
+            };
+            (
+                t.agent,
+                report_with(t, seq, second, shadow_load, replay_at_live_load),
+            )
+        };
         let reports = [
-            (LIVE.agent, report(&LIVE, seq, second, load)),
             (
-                SMALL.agent,
-                report(&SMALL, seq, second, shadow_load(&SMALL, second)),
+                LIVE.agent,
+                report_with(&LIVE, seq, second, load, replay_at_live_load),
             ),
-            (
-                COMPUTE.agent,
-                report(&COMPUTE, seq, second, shadow_load(&COMPUTE, second)),
-            ),
-            (
-                LARGE.agent,
-                report(&LARGE, seq, second, shadow_load(&LARGE, second)),
-            ),
+            shadow(&SMALL),
+            shadow(&COMPUTE),
+            shadow(&LARGE),
         ];
         let batch: Vec<(&str, &CheckedReport)> = reports.iter().map(|(a, c)| (*a, c)).collect();
         let received_ms = T0_MS + (second + 1) * 1000;
@@ -309,4 +339,71 @@ fn a_steady_load_well_within_capacity_raises_no_warning_and_no_forecast_advice()
     assert_eq!(snapshot["warning"], serde_json::Value::Null);
     let peak = snapshot["forecast_peak_per_s"].as_f64().expect("peak");
     assert!((90.0..130.0).contains(&peak), "peak {peak}");
+}
+
+#[test]
+fn types_never_driven_to_their_knee_are_sized_by_their_cpu_ceilings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = recommender(dir.path());
+    // Shadows replay live's own load, so c.large and x.large stay where their latency is flat;
+    // only their CPU time per exchange and their CPUs tell their capacity.
+    let outcome = run_with(&r, 900, |s| 60.0 + 0.2 * s as f64, true);
+    let breach_ms = outcome.breach_ms.expect("the ramp breaks live's SLO");
+    let store = r.store.lock().expect("store");
+    let recs = store
+        .recommendations(Some("web"), 100)
+        .expect("recommendations");
+    let rec = recs
+        .iter()
+        .find(|r| r.reason == "forecast_breach")
+        .unwrap_or_else(|| {
+            let (_, snapshot) = store.forecast("web").expect("read").expect("stored");
+            panic!("no forecast-breach recommendation: {recs:?}\nlast forecast: {snapshot:#}")
+        });
+    assert_eq!(
+        rec.recommended_vm_type, "c.large",
+        "the cheapest type that holds the peak, known only by its CPU ceiling"
+    );
+    assert!(rec.created_ms < breach_ms);
+    let types = rec.body["forecast"]["types"].as_array().expect("types");
+    let capacity = |name: &str| {
+        types
+            .iter()
+            .find(|t| t["vm_type"] == name)
+            .and_then(|t| t["capacity_at_slo_per_s"].as_f64())
+            .unwrap_or_else(|| panic!("{name} has a capacity: {types:?}"))
+    };
+    let basis = |name: &str| {
+        types
+            .iter()
+            .find(|t| t["vm_type"] == name)
+            .and_then(|t| t["basis"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(basis("m.large"), "measured knee");
+    for (name, ratio) in [("c.large", 2.0), ("x.large", 4.0)] {
+        assert!(
+            // From whichever type's knee is best measured (s.small's, once the ramp passes it).
+            basis(name).starts_with("scaled from ") && basis(name).contains(" by CPU ceiling ×"),
+            "{name}: {}",
+            basis(name)
+        );
+        let measured = capacity(name) / capacity("m.large");
+        assert!(
+            (measured / ratio - 1.0).abs() < 0.15,
+            "{name}: capacity {measured:.2} times live's, its CPU ceiling says {ratio}"
+        );
+    }
+    // The capacity ranking is the order of the types' true capacities.
+    let mut ranked: Vec<(&str, f64)> = ["s.small", "m.large", "c.large", "x.large"]
+        .iter()
+        .map(|n| (*n, capacity(n)))
+        .collect();
+    ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
+    assert_eq!(
+        ranked.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        ["s.small", "m.large", "c.large", "x.large"],
+        "{ranked:?}"
+    );
 }

@@ -708,6 +708,46 @@ impl Store {
         Ok(out)
     }
 
+    /// The workload resource use (CPU, memory, … of the workload's cgroup or process tree) the
+    /// `agents` reported for intervals starting in `[since_ms, until_ms)`: (agent, interval
+    /// start ms, usage). Reports without it are skipped, as is a row that no longer parses.
+    pub fn workload_usage(
+        &self,
+        agents: &[&str],
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<(String, i64, ResourceUsage)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT a.name, r.interval_start_ms, r.workload_usage
+                 FROM reports r
+                 JOIN agents a ON a.id = r.agent_id
+                 WHERE a.name = ?1 AND r.interval_start_ms >= ?2 AND r.interval_start_ms < ?3
+                   AND r.workload_usage IS NOT NULL",
+            )
+            .map_err(sql("prepare"))?;
+        let mut out = Vec::new();
+        for agent in agents {
+            let rows = stmt
+                .query_map(params![agent, since_ms, until_ms], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })
+                .map_err(sql("read workload usage"))?;
+            for row in rows {
+                let (agent, start, json) = row.map_err(sql("read workload usage"))?;
+                if let Ok(usage) = serde_json::from_str::<ResourceUsage>(&json) {
+                    out.push((agent, start, usage));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Stores a comparison result.
     pub fn put_comparison(
         &self,
