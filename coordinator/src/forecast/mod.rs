@@ -77,6 +77,11 @@ pub struct ForecastSettings {
     /// on it would raise alarms at any load (measured: a live type seen between 60 and 68
     /// exchanges/s was given a capacity of 68/s).
     pub min_knee_evidence: f64,
+    /// Intervals a type needs before its model is used, or lent to other types: a shadow's
+    /// first seconds (a cold page cache, a new process) can look like a knee (measured: 9
+    /// intervals of a fresh shadow gave it a "capacity" of 30/s, and every type scaled from it
+    /// inherited the error).
+    pub min_points: usize,
 }
 
 impl Default for ForecastSettings {
@@ -96,6 +101,7 @@ impl Default for ForecastSettings {
             settle_ms: 2000,
             min_exchanges_per_interval: 10,
             min_knee_evidence: 0.2,
+            min_points: 20,
         }
     }
 }
@@ -123,6 +129,9 @@ impl ForecastSettings {
         }
         if self.min_knee_evidence.is_nan() || self.min_knee_evidence < 0.0 {
             return Err(("min_knee_evidence", "must not be negative"));
+        }
+        if self.min_points < 3 {
+            return Err(("min_points", "a model needs at least 3 points"));
         }
         if self.settle_ms < 0 {
             return Err(("settle_ms", "must not be negative"));
@@ -485,6 +494,7 @@ impl Forecasts {
         collect_points(store, spec, state, &settings, now_ms, settled_ms)?;
 
         let placement = live_placement(spec, prices);
+        let slo_ms = spec.policy.slo.max_latency_ms;
         let ceilings: BTreeMap<&str, CpuCeiling> = state
             .by_type
             .iter()
@@ -497,6 +507,17 @@ impl Forecasts {
         for (vm_type, tp) in &state.by_type {
             let points: Vec<LoadLatencyPoint> = tp.points.iter().map(|(_, p)| *p).collect();
             let role = tp.role.unwrap_or(Role::Shadow);
+            if points.len() < settings.min_points {
+                unmodelled.push(Unmodelled {
+                    vm_type: vm_type.clone(),
+                    reason: format!(
+                        "{} intervals so far; a model needs {}",
+                        points.len(),
+                        settings.min_points
+                    ),
+                });
+                continue;
+            }
             match PerformanceModel::fit(&points, seed_of(vm_type)) {
                 Ok(m)
                     if m.knee_evidence(spec.policy.slo.max_latency_ms)
@@ -535,8 +556,26 @@ impl Forecasts {
             match (&reference, ceilings.get(vm_type.as_str())) {
                 (Some((ref_name, ref_model, ref_ceiling)), Some(ceiling)) => {
                     let scale = ceiling.saturation_per_s / ref_ceiling;
+                    let scaled = ref_model.scaled(scale, &points);
+                    // The type's own measurements outrank the assumption: if it held the SLO
+                    // at a load past the scaled capacity, the transfer does not fit this type.
+                    let held = points
+                        .iter()
+                        .filter(|p| p.latency_ms <= slo_ms)
+                        .map(|p| p.load)
+                        .fold(0.0, f64::max);
+                    if held > scaled.capacity_at(slo_ms) {
+                        unmodelled.push(Unmodelled {
+                            vm_type,
+                            reason: format!(
+                                "{why}; scaled from {ref_name} its capacity would be {:.0}/s, below the {held:.0}/s it held",
+                                scaled.capacity_at(slo_ms)
+                            ),
+                        });
+                        continue;
+                    }
                     let basis = format!("scaled from {ref_name} by CPU ceiling ×{scale:.2}");
-                    models.push((vm_type, role, ref_model.scaled(scale, &points), basis));
+                    models.push((vm_type, role, scaled, basis));
                 }
                 _ => unmodelled.push(Unmodelled {
                     vm_type,
@@ -544,7 +583,6 @@ impl Forecasts {
                 }),
             }
         }
-        let slo_ms = spec.policy.slo.max_latency_ms;
         let vm_types: Vec<VmType> = models
             .iter()
             .map(|(name, _, _, _)| VmType {

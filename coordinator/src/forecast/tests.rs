@@ -71,19 +71,14 @@ fn p99_ms(t: &SimType, load: f64, interval: i64) -> f64 {
     (20.0 + queue) * (1.0 + wobble)
 }
 
-/// One second's report of `t` serving `load` exchanges/s: 98 % of exchanges near the median,
-/// 2 % at the p99, so the stored histogram's 99th percentile is the p99.
-fn report(t: &SimType, seq: u64, interval: i64, load: f64) -> CheckedReport {
-    report_with(t, seq, interval, load, false)
-}
-
 /// CPU time per exchange of the simulated workload, ms: every type spends the same, so a type's
 /// saturation load is its CPUs over this.
 const CPU_MS_PER_EXCHANGE: f64 = 4.0;
 
-/// [`report`], with the workload's CPU use when `usage` (the CPUs are `saturation` times
-/// [`CPU_MS_PER_EXCHANGE`]).
-fn report_with(t: &SimType, seq: u64, interval: i64, load: f64, usage: bool) -> CheckedReport {
+/// One second's report of `t` serving `load` exchanges/s: 98 % of exchanges near the median,
+/// 2 % at the p99, so the stored histogram's 99th percentile is the p99; with the workload's CPU
+/// use when `usage` (its CPUs are `saturation` times [`CPU_MS_PER_EXCHANGE`]).
+fn report(t: &SimType, seq: u64, interval: i64, load: f64, usage: bool) -> CheckedReport {
     let exchanges = load.round().max(1.0) as u64;
     let tail = (exchanges * 2).div_ceil(100);
     let p99 = p99_ms(t, load, interval);
@@ -208,13 +203,13 @@ fn run_with(
             };
             (
                 t.agent,
-                report_with(t, seq, second, shadow_load, replay_at_live_load),
+                report(t, seq, second, shadow_load, replay_at_live_load),
             )
         };
         let reports = [
             (
                 LIVE.agent,
-                report_with(&LIVE, seq, second, load, replay_at_live_load),
+                report(&LIVE, seq, second, load, replay_at_live_load),
             ),
             shadow(&SMALL),
             shadow(&COMPUTE),

@@ -399,15 +399,19 @@ impl LocalProvisioner {
             .map(|d| d.join("cgroup.procs").display().to_string())
             .collect();
         // The shell joins the cgroup before it becomes the program (`exec` keeps the pid, and
-        // `ip netns exec` enters the namespace and execs too), so not one instruction of the
-        // workload runs outside its limits, and no unsafe pre_exec hook is needed.
+        // `nsenter` enters the namespace and execs too), so not one instruction of the
+        // workload runs outside its limits, and no unsafe pre_exec hook is needed. `nsenter
+        // --net`, not `ip netns exec`: the latter also remounts /sys, which hides the cgroup
+        // hierarchy from the shadow agent that reads its VM's CPU and memory there.
         let script = "IFS=:; for f in $DOPPEL_CGROUP_PROCS; do echo $$ > \"$f\" || exit 125; \
                       done; unset IFS; exec \"$@\"";
         let child = Command::new("sh")
             .arg("-c")
             .arg(script)
             .arg("doppel-shadow")
-            .args(["ip", "netns", "exec", netns, program])
+            .arg("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .args(["--", program])
             .args(args)
             .env("DOPPEL_CGROUP_PROCS", procs.join(":"))
             .current_dir(dir)

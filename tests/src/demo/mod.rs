@@ -239,10 +239,15 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
     let probe = measure_capacity(&lab.client, listen, stop)?;
     let capacity = probe.rps;
     let live_config = live_dir.join("agent.toml");
-    std::fs::write(&live_config, live_agent_toml(&certs, &live_dir))?;
+    std::fs::write(
+        &live_config,
+        live_agent_toml(&certs, &live_dir, &live_cgroup.agent_path()),
+    )?;
+    // Only the network namespace: the agent reads its workload's cgroup, which `ip netns exec`
+    // would hide by remounting /sys.
     let mut agent = lab
         .live
-        .command(&path_str(&options.bin_dir.join("doppel-agent")));
+        .command_net_only(&path_str(&options.bin_dir.join("doppel-agent")));
     agent
         .arg("--config")
         .arg(&live_config)
@@ -522,20 +527,26 @@ fn print_summary(s: &Summary) {
     );
     println!("shadows on: {}", s.shadow_types.join(", "));
     if let Some(f) = s.forecast.as_ref().map(|f| &f["forecast"]) {
-        let capacities: Vec<String> = f["types"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        // Ranked by capacity, each with its CPU ceiling and where its capacity comes from.
+        let mut types: Vec<&Value> = f["types"].as_array().into_iter().flatten().collect();
+        types.sort_by(|a, b| {
+            let c = |t: &Value| t["capacity_at_slo_per_s"].as_f64().unwrap_or_default();
+            c(a).total_cmp(&c(b))
+        });
+        let capacities: Vec<String> = types
+            .iter()
             .map(|t| {
                 format!(
-                    "{} {} req/s",
+                    "{} {} req/s (CPU ceiling {}; {})",
                     t["vm_type"].as_str().unwrap_or("?"),
-                    num(&t["capacity_at_slo_per_s"])
+                    num(&t["capacity_at_slo_per_s"]),
+                    num(&t["cpu_ceiling_per_s"]),
+                    t["basis"].as_str().unwrap_or("?"),
                 )
             })
             .collect();
         println!(
-            "forecast ({} model): peak {} req/s (provisioned for {}); capacities at the SLO: {}",
+            "forecast ({} model): peak {} req/s (provisioned for {}); capacities at the SLO, lowest first: {}",
             f["model"].as_str().unwrap_or("?"),
             num(&f["forecast_peak_per_s"]),
             num(&f["provisioned_peak_per_s"]),
@@ -851,9 +862,10 @@ fn serve_toml(state: &Path, webhook: SocketAddr, bin_dir: &Path, resize: &Path) 
     toml
 }
 
-fn live_agent_toml(certs: &Path, dir: &Path) -> String {
+fn live_agent_toml(certs: &Path, dir: &Path, cgroup: &Path) -> String {
     format!(
         "interface = \"{iface}\"\nreport_interval_ms = 1000\n\
+         [workload]\ncgroup = \"{cgroup}\"\n\
          [coordinator]\naddress = \"{coordinator}:4433\"\nserver_name = \"{coordinator}\"\n\
          ca_cert = \"{c}/ca.crt\"\ncert = \"{c}/live-1.crt\"\nkey = \"{c}/live-1.key\"\n\
          spool_dir = \"{spool}\"\n\
@@ -864,6 +876,7 @@ fn live_agent_toml(certs: &Path, dir: &Path) -> String {
         spool = dir.join("spool").display(),
         live = lab::LIVE,
         port = workload::PORT,
+        cgroup = cgroup.display(),
     )
 }
 

@@ -66,9 +66,20 @@ impl Cgroup {
                 v2: true,
             }
         } else {
-            let dirs = ["cpu", "memory"]
+            // `cpuacct` too where it is a hierarchy of its own, so an agent can read the CPU
+            // time of what runs in the cgroup (co-mounted `cpu,cpuacct` has it in `cpu`).
+            let mut dirs: Vec<PathBuf> = ["cpu", "memory"]
                 .map(|c| root.join(c).join(PARENT).join(&name))
                 .to_vec();
+            let cpuacct = root.join("cpuacct");
+            let same = |a: &Path, b: &Path| {
+                fs::canonicalize(a)
+                    .ok()
+                    .is_some_and(|a| fs::canonicalize(b).ok() == Some(a))
+            };
+            if cpuacct.exists() && !same(&cpuacct, &root.join("cpu")) {
+                dirs.push(cpuacct.join(PARENT).join(&name));
+            }
             Self { dirs, v2: false }
         };
         for dir in &cgroup.dirs {
@@ -126,6 +137,18 @@ impl Cgroup {
     /// The cgroup's directories (one per hierarchy).
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
+    }
+
+    /// The path an agent's `[workload] cgroup` takes: the v2 directory, or for v1 the path
+    /// below the controllers, given under `/sys/fs/cgroup` (the agent maps it onto each).
+    pub fn agent_path(&self) -> PathBuf {
+        if self.v2 {
+            return self.dirs[0].clone();
+        }
+        let below = self.dirs[0]
+            .strip_prefix(Path::new(ROOT).join("cpu"))
+            .unwrap_or(&self.dirs[0]);
+        Path::new(ROOT).join(below)
     }
 }
 
