@@ -571,6 +571,24 @@ fn score_warnings(
     outcome
 }
 
+/// Variance ratio of `h`-step changes: `Var(y[t+h] − y[t]) / (h · Var(y[t+1] − y[t]))`
+/// (Lo and MacKinlay). About 1 for a random walk, where persistence is the best forecast and no
+/// model can beat it by much; well below 1 for a series that reverts to a level or repeats a
+/// daily pattern, well above 1 for one that trends smoothly: either way a model has something to
+/// find. A diagnostic for the evaluation report: it
+/// says why a trace's forecast gain is small, not how to forecast it.
+pub fn variance_ratio(series: &[f64], h: usize) -> f64 {
+    let var_of_changes = |lag: usize| {
+        let d: Vec<f64> = series.windows(lag + 1).map(|w| w[lag] - w[0]).collect();
+        if d.len() < 2 {
+            return f64::NAN;
+        }
+        let mean = d.iter().sum::<f64>() / d.len() as f64;
+        d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (d.len() - 1) as f64
+    };
+    var_of_changes(h) / (h as f64 * var_of_changes(1))
+}
+
 /// A synthetic per-minute load series: a daily cycle, a weekday/weekend difference, slow growth
 /// and multiplicative noise, seeded. For benchmarks and tests, not for judging accuracy.
 pub fn synthetic_load(days: usize, seed: u64) -> Vec<f64> {
@@ -943,6 +961,24 @@ mod tests {
         let (t, _) = calibrate_thresholds(&[(&a, series.as_slice())], &[always], limits)
             .map_or((None, ()), |(t, _)| (Some(t), ()));
         assert_eq!(t, None);
+    }
+
+    #[test]
+    fn variance_ratio_is_one_for_a_random_walk_and_small_for_a_cycle() {
+        use rand::{RngExt as _, SeedableRng as _};
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(7);
+        let mut walk = vec![0.0];
+        for _ in 0..20_000 {
+            let step = if rng.random::<bool>() { 1.0 } else { -1.0 };
+            walk.push(walk[walk.len() - 1] + step);
+        }
+        let vr = variance_ratio(&walk, 12);
+        assert!((vr - 1.0).abs() < 0.15, "{vr}");
+        let cycle: Vec<f64> = (0..20_000)
+            .map(|i| (f64::from(i) / 288.0 * std::f64::consts::TAU).sin() + 0.01 * f64::from(i % 2))
+            .collect();
+        assert!(variance_ratio(&cycle, 288) < 0.01);
+        assert!(variance_ratio(&cycle, 12) > 5.0, "a smooth swing trends");
     }
 
     #[test]
