@@ -453,7 +453,7 @@ pub fn backtest(
         model.observe(at(o + 1), series[o + 1]);
         since_fit += 1;
         if since_fit >= config.refit_every {
-            model = LoadForecaster::fit(config, &series[history_from(o + 2)..o + 2], at(o + 1))?;
+            model = model.refit(&series[history_from(o + 2)..o + 2], at(o + 1))?;
             fits += 1;
             since_fit = 0;
         }
