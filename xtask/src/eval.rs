@@ -267,8 +267,9 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
         }
     }
     println!(
-        "warning test parts: recall {:.3}, {:.2} false alarms/day, warned {:.1} % of the time",
+        "warning test parts: recall {:.3} (warning still raised when the breach began: {:.3}), {:.2} false alarms/day, warned {:.1} % of the time",
         pooled_test.recall(),
+        pooled_test.recall_at_onset(),
         pooled_test.false_alarms_per_day(),
         100.0 * pooled_test.warned_fraction(),
     );
