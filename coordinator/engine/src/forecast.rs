@@ -12,7 +12,11 @@
 //! 2. remove a centred moving-average trend and average what is left per phase of the day,
 //!    weighting recent days more (traffic patterns drift), smoothing neighbouring phases;
 //! 3. run Holt on the deseasonalised series;
-//! 4. blend with seasonal naive (the value one day earlier) where that helps.
+//! 4. blend with seasonal naive (the value one day earlier) where that helps;
+//! 5. online, combine the result with persistence and seasonal naive by weights chosen from an
+//!    out-of-sample track record of the forecasts already made (see `TrackRecord`): on series
+//!    close to a random walk, or after a level shift the held-out days did not contain,
+//!    persistence is hard to beat and the record finds out sooner than the next fit does.
 //!
 //! Every variant (logs or not, seasonal or not, smoothing constants, blend weight) is scored on
 //! the last two days of history with a profile estimated from the days before them, and the best
