@@ -122,8 +122,11 @@ pub struct WarningSetup {
 pub struct WarningOutcome {
     /// Breach incidents in the scored period (excluding one already under way when it starts).
     pub incidents: usize,
-    /// Incidents with a warning raised before they began.
+    /// Incidents with a warning raised at some origin within the horizon before they began.
     pub warned: usize,
+    /// Of those, incidents whose warning was still raised at the origin just before they began
+    /// (the stricter count, reported alongside).
+    pub warned_at_onset: usize,
     /// Lead time of each warned incident, in seconds.
     pub lead_secs: Vec<u64>,
     /// Warnings after which no breach came within the horizon.
@@ -141,6 +144,7 @@ impl WarningOutcome {
     pub fn merge(&mut self, other: &Self) {
         self.incidents += other.incidents;
         self.warned += other.warned;
+        self.warned_at_onset += other.warned_at_onset;
         self.lead_secs.extend(&other.lead_secs);
         self.false_alarms += other.false_alarms;
         self.test_days += other.test_days;
@@ -156,6 +160,16 @@ impl WarningOutcome {
             0.0
         } else {
             self.warned_steps as f64 / self.scored_steps as f64
+        }
+    }
+
+    /// Incidents warned of with the warning still raised when they began, over incidents (1 when
+    /// there were none).
+    pub fn recall_at_onset(&self) -> f64 {
+        if self.incidents == 0 {
+            1.0
+        } else {
+            self.warned_at_onset as f64 / self.incidents as f64
         }
     }
 
@@ -453,7 +467,7 @@ pub fn backtest(
         model.observe(at(o + 1), series[o + 1]);
         since_fit += 1;
         if since_fit >= config.refit_every {
-            model = LoadForecaster::fit(config, &series[history_from(o + 2)..o + 2], at(o + 1))?;
+            model = model.refit(&series[history_from(o + 2)..o + 2], at(o + 1))?;
             fits += 1;
             since_fit = 0;
         }
@@ -541,15 +555,21 @@ fn score_warnings(
         ..WarningOutcome::default()
     };
     for &(s, _) in &incidents {
-        // Warned if a warning was raised at the origin just before the breach; its lead is how
-        // long it had been raised, at most the horizon (a warning claims no more than that).
-        if active[s - 1] {
-            let mut onset = s - 1;
-            while onset > from && active[onset - 1] && s - onset < horizon {
-                onset -= 1;
-            }
+        // Warned if a warning was raised at some origin of the horizon before the breach began:
+        // a warning says "the SLO breaks within the horizon", and that claim came true. This is
+        // the same rule that clears a warning episode of being a false alarm (a breach within
+        // the horizon after it), so an episode is never both a true alarm and a miss. (Counting
+        // only a warning still raised at the origin just before the breach, as this did before,
+        // scored an episode that cleared 20 minutes before a breach as a hit for false alarms
+        // and a miss for recall.) The lead runs from the first warned origin in that window, so
+        // it is at most the horizon: a warning claims no more than that.
+        let window = s.saturating_sub(horizon).max(from);
+        if let Some(first) = (window..s).find(|&o| active[o]) {
             outcome.warned += 1;
-            outcome.lead_secs.push((s - onset) as u64 * step_secs);
+            outcome.lead_secs.push((s - first) as u64 * step_secs);
+            if active[s - 1] {
+                outcome.warned_at_onset += 1;
+            }
         }
     }
     // False alarms: warning episodes with no breach from onset to end + horizon.
@@ -569,6 +589,24 @@ fn score_warnings(
         }
     }
     outcome
+}
+
+/// Variance ratio of `h`-step changes: `Var(y[t+h] − y[t]) / (h · Var(y[t+1] − y[t]))`
+/// (Lo and MacKinlay). About 1 for a random walk, where persistence is the best forecast and no
+/// model can beat it by much; well below 1 for a series that reverts to a level or repeats a
+/// daily pattern, well above 1 for one that trends smoothly: either way a model has something to
+/// find. A diagnostic for the evaluation report: it
+/// says why a trace's forecast gain is small, not how to forecast it.
+pub fn variance_ratio(series: &[f64], h: usize) -> f64 {
+    let var_of_changes = |lag: usize| {
+        let d: Vec<f64> = series.windows(lag + 1).map(|w| w[lag] - w[0]).collect();
+        if d.len() < 2 {
+            return f64::NAN;
+        }
+        let mean = d.iter().sum::<f64>() / d.len() as f64;
+        d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (d.len() - 1) as f64
+    };
+    var_of_changes(h) / (h as f64 * var_of_changes(1))
 }
 
 /// A synthetic per-minute load series: a daily cycle, a weekday/weekend difference, slow growth
@@ -943,6 +981,59 @@ mod tests {
         let (t, _) = calibrate_thresholds(&[(&a, series.as_slice())], &[always], limits)
             .map_or((None, ()), |(t, _)| (Some(t), ()));
         assert_eq!(t, None);
+    }
+
+    #[test]
+    fn variance_ratio_is_one_for_a_random_walk_and_small_for_a_cycle() {
+        use rand::{RngExt as _, SeedableRng as _};
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(7);
+        let mut walk = vec![0.0];
+        for _ in 0..20_000 {
+            let step = if rng.random::<bool>() { 1.0 } else { -1.0 };
+            walk.push(walk[walk.len() - 1] + step);
+        }
+        let vr = variance_ratio(&walk, 12);
+        assert!((vr - 1.0).abs() < 0.15, "{vr}");
+        let cycle: Vec<f64> = (0..20_000)
+            .map(|i| (f64::from(i) / 288.0 * std::f64::consts::TAU).sin() + 0.01 * f64::from(i % 2))
+            .collect();
+        assert!(variance_ratio(&cycle, 288) < 0.01);
+        assert!(variance_ratio(&cycle, 12) > 5.0, "a smooth swing trends");
+    }
+
+    #[test]
+    fn a_warning_that_cleared_within_the_horizon_before_a_breach_warned_of_it() {
+        // Raised at 81..83, cleared at 83; the breach begins at 85, within the horizon (5 steps)
+        // of every warned origin: not a false alarm, and the incident was warned of, with the
+        // lead from the first warned origin.
+        let (a, series) = probe(scores(20, 50, 60), scores(30, 70, 85));
+        let mut test = vec![0.0; 30];
+        for o in 81..83 {
+            test[o - 70] = 0.9;
+        }
+        let a = WarningProbe {
+            test: [test.clone(), test],
+            ..a
+        };
+        let t = Thresholds {
+            combine: BreachCombine::Union,
+            raise: 0.5,
+            clear: 0.5,
+        };
+        let o = a.test_outcome(&series, t);
+        assert_eq!((o.incidents, o.warned, o.false_alarms), (1, 1, 0));
+        assert_eq!(o.warned_at_onset, 0, "not raised at 84");
+        assert_eq!(o.lead_secs, [4 * 60]);
+        // Raised only at 70..72: more than the horizon before the breach, a false alarm and a miss.
+        let mut early = vec![0.0; 30];
+        early[0] = 0.9;
+        early[1] = 0.9;
+        let a = WarningProbe {
+            test: [early.clone(), early],
+            ..a
+        };
+        let o = a.test_outcome(&series, t);
+        assert_eq!((o.incidents, o.warned, o.false_alarms), (1, 0, 1));
     }
 
     #[test]

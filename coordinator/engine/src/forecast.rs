@@ -12,7 +12,11 @@
 //! 2. remove a centred moving-average trend and average what is left per phase of the day,
 //!    weighting recent days more (traffic patterns drift), smoothing neighbouring phases;
 //! 3. run Holt on the deseasonalised series;
-//! 4. blend with seasonal naive (the value one day earlier) where that helps.
+//! 4. blend with seasonal naive (the value one day earlier) where that helps;
+//! 5. online, combine the result with persistence and seasonal naive by weights chosen from an
+//!    out-of-sample track record of the forecasts already made (see `TrackRecord`): on series
+//!    close to a random walk, or after a level shift the held-out days did not contain,
+//!    persistence is hard to beat and the record finds out sooner than the next fit does.
 //!
 //! Every variant (logs or not, seasonal or not, smoothing constants, blend weight) is scored on
 //! the last two days of history with a profile estimated from the days before them, and the best
@@ -283,6 +287,15 @@ const MAX_SCORED_ORIGINS: usize = 3000;
 /// Days held out at the end of history to choose among model variants.
 const VALIDATION_DAYS: f64 = 2.0;
 
+/// Half-life of the out-of-sample track record that weighs the model against the naive
+/// forecasts, in seasons (scored forecasts, not wall time).
+const TRACK_HALF_LIFE_SEASONS: f64 = 3.0;
+/// Scored forecasts (in seasons) a horizon's track record needs before it may move weight away
+/// from the model: a few hours of luck must not hand the forecast to persistence.
+const TRACK_MIN_SEASONS: f64 = 0.25;
+/// Steps of the combination weights (model, persistence, seasonal naive) on the simplex.
+const COMBINATION_STEPS: usize = 4;
+
 /// A variant's validation score and what it is: (MAE, transform, seasonal, params, blend).
 type Choice = (f64, Transform, bool, Params, f64);
 
@@ -345,6 +358,114 @@ pub struct LoadForecaster {
     recent: std::collections::VecDeque<f64>,
     /// Sorted residual quantiles (transformed units of the bucket's component) per horizon.
     residuals: Vec<(usize, Vec<f64>)>,
+    /// How the model did against persistence and seasonal naive on forecasts it made online,
+    /// scored as their actuals came in: the weights of the combined forecast.
+    track: TrackRecord,
+}
+
+/// The out-of-sample record of the model against the two naive forecasts, per fit horizon.
+///
+/// The fit chooses variants on two held-out days, a small sample: on series close to a random
+/// walk (several CloudWatch metrics, WorldCup at an hour) that choice loses to persistence on
+/// the next days about as often as it wins. So the forecast actually served is a convex
+/// combination of the model, persistence and seasonal naive, with the weights (a grid in
+/// quarters) that had the smallest exponentially weighted absolute error on the forecasts made
+/// online since the record began, every one of them scored only once its actual arrived. The
+/// record survives refits ([`LoadForecaster::refit`]): it scores forecasts, not fits.
+#[derive(Debug, Clone, PartialEq)]
+struct TrackRecord {
+    /// The horizons tracked (the fit horizons).
+    horizons: Vec<usize>,
+    /// Candidate weights (model, persistence, seasonal naive); the first is the model alone.
+    candidates: Vec<[f64; 3]>,
+    /// Per horizon: forecasts awaiting their actual, as (target step, [model, persistence,
+    /// seasonal naive]), oldest first.
+    pending: Vec<std::collections::VecDeque<(u64, [f64; 3])>>,
+    /// Per horizon and candidate: exponentially weighted sum of absolute errors.
+    errors: Vec<Vec<f64>>,
+    /// Per horizon: exponentially weighted count of scored forecasts.
+    scored: Vec<f64>,
+    /// Per horizon: the candidate in use.
+    chosen: Vec<usize>,
+    /// Decay of the sums per scored forecast.
+    decay: f64,
+    /// Scored forecasts (weighted count) needed before leaving the model alone.
+    min_scored: f64,
+}
+
+impl TrackRecord {
+    fn new(config: &ForecastConfig) -> Self {
+        let mut candidates = vec![[1.0, 0.0, 0.0]];
+        for a in 0..=COMBINATION_STEPS {
+            for b in 0..=COMBINATION_STEPS - a {
+                let c = COMBINATION_STEPS - a - b;
+                let w = [a, b, c].map(|k| k as f64 / COMBINATION_STEPS as f64);
+                if a != COMBINATION_STEPS {
+                    candidates.push(w);
+                }
+            }
+        }
+        let horizons = config.fit_horizons.clone();
+        let k = horizons.len();
+        let season = config.season_steps as f64;
+        Self {
+            horizons,
+            pending: vec![std::collections::VecDeque::new(); k],
+            errors: vec![vec![0.0; candidates.len()]; k],
+            scored: vec![0.0; k],
+            chosen: vec![0; k],
+            candidates,
+            decay: 0.5f64.powf(1.0 / (TRACK_HALF_LIFE_SEASONS * season).max(1.0)),
+            min_scored: (TRACK_MIN_SEASONS * season).max(1.0),
+        }
+    }
+
+    /// The tracked horizon nearest `h` on a log scale.
+    fn slot_for(&self, h: usize) -> usize {
+        let target = (h as f64).ln();
+        (0..self.horizons.len())
+            .min_by(|&a, &b| {
+                let da = ((self.horizons[a] as f64).ln() - target).abs();
+                let db = ((self.horizons[b] as f64).ln() - target).abs();
+                da.total_cmp(&db)
+            })
+            .unwrap_or(0)
+    }
+
+    fn weights(&self, h: usize) -> [f64; 3] {
+        let slot = self.slot_for(h);
+        self.chosen
+            .get(slot)
+            .map_or([1.0, 0.0, 0.0], |&c| self.candidates[c])
+    }
+
+    /// Scores the forecasts that targeted `step` with the value observed there, drops those
+    /// whose target passed unobserved, and updates the choice of weights.
+    fn score(&mut self, step: u64, value: f64) {
+        for slot in 0..self.horizons.len() {
+            while let Some(&(target, forecasts)) = self.pending[slot].front() {
+                if target > step {
+                    break;
+                }
+                self.pending[slot].pop_front();
+                if target < step {
+                    continue;
+                }
+                for (error, w) in self.errors[slot].iter_mut().zip(&self.candidates) {
+                    let combined = w[0] * forecasts[0] + w[1] * forecasts[1] + w[2] * forecasts[2];
+                    *error = self.decay * *error + (combined - value).abs();
+                }
+                self.scored[slot] = self.decay * self.scored[slot] + 1.0;
+            }
+            self.chosen[slot] = if self.scored[slot] < self.min_scored {
+                0
+            } else {
+                // Ties go to the first, so to the model alone.
+                let errors = &self.errors[slot];
+                (0..errors.len()).fold(0, |best, c| if errors[c] < errors[best] { c } else { best })
+            };
+        }
+    }
 }
 
 impl LoadForecaster {
@@ -458,9 +579,26 @@ impl LoadForecaster {
             last_step,
             recent: history[n.saturating_sub(m)..].iter().copied().collect(),
             residuals: Vec::new(),
+            track: TrackRecord::new(config),
         };
         model.residuals = residual_quantiles(&model, history, first_step);
         Ok(model)
+    }
+
+    /// Fits a new model to `history` (as [`LoadForecaster::fit`] with this one's configuration)
+    /// and carries over the out-of-sample track record that weighs the model against the naive
+    /// forecasts: the record scores forecasts as their actuals arrive, and a refit must not
+    /// throw it away.
+    pub fn refit(&self, history: &[f64], now: Timestamp) -> Result<Self, ForecastError> {
+        let mut model = Self::fit(&self.config, history, now)?;
+        model.track = self.track.clone();
+        Ok(model)
+    }
+
+    /// The weights (model, persistence, seasonal naive) of the forecast `h` steps ahead, from
+    /// the out-of-sample track record; `[1, 0, 0]` until it has scored enough forecasts.
+    pub fn combination_weights(&self, h: usize) -> [f64; 3] {
+        self.track.weights(h)
     }
 
     /// The model in use.
@@ -519,6 +657,13 @@ impl LoadForecaster {
             self.recent.pop_front();
         }
         self.last_step = step;
+        self.track.score(step, value);
+        for slot in 0..self.track.horizons.len() {
+            let h = self.track.horizons[slot];
+            let model = self.model_mean(h);
+            let forecasts = [model, value, self.seasonal_naive(h).unwrap_or(model)];
+            self.track.pending[slot].push_back((step + h as u64, forecasts));
+        }
         true
     }
 
@@ -558,11 +703,11 @@ impl LoadForecaster {
         (back < len && len == m).then(|| self.recent[len - 1 - back])
     }
 
-    /// The combined median forecast `h` steps ahead, in the best component's transformed units.
-    fn point_transformed(&self, h: usize) -> (&Component, f64) {
+    /// The model's own forecast `h` steps ahead (its variants averaged), in original units.
+    fn model_mean(&self, h: usize) -> f64 {
         let group = self.group_for(h);
         let naive = self.seasonal_naive(h);
-        let mean = group
+        group
             .iter()
             .map(|c| {
                 let model = c.transform.inverse(c.point(self.last_step, h));
@@ -572,8 +717,35 @@ impl LoadForecaster {
                 }
             })
             .sum::<f64>()
-            / group.len() as f64;
-        (&group[0], group[0].transform.forward(mean))
+            / group.len() as f64
+    }
+
+    /// The model's own forecast `h` steps ahead in the best component's transformed units: the
+    /// centre of the prediction distribution. The residual quantiles are the model's own errors
+    /// around exactly this, so quantiles and exceedance probabilities use it, not the combined
+    /// median: the track record weighs the naive forecasts for absolute error only and says
+    /// nothing about the spread around them. (Measured: centring the distribution on the combined
+    /// median instead lowered warning recall on the traces from 0.626 to 0.60–0.62 at more false
+    /// alarms a day.)
+    fn model_point_transformed(&self, h: usize) -> (&Component, f64) {
+        let c = &self.group_for(h)[0];
+        (c, c.transform.forward(self.model_mean(h)))
+    }
+
+    /// The median forecast `h` steps ahead, the model combined with the naive forecasts by the
+    /// track record's weights, in the best component's transformed units.
+    fn point_transformed(&self, h: usize) -> (&Component, f64) {
+        let model = self.model_mean(h);
+        let [w_model, w_persistence, w_seasonal] = self.track.weights(h);
+        let mean = if w_model >= 1.0 {
+            model
+        } else {
+            let last = self.recent.back().copied().unwrap_or(model);
+            let seasonal = self.seasonal_naive(h).unwrap_or(model);
+            w_model * model + w_persistence * last + w_seasonal * seasonal
+        };
+        let c = &self.group_for(h)[0];
+        (c, c.transform.forward(mean))
     }
 
     /// Median forecast `h` steps after the last observation.
@@ -584,7 +756,7 @@ impl LoadForecaster {
 
     /// Forecast quantile `q` in (0, 1) `h` steps ahead.
     pub fn quantile(&self, h: usize, q: f64) -> f64 {
-        let (c, z) = self.point_transformed(h);
+        let (c, z) = self.model_point_transformed(h);
         let r = interpolate_quantile(&self.residuals_for(h), q);
         c.transform.inverse(z + r)
     }
@@ -594,7 +766,7 @@ impl LoadForecaster {
         if threshold <= 0.0 {
             return 1.0;
         }
-        let (c, z) = self.point_transformed(h);
+        let (c, z) = self.model_point_transformed(h);
         let gap = c.transform.forward(threshold) - z;
         1.0 - cdf_from_quantiles(&self.residuals_for(h), gap)
     }

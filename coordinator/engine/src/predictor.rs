@@ -108,7 +108,12 @@ impl WorkloadPredictor {
         let due = self.forecaster.is_none() || self.steps_since_fit >= self.config.refit_every;
         if due && self.history.len() >= MIN_HISTORY {
             let history: Vec<f64> = self.history.iter().copied().collect();
-            let fitted = LoadForecaster::fit(&self.config, &history, now)?;
+            // A refit keeps the out-of-sample record that weighs the model against the naive
+            // forecasts.
+            let fitted = match &self.forecaster {
+                Some(f) => f.refit(&history, now)?,
+                None => LoadForecaster::fit(&self.config, &history, now)?,
+            };
             self.events.push_back(PredictorEvent::Refitted {
                 at: now,
                 model: fitted.kind(),

@@ -164,3 +164,40 @@ fn observing_moves_the_state_and_refuses_stale_or_bad_samples() {
     assert_eq!(model.last_observed_at(), now + 600);
     assert!(model.median(1) > before, "a spike raises the level");
 }
+
+#[test]
+fn the_track_record_moves_weight_to_persistence_on_a_random_walk_and_survives_refits() {
+    use rand::{RngExt as _, SeedableRng as _};
+    let config = ForecastConfig::every_five_minutes();
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(11);
+    let mut y = vec![1000.0];
+    for _ in 0..6 * 288 {
+        let step: f64 = rng.random::<f64>() - 0.5;
+        y.push((y[y.len() - 1] + 20.0 * step).max(0.0));
+    }
+    let fit_len = 3 * 288;
+    let mut model =
+        LoadForecaster::fit(&config, &y[..fit_len], (fit_len as u64 - 1) * 300).unwrap();
+    assert_eq!(
+        model.combination_weights(12),
+        [1.0, 0.0, 0.0],
+        "no record yet"
+    );
+    for (i, &v) in y.iter().enumerate().skip(fit_len) {
+        assert!(model.observe(i as u64 * 300, v));
+        if i % config.refit_every == 0 {
+            model = model.refit(&y[..=i], i as u64 * 300).unwrap();
+        }
+    }
+    // A day of the seasonal profile is noise here: seasonal naive earns no weight, persistence
+    // (the best forecast of a random walk) does.
+    let [_, persistence, seasonal] = model.combination_weights(12);
+    assert!(persistence > 0.0, "{:?}", model.combination_weights(12));
+    assert!(
+        seasonal < persistence,
+        "{:?}",
+        model.combination_weights(12)
+    );
+    let fresh = LoadForecaster::fit(&config, &y, (y.len() as u64 - 1) * 300).unwrap();
+    assert_eq!(fresh.combination_weights(12), [1.0, 0.0, 0.0]);
+}
