@@ -69,6 +69,10 @@ fn counts_exactly_then_detaches(mode: AttachMode, expected: Attached) {
     let index = ifindex(&iface).expect("ifindex");
     let mut datapath = Datapath::load().expect("load eBPF object");
     assert_eq!(datapath.attach(&iface, mode).expect("attach"), expected);
+    if expected == Attached::Tcx {
+        // What the wait after the detach below watches for.
+        assert_eq!(tcx_programs(&iface), 1, "one tcx program on ingress");
+    }
 
     thread::scope(|s| s.spawn(|| pair.send_datagrams()).join().expect("sender"));
     let counts = datapath.iface_counters().expect("read counters");
@@ -84,6 +88,7 @@ fn counts_exactly_then_detaches(mode: AttachMode, expected: Attached) {
     );
 
     datapath.detach(&iface).expect("detach");
+    wait_until_no_tcx_program(&iface);
     thread::scope(|s| s.spawn(|| pair.send_datagrams()).join().expect("sender"));
     assert_eq!(
         datapath.iface_counters().expect("read counters"),
@@ -93,6 +98,26 @@ fn counts_exactly_then_detaches(mode: AttachMode, expected: Attached) {
     drop(datapath);
     drop(inside);
     assert_no_tc_leftovers(&pair.server, &iface);
+}
+
+/// Programs attached to `iface`'s tcx ingress (in the calling thread's network namespace).
+fn tcx_programs(iface: &str) -> usize {
+    use aya::programs::{SchedClassifier, tc::TcAttachType};
+    SchedClassifier::query_tcx(iface, TcAttachType::Ingress).map_or(0, |(_, p)| p.len())
+}
+
+/// Waits until no tcx program is attached to `iface`. A tcx link lives as long as any file
+/// descriptor refers to it, and a process forked by another test thread of this binary holds a
+/// copy of every descriptor until it execs: the detach takes effect then, a moment later.
+fn wait_until_no_tcx_program(iface: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while tcx_programs(iface) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a tcx program is still attached to {iface} 5 s after detach"
+        );
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn assert_no_tc_leftovers(host: &Host, iface: &str) {
