@@ -7,7 +7,7 @@ use std::{
     net::{SocketAddr, UdpSocket},
     process::Stdio,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use doppel_agent::datapath::{AttachMode, Attached, Datapath, IfaceCount, ifindex};
@@ -110,13 +110,13 @@ fn tcx_programs(iface: &str) -> usize {
 /// descriptor refers to it, and a process forked by another test thread of this binary holds a
 /// copy of every descriptor until it execs: the detach takes effect then, a moment later.
 fn wait_until_no_tcx_program(iface: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while tcx_programs(iface) > 0 {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "a tcx program is still attached to {iface} 5 s after detach"
         );
-        thread::sleep(std::time::Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
