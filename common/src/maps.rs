@@ -174,7 +174,8 @@ pub const FLOW_AWAITING_RESPONSE: u32 = 1 << 3;
 pub struct FlowState {
     /// `bpf_ktime_get_ns` of the latest client payload packet of the open exchange.
     pub last_request_ns: u64,
-    /// `bpf_ktime_get_ns` of the latest packet in either direction (idle timeout).
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at the last tick) of the flow's latest client
+    /// packet (idle timeout).
     pub last_seen_ns: u64,
     /// `FLOW_*` bits.
     pub flags: u32,

@@ -9,9 +9,14 @@
 //!   mean of the per-round differences, with its 95 % confidence interval printed before;
 //! - `ns_per_packet`: the TC programs' `run_time_ns / run_cnt` from `bpf_stats_enabled`, with
 //!   10 % of flows mirrored. That time includes `bpf_clone_redirect`, which encapsulates and sends
-//!   each copy synchronously, so the rounds with nothing mirrored (inspection alone) and the cost
-//!   of one copy are printed on the line before;
-//! - `agent_cpu_pct`: the agent process's CPU at 10 k exchanges/s, percent of one core.
+//!   each copy synchronously, so the rounds with nothing mirrored (inspection alone), the cost
+//!   of one copy and the share of client packets actually mirrored (sampling is per flow, of
+//!   wrk's 50) are printed on a line before;
+//! - `agent_cpu_pct`: the agent process's CPU at 10 k exchanges/s, percent of one core, with a
+//!   1 s report interval so the window holds ten drains and reports (the default is 10 s).
+//!
+//! `--baseline-agent PATH` measures a second build in the same rounds, alternated with the
+//! first, for before/after comparisons on a noisy machine.
 
 use std::{
     io::{Read as _, Write as _},
@@ -47,7 +52,16 @@ pub(crate) struct Options {
     /// Share of flows mirrored (to two sessions), percent.
     #[arg(long, default_value_t = 10.0)]
     mirror_percent: f64,
+    /// Also measure this agent binary, alternated with the measured one inside every round, so
+    /// a before/after comparison sees the same machine noise; its figures come on a
+    /// `datapath(baseline):` line before the last.
+    #[arg(long)]
+    baseline_agent: Option<std::path::PathBuf>,
 }
+
+/// Report interval of the agent-CPU phase: a tenth of the default 10 s, so that a 10 s window
+/// holds ten drains and reports rather than one or none (an upper bound on the default's cost).
+const CPU_PHASE_INTERVAL_MS: u32 = 1000;
 
 const PORT: u16 = 8080;
 
@@ -127,9 +141,14 @@ fn setup_bed() -> anyhow::Result<Bed> {
     })
 }
 
-fn start_agent(bed: &Bed, agent: &std::path::Path, mirror_percent: f64) -> anyhow::Result<Process> {
+fn start_agent(
+    bed: &Bed,
+    agent: &std::path::Path,
+    mirror_percent: f64,
+    interval_ms: u32,
+) -> anyhow::Result<Process> {
     let config = format!(
-        "interface = \"{iface}\"\nreport_interval_ms = 10000\ndefault_sample_percent = {mirror_percent}\n\
+        "interface = \"{iface}\"\nreport_interval_ms = {interval_ms}\ndefault_sample_percent = {mirror_percent}\n\
          [[services]]\naddr = \"{addr}\"\nport = {PORT}\n\
          [[mirror_sessions]]\nshadow = \"{s0}\"\nvni = 7\n[[mirror_sessions]]\nshadow = \"{s1}\"\nvni = 8\n",
         iface = bed.client_link.b_iface,
@@ -346,142 +365,233 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling bpf_stats")?;
     let bed = setup_bed()?;
     let seconds = options.seconds;
+    // The measured agent last: its figures make the last line.
+    let mut agents: Vec<Figures> = Vec::new();
+    if let Some(baseline) = &options.baseline_agent {
+        agents.push(Figures::new("baseline", baseline.clone()));
+    }
+    agents.push(Figures::new("measured", agent));
     println!(
-        "bench datapath: nginx (1 worker) <- wrk -t1 -c50, {seconds}s rounds, agent off/on alternated"
+        "bench datapath: nginx (1 worker) <- wrk -t1 -c50, {seconds}s rounds, agent off/on alternated{}",
+        if agents.len() > 1 {
+            ", baseline and measured agents alternated"
+        } else {
+            ""
+        }
     );
 
     let _ = wrk(&bed, 1)?; // warm-up
     let copies = |bed: &Bed| bed.sinks.iter().map(UdpDrain::received).sum::<u64>();
-    let (mut off, mut on, mut on_unmirrored) = (Vec::new(), Vec::new(), Vec::new());
-    // [ingress, egress] with `mirror_percent`, and with nothing mirrored; copies sent.
-    let mut mirrored_stats = [ProgStats::default(); 2];
-    let mut inspect_stats = [ProgStats::default(); 2];
-    let mut mirrored_copies = 0;
+    let mut off = Vec::new();
+    // Settings: 0 = agent off, then (agent, mirrored?) pairs.
+    let settings = 1 + 2 * agents.len();
     for round in 0..options.rounds {
         // The order rotates so that no setting always runs first (or after the warmest cache).
-        for setting in (0..3).map(|i| (i + round) % 3) {
+        for setting in (0..settings).map(|i| (i + round as usize) % settings) {
             if setting == 0 {
                 off.push(wrk(&bed, seconds)?);
                 continue;
             }
-            let percent = if setting == 1 {
+            let figures = &mut agents[(setting - 1) / 2];
+            let mirrored = setting % 2 == 1;
+            let percent = if mirrored {
                 options.mirror_percent
             } else {
                 0.0
             };
-            let mut process = start_agent(&bed, &agent, percent)?;
+            let mut process = start_agent(&bed, &figures.path, percent, 10_000)?;
             let (before, copies_before) = (prog_stats(process.pid())?, copies(&bed));
             let rps = wrk(&bed, seconds)?;
             let after = prog_stats(process.pid())?;
             process.stop(Duration::from_secs(5));
-            let totals = if setting == 1 {
-                on.push(rps);
+            let totals = if mirrored {
+                figures.on.push(rps);
                 // The shadows' sockets have drained by the time the agent has stopped.
-                mirrored_copies += copies(&bed) - copies_before;
-                &mut mirrored_stats
+                figures.mirrored_copies += copies(&bed) - copies_before;
+                &mut figures.mirrored_stats
             } else {
-                on_unmirrored.push(rps);
-                &mut inspect_stats
+                figures.on_unmirrored.push(rps);
+                &mut figures.inspect_stats
             };
             for (total, (a, b)) in totals.iter_mut().zip(after.iter().zip(&before)) {
                 total.add(a.since(*b));
             }
         }
-        println!(
-            "  round {round}: off {:.0} req/s, on {:.0} req/s, on with nothing mirrored {:.0} req/s",
-            off[off.len() - 1],
-            on[on.len() - 1],
-            on_unmirrored[on_unmirrored.len() - 1]
-        );
+        let mut line = format!("  round {round}: off {:.0} req/s", off[off.len() - 1]);
+        for f in &agents {
+            line += &format!(
+                "; {}: on {:.0} req/s, on with nothing mirrored {:.0} req/s",
+                f.label,
+                f.on[f.on.len() - 1],
+                f.on_unmirrored[f.on_unmirrored.len() - 1]
+            );
+        }
+        println!("{line}");
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let throughput_ratio = mean(&on) / mean(&off);
-    let mut mirrored_total = mirrored_stats[0];
-    mirrored_total.add(mirrored_stats[1]);
-    let mut inspect_total = inspect_stats[0];
-    inspect_total.add(inspect_stats[1]);
-    anyhow::ensure!(
-        mirrored_total.run_cnt > 0 && inspect_total.run_cnt > 0,
-        "the TC programs never ran: is /proc/sys/kernel/bpf_stats_enabled honoured?"
-    );
-    let ns_per_packet = mirrored_total.ns_per_run();
-    // What mirroring added over inspection alone, per copy the shadows received.
-    let copy_ns = (mirrored_total.run_time_ns as f64
-        - inspect_total.ns_per_run() * mirrored_total.run_cnt as f64)
-        / mirrored_copies.max(1) as f64;
 
     let half = mean(&off) / 2.0;
     let mut latency_off = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
-    let mut latency_on = latency_off.clone();
-    let mut added = Vec::new();
     for round in 0..options.latency_rounds {
-        let mut p99 = [0.0; 2];
-        for agent_on in [round % 2 == 1, round % 2 == 0] {
-            let process = if agent_on {
-                Some(start_agent(&bed, &agent, options.mirror_percent)?)
-            } else {
-                None
+        // Slot 0 is agent off; the order rotates.
+        let slots = 1 + agents.len();
+        let mut p99 = vec![0.0; slots];
+        for slot in (0..slots).map(|i| (i + round as usize) % slots) {
+            let process = match slot {
+                0 => None,
+                _ => Some(start_agent(
+                    &bed,
+                    &agents[slot - 1].path,
+                    options.mirror_percent,
+                    10_000,
+                )?),
             };
             let h = paced(&bed, half, 8, seconds)?;
-            p99[usize::from(agent_on)] = h.value_at_quantile(0.99) as f64 / 1e3;
-            if agent_on {
-                latency_on.add(h)?;
-            } else {
-                latency_off.add(h)?;
+            p99[slot] = h.value_at_quantile(0.99) as f64 / 1e3;
+            match slot {
+                0 => latency_off.add(h)?,
+                _ => agents[slot - 1].latency_on.add(h)?,
             }
             if let Some(mut process) = process {
                 process.stop(Duration::from_secs(5));
             }
         }
-        added.push(p99[1] - p99[0]);
-        println!(
-            "  half load {half:.0} req/s, round {round}: p99 off {:.1} us, on {:.1} us",
-            p99[0], p99[1]
+        let mut line = format!(
+            "  half load {half:.0} req/s, round {round}: p99 off {:.1} us",
+            p99[0]
         );
+        for (f, on) in agents.iter_mut().zip(&p99[1..]) {
+            f.added.push(on - p99[0]);
+            line += &format!(", {} on {on:.1} us", f.label);
+        }
+        println!("{line}");
     }
-    let (p99_added_us, p99_added_ci) = mean_ci95(&added);
 
     let rate = 10_000.0_f64.min(mean(&off) * 0.8);
-    let process = start_agent(&bed, &agent, options.mirror_percent)?;
-    let ticks_before = process_cpu_ticks(process.pid());
-    let started = Instant::now();
-    let load = paced(&bed, rate, 8, seconds * 2)?;
-    let cpu_seconds = (process_cpu_ticks(process.pid()) - ticks_before) as f64 / 100.0;
-    let agent_cpu_pct = 100.0 * cpu_seconds / started.elapsed().as_secs_f64();
-    drop(process);
+    for f in &mut agents {
+        let process = start_agent(&bed, &f.path, options.mirror_percent, CPU_PHASE_INTERVAL_MS)?;
+        let ticks_before = process_cpu_ticks(process.pid());
+        let started = Instant::now();
+        let load = paced(&bed, rate, 8, seconds * 2)?;
+        let cpu_seconds = (process_cpu_ticks(process.pid()) - ticks_before) as f64 / 100.0;
+        let elapsed = started.elapsed().as_secs_f64();
+        f.agent_cpu_pct = 100.0 * cpu_seconds / elapsed;
+        drop(process);
+        println!(
+            "  {} agent CPU at {rate:.0} exchanges/s ({} ms report interval): {cpu_seconds:.2} CPU-s over {elapsed:.1} s ({} exchanges)",
+            f.label,
+            CPU_PHASE_INTERVAL_MS,
+            load.len()
+        );
+    }
     println!(
-        "  agent CPU at {rate:.0} exchanges/s: {cpu_seconds:.2} CPU-s over {:.1} s ({} exchanges)",
-        started.elapsed().as_secs_f64(),
-        load.len()
+        "  pooled p99 off {:.1} us",
+        latency_off.value_at_quantile(0.99) as f64 / 1e3
     );
-    println!(
-        "  p99 added {p99_added_us:.1} us +/- {p99_added_ci:.1} (95 % CI over {} rounds); pooled p99 off {:.1} us, on {:.1} us",
-        added.len(),
-        latency_off.value_at_quantile(0.99) as f64 / 1e3,
-        latency_on.value_at_quantile(0.99) as f64 / 1e3,
-    );
-    println!(
-        "  throughput with nothing mirrored: {:.3} of agent off",
-        mean(&on_unmirrored) / mean(&off)
-    );
-    println!(
-        "  TC ns per packet: inspection alone (nothing mirrored) {:.0} (ingress {:.0}, egress {:.0}; {} runs); \
-         {}% mirrored {ns_per_packet:.0} (ingress {:.0}, egress {:.0}; {} runs), \
-         of which copies {copy_ns:.0} ns each x {mirrored_copies} copies",
-        inspect_total.ns_per_run(),
-        inspect_stats[0].ns_per_run(),
-        inspect_stats[1].ns_per_run(),
-        inspect_total.run_cnt,
-        options.mirror_percent,
-        mirrored_stats[0].ns_per_run(),
-        mirrored_stats[1].ns_per_run(),
-        mirrored_total.run_cnt,
-    );
+    let lines = agents
+        .iter()
+        .map(|f| f.report(&off, options.mirror_percent))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mirrored: Vec<u64> = bed.sinks.iter().map(UdpDrain::received).collect();
     println!("  mirror copies received by the two shadows: {mirrored:?}");
     let _ = std::fs::remove_dir_all(&bed.dir);
-    println!(
-        "datapath: throughput_ratio={throughput_ratio:.3} p99_added_us={p99_added_us:.1} ns_per_packet={ns_per_packet:.0} agent_cpu_pct={agent_cpu_pct:.2}"
-    );
+    for (f, line) in agents.iter().zip(lines) {
+        let tag = if f.label == "baseline" {
+            "datapath(baseline)"
+        } else {
+            "datapath"
+        };
+        println!("{tag}: {line}");
+    }
     Ok(())
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len() as f64
+}
+
+/// What one agent binary measured over the run.
+struct Figures {
+    label: &'static str,
+    path: std::path::PathBuf,
+    /// wrk requests/s with `mirror_percent` mirrored, and with nothing mirrored.
+    on: Vec<f64>,
+    on_unmirrored: Vec<f64>,
+    /// [ingress, egress] program stats in those two settings.
+    mirrored_stats: [ProgStats; 2],
+    inspect_stats: [ProgStats; 2],
+    /// Copies the shadows received in the mirrored rounds.
+    mirrored_copies: u64,
+    /// Per latency round: p99 on minus p99 off, us.
+    added: Vec<f64>,
+    latency_on: hdrhistogram::Histogram<u64>,
+    agent_cpu_pct: f64,
+}
+
+impl Figures {
+    fn new(label: &'static str, path: std::path::PathBuf) -> Self {
+        Self {
+            label,
+            path,
+            on: Vec::new(),
+            on_unmirrored: Vec::new(),
+            mirrored_stats: [ProgStats::default(); 2],
+            inspect_stats: [ProgStats::default(); 2],
+            mirrored_copies: 0,
+            added: Vec::new(),
+            latency_on: hdrhistogram::Histogram::new_with_bounds(1, 10_000_000_000, 3)
+                .expect("valid bounds"),
+            agent_cpu_pct: 0.0,
+        }
+    }
+
+    /// Prints the detail lines and returns the summary figures.
+    fn report(&self, off: &[f64], mirror_percent: f64) -> anyhow::Result<String> {
+        let throughput_ratio = mean(&self.on) / mean(off);
+        let mut mirrored_total = self.mirrored_stats[0];
+        mirrored_total.add(self.mirrored_stats[1]);
+        let mut inspect_total = self.inspect_stats[0];
+        inspect_total.add(self.inspect_stats[1]);
+        anyhow::ensure!(
+            mirrored_total.run_cnt > 0 && inspect_total.run_cnt > 0,
+            "the TC programs never ran: is /proc/sys/kernel/bpf_stats_enabled honoured?"
+        );
+        let ns_per_packet = mirrored_total.ns_per_run();
+        // What mirroring added over inspection alone, per copy the shadows received.
+        let copies = self.mirrored_copies;
+        let copy_ns = (mirrored_total.run_time_ns as f64
+            - inspect_total.ns_per_run() * mirrored_total.run_cnt as f64)
+            / copies.max(1) as f64;
+        // Sampling is per flow and wrk opens 50, so the share of client packets actually
+        // mirrored wanders around the nominal rate from round to round; it is printed so the
+        // copy cost in ns_per_packet can be read against it.
+        let mirrored_share =
+            copies as f64 / 2.0 / self.mirrored_stats[0].run_cnt.max(1) as f64 * 100.0;
+        let (p99_added_us, p99_added_ci) = mean_ci95(&self.added);
+        let label = self.label;
+        println!(
+            "  {label}: p99 added {p99_added_us:.1} us +/- {p99_added_ci:.1} (95 % CI over {} rounds); pooled p99 on {:.1} us",
+            self.added.len(),
+            self.latency_on.value_at_quantile(0.99) as f64 / 1e3,
+        );
+        println!(
+            "  {label}: throughput with nothing mirrored: {:.3} of agent off",
+            mean(&self.on_unmirrored) / mean(off)
+        );
+        println!(
+            "  {label}: TC ns per packet: inspection alone (nothing mirrored) {:.0} (ingress {:.0}, egress {:.0}; {} runs); \
+             {mirror_percent}% of flows mirrored ({mirrored_share:.1} % of client packets) {ns_per_packet:.0} (ingress {:.0}, egress {:.0}; {} runs), \
+             of which copies {copy_ns:.0} ns each x {copies} copies",
+            inspect_total.ns_per_run(),
+            self.inspect_stats[0].ns_per_run(),
+            self.inspect_stats[1].ns_per_run(),
+            inspect_total.run_cnt,
+            self.mirrored_stats[0].ns_per_run(),
+            self.mirrored_stats[1].ns_per_run(),
+            mirrored_total.run_cnt,
+        );
+        Ok(format!(
+            "throughput_ratio={throughput_ratio:.3} p99_added_us={p99_added_us:.1} ns_per_packet={ns_per_packet:.0} agent_cpu_pct={:.2}",
+            self.agent_cpu_pct
+        ))
+    }
 }
