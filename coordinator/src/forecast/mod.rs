@@ -341,6 +341,8 @@ struct WorkloadForecast {
     fed_until_ms: Option<i64>,
     /// Intervals starting before this have been turned into points.
     perf_until_ms: i64,
+    /// The SLO percentile the points' latencies are read at.
+    percentile: f64,
     by_type: BTreeMap<String, TypePoints>,
     last_load: Option<f64>,
 }
@@ -449,11 +451,13 @@ impl Forecasts {
             );
             // Points already collected keep the type they were measured on: after a move the
             // live agent's earlier intervals belong to the type it left, which re-reading the
-            // window under the new spec would get wrong.
+            // window under the new spec would get wrong. (A new step or SLO percentile makes
+            // them incomparable: then they are read again.)
+            let percentile = spec.policy.slo.percentile;
             let (perf_until_ms, by_type) = self
                 .workloads
                 .remove(&spec.name)
-                .filter(|old| old.step_ms == step_ms)
+                .filter(|old| old.step_ms == step_ms && old.percentile == percentile)
                 .map(|old| (old.perf_until_ms, old.by_type))
                 .unwrap_or_default();
             self.workloads.insert(
@@ -464,6 +468,7 @@ impl Forecasts {
                     step_ms,
                     fed_until_ms: None,
                     perf_until_ms,
+                    percentile,
                     by_type,
                     last_load: None,
                 },
