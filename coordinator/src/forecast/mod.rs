@@ -500,114 +500,31 @@ impl Forecasts {
 
         let placement = live_placement(spec, prices);
         let slo_ms = spec.policy.slo.max_latency_ms;
-        let ceilings: BTreeMap<&str, CpuCeiling> = state
-            .by_type
-            .iter()
-            .filter_map(|(t, tp)| cpu_ceiling(t, &tp.cpu).map(|c| (t.as_str(), c)))
-            .collect();
-        let mut models: Vec<(String, Role, PerformanceModel, String)> = Vec::new();
-        // Types measured only below their knee: (type, role, points, why the fit is not used).
-        let mut flat: Vec<(String, Role, Vec<LoadLatencyPoint>, String)> = Vec::new();
-        let mut unmodelled = Vec::new();
-        for (vm_type, tp) in &state.by_type {
-            let points: Vec<LoadLatencyPoint> = tp.points.iter().map(|(_, p)| *p).collect();
-            let role = tp.role.unwrap_or(Role::Shadow);
-            if points.len() < settings.min_points {
-                unmodelled.push(Unmodelled {
-                    vm_type: vm_type.clone(),
-                    reason: format!(
-                        "{} intervals so far; a model needs {}",
-                        points.len(),
-                        settings.min_points
-                    ),
-                });
-                continue;
-            }
-            match PerformanceModel::fit(&points, seed_of(vm_type)) {
-                Ok(m)
-                    if m.knee_evidence(spec.policy.slo.max_latency_ms)
-                        < settings.min_knee_evidence =>
-                {
-                    let why = format!(
-                        "capacity not identified: over the measured {:.0}/s its latency rose only {:.0} % of the way to the SLO",
-                        m.max_observed_load(),
-                        100.0 * m.knee_evidence(spec.policy.slo.max_latency_ms)
-                    );
-                    flat.push((vm_type.clone(), role, points, why));
-                }
-                Ok(m) => models.push((vm_type.clone(), role, m, "measured knee".to_owned())),
-                Err(e) => unmodelled.push(Unmodelled {
-                    vm_type: vm_type.clone(),
-                    reason: e.to_string(),
-                }),
-            }
-        }
-        // A type whose knee was measured and whose CPU ceiling is known lends its curve to the
-        // types that were only measured where latency is flat, scaled by their CPU ceilings:
-        // the utilization law gives each type's saturation load from its own CPU time per
-        // exchange at any load, so shadows need not be driven to their knees.
-        let reference = models
-            .iter()
-            .filter_map(|(name, _, m, _)| Some((name, m, ceilings.get(name.as_str())?)))
-            .max_by(|a, b| {
-                let evidence =
-                    |m: &PerformanceModel| m.knee_evidence(spec.policy.slo.max_latency_ms);
-                evidence(a.1)
-                    .total_cmp(&evidence(b.1))
-                    .then_with(|| b.0.cmp(a.0))
-            })
-            .map(|(name, m, c)| (name.clone(), m.clone(), c.saturation_per_s));
-        for (vm_type, role, points, why) in flat {
-            match (&reference, ceilings.get(vm_type.as_str())) {
-                (Some((ref_name, ref_model, ref_ceiling)), Some(ceiling)) => {
-                    let scale = ceiling.saturation_per_s / ref_ceiling;
-                    let scaled = ref_model.scaled(scale, &points);
-                    // The type's own measurements outrank the assumption: if it held the SLO
-                    // at a load past the scaled capacity, the transfer does not fit this type.
-                    let held = points
-                        .iter()
-                        .filter(|p| p.latency_ms <= slo_ms)
-                        .map(|p| p.load)
-                        .fold(0.0, f64::max);
-                    if held > scaled.capacity_at(slo_ms) {
-                        unmodelled.push(Unmodelled {
-                            vm_type,
-                            reason: format!(
-                                "{why}; scaled from {ref_name} its capacity would be {:.0}/s, below the {held:.0}/s it held",
-                                scaled.capacity_at(slo_ms)
-                            ),
-                        });
-                        continue;
-                    }
-                    let basis = format!("scaled from {ref_name} by CPU ceiling ×{scale:.2}");
-                    models.push((vm_type, role, scaled, basis));
-                }
-                _ => unmodelled.push(Unmodelled {
-                    vm_type,
-                    reason: why,
-                }),
-            }
-        }
+        let (models, unmodelled, ceilings) = type_models(&state.by_type, &settings, slo_ms);
         let vm_types: Vec<VmType> = models
             .iter()
-            .map(|(name, _, _, _)| VmType {
-                name: name.clone(),
+            .map(|t| VmType {
+                name: t.vm_type.clone(),
                 vcpus: 0,
                 memory_gib: 0.0,
                 // Unknown prices never win on cost.
-                price_per_hour: prices.get(name).copied().unwrap_or(f64::INFINITY),
+                price_per_hour: prices.get(&t.vm_type).copied().unwrap_or(f64::INFINITY),
                 benchmark_score: None,
             })
             .collect();
         let candidates: Vec<Candidate<'_>> = models
             .iter()
             .zip(&vm_types)
-            .filter(|((name, _, _, _), _)| {
+            .filter(|(t, _)| {
                 // The current type stays a candidate whatever its price: the warning needs its
                 // model. Others must fit the budget.
-                *name == placement.vm_type || within_budget(spec, prices.get(name).copied())
+                t.vm_type == placement.vm_type
+                    || within_budget(spec, prices.get(&t.vm_type).copied())
             })
-            .map(|((_, _, model, _), vm_type)| Candidate { vm_type, model })
+            .map(|(t, vm_type)| Candidate {
+                vm_type,
+                model: &t.model,
+            })
             .collect();
         let now_secs = u64::try_from(now_ms / 1000).unwrap_or_default();
         state.predictor.set_placement(placement.clone());
@@ -625,20 +542,20 @@ impl Forecasts {
         }
         let current_model = models
             .iter()
-            .find(|(name, _, _, _)| *name == placement.vm_type)
-            .map(|(_, _, m, _)| m);
+            .find(|t| t.vm_type == placement.vm_type)
+            .map(|t| &t.model);
         let types: Vec<TypeCapacity> = models
             .iter()
-            .map(|(name, role, m, basis)| TypeCapacity {
-                vm_type: name.clone(),
-                role: *role,
-                price_per_hour: prices.get(name).copied(),
-                capacity_at_slo_per_s: m.capacity_at(slo_ms),
-                max_observed_load_per_s: m.max_observed_load(),
-                points: m.points(),
-                within_budget: within_budget(spec, prices.get(name).copied()),
-                basis: basis.clone(),
-                cpu_ceiling_per_s: ceilings.get(name.as_str()).map(|c| c.saturation_per_s),
+            .map(|t| TypeCapacity {
+                vm_type: t.vm_type.clone(),
+                role: t.role,
+                price_per_hour: prices.get(&t.vm_type).copied(),
+                capacity_at_slo_per_s: t.model.capacity_at(slo_ms),
+                max_observed_load_per_s: t.model.max_observed_load(),
+                points: t.model.points(),
+                within_budget: within_budget(spec, prices.get(&t.vm_type).copied()),
+                basis: t.basis.clone(),
+                cpu_ceiling_per_s: ceilings.get(&t.vm_type).map(|c| c.saturation_per_s),
             })
             .collect();
         let step_secs = u64::try_from(step_ms / 1000).unwrap_or(1);
@@ -764,6 +681,124 @@ impl Forecasts {
             recommendation,
         })
     }
+}
+
+/// A VM type's performance model and where its capacity comes from.
+#[derive(Debug)]
+struct TypeModel {
+    vm_type: String,
+    role: Role,
+    model: PerformanceModel,
+    /// `measured knee`, or `scaled from TYPE by CPU ceiling ×R`.
+    basis: String,
+}
+
+/// Every type's model from its points: fitted where its knee was measured, scaled from the
+/// best-measured type by CPU ceilings where it was only measured flat; the types left without
+/// one, and why; every type's CPU ceiling.
+fn type_models(
+    by_type: &BTreeMap<String, TypePoints>,
+    settings: &ForecastSettings,
+    slo_ms: f64,
+) -> (
+    Vec<TypeModel>,
+    Vec<Unmodelled>,
+    BTreeMap<String, CpuCeiling>,
+) {
+    let ceilings: BTreeMap<String, CpuCeiling> = by_type
+        .iter()
+        .filter_map(|(t, tp)| cpu_ceiling(t, &tp.cpu).map(|c| (t.clone(), c)))
+        .collect();
+    let mut models: Vec<TypeModel> = Vec::new();
+    // Types measured only below their knee: (type, role, points, why the fit is not used).
+    let mut flat: Vec<(String, Role, Vec<LoadLatencyPoint>, String)> = Vec::new();
+    let mut unmodelled = Vec::new();
+    for (vm_type, tp) in by_type {
+        let points: Vec<LoadLatencyPoint> = tp.points.iter().map(|(_, p)| *p).collect();
+        let role = tp.role.unwrap_or(Role::Shadow);
+        if points.len() < settings.min_points {
+            unmodelled.push(Unmodelled {
+                vm_type: vm_type.clone(),
+                reason: format!(
+                    "{} intervals so far; a model needs {}",
+                    points.len(),
+                    settings.min_points
+                ),
+            });
+            continue;
+        }
+        match PerformanceModel::fit(&points, seed_of(vm_type)) {
+            Ok(m) if m.knee_evidence(slo_ms) < settings.min_knee_evidence => {
+                let why = format!(
+                    "capacity not identified: over the measured {:.0}/s its latency rose only {:.0} % of the way to the SLO",
+                    m.max_observed_load(),
+                    100.0 * m.knee_evidence(slo_ms)
+                );
+                flat.push((vm_type.clone(), role, points, why));
+            }
+            Ok(m) => models.push(TypeModel {
+                vm_type: vm_type.clone(),
+                role,
+                model: m,
+                basis: "measured knee".to_owned(),
+            }),
+            Err(e) => unmodelled.push(Unmodelled {
+                vm_type: vm_type.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+    // A type whose knee was measured and whose CPU ceiling is known lends its curve to the
+    // types that were only measured where latency is flat, scaled by their CPU ceilings:
+    // the utilization law gives each type's saturation load from its own CPU time per
+    // exchange at any load, so shadows need not be driven to their knees.
+    let reference = models
+        .iter()
+        .filter_map(|t| Some((&t.vm_type, &t.model, ceilings.get(&t.vm_type)?)))
+        .max_by(|a, b| {
+            let evidence = |m: &PerformanceModel| m.knee_evidence(slo_ms);
+            evidence(a.1)
+                .total_cmp(&evidence(b.1))
+                .then_with(|| b.0.cmp(a.0))
+        })
+        .map(|(name, m, c)| (name.clone(), m.clone(), c.saturation_per_s));
+    for (vm_type, role, points, why) in flat {
+        match (&reference, ceilings.get(&vm_type)) {
+            (Some((ref_name, ref_model, ref_ceiling)), Some(ceiling)) => {
+                let scale = ceiling.saturation_per_s / ref_ceiling;
+                let scaled = ref_model.scaled(scale, &points);
+                // The type's own measurements outrank the assumption: if it held the SLO
+                // at a load past the scaled capacity, the transfer does not fit this type.
+                let held = points
+                    .iter()
+                    .filter(|p| p.latency_ms <= slo_ms)
+                    .map(|p| p.load)
+                    .fold(0.0, f64::max);
+                if held > scaled.capacity_at(slo_ms) {
+                    unmodelled.push(Unmodelled {
+                        vm_type,
+                        reason: format!(
+                            "{why}; scaled from {ref_name} its capacity would be {:.0}/s, below the {held:.0}/s it held",
+                            scaled.capacity_at(slo_ms)
+                        ),
+                    });
+                    continue;
+                }
+                let basis = format!("scaled from {ref_name} by CPU ceiling ×{scale:.2}");
+                models.push(TypeModel {
+                    vm_type,
+                    role,
+                    model: scaled,
+                    basis,
+                });
+            }
+            _ => unmodelled.push(Unmodelled {
+                vm_type,
+                reason: why,
+            }),
+        }
+    }
+    (models, unmodelled, ceilings)
 }
 
 fn to_json<T: Serialize>(what: &'static str, value: &T) -> Result<serde_json::Value, StoreError> {

@@ -402,3 +402,88 @@ fn types_never_driven_to_their_knee_are_sized_by_their_cpu_ceilings() {
         "{ranked:?}"
     );
 }
+
+/// `TypePoints` of `n` one-second intervals at loads spread over `loads`, latency from
+/// `p99_ms(t, …)`, and [`CPU_MS_PER_EXCHANGE`] of CPU per exchange on `cpus` CPUs.
+fn type_points(t: &SimType, loads: (f64, f64), n: usize, cpus: f64) -> TypePoints {
+    let mut tp = TypePoints::default();
+    for i in 0..n {
+        let load = loads.0 + (loads.1 - loads.0) * i as f64 / (n - 1).max(1) as f64;
+        let start = i as i64 * 1000;
+        tp.points.push_back((
+            start,
+            LoadLatencyPoint {
+                load,
+                latency_ms: p99_ms(t, load, i as i64),
+                source: PointSource::Shadow,
+            },
+        ));
+        tp.cpu.push_back((
+            start,
+            CpuSample {
+                cpu_us: (load.round() * CPU_MS_PER_EXCHANGE * 1000.0) as u64,
+                exchanges: load.round() as u64,
+                capacity_millis: (cpus * 1000.0) as u32,
+            },
+        ));
+    }
+    tp
+}
+
+#[test]
+fn type_models_lend_only_well_measured_knees_and_never_against_a_types_own_measurements() {
+    let settings = ForecastSettings::default();
+    let cpus = |t: &SimType| t.saturation * CPU_MS_PER_EXCHANGE / 1000.0;
+    let mut by_type = BTreeMap::new();
+    // Live measured into its knee: the reference.
+    by_type.insert(
+        LIVE.vm_type.to_owned(),
+        type_points(&LIVE, (50.0, 240.0), 40, cpus(&LIVE)),
+    );
+    // Measured only where flat: scaled by its ceiling (500/s against live's 250/s).
+    by_type.insert(
+        COMPUTE.vm_type.to_owned(),
+        type_points(&COMPUTE, (50.0, 100.0), 40, cpus(&COMPUTE)),
+    );
+    // Too few intervals: no model, however its points look.
+    by_type.insert(
+        LARGE.vm_type.to_owned(),
+        type_points(&LARGE, (50.0, 100.0), 5, cpus(&LARGE)),
+    );
+    // Flat up to 200/s while its reported CPUs (a ceiling of 100/s) say it cannot be: the
+    // scaled capacity would be below what it held, so it is not used.
+    by_type.insert(
+        SMALL.vm_type.to_owned(),
+        type_points(&COMPUTE, (100.0, 200.0), 40, 0.4),
+    );
+    let (models, unmodelled, ceilings) = type_models(&by_type, &settings, SLO_MS);
+    let model = |name: &str| models.iter().find(|t| t.vm_type == name);
+    assert_eq!(model(LIVE.vm_type).expect("live").basis, "measured knee");
+    let compute = model(COMPUTE.vm_type).expect("c.large is scaled");
+    assert!(
+        compute.basis.starts_with("scaled from m.large"),
+        "{}",
+        compute.basis
+    );
+    let ratio = compute.model.capacity_at(SLO_MS)
+        / model(LIVE.vm_type).expect("live").model.capacity_at(SLO_MS);
+    assert!((ratio - 2.0).abs() < 0.2, "capacity ratio {ratio}");
+    let reason = |name: &str| {
+        unmodelled
+            .iter()
+            .find(|u| u.vm_type == name)
+            .map(|u| u.reason.clone())
+            .unwrap_or_else(|| panic!("{name} has no model: {unmodelled:?}"))
+    };
+    assert!(
+        reason(LARGE.vm_type).contains("a model needs 20"),
+        "{}",
+        reason(LARGE.vm_type)
+    );
+    assert!(
+        reason(SMALL.vm_type).contains("below the"),
+        "{}",
+        reason(SMALL.vm_type)
+    );
+    assert!((ceilings[COMPUTE.vm_type].saturation_per_s - 500.0).abs() < 1.0);
+}
