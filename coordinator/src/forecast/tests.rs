@@ -487,3 +487,16 @@ fn type_models_lend_only_well_measured_knees_and_never_against_a_types_own_measu
     );
     assert!((ceilings[COMPUTE.vm_type].saturation_per_s - 500.0).abs() < 1.0);
 }
+
+#[test]
+fn live_intervals_before_a_move_belong_to_the_type_it_left() {
+    // small -> medium finished at 10 s, medium -> large at 20 s.
+    let moves = vec![(10_000, "small".to_owned()), (20_000, "medium".to_owned())];
+    assert_eq!(live_type_at(&moves, 0).as_deref(), Some("small"));
+    assert_eq!(live_type_at(&moves, 9_999).as_deref(), Some("small"));
+    assert_eq!(live_type_at(&moves, 10_000).as_deref(), Some("medium"));
+    assert_eq!(live_type_at(&moves, 19_000).as_deref(), Some("medium"));
+    // After the last move: the spec's type.
+    assert_eq!(live_type_at(&moves, 20_000), None);
+    assert_eq!(live_type_at(&[], 0), None);
+}
