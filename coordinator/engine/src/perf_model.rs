@@ -226,7 +226,12 @@ impl PerformanceModel {
             curve,
             bootstrap,
             max_observed_load,
-            min_observed_load: loads.fold(f64::INFINITY, f64::min).min(f64::MAX),
+            // No own points: nothing was observed, the range is empty at zero.
+            min_observed_load: if usable.is_empty() {
+                0.0
+            } else {
+                loads.fold(f64::INFINITY, f64::min)
+            },
             // The reference was measured up to its knee; scaled, that range is this type's.
             evidence_load: (self.evidence_load * scale).max(max_observed_load),
             points: usable.len(),

@@ -132,13 +132,7 @@ impl Store {
         detail: &str,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "UPDATE actions SET state = ?2, detail = ?3, finished_ms = ?4 WHERE id = ?1",
-                params![id, state.as_str(), detail, now_ms],
-            )
-            .map_err(sql("finish action"))?;
-        Ok(())
+        finish(&self.conn, id, state, detail, now_ms)
     }
 
     /// Marks action `id` done and stores `moved` (the workload with its live hosts on the new
@@ -152,11 +146,7 @@ impl Store {
         moved: &WorkloadSpec,
     ) -> Result<u64, StoreError> {
         let tx = self.write_transaction("begin")?;
-        tx.execute(
-            "UPDATE actions SET state = ?2, detail = ?3, finished_ms = ?4 WHERE id = ?1",
-            params![id, ActionState::Done.as_str(), detail, now_ms],
-        )
-        .map_err(sql("finish action"))?;
+        finish(&tx, id, ActionState::Done, detail, now_ms)?;
         let revision = super::write_workload(&tx, moved, now_ms)?;
         tx.commit().map_err(sql("commit action"))?;
         Ok(revision)
@@ -230,4 +220,19 @@ impl Store {
             .collect::<Result<_, _>>()
             .map_err(sql("list actions"))
     }
+}
+/// Records how action `id` ended (on the store's connection or inside a transaction).
+fn finish(
+    conn: &rusqlite::Connection,
+    id: i64,
+    state: ActionState,
+    detail: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE actions SET state = ?2, detail = ?3, finished_ms = ?4 WHERE id = ?1",
+        params![id, state.as_str(), detail, now_ms],
+    )
+    .map_err(sql("finish action"))?;
+    Ok(())
 }
