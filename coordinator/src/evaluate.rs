@@ -41,6 +41,9 @@ pub fn load_measurements(
     let placements = placements(spec);
     let agents: Vec<&str> = placements.iter().map(|(a, _, _)| *a).collect();
     let rows = store.interval_histograms(&agents, since_ms, until_ms)?;
+    // Live's intervals from before a move belong to the type it left (the spec names only the
+    // type it is on now); the act-mode actions record each move.
+    let moves = live_moves(store, &spec.name)?;
     let by_agent: HashMap<&str, (&str, Role)> = placements
         .iter()
         .map(|&(a, vm, role)| (a, (vm, role)))
@@ -52,8 +55,14 @@ pub fn load_measurements(
             let &(vm_type, role) = by_agent.get(r.agent.as_str())?;
             // Checked at ingest; a row that no longer decodes is skipped, not fatal.
             let histogram = EncodedHistogram(r.hist).decode().ok()?;
+            let vm_type = match role {
+                Role::Live => {
+                    live_type_at(&moves, r.interval_start_ms).unwrap_or_else(|| vm_type.to_owned())
+                }
+                Role::Shadow => vm_type.to_owned(),
+            };
             Some(Measurement {
-                vm_type: vm_type.to_owned(),
+                vm_type,
                 role,
                 interval_start_ms: r.interval_start_ms,
                 interval_ms: r.interval_ms,
@@ -64,6 +73,34 @@ pub fn load_measurements(
             })
         })
         .collect())
+}
+
+/// The workload's completed moves of its live hosts, oldest first: (when the move finished,
+/// the type it left).
+fn live_moves(store: &Store, workload: &str) -> Result<Vec<(i64, String)>, StoreError> {
+    use crate::store::ActionState;
+    let mut moves: Vec<(i64, String)> = store
+        .actions(Some(workload), 100)?
+        .into_iter()
+        .filter(|a| {
+            matches!(
+                a.state,
+                ActionState::Done | ActionState::Verified | ActionState::NotRecovered
+            )
+        })
+        .filter_map(|a| Some((a.finished_ms?, a.from_vm_type)))
+        .collect();
+    moves.sort_by_key(|(at, _)| *at);
+    Ok(moves)
+}
+
+/// The type live ran on during an interval starting at `start_ms`, when a move came after it:
+/// the type the first later move left. `None`: no move since, so the spec's type.
+pub(crate) fn live_type_at(moves: &[(i64, String)], start_ms: i64) -> Option<String> {
+    moves
+        .iter()
+        .find(|(finished_ms, _)| *finished_ms > start_ms)
+        .map(|(_, from)| from.clone())
 }
 
 /// Loads and compares one workload over `[now_ms - window_ms, now_ms)`.

@@ -65,5 +65,9 @@ pub fn seed(store: &mut Store, seed: &Seed<'_>) {
         })
         .collect();
     let batch: Vec<_> = reports.iter().map(|r| (seed.agent, r)).collect();
-    store.ingest_batch(&batch, 0).expect("ingest");
+    // Received now, as the ingest writer would record them: a receipt time of 0 (1970) made a
+    // coordinator's start-up retention pass delete the seeded reports, racing its first
+    // evaluation (act_mode tests then saw no recommendation at all).
+    let received_ms = i64::try_from(now_ms()).expect("a time in range");
+    store.ingest_batch(&batch, received_ms).expect("ingest");
 }

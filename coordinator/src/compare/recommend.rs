@@ -246,6 +246,8 @@ pub fn recommend(
         .ranking
         .iter()
         .filter(|r| r.verdict != Verdict::InsufficientEvidence)
+        // A shadow of the type live already runs on is evidence, never a move.
+        .filter(|r| r.vm_type != current)
         .filter(|r| within_budget(policy, r, comparison));
 
     let chosen = if live.all.exchanges > 0 && live_at_slo > slo_max {

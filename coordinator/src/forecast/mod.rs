@@ -866,34 +866,6 @@ fn feed_load(
     Ok(())
 }
 
-/// The workload's completed moves of its live hosts, oldest first: (when the move finished,
-/// the type it left).
-fn live_moves(store: &Store, workload: &str) -> Result<Vec<(i64, String)>, StoreError> {
-    use crate::store::ActionState;
-    let mut moves: Vec<(i64, String)> = store
-        .actions(Some(workload), 100)?
-        .into_iter()
-        .filter(|a| {
-            matches!(
-                a.state,
-                ActionState::Done | ActionState::Verified | ActionState::NotRecovered
-            )
-        })
-        .filter_map(|a| Some((a.finished_ms?, a.from_vm_type)))
-        .collect();
-    moves.sort_by_key(|(at, _)| *at);
-    Ok(moves)
-}
-
-/// The type live ran on during an interval starting at `start_ms`, when a move came after it:
-/// the type the first later move left. `None`: no move since, so the spec's type.
-fn live_type_at(moves: &[(i64, String)], start_ms: i64) -> Option<String> {
-    moves
-        .iter()
-        .find(|(finished_ms, _)| *finished_ms > start_ms)
-        .map(|(_, from)| from.clone())
-}
-
 /// One agent's interval, classes merged: its VM type, role, length (ms) and latencies.
 type AgentInterval = (String, Role, i64, Histogram<u64>);
 
@@ -911,9 +883,6 @@ fn collect_points(
     let since = state.perf_until_ms.max(window_start);
     if settled_ms > since {
         let measurements = load_measurements(store, spec, since, settled_ms)?;
-        // Live's intervals from before a move belong to the type it left (the spec names only
-        // the type it is on now); the act-mode actions record each move.
-        let moves = live_moves(store, &spec.name)?;
         // One point per agent and interval: its classes merged.
         let mut intervals: BTreeMap<(i64, String), AgentInterval> = BTreeMap::new();
         for m in measurements {
@@ -925,12 +894,7 @@ fn collect_points(
                     // The first class's histogram becomes the interval's; others merge into it.
                     let mut h = m.histogram;
                     h.auto(true);
-                    let vm_type = if m.role == Role::Live {
-                        live_type_at(&moves, m.interval_start_ms).unwrap_or(m.vm_type)
-                    } else {
-                        m.vm_type
-                    };
-                    e.insert((vm_type, m.role, m.interval_ms, h));
+                    e.insert((m.vm_type, m.role, m.interval_ms, h));
                 }
             }
         }
