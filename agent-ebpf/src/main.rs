@@ -7,8 +7,10 @@
 //! - on the flow's first client payload packet, classify it once (rules on port, client prefix
 //!   and the first payload bytes) and decide once whether to mirror it, by hashing the flow under
 //!   the epoch seed against the class's rate;
-//! - clone every later client packet of a mirrored flow to each mirror session through the
-//!   VXLAN device (external mode), the tunnel key naming the shadow host and the session's VNI;
+//! - clone every later client packet of a mirrored flow that carries payload, FIN or RST to each
+//!   mirror session through the VXLAN device (external mode), the tunnel key naming the shadow
+//!   host and the session's VNI (pure ACKs carry nothing a replay uses; see
+//!   `MIRROR_KEEPALIVE_NS`);
 //! - time each exchange (last client payload packet -> first response payload packet) into
 //!   per-CPU log-linear histograms per service x class, for all flows and for mirrored ones.
 //!
@@ -36,8 +38,8 @@ use doppel_common::maps::{
     DatapathCounter, Direction, FLOW_AWAITING_RESPONSE, FLOW_DECIDED, FLOW_MAP_ENTRIES,
     FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState, IFACE_SLOTS, IfaceCounters, LATENCY_BUCKETS,
     LATENCY_HISTOGRAMS, MAX_ADMITTED, MAX_CLASSES, MAX_RULES, MAX_SERVICES, MAX_SESSIONS,
-    MirrorSessionConfig, PATTERN_SAMPLE_LEN, PatternSample, RULE_MATCH_PORT, RULE_MATCH_PREFIX,
-    Rule, iface_slot, latency_bucket, latency_histogram_base,
+    MIRROR_KEEPALIVE_NS, MirrorSessionConfig, PATTERN_SAMPLE_LEN, PatternSample, RULE_MATCH_PORT,
+    RULE_MATCH_PREFIX, Rule, iface_slot, latency_bucket, latency_histogram_base,
 };
 
 #[map(name = "IFACE_COUNTERS")]
@@ -333,6 +335,7 @@ fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
             last_seen_ns: now,
             flags: FLOW_SEEN_SYN,
             class: 0,
+            last_copy_ns: 0,
         };
         if FLOWS.insert(&packet.flow, &state, 0).is_err() {
             add(DatapathCounter::MapFull, 1);
@@ -361,6 +364,7 @@ fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
                 last_seen_ns: now,
                 flags: 0,
                 class: 0,
+                last_copy_ns: 0,
             };
             if FLOWS.insert(&packet.flow, &fresh, 0).is_err() {
                 add(DatapathCounter::MapFull, 1);
@@ -385,7 +389,14 @@ fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
             (*state).last_request_ns = bpf_ktime_get_ns();
             (*state).flags |= FLOW_AWAITING_RESPONSE;
         }
-        if (*state).flags & FLOW_SAMPLED != 0 {
+        // Copies carry what the replay uses: payload, FIN and RST, and a pure ACK only as a
+        // keepalive (see `MIRROR_KEEPALIVE_NS`).
+        if (*state).flags & FLOW_SAMPLED != 0
+            && (packet.payload_len > 0
+                || packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
+                || now.saturating_sub((*state).last_copy_ns) > MIRROR_KEEPALIVE_NS)
+        {
+            (*state).last_copy_ns = now;
             mirror(ctx, config);
         }
     }

@@ -181,7 +181,16 @@ pub struct FlowState {
     pub flags: u32,
     /// Class assigned by the rules (0 = unclassified).
     pub class: u32,
+    /// `bpf_ktime_get_coarse_ns` of the flow's latest copy to the sessions (mirrored flows).
+    pub last_copy_ns: u64,
 }
+
+/// A mirrored flow's pure ACKs (no payload, no FIN or RST) are not copied: the shadow replays
+/// the client's bytes over its own connection, so they carry nothing it uses, and on
+/// request/response traffic with think time they are about half of a client's packets. One is
+/// still copied when the flow sent the sessions nothing for this long, so that a shadow's idle
+/// timer (60 s by default) does not end a flow whose client is only receiving (a long download).
+pub const MIRROR_KEEPALIVE_NS: u64 = 10_000_000_000;
 
 /// Value of `CLASSES`, indexed by class id.
 #[repr(C)]
@@ -488,7 +497,7 @@ mod datapath_tests {
     fn datapath_layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 24);
-        assert_eq!(size_of::<FlowState>(), 24);
+        assert_eq!(size_of::<FlowState>(), 32);
         assert_eq!(size_of::<ClassConfig>(), 16);
         assert_eq!(size_of::<Rule>(), 4 + 4 + 16 + 16 + 2 + 1 + 1 + 4 + 32 + 32);
         assert_eq!(size_of::<MirrorSessionConfig>(), 4 + 16 + 4 + 4);

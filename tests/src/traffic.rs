@@ -149,6 +149,9 @@ pub struct MirroredFlow {
     pub packets: u64,
     /// A FIN or RST was mirrored.
     pub closed: bool,
+    /// Packets with no payload and no FIN or RST (the data path copies those only as a
+    /// keepalive, after 10 s without a copy).
+    pub bare_acks: u64,
 }
 
 /// Key of a mirrored flow at a sink: (VNI, client port).
@@ -183,6 +186,7 @@ impl VxlanSink {
                     let flow = flows.entry(key).or_default();
                     flow.packets += 1;
                     flow.closed |= fin_or_rst;
+                    flow.bare_acks += u64::from(len == 0 && !fin_or_rst);
                     let ranges = seen.entry(key).or_default();
                     if len > 0 && ranges.insert((seq, len)) {
                         flow.payload_bytes += u64::from(len);

@@ -238,6 +238,12 @@ payload_prefix = "GET /static/"
                 flow.closed,
                 "flow {i} (port {port}): its FIN is mirrored too"
             );
+            // The client ACKed every response, but a replay has no use for bare ACKs: none is
+            // copied within the 10 s keepalive.
+            assert_eq!(
+                flow.bare_acks, 0,
+                "flow {i} (port {port}): bare ACKs are not copied"
+            );
         }
     }
     for port in &ports[0] {
