@@ -5,6 +5,10 @@
 //! The two shadows drop the copies in their kernels and count them (see [`KernelSink`]): a
 //! shadow is another machine in production, and its receive work is not the live host's cost.
 //!
+//! Every round also runs the agent off twice, and the second run's figures (throughput ratio
+//! and p99 added against the first) are printed as an A/A control: the band the machine's noise
+//! alone spans, against which the agent's figures can be read.
+//!
 //! Figures:
 //! - `throughput_ratio`: wrk's requests/s with the agent on / off (mean over rounds);
 //! - `p99_added_us`: p99 at half the agent-off maximum, on minus off, from an open-loop paced
@@ -37,12 +41,13 @@ pub(crate) struct Options {
     /// Seconds per measured round.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Throughput rounds; each runs agent off, on, and on with nothing mirrored, in an order
-    /// that rotates from round to round.
-    #[arg(long, default_value_t = 2)]
+    /// Throughput rounds; each runs agent off, agent off again (the A/A control), on, and on
+    /// with nothing mirrored, in an order that rotates from round to round.
+    #[arg(long, default_value_t = 3)]
     rounds: u32,
-    /// Half-load latency rounds; each runs agent off and on back to back (the order alternates),
-    /// and the p99 added is the mean of the per-round differences.
+    /// Half-load latency rounds; each runs agent off, agent off again (the A/A control) and on
+    /// back to back (the order rotates), and the p99 added is the mean of the per-round
+    /// differences.
     #[arg(long, default_value_t = 6)]
     latency_rounds: u32,
     /// Measure this agent binary instead of building the workspace's (to compare two builds
@@ -415,17 +420,25 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     let copies =
         |bed: &Bed| -> anyhow::Result<u64> { bed.sinks.iter().map(KernelSink::received).sum() };
     let mut off = Vec::new();
-    // Settings: 0 = agent off, then (agent, mirrored?) pairs.
-    let settings = 1 + 2 * agents.len();
+    // The agent-off control: a second agent-off run in every round, whose difference from the
+    // first is what the machine's noise alone does to the figures (an A/A test).
+    let mut off_control = Vec::new();
+    // Settings: 0 = agent off, 1 = agent off again (control), then (agent, mirrored?) pairs.
+    let settings = 2 + 2 * agents.len();
     for round in 0..options.rounds {
         // The order rotates so that no setting always runs first (or after the warmest cache).
         for setting in (0..settings).map(|i| (i + round as usize) % settings) {
-            if setting == 0 {
-                off.push(wrk(&bed, seconds)?);
+            if setting < 2 {
+                let rps = wrk(&bed, seconds)?;
+                if setting == 0 {
+                    off.push(rps)
+                } else {
+                    off_control.push(rps)
+                }
                 continue;
             }
-            let figures = &mut agents[(setting - 1) / 2];
-            let mirrored = setting % 2 == 1;
+            let figures = &mut agents[(setting - 2) / 2];
+            let mirrored = setting % 2 == 0;
             let percent = if mirrored {
                 options.mirror_percent
             } else {
@@ -448,7 +461,11 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
                 total.add(a.since(*b));
             }
         }
-        let mut line = format!("  round {round}: off {:.0} req/s", off[off.len() - 1]);
+        let mut line = format!(
+            "  round {round}: off {:.0} req/s, off again {:.0} req/s",
+            off[off.len() - 1],
+            off_control[off_control.len() - 1]
+        );
         for f in &agents {
             line += &format!(
                 "; {}: on {:.0} req/s, on with nothing mirrored {:.0} req/s",
@@ -462,16 +479,18 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
 
     let half = mean(&off) / 2.0;
     let mut latency_off = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
+    // Per round: p99 of the agent-off control minus p99 off (the A/A difference), us.
+    let mut control_added = Vec::new();
     for round in 0..options.latency_rounds {
-        // Slot 0 is agent off; the order rotates.
-        let slots = 1 + agents.len();
+        // Slot 0 is agent off, slot 1 agent off again (control); the order rotates.
+        let slots = 2 + agents.len();
         let mut p99 = vec![0.0; slots];
         for slot in (0..slots).map(|i| (i + round as usize) % slots) {
             let process = match slot {
-                0 => None,
+                0 | 1 => None,
                 _ => Some(start_agent(
                     &bed,
-                    &agents[slot - 1].path,
+                    &agents[slot - 2].path,
                     options.mirror_percent,
                     10_000,
                 )?),
@@ -480,17 +499,19 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
             p99[slot] = h.value_at_quantile(0.99) as f64 / 1e3;
             match slot {
                 0 => latency_off.add(h)?,
-                _ => agents[slot - 1].latency_on.add(h)?,
+                1 => {}
+                _ => agents[slot - 2].latency_on.add(h)?,
             }
             if let Some(mut process) = process {
                 process.stop(Duration::from_secs(5));
             }
         }
+        control_added.push(p99[1] - p99[0]);
         let mut line = format!(
-            "  half load {half:.0} req/s, round {round}: p99 off {:.1} us",
-            p99[0]
+            "  half load {half:.0} req/s, round {round}: p99 off {:.1} us, off again {:.1} us",
+            p99[0], p99[1]
         );
-        for (f, on) in agents.iter_mut().zip(&p99[1..]) {
+        for (f, on) in agents.iter_mut().zip(&p99[2..]) {
             f.added.push(on - p99[0]);
             line += &format!(", {} on {on:.1} us", f.label);
         }
@@ -517,6 +538,20 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     println!(
         "  pooled p99 off {:.1} us",
         latency_off.value_at_quantile(0.99) as f64 / 1e3
+    );
+    // The control's figures, computed exactly as the agent's: how far the machine's noise alone
+    // moves them. An agent figure inside this band is not distinguishable from no agent here.
+    let (control_p99, control_ci) = mean_ci95(&control_added);
+    println!(
+        "  agent-off control (A/A): throughput ratio {:.3} (per round {}); p99 added {control_p99:.1} us +/- {control_ci:.1} (95 % CI over {} rounds)",
+        mean(&off_control) / mean(&off),
+        off_control
+            .iter()
+            .zip(&off)
+            .map(|(c, o)| format!("{:.3}", c / o))
+            .collect::<Vec<_>>()
+            .join(" "),
+        control_added.len()
     );
     let lines = agents
         .iter()
