@@ -1078,6 +1078,8 @@ fn forecast_text(view: &ForecastView) -> String {
                         opt_num(tn("max_observed_load_per_s"), 1),
                         tn("points").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
                         opt_num(tn("cpu_ceiling_per_s"), 1),
+                        tn("error_rate")
+                            .map_or_else(|| "-".into(), |e| format!("{:.2}%", 100.0 * e)),
                         t.get("basis")
                             .and_then(serde_json::Value::as_str)
                             .unwrap_or("-")
@@ -1096,6 +1098,7 @@ fn forecast_text(view: &ForecastView) -> String {
             "MAX MEASURED/S",
             "POINTS",
             "CPU CEILING/S",
+            "ERRORS",
             "BASIS",
         ],
         &types,

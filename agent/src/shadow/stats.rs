@@ -112,6 +112,9 @@ shadow_counters! {
     Status5xx => "http_5xx",
 }
 
+/// Report name of [`ShadowStats::exchange_errors`], the counter the coordinator reads.
+pub const EXCHANGE_ERRORS: &str = "exchange_errors";
+
 /// Replayer latency of one class.
 #[derive(Debug, Clone)]
 pub struct ClassLatency {
@@ -174,9 +177,51 @@ impl ShadowStats {
 
     /// Cumulative counters by name.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        ShadowCounter::ALL
+        let mut counters: Vec<(&'static str, u64)> = ShadowCounter::ALL
             .iter()
             .map(|c| (c.name(), self.get(*c)))
-            .collect()
+            .collect();
+        counters.push((EXCHANGE_ERRORS, self.exchange_errors()));
+        counters
+    }
+
+    /// Replayed exchanges that failed: the workload answered 5xx, reset the connection, did not
+    /// answer in time, or could not be connected to. The coordinator reads this sum (by its
+    /// name, [`EXCHANGE_ERRORS`]) as the type's error count: a type that fails fast must not
+    /// look fast.
+    pub fn exchange_errors(&self) -> u64 {
+        [
+            ShadowCounter::Status5xx,
+            ShadowCounter::ReplayResets,
+            ShadowCounter::ResponseTimeouts,
+            ShadowCounter::ConnectFailures,
+            ShadowCounter::ConnectTimeouts,
+        ]
+        .iter()
+        .map(|c| self.get(*c))
+        .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchange_errors_sum_the_failures_and_nothing_else() {
+        let stats = ShadowStats::default();
+        stats.add(ShadowCounter::Status5xx, 3);
+        stats.inc(ShadowCounter::ReplayResets);
+        stats.inc(ShadowCounter::ResponseTimeouts);
+        stats.inc(ShadowCounter::ConnectFailures);
+        stats.inc(ShadowCounter::ConnectTimeouts);
+        // Answers, client-side choices and 4xx are not the type failing.
+        stats.add(ShadowCounter::Status2xx, 100);
+        stats.add(ShadowCounter::Status4xx, 7);
+        stats.add(ShadowCounter::RequestsDenied, 5);
+        stats.add(ShadowCounter::Exchanges, 110);
+        assert_eq!(stats.exchange_errors(), 7);
+        let reported: BTreeMap<_, _> = stats.counters().into_iter().collect();
+        assert_eq!(reported[EXCHANGE_ERRORS], 7);
     }
 }

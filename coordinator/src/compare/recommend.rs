@@ -8,6 +8,8 @@
 //! - **Faster for no more money**: a shadow type is [`Verdict::Faster`] with confidence and
 //!   costs no more than live (both prices known) and is within budget; the fastest is chosen.
 //!
+//! Neither names a shadow type failing more than [`MAX_SHADOW_ERROR_RATE`] of its exchanges.
+//!
 //! A third, [`Trigger::ForecastBreach`], comes from the predictor ([`crate::forecast`]): the
 //! SLO is expected to break within the forecast horizon, and the cheapest type within budget
 //! whose measured capacity holds the SLO at the forecast peak is recommended before it does;
@@ -154,6 +156,10 @@ pub struct TypeCapacity {
     /// Its CPU ceiling (utilization law), exchanges/s per instance, when its CPU use is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_ceiling_per_s: Option<f64>,
+    /// Failed over measured exchanges in the window (shadows count 5xx, resets, timeouts and
+    /// refused connections); a shadow type above [`MAX_SHADOW_ERROR_RATE`] is not chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<f64>,
 }
 
 /// The recommendation for a forecast breach: live on `current` is expected to break its SLO,
@@ -199,6 +205,20 @@ pub fn forecast_recommendation(
         policy_revision: revision,
         forecast: Some(forecast),
     }
+}
+
+/// Most of its replayed exchanges a shadow type may fail (5xx, resets, timeouts, refused
+/// connections: the shadow agent's `exchange_errors`) and still be recommended. A type that
+/// fails requests answers them fast, so without this its latency would argue for it.
+pub const MAX_SHADOW_ERROR_RATE: f64 = 0.01;
+
+/// The shadow type's error rate over the window is above [`MAX_SHADOW_ERROR_RATE`].
+fn failing(comparison: &Comparison, vm_type: &str) -> bool {
+    comparison
+        .types
+        .iter()
+        .filter(|t| t.vm_type == vm_type && t.role == Role::Shadow)
+        .any(|t| t.all.error_rate.is_some_and(|e| e > MAX_SHADOW_ERROR_RATE))
 }
 
 fn within_budget(policy: &Policy, r: &Ranked, comparison: &Comparison) -> bool {
@@ -248,7 +268,8 @@ pub fn recommend(
         .filter(|r| r.verdict != Verdict::InsufficientEvidence)
         // A shadow of the type live already runs on is evidence, never a move.
         .filter(|r| r.vm_type != current)
-        .filter(|r| within_budget(policy, r, comparison));
+        .filter(|r| within_budget(policy, r, comparison))
+        .filter(|r| !failing(comparison, &r.vm_type));
 
     let chosen = if live.all.exchanges > 0 && live_at_slo > slo_max {
         eligible

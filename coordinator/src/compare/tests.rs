@@ -177,6 +177,63 @@ fn a_broken_slo_recommends_the_cheapest_type_that_holds_it_within_budget() {
 }
 
 #[test]
+fn a_shadow_type_that_fails_its_exchanges_is_never_recommended_however_fast() {
+    // Live breaks the SLO; m5.xlarge holds it, c6g.large is faster still but fails 5 % of its
+    // exchanges (its 5xx answers are quick).
+    let mut ms = Vec::new();
+    for i in 0..30 {
+        let load = 200 + i as u64;
+        ms.push(m(Role::Live, "m5.large", "live-1", i, load, 100.0));
+        ms.push(m(Role::Shadow, "m5.xlarge", "sh-1", i, load, 20.0));
+        let mut failing = m(Role::Shadow, "c6g.large", "sh-2", i, load, 5.0);
+        failing.report_errors = load / 20;
+        ms.push(failing);
+    }
+    let c = compare(
+        "web",
+        NOW,
+        900_000,
+        99.0,
+        &CompareConfig::default(),
+        &prices(),
+        &ms,
+    );
+    let c6g = c
+        .types
+        .iter()
+        .find(|t| t.vm_type == "c6g.large")
+        .expect("c6g");
+    assert!(c6g.all.error_rate.expect("counted") > MAX_SHADOW_ERROR_RATE);
+    let mut policy = Policy::default();
+    policy.slo.max_latency_ms = 100.0;
+    let rec = recommend(&c, &policy, 1).expect("SLO broken");
+    assert_eq!(
+        rec.recommended_vm_type, "m5.xlarge",
+        "the cheaper, faster c6g fails its requests"
+    );
+    // With live healthy, a faster and cheaper type that fails is no reason to move either.
+    let mut ms = Vec::new();
+    for i in 0..30 {
+        let load = 200 + i as u64;
+        ms.push(m(Role::Live, "m5.large", "live-1", i, load, 50.0));
+        let mut failing = m(Role::Shadow, "c6g.large", "sh-2", i, load, 5.0);
+        failing.report_errors = load / 20;
+        ms.push(failing);
+    }
+    let c = compare(
+        "web",
+        NOW,
+        900_000,
+        99.0,
+        &CompareConfig::default(),
+        &prices(),
+        &ms,
+    );
+    assert_eq!(c.ranking[0].verdict, Verdict::Faster);
+    assert_eq!(recommend(&c, &policy, 1), None);
+}
+
+#[test]
 fn nothing_is_recommended_without_a_conclusive_advantage() {
     let mut ms = Vec::new();
     for i in 0..30 {

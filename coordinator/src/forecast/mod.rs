@@ -36,7 +36,10 @@ use tracing::{debug, info, warn};
 use crate::{
     compare::{
         Role, merge,
-        recommend::{ForecastEvidence, Recommendation, TypeCapacity, forecast_recommendation},
+        recommend::{
+            ForecastEvidence, MAX_SHADOW_ERROR_RATE, Recommendation, TypeCapacity,
+            forecast_recommendation,
+        },
     },
     evaluate::load_measurements,
     policy::WorkloadSpec,
@@ -263,6 +266,19 @@ struct TypePoints {
     points: VecDeque<(i64, LoadLatencyPoint)>,
     /// (interval start ms, CPU use of the workload in it), oldest first.
     cpu: VecDeque<(i64, CpuSample)>,
+    /// (interval start ms, exchanges failed, exchanges measured), oldest first.
+    outcomes: VecDeque<(i64, u64, u64)>,
+}
+
+impl TypePoints {
+    /// Failed over measured exchanges in the window; `None` before any was measured.
+    fn error_rate(&self) -> Option<f64> {
+        let (failed, measured) = self
+            .outcomes
+            .iter()
+            .fold((0, 0), |(f, m), (_, e, n)| (f + e, m + n));
+        (measured > 0).then(|| failed as f64 / measured as f64)
+    }
 }
 
 /// One interval's workload CPU use on one instance.
@@ -516,10 +532,15 @@ impl Forecasts {
             .iter()
             .zip(&vm_types)
             .filter(|(t, _)| {
-                // The current type stays a candidate whatever its price: the warning needs its
-                // model. Others must fit the budget.
+                // The current type stays a candidate whatever its price and errors: the warning
+                // needs its model. Others must fit the budget and not fail their exchanges.
                 t.vm_type == placement.vm_type
-                    || within_budget(spec, prices.get(&t.vm_type).copied())
+                    || (within_budget(spec, prices.get(&t.vm_type).copied())
+                        && !state
+                            .by_type
+                            .get(&t.vm_type)
+                            .and_then(TypePoints::error_rate)
+                            .is_some_and(|e| e > MAX_SHADOW_ERROR_RATE))
             })
             .map(|(t, vm_type)| Candidate {
                 vm_type,
@@ -556,6 +577,10 @@ impl Forecasts {
                 within_budget: within_budget(spec, prices.get(&t.vm_type).copied()),
                 basis: t.basis.clone(),
                 cpu_ceiling_per_s: ceilings.get(&t.vm_type).map(|c| c.saturation_per_s),
+                error_rate: state
+                    .by_type
+                    .get(&t.vm_type)
+                    .and_then(TypePoints::error_rate),
             })
             .collect();
         let step_secs = u64::try_from(step_ms / 1000).unwrap_or(1);
@@ -867,7 +892,8 @@ fn feed_load(
 }
 
 /// One agent's interval, classes merged: its VM type, role, length (ms) and latencies.
-type AgentInterval = (String, Role, i64, Histogram<u64>);
+/// (VM type, role, interval length ms, classes merged, exchanges failed).
+type AgentInterval = (String, Role, i64, Histogram<u64>, u64);
 
 /// Turns settled live and shadow intervals into load/latency points per VM type, and forgets
 /// points older than the window.
@@ -889,12 +915,13 @@ fn collect_points(
             match intervals.entry((m.interval_start_ms, m.agent.clone())) {
                 std::collections::btree_map::Entry::Occupied(mut e) => {
                     merge(&mut e.get_mut().3, &m.histogram);
+                    // The error count is the report's, repeated on each of its classes.
                 }
                 std::collections::btree_map::Entry::Vacant(e) => {
                     // The first class's histogram becomes the interval's; others merge into it.
                     let mut h = m.histogram;
                     h.auto(true);
-                    e.insert((m.vm_type, m.role, m.interval_ms, h));
+                    e.insert((m.vm_type, m.role, m.interval_ms, h, m.report_errors));
                 }
             }
         }
@@ -910,7 +937,7 @@ fn collect_points(
             .map(|(agent, start, usage)| ((start, agent), usage))
             .collect();
         let quantile = spec.policy.slo.percentile / 100.0;
-        for ((start, agent), (vm_type, role, interval_ms, h)) in intervals {
+        for ((start, agent), (vm_type, role, interval_ms, h, errors)) in intervals {
             if h.len() < settings.min_exchanges_per_interval || interval_ms <= 0 {
                 continue;
             }
@@ -937,6 +964,7 @@ fn collect_points(
                 _ => Role::Shadow,
             });
             tp.points.push_back((start, point));
+            tp.outcomes.push_back((start, errors, h.len()));
             if let Some(cpu) = cpu {
                 tp.cpu.push_back((start, cpu));
             }
@@ -961,6 +989,17 @@ fn collect_points(
             || tp.cpu.len() > settings.max_points_per_type
         {
             tp.cpu.pop_front();
+        }
+        tp.outcomes
+            .make_contiguous()
+            .sort_by_key(|(start, _, _)| *start);
+        while tp
+            .outcomes
+            .front()
+            .is_some_and(|(start, _, _)| *start < window_start)
+            || tp.outcomes.len() > settings.max_points_per_type
+        {
+            tp.outcomes.pop_front();
         }
     }
     state.by_type.retain(|_, tp| !tp.points.is_empty());

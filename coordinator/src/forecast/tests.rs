@@ -71,6 +71,12 @@ fn p99_ms(t: &SimType, load: f64, interval: i64) -> f64 {
     (20.0 + queue) * (1.0 + wobble)
 }
 
+thread_local! {
+    /// A VM type whose instance fails 5 % of its exchanges in this test's run (a test runs on
+    /// one thread, so this is the test's own setting).
+    static FAILING: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
 /// CPU time per exchange of the simulated workload, ms: every type spends the same, so a type's
 /// saturation load is its CPUs over this.
 const CPU_MS_PER_EXCHANGE: f64 = 4.0;
@@ -101,7 +107,11 @@ fn report(t: &SimType, seq: u64, interval: i64, load: f64, usage: bool) -> Check
         }],
         counters: vec![Counter {
             name: "exchange_errors".into(),
-            value: 0,
+            value: if FAILING.get() == Some(t.vm_type) {
+                exchanges / 20
+            } else {
+                0
+            },
         }],
         host: ResourceUsage::default(),
         workload: usage.then(|| ResourceUsage {
@@ -312,6 +322,39 @@ fn a_ramp_is_warned_of_before_the_slo_breaks_and_the_cheapest_type_that_holds_is
         "live's and the too-small type's models are evidence too: {types:?}"
     );
     assert_eq!(rec.body["trigger"], "forecast_breach");
+}
+
+#[test]
+fn a_type_that_fails_its_exchanges_is_never_the_forecasts_choice() {
+    FAILING.set(Some(COMPUTE.vm_type));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = recommender(dir.path());
+    run(&r, 900, |s| 60.0 + 0.2 * s as f64);
+    let store = r.store.lock().expect("store");
+    let recs = store
+        .recommendations(Some("web"), 100)
+        .expect("recommendations");
+    let rec = recs
+        .iter()
+        .find(|r| r.reason == "forecast_breach")
+        .expect("the ramp is still advised on");
+    assert_eq!(
+        rec.recommended_vm_type, "x.large",
+        "c.large is cheaper and holds the peak, but fails 5 % of its exchanges"
+    );
+    let types = rec.body["forecast"]["types"].as_array().expect("types");
+    let compute = types
+        .iter()
+        .find(|t| t["vm_type"] == "c.large")
+        .expect("c.large is still evidence");
+    let rate = compute["error_rate"]
+        .as_f64()
+        .expect("its error rate is shown");
+    assert!((rate - 0.05).abs() < 0.01, "error rate {rate}");
+    assert!(
+        recs.iter().all(|r| r.recommended_vm_type != "c.large"),
+        "no trigger names it: {recs:?}"
+    );
 }
 
 #[test]
