@@ -8,7 +8,8 @@
 //! - **Faster for no more money**: a shadow type is [`Verdict::Faster`] with confidence and
 //!   costs no more than live (both prices known) and is within budget; the fastest is chosen.
 //!
-//! Neither names a shadow type failing more than [`MAX_SHADOW_ERROR_RATE`] of its exchanges.
+//! Neither names a shadow type failing [`MAX_EXCESS_ERROR_RATE`] more of its exchanges than the
+//! best shadow type.
 //!
 //! A third, [`Trigger::ForecastBreach`], comes from the predictor ([`crate::forecast`]): the
 //! SLO is expected to break within the forecast horizon, and the cheapest type within budget
@@ -157,7 +158,8 @@ pub struct TypeCapacity {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_ceiling_per_s: Option<f64>,
     /// Failed over measured exchanges in the window (shadows count 5xx, resets, timeouts and
-    /// refused connections); a shadow type above [`MAX_SHADOW_ERROR_RATE`] is not chosen.
+    /// refused connections; live agents count none); a shadow type failing
+    /// [`MAX_EXCESS_ERROR_RATE`] more than the best shadow type is not chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_rate: Option<f64>,
 }
@@ -207,18 +209,31 @@ pub fn forecast_recommendation(
     }
 }
 
-/// Most of its replayed exchanges a shadow type may fail (5xx, resets, timeouts, refused
-/// connections: the shadow agent's `exchange_errors`) and still be recommended. A type that
-/// fails requests answers them fast, so without this its latency would argue for it.
-pub const MAX_SHADOW_ERROR_RATE: f64 = 0.01;
+/// How many more of its replayed exchanges a shadow type may fail than the shadow type failing
+/// least (5xx, resets, timeouts, refused connections: the shadow agent's `exchange_errors`) and
+/// still be recommended. A type that fails requests answers them fast, so without this its
+/// latency would argue for it. The bar is relative because every shadow replays the same
+/// requests: those the workload fails anywhere (a 5xx it also returns live) fail on every type
+/// alike, and only the excess is the type's own. (Live agents do not count errors.)
+pub const MAX_EXCESS_ERROR_RATE: f64 = 0.01;
 
-/// The shadow type's error rate over the window is above [`MAX_SHADOW_ERROR_RATE`].
+/// Whether a type with `error_rate` fails clearly more than the best of `shadow_rates` (the
+/// error rates of every measured shadow type, its own included).
+pub fn fails_more_than_its_peers(
+    error_rate: Option<f64>,
+    shadow_rates: impl IntoIterator<Item = f64>,
+) -> bool {
+    let best = shadow_rates.into_iter().fold(f64::INFINITY, f64::min);
+    error_rate.is_some_and(|e| e > best + MAX_EXCESS_ERROR_RATE)
+}
+
+/// The shadow type fails clearly more of its exchanges than the best shadow type.
 fn failing(comparison: &Comparison, vm_type: &str) -> bool {
-    comparison
-        .types
-        .iter()
-        .filter(|t| t.vm_type == vm_type && t.role == Role::Shadow)
-        .any(|t| t.all.error_rate.is_some_and(|e| e > MAX_SHADOW_ERROR_RATE))
+    let shadows = comparison.types.iter().filter(|t| t.role == Role::Shadow);
+    let rates = shadows.clone().filter_map(|t| t.all.error_rate);
+    shadows
+        .filter(|t| t.vm_type == vm_type)
+        .any(|t| fails_more_than_its_peers(t.all.error_rate, rates.clone()))
 }
 
 fn within_budget(policy: &Policy, r: &Ranked, comparison: &Comparison) -> bool {

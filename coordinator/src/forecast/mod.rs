@@ -37,7 +37,7 @@ use crate::{
     compare::{
         Role, merge,
         recommend::{
-            ForecastEvidence, MAX_SHADOW_ERROR_RATE, Recommendation, TypeCapacity,
+            ForecastEvidence, Recommendation, TypeCapacity, fails_more_than_its_peers,
             forecast_recommendation,
         },
     },
@@ -528,6 +528,13 @@ impl Forecasts {
                 benchmark_score: None,
             })
             .collect();
+        // Live agents count no errors: only shadows' rates set the bar.
+        let shadow_error_rates: Vec<f64> = state
+            .by_type
+            .values()
+            .filter(|tp| tp.role == Some(Role::Shadow))
+            .filter_map(TypePoints::error_rate)
+            .collect();
         let candidates: Vec<Candidate<'_>> = models
             .iter()
             .zip(&vm_types)
@@ -536,11 +543,13 @@ impl Forecasts {
                 // needs its model. Others must fit the budget and not fail their exchanges.
                 t.vm_type == placement.vm_type
                     || (within_budget(spec, prices.get(&t.vm_type).copied())
-                        && !state
-                            .by_type
-                            .get(&t.vm_type)
-                            .and_then(TypePoints::error_rate)
-                            .is_some_and(|e| e > MAX_SHADOW_ERROR_RATE))
+                        && !fails_more_than_its_peers(
+                            state
+                                .by_type
+                                .get(&t.vm_type)
+                                .and_then(TypePoints::error_rate),
+                            shadow_error_rates.iter().copied(),
+                        ))
             })
             .map(|(t, vm_type)| Candidate {
                 vm_type,
