@@ -210,6 +210,11 @@ pub struct Ranked {
     pub live_at_load_ms: f64,
     /// Price difference to the live type per hour (negative: cheaper), if both are listed.
     pub cost_delta_per_hour: Option<f64>,
+    /// Failed over measured exchanges in the shadow's matched intervals: errors at the load
+    /// live offers, not in amplified replays driven past the type's knee on purpose, where
+    /// failing is expected. `None` without pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate_at_load: Option<f64>,
 }
 
 /// The comparison of a workload's live type with each of its shadow types.
@@ -236,6 +241,8 @@ pub struct Comparison {
 struct Point {
     load_per_s: f64,
     histogram: Histogram<u64>,
+    /// Exchanges the agent counted as failed in the interval.
+    errors: u64,
 }
 
 fn ms(ns: u64) -> f64 {
@@ -435,9 +442,10 @@ pub fn compare(
             acc.intervals
                 .values()
                 .filter(|(ms, _, h)| *ms > 0 && h.len() >= config.min_exchanges_per_interval)
-                .map(|(ms, _, h)| Point {
+                .map(|(ms, errors, h)| Point {
                     load_per_s: h.len() as f64 * 1e3 / *ms as f64,
                     histogram: h.clone(),
+                    errors: *errors,
                 })
                 .collect(),
         );
@@ -493,8 +501,16 @@ pub fn compare(
             } else {
                 Verdict::Inconclusive
             };
+            // Each matched shadow interval once, however many live intervals it paired with.
+            let matched: std::collections::BTreeSet<usize> =
+                pairs.iter().map(|&(_, sh)| sh).collect();
+            let (failed, measured) = matched.iter().fold((0, 0), |(f, n), &i| {
+                let p = &shadow_points[i];
+                (f + p.errors, n + p.histogram.len())
+            });
             Ranked {
                 vm_type: s.vm_type.clone(),
+                error_rate_at_load: (measured > 0).then(|| failed as f64 / measured as f64),
                 verdict,
                 difference,
                 shadow_at_load_ms: quantile_ms(&shadow_merged, percentile),

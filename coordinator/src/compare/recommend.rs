@@ -227,13 +227,24 @@ pub fn fails_more_than_its_peers(
     error_rate.is_some_and(|e| e > best + MAX_EXCESS_ERROR_RATE)
 }
 
-/// The shadow type fails clearly more of its exchanges than the best shadow type.
-fn failing(comparison: &Comparison, vm_type: &str) -> bool {
-    let shadows = comparison.types.iter().filter(|t| t.role == Role::Shadow);
-    let rates = shadows.clone().filter_map(|t| t.all.error_rate);
-    shadows
-        .filter(|t| t.vm_type == vm_type)
-        .any(|t| fails_more_than_its_peers(t.all.error_rate, rates.clone()))
+/// The shadow type fails clearly more of its exchanges at matched load than the best shadow
+/// type. A type without matched intervals yet still sets the bar with its rate over the window
+/// (amplified replays included, so it can only set the bar too high, never too low).
+fn failing(comparison: &Comparison, r: &Ranked) -> bool {
+    let window_rate = |vm_type: &str| {
+        comparison
+            .types
+            .iter()
+            .find(|t| t.vm_type == vm_type && t.role == Role::Shadow)
+            .and_then(|t| t.all.error_rate)
+    };
+    fails_more_than_its_peers(
+        r.error_rate_at_load,
+        comparison
+            .ranking
+            .iter()
+            .filter_map(|p| p.error_rate_at_load.or_else(|| window_rate(&p.vm_type))),
+    )
 }
 
 fn within_budget(policy: &Policy, r: &Ranked, comparison: &Comparison) -> bool {
@@ -284,7 +295,7 @@ pub fn recommend(
         // A shadow of the type live already runs on is evidence, never a move.
         .filter(|r| r.vm_type != current)
         .filter(|r| within_budget(policy, r, comparison))
-        .filter(|r| !failing(comparison, &r.vm_type));
+        .filter(|r| !failing(comparison, r));
 
     let chosen = if live.all.exchanges > 0 && live_at_slo > slo_max {
         eligible

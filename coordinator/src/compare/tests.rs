@@ -204,6 +204,12 @@ fn a_shadow_type_that_fails_its_exchanges_is_never_recommended_however_fast() {
         .find(|t| t.vm_type == "c6g.large")
         .expect("c6g");
     assert!(c6g.all.error_rate.expect("counted") > MAX_EXCESS_ERROR_RATE);
+    let ranked = c
+        .ranking
+        .iter()
+        .find(|r| r.vm_type == "c6g.large")
+        .expect("ranked");
+    assert!((ranked.error_rate_at_load.expect("paired") - 0.05).abs() < 0.005);
     let mut policy = Policy::default();
     policy.slo.max_latency_ms = 100.0;
     let rec = recommend(&c, &policy, 1).expect("SLO broken");
@@ -232,6 +238,56 @@ fn a_shadow_type_that_fails_its_exchanges_is_never_recommended_however_fast() {
     );
     assert_eq!(c.ranking[0].verdict, Verdict::Faster);
     assert_eq!(recommend(&c, &policy, 1), None);
+}
+
+#[test]
+fn errors_of_an_amplified_replay_past_the_knee_do_not_hold_a_type_back() {
+    // c6g answers live's load cleanly; the amplifier also drove it to 3x that load, where it
+    // failed a third of its exchanges. Only errors at the load live offers count.
+    let mut ms = Vec::new();
+    for i in 0..30 {
+        let load = 200 + i as u64;
+        ms.push(m(Role::Live, "m5.large", "live-1", i, load, 100.0));
+        ms.push(m(Role::Shadow, "m5.xlarge", "sh-1", i, load, 20.0));
+        ms.push(m(Role::Shadow, "c6g.large", "sh-2", i, load, 30.0));
+        let mut amplified = m(Role::Shadow, "c6g.large", "sh-2", 30 + i, 3 * load, 400.0);
+        amplified.report_errors = load;
+        ms.push(amplified);
+    }
+    let c = compare(
+        "web",
+        NOW,
+        900_000,
+        99.0,
+        &CompareConfig::default(),
+        &prices(),
+        &ms,
+    );
+    let c6g = c
+        .types
+        .iter()
+        .find(|t| t.vm_type == "c6g.large")
+        .expect("c6g");
+    assert!(
+        c6g.all.error_rate.expect("counted") > 0.2,
+        "over the whole window"
+    );
+    let ranked = c
+        .ranking
+        .iter()
+        .find(|r| r.vm_type == "c6g.large")
+        .expect("ranked");
+    assert!(
+        ranked.error_rate_at_load.expect("paired") < 0.01,
+        "at matched load"
+    );
+    let mut policy = Policy::default();
+    policy.slo.max_latency_ms = 100.0;
+    let rec = recommend(&c, &policy, 1).expect("SLO broken");
+    assert_eq!(
+        rec.recommended_vm_type, "c6g.large",
+        "cheapest that holds it"
+    );
 }
 
 #[test]

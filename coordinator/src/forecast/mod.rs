@@ -266,17 +266,20 @@ struct TypePoints {
     points: VecDeque<(i64, LoadLatencyPoint)>,
     /// (interval start ms, CPU use of the workload in it), oldest first.
     cpu: VecDeque<(i64, CpuSample)>,
-    /// (interval start ms, exchanges failed, exchanges measured), oldest first.
-    outcomes: VecDeque<(i64, u64, u64)>,
+    /// (interval start ms, exchanges failed, exchanges measured, load per s), oldest first.
+    outcomes: VecDeque<(i64, u64, u64, f64)>,
 }
 
 impl TypePoints {
-    /// Failed over measured exchanges in the window; `None` before any was measured.
-    fn error_rate(&self) -> Option<f64> {
+    /// Failed over measured exchanges in the window's intervals with load up to `max_load`
+    /// (the type's capacity: past it an amplified replay is expected to fail); `None` before
+    /// any was measured.
+    fn error_rate_up_to(&self, max_load: f64) -> Option<f64> {
         let (failed, measured) = self
             .outcomes
             .iter()
-            .fold((0, 0), |(f, m), (_, e, n)| (f + e, m + n));
+            .filter(|(_, _, _, load)| *load <= max_load)
+            .fold((0, 0), |(f, m), (_, e, n, _)| (f + e, m + n));
         (measured > 0).then(|| failed as f64 / measured as f64)
     }
 }
@@ -528,12 +531,22 @@ impl Forecasts {
                 benchmark_score: None,
             })
             .collect();
-        // Live agents count no errors: only shadows' rates set the bar.
-        let shadow_error_rates: Vec<f64> = state
-            .by_type
-            .values()
-            .filter(|tp| tp.role == Some(Role::Shadow))
-            .filter_map(TypePoints::error_rate)
+        // Each type's error rate at the loads it holds the SLO at; live agents count no errors,
+        // so only shadows' rates set the bar.
+        let error_rates: HashMap<&str, f64> = models
+            .iter()
+            .filter_map(|t| {
+                let rate = state
+                    .by_type
+                    .get(&t.vm_type)?
+                    .error_rate_up_to(t.model.capacity_at(slo_ms))?;
+                Some((t.vm_type.as_str(), rate))
+            })
+            .collect();
+        let shadow_error_rates: Vec<f64> = models
+            .iter()
+            .filter(|t| t.role == Role::Shadow)
+            .filter_map(|t| error_rates.get(t.vm_type.as_str()).copied())
             .collect();
         let candidates: Vec<Candidate<'_>> = models
             .iter()
@@ -544,10 +557,7 @@ impl Forecasts {
                 t.vm_type == placement.vm_type
                     || (within_budget(spec, prices.get(&t.vm_type).copied())
                         && !fails_more_than_its_peers(
-                            state
-                                .by_type
-                                .get(&t.vm_type)
-                                .and_then(TypePoints::error_rate),
+                            error_rates.get(t.vm_type.as_str()).copied(),
                             shadow_error_rates.iter().copied(),
                         ))
             })
@@ -586,10 +596,7 @@ impl Forecasts {
                 within_budget: within_budget(spec, prices.get(&t.vm_type).copied()),
                 basis: t.basis.clone(),
                 cpu_ceiling_per_s: ceilings.get(&t.vm_type).map(|c| c.saturation_per_s),
-                error_rate: state
-                    .by_type
-                    .get(&t.vm_type)
-                    .and_then(TypePoints::error_rate),
+                error_rate: error_rates.get(t.vm_type.as_str()).copied(),
             })
             .collect();
         let step_secs = u64::try_from(step_ms / 1000).unwrap_or(1);
@@ -972,8 +979,8 @@ fn collect_points(
                 (Some(Role::Live), _) | (_, Role::Live) => Role::Live,
                 _ => Role::Shadow,
             });
+            tp.outcomes.push_back((start, errors, h.len(), point.load));
             tp.points.push_back((start, point));
-            tp.outcomes.push_back((start, errors, h.len()));
             if let Some(cpu) = cpu {
                 tp.cpu.push_back((start, cpu));
             }
@@ -1001,11 +1008,11 @@ fn collect_points(
         }
         tp.outcomes
             .make_contiguous()
-            .sort_by_key(|(start, _, _)| *start);
+            .sort_by_key(|(start, ..)| *start);
         while tp
             .outcomes
             .front()
-            .is_some_and(|(start, _, _)| *start < window_start)
+            .is_some_and(|(start, ..)| *start < window_start)
             || tp.outcomes.len() > settings.max_points_per_type
         {
             tp.outcomes.pop_front();
