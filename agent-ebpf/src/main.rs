@@ -408,10 +408,13 @@ fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
 /// Service -> client: close the open exchange on the first response payload packet.
 #[inline(always)]
 fn on_service_packet(packet: &Packet) {
-    let closing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    // The service's pure ACKs close nothing and open nothing: skip the flow lookup for them.
+    // A service's FIN leaves the flow's entry in place: the client's FIN, which follows, must
+    // still find it, to be mirrored (the shadow ends its replay of the flow on it) and to remove
+    // it. A reset ends the flow from either side.
+    let reset = packet.tcp_flags & TCP_RST != 0;
+    // The service's pure ACKs and bare FINs close no exchange: skip the flow lookup for them.
     // (Idle time is kept by the client side, whose ACKs flow during any long response.)
-    if packet.payload_len == 0 && !closing {
+    if packet.payload_len == 0 && !reset {
         return;
     }
     let Some(state) = FLOWS.get_ptr_mut(&packet.flow) else {
@@ -434,7 +437,7 @@ fn on_service_packet(packet: &Packet) {
             add(DatapathCounter::Exchanges, 1);
         }
     }
-    if closing {
+    if reset {
         let _ = FLOWS.remove(&packet.flow);
     }
 }

@@ -620,3 +620,63 @@ fn a_reloaded_policy_applies_to_new_flows_and_keeps_decided_ones() {
         "measurement never stopped"
     );
 }
+
+#[test]
+fn a_receiving_only_flow_sends_the_shadows_one_keepalive_not_its_acks() {
+    if !privileged_or_skip("a_receiving_only_flow_sends_the_shadows_one_keepalive_not_its_acks") {
+        return;
+    }
+    use std::io::{Read as _, Write as _};
+    let t = Topology::new();
+    // A download: one request, then a response trickling in for 12 s, which the client ACKs
+    // chunk by chunk while sending nothing else.
+    let listener = {
+        let _inside = t.live.enter().expect("enter live");
+        TcpListener::bind((t.server_addr(false), 8080)).expect("bind server")
+    };
+    let server = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut request = [0u8; 256];
+        let _ = conn.read(&mut request).expect("request");
+        for _ in 0..24 {
+            conn.write_all(&[b'x'; 1000]).expect("chunk");
+            thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let sinks = [t.start_sink(0, false), t.start_sink(1, false)];
+    let agent = Agent::start(
+        &t.live,
+        "live",
+        &live_config(
+            &t,
+            &t.client_link.b_iface,
+            false,
+            "default_sample_percent = 100.0",
+            "",
+        ),
+    );
+    let request = b"GET /download HTTP/1.1\r\nHost: live\r\n\r\n";
+    let received = {
+        let _inside = t.client.enter().expect("enter client");
+        let mut conn = std::net::TcpStream::connect((t.server_addr(false), 8080)).expect("connect");
+        conn.write_all(request).expect("request");
+        let mut body = Vec::new();
+        conn.read_to_end(&mut body).expect("download");
+        body.len()
+    };
+    server.join().expect("server");
+    assert_eq!(received, 24_000);
+    thread::sleep(Duration::from_millis(400));
+    let lines = agent.stop();
+    assert_eq!(counter(&lines, "flows_sampled"), 1);
+    for sink in &sinks {
+        let flows = sink.flows();
+        assert_eq!(flows.len(), 1, "one mirrored flow: {flows:?}");
+        let flow = flows.values().next().expect("flow");
+        assert_eq!(flow.payload_bytes, request.len() as u64);
+        assert!(flow.closed, "its FIN is mirrored");
+        // Two dozen ACKs went by; the shadow needs only one, after 10 s without a copy, to
+        // keep its idle timer from ending the flow.
+        assert_eq!(flow.bare_acks, 1, "{flow:?}");
+    }
+}
