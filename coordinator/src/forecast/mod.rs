@@ -94,10 +94,10 @@ impl Default for ForecastSettings {
             min_breach_steps: 3,
             // The rule `cargo xtask eval predictor` chose on the traces' training parts (at
             // most one false alarm a day and a warning raised at most a quarter of the time
-            // there): the likeliest breach window, raised at 0.275, cleared below 0.041.
+            // there): the likeliest breach window, raised at 0.225, cleared below 0.034.
             combine: Combine::LargestWindow,
-            raise_at: 0.275,
-            clear_below: 0.041,
+            raise_at: 0.225,
+            clear_below: 0.034,
             max_history_steps: 4 * 1440,
             perf_window_ms: 30 * 60 * 1000,
             max_points_per_type: 512,
