@@ -26,6 +26,19 @@ fn m(role: Role, vm: &str, agent: &str, i: i64, exchanges: u64, latency_ms: f64)
     }
 }
 
+/// The comparison of `ms` over the default 15 min window at p99.
+fn compared(ms: &[Measurement]) -> Comparison {
+    compare(
+        "web",
+        NOW,
+        900_000,
+        99.0,
+        &CompareConfig::default(),
+        &prices(),
+        ms,
+    )
+}
+
 fn prices() -> HashMap<String, f64> {
     [("m5.large", 0.10), ("c6g.large", 0.08), ("m5.xlarge", 0.20)]
         .into_iter()
@@ -90,15 +103,7 @@ fn a_faster_shadow_at_matched_load_ranks_first_and_a_lightly_loaded_one_is_not_j
     old.interval_start_ms = NOW - 3_600_000;
     ms.push(old);
 
-    let c = compare(
-        "web",
-        NOW,
-        900_000,
-        99.0,
-        &CompareConfig::default(),
-        &prices(),
-        &ms,
-    );
+    let c = compared(&ms);
     assert_eq!(c.live_vm_type.as_deref(), Some("m5.large"));
     let live = c.types.iter().find(|t| t.role == Role::Live).expect("live");
     assert_eq!(live.all.exchanges, (100..160).sum::<u64>());
@@ -153,15 +158,7 @@ fn a_broken_slo_recommends_the_cheapest_type_that_holds_it_within_budget() {
         ms.push(m(Role::Shadow, "m5.xlarge", "sh-1", i, load, 20.0));
         ms.push(m(Role::Shadow, "c6g.large", "sh-2", i, load, 90.0));
     }
-    let c = compare(
-        "web",
-        NOW,
-        900_000,
-        99.0,
-        &CompareConfig::default(),
-        &prices(),
-        &ms,
-    );
+    let c = compared(&ms);
     let mut policy = Policy::default();
     policy.slo.max_latency_ms = 100.0;
     let rec = recommend(&c, &policy, 1).expect("SLO broken: live p99 is ~300 ms");
@@ -176,28 +173,26 @@ fn a_broken_slo_recommends_the_cheapest_type_that_holds_it_within_budget() {
     assert_eq!(recommend(&c, &policy, 1), None, "m5.xlarge is over budget");
 }
 
-#[test]
-fn a_shadow_type_that_fails_its_exchanges_is_never_recommended_however_fast() {
-    // Live breaks the SLO; m5.xlarge holds it, c6g.large is faster still but fails 5 % of its
-    // exchanges (its 5xx answers are quick).
+/// Live at `live_ms` (its p99 three times that), m5.xlarge at 20 ms, and c6g.large at 5 ms
+/// failing 5 % of its exchanges, over 30 intervals of matched load.
+fn with_a_failing_cheap_type(live_ms: f64) -> Comparison {
     let mut ms = Vec::new();
     for i in 0..30 {
         let load = 200 + i as u64;
-        ms.push(m(Role::Live, "m5.large", "live-1", i, load, 100.0));
+        ms.push(m(Role::Live, "m5.large", "live-1", i, load, live_ms));
         ms.push(m(Role::Shadow, "m5.xlarge", "sh-1", i, load, 20.0));
         let mut failing = m(Role::Shadow, "c6g.large", "sh-2", i, load, 5.0);
         failing.report_errors = load / 20;
         ms.push(failing);
     }
-    let c = compare(
-        "web",
-        NOW,
-        900_000,
-        99.0,
-        &CompareConfig::default(),
-        &prices(),
-        &ms,
-    );
+    compared(&ms)
+}
+
+#[test]
+fn a_shadow_type_that_fails_its_exchanges_is_never_recommended_however_fast() {
+    // Live breaks the SLO; m5.xlarge holds it, c6g.large is faster still but fails 5 % of its
+    // exchanges (its 5xx answers are quick).
+    let c = with_a_failing_cheap_type(100.0);
     let c6g = c
         .types
         .iter()
@@ -218,24 +213,7 @@ fn a_shadow_type_that_fails_its_exchanges_is_never_recommended_however_fast() {
         "the cheaper, faster c6g fails its requests"
     );
     // With live healthy, a faster and cheaper type that fails is no reason to move either.
-    let mut ms = Vec::new();
-    for i in 0..30 {
-        let load = 200 + i as u64;
-        ms.push(m(Role::Live, "m5.large", "live-1", i, load, 30.0));
-        ms.push(m(Role::Shadow, "m5.xlarge", "sh-1", i, load, 20.0));
-        let mut failing = m(Role::Shadow, "c6g.large", "sh-2", i, load, 5.0);
-        failing.report_errors = load / 20;
-        ms.push(failing);
-    }
-    let c = compare(
-        "web",
-        NOW,
-        900_000,
-        99.0,
-        &CompareConfig::default(),
-        &prices(),
-        &ms,
-    );
+    let c = with_a_failing_cheap_type(30.0);
     assert_eq!(c.ranking[0].verdict, Verdict::Faster);
     assert_eq!(recommend(&c, &policy, 1), None);
 }
@@ -254,15 +232,7 @@ fn errors_of_an_amplified_replay_past_the_knee_do_not_hold_a_type_back() {
         amplified.report_errors = load;
         ms.push(amplified);
     }
-    let c = compare(
-        "web",
-        NOW,
-        900_000,
-        99.0,
-        &CompareConfig::default(),
-        &prices(),
-        &ms,
-    );
+    let c = compared(&ms);
     let c6g = c
         .types
         .iter()
@@ -312,15 +282,7 @@ fn nothing_is_recommended_without_a_conclusive_advantage() {
         ms.push(m(Role::Live, "m5.large", "live-1", i, load, 10.0));
         ms.push(m(Role::Shadow, "c6g.large", "sh-1", i, load, 10.0 + wobble));
     }
-    let c = compare(
-        "web",
-        NOW,
-        900_000,
-        99.0,
-        &CompareConfig::default(),
-        &prices(),
-        &ms,
-    );
+    let c = compared(&ms);
     assert_eq!(c.ranking[0].verdict, Verdict::Inconclusive);
     assert_eq!(recommend(&c, &Policy::default(), 1), None);
 }
