@@ -296,17 +296,20 @@ mod tests {
 
     #[test]
     fn a_busy_process_tree_shows_cpu_time() {
+        use std::os::unix::process::CommandExt as _;
+        // The child spins until killed: a bounded loop finished before the sample on a quiet
+        // machine, and the tree then had nothing left to measure. Its own process group, so
+        // the kill reaches the grandchild too.
         let mut busy = std::process::Command::new("sh")
-            .args([
-                "-c",
-                "sh -c 'i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done'",
-            ])
+            .args(["-c", "sh -c 'while :; do :; done' & wait"])
+            .process_group(0)
             .spawn()
             .expect("spawn");
         let mut sampler = ResourceSampler::new(Some(WorkloadSource::Pid(busy.id())));
         std::thread::sleep(std::time::Duration::from_millis(400));
         let (host, workload) = sampler.sample();
-        let _ = busy.kill();
+        let group = nix::unistd::Pid::from_raw(i32::try_from(busy.id()).expect("pid"));
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = busy.wait();
         let workload = workload.expect("workload usage");
         assert!(
