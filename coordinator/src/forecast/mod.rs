@@ -266,8 +266,19 @@ struct TypePoints {
     points: VecDeque<(i64, LoadLatencyPoint)>,
     /// (interval start ms, CPU use of the workload in it), oldest first.
     cpu: VecDeque<(i64, CpuSample)>,
-    /// (interval start ms, exchanges failed, exchanges measured, load per s), oldest first.
-    outcomes: VecDeque<(i64, u64, u64, f64)>,
+    /// (interval start ms, how its exchanges went), oldest first.
+    outcomes: VecDeque<(i64, Outcome)>,
+}
+
+/// One interval's exchanges on one instance: how many failed, at what load.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Outcome {
+    /// Exchanges the agent counted as failed (`exchange_errors`).
+    failed: u64,
+    /// Exchanges measured.
+    measured: u64,
+    /// Offered load, exchanges/s.
+    load: f64,
 }
 
 impl TypePoints {
@@ -278,8 +289,8 @@ impl TypePoints {
         let (failed, measured) = self
             .outcomes
             .iter()
-            .filter(|(_, _, _, load)| *load <= max_load)
-            .fold((0, 0), |(f, m), (_, e, n, _)| (f + e, m + n));
+            .filter(|(_, o)| o.load <= max_load)
+            .fold((0, 0), |(f, m), (_, o)| (f + o.failed, m + o.measured));
         (measured > 0).then(|| failed as f64 / measured as f64)
     }
 }
@@ -979,7 +990,12 @@ fn collect_points(
                 (Some(Role::Live), _) | (_, Role::Live) => Role::Live,
                 _ => Role::Shadow,
             });
-            tp.outcomes.push_back((start, errors, h.len(), point.load));
+            let outcome = Outcome {
+                failed: errors,
+                measured: h.len(),
+                load: point.load,
+            };
+            tp.outcomes.push_back((start, outcome));
             tp.points.push_back((start, point));
             if let Some(cpu) = cpu {
                 tp.cpu.push_back((start, cpu));
@@ -987,39 +1003,27 @@ fn collect_points(
         }
         state.perf_until_ms = settled_ms;
     }
+    let max = settings.max_points_per_type;
     for tp in state.by_type.values_mut() {
-        let mut sorted: Vec<(i64, LoadLatencyPoint)> = tp.points.drain(..).collect();
-        sorted.sort_by_key(|(start, _)| *start);
-        tp.points = sorted
-            .into_iter()
-            .filter(|(start, _)| *start >= window_start)
-            .collect();
-        while tp.points.len() > settings.max_points_per_type {
-            tp.points.pop_front();
-        }
-        tp.cpu.make_contiguous().sort_by_key(|(start, _)| *start);
-        while tp
-            .cpu
-            .front()
-            .is_some_and(|(start, _)| *start < window_start)
-            || tp.cpu.len() > settings.max_points_per_type
-        {
-            tp.cpu.pop_front();
-        }
-        tp.outcomes
-            .make_contiguous()
-            .sort_by_key(|(start, ..)| *start);
-        while tp
-            .outcomes
-            .front()
-            .is_some_and(|(start, ..)| *start < window_start)
-            || tp.outcomes.len() > settings.max_points_per_type
-        {
-            tp.outcomes.pop_front();
-        }
+        keep_window(&mut tp.points, window_start, max);
+        keep_window(&mut tp.cpu, window_start, max);
+        keep_window(&mut tp.outcomes, window_start, max);
     }
     state.by_type.retain(|_, tp| !tp.points.is_empty());
     Ok(())
+}
+
+/// Orders `(interval start, item)` pairs by start and keeps the newest `max` starting at or
+/// after `window_start`.
+fn keep_window<T>(items: &mut VecDeque<(i64, T)>, window_start: i64, max: usize) {
+    items.make_contiguous().sort_by_key(|(start, _)| *start);
+    while items
+        .front()
+        .is_some_and(|(start, _)| *start < window_start)
+        || items.len() > max
+    {
+        items.pop_front();
+    }
 }
 
 #[cfg(test)]

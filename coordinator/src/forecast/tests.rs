@@ -544,3 +544,14 @@ fn live_intervals_before_a_move_belong_to_the_type_it_left() {
     assert_eq!(live_type_at(&moves, 20_000), None);
     assert_eq!(live_type_at(&[], 0), None);
 }
+
+#[test]
+fn keep_window_orders_by_start_and_keeps_the_newest_inside_the_window() {
+    let mut items: VecDeque<(i64, char)> =
+        [(30, 'c'), (10, 'a'), (50, 'e'), (20, 'b'), (40, 'd')].into();
+    keep_window(&mut items, 20, 3);
+    assert_eq!(Vec::from(items), vec![(30, 'c'), (40, 'd'), (50, 'e')]);
+    let mut items: VecDeque<(i64, char)> = [(30, 'c'), (10, 'a')].into();
+    keep_window(&mut items, 20, 5);
+    assert_eq!(Vec::from(items), vec![(30, 'c')]);
+}
