@@ -187,7 +187,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let config = format!(
         "role = \"shadow\"\nxdp_interface = \"{iface}\"\nreplay_addr = \"127.0.0.1\"\n\
-         replay_interface = \"lo\"\nreport_interval_ms = 500\nopaque_idle_ms = 5\n\
+         replay_interface = \"lo\"\nreport_interval_ms = 500\n\
          [[sessions]]\nsource = \"{source}\"\nvni = {VNI}\n[[services]]\nport = {PORT}\n",
         iface = link.b_iface,
         source = link.a_v4,

@@ -9,11 +9,17 @@
 //! report_interval_ms = 10000
 //! amplification = 1.0                # 1.5 replays every second flow twice
 //! time_compression = 1.0             # > 1: gaps between exchanges shrink by this factor
+//! gap_timeout_ms = 100               # a hole not filled this long is skipped, the replay resumes
 //! [[sessions]]                       # admitted mirror sources
 //! source = "10.1.0.1"
 //! vni = 101
 //! [[services]]                       # original service ports replayed (others are ignored)
 //! port = 8080
+//! protocol = "http1"                 # optional: http1 | redis | postgres | opaque (else detected)
+//! [[services]]
+//! port = 5432
+//! user = "app"                       # optional: the replayer logs in to PostgreSQL itself,
+//! password = "secret"                #   answering the server's challenge with these
 //! [[classes]]                        # optional: class of a flow by its first bytes
 //! id = 1
 //! name = "api"
@@ -40,7 +46,7 @@ use std::{
 use doppel_common::wire::{AgentPolicy, ClassPolicy, ClassRule, ServiceAddr};
 use serde::Deserialize;
 
-use super::http::HttpPolicy;
+use super::{framing::Protocol, http::HttpPolicy};
 use crate::{
     config::{ConfigError, CoordinatorConfig, WorkloadConfig},
     datapath::AttachMode,
@@ -70,6 +76,13 @@ pub struct AdmittedSession {
 pub struct ShadowService {
     /// Original service port; the replay goes to `replay_addr` on the same port.
     pub port: u16,
+    /// `http1`, `redis`, `postgres` or `opaque`; detected from each flow's first bytes when
+    /// absent.
+    pub protocol: Option<Protocol>,
+    /// For PostgreSQL: the user the replayer logs in as (the client's own by default).
+    pub user: Option<String>,
+    /// For PostgreSQL: the password the replayer answers the server's challenge with.
+    pub password: Option<String>,
 }
 
 /// A class of flows, by the first bytes of the flow.
@@ -121,11 +134,9 @@ pub struct ShadowConfig {
     /// Time allowed for a response's first byte, and between its bytes, ms.
     #[serde(default = "default_response_timeout_ms")]
     pub response_timeout_ms: u64,
-    /// An opaque response is complete once the workload was silent this long, ms; an opaque
-    /// run of client bytes with nothing after it is complete after the same idle time.
-    #[serde(default = "default_opaque_idle_ms")]
-    pub opaque_idle_ms: u64,
-    /// A hole in a stream not filled within this many ms abandons the flow.
+    /// A hole in a stream not filled within this many ms is skipped: the replay resumes at the
+    /// next message boundary. A lost mirror copy is never retransmitted (the live client's TCP
+    /// retransmits only what the live server missed), so waiting long only delays the replay.
     #[serde(default = "default_gap_timeout_ms")]
     pub gap_timeout_ms: u64,
     /// A flow without packets this long ends (its FIN may have been lost), ms.
@@ -175,11 +186,8 @@ const fn default_connect_timeout_ms() -> u64 {
 const fn default_response_timeout_ms() -> u64 {
     5000
 }
-const fn default_opaque_idle_ms() -> u64 {
-    5
-}
 const fn default_gap_timeout_ms() -> u64 {
-    2000
+    100
 }
 const fn default_flow_idle_ms() -> u64 {
     60_000
@@ -253,6 +261,18 @@ impl ShadowConfig {
                 "max_total_buffer_bytes",
                 "needs max_flow_buffer_bytes >= 4096 and max_total_buffer_bytes >= max_flow_buffer_bytes",
             ));
+        }
+        if self.gap_timeout_ms == 0 {
+            return Err(invalid("gap_timeout_ms", "must be at least 1"));
+        }
+        for (i, service) in self.services.iter().enumerate() {
+            let wants_login = service.user.is_some() || service.password.is_some();
+            if wants_login && !matches!(service.protocol, None | Some(Protocol::Postgres)) {
+                return Err(invalid(
+                    format!("services[{i}].user"),
+                    "credentials are only used by the postgres protocol",
+                ));
+            }
         }
         if self.max_flows == 0 {
             return Err(invalid("max_flows", "must be at least 1"));

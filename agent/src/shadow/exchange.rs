@@ -1,18 +1,24 @@
-//! Cutting a reassembled client stream into exchanges, the unit that is paced, replayed and
-//! timed.
+//! Cutting a reassembled client stream into the messages the replayer writes, each with the
+//! arrival time and acknowledgement number of the segment that carried its first byte.
 //!
-//! HTTP/1.1 streams are cut at request boundaries ([`super::http`]), and each request is replayed
-//! or skipped by the [`HttpPolicy`]. Any other protocol is opaque: an exchange is a run of client
-//! bytes sent without the client having seen a response in between, which the mirrored segments
-//! themselves show: a client's acknowledgement number advances exactly when response bytes
-//! reached it. So `SET a 1` / reply / `GET a` arrives as two runs with two different `ack`s, while
-//! a pipelined burst stays one exchange, as it was one on the live host. A run is complete when a
-//! byte with another `ack` follows it, at the end of the stream, or when the replayer flushes it
-//! after an idle gap (a protocol whose server never answers).
+//! The protocol's [`ClientFraming`] says where a message ends and what the server owes for it;
+//! for the opaque fallback a message is one mirrored segment, so it is written at that
+//! segment's own offset. The acknowledgement number says whether the live client had seen a
+//! response before sending a message: it advances exactly when response bytes reached the
+//! client. The replayer waits for outstanding responses only then, so a pipelined burst stays a
+//! burst and a request that followed a response never overtakes it.
+//!
+//! After a hole (a lost mirror datagram the reassembler gave up on, [`ExchangeSplitter::hole`])
+//! or bytes that break the protocol, the splitter drops the partial message and resumes at the
+//! next segment whose first bytes the framing accepts as a message start
+//! ([`ClientFraming::boundary`]): the hole costs only the messages it touched.
 
-use std::{collections::VecDeque, io::Cursor, sync::Arc};
+use std::{collections::VecDeque, sync::Arc};
 
-use super::http::{HttpError, HttpPolicy, Request, looks_like_http};
+use super::{
+    framing::{self, Action, ClientFraming, ClientMessage, FrameError, Protocol},
+    http::HttpPolicy,
+};
 
 /// Metadata of one mirrored segment, kept with its bytes through reassembly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,86 +29,87 @@ pub struct SegmentMeta {
     pub ack: u32,
 }
 
-/// The protocol a flow was recognised as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// HTTP/1.x requests.
-    Http,
-    /// Anything else.
-    Opaque,
-}
-
-/// One exchange's client bytes.
+/// One client message and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exchange {
-    /// The bytes to write.
+pub struct Message {
+    /// Its bytes.
     pub bytes: Vec<u8>,
+    /// What the framing said about it.
+    pub frame: ClientMessage,
     /// Arrival of its first byte's mirror copy (for pacing).
     pub arrival_ns: u64,
-    /// The request, for HTTP.
-    pub request: Option<Request>,
-}
-
-/// What the splitter produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    /// Replay this exchange.
-    Replay(Exchange),
-    /// The policy denies this request; its bytes were skipped.
-    Denied(Request),
+    /// Acknowledgement number of the segment carrying its first byte.
+    pub ack: u32,
 }
 
 /// Why the rest of a stream cannot be replayed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SplitError {
-    /// An HTTP request could not be delimited, so neither it nor anything after it can be
-    /// replayed or skipped safely.
-    #[error("HTTP request cannot be delimited")]
-    Http(#[source] HttpError),
-    /// One request is larger than the splitter holds.
-    #[error("request larger than {limit} bytes")]
+    /// One message is larger than the splitter holds.
+    #[error("message larger than {limit} bytes")]
     TooLarge {
         /// The limit.
         limit: usize,
     },
 }
 
-/// Cuts one flow's stream into exchanges.
+/// What the splitter discarded to get back in step, for the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// Times it resynchronised (after a hole or bytes the framing refused).
+    pub resyncs: u64,
+    /// Bytes dropped doing so.
+    pub bytes: u64,
+}
+
+/// Cuts one flow's stream into messages.
 #[derive(Debug)]
 pub struct ExchangeSplitter {
     policy: Arc<HttpPolicy>,
-    protocol: Option<Protocol>,
+    /// Set by the config, or detected from the first bytes.
+    forced: Option<Protocol>,
+    framing: Option<Box<dyn ClientFraming>>,
     /// Bytes not yet cut; `buf[..start]` is already consumed.
     buf: Vec<u8>,
     start: usize,
     /// (offset in `buf` where a segment's bytes begin, its metadata), oldest first.
     marks: VecDeque<(usize, SegmentMeta)>,
-    max_exchange: usize,
+    max_message: usize,
+    /// Dropping bytes until a segment starts a message.
+    resync: bool,
+    skipped: Skipped,
 }
 
 impl ExchangeSplitter {
-    /// A splitter applying `policy` to HTTP requests; no single request may exceed
-    /// `max_exchange` bytes.
-    pub fn new(policy: Arc<HttpPolicy>, max_exchange: usize) -> Self {
+    /// A splitter for `protocol` (detected from the first bytes when `None`), applying
+    /// `policy` to HTTP requests; no single message may exceed `max_message` bytes.
+    pub fn new(policy: Arc<HttpPolicy>, protocol: Option<Protocol>, max_message: usize) -> Self {
         Self {
             policy,
-            protocol: None,
+            forced: protocol,
+            framing: None,
             buf: Vec::new(),
             start: 0,
             marks: VecDeque::new(),
-            max_exchange,
+            max_message,
+            resync: false,
+            skipped: Skipped::default(),
         }
     }
 
-    /// The protocol, once recognised.
+    /// The protocol, once known.
     pub fn protocol(&self) -> Option<Protocol> {
-        self.protocol
+        self.framing.as_ref().map(|f| f.protocol())
     }
 
     /// Bytes buffered and not yet cut.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
+    }
+
+    /// What was skipped so far.
+    pub fn skipped(&self) -> Skipped {
+        self.skipped
     }
 
     /// Adds contiguous stream bytes.
@@ -111,7 +118,7 @@ impl ExchangeSplitter {
             return;
         }
         if self.start > 0 && self.start >= self.buf.len() / 2 {
-            // Compact, so the buffer holds one exchange's worth, not the whole stream.
+            // Compact, so the buffer holds one message's worth, not the whole stream.
             self.buf.drain(..self.start);
             for mark in &mut self.marks {
                 mark.0 = mark.0.saturating_sub(self.start);
@@ -120,14 +127,35 @@ impl ExchangeSplitter {
         }
         self.marks.push_back((self.buf.len(), meta));
         self.buf.extend_from_slice(data);
-        if self.protocol.is_none() {
-            self.protocol = looks_like_http(&self.buf[self.start..]).map(|http| {
-                if http {
-                    Protocol::Http
-                } else {
-                    Protocol::Opaque
-                }
-            });
+        if self.framing.is_none() {
+            let protocol = self
+                .forced
+                .or_else(|| framing::detect(&self.buf[self.start..]));
+            self.framing = protocol.map(|p| p.client_framing(&self.policy));
+        }
+    }
+
+    /// Bytes are missing before whatever is pushed next: drop the partial message and resume at
+    /// the next message start.
+    pub fn hole(&mut self) {
+        self.drop_to(self.buf.len());
+        if self.framing.is_some() {
+            self.resync = true;
+            self.skipped.resyncs += 1;
+        }
+    }
+
+    /// Drops buffered bytes up to `buf[to]`, counting them.
+    fn drop_to(&mut self, to: usize) {
+        self.skipped.bytes += (to - self.start) as u64;
+        self.start = to;
+        while self.marks.len() > 1 && self.marks[1].0 <= self.start {
+            self.marks.pop_front();
+        }
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.marks.clear();
+            self.start = 0;
         }
     }
 
@@ -137,76 +165,95 @@ impl ExchangeSplitter {
         self.marks[i.saturating_sub(1)].1
     }
 
-    /// Consumes `len` bytes from the front and returns them with their first byte's metadata.
-    fn cut(&mut self, len: usize) -> (Vec<u8>, SegmentMeta) {
-        let meta = self.meta_at(self.start);
-        let bytes = self.buf[self.start..self.start + len].to_vec();
-        self.start += len;
-        while self.marks.len() > 1 && self.marks[1].0 <= self.start {
-            self.marks.pop_front();
-        }
-        (bytes, meta)
+    /// Offset in `buf` where the segment after the one holding `buf[at]` starts.
+    fn next_mark_after(&self, at: usize) -> Option<usize> {
+        self.marks.iter().map(|(o, _)| *o).find(|o| *o > at)
     }
 
-    /// The next exchange, if one is complete. `flush` says no more bytes will come soon (idle
-    /// gap or end of stream): an opaque run ends there.
-    pub fn next(&mut self, flush: bool) -> Result<Option<Step>, SplitError> {
-        if self.buffered() == 0 {
-            return Ok(None);
-        }
-        let protocol = match self.protocol {
-            Some(p) => p,
-            None if flush => {
-                self.protocol = Some(Protocol::Opaque);
-                Protocol::Opaque
+    /// The next message, if one is whole. `flush` says the stream ended: bytes no protocol was
+    /// recognised for are then replayed opaquely.
+    pub fn next(&mut self, flush: bool) -> Result<Option<Message>, SplitError> {
+        loop {
+            if self.buffered() == 0 {
+                return Ok(None);
             }
-            None => return Ok(None),
-        };
-        match protocol {
-            Protocol::Http => {
-                let mut cursor = Cursor::new(&self.buf[self.start..]);
-                match Request::check(&mut cursor) {
-                    Ok(request) => {
-                        let (bytes, meta) = self.cut(request.len);
-                        Ok(Some(if self.policy.allows(&request) {
-                            Step::Replay(Exchange {
-                                bytes,
-                                arrival_ns: meta.arrival_ns,
-                                request: Some(request),
-                            })
-                        } else {
-                            Step::Denied(request)
-                        }))
-                    }
-                    Err(HttpError::Incomplete) if self.buffered() > self.max_exchange => {
-                        Err(SplitError::TooLarge {
-                            limit: self.max_exchange,
-                        })
-                    }
-                    Err(HttpError::Incomplete) => Ok(None),
-                    Err(e) => Err(SplitError::Http(e)),
+            if self.framing.is_none() {
+                if !flush {
+                    return Ok(None);
                 }
+                self.framing = Some(Protocol::Opaque.client_framing(&self.policy));
             }
-            Protocol::Opaque => {
-                let first = self.meta_at(self.start);
-                let run = self
+            let Some(framing) = self.framing.as_ref() else {
+                return Ok(None);
+            };
+            if self.resync {
+                // Resume at the first segment start that begins a message.
+                let start = self.start;
+                let found = self
                     .marks
                     .iter()
-                    .find(|(o, m)| *o > self.start && m.ack != first.ack)
-                    .map(|(o, _)| *o - self.start);
-                let len = match run {
-                    Some(len) => len,
-                    None if flush => self.buffered(),
-                    None => return Ok(None),
-                };
-                let (bytes, meta) = self.cut(len);
-                Ok(Some(Step::Replay(Exchange {
-                    bytes,
-                    arrival_ns: meta.arrival_ns,
-                    request: None,
-                })))
+                    .map(|(o, _)| *o)
+                    .filter(|o| *o >= start)
+                    .find(|o| framing.boundary(&self.buf[*o..]));
+                match found {
+                    Some(at) => {
+                        self.drop_to(at);
+                        self.resync = false;
+                    }
+                    None => {
+                        self.drop_to(self.buf.len());
+                        return Ok(None);
+                    }
+                }
+                continue;
+            }
+            let opaque = framing.protocol() == Protocol::Opaque;
+            // The opaque fallback writes one segment at a time, at its own offset.
+            let end = if opaque {
+                self.next_mark_after(self.start).unwrap_or(self.buf.len())
+            } else {
+                self.buf.len()
+            };
+            let Some(framing) = self.framing.as_mut() else {
+                return Ok(None);
+            };
+            match framing.check(&self.buf[self.start..end]) {
+                Ok(frame) => {
+                    let meta = self.meta_at(self.start);
+                    let bytes = self.buf[self.start..self.start + frame.len].to_vec();
+                    self.start += frame.len;
+                    while self.marks.len() > 1 && self.marks[1].0 <= self.start {
+                        self.marks.pop_front();
+                    }
+                    return Ok(Some(Message {
+                        bytes,
+                        frame,
+                        arrival_ns: meta.arrival_ns,
+                        ack: meta.ack,
+                    }));
+                }
+                Err(FrameError::Incomplete) if self.buffered() > self.max_message => {
+                    return Err(SplitError::TooLarge {
+                        limit: self.max_message,
+                    });
+                }
+                Err(FrameError::Incomplete) => return Ok(None),
+                Err(FrameError::Malformed { .. }) => {
+                    // Skip to the next segment that starts a message.
+                    let next = self.next_mark_after(self.start).unwrap_or(self.buf.len());
+                    self.drop_to(next);
+                    self.resync = true;
+                    self.skipped.resyncs += 1;
+                }
             }
         }
+    }
+}
+
+impl Message {
+    /// Whether the replayer writes it (rather than skipping it or acting on it itself).
+    pub fn is_written(&self) -> bool {
+        matches!(self.frame.action, Action::Replay | Action::Terminate)
     }
 }
 
@@ -218,76 +265,101 @@ mod tests {
         SegmentMeta { arrival_ns, ack }
     }
 
-    fn drain(s: &mut ExchangeSplitter, flush: bool) -> Vec<Step> {
+    fn drain(s: &mut ExchangeSplitter, flush: bool) -> Vec<Message> {
         std::iter::from_fn(|| s.next(flush).unwrap()).collect()
     }
 
+    fn http() -> ExchangeSplitter {
+        ExchangeSplitter::new(Arc::new(HttpPolicy::default()), None, 1 << 20)
+    }
+
     #[test]
-    fn a_denied_request_is_skipped_and_the_next_one_still_replayed() {
-        let mut s = ExchangeSplitter::new(Arc::new(HttpPolicy::default()), 1 << 20);
+    fn a_denied_request_is_skipped_and_the_next_one_still_cut() {
+        let mut s = http();
         s.push(
             b"GET /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
             meta(1, 0),
         );
         s.push(b"GET /c HTTP/1.1\r\n\r\n", meta(5, 0));
-        let steps = drain(&mut s, false);
-        let kinds: Vec<_> = steps
-            .iter()
-            .map(|s| match s {
-                Step::Replay(e) => (true, e.request.as_ref().unwrap().path.clone(), e.arrival_ns),
-                Step::Denied(r) => (false, r.path.clone(), 0),
-            })
+        let got: Vec<_> = drain(&mut s, false)
+            .into_iter()
+            .map(|m| (m.is_written(), m.arrival_ns))
+            .collect();
+        assert_eq!(got, [(true, 1), (false, 1), (true, 5)]);
+        assert_eq!(s.protocol(), Some(Protocol::Http1));
+    }
+
+    #[test]
+    fn a_hole_costs_only_the_message_it_touched() {
+        let mut s = http();
+        s.push(b"GET /a HTTP/1.1\r\n\r\nGET /b HT", meta(1, 0));
+        assert_eq!(drain(&mut s, false).len(), 1);
+        // The rest of /b was lost; the next segment starts /c.
+        s.hole();
+        s.push(b"GET /c HTTP/1.1\r\n\r\n", meta(3, 0));
+        let got = drain(&mut s, false);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].bytes.starts_with(b"GET /c"));
+        assert_eq!(
+            s.skipped(),
+            Skipped {
+                resyncs: 1,
+                bytes: 9
+            }
+        );
+    }
+
+    #[test]
+    fn after_a_hole_mid_segment_bytes_are_skipped_to_the_next_message_start() {
+        let mut s = ExchangeSplitter::new(Arc::new(HttpPolicy::default()), None, 1 << 20);
+        s.push(b"*1\r\n$4\r\nPING\r\n", meta(1, 0));
+        assert_eq!(drain(&mut s, false).len(), 1);
+        s.hole();
+        s.push(b"ING\r\n", meta(2, 0)); // the tail of a command whose head was lost
+        s.push(b"*1\r\n$4\r\nPING\r\n", meta(3, 5));
+        let got = drain(&mut s, false);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].arrival_ns, 3);
+        assert_eq!(s.skipped().bytes, 5);
+    }
+
+    #[test]
+    fn opaque_bytes_are_cut_per_segment_with_their_own_arrival() {
+        let mut s = http();
+        s.push(b"\x01\x02hello", meta(1, 100));
+        s.push(b"world", meta(2, 100));
+        let got: Vec<_> = drain(&mut s, false)
+            .into_iter()
+            .map(|m| (m.bytes, m.arrival_ns, m.ack))
             .collect();
         assert_eq!(
-            kinds,
+            got,
             [
-                (true, "/a".to_owned(), 1),
-                (false, "/b".to_owned(), 0),
-                (true, "/c".to_owned(), 5)
+                (b"\x01\x02hello".to_vec(), 1, 100),
+                (b"world".to_vec(), 2, 100)
             ]
         );
-        assert_eq!(s.protocol(), Some(Protocol::Http));
     }
 
     #[test]
-    fn a_broken_request_stops_the_flow() {
-        let mut s = ExchangeSplitter::new(Arc::new(HttpPolicy::default()), 1 << 20);
-        s.push(b"GET /a HTTP/1.1\r\nbad header\r\n\r\n", meta(1, 0));
-        assert!(matches!(
-            s.next(false),
-            Err(SplitError::Http(HttpError::Header))
-        ));
-    }
-
-    #[test]
-    fn opaque_exchanges_are_cut_where_the_client_acknowledged_a_response() {
-        let mut s = ExchangeSplitter::new(Arc::new(HttpPolicy::default()), 1 << 20);
-        s.push(b"*1\r\n", meta(1, 100));
-        s.push(b"$4\r\nPING\r\n", meta(2, 100));
-        s.push(b"*1\r\n$4\r\nPING\r\n", meta(9, 107));
-        let steps = drain(&mut s, false);
-        assert_eq!(
-            steps,
-            [Step::Replay(Exchange {
-                bytes: b"*1\r\n$4\r\nPING\r\n".to_vec(),
-                arrival_ns: 1,
-                request: None
-            })]
-        );
-        // The last run has nothing after it: it ends when the replayer flushes.
-        let steps = drain(&mut s, true);
-        assert!(matches!(&steps[..], [Step::Replay(e)] if e.arrival_ns == 9));
-        assert_eq!(s.buffered(), 0);
-    }
-
-    #[test]
-    fn an_oversized_request_is_refused() {
-        let mut s = ExchangeSplitter::new(Arc::new(HttpPolicy::default()), 64);
+    fn an_oversized_message_is_refused() {
+        let mut s = ExchangeSplitter::new(Arc::new(HttpPolicy::default()), None, 64);
         s.push(
             b"GET /a HTTP/1.1\r\nContent-Length: 1000\r\n\r\n",
             meta(1, 0),
         );
         s.push(&[b'x'; 100], meta(2, 0));
         assert_eq!(s.next(false), Err(SplitError::TooLarge { limit: 64 }));
+    }
+
+    #[test]
+    fn a_configured_protocol_wins_over_detection() {
+        let mut s = ExchangeSplitter::new(
+            Arc::new(HttpPolicy::default()),
+            Some(Protocol::Opaque),
+            1 << 20,
+        );
+        s.push(b"GET /a HTTP/1.1\r\n\r\n", meta(1, 0));
+        assert_eq!(s.protocol(), Some(Protocol::Opaque));
     }
 }

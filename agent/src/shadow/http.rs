@@ -59,16 +59,8 @@ impl Request {
     pub fn check(cursor: &mut Cursor<&[u8]>) -> Result<Self, HttpError> {
         let start = cursor.position() as usize;
         let buf = &cursor.get_ref()[start..];
-        let head = Head::parse(buf)?;
-        let mut words = head.start_line.split(' ');
-        let (Some(method), Some(path), Some(version), None) =
-            (words.next(), words.next(), words.next(), words.next())
-        else {
-            return Err(HttpError::StartLine);
-        };
-        if !is_token(method) || path.is_empty() || !version.starts_with("HTTP/1.") {
-            return Err(HttpError::StartLine);
-        }
+        let head = Head::parse_request(buf)?;
+        let method = head.method.as_str();
         if method == "CONNECT" || head.upgrade {
             return Err(HttpError::Unsupported);
         }
@@ -84,8 +76,8 @@ impl Request {
         }
         cursor.set_position((start + len) as u64);
         Ok(Self {
-            method: method.to_owned(),
-            path: path.to_owned(),
+            method: head.method,
+            path: head.path,
             len,
         })
     }
@@ -118,12 +110,6 @@ pub fn looks_like_http(first: &[u8]) -> Option<bool> {
     if undecided { None } else { Some(false) }
 }
 
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
     Length(usize),
@@ -131,69 +117,110 @@ enum Framing {
     UntilClose,
 }
 
-/// A parsed message head.
+/// How many header fields a head may carry (nginx's default limit is far above what clients send).
+const MAX_HEADERS: usize = 128;
+
+/// A parsed message head: its start line's parts, length and body framing. Heads are parsed
+/// with `httparse` (the parser hyper uses), which checks header names are tokens and lines are
+/// well formed; only the body framing rules (RFC 9112 §6) are ours.
 #[derive(Debug)]
-struct Head<'a> {
-    start_line: &'a str,
+struct Head {
+    /// Request method, or empty for a response.
+    method: String,
+    /// Request target, or empty for a response.
+    path: String,
+    /// Response status, or 0 for a request.
+    status: u16,
     len: usize,
     framing: Framing,
     upgrade: bool,
 }
 
-impl<'a> Head<'a> {
-    fn parse(buf: &'a [u8]) -> Result<Self, HttpError> {
-        let Some(end) = find(buf, b"\r\n\r\n") else {
-            return if buf.len() > MAX_HEAD {
-                Err(HttpError::Header)
-            } else {
-                Err(HttpError::Incomplete)
-            };
-        };
-        if end > MAX_HEAD {
-            return Err(HttpError::Header);
+fn httparse_error(e: httparse::Error) -> HttpError {
+    match e {
+        httparse::Error::Version | httparse::Error::Token | httparse::Error::Status => {
+            HttpError::StartLine
         }
-        let text = std::str::from_utf8(&buf[..end]).map_err(|_| HttpError::Header)?;
-        let mut lines = text.split("\r\n");
-        let start_line = lines.next().ok_or(HttpError::StartLine)?;
-        let mut length = None;
-        let mut chunked = false;
-        let mut upgrade = false;
-        for line in lines {
-            let (name, value) = line.split_once(':').ok_or(HttpError::Header)?;
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                let n: usize = value.parse().map_err(|_| HttpError::ContentLength)?;
-                // Duplicates must agree (RFC 9110 §8.6); anything else is request smuggling.
-                if length.is_some_and(|l| l != n) {
-                    return Err(HttpError::ContentLength);
-                }
-                length = Some(n);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                if !value.eq_ignore_ascii_case("chunked") {
-                    return Err(HttpError::Unsupported);
-                }
-                chunked = true;
-            } else if name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
+        _ => HttpError::Header,
+    }
+}
+
+impl Head {
+    fn parse_request(buf: &[u8]) -> Result<Self, HttpError> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        let len = match request.parse(buf).map_err(httparse_error)? {
+            httparse::Status::Complete(len) if len <= MAX_HEAD => len,
+            httparse::Status::Partial if buf.len() <= MAX_HEAD => {
+                return Err(HttpError::Incomplete);
             }
-        }
-        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3, rule 3).
-        let framing = match (chunked, length) {
-            (true, _) => Framing::Chunked,
-            (false, Some(n)) => Framing::Length(n),
-            (false, None) => Framing::UntilClose,
+            _ => return Err(HttpError::Header),
         };
+        let (framing, upgrade) = framing(request.headers)?;
         Ok(Self {
-            start_line,
-            len: end + 4,
+            method: request.method.unwrap_or_default().to_owned(),
+            path: request.path.unwrap_or_default().to_owned(),
+            status: 0,
+            len,
+            framing,
+            upgrade,
+        })
+    }
+
+    fn parse_response(buf: &[u8]) -> Result<Self, HttpError> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        let len = match response.parse(buf).map_err(httparse_error)? {
+            httparse::Status::Complete(len) if len <= MAX_HEAD => len,
+            httparse::Status::Partial if buf.len() <= MAX_HEAD => {
+                return Err(HttpError::Incomplete);
+            }
+            _ => return Err(HttpError::Header),
+        };
+        let (framing, upgrade) = framing(response.headers)?;
+        Ok(Self {
+            method: String::new(),
+            path: String::new(),
+            status: response.code.unwrap_or_default(),
+            len,
             framing,
             upgrade,
         })
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// The body framing the header fields give, and whether they ask for a protocol upgrade.
+fn framing(headers: &[httparse::Header<'_>]) -> Result<(Framing, bool), HttpError> {
+    let mut length = None;
+    let mut chunked = false;
+    let mut upgrade = false;
+    for header in headers {
+        let value = std::str::from_utf8(header.value)
+            .map_err(|_| HttpError::Header)?
+            .trim();
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let n: usize = value.parse().map_err(|_| HttpError::ContentLength)?;
+            // Duplicates must agree (RFC 9110 §8.6); anything else is request smuggling.
+            if length.is_some_and(|l| l != n) {
+                return Err(HttpError::ContentLength);
+            }
+            length = Some(n);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            if !value.eq_ignore_ascii_case("chunked") {
+                return Err(HttpError::Unsupported);
+            }
+            chunked = true;
+        } else if header.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3, rule 3).
+    let framing = match (chunked, length) {
+        (true, _) => Framing::Chunked,
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => Framing::UntilClose,
+    };
+    Ok((framing, upgrade))
 }
 
 /// Length of a complete chunked body at the start of `buf`, trailers included.
@@ -324,11 +351,11 @@ impl ResponseFramer {
                 ResponseState::Head(head) => {
                     let before = head.len();
                     head.extend_from_slice(data);
-                    let parsed = match Head::parse(head) {
+                    let parsed = match Head::parse_response(head) {
                         Err(HttpError::Incomplete) => return Ok(None),
                         other => other?,
                     };
-                    let status = parse_status(parsed.start_line)?;
+                    let status = parsed.status;
                     let used = parsed.len - before;
                     let framing = parsed.framing;
                     data = &data[used..];
@@ -359,16 +386,6 @@ impl ResponseFramer {
                 ResponseState::UntilClose => return Ok(None),
             }
         }
-    }
-}
-
-fn parse_status(line: &str) -> Result<u16, HttpError> {
-    let mut words = line.splitn(3, ' ');
-    match (words.next(), words.next()) {
-        (Some(v), Some(code)) if v.starts_with("HTTP/1.") && code.len() == 3 => {
-            code.parse().map_err(|_| HttpError::StartLine)
-        }
-        _ => Err(HttpError::StartLine),
     }
 }
 

@@ -15,16 +15,18 @@
 
 pub mod config;
 pub mod exchange;
+pub mod framing;
 pub mod http;
 pub mod reassembly;
 pub mod receiver;
 pub mod replay;
 pub mod stats;
+pub mod timer;
 pub mod vxlan;
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, RwLock},
+    sync::{Arc, RwLock, atomic::AtomicBool},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -37,10 +39,69 @@ use tracing::{info, warn};
 
 use self::{
     config::{FlowClassifier, ShadowConfig},
+    framing::postgres::Credentials,
     receiver::Receiver,
-    replay::ReplaySettings,
-    stats::{ShadowCounter, ShadowStats},
+    replay::{ReplaySettings, ServiceReplay},
+    stats::{REPLAY_LAG_MS, ShadowCounter, ShadowStats},
 };
+
+/// Report name of the kernel's drops on the mirror socket.
+pub const MIRROR_DROPS: &str = "mirror_drops";
+/// A replay this far behind the original timing is logged.
+const LAG_WARNING: Duration = Duration::from_millis(100);
+/// Receive buffer asked for on the mirror socket: about 0.3 s of mirror traffic at 50,000
+/// datagrams/s, so a scheduling hiccup of the receiver does not drop copies.
+const MIRROR_RCVBUF: usize = 32 << 20;
+
+/// Sizes the mirror socket's receive buffer, past `net.core.rmem_max` where the agent may
+/// (root's `SO_RCVBUFFORCE`), else as far as the limit allows.
+fn size_receive_buffer(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(socket, sockopt::RcvBufForce, &MIRROR_RCVBUF).is_err()
+        && let Err(e) = setsockopt(socket, sockopt::RcvBuf, &MIRROR_RCVBUF)
+    {
+        warn!(error = %e, "cannot size the mirror socket's receive buffer");
+    }
+}
+
+/// The kernel's drop count of one UDP socket, from `/proc/net/udp{,6}` (the `drops` column of
+/// the line whose inode is the socket's). `SO_RXQ_OVFL` would carry the same count in every
+/// datagram's control message; reading it once per report costs nothing on the receive path.
+#[derive(Debug)]
+struct SocketDrops {
+    inode: Option<u64>,
+}
+
+impl SocketDrops {
+    fn of(socket: &tokio::net::UdpSocket) -> Self {
+        let inode = nix::sys::stat::fstat(socket).ok().map(|st| st.st_ino);
+        Self { inode }
+    }
+
+    /// Cumulative drops (0 when the socket cannot be found).
+    fn read(&self) -> u64 {
+        let Some(inode) = self.inode else {
+            return 0;
+        };
+        ["/proc/net/udp", "/proc/net/udp6"]
+            .iter()
+            .filter_map(|path| std::fs::read_to_string(path).ok())
+            .flat_map(|table| {
+                table
+                    .lines()
+                    .skip(1)
+                    .filter_map(|line| {
+                        let fields: Vec<&str> = line.split_whitespace().collect();
+                        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref ptr drops
+                        (fields.get(9)?.parse::<u64>().ok()? == inode)
+                            .then(|| fields.get(12)?.parse::<u64>().ok())
+                            .flatten()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+}
 use crate::{
     datapath::{
         Datapath, DatapathError, DatapathSettings, LatencyDrain, XdpAdmission, error_chain,
@@ -124,6 +185,8 @@ pub struct ShadowAgent {
     datapath: Option<Datapath>,
     admission: Option<XdpAdmission>,
     stats: Arc<ShadowStats>,
+    /// Kernel drops on the mirror socket (its receive queue overflowed).
+    mirror_drops: SocketDrops,
     receiver: tokio::task::JoinHandle<()>,
     drain: LatencyDrain,
     sampler: ResourceSampler,
@@ -189,21 +252,39 @@ impl ShadowAgent {
         let socket = std::net::UdpSocket::bind(config.listen)
             .and_then(|s| {
                 s.set_nonblocking(true)?;
+                size_receive_buffer(&s);
                 tokio::net::UdpSocket::from_std(s)
             })
             .map_err(|source| ShadowError::Bind {
                 addr: config.listen,
                 source,
             })?;
+        let mirror_drops = SocketDrops::of(&socket);
         let stats = Arc::new(ShadowStats::default());
         let settings = Arc::new(ReplaySettings {
             policy: Arc::new(config.http.clone()),
             time_compression: config.time_compression,
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             response_timeout: Duration::from_millis(config.response_timeout_ms),
-            opaque_idle: Duration::from_millis(config.opaque_idle_ms),
             max_exchange: config.max_flow_buffer_bytes,
             epoch: Instant::now(),
+            services: config
+                .services
+                .iter()
+                .map(|s| {
+                    let credentials =
+                        (s.user.is_some() || s.password.is_some()).then(|| Credentials {
+                            user: s.user.clone(),
+                            password: s.password.clone(),
+                        });
+                    let replay = ServiceReplay {
+                        protocol: s.protocol,
+                        credentials,
+                        warned_login: AtomicBool::new(false),
+                    };
+                    (s.port, replay)
+                })
+                .collect(),
         });
         let classifier = Arc::new(RwLock::new(FlowClassifier::from_policy(&policy)));
         let receiver = Receiver::new(
@@ -227,6 +308,7 @@ impl ShadowAgent {
             datapath,
             admission,
             stats,
+            mirror_drops,
             receiver,
             drain: LatencyDrain::default(),
             sampler,
@@ -300,6 +382,7 @@ impl ShadowAgent {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
+        now.insert(MIRROR_DROPS.to_owned(), self.mirror_drops.read());
         if let Some(datapath) = &self.datapath {
             if self.admission.is_some() {
                 now.extend(
@@ -335,7 +418,23 @@ impl ShadowAgent {
         let interval_ms = end
             .duration_since(self.interval_start)
             .map_or(0, |d| d.as_millis() as u32);
-        let counters = self.counter_deltas()?;
+        let mut counters = self.counter_deltas()?;
+        // A gauge, not a delta: how far behind the original timing the replay fell.
+        let lag = self.stats.take_max_lag();
+        counters.insert(REPLAY_LAG_MS.to_owned(), lag.as_millis() as u64);
+        if lag >= LAG_WARNING {
+            warn!(
+                lag_ms = lag.as_millis() as u64,
+                "the shadow cannot keep up with the live timing: messages were replayed late"
+            );
+        }
+        let drops = counters.get(MIRROR_DROPS).copied().unwrap_or(0);
+        if drops > 0 {
+            warn!(
+                drops,
+                "mirror datagrams dropped by the kernel: the receive queue overflowed"
+            );
+        }
         let pairs = self.histogram_pairs();
         let kernel = match &self.datapath {
             Some(datapath) => datapath.drain_latency(&mut self.drain, &pairs)?,

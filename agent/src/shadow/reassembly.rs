@@ -237,6 +237,21 @@ impl<M: Copy> Reassembler<M> {
         }
     }
 
+    /// Gives up the first hole for good: the stream continues at the next byte held (or at the
+    /// FIN). Returns the bytes skipped, 0 when there is no hole. A lost mirror copy is never
+    /// sent again, so after a while waiting only delays what follows it.
+    pub fn skip_hole(&mut self) -> u64 {
+        let resume = match (self.pending.first_key_value(), self.fin) {
+            (Some((&start, _)), _) => start,
+            (None, Some(fin)) if fin > self.next => fin,
+            _ => return 0,
+        };
+        let skipped = resume - self.next;
+        self.next = resume;
+        self.advance();
+        skipped
+    }
+
     /// Marks the flow reset by the client (RST): what is contiguous is still worth replaying.
     pub fn reset(&mut self) {
         self.reset = true;
@@ -331,6 +346,22 @@ mod tests {
         );
         // A retransmit of delivered bytes is only a duplicate.
         assert_eq!(r.insert(100, b"xy", false, 0).unwrap().duplicate_bytes, 2);
+    }
+
+    #[test]
+    fn a_skipped_hole_resumes_at_the_next_byte_held() {
+        let mut r = Reassembler::new(0, ReassemblyLimits::default());
+        r.insert(0, b"ab", false, 0).unwrap();
+        r.insert(5, b"fg", false, 0).unwrap();
+        r.insert(9, b"j", true, 0).unwrap();
+        assert_eq!(collect(&mut r), b"ab");
+        assert_eq!(r.skip_hole(), 3);
+        assert_eq!(collect(&mut r), b"fg");
+        assert_eq!(r.skip_hole(), 2);
+        assert_eq!(collect(&mut r), b"j");
+        assert!(r.finished() && !r.has_gap());
+        assert_eq!(r.skip_hole(), 0);
+        assert_eq!(r.buffered(), 0);
     }
 
     #[test]

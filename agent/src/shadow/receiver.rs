@@ -310,7 +310,8 @@ impl Receiver {
         }
         if flow_ended {
             if flow.reassembler.was_reset() && flow.reassembler.has_gap() {
-                return self.abandon(id, ShadowCounter::AbandonedGap);
+                // Reset with holes: nothing will fill them; replay what is held past them.
+                return self.skip_hole(id, now_ns);
             }
             let counter = if flow.reassembler.finished() {
                 ShadowCounter::FlowsCompleted
@@ -325,6 +326,24 @@ impl Receiver {
         } else {
             None
         };
+    }
+
+    /// Gives up the flow's first hole: its copies resynchronise after it.
+    fn skip_hole(&mut self, id: FlowId, now_ns: u64) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let skipped = flow.reassembler.skip_hole();
+        flow.gap_since_ns = None;
+        if skipped == 0 {
+            return;
+        }
+        self.stats.inc(ShadowCounter::StreamHoles);
+        self.stats.add(ShadowCounter::BytesLost, skipped);
+        for copy in &flow.copies {
+            let _ = copy.send(FlowEvent::Hole);
+        }
+        self.deliver(id, now_ns);
     }
 
     fn end(&mut self, id: FlowId) {
@@ -378,7 +397,7 @@ impl Receiver {
         }
     }
 
-    /// Gives up holes that never filled, ends idle flows, forgets old closed flows.
+    /// Skips holes that did not fill in time, ends idle flows, forgets old closed flows.
     pub fn sweep(&mut self, now_ns: u64) {
         let gap = self.config.gap_timeout_ms * 1_000_000;
         let idle = self.config.flow_idle_timeout_ms * 1_000_000;
@@ -395,7 +414,7 @@ impl Receiver {
             }
         }
         for id in gaps {
-            self.abandon(id, ShadowCounter::AbandonedGap);
+            self.skip_hole(id, now_ns);
         }
         for id in idles {
             self.stats.inc(ShadowCounter::FlowsIdleEnded);

@@ -1,28 +1,46 @@
-//! Replaying one copy of one mirrored flow: a fresh TCP connection to the shadow workload, the
-//! client's exchanges written with the original pacing, every response read completely, timed
-//! and thrown away. Nothing read here ever leaves this task, so no shadow response can reach a
-//! real client.
+//! Replaying one copy of one mirrored flow in real time: a fresh TCP connection to the shadow
+//! workload, the client's messages written at their original offsets from the flow's start,
+//! every response read, timed and thrown away. Nothing read here ever leaves this task, so no
+//! shadow response can reach a real client.
+//!
+//! One task drives the connection with a single `select!` over the flow's events, the socket's
+//! reads, pending writes, the pacing timer and the response timeout, so responses are read while
+//! later messages wait for their time and nothing waits on an idle timer:
+//! - **Pacing.** A message is due at `origin + (arrival - first arrival) / compression`, with
+//!   `origin` the moment the flow's first message was written; a message that followed a
+//!   response on the live side (its segment's ACK moved) also waits until every response the
+//!   framing knows is outstanding has completed, so the shadow never sees a request before the
+//!   reply the live client waited for. A shadow that falls behind sends as soon as it can and
+//!   reports how late ([`ShadowStats::observe_lag`]).
+//! - **Timing.** A framed exchange runs from the write of the message that the response answers
+//!   to the response's first and last byte. An opaque exchange is a run of client bytes with one
+//!   ACK; it is answered by the first response byte after its last write.
+//! - **Ends.** The client's own close (FIN, PostgreSQL Terminate) ends the replay normally; a
+//!   server that closes or resets with a response outstanding, fails to answer within the
+//!   response timeout, or refuses the connection is an error.
 
 use std::{
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-    sync::mpsc,
-};
-use tracing::debug;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::mpsc};
+use tracing::{debug, warn};
 
 use super::{
-    exchange::{Exchange, ExchangeSplitter, Protocol, SegmentMeta, Step},
-    http::{HttpPolicy, ResponseFramer},
+    exchange::{ExchangeSplitter, Message, SegmentMeta, SplitError},
+    framing::{
+        Action, Completed, ErrorReply, FrameError, Protocol, ResponseFraming,
+        postgres::{self, Credentials, LoginError},
+    },
+    http::HttpPolicy,
     stats::{ShadowCounter, ShadowStats},
+    timer::PreciseTimer,
 };
 
 /// Stream bytes in flight from the receiver to a replay task, charged to the shadow's memory
@@ -55,10 +73,23 @@ impl Drop for Charged {
 pub enum FlowEvent {
     /// Contiguous stream bytes.
     Data(Charged, SegmentMeta),
+    /// Bytes before the next `Data` were lost for good: resynchronise.
+    Hole,
     /// The stream ended (FIN, RST or idle): replay what is buffered, then close.
     End,
     /// The flow was given up: close at once without replaying what is buffered.
     Abandon,
+}
+
+/// How one service port is replayed.
+#[derive(Debug, Default)]
+pub struct ServiceReplay {
+    /// The protocol, or `None` to detect it from each flow's first bytes.
+    pub protocol: Option<Protocol>,
+    /// Credentials for protocols whose login the replayer performs itself.
+    pub credentials: Option<Credentials>,
+    /// Whether the "login cannot be replayed" warning was logged (once per service).
+    pub warned_login: AtomicBool,
 }
 
 /// Settings every replay task shares.
@@ -66,18 +97,18 @@ pub enum FlowEvent {
 pub struct ReplaySettings {
     /// Which HTTP requests are replayed.
     pub policy: Arc<HttpPolicy>,
-    /// Gaps between exchanges are divided by this.
+    /// Offsets between messages are divided by this.
     pub time_compression: f64,
     /// Connect timeout.
     pub connect_timeout: Duration,
-    /// Response timeout (first byte, and between bytes).
+    /// Time allowed for an outstanding response to make progress.
     pub response_timeout: Duration,
-    /// Idle time that completes an opaque response or an opaque run.
-    pub opaque_idle: Duration,
-    /// Largest single exchange.
+    /// Largest single message.
     pub max_exchange: usize,
     /// The agent's monotonic clock origin (arrival times are ns since it).
     pub epoch: Instant,
+    /// Per service port.
+    pub services: HashMap<u16, ServiceReplay>,
 }
 
 /// Why a replay stopped early.
@@ -87,16 +118,20 @@ enum ReplayError {
     ConnectTimeout,
     #[error("connecting to the workload failed")]
     Connect(#[source] std::io::Error),
-    #[error("the workload reset or closed the connection")]
+    #[error("the workload reset or closed the connection with a response outstanding")]
     Reset(#[source] std::io::Error),
-    #[error("no response within the timeout")]
+    #[error("no response progress within the timeout")]
     ResponseTimeout,
-    #[error("the flow cannot be cut into requests")]
-    Split(#[source] super::exchange::SplitError),
-    #[error("the response is not HTTP")]
-    Response(#[source] super::http::HttpError),
+    #[error("the flow cannot be cut into messages")]
+    Split(#[source] SplitError),
+    #[error("the workload's responses break the protocol")]
+    Response(#[source] FrameError),
+    #[error("the replayer's own login failed")]
+    Login(#[source] LoginError),
     #[error("the flow was abandoned")]
     Abandoned,
+    #[error("the pacing timer failed")]
+    Timer(#[source] std::io::Error),
 }
 
 /// Replays one flow copy until its stream ends.
@@ -105,211 +140,457 @@ pub async fn replay_flow(
     stats: Arc<ShadowStats>,
     target: SocketAddr,
     class: u16,
-    mut events: mpsc::UnboundedReceiver<FlowEvent>,
+    events: mpsc::UnboundedReceiver<FlowEvent>,
 ) {
-    let outcome = run(&settings, &stats, target, class, &mut events).await;
+    let outcome = Replay::connect(&settings, &stats, target, class, events).await;
+    let outcome = match outcome {
+        Ok(mut replay) => {
+            let result = replay.run().await;
+            let skipped = replay.splitter.skipped();
+            stats.add(ShadowCounter::Resyncs, skipped.resyncs);
+            stats.add(ShadowCounter::BytesSkipped, skipped.bytes);
+            result
+        }
+        Err(e) => Err(e),
+    };
     let counter = match &outcome {
         Ok(()) => None,
         Err(ReplayError::ConnectTimeout) => Some(ShadowCounter::ConnectTimeouts),
         Err(ReplayError::Connect(_)) => Some(ShadowCounter::ConnectFailures),
         Err(ReplayError::Reset(_)) => Some(ShadowCounter::ReplayResets),
         Err(ReplayError::ResponseTimeout) => Some(ShadowCounter::ResponseTimeouts),
-        Err(ReplayError::Split(_) | ReplayError::Response(_)) => Some(ShadowCounter::AbandonedHttp),
-        Err(ReplayError::Abandoned) => None,
+        Err(ReplayError::Split(_) | ReplayError::Response(_)) => {
+            Some(ShadowCounter::AbandonedProtocol)
+        }
+        Err(ReplayError::Login(e)) if e.needs_credentials() => {
+            Some(ShadowCounter::AuthNotReplayable)
+        }
+        Err(ReplayError::Login(_)) => Some(ShadowCounter::LoginFailures),
+        Err(ReplayError::Abandoned | ReplayError::Timer(_)) => None,
     };
     if let Some(counter) = counter {
         stats.inc(counter);
     }
     if let Err(e) = outcome {
+        if let ReplayError::Login(login) = &e
+            && let Some(service) = settings.services.get(&target.port())
+            && !service.warned_login.swap(true, Ordering::Relaxed)
+        {
+            warn!(
+                service = %target,
+                error = %crate::datapath::error_chain(login),
+                "PostgreSQL sessions to this service cannot be replayed: the replayer logs in \
+                 itself (a challenge cannot be replayed); set user and password on the service \
+                 in the shadow config"
+            );
+        }
         debug!(%target, error = %crate::datapath::error_chain(&e), "replay stopped");
     }
     // Dropping the receiver makes the receiver's next send fail, so it stops buffering for this
     // copy at once: a failing workload costs nothing per later packet.
 }
 
-async fn run(
-    settings: &ReplaySettings,
-    stats: &ShadowStats,
+/// One response the replay waits for.
+#[derive(Debug)]
+struct Awaited {
+    /// When the message it answers was completely written.
+    written: Instant,
+    first: Option<Instant>,
+}
+
+/// The run of opaque client bytes last written, and whether the server answered it.
+#[derive(Debug)]
+struct OpaqueRun {
+    ack: u32,
+    written: Instant,
+    first: Option<Instant>,
+    last: Instant,
+}
+
+/// One replay connection.
+struct Replay<'a> {
+    settings: &'a ReplaySettings,
+    stats: &'a ShadowStats,
     target: SocketAddr,
     class: u16,
-    events: &mut mpsc::UnboundedReceiver<FlowEvent>,
-) -> Result<(), ReplayError> {
-    let mut conn =
-        match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(target)).await {
+    events: mpsc::UnboundedReceiver<FlowEvent>,
+    conn: TcpStream,
+    splitter: ExchangeSplitter,
+    /// Messages cut and not yet written, in order.
+    queue: VecDeque<Message>,
+    responses: Option<Box<dyn ResponseFraming>>,
+    awaited: VecDeque<Awaited>,
+    opaque: Option<OpaqueRun>,
+    /// Bytes to write, with (end offset, responses) of each message in them.
+    out: Vec<u8>,
+    out_marks: VecDeque<(usize, u32)>,
+    /// The flow's first arrival and when its first message was written.
+    origin: Option<(u64, Instant)>,
+    last_ack: Option<u32>,
+    /// Last time an outstanding response made progress (or was asked for).
+    progress: Instant,
+    ended: bool,
+    terminated: bool,
+    timer: PreciseTimer,
+    buf: Vec<u8>,
+    done: Vec<Completed>,
+}
+
+impl<'a> Replay<'a> {
+    async fn connect(
+        settings: &'a ReplaySettings,
+        stats: &'a ShadowStats,
+        target: SocketAddr,
+        class: u16,
+        events: mpsc::UnboundedReceiver<FlowEvent>,
+    ) -> Result<Self, ReplayError> {
+        let conn = match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(target))
+            .await
+        {
             Err(_) => return Err(ReplayError::ConnectTimeout),
             Ok(Err(e)) => return Err(ReplayError::Connect(e)),
             Ok(Ok(conn)) => conn,
         };
-    stats.inc(ShadowCounter::Connections);
-    let _ = conn.set_nodelay(true);
-    let mut splitter = ExchangeSplitter::new(Arc::clone(&settings.policy), settings.max_exchange);
-    let mut ended = false;
-    // With time compression the whole flow is gathered first: gaps can only shrink if the
-    // later exchanges are already here.
-    let compress = settings.time_compression > 1.0;
-    let mut replay = Replay {
-        settings,
-        stats,
-        conn: &mut conn,
-        buf: vec![0u8; 16 * 1024],
-        class,
-        previous: None,
-    };
-    loop {
-        if ended || !compress {
-            match splitter.next(ended).map_err(ReplayError::Split)? {
-                Some(step) => {
-                    replay.step(step).await?;
-                    continue;
+        stats.inc(ShadowCounter::Connections);
+        let _ = conn.set_nodelay(true);
+        let protocol = settings
+            .services
+            .get(&target.port())
+            .and_then(|s| s.protocol);
+        Ok(Self {
+            settings,
+            stats,
+            target,
+            class,
+            events,
+            conn,
+            splitter: ExchangeSplitter::new(
+                Arc::clone(&settings.policy),
+                protocol,
+                settings.max_exchange,
+            ),
+            queue: VecDeque::new(),
+            responses: None,
+            awaited: VecDeque::new(),
+            opaque: None,
+            out: Vec::new(),
+            out_marks: VecDeque::new(),
+            origin: None,
+            last_ack: None,
+            progress: Instant::now(),
+            ended: false,
+            terminated: false,
+            timer: PreciseTimer::new().map_err(ReplayError::Timer)?,
+            buf: vec![0u8; 64 * 1024],
+            done: Vec::new(),
+        })
+    }
+
+    fn knows_completeness(&self) -> bool {
+        self.responses
+            .as_ref()
+            .is_some_and(|r| r.knows_completeness())
+    }
+
+    /// Whether everything the flow asked for has been written and answered.
+    fn finished(&self) -> bool {
+        self.ended
+            && self.queue.is_empty()
+            && self.splitter.buffered() == 0
+            && self.out.is_empty()
+            && self.awaited.is_empty()
+    }
+
+    async fn run(&mut self) -> Result<(), ReplayError> {
+        // With time compression the whole flow is gathered first: offsets can only shrink if
+        // the later messages are already here.
+        let gather = self.settings.time_compression > 1.0;
+        loop {
+            if !gather || self.ended {
+                self.cut()?;
+                self.send_due().await?;
+            }
+            if self.finished() {
+                break;
+            }
+            let timeout_at = (!self.awaited.is_empty() || self.out_pending())
+                .then(|| self.progress + self.settings.response_timeout);
+            tokio::select! {
+                event = self.events.recv(), if !self.ended => match event {
+                    Some(FlowEvent::Data(data, meta)) => self.splitter.push(&data.data, meta),
+                    Some(FlowEvent::Hole) => self.splitter.hole(),
+                    Some(FlowEvent::End) | None => self.ended = true,
+                    Some(FlowEvent::Abandon) => return Err(ReplayError::Abandoned),
+                },
+                readable = self.conn.readable() => {
+                    readable.map_err(ReplayError::Reset)?;
+                    match self.conn.try_read(&mut self.buf) {
+                        Ok(0) => return self.server_closed(),
+                        Ok(n) => self.on_response_bytes(n)?,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(ReplayError::Reset(e)),
+                    }
                 }
-                None if ended => break,
-                None => {}
+                writable = self.conn.writable(), if !self.out.is_empty() => {
+                    writable.map_err(ReplayError::Reset)?;
+                    match self.conn.try_write(&self.out) {
+                        Ok(n) => self.on_written(n),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(ReplayError::Reset(e)),
+                    }
+                }
+                () = self.timer.fired() => {}
+                () = sleep_until(timeout_at) => return Err(ReplayError::ResponseTimeout),
             }
         }
-        let opaque_pending = splitter.protocol() != Some(Protocol::Http) && splitter.buffered() > 0;
-        let event = if opaque_pending && !compress {
-            match tokio::time::timeout(settings.opaque_idle, events.recv()).await {
-                Ok(event) => event,
-                Err(_) => {
-                    // Nothing followed the run for a while: it is a whole exchange.
-                    if let Some(step) = splitter.next(true).map_err(ReplayError::Split)? {
-                        replay.step(step).await?;
-                    }
-                    continue;
-                }
+        self.close_opaque_run();
+        // The client's close: a FIN to the workload, as the live client's.
+        let _ = self.conn.shutdown().await;
+        Ok(())
+    }
+
+    fn out_pending(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Moves whole messages from the splitter to the queue.
+    fn cut(&mut self) -> Result<(), ReplayError> {
+        while let Some(message) = self.splitter.next(self.ended).map_err(ReplayError::Split)? {
+            if self.responses.is_none()
+                && let Some(protocol) = self.splitter.protocol()
+            {
+                self.responses = Some(protocol.response_framing());
             }
-        } else {
-            events.recv().await
-        };
-        match event {
-            Some(FlowEvent::Data(data, meta)) => splitter.push(&data.data, meta),
-            Some(FlowEvent::End) | None => ended = true,
-            Some(FlowEvent::Abandon) => return Err(ReplayError::Abandoned),
+            self.queue.push_back(message);
+        }
+        Ok(())
+    }
+
+    /// Writes (or starts writing) every queued message that is due and not held back.
+    async fn send_due(&mut self) -> Result<(), ReplayError> {
+        while let Some(message) = self.queue.front() {
+            let now = Instant::now();
+            let held = message.frame.gated
+                && self.knows_completeness()
+                && self.last_ack.is_some_and(|ack| ack != message.ack)
+                && (!self.awaited.is_empty() || !self.out.is_empty());
+            if held {
+                // Waits for the responses outstanding; their reads wake the loop.
+                self.timer.disarm();
+                return Ok(());
+            }
+            let due = match self.origin {
+                None => now,
+                Some((arrival, written)) => {
+                    let offset = message.arrival_ns.saturating_sub(arrival) as f64
+                        / self.settings.time_compression;
+                    written + Duration::from_nanos(offset as u64)
+                }
+            };
+            if due > now + Duration::from_micros(20) {
+                self.timer.arm(due).map_err(ReplayError::Timer)?;
+                return Ok(());
+            }
+            self.timer.disarm();
+            if self.origin.is_some() {
+                self.stats.observe_lag(now.saturating_duration_since(due));
+            }
+            let Some(message) = self.queue.pop_front() else {
+                break;
+            };
+            self.origin.get_or_insert((message.arrival_ns, now));
+            match &message.frame.action {
+                Action::Replay | Action::Terminate => self.write(&message),
+                Action::Denied(_) => self.stats.inc(ShadowCounter::RequestsDenied),
+                Action::Handshake => {}
+                Action::Startup(params) => self.login(params).await?,
+            }
+        }
+        self.timer.disarm();
+        Ok(())
+    }
+
+    /// Performs the PostgreSQL login the client's StartupMessage asked for.
+    async fn login(&mut self, params: &postgres::StartupParams) -> Result<(), ReplayError> {
+        let credentials = self
+            .settings
+            .services
+            .get(&self.target.port())
+            .and_then(|s| s.credentials.as_ref());
+        let result = tokio::time::timeout(
+            self.settings.response_timeout,
+            postgres::login(&mut self.conn, params, credentials),
+        )
+        .await;
+        match result {
+            Err(_) => Err(ReplayError::ResponseTimeout),
+            Ok(Err(e)) => Err(ReplayError::Login(e)),
+            Ok(Ok(())) => {
+                self.stats.inc(ShadowCounter::Logins);
+                Ok(())
+            }
         }
     }
-    let _ = conn.shutdown().await;
-    Ok(())
-}
 
-/// The state of one replay connection between exchanges.
-struct Replay<'a> {
-    settings: &'a ReplaySettings,
-    stats: &'a ShadowStats,
-    conn: &'a mut TcpStream,
-    buf: Vec<u8>,
-    class: u16,
-    /// Arrival time and replay start of the previous exchange.
-    previous: Option<(u64, Instant)>,
-}
+    /// Queues a message's bytes and what the server owes for them.
+    fn write(&mut self, message: &Message) {
+        if matches!(message.frame.action, Action::Terminate) {
+            self.terminated = true;
+        }
+        if let Some(responses) = self.responses.as_mut() {
+            responses.expect(&message.frame);
+        }
+        if !self.knows_completeness() && self.opaque.as_ref().is_none_or(|r| r.ack != message.ack) {
+            // A new opaque run: the live client had seen a response (or this is the first).
+            self.close_opaque_run();
+        }
+        self.last_ack = Some(message.ack);
+        self.stats
+            .add(ShadowCounter::BytesReplayed, message.bytes.len() as u64);
+        self.out.extend_from_slice(&message.bytes);
+        self.out_marks
+            .push_back((self.out.len(), message.frame.responses));
+        if self.awaited.is_empty() {
+            self.progress = Instant::now();
+        }
+        // Loopback sockets take the bytes at once; only a full send buffer leaves any for the
+        // select loop.
+        match self.conn.try_write(&self.out) {
+            Ok(n) => self.on_written(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            // The next write in the loop reports it.
+            Err(_) => {}
+        }
+    }
 
-impl Replay<'_> {
-    async fn step(&mut self, step: Step) -> Result<(), ReplayError> {
-        match step {
-            Step::Denied(_) => self.stats.inc(ShadowCounter::RequestsDenied),
-            Step::Replay(exchange) => {
-                pace(self.settings, &mut self.previous, &exchange).await;
-                exchange_once(
-                    self.settings,
-                    self.stats,
-                    self.conn,
-                    &mut self.buf,
-                    self.class,
-                    &exchange,
-                )
-                .await?;
+    /// `n` bytes of `out` reached the socket.
+    fn on_written(&mut self, n: usize) {
+        let now = Instant::now();
+        self.out.drain(..n);
+        while let Some(&(end, responses)) = self.out_marks.front() {
+            if end > n {
+                break;
+            }
+            self.out_marks.pop_front();
+            for _ in 0..responses {
+                self.awaited.push_back(Awaited {
+                    written: now,
+                    first: None,
+                });
+            }
+            if !self.knows_completeness() {
+                let ack = self.last_ack.unwrap_or_default();
+                match &mut self.opaque {
+                    Some(run) => run.written = now,
+                    None => {
+                        self.opaque = Some(OpaqueRun {
+                            ack,
+                            written: now,
+                            first: None,
+                            last: now,
+                        });
+                    }
+                }
+            }
+        }
+        for mark in &mut self.out_marks {
+            mark.0 -= n;
+        }
+    }
+
+    fn on_response_bytes(&mut self, n: usize) -> Result<(), ReplayError> {
+        let now = Instant::now();
+        self.progress = now;
+        self.stats.add(ShadowCounter::BytesDiscarded, n as u64);
+        let Some(responses) = self.responses.as_mut() else {
+            return Ok(());
+        };
+        if !responses.knows_completeness() {
+            if let Some(run) = &mut self.opaque {
+                run.first.get_or_insert(now);
+                run.last = now;
+            }
+            return Ok(());
+        }
+        if let Some(front) = self.awaited.front_mut() {
+            front.first.get_or_insert(now);
+        }
+        self.done.clear();
+        responses
+            .feed(&self.buf[..n], &mut self.done)
+            .map_err(ReplayError::Response)?;
+        for i in 0..self.done.len() {
+            let completed = self.done[i];
+            let Some(awaited) = self.awaited.pop_front() else {
+                break;
+            };
+            self.record(&awaited, now, completed);
+            if completed.end < n
+                && let Some(next) = self.awaited.front_mut()
+            {
+                next.first.get_or_insert(now);
             }
         }
         Ok(())
     }
-}
 
-/// Waits until the exchange is due: as long after the previous exchange's start as its mirror
-/// copy arrived after the previous one's (divided by the compression), never earlier.
-async fn pace(
-    settings: &ReplaySettings,
-    previous: &mut Option<(u64, Instant)>,
-    exchange: &Exchange,
-) {
-    if let Some((arrival_ns, sent_at)) = *previous {
-        let gap_ns =
-            exchange.arrival_ns.saturating_sub(arrival_ns) as f64 / settings.time_compression;
-        let due = sent_at + Duration::from_nanos(gap_ns as u64);
-        if due > Instant::now() {
-            tokio::time::sleep_until(due.into()).await;
+    fn record(&self, awaited: &Awaited, now: Instant, completed: Completed) {
+        let first = awaited.first.unwrap_or(now);
+        self.stats.record(
+            self.class,
+            first.saturating_duration_since(awaited.written).as_nanos() as u64,
+            now.saturating_duration_since(awaited.written).as_nanos() as u64,
+        );
+        self.stats.inc(ShadowCounter::Exchanges);
+        if let Some(status) = completed.status {
+            self.stats.inc(match status / 100 {
+                1 => ShadowCounter::Status1xx,
+                2 => ShadowCounter::Status2xx,
+                3 => ShadowCounter::Status3xx,
+                4 => ShadowCounter::Status4xx,
+                _ => ShadowCounter::Status5xx,
+            });
+        }
+        if completed.error == Some(ErrorReply::Protocol) {
+            self.stats.inc(ShadowCounter::ErrorReplies);
         }
     }
-    *previous = Some((exchange.arrival_ns, Instant::now()));
-}
 
-/// Writes one exchange and reads its whole response, timing both ends.
-async fn exchange_once(
-    settings: &ReplaySettings,
-    stats: &ShadowStats,
-    conn: &mut TcpStream,
-    buf: &mut [u8],
-    class: u16,
-    exchange: &Exchange,
-) -> Result<(), ReplayError> {
-    conn.write_all(&exchange.bytes)
-        .await
-        .map_err(ReplayError::Reset)?;
-    let written = Instant::now();
-    stats.add(ShadowCounter::BytesReplayed, exchange.bytes.len() as u64);
-    let mut framer = exchange
-        .request
-        .as_ref()
-        .map(|r| ResponseFramer::new(r.response_has_no_body()));
-    let mut first: Option<Instant> = None;
-    let mut last = written;
-    loop {
-        let wait = match (&framer, first) {
-            // Opaque: after the first byte, silence for `opaque_idle` ends the response.
-            (None, Some(_)) => settings.opaque_idle,
-            _ => settings.response_timeout,
-        };
-        let n = match tokio::time::timeout(wait, conn.read(buf)).await {
-            Err(_) if framer.is_none() && first.is_some() => break,
-            Err(_) => return Err(ReplayError::ResponseTimeout),
-            Ok(Err(e)) => return Err(ReplayError::Reset(e)),
-            Ok(Ok(0)) => {
-                // Closed: the end of a close-delimited response, or a reset mid-response.
-                let complete =
-                    framer.as_ref().is_none_or(ResponseFramer::until_close) && first.is_some();
-                if !complete {
-                    return Err(ReplayError::Reset(std::io::ErrorKind::UnexpectedEof.into()));
-                }
-                break;
-            }
-            Ok(Ok(n)) => n,
-        };
-        let now = Instant::now();
-        first.get_or_insert(now);
-        last = now;
-        stats.add(ShadowCounter::BytesDiscarded, n as u64);
-        if let Some(framer) = &mut framer
-            && framer
-                .feed(&buf[..n])
-                .map_err(ReplayError::Response)?
-                .is_some()
+    /// Ends the opaque run in progress, recording it if the server answered it.
+    fn close_opaque_run(&mut self) {
+        if let Some(run) = self.opaque.take()
+            && let Some(first) = run.first
         {
-            break;
+            self.stats.record(
+                self.class,
+                first.saturating_duration_since(run.written).as_nanos() as u64,
+                run.last.saturating_duration_since(run.written).as_nanos() as u64,
+            );
+            self.stats.inc(ShadowCounter::Exchanges);
         }
     }
-    let first = first.unwrap_or(last);
-    stats.record(
-        class,
-        first.duration_since(written).as_nanos() as u64,
-        last.duration_since(written).as_nanos() as u64,
-    );
-    stats.inc(ShadowCounter::Exchanges);
-    if let Some(status) = framer.as_ref().and_then(ResponseFramer::status) {
-        stats.inc(match status / 100 {
-            1 => ShadowCounter::Status1xx,
-            2 => ShadowCounter::Status2xx,
-            3 => ShadowCounter::Status3xx,
-            4 => ShadowCounter::Status4xx,
-            _ => ShadowCounter::Status5xx,
-        });
+
+    /// The workload closed the connection.
+    fn server_closed(&mut self) -> Result<(), ReplayError> {
+        let now = Instant::now();
+        if let Some(completed) = self.responses.as_mut().and_then(|r| r.close_completes())
+            && let Some(awaited) = self.awaited.pop_front()
+        {
+            self.record(&awaited, now, completed);
+        }
+        self.close_opaque_run();
+        if self.awaited.is_empty() || self.terminated {
+            // After the client's Terminate, or with nothing outstanding (an HTTP
+            // `Connection: close`, an idle timeout): the normal end of a session.
+            return Ok(());
+        }
+        Err(ReplayError::Reset(std::io::ErrorKind::UnexpectedEof.into()))
     }
-    Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }

@@ -68,7 +68,8 @@ shadow_counters! {
     FlowsReset => "flows_reset",
     /// Flows that went idle without a FIN; replayed as far as they arrived.
     FlowsIdleEnded => "flows_idle_ended",
-    /// Flows abandoned because a hole never filled.
+    /// Flows abandoned because a hole never filled (no longer happens: holes are skipped;
+    /// kept so dashboards reading it see 0).
     AbandonedGap => "flows_abandoned_gap",
     /// Flows abandoned because their start was lost.
     AbandonedStartMissed => "flows_abandoned_start_missed",
@@ -94,8 +95,27 @@ shadow_counters! {
     Exchanges => "exchanges",
     /// HTTP requests skipped by the allow/deny lists.
     RequestsDenied => "requests_denied",
-    /// Flows abandoned because an HTTP request could not be delimited.
-    AbandonedHttp => "flows_abandoned_http",
+    /// Flows whose replay stopped because a message could not be delimited (one larger than
+    /// the flow buffer) or the workload's responses broke the protocol.
+    AbandonedProtocol => "flows_abandoned_protocol",
+    /// Holes (lost mirror datagrams) skipped; the replay resumed after each.
+    StreamHoles => "stream_holes",
+    /// Client bytes lost in those holes.
+    BytesLost => "bytes_lost",
+    /// Times a stream was resynchronised at a message boundary (after a hole, or bytes the
+    /// protocol's framing refused).
+    Resyncs => "resyncs",
+    /// Client bytes skipped to resynchronise.
+    BytesSkipped => "bytes_skipped",
+    /// Logins the replayer performed itself (PostgreSQL).
+    Logins => "logins",
+    /// Sessions not replayed because the server asks for a password the shadow config lacks
+    /// (a per-connection challenge cannot be replayed); the log names service and method.
+    AuthNotReplayable => "auth_not_replayable",
+    /// The replayer's own login was refused or failed.
+    LoginFailures => "login_failures",
+    /// Protocol error replies: PostgreSQL ErrorResponse, RESP errors.
+    ErrorReplies => "error_replies",
     /// Client bytes written to the workload.
     BytesReplayed => "bytes_replayed",
     /// Response bytes read and discarded.
@@ -124,11 +144,17 @@ pub struct ClassLatency {
     pub last_byte: Histogram<u64>,
 }
 
+/// Report name of the replay lag gauge: the most a message was written after its due time in
+/// the interval, ms.
+pub const REPLAY_LAG_MS: &str = "replay_lag_ms";
+
 /// Counters and histograms of the shadow role.
 #[derive(Debug)]
 pub struct ShadowStats {
     counters: Vec<AtomicU64>,
     latency: Mutex<BTreeMap<u16, ClassLatency>>,
+    /// Largest lag behind the original timing since the last [`ShadowStats::take_max_lag`], µs.
+    max_lag_us: AtomicU64,
 }
 
 impl Default for ShadowStats {
@@ -139,6 +165,7 @@ impl Default for ShadowStats {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             latency: Mutex::new(BTreeMap::new()),
+            max_lag_us: AtomicU64::new(0),
         }
     }
 }
@@ -157,6 +184,17 @@ impl ShadowStats {
     /// A counter's cumulative value.
     pub fn get(&self, counter: ShadowCounter) -> u64 {
         self.counters[counter as usize].load(Ordering::Relaxed)
+    }
+
+    /// A message was written `lag` after the time its original offset gave it.
+    pub fn observe_lag(&self, lag: std::time::Duration) {
+        self.max_lag_us
+            .fetch_max(lag.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The largest lag observed since the last call.
+    pub fn take_max_lag(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.max_lag_us.swap(0, Ordering::Relaxed))
     }
 
     /// Records one exchange of `class`.
@@ -185,13 +223,15 @@ impl ShadowStats {
         counters
     }
 
-    /// Replayed exchanges that failed: the workload answered 5xx, reset the connection, did not
-    /// answer in time, or could not be connected to. The coordinator reads this sum (by its
+    /// Replayed exchanges that failed on the server's side: the workload answered 5xx or a
+    /// protocol error reply, reset or closed the connection with a response outstanding, did
+    /// not answer in time, or could not be connected to. A client's own close is never one. The coordinator reads this sum (by its
     /// name, [`EXCHANGE_ERRORS`]) as the type's error count: a type that fails fast must not
     /// look fast.
     pub fn exchange_errors(&self) -> u64 {
         [
             ShadowCounter::Status5xx,
+            ShadowCounter::ErrorReplies,
             ShadowCounter::ReplayResets,
             ShadowCounter::ResponseTimeouts,
             ShadowCounter::ConnectFailures,

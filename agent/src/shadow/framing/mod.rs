@@ -1,0 +1,256 @@
+//! Protocol-aware framing of replayed flows: where each client message ends, how many complete
+//! responses the server owes for it, when each response is complete, and which responses are
+//! server-side errors.
+//!
+//! Every protocol has the same two halves, shaped like mini-redis's `Frame::check`:
+//! - [`ClientFraming::check`] looks at the buffered client stream and either returns the
+//!   [`ClientMessage`] at its start (its length and what the server owes for it) or
+//!   [`FrameError::Incomplete`]; it never allocates for an incomplete message.
+//!   [`ClientFraming::boundary`] says whether bytes plausibly start a message, which is how a
+//!   stream resynchronises after a hole (a lost mirror datagram): at the next segment that
+//!   starts a message.
+//! - [`ResponseFraming`] is told each message as it is written ([`ResponseFraming::expect`]) and
+//!   fed the server's bytes; it reports every response completed, in order, and whether it was
+//!   an error reply. It keeps no response bytes beyond a message header.
+//!
+//! Protocols: HTTP/1.1 ([`http1`], heads parsed with `httparse`), Redis RESP2/RESP3 ([`resp`]),
+//! PostgreSQL v3 ([`postgres`]; the replayer logs in itself, see there), and an opaque fallback
+//! ([`opaque`]) that replays each mirrored segment at its original offset and times the first
+//! response byte after each run of client bytes, never waiting on an idle timer.
+//! A service's protocol is set in the shadow config or detected from a flow's first bytes
+//! ([`detect`]).
+
+pub mod http1;
+pub mod opaque;
+pub mod postgres;
+pub mod resp;
+
+use serde::Deserialize;
+
+use super::http::{HttpPolicy, Request};
+
+/// A replayed flow's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.x requests and responses.
+    Http1,
+    /// Redis RESP2/RESP3 commands and replies.
+    Redis,
+    /// PostgreSQL frontend/backend protocol v3.
+    Postgres,
+    /// Anything else: segments paced by the live side's timing.
+    Opaque,
+}
+
+impl Protocol {
+    /// Stable name for logs and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Redis => "redis",
+            Self::Postgres => "postgres",
+            Self::Opaque => "opaque",
+        }
+    }
+
+    /// The client-side framing of this protocol.
+    pub fn client_framing(self, policy: &std::sync::Arc<HttpPolicy>) -> Box<dyn ClientFraming> {
+        match self {
+            Self::Http1 => Box::new(http1::Http1Client::new(std::sync::Arc::clone(policy))),
+            Self::Redis => Box::new(resp::RespClient),
+            Self::Postgres => Box::new(postgres::PgClient::default()),
+            Self::Opaque => Box::new(opaque::OpaqueClient),
+        }
+    }
+
+    /// The response-side framing of this protocol.
+    pub fn response_framing(self) -> Box<dyn ResponseFraming> {
+        match self {
+            Self::Http1 => Box::new(http1::Http1Responses::default()),
+            Self::Redis => Box::new(resp::RespResponses::default()),
+            Self::Postgres => Box::new(postgres::PgResponses::default()),
+            Self::Opaque => Box::new(opaque::OpaqueResponses),
+        }
+    }
+}
+
+/// The protocol a flow's first bytes show; `None` until enough bytes arrived to tell.
+pub fn detect(first: &[u8]) -> Option<Protocol> {
+    if first.is_empty() {
+        return None;
+    }
+    // HTTP/2 prior knowledge starts "PRI * HTTP/2.0": not HTTP/1, replayed opaquely.
+    match super::http::looks_like_http(first) {
+        Some(true) if !first.starts_with(b"PRI ") => return Some(Protocol::Http1),
+        None => return None,
+        _ => {}
+    }
+    if first[0] == b'*' {
+        return match first.get(1) {
+            Some(b) if b.is_ascii_digit() => Some(Protocol::Redis),
+            Some(_) => Some(Protocol::Opaque),
+            None => None,
+        };
+    }
+    if first.len() < 8 {
+        // A PostgreSQL startup packet begins with a big-endian length, so a first byte of 0.
+        return if first[0] == 0 {
+            None
+        } else {
+            Some(Protocol::Opaque)
+        };
+    }
+    if postgres::is_startup_packet(first) {
+        return Some(Protocol::Postgres);
+    }
+    Some(Protocol::Opaque)
+}
+
+/// Why bytes are not (yet) a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// More bytes are needed.
+    #[error("incomplete message")]
+    Incomplete,
+    /// The bytes break the protocol: nothing from here on can be delimited until the stream
+    /// resynchronises.
+    #[error("{protocol} framing: {reason}")]
+    Malformed {
+        /// The protocol.
+        protocol: &'static str,
+        /// What was wrong.
+        reason: &'static str,
+    },
+}
+
+impl FrameError {
+    pub(crate) const fn malformed(protocol: &'static str, reason: &'static str) -> Self {
+        Self::Malformed { protocol, reason }
+    }
+}
+
+/// What the replayer does with a client message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write it to the shadow workload.
+    Replay,
+    /// The HTTP policy denies it: skip its bytes.
+    Denied(Request),
+    /// Part of a handshake the replayer performs itself (PostgreSQL SSLRequest, password and
+    /// SASL messages): skip its bytes.
+    Handshake,
+    /// A PostgreSQL StartupMessage: the replayer logs in with these parameters instead.
+    Startup(postgres::StartupParams),
+    /// The client ends the session (PostgreSQL Terminate): write it; the server closing after
+    /// it is the normal end, never an error.
+    Terminate,
+}
+
+/// One client message at the start of the buffered stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientMessage {
+    /// Its length in bytes.
+    pub len: usize,
+    /// Complete responses the server sends for it (0 when it is answered together with a later
+    /// message, e.g. PostgreSQL Parse before Sync, or never).
+    pub responses: u32,
+    /// What to do with it.
+    pub action: Action,
+    /// Whether, when the live client had seen a response before sending it, the replay waits for
+    /// every outstanding response first (false for PostgreSQL COPY data, which the server awaits
+    /// without answering).
+    pub gated: bool,
+    /// The HTTP request, for HEAD's bodiless response and the policy.
+    pub request: Option<Request>,
+}
+
+impl ClientMessage {
+    /// A message to replay that the server answers `responses` times.
+    pub const fn replay(len: usize, responses: u32) -> Self {
+        Self {
+            len,
+            responses,
+            action: Action::Replay,
+            gated: true,
+            request: None,
+        }
+    }
+}
+
+/// The client side of a protocol.
+pub trait ClientFraming: Send + std::fmt::Debug {
+    /// The protocol.
+    fn protocol(&self) -> Protocol;
+
+    /// The whole message at the start of `buf`, or [`FrameError::Incomplete`].
+    fn check(&mut self, buf: &[u8]) -> Result<ClientMessage, FrameError>;
+
+    /// Whether `buf` (a segment's first bytes after a hole) plausibly starts a message.
+    fn boundary(&self, buf: &[u8]) -> bool;
+}
+
+/// What makes a response an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorReply {
+    /// HTTP 5xx.
+    Http5xx,
+    /// A protocol error reply: PostgreSQL ErrorResponse, RESP `-` or `!`.
+    Protocol,
+}
+
+/// One response completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completed {
+    /// Offset in the fed bytes just past the response's last byte.
+    pub end: usize,
+    /// HTTP status, where there is one.
+    pub status: Option<u16>,
+    /// Whether the response is an error reply.
+    pub error: Option<ErrorReply>,
+}
+
+/// The response side of a protocol.
+pub trait ResponseFraming: Send + std::fmt::Debug {
+    /// A message was written; expect its [`ClientMessage::responses`] responses.
+    fn expect(&mut self, message: &ClientMessage);
+
+    /// Consumes server bytes, appending every response completed in them, in order.
+    fn feed(&mut self, data: &[u8], done: &mut Vec<Completed>) -> Result<(), FrameError>;
+
+    /// The server closed the connection: whether that completes the response in progress
+    /// (an HTTP body delimited by close).
+    fn close_completes(&mut self) -> Option<Completed> {
+        None
+    }
+
+    /// Whether response completeness is known (false for the opaque fallback).
+    fn knows_completeness(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detection_tells_the_protocols_apart() {
+        assert_eq!(detect(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(detect(b"GE"), None);
+        assert_eq!(detect(b"*1\r\n$4\r\nPING\r\n"), Some(Protocol::Redis));
+        let mut startup = vec![0, 0, 0, 9, 0, 3, 0, 0, 0];
+        assert_eq!(detect(&startup[..4]), None);
+        assert_eq!(detect(&startup), Some(Protocol::Postgres));
+        startup[5] = 9;
+        assert_eq!(detect(&startup), Some(Protocol::Opaque));
+        assert_eq!(
+            detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some(Protocol::Opaque)
+        );
+        assert_eq!(
+            detect(b"\x16\x03\x01\x02\x00\x01\x00\x01"),
+            Some(Protocol::Opaque)
+        );
+    }
+}
