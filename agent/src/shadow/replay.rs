@@ -292,13 +292,14 @@ impl<'a> Replay<'a> {
             .is_some_and(|r| r.knows_completeness())
     }
 
-    /// Whether everything the flow asked for has been written and answered.
-    fn finished(&self) -> bool {
-        self.ended
-            && self.queue.is_empty()
-            && self.splitter.buffered() == 0
-            && self.out.is_empty()
-            && self.awaited.is_empty()
+    /// Whether everything the flow asked for has been written (and the framed responses read).
+    fn all_written(&self) -> bool {
+        self.ended && self.queue.is_empty() && self.splitter.buffered() == 0 && self.out.is_empty()
+    }
+
+    /// Whether the flow's last opaque run still waits for its first response byte.
+    fn last_run_unanswered(&self) -> bool {
+        self.all_written() && self.opaque.as_ref().is_some_and(|r| r.first.is_none())
     }
 
     async fn run(&mut self) -> Result<(), ReplayError> {
@@ -310,11 +311,13 @@ impl<'a> Replay<'a> {
                 self.cut()?;
                 self.send_due().await?;
             }
-            if self.finished() {
+            if self.all_written() && self.awaited.is_empty() && !self.last_run_unanswered() {
                 break;
             }
-            let timeout_at = (!self.awaited.is_empty() || self.out_pending())
-                .then(|| self.progress + self.settings.response_timeout);
+            let timeout_at = (!self.awaited.is_empty()
+                || self.out_pending()
+                || self.last_run_unanswered())
+            .then(|| self.progress + self.settings.response_timeout);
             tokio::select! {
                 event = self.events.recv(), if !self.ended => match event {
                     Some(FlowEvent::Data(data, meta)) => self.splitter.push(&data.data, meta),
@@ -340,7 +343,13 @@ impl<'a> Replay<'a> {
                     }
                 }
                 () = self.timer.fired() => {}
-                () = sleep_until(timeout_at) => return Err(ReplayError::ResponseTimeout),
+                () = sleep_until(timeout_at) => {
+                    if self.awaited.is_empty() && !self.out_pending() {
+                        // An opaque flow's last bytes had no answer: some protocols send none.
+                        break;
+                    }
+                    return Err(ReplayError::ResponseTimeout);
+                }
             }
         }
         self.close_opaque_run();
