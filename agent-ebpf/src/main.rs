@@ -99,7 +99,7 @@ pub fn doppel_tc_egress(ctx: TcContext) -> i32 {
     if let Some(config) = CONFIG.get(0)
         && let Some(packet) = parse(&ctx, config, Direction::Egress)
     {
-        on_service_packet(&packet);
+        on_service_packet(&ctx, &packet);
     }
     TC_ACT_PIPE
 }
@@ -407,7 +407,7 @@ fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
 
 /// Service -> client: close the open exchange on the first response payload packet.
 #[inline(always)]
-fn on_service_packet(packet: &Packet) {
+fn on_service_packet(ctx: &TcContext, packet: &Packet) {
     // A service's FIN leaves the flow's entry in place: the client's FIN, which follows, must
     // still find it, to be mirrored (the shadow ends its replay of the flow on it) and to remove
     // it. A reset ends the flow from either side.
@@ -435,10 +435,51 @@ fn on_service_packet(packet: &Packet) {
                 latency,
             );
             add(DatapathCounter::Exchanges, 1);
+            count_error_reply(ctx, packet);
         }
     }
     if reset {
         let _ = FLOWS.remove(&packet.flow);
+    }
+}
+
+/// Counts the response as an error if its first bytes say so: `HTTP/1.x 5..`, a RESP error
+/// (`-`), or a PostgreSQL ErrorResponse (`E`, a length below 64 KiB, then the severity field
+/// `S`). Only the packet that closes an exchange pays for the 12-byte load.
+#[inline(always)]
+fn count_error_reply(ctx: &TcContext, packet: &Packet) {
+    let mut head = [0u8; 12];
+    let in_skb = (ctx.len() as usize).saturating_sub(packet.payload_offset);
+    if packet.payload_len.min(in_skb) < head.len() {
+        // Short replies: only RESP's one-byte marker can be read from fewer bytes.
+        if packet.payload_len.min(in_skb) >= 1
+            && let Ok(first) = ctx.load::<u8>(packet.payload_offset)
+            && first == b'-'
+        {
+            add(DatapathCounter::ErrorReplies, 1);
+        }
+        return;
+    }
+    // A constant length: the verifier refuses aya's `load_bytes`, whose length it cannot
+    // prove non-zero.
+    // SAFETY: `head` is 12 writable bytes.
+    let loaded = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            packet.payload_offset as u32,
+            head.as_mut_ptr().cast(),
+            head.len() as u32,
+        )
+    };
+    if loaded != 0 {
+        return;
+    }
+    if head.starts_with(b"HTTP/1.") && head[9] == b'5' {
+        add(DatapathCounter::Responses5xx, 1);
+    } else if head[0] == b'-'
+        || (head[0] == b'E' && head[1] == 0 && head[2] == 0 && head[5] == b'S')
+    {
+        add(DatapathCounter::ErrorReplies, 1);
     }
 }
 

@@ -223,7 +223,15 @@ impl LiveAgent {
     }
 
     fn counter_deltas(&mut self) -> Result<BTreeMap<&'static str, u64>, LiveError> {
-        let now: BTreeMap<_, _> = self.datapath.counters()?.into_iter().collect();
+        let mut now: BTreeMap<_, _> = self.datapath.counters()?.into_iter().collect();
+        // The live side's errors under the name the coordinator reads for every agent, so a
+        // comparison has live's error rate beside each shadow's (the shadow counts the same
+        // reply classes, plus the failures only a replayer sees: resets, timeouts, refusals).
+        let errors = ["http_5xx", "error_replies"]
+            .iter()
+            .filter_map(|name| now.get(name))
+            .sum();
+        now.insert("exchange_errors", errors);
         let deltas = now
             .iter()
             .map(|(k, v)| {

@@ -322,11 +322,16 @@ pub enum DatapathCounter {
     PatternSamples,
     /// Pattern samples dropped because the ring buffer was full.
     PatternDrops,
+    /// Exchanges whose first response bytes are an HTTP/1.x 5xx status line.
+    Responses5xx,
+    /// Exchanges whose first response bytes are a protocol error reply: RESP `-`, PostgreSQL
+    /// ErrorResponse. The same classes the shadow counts, so live has an error rate too.
+    ErrorReplies,
 }
 
 impl DatapathCounter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 15] = [
         Self::Packets,
         Self::Bytes,
         Self::ParseSkipped,
@@ -340,6 +345,8 @@ impl DatapathCounter {
         Self::Exchanges,
         Self::PatternSamples,
         Self::PatternDrops,
+        Self::Responses5xx,
+        Self::ErrorReplies,
     ];
 
     /// Stable `snake_case` name used in reports.
@@ -358,6 +365,8 @@ impl DatapathCounter {
             Self::Exchanges => "exchanges",
             Self::PatternSamples => "pattern_samples",
             Self::PatternDrops => "pattern_drops",
+            Self::Responses5xx => "http_5xx",
+            Self::ErrorReplies => "error_replies",
         }
     }
 }

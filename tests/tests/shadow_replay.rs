@@ -338,6 +338,8 @@ fn redis_shadow_executes_the_commands_the_client_sent() {
                     &["INCR", "counter"],
                     &["GET", &key],
                     &["LPUSH", "list", &key],
+                    // A server-side error reply (WRONGTYPE): counted on both sides alike.
+                    &["INCR", "list"],
                 ],
             );
         }
@@ -345,9 +347,10 @@ fn redis_shadow_executes_the_commands_the_client_sent() {
     let wanted = ["set", "incr", "get", "lpush"];
     let live_calls = live_redis.command_calls(&t.live);
     for command in wanted {
+        let per_flow = if command == "incr" { 2 } else { 1 };
         assert_eq!(
             live_calls.get(command),
-            Some(&(FLOWS as u64)),
+            Some(&(per_flow * FLOWS as u64)),
             "live {command}"
         );
     }
@@ -358,7 +361,7 @@ fn redis_shadow_executes_the_commands_the_client_sent() {
     thread::sleep(Duration::from_millis(300));
     let shadow_calls = shadow_redis.command_calls(&t.shadow);
     let shadow_lines = shadow.stop();
-    live.stop();
+    let live_lines = live.stop();
     assert!(
         replayed,
         "shadow executed {shadow_calls:?}, live {live_calls:?}"
@@ -370,8 +373,15 @@ fn redis_shadow_executes_the_commands_the_client_sent() {
             "shadow {command}"
         );
     }
-    // Opaque exchanges, cut where the client saw a reply: one per command.
-    assert_eq!(counter(&shadow_lines, "exchanges"), 4 * FLOWS as u64);
+    // RESP framing: one exchange per command, each reply read to its end.
+    assert_eq!(counter(&shadow_lines, "exchanges"), 5 * FLOWS as u64);
+    // The error replies, and nothing else, are errors; on live too (from the first response
+    // bytes, in the kernel). The clients' closes are not.
+    assert_eq!(counter(&shadow_lines, "error_replies"), FLOWS as u64);
+    assert_eq!(counter(&shadow_lines, "exchange_errors"), FLOWS as u64);
+    assert_eq!(counter(&live_lines, "error_replies"), FLOWS as u64);
+    assert_eq!(counter(&live_lines, "exchange_errors"), FLOWS as u64);
+    assert_eq!(counter(&shadow_lines, "replay_resets"), 0);
 }
 
 #[test]

@@ -314,10 +314,9 @@ impl<'a> Replay<'a> {
             if self.all_written() && self.awaited.is_empty() && !self.last_run_unanswered() {
                 break;
             }
-            let timeout_at = (!self.awaited.is_empty()
-                || self.out_pending()
-                || self.last_run_unanswered())
-            .then(|| self.progress + self.settings.response_timeout);
+            let timeout_at =
+                (!self.awaited.is_empty() || self.out_pending() || self.last_run_unanswered())
+                    .then(|| self.progress + self.settings.response_timeout);
             tokio::select! {
                 event = self.events.recv(), if !self.ended => match event {
                     Some(FlowEvent::Data(data, meta)) => self.splitter.push(&data.data, meta),
