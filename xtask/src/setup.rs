@@ -21,7 +21,10 @@ use anyhow::{Context as _, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and tools need: `ip`/`tc` (iproute2), `sysctl` (procps),
 /// `bpftool` for inspecting programs and their run-time statistics, and the real servers the
-/// end-to-end tests run as workloads (nginx, redis-server, and redis-cli from redis-tools).
+/// end-to-end tests run as workloads (nginx, redis-server, redis-cli and redis-benchmark from
+/// redis-tools, and PostgreSQL: `postgresql` brings the distribution's server version with
+/// `initdb`, `pgbench`, `psql` and the `pg_stat_statements` module, and the `postgres` system
+/// user the test servers run as).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
@@ -29,6 +32,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nginx",
     "redis-server",
     "redis-tools",
+    "postgresql",
 ];
 
 #[derive(Debug, clap::Args)]

@@ -1,6 +1,8 @@
-//! Real servers from Debian packages as workloads inside testbed hosts: nginx with an access log
-//! that records exactly what it served, and redis-server whose `INFO commandstats` says what it
-//! executed.
+//! Real servers from Debian packages as workloads inside testbed hosts, each with the server's
+//! own record of what it executed: nginx with an access log that records exactly what it served,
+//! redis-server whose `INFO commandstats` counts calls per command, and PostgreSQL ([`postgres`])
+//! whose `pg_stat_statements` counts statements; with their stock load generators
+//! (`redis-benchmark`, `pgbench`) run from a client host.
 
 use std::{
     collections::BTreeMap,
@@ -13,6 +15,13 @@ use std::{
 };
 
 use crate::testbed::{Host, Process};
+
+pub mod postgres;
+
+pub use postgres::{
+    ExecutedStatements, Pgbench, PgbenchLength, PgbenchReport, Postgres, PostgresAuth,
+    PostgresLogin, QueryMode,
+};
 
 /// Waits until `addr` accepts connections from inside `host`.
 pub fn wait_listening(host: &Host, addr: SocketAddr, what: &str) {
@@ -176,6 +185,53 @@ impl Redis {
                 Some((name.to_owned(), calls))
             })
             .collect()
+    }
+}
+
+/// A `redis-benchmark` run: `clients` long-lived connections (keep-alive, no pipelining) per
+/// test, `requests` requests per test, for each of `tests` (`set`, `get`, …) in turn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisBenchmark {
+    /// `-c`: connections, each opened once per test and kept for all its requests.
+    pub clients: u32,
+    /// `-n`: requests per test, over all connections.
+    pub requests: u32,
+    /// `-t`: the tests, run one after the other (`redis-benchmark` names them in lower case).
+    pub tests: Vec<String>,
+}
+
+impl RedisBenchmark {
+    /// Runs `redis-benchmark` inside `from` against `server` and waits for it. Panics when it
+    /// fails. Besides the tests' commands it sends `CONFIG GET save` and `CONFIG GET
+    /// appendonly` on a connection of its own first; compare per command, not in total.
+    pub fn run(&self, from: &Host, server: SocketAddr) {
+        let out = from
+            .run(
+                "redis-benchmark",
+                &[
+                    "-h",
+                    &server.ip().to_string(),
+                    "-p",
+                    &server.port().to_string(),
+                    "-c",
+                    &self.clients.to_string(),
+                    "-n",
+                    &self.requests.to_string(),
+                    "-t",
+                    &self.tests.join(","),
+                    "-k",
+                    "1",
+                    "-P",
+                    "1",
+                    "-q",
+                ],
+            )
+            .unwrap_or_else(|e| panic!("redis-benchmark against {server}: {e}"));
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("rror"),
+            "redis-benchmark reported errors: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 }
 
