@@ -203,7 +203,8 @@ pub struct RedisBenchmark {
 impl RedisBenchmark {
     /// Runs `redis-benchmark` inside `from` against `server` and waits for it. Panics when it
     /// fails. Besides the tests' commands it sends `CONFIG GET save` and `CONFIG GET
-    /// appendonly` on a connection of its own first; compare per command, not in total.
+    /// appendonly` on a connection of its own first (`config|get` in `INFO commandstats`);
+    /// compare per command, not in total.
     pub fn run(&self, from: &Host, server: SocketAddr) {
         let out = from
             .run(

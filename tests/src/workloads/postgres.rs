@@ -26,14 +26,13 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    time::Duration,
+    thread,
+    time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
 
 use crate::testbed::{Host, Process};
-
-use super::wait_listening;
 
 /// Environment variable naming the directory holding `postgres`, `initdb` and `pgbench`
 /// (default: the newest `/usr/lib/postgresql/<version>/bin`, where Debian installs them).
@@ -213,17 +212,31 @@ impl Postgres {
         server
     }
 
+    /// Waits until the server, asked over TCP from inside `host`, accepts connections: it
+    /// listens before its startup has finished and meanwhile refuses logins with "the database
+    /// system is starting up", which `pg_isready` tells apart from ready. Panics with the
+    /// server's log when it is not ready within 10 s.
     fn wait_started(&self, host: &Host) {
-        let log = self.dir.join("server.log");
-        let up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            wait_listening(host, self.addr, "postgres");
-        }));
-        if let Err(panic) = up {
-            eprintln!(
-                "postgres log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = host
+                .command(self.bindir.join("pg_isready").to_str().expect("utf-8"))
+                .args(["-q", "-h", &self.addr.ip().to_string()])
+                .args(["-p", &self.addr.port().to_string()])
+                .stdin(Stdio::null())
+                .status()
+                .expect("run pg_isready")
+                .success();
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start on {}; its log:\n{}",
+                self.addr,
+                self.log()
             );
-            std::panic::resume_unwind(panic);
+            thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -1,0 +1,809 @@
+//! Replay fidelity per protocol, judged by the servers: a real client (pgbench, redis-benchmark)
+//! on a client host talks to a real server on the live host, whose agent mirrors every flow to a
+//! shadow host; the shadow agent replays them against the same server on the shadow's loopback.
+//! A replay is right when the shadow *server's* own count of what it executed
+//! (`pg_stat_statements`, `INFO commandstats`) equals the live server's, not when the agent says
+//! it sent everything.
+//!
+//! The loss tests drop single mirror datagrams on their way into the shadow ([`MirrorLoss`]) and
+//! check that the replayer skips the hole and carries on with the flow.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    thread,
+    time::{Duration, Instant},
+};
+
+use doppel_agent::shadow::vxlan::SegmentBuilder;
+use doppel_tests::{
+    agent::{AgentProcess as Agent, counter},
+    testbed::{Host, Link, privileged_or_skip},
+    workloads::{
+        ExecutedStatements, Pgbench, PgbenchLength, PgbenchReport, Postgres, PostgresAuth,
+        QueryMode, Redis, RedisBenchmark,
+    },
+};
+use serde_json::Value;
+
+const VNI: u32 = 101;
+const PG_PORT: u16 = 5432;
+const REDIS_PORT: u16 = 6379;
+/// pgbench's scale for every test: 100 000 accounts, initialised in a fraction of a second.
+const SCALE: u32 = 1;
+/// The SCRAM role on both servers of the SCRAM tests.
+const SCRAM_USER: &str = "bench";
+const SCRAM_PASSWORD: &str = "secret";
+
+/// Client, live host and one shadow host.
+struct Topology {
+    client: Host,
+    live: Host,
+    shadow: Host,
+    client_link: Link,
+    shadow_link: Link,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let client = Host::new("client").expect("client");
+        let live = Host::new("live").expect("live");
+        let shadow = Host::new("shadow").expect("shadow");
+        let client_link = Link::new(&client, &live).expect("client link");
+        let shadow_link = Link::new(&live, &shadow).expect("shadow link");
+        Self {
+            client,
+            live,
+            shadow,
+            client_link,
+            shadow_link,
+        }
+    }
+
+    fn live_addr(&self) -> IpAddr {
+        self.client_link.b_v4.into()
+    }
+
+    /// The live agent mirroring 100 % of the flows to `port` to the shadow.
+    fn live_agent(&self, port: u16) -> Agent {
+        Agent::start(
+            &self.live,
+            "live",
+            &format!(
+                "interface = \"{iface}\"\nreport_interval_ms = 300\ndefault_sample_percent = 100.0\n\
+                 [[services]]\naddr = \"{addr}\"\nport = {port}\n\
+                 [[mirror_sessions]]\nshadow = \"{shadow}\"\nvni = {VNI}\n",
+                iface = self.client_link.b_iface,
+                addr = self.live_addr(),
+                shadow = self.shadow_link.b_v4,
+            ),
+        )
+    }
+
+    /// The shadow agent replaying to the shadow's loopback; `service` is one `[[services]]`
+    /// table's body.
+    fn shadow_agent(&self, service: &str) -> Agent {
+        Agent::start(
+            &self.shadow,
+            "shadow",
+            &format!(
+                "role = \"shadow\"\nxdp_interface = \"{iface}\"\nreplay_addr = \"127.0.0.1\"\n\
+                 replay_interface = \"lo\"\nreport_interval_ms = 300\nresponse_timeout_ms = 2000\n\
+                 [[sessions]]\nsource = \"{live}\"\nvni = {VNI}\n[[services]]\n{service}\n",
+                iface = self.shadow_link.b_iface,
+                live = self.shadow_link.a_v4,
+            ),
+        )
+    }
+
+    /// A PostgreSQL server on the live host and one on the shadow's loopback, both with
+    /// `auth` and initialised alike by `pgbench -i` (before any agent runs, so nothing of it is
+    /// mirrored), their statement counts at zero.
+    fn postgres_pair(&self, auth: &PostgresAuth) -> (Postgres, Postgres) {
+        let live = Postgres::start(&self.live, self.live_addr(), PG_PORT, auth.clone());
+        let shadow = Postgres::start(
+            &self.shadow,
+            Ipv4Addr::LOCALHOST.into(),
+            PG_PORT,
+            auth.clone(),
+        );
+        live.pgbench_init(SCALE);
+        shadow.pgbench_init(SCALE);
+        (live, shadow)
+    }
+}
+
+/// Polls `f` every 50 ms until it returns true or `limit` passes; returns its last answer.
+fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// The shadow agent's counters the failure messages show, to tell a replayer fault from a lost
+/// datagram.
+fn replay_summary(lines: &[Value]) -> String {
+    let names = [
+        "flows_started",
+        "flows_completed",
+        "exchanges",
+        "exchange_errors",
+        "auth_not_replayable",
+        "stream_holes",
+        "bytes_skipped",
+        "flows_abandoned_gap",
+        "mirror_drops",
+        "datagrams",
+    ];
+    let lag = lines
+        .iter()
+        .filter_map(|l| l["counters"]["replay_lag_ms"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let mut out: Vec<String> = names
+        .iter()
+        .map(|n| format!("{n}={}", counter(lines, n)))
+        .collect();
+    out.push(format!("max replay_lag_ms={lag}"));
+    out.join(" ")
+}
+
+/// Checks a pgbench run went through on live: no failures, and the live server executed one
+/// `SELECT` per transaction plus pgbench's own two (`live` counted by the server itself).
+fn assert_live_run(report: &PgbenchReport, live: &ExecutedStatements, select_only: bool) {
+    assert!(
+        report.success && report.failed == 0 && report.transactions > 0,
+        "pgbench against live failed:\n{}",
+        report.output
+    );
+    assert_eq!(
+        live.get("select"),
+        report.transactions + 2,
+        "live executed {live} for {} transactions",
+        report.transactions
+    );
+    if !select_only {
+        // TPC-B: three UPDATEs and one INSERT per transaction.
+        assert_eq!(live.get("update"), 3 * report.transactions, "live {live}");
+        assert_eq!(live.get("insert"), report.transactions, "live {live}");
+    }
+}
+
+/// Runs `run` from the client against live with both agents up, then gives the shadow 2 s from
+/// the client's end to execute what live did, and checks it did: per statement kind, exactly.
+/// Returns the shadow agent's lines.
+fn postgres_replays_exactly(
+    t: &Topology,
+    auth: &PostgresAuth,
+    service: &str,
+    run: &Pgbench,
+) -> Vec<Value> {
+    let (live_pg, shadow_pg) = t.postgres_pair(auth);
+    let shadow = t.shadow_agent(service);
+    let live = t.live_agent(PG_PORT);
+    let report = live_pg.pgbench(&t.client, run);
+    let live_executed = live_pg.executed();
+    assert_live_run(&report, &live_executed, run.select_only);
+    let caught_up = wait_for(Duration::from_secs(2), || {
+        shadow_pg.executed() == live_executed
+    });
+    let shadow_lines = shadow.stop();
+    live.stop();
+    // Read once the shadow agent has exited, so nothing it replays late goes unseen.
+    let shadow_executed = shadow_pg.executed();
+    assert!(
+        caught_up,
+        "2 s after the client stopped, the shadow executed {shadow_executed}, live {live_executed}; \
+         shadow agent: {}",
+        replay_summary(&shadow_lines)
+    );
+    assert_eq!(shadow_executed, live_executed, "shadow per kind");
+    eprintln!(
+        "executed {shadow_executed} on both; shadow agent: {}",
+        replay_summary(&shadow_lines)
+    );
+    assert_eq!(
+        counter(&shadow_lines, "exchange_errors"),
+        0,
+        "no replayed exchange failed: {}",
+        replay_summary(&shadow_lines)
+    );
+    shadow_lines
+}
+
+fn postgres_service() -> String {
+    format!("port = {PG_PORT}\nprotocol = \"postgres\"")
+}
+
+fn scram() -> PostgresAuth {
+    PostgresAuth::Scram {
+        user: SCRAM_USER.to_owned(),
+        password: SCRAM_PASSWORD.to_owned(),
+    }
+}
+
+fn seconds(s: u64) -> PgbenchLength {
+    PgbenchLength::Duration(Duration::from_secs(s))
+}
+
+#[test]
+fn postgres_read_only_on_long_lived_connections_is_executed_exactly() {
+    if !privileged_or_skip("postgres_read_only_on_long_lived_connections_is_executed_exactly") {
+        return;
+    }
+    let t = Topology::new();
+    let run = Pgbench {
+        clients: 4,
+        length: seconds(5),
+        rate: Some(500),
+        select_only: true,
+        ..Pgbench::default()
+    };
+    postgres_replays_exactly(&t, &PostgresAuth::Trust, &postgres_service(), &run);
+}
+
+#[test]
+fn postgres_tpcb_writes_over_the_extended_protocol_are_executed_exactly() {
+    if !privileged_or_skip("postgres_tpcb_writes_over_the_extended_protocol_are_executed_exactly") {
+        return;
+    }
+    let t = Topology::new();
+    let run = Pgbench {
+        clients: 4,
+        length: seconds(5),
+        rate: Some(100),
+        mode: QueryMode::Extended,
+        ..Pgbench::default()
+    };
+    postgres_replays_exactly(&t, &PostgresAuth::Trust, &postgres_service(), &run);
+}
+
+#[test]
+fn postgres_connection_per_transaction_is_executed_exactly_and_closes_are_not_errors() {
+    if !privileged_or_skip(
+        "postgres_connection_per_transaction_is_executed_exactly_and_closes_are_not_errors",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    let run = Pgbench {
+        clients: 4,
+        length: seconds(4),
+        rate: Some(50),
+        connect_per_transaction: true,
+        ..Pgbench::default()
+    };
+    // The protocol is left to detection from the first bytes (a StartupMessage) here.
+    let lines =
+        postgres_replays_exactly(&t, &PostgresAuth::Trust, &format!("port = {PG_PORT}"), &run);
+    // postgres_replays_exactly checked exchange_errors == 0: each of the ~200 client closes
+    // (Terminate, then FIN) ended a flow without counting as an error.
+    assert!(
+        counter(&lines, "flows_completed") >= 150,
+        "one flow per transaction: {}",
+        replay_summary(&lines)
+    );
+}
+
+#[test]
+fn postgres_scram_without_shadow_credentials_is_not_replayed_and_is_counted() {
+    if !privileged_or_skip(
+        "postgres_scram_without_shadow_credentials_is_not_replayed_and_is_counted",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    let (live_pg, shadow_pg) = t.postgres_pair(&scram());
+    let shadow = t.shadow_agent(&postgres_service());
+    let live = t.live_agent(PG_PORT);
+    let run = Pgbench {
+        clients: 4,
+        length: seconds(3),
+        rate: Some(200),
+        select_only: true,
+        ..Pgbench::default()
+    };
+    let report = live_pg.pgbench(&t.client, &run);
+    let live_executed = live_pg.executed();
+    assert_live_run(&report, &live_executed, true);
+    // Every flow (the 4 clients' and pgbench's own) starts with a SCRAM exchange the shadow
+    // cannot answer without the password: each is counted once the agent saw its login.
+    let counted = wait_for(Duration::from_secs(5), || {
+        shadow.counter("auth_not_replayable") >= 5
+    });
+    let shadow_lines = shadow.stop();
+    live.stop();
+    let shadow_executed = shadow_pg.executed();
+    assert!(
+        counted && counter(&shadow_lines, "auth_not_replayable") > 0,
+        "SCRAM logins without credentials counted: {}",
+        replay_summary(&shadow_lines)
+    );
+    eprintln!("shadow agent: {}", replay_summary(&shadow_lines));
+    assert_eq!(
+        shadow_executed.total(),
+        0,
+        "the shadow server executed {shadow_executed} of the client's statements without a login"
+    );
+}
+
+#[test]
+fn postgres_scram_with_shadow_credentials_is_executed_exactly() {
+    if !privileged_or_skip("postgres_scram_with_shadow_credentials_is_executed_exactly") {
+        return;
+    }
+    let t = Topology::new();
+    let run = Pgbench {
+        clients: 4,
+        length: seconds(3),
+        rate: Some(200),
+        select_only: true,
+        ..Pgbench::default()
+    };
+    let service = format!(
+        "{}\nuser = \"{SCRAM_USER}\"\npassword = \"{SCRAM_PASSWORD}\"",
+        postgres_service()
+    );
+    let lines = postgres_replays_exactly(&t, &scram(), &service, &run);
+    assert_eq!(
+        counter(&lines, "auth_not_replayable"),
+        0,
+        "the replayer logged in itself: {}",
+        replay_summary(&lines)
+    );
+}
+
+/// The commands a redis-benchmark run sends, as `INFO commandstats` names them (`config|get`:
+/// its two `CONFIG GET`s at start).
+const REDIS_COMMANDS: [&str; 3] = ["set", "get", "config|get"];
+
+fn redis_calls(redis: &Redis, host: &Host) -> BTreeMap<String, u64> {
+    let calls = redis.command_calls(host);
+    REDIS_COMMANDS
+        .iter()
+        .map(|c| ((*c).to_owned(), calls.get(*c).copied().unwrap_or(0)))
+        .collect()
+}
+
+fn redis_benchmark() -> RedisBenchmark {
+    RedisBenchmark {
+        clients: 4,
+        requests: 5000,
+        tests: vec!["set".to_owned(), "get".to_owned()],
+    }
+}
+
+#[test]
+fn redis_long_lived_connections_are_executed_exactly() {
+    if !privileged_or_skip("redis_long_lived_connections_are_executed_exactly") {
+        return;
+    }
+    let t = Topology::new();
+    let live_redis = Redis::start(&t.live, t.live_addr(), REDIS_PORT);
+    let shadow_redis = Redis::start(&t.shadow, Ipv4Addr::LOCALHOST.into(), REDIS_PORT);
+    let shadow = t.shadow_agent(&format!("port = {REDIS_PORT}\nprotocol = \"redis\""));
+    let live = t.live_agent(REDIS_PORT);
+    let bench = redis_benchmark();
+    bench.run(&t.client, live_redis.addr);
+    let live_calls = redis_calls(&live_redis, &t.live);
+    assert_eq!(
+        (
+            live_calls["set"],
+            live_calls["get"],
+            live_calls["config|get"]
+        ),
+        (u64::from(bench.requests), u64::from(bench.requests), 2),
+        "live executed {live_calls:?}"
+    );
+    let caught_up = wait_for(Duration::from_secs(2), || {
+        redis_calls(&shadow_redis, &t.shadow) == live_calls
+    });
+    let shadow_lines = shadow.stop();
+    live.stop();
+    let shadow_calls = redis_calls(&shadow_redis, &t.shadow);
+    assert!(
+        caught_up,
+        "2 s after the client stopped, the shadow executed {shadow_calls:?}, live {live_calls:?}; \
+         shadow agent: {}",
+        replay_summary(&shadow_lines)
+    );
+    assert_eq!(shadow_calls, live_calls);
+    eprintln!(
+        "executed {shadow_calls:?} on both; shadow agent: {}",
+        replay_summary(&shadow_lines)
+    );
+    assert_eq!(
+        counter(&shadow_lines, "exchange_errors"),
+        0,
+        "{}",
+        replay_summary(&shadow_lines)
+    );
+}
+
+/// One in this many mirror datagrams carrying client bytes is dropped in the loss tests.
+const LOSS_ONE_IN: u32 = 200;
+
+#[test]
+fn redis_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows() {
+    if !privileged_or_skip("redis_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows") {
+        return;
+    }
+    let t = Topology::new();
+    let live_redis = Redis::start(&t.live, t.live_addr(), REDIS_PORT);
+    let shadow_redis = Redis::start(&t.shadow, Ipv4Addr::LOCALHOST.into(), REDIS_PORT);
+    let shadow = t.shadow_agent(&format!("port = {REDIS_PORT}\nprotocol = \"redis\""));
+    let loss = MirrorLoss::install(&t.shadow, &t.shadow_link.b_iface, LOSS_ONE_IN);
+    let live = t.live_agent(REDIS_PORT);
+    let bench = RedisBenchmark {
+        requests: 8000,
+        ..redis_benchmark()
+    };
+    bench.run(&t.client, live_redis.addr);
+    let live_calls = redis_calls(&live_redis, &t.live);
+    let live_total: u64 = live_calls.values().sum();
+    let dropped = loss.dropped();
+    assert!(dropped > 0, "the loss injector dropped nothing");
+    // Each request is one segment (no pipelining), so each lost datagram costs at most one.
+    // redis-benchmark sends as fast as it can; the shadow may trail live by a second or so.
+    let enough = wait_for(Duration::from_secs(5), || {
+        redis_calls(&shadow_redis, &t.shadow).values().sum::<u64>() + dropped >= live_total
+    });
+    let shadow_lines = shadow.stop();
+    live.stop();
+    let shadow_calls = redis_calls(&shadow_redis, &t.shadow);
+    let summary = replay_summary(&shadow_lines);
+    assert!(
+        enough,
+        "{dropped} datagrams dropped: shadow executed {shadow_calls:?}, live {live_calls:?}; {summary}"
+    );
+    for command in REDIS_COMMANDS {
+        assert!(
+            shadow_calls[command] <= live_calls[command],
+            "the shadow executed more {command} than live: {shadow_calls:?} vs {live_calls:?}"
+        );
+    }
+    eprintln!("{dropped} datagrams dropped; {summary}");
+    assert!(
+        counter(&shadow_lines, "stream_holes") > 0,
+        "holes counted: {summary}"
+    );
+    assert_eq!(
+        counter(&shadow_lines, "flows_abandoned_gap"),
+        0,
+        "no flow abandoned: {summary}"
+    );
+}
+
+#[test]
+fn postgres_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows() {
+    if !privileged_or_skip(
+        "postgres_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    let (live_pg, shadow_pg) = t.postgres_pair(&PostgresAuth::Trust);
+    let shadow = t.shadow_agent(&postgres_service());
+    let loss = MirrorLoss::install(&t.shadow, &t.shadow_link.b_iface, LOSS_ONE_IN);
+    let live = t.live_agent(PG_PORT);
+    let run = Pgbench {
+        clients: 4,
+        length: seconds(5),
+        rate: Some(500),
+        select_only: true,
+        ..Pgbench::default()
+    };
+    let report = live_pg.pgbench(&t.client, &run);
+    let live_executed = live_pg.executed();
+    assert_live_run(&report, &live_executed, true);
+    let dropped = loss.dropped();
+    assert!(dropped > 0, "the loss injector dropped nothing");
+    // A simple-protocol Query per segment: each lost datagram costs at most one statement.
+    let enough = wait_for(Duration::from_secs(3), || {
+        shadow_pg.executed().total() + dropped >= live_executed.total()
+    });
+    let shadow_lines = shadow.stop();
+    live.stop();
+    let shadow_executed = shadow_pg.executed();
+    let summary = replay_summary(&shadow_lines);
+    assert!(
+        enough,
+        "{dropped} datagrams dropped: shadow executed {shadow_executed}, live {live_executed}; \
+         {summary}"
+    );
+    for (kind, calls) in &shadow_executed.0 {
+        assert!(
+            *calls <= live_executed.get(kind),
+            "the shadow executed more {kind} than live: {shadow_executed} vs {live_executed}"
+        );
+    }
+    eprintln!("{dropped} datagrams dropped; {summary}");
+    assert!(
+        counter(&shadow_lines, "stream_holes") > 0,
+        "holes counted: {summary}"
+    );
+    assert_eq!(
+        counter(&shadow_lines, "flows_abandoned_gap"),
+        0,
+        "no flow abandoned: {summary}"
+    );
+}
+
+#[test]
+fn the_loss_injector_drops_only_mirrored_client_bytes() {
+    if !privileged_or_skip("the_loss_injector_drops_only_mirrored_client_bytes") {
+        return;
+    }
+    let t = Topology::new();
+    let loss = MirrorLoss::install(&t.shadow, &t.shadow_link.b_iface, 1);
+    let receiver = {
+        let _inside = t.shadow.enter().expect("enter shadow");
+        UdpSocket::bind((t.shadow_link.b_v4, 4789)).expect("bind 4789")
+    };
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let segment = SegmentBuilder {
+        vni: VNI,
+        client: SocketAddr::new(t.live_addr(), 40_000),
+        service: SocketAddr::new(t.live_addr(), PG_PORT),
+    };
+    let (data, empty, startup) = (30u32, 20u32, 10u32);
+    {
+        let _inside = t.live.enter().expect("enter live");
+        let sender = UdpSocket::bind((t.shadow_link.a_v4, 0)).expect("bind");
+        let target = SocketAddr::new(t.shadow_link.b_v4.into(), 4789);
+        for i in 0..data {
+            sender
+                .send_to(&segment.datagram(i * 8, 1, 0, b"Q\0\0\0\x08X;\0"), target)
+                .expect("send");
+        }
+        for i in 0..empty {
+            sender
+                .send_to(&segment.datagram(i, 1, 0, b""), target)
+                .expect("send");
+        }
+        // A StartupMessage begins with its length's high byte, 0: kept, so a flow's login is
+        // never what the loss tests drop.
+        for i in 0..startup {
+            sender
+                .send_to(
+                    &segment.datagram(i, 1, 0, b"\0\0\0\x08\x04\xd2\x16\x2f"),
+                    target,
+                )
+                .expect("send");
+        }
+        // Not VXLAN at all: passes, and marks the end.
+        sender.send_to(b"end", target).expect("send");
+    }
+    let mut received = 0;
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, _) = receiver
+            .recv_from(&mut buf)
+            .expect("the end marker arrives within 5 s");
+        if &buf[..n] == b"end" {
+            break;
+        }
+        received += 1;
+    }
+    assert_eq!(
+        received,
+        empty + startup,
+        "only the data segments were dropped"
+    );
+    assert_eq!(loss.dropped(), u64::from(data), "each drop counted");
+}
+
+/// Drops about one in `one_in` of the mirror datagrams arriving on `iface` that carry client
+/// bytes, and counts what it dropped, exactly.
+///
+/// This kernel has neither `act_gact` (so no `action drop` and no `random determ`) nor
+/// `sch_netem`, nor nftables/iptables; it has `cls_bpf`, `act_mirred` and the `clsact` qdisc.
+/// So the filter is a classic-BPF program on the ingress hook of `iface` (`tc` runs it after the
+/// shadow's XDP admission program has passed the datagram, before the UDP socket gets it), and
+/// "drop" is `mirred` redirecting the match to the egress of a veth whose peer is up but has no
+/// address: the frame arrives there addressed to another MAC and IP throws it away
+/// (`PACKET_OTHERHOST`). Classic BPF has no state, so "every Nth" is not expressible; it draws
+/// a random number per datagram instead (`SKF_AD_RANDOM`), and the mirred action's packet count
+/// says how many it took. eBPF would allow a counter, but loading one needs an object file or
+/// raw `bpf(2)` calls, for the same result.
+///
+/// It matches only a VXLAN datagram (UDP 4789) whose inner IPv4 TCP segment has a payload not
+/// starting with a zero byte: pure ACKs, SYNs and FINs pass (losing them makes no hole), and so
+/// do PostgreSQL StartupMessages (their first byte is the high byte of a small length), so a
+/// loss never costs a flow its login, only single requests.
+struct MirrorLoss<'a> {
+    host: &'a Host,
+    iface: String,
+}
+
+impl<'a> MirrorLoss<'a> {
+    const SINK: &'static str = "losssink0";
+    const SINK_PEER: &'static str = "losssink1";
+
+    fn install(host: &'a Host, iface: &str, one_in: u32) -> Self {
+        let run = |program: &str, args: &[&str]| {
+            host.run(program, args)
+                .unwrap_or_else(|e| panic!("loss injector: {e}"));
+        };
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                Self::SINK,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                Self::SINK_PEER,
+            ],
+        );
+        for dev in [Self::SINK, Self::SINK_PEER] {
+            host.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1")
+                .expect("no IPv6 on the sink");
+            run("ip", &["link", "set", dev, "up"]);
+        }
+        // The shadow agent may have added clsact already (for TC programs); either is fine.
+        let _ = host.run("tc", &["qdisc", "add", "dev", iface, "clsact"]);
+        let bytecode = loss_filter(one_in);
+        run(
+            "tc",
+            &[
+                "filter",
+                "add",
+                "dev",
+                iface,
+                "ingress",
+                "protocol",
+                "ip",
+                "pref",
+                "1",
+                "bpf",
+                "bytecode",
+                &bytecode,
+                "action",
+                "mirred",
+                "egress",
+                "redirect",
+                "dev",
+                Self::SINK,
+            ],
+        );
+        Self {
+            host,
+            iface: iface.to_owned(),
+        }
+    }
+
+    /// Datagrams dropped so far: the mirred action's packet count.
+    fn dropped(&self) -> u64 {
+        let out = self
+            .host
+            .run(
+                "tc",
+                &["-s", "-j", "filter", "show", "dev", &self.iface, "ingress"],
+            )
+            .expect("tc filter show");
+        let filters: Value = serde_json::from_slice(&out.stdout).expect("tc prints JSON");
+        filters
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|f| {
+                f["options"]["actions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter(|a| a["kind"] == "mirred")
+            .map(|a| a["stats"]["packets"].as_u64().expect("mirred packet count"))
+            .sum()
+    }
+}
+
+/// The classic BPF program of [`MirrorLoss`], in `tc`'s `bytecode` syntax
+/// (`count,code jt jf k,…`). Offsets count from the outer Ethernet header (`cls_bpf` pushes it
+/// back at ingress): outer IPv4 at 14, UDP after its `ihl`, VXLAN 8 bytes on, inner Ethernet 8
+/// more, so the inner IPv4 header starts at `X + 44` with `X` the outer header length.
+fn loss_filter(one_in: u32) -> String {
+    // Opcodes from linux/filter.h (classic BPF).
+    const LD_H_ABS: u16 = 0x28;
+    const LD_B_ABS: u16 = 0x30;
+    const LD_W_ABS: u16 = 0x20;
+    const LD_H_IND: u16 = 0x48;
+    const LD_B_IND: u16 = 0x50;
+    const LDX_B_MSH: u16 = 0xb1;
+    const LD_MEM: u16 = 0x60;
+    const LDX_MEM: u16 = 0x61;
+    const ST: u16 = 0x02;
+    const STX: u16 = 0x03;
+    const ALU_AND_K: u16 = 0x54;
+    const ALU_LSH_K: u16 = 0x64;
+    const ALU_RSH_K: u16 = 0x74;
+    const ALU_ADD_X: u16 = 0x0c;
+    const ALU_SUB_X: u16 = 0x1c;
+    const TAX: u16 = 0x07;
+    const JEQ_K: u16 = 0x15;
+    const JGT_K: u16 = 0x25;
+    const RET_K: u16 = 0x06;
+    /// `SKF_AD_OFF + SKF_AD_RANDOM`: loading it yields a fresh random `u32`.
+    const AD_RANDOM: u32 = 0xffff_f000 + 56;
+
+    /// What a conditional jump does: go on when the test holds, else let the datagram pass;
+    /// or the reverse.
+    enum Step {
+        Op(u16, u32),
+        ContinueIfEq(u32),
+        PassIfEq(u32),
+        PassIfGt(u32),
+    }
+    use Step::{ContinueIfEq, Op, PassIfEq, PassIfGt};
+    // One in `one_in` random numbers is at most this (all of them when `one_in` is 1).
+    let threshold = u32::MAX / one_in.max(1);
+    let steps = [
+        Op(LD_H_ABS, 12),
+        ContinueIfEq(0x0800), // outer IPv4
+        Op(LD_B_ABS, 23),
+        ContinueIfEq(17),  // UDP
+        Op(LDX_B_MSH, 14), // X = outer IP header length
+        Op(LD_H_IND, 16),
+        ContinueIfEq(4789), // VXLAN
+        Op(LD_H_IND, 42),
+        ContinueIfEq(0x0800), // inner IPv4
+        Op(LD_B_IND, 53),
+        ContinueIfEq(6), // inner TCP
+        Op(LD_H_IND, 46),
+        Op(ST, 0), // M0 = inner total length
+        Op(LD_B_IND, 44),
+        Op(ALU_AND_K, 0x0f),
+        Op(ALU_LSH_K, 2),
+        Op(ST, 1), // M1 = inner IP header length
+        Op(ALU_ADD_X, 0),
+        Op(TAX, 0), // X = both IP header lengths
+        Op(LD_B_IND, 56),
+        Op(ALU_RSH_K, 4),
+        Op(ALU_LSH_K, 2),
+        Op(ST, 2), // M2 = TCP header length
+        Op(ALU_ADD_X, 0),
+        Op(TAX, 0),
+        Op(STX, 3), // M3 = offset of the payload, less 44
+        Op(LD_MEM, 0),
+        Op(LDX_MEM, 1),
+        Op(ALU_SUB_X, 0),
+        Op(LDX_MEM, 2),
+        Op(ALU_SUB_X, 0), // A = payload length
+        PassIfEq(0),
+        PassIfGt(0xffff), // lengths that underflowed: malformed, not ours to drop
+        Op(LDX_MEM, 3),
+        Op(LD_B_IND, 44),
+        PassIfEq(0), // first payload byte 0: a PostgreSQL StartupMessage
+        Op(LD_W_ABS, AD_RANDOM),
+        PassIfGt(threshold),
+        Op(RET_K, u32::MAX), // match: the default class, so the mirred action runs
+        Op(RET_K, 0),        // no match: the datagram goes on
+    ];
+    let pass = steps.len() - 1;
+    let code: Vec<String> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| {
+            // Jumps are relative to the next instruction; only forward jumps exist.
+            let to_pass = || u8::try_from(pass - i - 1).expect("short program");
+            let (code, jt, jf, k) = match *step {
+                Op(code, k) => (code, 0, 0, k),
+                ContinueIfEq(k) => (JEQ_K, 0, to_pass(), k),
+                PassIfEq(k) => (JEQ_K, to_pass(), 0, k),
+                PassIfGt(k) => (JGT_K, to_pass(), 0, k),
+            };
+            format!("{code} {jt} {jf} {k}")
+        })
+        .collect();
+    format!("{},{}", code.len(), code.join(","))
+}
