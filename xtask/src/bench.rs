@@ -14,6 +14,9 @@ enum Target {
     Datapath(crate::bench_datapath::Options),
     /// The shadow's replay: exchanges/s one core replays with ≤ 0.1 % lost, CPU per exchange.
     Replay(crate::bench_replay::Options),
+    /// The shadow against a live host of the same type: executed ratio, time dilation, latency
+    /// ratios, mirror loss.
+    Fidelity(crate::bench_fidelity::Options),
     /// The predictor: fit + forecast time for one workload, and a 1,000-workload refresh.
     Predictor(crate::bench_predictor::Options),
     /// The coordinator's ingest: agents held over QUIC, report-to-durable p99, CPU, merges/s.
@@ -24,6 +27,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     match &options.target {
         Target::Datapath(o) => crate::bench_datapath::run(o),
         Target::Replay(o) => crate::bench_replay::run(o),
+        Target::Fidelity(o) => crate::bench_fidelity::run(o),
         Target::Predictor(o) => crate::bench_predictor::run(o),
         Target::Ingest(o) => crate::bench_ingest::run(o),
     }

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_datapath;
+mod bench_fidelity;
 mod bench_ingest;
 mod bench_predictor;
 mod bench_replay;
@@ -36,7 +37,7 @@ enum Task {
     /// The whole system on this machine: live workload, real traffic, shadows on several VM
     /// types, forecast, warning, recommendation, webhook and (act mode) the move.
     Demo(demo::Options),
-    /// Benchmarks that print figures (`bench datapath|replay|predictor|ingest`).
+    /// Benchmarks that print figures (`bench datapath|replay|fidelity|predictor|ingest`).
     Bench(bench::Options),
 }
 
