@@ -11,5 +11,6 @@ pub mod agent;
 pub mod demo;
 pub mod reports;
 pub mod testbed;
+pub mod topology;
 pub mod traffic;
 pub mod workloads;

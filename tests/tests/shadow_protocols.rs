@@ -10,15 +10,15 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    thread,
-    time::{Duration, Instant},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    time::Duration,
 };
 
 use doppel_agent::shadow::vxlan::SegmentBuilder;
 use doppel_tests::{
     agent::{AgentProcess as Agent, counter},
-    testbed::{Host, Link, privileged_or_skip},
+    testbed::{Host, privileged_or_skip},
+    topology::{Topology, VNI, wait_for},
     workloads::{
         ExecutedStatements, Pgbench, PgbenchLength, PgbenchReport, Postgres, PostgresAuth,
         QueryMode, Redis, RedisBenchmark,
@@ -26,7 +26,6 @@ use doppel_tests::{
 };
 use serde_json::Value;
 
-const VNI: u32 = 101;
 const PG_PORT: u16 = 5432;
 const REDIS_PORT: u16 = 6379;
 /// pgbench's scale for every test: 100 000 accounts, initialised in a fraction of a second.
@@ -35,94 +34,129 @@ const SCALE: u32 = 1;
 const SCRAM_USER: &str = "bench";
 const SCRAM_PASSWORD: &str = "secret";
 
-/// Client, live host and one shadow host.
-struct Topology {
-    client: Host,
-    live: Host,
-    shadow: Host,
-    client_link: Link,
-    shadow_link: Link,
+/// A PostgreSQL server on the live host and one on the shadow's loopback, both with `auth` and
+/// initialised alike by `pgbench -i` (before any agent runs, so nothing of it is mirrored),
+/// their statement counts at zero.
+fn postgres_pair(t: &Topology, auth: &PostgresAuth) -> (Postgres, Postgres) {
+    let live = Postgres::start(&t.live, t.live_addr(), PG_PORT, auth.clone());
+    let shadow = Postgres::start(&t.shadow, Ipv4Addr::LOCALHOST.into(), PG_PORT, auth.clone());
+    live.pgbench_init(SCALE);
+    shadow.pgbench_init(SCALE);
+    (live, shadow)
 }
 
-impl Topology {
-    fn new() -> Self {
-        let client = Host::new("client").expect("client");
-        let live = Host::new("live").expect("live");
-        let shadow = Host::new("shadow").expect("shadow");
-        let client_link = Link::new(&client, &live).expect("client link");
-        let shadow_link = Link::new(&live, &shadow).expect("shadow link");
-        Self {
-            client,
-            live,
-            shadow,
-            client_link,
-            shadow_link,
-        }
-    }
+/// Both agents up, and the client's workload run against live.
+struct Mirrored<'t> {
+    shadow: Agent,
+    live: Agent,
+    /// What the live server executed, per kind, once the workload ended.
+    live_executed: ExecutedStatements,
+    /// Present in the loss tests.
+    loss: Option<MirrorLoss<'t>>,
+}
 
-    fn live_addr(&self) -> IpAddr {
-        self.client_link.b_v4.into()
+/// Starts the shadow agent replaying `service` (one `[[services]]` table's body), with
+/// [`MirrorLoss`] dropping about one in `loss_one_in` data-carrying mirror datagrams on their
+/// way in when given, and the live agent mirroring `port`; then runs `workload`, which runs the
+/// client against live, checks it went through and returns what the live server executed.
+/// Start the servers first, so nothing of their setup is mirrored.
+fn mirror<'t>(
+    t: &'t Topology,
+    service: &str,
+    port: u16,
+    loss_one_in: Option<u32>,
+    workload: impl FnOnce() -> ExecutedStatements,
+) -> Mirrored<'t> {
+    let shadow = t.shadow_agent(&[service], "");
+    let loss =
+        loss_one_in.map(|one_in| MirrorLoss::install(&t.shadow, &t.shadow_link.b_iface, one_in));
+    let live = t.live_agent(&[port]);
+    let live_executed = workload();
+    Mirrored {
+        shadow,
+        live,
+        live_executed,
+        loss,
     }
+}
 
-    /// The live agent mirroring 100 % of the flows to `port` to the shadow.
-    fn live_agent(&self, port: u16) -> Agent {
-        Agent::start(
-            &self.live,
-            "live",
-            &format!(
-                "interface = \"{iface}\"\nreport_interval_ms = 300\ndefault_sample_percent = 100.0\n\
-                 [[services]]\naddr = \"{addr}\"\nport = {port}\n\
-                 [[mirror_sessions]]\nshadow = \"{shadow}\"\nvni = {VNI}\n",
-                iface = self.client_link.b_iface,
-                addr = self.live_addr(),
-                shadow = self.shadow_link.b_v4,
-            ),
-        )
-    }
-
-    /// The shadow agent replaying to the shadow's loopback; `service` is one `[[services]]`
-    /// table's body.
-    fn shadow_agent(&self, service: &str) -> Agent {
-        Agent::start(
-            &self.shadow,
-            "shadow",
-            &format!(
-                "role = \"shadow\"\nxdp_interface = \"{iface}\"\nreplay_addr = \"127.0.0.1\"\n\
-                 replay_interface = \"lo\"\nreport_interval_ms = 300\nresponse_timeout_ms = 2000\n\
-                 [[sessions]]\nsource = \"{live}\"\nvni = {VNI}\n[[services]]\n{service}\n",
-                iface = self.shadow_link.b_iface,
-                live = self.shadow_link.a_v4,
-            ),
-        )
-    }
-
-    /// A PostgreSQL server on the live host and one on the shadow's loopback, both with
-    /// `auth` and initialised alike by `pgbench -i` (before any agent runs, so nothing of it is
-    /// mirrored), their statement counts at zero.
-    fn postgres_pair(&self, auth: &PostgresAuth) -> (Postgres, Postgres) {
-        let live = Postgres::start(&self.live, self.live_addr(), PG_PORT, auth.clone());
-        let shadow = Postgres::start(
-            &self.shadow,
-            Ipv4Addr::LOCALHOST.into(),
-            PG_PORT,
-            auth.clone(),
+impl Mirrored<'_> {
+    /// Gives the shadow 2 s from the client's end to execute what live did (`shadow_executed`
+    /// asks the shadow server), and checks it did: per kind, exactly, no replayed exchange
+    /// failing. Returns the shadow agent's lines.
+    fn assert_executed_exactly(
+        self,
+        shadow_executed: impl Fn() -> ExecutedStatements,
+    ) -> Vec<Value> {
+        let live_executed = self.live_executed;
+        let caught_up = wait_for(Duration::from_secs(2), || {
+            shadow_executed() == live_executed
+        });
+        let shadow_lines = self.shadow.stop();
+        self.live.stop();
+        // Read once the shadow agent has exited, so nothing it replays late goes unseen.
+        let shadow_executed = shadow_executed();
+        assert!(
+            caught_up,
+            "2 s after the client stopped, the shadow executed {shadow_executed}, live {live_executed}; \
+             shadow agent: {}",
+            replay_summary(&shadow_lines)
         );
-        live.pgbench_init(SCALE);
-        shadow.pgbench_init(SCALE);
-        (live, shadow)
+        assert_eq!(shadow_executed, live_executed, "shadow per kind");
+        eprintln!(
+            "executed {shadow_executed} on both; shadow agent: {}",
+            replay_summary(&shadow_lines)
+        );
+        assert_eq!(
+            counter(&shadow_lines, "exchange_errors"),
+            0,
+            "no replayed exchange failed: {}",
+            replay_summary(&shadow_lines)
+        );
+        shadow_lines
     }
-}
 
-/// Polls `f` every 50 ms until it returns true or `limit` passes; returns its last answer.
-fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
+    /// For the loss tests: checks the injector dropped something, gives the shadow `limit` to
+    /// execute all live did but at most one statement or command per dropped datagram, and
+    /// checks it never executed more of a kind than live, counted the holes and abandoned no
+    /// flow.
+    fn assert_holes_skipped(
+        self,
+        limit: Duration,
+        shadow_executed: impl Fn() -> ExecutedStatements,
+    ) {
+        let live_executed = self.live_executed;
+        let dropped = self.loss.as_ref().expect("a loss test").dropped();
+        assert!(dropped > 0, "the loss injector dropped nothing");
+        let enough = wait_for(limit, || {
+            shadow_executed().total() + dropped >= live_executed.total()
+        });
+        let shadow_lines = self.shadow.stop();
+        self.live.stop();
+        let shadow_executed = shadow_executed();
+        let summary = replay_summary(&shadow_lines);
+        assert!(
+            enough,
+            "{dropped} datagrams dropped: shadow executed {shadow_executed}, live {live_executed}; \
+             {summary}"
+        );
+        for (kind, calls) in &shadow_executed.0 {
+            assert!(
+                *calls <= live_executed.get(kind),
+                "the shadow executed more {kind} than live: {shadow_executed} vs {live_executed}"
+            );
         }
-        thread::sleep(Duration::from_millis(50));
+        eprintln!("{dropped} datagrams dropped; {summary}");
+        assert!(
+            counter(&shadow_lines, "stream_holes") > 0,
+            "holes counted: {summary}"
+        );
+        assert_eq!(
+            counter(&shadow_lines, "flows_abandoned_gap"),
+            0,
+            "no flow abandoned: {summary}"
+        );
     }
-    f()
 }
 
 /// The shadow agent's counters the failure messages show, to tell a replayer fault from a lost
@@ -174,6 +208,15 @@ fn assert_live_run(report: &PgbenchReport, live: &ExecutedStatements, select_onl
     }
 }
 
+/// Runs `run` from the client against `live_pg` and checks it went through; returns what the
+/// live server executed.
+fn pgbench_on_live(t: &Topology, live_pg: &Postgres, run: &Pgbench) -> ExecutedStatements {
+    let report = live_pg.pgbench(&t.client, run);
+    let live_executed = live_pg.executed();
+    assert_live_run(&report, &live_executed, run.select_only);
+    live_executed
+}
+
 /// Runs `run` from the client against live with both agents up, then gives the shadow 2 s from
 /// the client's end to execute what live did, and checks it did: per statement kind, exactly.
 /// Returns the shadow agent's lines.
@@ -183,37 +226,11 @@ fn postgres_replays_exactly(
     service: &str,
     run: &Pgbench,
 ) -> Vec<Value> {
-    let (live_pg, shadow_pg) = t.postgres_pair(auth);
-    let shadow = t.shadow_agent(service);
-    let live = t.live_agent(PG_PORT);
-    let report = live_pg.pgbench(&t.client, run);
-    let live_executed = live_pg.executed();
-    assert_live_run(&report, &live_executed, run.select_only);
-    let caught_up = wait_for(Duration::from_secs(2), || {
-        shadow_pg.executed() == live_executed
-    });
-    let shadow_lines = shadow.stop();
-    live.stop();
-    // Read once the shadow agent has exited, so nothing it replays late goes unseen.
-    let shadow_executed = shadow_pg.executed();
-    assert!(
-        caught_up,
-        "2 s after the client stopped, the shadow executed {shadow_executed}, live {live_executed}; \
-         shadow agent: {}",
-        replay_summary(&shadow_lines)
-    );
-    assert_eq!(shadow_executed, live_executed, "shadow per kind");
-    eprintln!(
-        "executed {shadow_executed} on both; shadow agent: {}",
-        replay_summary(&shadow_lines)
-    );
-    assert_eq!(
-        counter(&shadow_lines, "exchange_errors"),
-        0,
-        "no replayed exchange failed: {}",
-        replay_summary(&shadow_lines)
-    );
-    shadow_lines
+    let (live_pg, shadow_pg) = postgres_pair(t, auth);
+    mirror(t, service, PG_PORT, None, || {
+        pgbench_on_live(t, &live_pg, run)
+    })
+    .assert_executed_exactly(|| shadow_pg.executed())
 }
 
 fn postgres_service() -> String {
@@ -298,9 +315,7 @@ fn postgres_scram_without_shadow_credentials_is_not_replayed_and_is_counted() {
         return;
     }
     let t = Topology::new();
-    let (live_pg, shadow_pg) = t.postgres_pair(&scram());
-    let shadow = t.shadow_agent(&postgres_service());
-    let live = t.live_agent(PG_PORT);
+    let (live_pg, shadow_pg) = postgres_pair(&t, &scram());
     let run = Pgbench {
         clients: 4,
         length: seconds(3),
@@ -308,9 +323,9 @@ fn postgres_scram_without_shadow_credentials_is_not_replayed_and_is_counted() {
         select_only: true,
         ..Pgbench::default()
     };
-    let report = live_pg.pgbench(&t.client, &run);
-    let live_executed = live_pg.executed();
-    assert_live_run(&report, &live_executed, true);
+    let Mirrored { shadow, live, .. } = mirror(&t, &postgres_service(), PG_PORT, None, || {
+        pgbench_on_live(&t, &live_pg, &run)
+    });
     // Every flow (the 4 clients' and pgbench's own) starts with a SCRAM exchange the shadow
     // cannot answer without the password: each is counted once the agent saw its login.
     let counted = wait_for(Duration::from_secs(5), || {
@@ -362,12 +377,15 @@ fn postgres_scram_with_shadow_credentials_is_executed_exactly() {
 /// its two `CONFIG GET`s at start).
 const REDIS_COMMANDS: [&str; 3] = ["set", "get", "config|get"];
 
-fn redis_calls(redis: &Redis, host: &Host) -> BTreeMap<String, u64> {
+/// The calls of each of [`REDIS_COMMANDS`] `redis` executed, zeros included.
+fn redis_calls(redis: &Redis, host: &Host) -> ExecutedStatements {
     let calls = redis.command_calls(host);
-    REDIS_COMMANDS
-        .iter()
-        .map(|c| ((*c).to_owned(), calls.get(*c).copied().unwrap_or(0)))
-        .collect()
+    ExecutedStatements(
+        REDIS_COMMANDS
+            .iter()
+            .map(|c| ((*c).to_owned(), calls.get(*c).copied().unwrap_or(0)))
+            .collect::<BTreeMap<_, _>>(),
+    )
 }
 
 fn redis_benchmark() -> RedisBenchmark {
@@ -378,51 +396,41 @@ fn redis_benchmark() -> RedisBenchmark {
     }
 }
 
+fn redis_service() -> String {
+    format!("port = {REDIS_PORT}\nprotocol = \"redis\"")
+}
+
+/// A redis server on the live host and one on the shadow's loopback.
+fn redis_pair(t: &Topology) -> (Redis, Redis) {
+    (
+        Redis::start(&t.live, t.live_addr(), REDIS_PORT),
+        Redis::start(&t.shadow, Ipv4Addr::LOCALHOST.into(), REDIS_PORT),
+    )
+}
+
 #[test]
 fn redis_long_lived_connections_are_executed_exactly() {
     if !privileged_or_skip("redis_long_lived_connections_are_executed_exactly") {
         return;
     }
     let t = Topology::new();
-    let live_redis = Redis::start(&t.live, t.live_addr(), REDIS_PORT);
-    let shadow_redis = Redis::start(&t.shadow, Ipv4Addr::LOCALHOST.into(), REDIS_PORT);
-    let shadow = t.shadow_agent(&format!("port = {REDIS_PORT}\nprotocol = \"redis\""));
-    let live = t.live_agent(REDIS_PORT);
+    let (live_redis, shadow_redis) = redis_pair(&t);
     let bench = redis_benchmark();
-    bench.run(&t.client, live_redis.addr);
-    let live_calls = redis_calls(&live_redis, &t.live);
-    assert_eq!(
-        (
-            live_calls["set"],
-            live_calls["get"],
-            live_calls["config|get"]
-        ),
-        (u64::from(bench.requests), u64::from(bench.requests), 2),
-        "live executed {live_calls:?}"
-    );
-    let caught_up = wait_for(Duration::from_secs(2), || {
-        redis_calls(&shadow_redis, &t.shadow) == live_calls
-    });
-    let shadow_lines = shadow.stop();
-    live.stop();
-    let shadow_calls = redis_calls(&shadow_redis, &t.shadow);
-    assert!(
-        caught_up,
-        "2 s after the client stopped, the shadow executed {shadow_calls:?}, live {live_calls:?}; \
-         shadow agent: {}",
-        replay_summary(&shadow_lines)
-    );
-    assert_eq!(shadow_calls, live_calls);
-    eprintln!(
-        "executed {shadow_calls:?} on both; shadow agent: {}",
-        replay_summary(&shadow_lines)
-    );
-    assert_eq!(
-        counter(&shadow_lines, "exchange_errors"),
-        0,
-        "{}",
-        replay_summary(&shadow_lines)
-    );
+    mirror(&t, &redis_service(), REDIS_PORT, None, || {
+        bench.run(&t.client, live_redis.addr);
+        let live_calls = redis_calls(&live_redis, &t.live);
+        assert_eq!(
+            (
+                live_calls.get("set"),
+                live_calls.get("get"),
+                live_calls.get("config|get")
+            ),
+            (u64::from(bench.requests), u64::from(bench.requests), 2),
+            "live executed {live_calls}"
+        );
+        live_calls
+    })
+    .assert_executed_exactly(|| redis_calls(&shadow_redis, &t.shadow));
 }
 
 /// One in this many mirror datagrams carrying client bytes is dropped in the loss tests.
@@ -434,49 +442,20 @@ fn redis_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows() {
         return;
     }
     let t = Topology::new();
-    let live_redis = Redis::start(&t.live, t.live_addr(), REDIS_PORT);
-    let shadow_redis = Redis::start(&t.shadow, Ipv4Addr::LOCALHOST.into(), REDIS_PORT);
-    let shadow = t.shadow_agent(&format!("port = {REDIS_PORT}\nprotocol = \"redis\""));
-    let loss = MirrorLoss::install(&t.shadow, &t.shadow_link.b_iface, LOSS_ONE_IN);
-    let live = t.live_agent(REDIS_PORT);
+    let (live_redis, shadow_redis) = redis_pair(&t);
     let bench = RedisBenchmark {
         requests: 8000,
         ..redis_benchmark()
     };
-    bench.run(&t.client, live_redis.addr);
-    let live_calls = redis_calls(&live_redis, &t.live);
-    let live_total: u64 = live_calls.values().sum();
-    let dropped = loss.dropped();
-    assert!(dropped > 0, "the loss injector dropped nothing");
+    let mirrored = mirror(&t, &redis_service(), REDIS_PORT, Some(LOSS_ONE_IN), || {
+        bench.run(&t.client, live_redis.addr);
+        redis_calls(&live_redis, &t.live)
+    });
     // Each request is one segment (no pipelining), so each lost datagram costs at most one.
     // redis-benchmark sends as fast as it can; the shadow may trail live by a second or so.
-    let enough = wait_for(Duration::from_secs(5), || {
-        redis_calls(&shadow_redis, &t.shadow).values().sum::<u64>() + dropped >= live_total
+    mirrored.assert_holes_skipped(Duration::from_secs(5), || {
+        redis_calls(&shadow_redis, &t.shadow)
     });
-    let shadow_lines = shadow.stop();
-    live.stop();
-    let shadow_calls = redis_calls(&shadow_redis, &t.shadow);
-    let summary = replay_summary(&shadow_lines);
-    assert!(
-        enough,
-        "{dropped} datagrams dropped: shadow executed {shadow_calls:?}, live {live_calls:?}; {summary}"
-    );
-    for command in REDIS_COMMANDS {
-        assert!(
-            shadow_calls[command] <= live_calls[command],
-            "the shadow executed more {command} than live: {shadow_calls:?} vs {live_calls:?}"
-        );
-    }
-    eprintln!("{dropped} datagrams dropped; {summary}");
-    assert!(
-        counter(&shadow_lines, "stream_holes") > 0,
-        "holes counted: {summary}"
-    );
-    assert_eq!(
-        counter(&shadow_lines, "flows_abandoned_gap"),
-        0,
-        "no flow abandoned: {summary}"
-    );
 }
 
 #[test]
@@ -487,10 +466,7 @@ fn postgres_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows() {
         return;
     }
     let t = Topology::new();
-    let (live_pg, shadow_pg) = t.postgres_pair(&PostgresAuth::Trust);
-    let shadow = t.shadow_agent(&postgres_service());
-    let loss = MirrorLoss::install(&t.shadow, &t.shadow_link.b_iface, LOSS_ONE_IN);
-    let live = t.live_agent(PG_PORT);
+    let (live_pg, shadow_pg) = postgres_pair(&t, &PostgresAuth::Trust);
     let run = Pgbench {
         clients: 4,
         length: seconds(5),
@@ -498,40 +474,11 @@ fn postgres_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows() {
         select_only: true,
         ..Pgbench::default()
     };
-    let report = live_pg.pgbench(&t.client, &run);
-    let live_executed = live_pg.executed();
-    assert_live_run(&report, &live_executed, true);
-    let dropped = loss.dropped();
-    assert!(dropped > 0, "the loss injector dropped nothing");
-    // A simple-protocol Query per segment: each lost datagram costs at most one statement.
-    let enough = wait_for(Duration::from_secs(3), || {
-        shadow_pg.executed().total() + dropped >= live_executed.total()
+    let mirrored = mirror(&t, &postgres_service(), PG_PORT, Some(LOSS_ONE_IN), || {
+        pgbench_on_live(&t, &live_pg, &run)
     });
-    let shadow_lines = shadow.stop();
-    live.stop();
-    let shadow_executed = shadow_pg.executed();
-    let summary = replay_summary(&shadow_lines);
-    assert!(
-        enough,
-        "{dropped} datagrams dropped: shadow executed {shadow_executed}, live {live_executed}; \
-         {summary}"
-    );
-    for (kind, calls) in &shadow_executed.0 {
-        assert!(
-            *calls <= live_executed.get(kind),
-            "the shadow executed more {kind} than live: {shadow_executed} vs {live_executed}"
-        );
-    }
-    eprintln!("{dropped} datagrams dropped; {summary}");
-    assert!(
-        counter(&shadow_lines, "stream_holes") > 0,
-        "holes counted: {summary}"
-    );
-    assert_eq!(
-        counter(&shadow_lines, "flows_abandoned_gap"),
-        0,
-        "no flow abandoned: {summary}"
-    );
+    // A simple-protocol Query per segment: each lost datagram costs at most one statement.
+    mirrored.assert_holes_skipped(Duration::from_secs(3), || shadow_pg.executed());
 }
 
 #[test]

@@ -5,93 +5,20 @@
 //! (nginx access logs, redis `INFO commandstats`) say what was replayed.
 
 use std::{
-    net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
+    net::{SocketAddr, TcpListener, UdpSocket},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use doppel_agent::shadow::vxlan::SegmentBuilder;
 use doppel_tests::{
-    agent::{AgentProcess as Agent, counter},
-    testbed::{Host, Link, privileged_or_skip},
+    agent::counter,
+    testbed::privileged_or_skip,
+    topology::{Topology, VNI, wait_for},
     traffic::{HttpServer, http_flow},
     workloads::{Nginx, Redis, redis_flow},
 };
 use serde_json::Value;
-
-const VNI: u32 = 101;
-
-/// Client, live host and one shadow host.
-struct Topology {
-    client: Host,
-    live: Host,
-    shadow: Host,
-    client_link: Link,
-    shadow_link: Link,
-}
-
-impl Topology {
-    fn new() -> Self {
-        let client = Host::new("client").expect("client");
-        let live = Host::new("live").expect("live");
-        let shadow = Host::new("shadow").expect("shadow");
-        let client_link = Link::new(&client, &live).expect("client link");
-        let shadow_link = Link::new(&live, &shadow).expect("shadow link");
-        Self {
-            client,
-            live,
-            shadow,
-            client_link,
-            shadow_link,
-        }
-    }
-
-    fn live_addr(&self) -> IpAddr {
-        self.client_link.b_v4.into()
-    }
-
-    /// The live agent mirroring 100 % of the flows to `ports` to the shadow.
-    fn live_agent(&self, ports: &[u16]) -> Agent {
-        let services: String = ports
-            .iter()
-            .map(|p| {
-                format!(
-                    "[[services]]\naddr = \"{}\"\nport = {p}\n",
-                    self.live_addr()
-                )
-            })
-            .collect();
-        Agent::start(
-            &self.live,
-            "live",
-            &format!(
-                "interface = \"{iface}\"\nreport_interval_ms = 300\ndefault_sample_percent = 100.0\n\
-                 {services}[[mirror_sessions]]\nshadow = \"{shadow}\"\nvni = {VNI}\n",
-                iface = self.client_link.b_iface,
-                shadow = self.shadow_link.b_v4,
-            ),
-        )
-    }
-
-    /// The shadow agent replaying `ports` to the shadow's loopback; `extra` is appended.
-    fn shadow_agent(&self, ports: &[u16], extra: &str) -> Agent {
-        let services: String = ports
-            .iter()
-            .map(|p| format!("[[services]]\nport = {p}\n"))
-            .collect();
-        Agent::start(
-            &self.shadow,
-            "shadow",
-            &format!(
-                "role = \"shadow\"\nxdp_interface = \"{iface}\"\nreplay_addr = \"127.0.0.1\"\n\
-                 replay_interface = \"lo\"\nreport_interval_ms = 300\nresponse_timeout_ms = 2000\n\
-                 {extra}\n[[sessions]]\nsource = \"{live}\"\nvni = {VNI}\n{services}",
-                iface = self.shadow_link.b_iface,
-                live = self.shadow_link.a_v4,
-            ),
-        )
-    }
-}
 
 /// The largest p50 (µs) among a source's latency entries, and their total count.
 fn latency(lines: &[Value], source: Option<&str>) -> (f64, u64) {
@@ -107,18 +34,6 @@ fn latency(lines: &[Value], source: Option<&str>) -> (f64, u64) {
         .fold(0.0, f64::max);
     let count = entries.iter().filter_map(|e| e["count"].as_u64()).sum();
     (p50, count)
-}
-
-/// Polls `f` until it returns true or `secs` pass.
-fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -170,7 +85,7 @@ fn nginx_shadow_serves_exactly_the_mirrored_safe_requests_and_skips_writes() {
     let t = Topology::new();
     let live_nginx = Nginx::start(&t.live, t.live_addr(), 8080);
     let shadow_nginx = Nginx::start(&t.shadow, "127.0.0.1".parse().expect("addr"), 8080);
-    let shadow = t.shadow_agent(&[8080], "");
+    let shadow = t.shadow_agent(&["port = 8080"], "");
     let live = t.live_agent(&[8080]);
 
     const FLOWS: usize = 30;
@@ -186,7 +101,9 @@ fn nginx_shadow_serves_exactly_the_mirrored_safe_requests_and_skips_writes() {
         .filter(|l| l.starts_with("GET ") || l.starts_with("OPTIONS "))
         .cloned()
         .collect();
-    let complete = wait_for(15, || shadow_nginx.access_log().len() >= expected.len());
+    let complete = wait_for(Duration::from_secs(15), || {
+        shadow_nginx.access_log().len() >= expected.len()
+    });
     thread::sleep(Duration::from_millis(400));
     let shadow_lines = shadow.stop();
     let live_lines = live.stop();
@@ -227,7 +144,7 @@ fn allowed_writes_are_replayed_and_amplification_doubles_the_requests() {
     let live_nginx = Nginx::start(&t.live, t.live_addr(), 8080);
     let shadow_nginx = Nginx::start(&t.shadow, "127.0.0.1".parse().expect("addr"), 8080);
     let shadow = t.shadow_agent(
-        &[8080],
+        &["port = 8080"],
         "amplification = 2.0\n[http]\nallow_methods = [\"GET\", \"OPTIONS\", \"POST\", \"PUT\"]",
     );
     let live = t.live_agent(&[8080]);
@@ -238,7 +155,9 @@ fn allowed_writes_are_replayed_and_amplification_doubles_the_requests() {
         .iter()
         .flat_map(|l| [l.clone(), l.clone()])
         .collect();
-    let complete = wait_for(15, || shadow_nginx.access_log().len() >= expected.len());
+    let complete = wait_for(Duration::from_secs(15), || {
+        shadow_nginx.access_log().len() >= expected.len()
+    });
     thread::sleep(Duration::from_millis(400));
     let shadow_lines = shadow.stop();
     live.stop();
@@ -278,13 +197,15 @@ fn a_delay_on_the_shadow_shows_in_shadow_latency_and_not_in_live_latency() {
             Duration::from_millis(40),
         )
     };
-    let shadow = t.shadow_agent(&[8080], "");
+    let shadow = t.shadow_agent(&["port = 8080"], "");
     let live = t.live_agent(&[8080]);
     const FLOWS: usize = 10;
     http_flows(&t, SocketAddr::new(t.live_addr(), 8080), FLOWS, |i| {
         vec![format!("GET /item/{i} HTTP/1.1\r\nHost: live\r\n\r\n"); 2]
     });
-    wait_for(15, || shadow.counter("exchanges") >= 2 * FLOWS as u64);
+    wait_for(Duration::from_secs(15), || {
+        shadow.counter("exchanges") >= 2 * FLOWS as u64
+    });
     thread::sleep(Duration::from_millis(400));
     let shadow_lines = shadow.stop();
     let live_lines = live.stop();
@@ -324,7 +245,7 @@ fn redis_shadow_executes_the_commands_the_client_sent() {
     let t = Topology::new();
     let live_redis = Redis::start(&t.live, t.live_addr(), 6379);
     let shadow_redis = Redis::start(&t.shadow, "127.0.0.1".parse().expect("addr"), 6379);
-    let shadow = t.shadow_agent(&[6379], "");
+    let shadow = t.shadow_agent(&["port = 6379"], "");
     let live = t.live_agent(&[6379]);
     const FLOWS: usize = 12;
     {
@@ -354,7 +275,7 @@ fn redis_shadow_executes_the_commands_the_client_sent() {
             "live {command}"
         );
     }
-    let replayed = wait_for(15, || {
+    let replayed = wait_for(Duration::from_secs(15), || {
         let calls = shadow_redis.command_calls(&t.shadow);
         wanted.iter().all(|c| calls.get(*c) >= live_calls.get(*c))
     });
@@ -392,7 +313,7 @@ fn non_admitted_sessions_never_reach_user_space_and_bad_input_is_counted() {
     }
     let t = Topology::new();
     // No workload listens on the shadow: admitted flows must fail fast, counted.
-    let shadow = t.shadow_agent(&[8080], "connect_timeout_ms = 500");
+    let shadow = t.shadow_agent(&["port = 8080"], "connect_timeout_ms = 500");
     // A second address on the live host's shadow link: a source that is not admitted.
     let stranger = {
         let a = t.shadow_link.a_v4.octets();
@@ -451,7 +372,9 @@ fn non_admitted_sessions_never_reach_user_space_and_bad_input_is_counted() {
                 .expect("send");
         }
     }
-    wait_for(5, || shadow.counter("connect_failures") >= 5);
+    wait_for(Duration::from_secs(5), || {
+        shadow.counter("connect_failures") >= 5
+    });
     thread::sleep(Duration::from_millis(400));
     let lines = shadow.stop();
     assert_eq!(counter(&lines, "xdp_dropped_not_admitted"), 40);
