@@ -20,14 +20,16 @@ use doppel_tests::{
     testbed::{Host, privileged_or_skip},
     topology::{Topology, VNI, wait_for},
     workloads::{
-        ExecutedStatements, Pgbench, PgbenchLength, PgbenchReport, Postgres, PostgresAuth,
-        QueryMode, Redis, RedisBenchmark,
+        ExecutedStatements, GrpcServer, Nginx, Pgbench, PgbenchLength, PgbenchReport, Postgres,
+        PostgresAuth, QueryMode, Redis, RedisBenchmark,
     },
 };
 use serde_json::Value;
 
 const PG_PORT: u16 = 5432;
 const REDIS_PORT: u16 = 6379;
+const H2C_PORT: u16 = 8080;
+const GRPC_PORT: u16 = 50051;
 /// pgbench's scale for every test: 100 000 accounts, initialised in a fraction of a second.
 const SCALE: u32 = 1;
 /// The SCRAM role on both servers of the SCRAM tests.
@@ -88,6 +90,16 @@ impl Mirrored<'_> {
         self,
         shadow_executed: impl Fn() -> ExecutedStatements,
     ) -> Vec<Value> {
+        self.assert_executed_exactly_with_errors(shadow_executed, 0)
+    }
+
+    /// [`Mirrored::assert_executed_exactly`] for a workload with `errors` server-side failures:
+    /// the shadow's `exchange_errors` must be exactly those.
+    fn assert_executed_exactly_with_errors(
+        self,
+        shadow_executed: impl Fn() -> ExecutedStatements,
+        errors: u64,
+    ) -> Vec<Value> {
         let live_executed = self.live_executed;
         let caught_up = wait_for(Duration::from_secs(2), || {
             shadow_executed() == live_executed
@@ -109,8 +121,8 @@ impl Mirrored<'_> {
         );
         assert_eq!(
             counter(&shadow_lines, "exchange_errors"),
-            0,
-            "no replayed exchange failed: {}",
+            errors,
+            "replayed exchanges failing: {}",
             replay_summary(&shadow_lines)
         );
         shadow_lines
@@ -167,6 +179,9 @@ fn replay_summary(lines: &[Value]) -> String {
         "flows_completed",
         "exchanges",
         "exchange_errors",
+        "http_5xx",
+        "error_replies",
+        "flows_abandoned_protocol",
         "auth_not_replayable",
         "stream_holes",
         "bytes_skipped",
@@ -431,6 +446,111 @@ fn redis_long_lived_connections_are_executed_exactly() {
         live_calls
     })
     .assert_executed_exactly(|| redis_calls(&shadow_redis, &t.shadow));
+}
+
+/// The paths the h2c test requests, in h2load's round-robin order.
+const H2C_PATHS: [&str; 4] = ["/a", "/fail", "/big", "/b"];
+
+/// What an nginx served, per `METHOD URI`.
+fn nginx_served(nginx: &Nginx) -> ExecutedStatements {
+    let mut served = BTreeMap::new();
+    for line in nginx.access_log() {
+        *served.entry(line).or_insert(0) += 1;
+    }
+    ExecutedStatements(served)
+}
+
+#[test]
+fn http2_streams_multiplexed_on_long_lived_connections_are_executed_exactly() {
+    if !privileged_or_skip(
+        "http2_streams_multiplexed_on_long_lived_connections_are_executed_exactly",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    let live_nginx = Nginx::start_h2c(&t.live, t.live_addr(), H2C_PORT);
+    let shadow_nginx = Nginx::start_h2c(&t.shadow, Ipv4Addr::LOCALHOST.into(), H2C_PORT);
+    // 4 connections, up to 8 streams in flight on each, 100 requests a second per connection;
+    // a quarter of the responses are 64 KiB, a quarter 503.
+    const REQUESTS: u64 = 2000;
+    let service = format!("port = {H2C_PORT}\nprotocol = \"http2\"");
+    let lines = mirror(&t, &service, H2C_PORT, None, || {
+        let urls: Vec<String> = H2C_PATHS
+            .iter()
+            .map(|p| format!("http://{}{p}", live_nginx.addr))
+            .collect();
+        let out = t
+            .client
+            .command("h2load")
+            .args([
+                "-n",
+                &REQUESTS.to_string(),
+                "-c",
+                "4",
+                "-m",
+                "8",
+                "--rps",
+                "100",
+            ])
+            .args(&urls)
+            .output()
+            .expect("run h2load");
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && report.contains(&format!("{REQUESTS} done"))
+                && report.contains("0 errored, 0 timeout"),
+            "h2load against live:\n{report}"
+        );
+        let served = nginx_served(&live_nginx);
+        assert_eq!(served.total(), REQUESTS, "live served {served}");
+        served
+    })
+    .assert_executed_exactly_with_errors(|| nginx_served(&shadow_nginx), REQUESTS / 4);
+    assert_eq!(
+        counter(&lines, "http_5xx"),
+        REQUESTS / 4,
+        "503s seen through HPACK"
+    );
+    assert_eq!(counter(&lines, "exchanges"), REQUESTS, "every stream timed");
+}
+
+#[test]
+fn grpc_calls_on_one_connection_are_executed_exactly_and_only_server_failures_are_errors() {
+    if !privileged_or_skip(
+        "grpc_calls_on_one_connection_are_executed_exactly_and_only_server_failures_are_errors",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    let live_grpc = GrpcServer::start(&t.live, t.live_addr(), GRPC_PORT);
+    let shadow_grpc = GrpcServer::start(&t.shadow, Ipv4Addr::LOCALHOST.into(), GRPC_PORT);
+    const CALLS: u32 = 600;
+    // No protocol configured: the replayer detects HTTP/2 from the connection preface.
+    let service = format!("port = {GRPC_PORT}");
+    let lines = mirror(&t, &service, GRPC_PORT, None, || {
+        let codes = live_grpc.run_client(&t.client, CALLS, 50, 4);
+        let executed = live_grpc.executed();
+        assert_eq!(
+            executed.total(),
+            u64::from(CALLS),
+            "live executed {executed}"
+        );
+        assert_eq!(
+            codes.get("INTERNAL").copied(),
+            Some(executed.get("fail")),
+            "client saw {codes:?}"
+        );
+        executed
+    })
+    // INTERNAL is the server's failure; NOT_FOUND is the request's, and no error.
+    .assert_executed_exactly_with_errors(|| shadow_grpc.executed(), u64::from(CALLS) / 10);
+    assert_eq!(counter(&lines, "error_replies"), u64::from(CALLS) / 10);
+    assert_eq!(
+        counter(&lines, "exchanges"),
+        u64::from(CALLS),
+        "every call timed"
+    );
 }
 
 /// One in this many mirror datagrams carrying client bytes is dropped in the loss tests.

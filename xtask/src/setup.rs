@@ -24,7 +24,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// end-to-end tests run as workloads (nginx, redis-server, redis-cli and redis-benchmark from
 /// redis-tools, and PostgreSQL: `postgresql` brings the distribution's server version with
 /// `initdb`, `pgbench`, `psql` and the `pg_stat_statements` module, and the `postgres` system
-/// user the test servers run as).
+/// user the test servers run as), and the HTTP/2 clients: `h2load` (nghttp2-client) and
+/// Debian's gRPC for Python (python3-grpcio), whose server and client run the gRPC tests.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
@@ -33,6 +34,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
     "postgresql",
+    "nghttp2-client",
+    "python3-grpcio",
 ];
 
 #[derive(Debug, clap::Args)]

@@ -15,7 +15,7 @@
 //! vni = 101
 //! [[services]]                       # original service ports replayed (others are ignored)
 //! port = 8080
-//! protocol = "http1"                 # optional: http1 | redis | postgres | opaque (else detected)
+//! protocol = "http1"                 # optional: http1 | http2 | redis | postgres | opaque (else detected)
 //! [[services]]
 //! port = 5432
 //! user = "app"                       # optional: the replayer logs in to PostgreSQL itself,

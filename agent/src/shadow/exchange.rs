@@ -51,6 +51,12 @@ pub enum SplitError {
         /// The limit.
         limit: usize,
     },
+    /// Bytes were lost (or broke the framing) in a protocol that cannot resume after a loss.
+    #[error("{protocol} cannot resume after lost or malformed bytes")]
+    Unsynchronisable {
+        /// The protocol.
+        protocol: &'static str,
+    },
 }
 
 /// What the splitter discarded to get back in step, for the counters.
@@ -77,6 +83,8 @@ pub struct ExchangeSplitter {
     max_message: usize,
     /// Dropping bytes until a segment starts a message.
     resync: bool,
+    /// Lost bytes in a protocol that cannot resume ([`ClientFraming::resynchronises`]).
+    broken: bool,
     skipped: Skipped,
 }
 
@@ -93,6 +101,7 @@ impl ExchangeSplitter {
             marks: VecDeque::new(),
             max_message,
             resync: false,
+            broken: false,
             skipped: Skipped::default(),
         }
     }
@@ -139,9 +148,10 @@ impl ExchangeSplitter {
     /// the next message start.
     pub fn hole(&mut self) {
         self.drop_to(self.buf.len());
-        if self.framing.is_some() {
+        if let Some(framing) = &self.framing {
             self.resync = true;
             self.skipped.resyncs += 1;
+            self.broken |= !framing.resynchronises();
         }
     }
 
@@ -186,6 +196,11 @@ impl ExchangeSplitter {
             let Some(framing) = self.framing.as_ref() else {
                 return Ok(None);
             };
+            if self.broken {
+                return Err(SplitError::Unsynchronisable {
+                    protocol: framing.protocol().name(),
+                });
+            }
             if self.resync {
                 // Resume at the first segment start that begins a message.
                 let start = self.start;
@@ -217,6 +232,7 @@ impl ExchangeSplitter {
             let Some(framing) = self.framing.as_mut() else {
                 return Ok(None);
             };
+            let resumes = framing.resynchronises();
             match framing.check(&self.buf[self.start..end]) {
                 Ok(frame) => {
                     let meta = self.meta_at(self.start);
@@ -239,6 +255,7 @@ impl ExchangeSplitter {
                 }
                 Err(FrameError::Incomplete) => return Ok(None),
                 Err(FrameError::Malformed { .. }) => {
+                    self.broken |= !resumes;
                     // Skip to the next segment that starts a message.
                     let next = self.next_mark_after(self.start).unwrap_or(self.buf.len());
                     self.drop_to(next);
@@ -287,6 +304,22 @@ mod tests {
             .collect();
         assert_eq!(got, [(true, 1), (false, 1), (true, 5)]);
         assert_eq!(s.protocol(), Some(Protocol::Http1));
+    }
+
+    #[test]
+    fn an_http2_stream_is_given_up_after_a_hole() {
+        let mut s = ExchangeSplitter::new(Arc::new(HttpPolicy::default()), None, 1 << 20);
+        let mut bytes = framing::h2::PREFACE.to_vec();
+        bytes.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
+        s.push(&bytes, meta(1, 0));
+        assert_eq!(drain(&mut s, false).len(), 2);
+        assert_eq!(s.protocol(), Some(Protocol::Http2));
+        s.hole();
+        s.push(&[0, 0, 0, 4, 0, 0, 0, 0, 0], meta(2, 0));
+        assert_eq!(
+            s.next(false),
+            Err(SplitError::Unsynchronisable { protocol: "http2" })
+        );
     }
 
     #[test]

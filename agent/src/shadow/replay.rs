@@ -196,6 +196,8 @@ struct Awaited {
     /// When the message it answers was completely written.
     written: Instant,
     first: Option<Instant>,
+    /// The HTTP/2 stream it answers (responses of other protocols complete in order).
+    stream: Option<u32>,
 }
 
 /// The run of opaque client bytes last written, and whether the server answered it.
@@ -221,9 +223,9 @@ struct Replay<'a> {
     responses: Option<Box<dyn ResponseFraming>>,
     awaited: VecDeque<Awaited>,
     opaque: Option<OpaqueRun>,
-    /// Bytes to write, with (end offset, responses) of each message in them.
+    /// Bytes to write, with (end offset, responses, stream) of each message in them.
     out: Vec<u8>,
-    out_marks: VecDeque<(usize, u32)>,
+    out_marks: VecDeque<(usize, u32, Option<u32>)>,
     /// The flow's first arrival and when its first message was written.
     origin: Option<(u64, Instant)>,
     last_ack: Option<u32>,
@@ -234,6 +236,7 @@ struct Replay<'a> {
     timer: PreciseTimer,
     buf: Vec<u8>,
     done: Vec<Completed>,
+    started: Vec<u32>,
 }
 
 impl<'a> Replay<'a> {
@@ -283,6 +286,7 @@ impl<'a> Replay<'a> {
             timer: PreciseTimer::new().map_err(ReplayError::Timer)?,
             buf: vec![0u8; 64 * 1024],
             done: Vec::new(),
+            started: Vec::new(),
         })
     }
 
@@ -290,6 +294,10 @@ impl<'a> Replay<'a> {
         self.responses
             .as_ref()
             .is_some_and(|r| r.knows_completeness())
+    }
+
+    fn multiplexed(&self) -> bool {
+        self.responses.as_ref().is_some_and(|r| r.multiplexed())
     }
 
     /// Whether everything the flow asked for has been written (and the framed responses read).
@@ -314,9 +322,12 @@ impl<'a> Replay<'a> {
             if self.all_written() && self.awaited.is_empty() && !self.last_run_unanswered() {
                 break;
             }
-            let timeout_at =
-                (!self.awaited.is_empty() || self.out_pending() || self.last_run_unanswered())
-                    .then(|| self.progress + self.settings.response_timeout);
+            // A multiplexed stream may stay quiet for as long as its client lets it (a gRPC
+            // watch, a long poll) while the connection carries on: its responses are only
+            // timed out once the client's side has ended.
+            let waiting = !self.awaited.is_empty() && (self.ended || !self.multiplexed());
+            let timeout_at = (waiting || self.out_pending() || self.last_run_unanswered())
+                .then(|| self.progress + self.settings.response_timeout);
             tokio::select! {
                 event = self.events.recv(), if !self.ended => match event {
                     Some(FlowEvent::Data(data, meta)) => self.splitter.push(&data.data, meta),
@@ -408,7 +419,7 @@ impl<'a> Replay<'a> {
             };
             self.origin.get_or_insert((message.arrival_ns, now));
             match &message.frame.action {
-                Action::Replay | Action::Terminate => self.write(&message),
+                Action::Replay | Action::Terminate | Action::Cancel(_) => self.write(&message),
                 Action::Denied(_) => self.stats.inc(ShadowCounter::RequestsDenied),
                 Action::Handshake => {}
                 Action::Startup(params) => self.login(params).await?,
@@ -442,8 +453,18 @@ impl<'a> Replay<'a> {
 
     /// Queues a message's bytes and what the server owes for them.
     fn write(&mut self, message: &Message) {
-        if matches!(message.frame.action, Action::Terminate) {
-            self.terminated = true;
+        match message.frame.action {
+            Action::Terminate => self.terminated = true,
+            Action::Cancel(stream) => {
+                // The client gave up on the stream: its response is no longer awaited.
+                self.awaited.retain(|a| a.stream != Some(stream));
+                for mark in &mut self.out_marks {
+                    if mark.2 == Some(stream) {
+                        mark.1 = 0;
+                    }
+                }
+            }
+            _ => {}
         }
         if let Some(responses) = self.responses.as_mut() {
             responses.expect(&message.frame);
@@ -456,8 +477,11 @@ impl<'a> Replay<'a> {
         self.stats
             .add(ShadowCounter::BytesReplayed, message.bytes.len() as u64);
         self.out.extend_from_slice(&message.bytes);
-        self.out_marks
-            .push_back((self.out.len(), message.frame.responses));
+        self.out_marks.push_back((
+            self.out.len(),
+            message.frame.responses,
+            message.frame.stream,
+        ));
         if self.awaited.is_empty() {
             self.progress = Instant::now();
         }
@@ -475,7 +499,7 @@ impl<'a> Replay<'a> {
     fn on_written(&mut self, n: usize) {
         let now = Instant::now();
         self.out.drain(..n);
-        while let Some(&(end, responses)) = self.out_marks.front() {
+        while let Some(&(end, responses, stream)) = self.out_marks.front() {
             if end > n {
                 break;
             }
@@ -484,6 +508,7 @@ impl<'a> Replay<'a> {
                 self.awaited.push_back(Awaited {
                     written: now,
                     first: None,
+                    stream,
                 });
             }
             if !self.knows_completeness() {
@@ -520,10 +545,18 @@ impl<'a> Replay<'a> {
             }
             return Ok(());
         }
+        self.done.clear();
+        if responses.multiplexed() {
+            responses
+                .feed(&self.buf[..n], &mut self.done)
+                .map_err(ReplayError::Response)?;
+            responses.take_started(&mut self.started);
+            self.on_streams(now);
+            return Ok(());
+        }
         if let Some(front) = self.awaited.front_mut() {
             front.first.get_or_insert(now);
         }
-        self.done.clear();
         responses
             .feed(&self.buf[..n], &mut self.done)
             .map_err(ReplayError::Response)?;
@@ -540,6 +573,32 @@ impl<'a> Replay<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Applies what a multiplexed protocol's responses said: streams whose first bytes arrived
+    /// and streams completed, each matched to its own awaited response.
+    fn on_streams(&mut self, now: Instant) {
+        for stream in self.started.drain(..) {
+            if let Some(a) = self.awaited.iter_mut().find(|a| a.stream == Some(stream)) {
+                a.first.get_or_insert(now);
+            }
+        }
+        for i in 0..self.done.len() {
+            let completed = self.done[i];
+            let Some(at) = self
+                .awaited
+                .iter()
+                .position(|a| a.stream == completed.stream)
+            else {
+                continue;
+            };
+            let Some(awaited) = self.awaited.remove(at) else {
+                continue;
+            };
+            if !completed.unanswered {
+                self.record(&awaited, now, completed);
+            }
+        }
     }
 
     fn record(&self, awaited: &Awaited, now: Instant, completed: Completed) {

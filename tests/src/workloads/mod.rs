@@ -2,7 +2,8 @@
 //! own record of what it executed: nginx with an access log that records exactly what it served,
 //! redis-server whose `INFO commandstats` counts calls per command, and PostgreSQL ([`postgres`])
 //! whose `pg_stat_statements` counts statements; with their stock load generators
-//! (`redis-benchmark`, `pgbench`) run from a client host.
+//! (`redis-benchmark`, `pgbench`) run from a client host; and a gRPC server and client ([`grpc`])
+//! whose server logs every call it executed.
 
 use std::{
     collections::BTreeMap,
@@ -16,7 +17,10 @@ use std::{
 
 use crate::testbed::{Host, Process};
 
+pub mod grpc;
 pub mod postgres;
+
+pub use grpc::GrpcServer;
 
 pub use postgres::{
     ExecutedStatements, Pgbench, PgbenchLength, PgbenchReport, Postgres, PostgresAuth,
@@ -50,8 +54,19 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx inside `host` on `addr:port`.
+    /// Starts nginx inside `host` on `addr:port`, speaking HTTP/1.x.
     pub fn start(host: &Host, addr: IpAddr, port: u16) -> Self {
+        Self::start_with(host, addr, port, "")
+    }
+
+    /// Starts nginx inside `host` on `addr:port`, speaking HTTP/2 with prior knowledge (h2c).
+    /// Besides `200 ok` everywhere, `/fail` answers 503 and `/big` a 64 KiB body, so responses
+    /// span many DATA frames.
+    pub fn start_h2c(host: &Host, addr: IpAddr, port: u16) -> Self {
+        Self::start_with(host, addr, port, " http2")
+    }
+
+    fn start_with(host: &Host, addr: IpAddr, port: u16, listen_options: &str) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "doppel-nginx-{}-{}-{port}",
             std::process::id(),
@@ -67,12 +82,14 @@ impl Nginx {
              access_log {d}/bytes.log doppel_bytes;\n client_body_temp_path {d};\n proxy_temp_path {d};\n\
              fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n\
              keepalive_requests 100000;\n\
-             server {{ listen {listen}; location / {{ return 200 \"doppel nginx ok\\n\"; }} }}\n}}\n",
+             server {{ listen {listen}{listen_options};\n location / {{ return 200 \"doppel nginx ok\\n\"; }}\n\
+             location = /fail {{ return 503; }}\n location = /big {{ alias {d}/big.txt; }} }}\n}}\n",
             d = dir.display(),
         );
         let _ = std::fs::remove_file(dir.join("access.log"));
         let _ = std::fs::remove_file(dir.join("bytes.log"));
         std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
+        std::fs::write(dir.join("big.txt"), vec![b'x'; 64 << 10]).expect("big.txt");
         let mut command = host.command("nginx");
         command
             .arg("-p")

@@ -53,11 +53,9 @@ impl ClientFraming for Http1Client {
             }
         } else {
             ClientMessage {
-                len,
-                responses: 0,
                 action: Action::Denied(request),
                 gated: false,
-                request: None,
+                ..ClientMessage::replay(len, 0)
             }
         })
     }
@@ -98,9 +96,9 @@ impl ResponseFraming for Http1Responses {
             let status = framer.status();
             self.awaited.pop_front();
             done.push(Completed {
-                end: at,
                 status,
                 error: status.filter(|s| *s >= 500).map(|_| ErrorReply::Http5xx),
+                ..Completed::at(at)
             });
         }
         Ok(())
@@ -112,9 +110,9 @@ impl ResponseFraming for Http1Responses {
         }
         let status = self.awaited.pop_front()?.status();
         Some(Completed {
-            end: 0,
             status,
             error: status.filter(|s| *s >= 500).map(|_| ErrorReply::Http5xx),
+            ..Completed::at(0)
         })
     }
 }

@@ -13,13 +13,16 @@
 //!   fed the server's bytes; it reports every response completed, in order, and whether it was
 //!   an error reply. It keeps no response bytes beyond a message header.
 //!
-//! Protocols: HTTP/1.1 ([`http1`], heads parsed with `httparse`), Redis RESP2/RESP3 ([`resp`]),
+//! Protocols: HTTP/1.1 ([`http1`], heads parsed with `httparse`), HTTP/2 with prior knowledge
+//! and gRPC over it ([`h2`]: streams are exchanges, completed out of order, the server's HPACK
+//! table followed with `loona-hpack`), Redis RESP2/RESP3 ([`resp`]),
 //! PostgreSQL v3 ([`postgres`]; the replayer logs in itself, see there), and an opaque fallback
 //! ([`opaque`]) that replays each mirrored segment at its original offset and times the first
 //! response byte after each run of client bytes, never waiting on an idle timer.
 //! A service's protocol is set in the shadow config or detected from a flow's first bytes
 //! ([`detect`]).
 
+pub mod h2;
 pub mod http1;
 pub mod opaque;
 pub mod postgres;
@@ -35,6 +38,8 @@ use super::http::{HttpPolicy, Request};
 pub enum Protocol {
     /// HTTP/1.x requests and responses.
     Http1,
+    /// HTTP/2 with prior knowledge (h2c), gRPC included.
+    Http2,
     /// Redis RESP2/RESP3 commands and replies.
     Redis,
     /// PostgreSQL frontend/backend protocol v3.
@@ -48,6 +53,7 @@ impl Protocol {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Http1 => "http1",
+            Self::Http2 => "http2",
             Self::Redis => "redis",
             Self::Postgres => "postgres",
             Self::Opaque => "opaque",
@@ -58,6 +64,7 @@ impl Protocol {
     pub fn client_framing(self, policy: &std::sync::Arc<HttpPolicy>) -> Box<dyn ClientFraming> {
         match self {
             Self::Http1 => Box::new(http1::Http1Client::new(std::sync::Arc::clone(policy))),
+            Self::Http2 => Box::new(h2::H2Client::default()),
             Self::Redis => Box::new(resp::RespClient),
             Self::Postgres => Box::new(postgres::PgClient::default()),
             Self::Opaque => Box::new(opaque::OpaqueClient),
@@ -68,6 +75,7 @@ impl Protocol {
     pub fn response_framing(self) -> Box<dyn ResponseFraming> {
         match self {
             Self::Http1 => Box::new(http1::Http1Responses::default()),
+            Self::Http2 => Box::new(h2::H2Responses::default()),
             Self::Redis => Box::new(resp::RespResponses::default()),
             Self::Postgres => Box::new(postgres::PgResponses::default()),
             Self::Opaque => Box::new(opaque::OpaqueResponses),
@@ -80,7 +88,13 @@ pub fn detect(first: &[u8]) -> Option<Protocol> {
     if first.is_empty() {
         return None;
     }
-    // HTTP/2 prior knowledge starts "PRI * HTTP/2.0": not HTTP/1, replayed opaquely.
+    // HTTP/2 prior knowledge starts with the "PRI * HTTP/2.0" preface.
+    if first.starts_with(h2::PREFACE) {
+        return Some(Protocol::Http2);
+    }
+    if h2::PREFACE.starts_with(first) {
+        return None;
+    }
     match super::http::looks_like_http(first) {
         Some(true) if !first.starts_with(b"PRI ") => return Some(Protocol::Http1),
         None => return None,
@@ -142,9 +156,12 @@ pub enum Action {
     Handshake,
     /// A PostgreSQL StartupMessage: the replayer logs in with these parameters instead.
     Startup(postgres::StartupParams),
-    /// The client ends the session (PostgreSQL Terminate): write it; the server closing after
-    /// it is the normal end, never an error.
+    /// The client ends the session (PostgreSQL Terminate, HTTP/2 GOAWAY): write it; the server
+    /// closing after it is the normal end, never an error.
     Terminate,
+    /// The client cancels an HTTP/2 stream (RST_STREAM): write it; the stream's response is no
+    /// longer awaited.
+    Cancel(u32),
 }
 
 /// One client message at the start of the buffered stream.
@@ -163,6 +180,9 @@ pub struct ClientMessage {
     pub gated: bool,
     /// The HTTP request, for HEAD's bodiless response and the policy.
     pub request: Option<Request>,
+    /// The HTTP/2 stream the message belongs to; its responses are completed by stream, in
+    /// any order.
+    pub stream: Option<u32>,
 }
 
 impl ClientMessage {
@@ -174,6 +194,7 @@ impl ClientMessage {
             action: Action::Replay,
             gated: true,
             request: None,
+            stream: None,
         }
     }
 }
@@ -188,6 +209,12 @@ pub trait ClientFraming: Send + std::fmt::Debug {
 
     /// Whether `buf` (a segment's first bytes after a hole) plausibly starts a message.
     fn boundary(&self, buf: &[u8]) -> bool;
+
+    /// Whether the stream can continue after a hole at all (false where lost bytes leave
+    /// state behind that later messages depend on, as HTTP/2's header compression does).
+    fn resynchronises(&self) -> bool {
+        true
+    }
 }
 
 /// What makes a response an error.
@@ -208,6 +235,24 @@ pub struct Completed {
     pub status: Option<u16>,
     /// Whether the response is an error reply.
     pub error: Option<ErrorReply>,
+    /// The HTTP/2 stream it answers; `None` for protocols that answer in order.
+    pub stream: Option<u32>,
+    /// The server will never answer (streams an HTTP/2 GOAWAY left unprocessed): release the
+    /// wait without recording an exchange.
+    pub unanswered: bool,
+}
+
+impl Completed {
+    /// A response that ends at `end`, with no status and no error.
+    pub const fn at(end: usize) -> Self {
+        Self {
+            end,
+            status: None,
+            error: None,
+            stream: None,
+            unanswered: false,
+        }
+    }
 }
 
 /// The response side of a protocol.
@@ -228,6 +273,15 @@ pub trait ResponseFraming: Send + std::fmt::Debug {
     fn knows_completeness(&self) -> bool {
         true
     }
+
+    /// Whether responses complete by stream, out of order ([`Completed::stream`]).
+    fn multiplexed(&self) -> bool {
+        false
+    }
+
+    /// Moves out the streams whose first response bytes arrived since the last call (for
+    /// multiplexed protocols; the first byte of an in-order response is the next one read).
+    fn take_started(&mut self, _into: &mut Vec<u32>) {}
 }
 
 #[cfg(test)]
@@ -244,10 +298,8 @@ mod tests {
         assert_eq!(detect(&startup), Some(Protocol::Postgres));
         startup[5] = 9;
         assert_eq!(detect(&startup), Some(Protocol::Opaque));
-        assert_eq!(
-            detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-            Some(Protocol::Opaque)
-        );
+        assert_eq!(detect(h2::PREFACE), Some(Protocol::Http2));
+        assert_eq!(detect(b"PRI * HTTP/2"), None);
         assert_eq!(
             detect(b"\x16\x03\x01\x02\x00\x01\x00\x01"),
             Some(Protocol::Opaque)

@@ -126,11 +126,9 @@ impl ClientFraming for PgClient {
 
     fn check(&mut self, buf: &[u8]) -> Result<ClientMessage, FrameError> {
         let skip = |len| ClientMessage {
-            len,
-            responses: 0,
             action: Action::Handshake,
             gated: false,
-            request: None,
+            ..ClientMessage::replay(len, 0)
         };
         if !self.started {
             if buf.len() < 8 {
@@ -246,9 +244,8 @@ impl ResponseFraming for PgResponses {
             if self.body_left == 0 && self.header_len == 0 && self.ready {
                 self.ready = false;
                 done.push(Completed {
-                    end: at,
-                    status: None,
                     error: std::mem::take(&mut self.error).then_some(ErrorReply::Protocol),
+                    ..Completed::at(at)
                 });
             }
         }

@@ -154,9 +154,8 @@ impl ResponseFraming for RespResponses {
                 continue;
             }
             done.push(Completed {
-                end: end.saturating_sub(carried),
-                status: None,
                 error: matches!(kind, b'-' | b'!').then_some(ErrorReply::Protocol),
+                ..Completed::at(end.saturating_sub(carried))
             });
         }
         self.partial = buf[at..].to_vec();
