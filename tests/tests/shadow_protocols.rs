@@ -323,6 +323,36 @@ fn postgres_connection_per_transaction_is_executed_exactly_and_closes_are_not_er
 }
 
 #[test]
+fn connections_reusing_a_closed_flows_ports_are_replayed_as_new_flows() {
+    if !privileged_or_skip("connections_reusing_a_closed_flows_ports_are_replayed_as_new_flows") {
+        return;
+    }
+    let t = Topology::new();
+    // Sixteen client ports, reused from TIME_WAIT (Linux allows it a second after the last
+    // segment): about 40 connections, so most ports carry two or three flows seconds apart,
+    // well within the shadow's memory of closed flows.
+    t.client
+        .sysctl("net.ipv4.ip_local_port_range", "40000 40015")
+        .expect("port range");
+    t.client
+        .sysctl("net.ipv4.tcp_tw_reuse", "1")
+        .expect("tw_reuse");
+    let run = Pgbench {
+        clients: 2,
+        length: seconds(8),
+        rate: Some(5),
+        connect_per_transaction: true,
+        ..Pgbench::default()
+    };
+    let lines = postgres_replays_exactly(&t, &PostgresAuth::Trust, &postgres_service(), &run);
+    assert!(
+        counter(&lines, "flows_started") > 24,
+        "more flows than ports: {}",
+        replay_summary(&lines)
+    );
+}
+
+#[test]
 fn postgres_scram_without_shadow_credentials_is_not_replayed_and_is_counted() {
     if !privileged_or_skip(
         "postgres_scram_without_shadow_credentials_is_not_replayed_and_is_counted",

@@ -290,6 +290,21 @@ impl<M: Copy> Reassembler<M> {
     pub fn contiguous_len(&self) -> u64 {
         self.next
     }
+
+    /// The sequence numbers the stream covered: its first byte's and the length up to the last
+    /// byte (or FIN) seen, holes included. A segment inside this span after the flow ended is a
+    /// late copy of it; one outside starts a new connection on the same 4-tuple.
+    pub fn seq_span(&self) -> (u32, u64) {
+        let pending_end = self
+            .pending
+            .last_key_value()
+            .map_or(0, |(at, (bytes, _))| at + bytes.len() as u64);
+        let end = self
+            .next
+            .max(pending_end)
+            .max(self.fin.map_or(0, |fin| fin + 1));
+        (self.isn, end)
+    }
 }
 
 #[cfg(test)]
@@ -325,6 +340,16 @@ mod tests {
         assert_eq!(collect(&mut r), b"cdef");
         assert!(r.finished() && !r.has_gap());
         assert_eq!(r.buffered(), 0);
+    }
+
+    #[test]
+    fn the_sequence_span_covers_holes_and_the_fin() {
+        let mut r = Reassembler::new(1000, ReassemblyLimits::default());
+        r.insert(1000, b"ab", false, 0).unwrap();
+        assert_eq!(r.seq_span(), (1000, 2));
+        // Bytes after a hole and a FIN after them: the span reaches the FIN.
+        r.insert(1010, b"xyz", true, 0).unwrap();
+        assert_eq!(r.seq_span(), (1000, 14));
     }
 
     #[test]

@@ -85,13 +85,30 @@ pub struct Receiver {
     by_age: BTreeMap<u64, FlowId>,
     next_order: u64,
     /// Flows finished or given up recently: their late segments must not start a new flow.
-    closed: HashSet<FlowId>,
+    /// Recently finished flows, so late copies of their segments start nothing.
+    closed: HashMap<FlowId, ClosedFlow>,
     closed_order: VecDeque<(u64, FlowId)>,
     reassembly_bytes: usize,
     queued: Arc<AtomicUsize>,
     amplifier: Amplifier,
     stats: Arc<ShadowStats>,
     settings: Arc<ReplaySettings>,
+}
+
+/// A finished flow, remembered for [`CLOSED_LINGER`].
+#[derive(Debug, Clone, Copy)]
+struct ClosedFlow {
+    at_ns: u64,
+    first_seq: u32,
+    /// Bytes from `first_seq` to the last byte or FIN seen.
+    span: u64,
+}
+
+impl ClosedFlow {
+    /// Whether `seq` lies within the flow's sequence span.
+    fn covers(&self, seq: u32) -> bool {
+        u64::from(seq.wrapping_sub(self.first_seq)) <= self.span
+    }
 }
 
 /// How long a finished flow's 5-tuple is remembered.
@@ -123,7 +140,7 @@ impl Receiver {
             flows: HashMap::new(),
             by_age: BTreeMap::new(),
             next_order: 0,
-            closed: HashSet::new(),
+            closed: HashMap::new(),
             closed_order: VecDeque::new(),
             reassembly_bytes: 0,
             queued: Arc::new(AtomicUsize::new(0)),
@@ -193,9 +210,15 @@ impl Receiver {
     }
 
     fn on_segment(&mut self, id: FlowId, segment: &MirroredSegment<'_>, now_ns: u64) {
-        if self.closed.contains(&id) {
-            self.stats.inc(ShadowCounter::LateSegments);
-            return;
+        if let Some(closed) = self.closed.get(&id) {
+            if segment.payload.is_empty() || closed.covers(segment.seq) {
+                self.stats.inc(ShadowCounter::LateSegments);
+                return;
+            }
+            // Payload outside the finished flow's sequence span: the client opened a new
+            // connection on the same 4-tuple (Linux reusing a TIME-WAIT port starts it 64 KiB
+            // past the old one's end), which is a flow of its own.
+            self.closed.remove(&id);
         }
         if !self.flows.contains_key(&id) {
             // A flow begins with its first payload; a bare ACK or FIN before it says nothing.
@@ -367,18 +390,34 @@ impl Receiver {
 
     /// Forgets the flow and remembers its 5-tuple for a while.
     fn close(&mut self, id: FlowId) {
-        if let Some(flow) = self.flows.remove(&id) {
-            self.by_age.remove(&flow.order);
-            self.reassembly_bytes -= flow.reassembler.buffered();
-        }
+        let Some(flow) = self.flows.remove(&id) else {
+            return;
+        };
+        self.by_age.remove(&flow.order);
+        self.reassembly_bytes -= flow.reassembler.buffered();
         let now = self.now_ns();
-        if self.closed.insert(id) {
-            self.closed_order.push_back((now, id));
-        }
+        let (first_seq, span) = flow.reassembler.seq_span();
+        self.closed.insert(
+            id,
+            ClosedFlow {
+                at_ns: now,
+                first_seq,
+                span,
+            },
+        );
+        self.closed_order.push_back((now, id));
         while self.closed_order.len() > self.config.max_flows {
-            if let Some((_, old)) = self.closed_order.pop_front() {
-                self.closed.remove(&old);
+            if let Some((at, old)) = self.closed_order.pop_front() {
+                self.forget_closed(old, at);
             }
+        }
+    }
+
+    /// Forgets a closed flow's entry if it is still the one closed at `at_ns` (the 4-tuple may
+    /// have been closed again since).
+    fn forget_closed(&mut self, id: FlowId, at_ns: u64) {
+        if self.closed.get(&id).is_some_and(|c| c.at_ns == at_ns) {
+            self.closed.remove(&id);
         }
     }
 
@@ -426,7 +465,7 @@ impl Receiver {
                 break;
             }
             self.closed_order.pop_front();
-            self.closed.remove(&id);
+            self.forget_closed(id, at);
         }
         self.enforce_total_budget();
     }
