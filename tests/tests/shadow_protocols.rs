@@ -10,14 +10,17 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    process::Stdio,
+    thread,
     time::Duration,
 };
 
 use doppel_agent::shadow::vxlan::SegmentBuilder;
 use doppel_tests::{
     agent::{AgentProcess as Agent, counter},
-    testbed::{Host, privileged_or_skip},
+    testbed::{Host, Process, privileged_or_skip},
     topology::{Topology, VNI, wait_for},
     workloads::{
         ExecutedStatements, GrpcServer, Nginx, Pgbench, PgbenchLength, PgbenchReport, Postgres,
@@ -580,6 +583,203 @@ fn grpc_calls_on_one_connection_are_executed_exactly_and_only_server_failures_ar
         counter(&lines, "exchanges"),
         u64::from(CALLS),
         "every call timed"
+    );
+}
+
+/// A RESP command as an array of bulk strings.
+fn resp_command(words: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", words.len()).into_bytes();
+    for w in words {
+        out.extend(format!("${}\r\n{w}\r\n", w.len()).bytes());
+    }
+    out
+}
+
+/// Reads one `\r\n`-terminated line (a simple reply, or a bulk string's header).
+fn read_line(reader: &mut BufReader<TcpStream>) -> String {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("a reply line");
+    line
+}
+
+#[test]
+fn redis_fire_and_forget_commands_are_replayed_and_nothing_waits_for_them() {
+    if !privileged_or_skip("redis_fire_and_forget_commands_are_replayed_and_nothing_waits_for_them")
+    {
+        return;
+    }
+    let t = Topology::new();
+    let (live_redis, shadow_redis) = redis_pair(&t);
+    const QUIET: u64 = 100;
+    let calls = |redis: &Redis, host: &Host| {
+        let all = redis.command_calls(host);
+        ExecutedStatements(
+            ["set", "incr", "get", "client|reply"]
+                .iter()
+                .map(|c| ((*c).to_owned(), all.get(*c).copied().unwrap_or(0)))
+                .collect(),
+        )
+    };
+    let lines = mirror(&t, &redis_service(), REDIS_PORT, None, || {
+        let _inside = t.client.enter().expect("enter the client");
+        let conn = TcpStream::connect(live_redis.addr).expect("connect to live redis");
+        let mut writer = conn.try_clone().expect("clone");
+        let mut reader = BufReader::new(conn);
+        writer.write_all(&resp_command(&["SET", "n", "0"])).unwrap();
+        assert_eq!(read_line(&mut reader), "+OK\r\n");
+        // No reply to SKIP, nor to the command after it.
+        writer
+            .write_all(&resp_command(&["CLIENT", "REPLY", "SKIP"]))
+            .unwrap();
+        writer.write_all(&resp_command(&["INCR", "n"])).unwrap();
+        // No reply to anything from OFF to ON; the client paces its commands.
+        writer
+            .write_all(&resp_command(&["CLIENT", "REPLY", "OFF"]))
+            .unwrap();
+        for _ in 0..QUIET {
+            writer.write_all(&resp_command(&["INCR", "n"])).unwrap();
+            thread::sleep(Duration::from_millis(5));
+        }
+        writer
+            .write_all(&resp_command(&["CLIENT", "REPLY", "ON"]))
+            .unwrap();
+        assert_eq!(read_line(&mut reader), "+OK\r\n");
+        writer.write_all(&resp_command(&["GET", "n"])).unwrap();
+        let total = (QUIET + 1).to_string();
+        assert_eq!(read_line(&mut reader), format!("${}\r\n", total.len()));
+        assert_eq!(read_line(&mut reader), format!("{total}\r\n"));
+        drop(writer);
+        let live = calls(&live_redis, &t.live);
+        assert_eq!(live.get("incr"), QUIET + 1, "live executed {live}");
+        live
+    })
+    .assert_executed_exactly(|| calls(&shadow_redis, &t.shadow));
+    assert_eq!(
+        counter(&lines, "response_timeouts"),
+        0,
+        "nothing waited for a reply that never comes: {}",
+        replay_summary(&lines)
+    );
+    // SET, CLIENT REPLY ON and GET are the answered ones.
+    assert_eq!(
+        counter(&lines, "exchanges"),
+        3,
+        "{}",
+        replay_summary(&lines)
+    );
+}
+
+/// A line server for the test below: answers `+OK` to every line except `HUSH`, which it never
+/// answers, and logs every line it executed.
+const HUSH_SERVER: &str = r#"
+import socketserver, sys
+log = open(sys.argv[2], "a", buffering=1)
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            word = line.strip().decode()
+            log.write(word + "\n")
+            if word != "HUSH":
+                self.wfile.write(b"+OK\r\n")
+                self.wfile.flush()
+host, port = sys.argv[1].rsplit(":", 1)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer((host, int(port)), Handler).serve_forever()
+"#;
+
+/// The hush server on `addr` in `host`, logging to a file in `dir`.
+fn hush_server(
+    host: &Host,
+    addr: SocketAddr,
+    dir: &std::path::Path,
+) -> (Process, std::path::PathBuf) {
+    let script = dir.join(format!("hush-{}.py", host.netns()));
+    let log = dir.join(format!("hush-{}.log", host.netns()));
+    std::fs::write(&script, HUSH_SERVER).expect("hush server script");
+    let mut command = host.command("python3");
+    command
+        .arg(&script)
+        .arg(addr.to_string())
+        .arg(&log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let process = host.spawn(command).expect("spawn the hush server");
+    doppel_tests::workloads::wait_listening(host, addr, "the hush server");
+    (process, log)
+}
+
+fn lines_executed(log: &std::path::Path) -> ExecutedStatements {
+    let mut executed = BTreeMap::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        *executed.entry(line.to_owned()).or_insert(0) += 1;
+    }
+    ExecutedStatements(executed)
+}
+
+#[test]
+fn a_request_the_server_never_answers_costs_a_timeout_not_the_rest_of_the_flow() {
+    if !privileged_or_skip(
+        "a_request_the_server_never_answers_costs_a_timeout_not_the_rest_of_the_flow",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    const PORT: u16 = 7000;
+    let live_addr = SocketAddr::new(t.live_addr(), PORT);
+    let (_live_server, live_log) = hush_server(&t.live, live_addr, dir.path());
+    let (_shadow_server, shadow_log) = hush_server(
+        &t.shadow,
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), PORT),
+        dir.path(),
+    );
+    // Framed as RESP inline commands: the replayer expects a reply to HUSH that never comes.
+    let service = format!("port = {PORT}\nprotocol = \"redis\"");
+    let mirrored = mirror(&t, &service, PORT, None, || {
+        let _inside = t.client.enter().expect("enter the client");
+        let mut conn = TcpStream::connect(live_addr).expect("connect to live");
+        let mut reply = [0u8; 5];
+        let mut ping = |conn: &mut TcpStream| {
+            conn.write_all(b"PING\r\n").unwrap();
+            conn.read_exact(&mut reply).unwrap();
+            assert_eq!(&reply, b"+OK\r\n");
+        };
+        ping(&mut conn);
+        conn.write_all(b"HUSH\r\n").unwrap();
+        thread::sleep(Duration::from_millis(100));
+        for _ in 0..5 {
+            ping(&mut conn);
+            thread::sleep(Duration::from_millis(100));
+        }
+        drop(conn);
+        let live = lines_executed(&live_log);
+        assert_eq!((live.get("PING"), live.get("HUSH")), (6, 1), "live {live}");
+        live
+    });
+    // The shadow waits out its 2 s response timeout once, then replays the rest.
+    let live_executed = mirrored.live_executed.clone();
+    let caught_up = wait_for(Duration::from_secs(6), || {
+        lines_executed(&shadow_log) == live_executed
+    });
+    let lines = mirrored.shadow.stop();
+    mirrored.live.stop();
+    assert!(
+        caught_up,
+        "shadow executed {}, live {live_executed}: {}",
+        lines_executed(&shadow_log),
+        replay_summary(&lines)
+    );
+    assert_eq!(
+        counter(&lines, "response_timeouts"),
+        1,
+        "{}",
+        replay_summary(&lines)
+    );
+    assert_eq!(
+        counter(&lines, "flows_completed"),
+        1,
+        "{}",
+        replay_summary(&lines)
     );
 }
 

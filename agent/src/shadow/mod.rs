@@ -412,6 +412,38 @@ impl ShadowAgent {
         Ok(deltas)
     }
 
+    /// Logs, at most once an interval each, the failures a counter alone would leave silent,
+    /// with their likely cause.
+    fn warn_failures(&self, counters: &BTreeMap<String, u64>) {
+        let replay_addr = self.config.replay_addr;
+        for (counter, cause) in [
+            (
+                ShadowCounter::ConnectFailures,
+                "the shadow workload refused replay connections: is it running and listening on \
+                 replay_addr and the service port?",
+            ),
+            (
+                ShadowCounter::ConnectTimeouts,
+                "replay connections to the shadow workload timed out",
+            ),
+            (
+                ShadowCounter::ResponseTimeouts,
+                "the shadow workload left responses unanswered within response_timeout_ms (it is \
+                 overloaded or stuck, or the requests are ones it never answers); flows carried on",
+            ),
+            (
+                ShadowCounter::AbandonedProtocol,
+                "replayed flows were given up: their bytes or the workload's responses broke the \
+                 protocol framing (set the service's protocol, or `opaque`, if detection is wrong)",
+            ),
+        ] {
+            let count = counters.get(counter.name()).copied().unwrap_or(0);
+            if count > 0 {
+                warn!(count, %replay_addr, counter = counter.name(), "{cause}");
+            }
+        }
+    }
+
     /// Collects the interval that just ended.
     pub fn report(&mut self) -> Result<(ShadowLine, IntervalReport), ShadowError> {
         let end = SystemTime::now();
@@ -435,6 +467,7 @@ impl ShadowAgent {
                 "mirror datagrams dropped by the kernel: the receive queue overflowed"
             );
         }
+        self.warn_failures(&counters);
         let pairs = self.histogram_pairs();
         let kernel = match &self.datapath {
             Some(datapath) => datapath.drain_latency(&mut self.drain, &pairs)?,

@@ -17,7 +17,8 @@
 //!   ACK; it is answered by the first response byte after its last write.
 //! - **Ends.** The client's own close (FIN, PostgreSQL Terminate) ends the replay normally; a
 //!   server that closes or resets with a response outstanding, fails to answer within the
-//!   response timeout, or refuses the connection is an error.
+//!   response timeout, or refuses the connection is an error. A response timeout in the middle
+//!   of a flow is counted and the replay carries on with the flow's later messages.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -357,6 +358,15 @@ impl<'a> Replay<'a> {
                     if self.awaited.is_empty() && !self.out_pending() {
                         // An opaque flow's last bytes had no answer: some protocols send none.
                         break;
+                    }
+                    if !self.out_pending() && !self.all_written() {
+                        // Mid-flow, the workload left responses unanswered (it is stuck, or the
+                        // requests were ones it never answers): counted, and the rest of the
+                        // flow is still replayed rather than dropped.
+                        self.stats.inc(ShadowCounter::ResponseTimeouts);
+                        self.awaited.clear();
+                        self.progress = Instant::now();
+                        continue;
                     }
                     return Err(ReplayError::ResponseTimeout);
                 }

@@ -65,7 +65,7 @@ impl Protocol {
         match self {
             Self::Http1 => Box::new(http1::Http1Client::new(std::sync::Arc::clone(policy))),
             Self::Http2 => Box::new(h2::H2Client::default()),
-            Self::Redis => Box::new(resp::RespClient),
+            Self::Redis => Box::new(resp::RespClient::default()),
             Self::Postgres => Box::new(postgres::PgClient::default()),
             Self::Opaque => Box::new(opaque::OpaqueClient),
         }

@@ -90,9 +90,50 @@ pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
     frame_end(buf, 0, 0)
 }
 
-/// Client commands: one reply each.
-#[derive(Debug, Clone, Copy)]
-pub struct RespClient;
+/// The first `N` words of a command (an array of bulk strings, or an inline line), as far as
+/// they are bulk strings; the command is whole in `buf`.
+fn command_words<const N: usize>(buf: &[u8]) -> [&[u8]; N] {
+    let mut words = [&[][..]; N];
+    if buf.first() == Some(&b'*') {
+        let Ok(mut at) = line_end(buf, 0) else {
+            return words;
+        };
+        for word in &mut words {
+            if buf.get(at) != Some(&b'$') {
+                break;
+            }
+            let Ok(head_end) = line_end(buf, at + 1) else {
+                break;
+            };
+            let Ok(n) = number(&buf[at + 1..head_end - 2]) else {
+                break;
+            };
+            let Some(bytes) = buf.get(head_end..head_end + n.max(0) as usize) else {
+                break;
+            };
+            *word = bytes;
+            at = head_end + bytes.len() + 2;
+        }
+    } else {
+        let line = buf.strip_suffix(b"\r\n").unwrap_or(buf);
+        for (word, w) in words.iter_mut().zip(
+            line.split(u8::is_ascii_whitespace)
+                .filter(|w| !w.is_empty()),
+        ) {
+            *word = w;
+        }
+    }
+    words
+}
+
+/// Client commands: one reply each, except where the client turned replies off
+/// (`CLIENT REPLY OFF` until `CLIENT REPLY ON`, and `CLIENT REPLY SKIP` for itself and the next
+/// command): those are fire-and-forget, and nothing waits for an answer that never comes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RespClient {
+    replies_off: bool,
+    skip_next: bool,
+}
 
 impl ClientFraming for RespClient {
     fn protocol(&self) -> Protocol {
@@ -106,7 +147,25 @@ impl ClientFraming for RespClient {
             // An inline command: one line.
             Some(_) => line_end(buf, 0)?,
         };
-        Ok(ClientMessage::replay(len, 1))
+        let [command, sub, mode] = command_words::<3>(&buf[..len]);
+        let answered =
+            if command.eq_ignore_ascii_case(b"client") && sub.eq_ignore_ascii_case(b"reply") {
+                if mode.eq_ignore_ascii_case(b"on") {
+                    self.replies_off = false;
+                    self.skip_next = false;
+                    true
+                } else {
+                    if mode.eq_ignore_ascii_case(b"off") {
+                        self.replies_off = true;
+                    } else if mode.eq_ignore_ascii_case(b"skip") {
+                        self.skip_next = true;
+                    }
+                    false
+                }
+            } else {
+                !std::mem::take(&mut self.skip_next) && !self.replies_off
+            };
+        Ok(ClientMessage::replay(len, u32::from(answered)))
     }
 
     fn boundary(&self, buf: &[u8]) -> bool {
@@ -179,8 +238,31 @@ mod tests {
     }
 
     #[test]
+    fn commands_after_client_reply_off_or_skip_are_owed_no_reply() {
+        fn cmd(words: &[&str]) -> Vec<u8> {
+            let mut out = format!("*{}\r\n", words.len()).into_bytes();
+            for w in words {
+                out.extend(format!("${}\r\n{w}\r\n", w.len()).bytes());
+            }
+            out
+        }
+        let mut c = RespClient::default();
+        let mut owed = |bytes: &[u8]| c.check(bytes).unwrap().responses;
+        assert_eq!(owed(&cmd(&["SET", "k", "v"])), 1);
+        assert_eq!(owed(&cmd(&["client", "reply", "skip"])), 0);
+        assert_eq!(owed(&cmd(&["SET", "k", "v"])), 0, "the skipped one");
+        assert_eq!(owed(&cmd(&["GET", "k"])), 1);
+        assert_eq!(owed(&cmd(&["CLIENT", "REPLY", "OFF"])), 0);
+        assert_eq!(owed(&cmd(&["INCR", "n"])), 0);
+        assert_eq!(owed(b"PING\r\n"), 0);
+        assert_eq!(owed(b"CLIENT REPLY ON\r\n"), 1, "inline");
+        assert_eq!(owed(&cmd(&["INCR", "n"])), 1);
+        assert_eq!(owed(&cmd(&["CLIENT", "LIST"])), 1);
+    }
+
+    #[test]
     fn commands_are_cut_one_by_one_inline_ones_too() {
-        let mut c = RespClient;
+        let mut c = RespClient::default();
         let buf = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n";
         assert_eq!(c.check(buf).unwrap().len, 20);
         assert_eq!(c.check(&buf[20..]).unwrap().len, 6);
