@@ -56,7 +56,8 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// Not valid TOML for this schema (the message names the field and line).
-    #[error("{path}: {source}")]
+    // The source (printed after the path by an error chain) names the field and line.
+    #[error("{path}")]
     Parse {
         /// The path given.
         path: String,
@@ -373,6 +374,9 @@ impl LiveConfig {
         }
         if self.report_interval_ms < 100 {
             return Err(invalid("report_interval_ms", "must be at least 100"));
+        }
+        if self.flow_idle_timeout_s == 0 {
+            return Err(invalid("flow_idle_timeout_s", "must be at least 1"));
         }
         let local: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
             .map(|addrs| {

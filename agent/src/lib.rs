@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod live;
 pub mod metrics;
 pub mod netlink;
+pub mod ownership;
 pub mod patterns;
 pub mod policy;
 pub mod report;

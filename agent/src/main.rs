@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use doppel_agent::datapath::{AttachMode, Datapath, error_chain};
+use doppel_agent::{
+    datapath::{AttachMode, Datapath, error_chain},
+    ownership::{self, Object},
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Environment variable holding the log filter; `RUST_LOG` is the fallback.
@@ -44,6 +47,11 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     init_logging();
+    if std::env::args_os().len() <= 1 {
+        // Nothing to run: say how, as `--help` would, and exit as for a usage error.
+        let _ = <Cli as clap::CommandFactory>::command().print_help();
+        return std::process::ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -93,11 +101,29 @@ async fn emit(
     report: doppel_common::wire::IntervalReport,
     reporter: Option<&doppel_agent::report::ReportClient>,
 ) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(line)?);
+    print_line(&serde_json::to_string(line)?);
     if let Some(reporter) = reporter {
         reporter.handle.submit(report).await?;
     }
     Ok(())
+}
+
+/// Whether stdout was found closed (`doppel-agent … | head -n 1`).
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Prints one JSON line. A closed stdout is no reason to stop measuring or to leave the data
+/// path attached (as `println!`'s panic would): the agent logs it once and keeps running, its
+/// reports still going to the coordinator.
+fn print_line(line: &str) {
+    use std::{io::Write as _, sync::atomic::Ordering};
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+        tracing::warn!(error = %e, "stdout is closed: interval lines are no longer printed; the agent keeps running");
+    }
 }
 
 fn reporter(
@@ -119,6 +145,11 @@ async fn interval_timer(period: Duration) -> tokio::time::Interval {
 
 async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
     let config = doppel_agent::config::LiveConfig::load(path)?;
+    // Held until the agent has detached and removed everything.
+    let _claims = [
+        ownership::claim(Object::Interface(&config.interface), path)?,
+        ownership::claim(Object::VxlanDevice(&config.vxlan.device), path)?,
+    ];
     let reporter = reporter(
         config.coordinator.as_ref(),
         doppel_common::wire::AgentRole::Live,
@@ -189,6 +220,13 @@ async fn next_policy(
 
 async fn run_shadow(path: &std::path::Path) -> anyhow::Result<()> {
     let config = doppel_agent::shadow::config::ShadowConfig::load(path)?;
+    let _claims = [&config.xdp_interface, &config.replay_interface]
+        .into_iter()
+        .flatten()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|iface| ownership::claim(Object::Interface(iface), path))
+        .collect::<Result<Vec<_>, _>>()?;
     let reporter = reporter(
         config.coordinator.as_ref(),
         doppel_common::wire::AgentRole::Shadow,
@@ -269,7 +307,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .attachments()
                 .map(|(i, how)| (i.to_owned(), how))
                 .collect();
-            println!("{}", serde_json::json!({ "attached": attached }));
+            print_line(&serde_json::json!({ "attached": attached }).to_string());
             let mut sigterm = signal(SignalKind::terminate())?;
             let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
             tick.tick().await;
@@ -277,7 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        println!("{}", serde_json::json!({ "counters": datapath.iface_counters()? }));
+                        print_line(&serde_json::json!({ "counters": datapath.iface_counters()? }).to_string());
                         printed += 1;
                         if intervals.is_some_and(|n| printed >= n) { break; }
                     }
@@ -285,10 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     _ = sigterm.recv() => break,
                 }
             }
-            println!(
-                "{}",
-                serde_json::json!({ "counters": datapath.iface_counters()? })
-            );
+            print_line(&serde_json::json!({ "counters": datapath.iface_counters()? }).to_string());
             datapath.detach_all()?;
             Ok(())
         }

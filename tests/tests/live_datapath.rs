@@ -5,7 +5,9 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    io::{BufRead as _, BufReader, Read as _},
     net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
+    process::Stdio,
     sync::Mutex,
     thread,
     time::Duration,
@@ -13,7 +15,7 @@ use std::{
 
 use doppel_tests::{
     agent::{AgentProcess as Agent, counter},
-    testbed::{Host, Link, privileged_or_skip},
+    testbed::{Host, Link, privileged_or_skip, workspace_binary},
     traffic::{HttpServer, VxlanSink, http_flow},
 };
 use serde_json::Value;
@@ -514,6 +516,103 @@ fn a_killed_agent_is_replaced_cleanly_and_a_stopped_one_leaves_nothing() {
         .run("tc", &["qdisc", "show", "dev", &t.client_link.b_iface])
         .expect("tc");
     assert!(!String::from_utf8_lossy(&qdiscs.stdout).contains("clsact"));
+}
+
+#[test]
+fn a_second_live_agent_on_a_host_is_refused_and_the_first_keeps_cloning() {
+    if !privileged_or_skip("a_second_live_agent_on_a_host_is_refused_and_the_first_keeps_cloning") {
+        return;
+    }
+    let t = Topology::new();
+    let _server = t.start_server(false);
+    let sink = t.start_sink(0, false);
+    let config = live_config(
+        &t,
+        &t.client_link.b_iface,
+        false,
+        "default_sample_percent = 100.0",
+        "",
+    );
+    let first = Agent::start(&t.live, "live", &config);
+    let path = std::env::temp_dir().join(format!("doppel-second-{}.toml", std::process::id()));
+    std::fs::write(&path, &config).expect("config");
+    let second = t
+        .live
+        .command(workspace_binary("doppel-agent").to_str().expect("utf-8"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run a second agent");
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second agent ran: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "is held by another doppel-agent (pid {}",
+            first.process.pid()
+        )) && stderr.contains(&first.config_path.display().to_string()),
+        "the refusal names the holder: {stderr}"
+    );
+    run_flows(&t, false, 10, |i| {
+        vec![format!("GET /after/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
+    });
+    thread::sleep(Duration::from_millis(400));
+    let lines = first.stop();
+    assert_eq!(
+        counter(&lines, "clone_failures"),
+        0,
+        "the first agent's clones all went"
+    );
+    let mirrored = sink.flows().keys().filter(|(vni, _)| *vni == 101).count();
+    assert_eq!(mirrored, 10, "the first agent still mirrors every flow");
+}
+
+#[test]
+fn a_closed_stdout_neither_panics_nor_leaves_the_device_behind() {
+    if !privileged_or_skip("a_closed_stdout_neither_panics_nor_leaves_the_device_behind") {
+        return;
+    }
+    let t = Topology::new();
+    let config = live_config(&t, &t.client_link.b_iface, false, "", "");
+    let path = std::env::temp_dir().join(format!("doppel-pipe-{}.toml", std::process::id()));
+    std::fs::write(&path, &config).expect("config");
+    // `doppel-agent --config live.toml | head -n 1`: the reader goes after the first line.
+    let mut command = t
+        .live
+        .command(workspace_binary("doppel-agent").to_str().expect("utf-8"));
+    command
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut agent = t.live.spawn(command).expect("spawn the agent");
+    let stdout = agent.child_mut().stdout.take().expect("stdout");
+    let mut first = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut first)
+        .expect("a first line");
+    assert!(first.starts_with('{'), "a JSON line: {first}");
+    // The reader is gone; the agent's next lines hit a closed pipe.
+    assert!(
+        agent.wait_timeout(Duration::from_millis(1200)).is_none(),
+        "the agent exited when its stdout closed"
+    );
+    let status = agent.stop(Duration::from_secs(10));
+    let mut stderr = String::new();
+    let _ = agent
+        .child_mut()
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr);
+    let _ = std::fs::remove_file(&path);
+    assert!(status.success(), "exit status {status:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("stdout is closed"), "said once: {stderr}");
+    assert!(
+        t.live.ip(&["link", "show", "doppel-vx0"]).is_err(),
+        "the VXLAN device was removed"
+    );
 }
 
 #[test]

@@ -130,6 +130,7 @@ fn the_agent_unit_is_least_privilege_and_hardened() {
         ("Restart", "on-failure"),
         ("ExecReload", "kill -HUP $MAINPID"),
         ("StateDirectory", "doppel-agent"),
+        ("RuntimeDirectory", "doppel-agent"),
         ("ReadWritePaths", "/var/lib/doppel-agent"),
         (
             "ExecStart",
@@ -200,8 +201,17 @@ fn run_with_capabilities(
         )
         .collect::<Vec<_>>()
         .join(",");
+    // The claims' directory, as systemd's RuntimeDirectory= would hand it to the unit's user.
+    let run_dir = tempfile::tempdir().expect("run dir");
+    nix::unistd::chown(
+        run_dir.path(),
+        Some(nix::unistd::Uid::from_raw(65534)),
+        Some(nix::unistd::Gid::from_raw(65534)),
+    )
+    .expect("chown run dir");
     let mut command = host.command("setpriv");
     command
+        .env(doppel_agent::ownership::RUN_DIR_ENV, run_dir.path())
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(format!("--inh-caps={set}"))
         .arg(format!("--ambient-caps={set}"))

@@ -262,6 +262,15 @@ impl ShadowConfig {
                 "needs max_flow_buffer_bytes >= 4096 and max_total_buffer_bytes >= max_flow_buffer_bytes",
             ));
         }
+        for (field, value, least) in [
+            ("connect_timeout_ms", self.connect_timeout_ms, 10),
+            ("response_timeout_ms", self.response_timeout_ms, 10),
+            ("flow_idle_timeout_ms", self.flow_idle_timeout_ms, 100),
+        ] {
+            if value < least {
+                return Err(invalid(field, format!("must be at least {least}")));
+            }
+        }
         if self.gap_timeout_ms == 0 {
             return Err(invalid("gap_timeout_ms", "must be at least 1"));
         }
@@ -604,5 +613,12 @@ mod tests {
         );
         assert!(message(&GOOD.replace("port = 8080", "port = 0")).starts_with("services[0].port:"));
         assert!(message(&GOOD.replace("id = 1", "id = 99")).starts_with("classes[1].id:"));
+        assert!(
+            message(&GOOD.replace(
+                "role = \"shadow\"",
+                "role = \"shadow\"\nresponse_timeout_ms = 0"
+            ))
+            .starts_with("response_timeout_ms: must be at least 10")
+        );
     }
 }
