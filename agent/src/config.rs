@@ -541,7 +541,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let message = |text: &str| parse(text).unwrap_err().to_string();
+        let message = |text: &str| crate::datapath::error_chain(&parse(text).unwrap_err());
         assert!(message(&GOOD.replace("\"lo\"", "\"nosuch0\"")).starts_with("interface:"));
         assert!(message(&GOOD.replace("127.0.0.1", "192.0.2.77")).starts_with("services[0].addr:"));
         assert!(message(&GOOD.replace("12.5", "150")).starts_with("classes[0].sample_percent:"));

@@ -265,6 +265,7 @@ async fn run_shadow(path: &std::path::Path) -> anyhow::Result<()> {
         }
     };
     if outcome.is_ok() {
+        agent.drain().await;
         let (line, report) = agent.report()?;
         emit(&line, report, reporter.as_ref()).await?;
     }

@@ -669,6 +669,136 @@ fn redis_fire_and_forget_commands_are_replayed_and_nothing_waits_for_them() {
     );
 }
 
+/// What a stopped shadow did with its backlog: the SETs live and the shadow server executed,
+/// and the shadow agent's lines.
+struct Drained {
+    live_sets: u64,
+    shadow_sets: u64,
+    lines: Vec<Value>,
+}
+
+/// 100 SETs, each after the previous reply, against live while the shadow server is paused for
+/// `pause_ms` (its replay stalls behind the first command and the backlog grows); then the
+/// shadow agent, with `drain_timeout_ms`, is stopped with the client's connection still open.
+/// The shadow server's count is read once the pause is over.
+fn stop_with_backlog(pause_ms: u64, drain_timeout_ms: u64) -> Drained {
+    let t = Topology::new();
+    let (live_redis, shadow_redis) = redis_pair(&t);
+    let shadow = t.shadow_agent(
+        &[&redis_service()],
+        &format!("drain_timeout_ms = {drain_timeout_ms}"),
+    );
+    let live = t.live_agent(&[REDIS_PORT]);
+    let paused_at = std::time::Instant::now();
+    let pause = t
+        .shadow
+        .run(
+            "redis-cli",
+            &[
+                "-p",
+                "6379",
+                "CLIENT",
+                "PAUSE",
+                &pause_ms.to_string(),
+                "ALL",
+            ],
+        )
+        .expect("pause the shadow server");
+    assert!(String::from_utf8_lossy(&pause.stdout).contains("OK"));
+    let conn = {
+        let _inside = t.client.enter().expect("enter the client");
+        TcpStream::connect(live_redis.addr).expect("connect to live redis")
+    };
+    let mut writer = conn.try_clone().expect("clone");
+    let mut reader = BufReader::new(conn);
+    for i in 0..BACKLOG_COMMANDS {
+        writer
+            .write_all(&resp_command(&["SET", &format!("k{i}"), "v"]))
+            .expect("send to live redis");
+        assert_eq!(read_line(&mut reader), "+OK\r\n");
+        thread::sleep(Duration::from_millis(5));
+    }
+    thread::sleep(Duration::from_millis(200));
+    let lines = shadow.stop();
+    live.stop();
+    drop(writer);
+    let sets =
+        |redis: &Redis, host: &Host| redis.command_calls(host).get("set").copied().unwrap_or(0);
+    let live_sets = sets(&live_redis, &t.live);
+    assert_eq!(live_sets, BACKLOG_COMMANDS);
+    thread::sleep(Duration::from_millis(pause_ms + 300).saturating_sub(paused_at.elapsed()));
+    Drained {
+        live_sets,
+        shadow_sets: sets(&shadow_redis, &t.shadow),
+        lines,
+    }
+}
+
+const BACKLOG_COMMANDS: u64 = 100;
+
+impl Drained {
+    fn summary(&self) -> String {
+        format!(
+            "live {}, shadow {}, exchanges_unreplayed {}, bytes_unreplayed {}, \
+             flows_ended_at_stop {}",
+            self.live_sets,
+            self.shadow_sets,
+            counter(&self.lines, "exchanges_unreplayed"),
+            counter(&self.lines, "bytes_unreplayed"),
+            counter(&self.lines, "flows_ended_at_stop")
+        )
+    }
+}
+
+#[test]
+fn a_stopped_shadow_counts_the_backlog_it_could_not_replay_by_its_deadline() {
+    if !privileged_or_skip(
+        "a_stopped_shadow_counts_the_backlog_it_could_not_replay_by_its_deadline",
+    ) {
+        return;
+    }
+    // Stopped 300 ms into a drain while the shadow server is paused for 3 s.
+    let d = stop_with_backlog(3000, 300);
+    let summary = d.summary();
+    let unreplayed = counter(&d.lines, "exchanges_unreplayed");
+    assert!(
+        unreplayed > BACKLOG_COMMANDS / 2,
+        "the backlog was counted: {summary}"
+    );
+    // Every command was either executed by the shadow server or counted as unreplayed, but
+    // the one written and awaiting its reply when the agent stopped, which the server may or
+    // may not execute after its client went away.
+    let accounted = d.shadow_sets + unreplayed;
+    assert!(
+        accounted <= d.live_sets && d.live_sets - accounted <= 1,
+        "{summary}"
+    );
+    // The unreplayed ones are the last commands, whole.
+    let last_bytes: usize = (BACKLOG_COMMANDS - unreplayed..BACKLOG_COMMANDS)
+        .map(|i| resp_command(&["SET", &format!("k{i}"), "v"]).len())
+        .sum();
+    assert_eq!(
+        counter(&d.lines, "bytes_unreplayed"),
+        last_bytes as u64,
+        "{summary}"
+    );
+    assert_eq!(counter(&d.lines, "flows_ended_at_stop"), 1, "{summary}");
+    assert_eq!(counter(&d.lines, "flows_completed"), 0, "{summary}");
+}
+
+#[test]
+fn a_stopped_shadow_replays_its_backlog_within_the_drain_deadline() {
+    if !privileged_or_skip("a_stopped_shadow_replays_its_backlog_within_the_drain_deadline") {
+        return;
+    }
+    // The pause ends 1 s in; the drain allows 5 s.
+    let d = stop_with_backlog(1500, 5000);
+    let summary = d.summary();
+    assert_eq!(d.shadow_sets, d.live_sets, "{summary}");
+    assert_eq!(counter(&d.lines, "exchanges_unreplayed"), 0, "{summary}");
+    assert_eq!(counter(&d.lines, "bytes_unreplayed"), 0, "{summary}");
+}
+
 /// A line server for the test below: answers `+OK` to every line except `HUSH`, which it never
 /// answers, and logs every line it executed.
 const HUSH_SERVER: &str = r#"

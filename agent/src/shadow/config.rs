@@ -142,6 +142,11 @@ pub struct ShadowConfig {
     /// A flow without packets this long ends (its FIN may have been lost), ms.
     #[serde(default = "default_flow_idle_ms")]
     pub flow_idle_timeout_ms: u64,
+    /// On SIGTERM, time the replays get to finish the backlog they hold (new flows are no
+    /// longer taken), ms; what is left then is counted in `exchanges_unreplayed` and
+    /// `bytes_unreplayed`. 0 stops at once.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
     /// Most bytes buffered for one flow (out of order, or waiting to be replayed).
     #[serde(default = "default_flow_buffer")]
     pub max_flow_buffer_bytes: usize,
@@ -191,6 +196,9 @@ const fn default_gap_timeout_ms() -> u64 {
 }
 const fn default_flow_idle_ms() -> u64 {
     60_000
+}
+const fn default_drain_timeout_ms() -> u64 {
+    5_000
 }
 const fn default_flow_buffer() -> usize {
     1 << 20

@@ -188,6 +188,10 @@ pub struct ShadowAgent {
     /// Kernel drops on the mirror socket (its receive queue overflowed).
     mirror_drops: SocketDrops,
     receiver: tokio::task::JoinHandle<()>,
+    /// Tells the receiver to end every flow and take no more (the agent is stopping).
+    end_flows: tokio::sync::watch::Sender<bool>,
+    /// Tells every replay to count its backlog and end (the drain deadline passed).
+    stop_replays: tokio::sync::watch::Sender<bool>,
     drain: LatencyDrain,
     sampler: ResourceSampler,
     counters_before: BTreeMap<String, u64>,
@@ -261,7 +265,10 @@ impl ShadowAgent {
             })?;
         let mirror_drops = SocketDrops::of(&socket);
         let stats = Arc::new(ShadowStats::default());
+        let (stop_replays, stop) = tokio::sync::watch::channel(false);
+        let (end_flows, end_flows_rx) = tokio::sync::watch::channel(false);
         let settings = Arc::new(ReplaySettings {
+            stop,
             policy: Arc::new(config.http.clone()),
             time_compression: config.time_compression,
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
@@ -293,7 +300,7 @@ impl ShadowAgent {
             Arc::clone(&stats),
             settings,
         );
-        let receiver = tokio::spawn(receiver.run(socket));
+        let receiver = tokio::spawn(receiver.run(socket, end_flows_rx));
         info!(
             listen = %config.listen,
             sessions = config.sessions.len(),
@@ -310,6 +317,8 @@ impl ShadowAgent {
             stats,
             mirror_drops,
             receiver,
+            end_flows,
+            stop_replays,
             drain: LatencyDrain::default(),
             sampler,
             counters_before: BTreeMap::new(),
@@ -561,6 +570,33 @@ impl ShadowAgent {
     }
 
     /// Stops receiving and detaches everything.
+    /// Stops taking flows and gives the replays up to `drain_timeout_ms` to finish the backlog
+    /// they hold; then makes the rest count what they did not write (`exchanges_unreplayed`,
+    /// `bytes_unreplayed`) and end. Report after it, so the last interval carries the counts.
+    pub async fn drain(&mut self) {
+        let _ = self.end_flows.send(true);
+        let _ = (&mut self.receiver).await;
+        let deadline = Instant::now() + Duration::from_millis(self.config.drain_timeout_ms);
+        while self.stats.active_replays() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let unfinished = self.stats.active_replays();
+        if unfinished == 0 {
+            return;
+        }
+        let _ = self.stop_replays.send(true);
+        let counted = Instant::now() + Duration::from_secs(1);
+        while self.stats.active_replays() > 0 && Instant::now() < counted {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        warn!(
+            replays = unfinished,
+            drain_timeout_ms = self.config.drain_timeout_ms,
+            "stopped with replays unfinished: their backlog is counted in exchanges_unreplayed \
+             and bytes_unreplayed"
+        );
+    }
+
     pub fn stop(mut self) -> Result<(), ShadowError> {
         self.receiver.abort();
         let mut result = Ok(());

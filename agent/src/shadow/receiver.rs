@@ -153,12 +153,20 @@ impl Receiver {
         self.settings.epoch.elapsed().as_nanos() as u64
     }
 
-    /// Receives until the task is aborted.
-    pub async fn run(mut self, socket: UdpSocket) {
+    /// Receives until the task is aborted, or until `drain` becomes true: then every open flow
+    /// is ended where it stands, so its replays finish what they hold, and nothing new is taken.
+    pub async fn run(mut self, socket: UdpSocket, mut drain: tokio::sync::watch::Receiver<bool>) {
         let mut buf = vec![0u8; 65_536];
         let mut sweep = tokio::time::interval(Duration::from_millis(50));
         loop {
             tokio::select! {
+                changed = drain.changed() => {
+                    // A dropped sender (the agent gone) ends the flows as well.
+                    if changed.is_err() || *drain.borrow() {
+                        self.end_all();
+                        return;
+                    }
+                }
                 received = socket.recv_from(&mut buf) => match received {
                     Ok((n, from)) => {
                         let now = self.now_ns();
@@ -367,6 +375,20 @@ impl Receiver {
             let _ = copy.send(FlowEvent::Hole);
         }
         self.deliver(id, now_ns);
+    }
+
+    /// Ends every open flow (the agent is stopping): bytes held behind a hole are counted as
+    /// unreplayed, the rest is handed over, and each copy is told the stream ended.
+    fn end_all(&mut self) {
+        let ids: Vec<FlowId> = self.flows.keys().copied().collect();
+        for id in ids {
+            if let Some(flow) = self.flows.get(&id) {
+                let held = flow.reassembler.buffered() as u64;
+                self.stats.add(ShadowCounter::BytesUnreplayed, held);
+            }
+            self.stats.inc(ShadowCounter::FlowsEndedAtStop);
+            self.end(id);
+        }
     }
 
     fn end(&mut self, id: FlowId) {

@@ -110,6 +110,9 @@ pub struct ReplaySettings {
     pub epoch: Instant,
     /// Per service port.
     pub services: HashMap<u16, ServiceReplay>,
+    /// Becomes true when the agent stops for good: every replay counts what it did not write
+    /// and ends at once.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Why a replay stopped early.
@@ -131,6 +134,8 @@ enum ReplayError {
     Login(#[source] LoginError),
     #[error("the flow was abandoned")]
     Abandoned,
+    #[error("the agent stopped")]
+    Stopped,
     #[error("the pacing timer failed")]
     Timer(#[source] std::io::Error),
 }
@@ -143,6 +148,7 @@ pub async fn replay_flow(
     class: u16,
     events: mpsc::UnboundedReceiver<FlowEvent>,
 ) {
+    let _running = stats.replay_running();
     let outcome = Replay::connect(&settings, &stats, target, class, events).await;
     let outcome = match outcome {
         Ok(mut replay) => {
@@ -167,7 +173,7 @@ pub async fn replay_flow(
             Some(ShadowCounter::AuthNotReplayable)
         }
         Err(ReplayError::Login(_)) => Some(ShadowCounter::LoginFailures),
-        Err(ReplayError::Abandoned | ReplayError::Timer(_)) => None,
+        Err(ReplayError::Abandoned | ReplayError::Stopped | ReplayError::Timer(_)) => None,
     };
     if let Some(counter) = counter {
         stats.inc(counter);
@@ -235,6 +241,8 @@ struct Replay<'a> {
     ended: bool,
     terminated: bool,
     timer: PreciseTimer,
+    stop: tokio::sync::watch::Receiver<bool>,
+    stop_gone: bool,
     buf: Vec<u8>,
     done: Vec<Completed>,
     started: Vec<u32>,
@@ -285,6 +293,8 @@ impl<'a> Replay<'a> {
             ended: false,
             terminated: false,
             timer: PreciseTimer::new().map_err(ReplayError::Timer)?,
+            stop: settings.stop.clone(),
+            stop_gone: false,
             buf: vec![0u8; 64 * 1024],
             done: Vec::new(),
             started: Vec::new(),
@@ -354,6 +364,15 @@ impl<'a> Replay<'a> {
                     }
                 }
                 () = self.timer.fired() => {}
+                changed = self.stop.changed(), if !self.stop_gone => {
+                    if changed.is_err() {
+                        // The agent's sender is gone: no stop will come.
+                        self.stop_gone = true;
+                    } else if *self.stop.borrow() {
+                        self.count_unreplayed();
+                        return Err(ReplayError::Stopped);
+                    }
+                }
                 () = sleep_until(timeout_at) => {
                     if self.awaited.is_empty() && !self.out_pending() {
                         // An opaque flow's last bytes had no answer: some protocols send none.
@@ -376,6 +395,27 @@ impl<'a> Replay<'a> {
         // The client's close: a FIN to the workload, as the live client's.
         let _ = self.conn.shutdown().await;
         Ok(())
+    }
+
+    /// The agent stopped with this flow's backlog unwritten: counts its messages and bytes.
+    fn count_unreplayed(&mut self) {
+        while let Ok(event) = self.events.try_recv() {
+            if let FlowEvent::Data(data, meta) = event {
+                self.splitter.push(&data.data, meta);
+            }
+        }
+        let mut messages = self.out_marks.len() as u64;
+        let mut bytes = self.out.len() as u64;
+        let cut = std::iter::from_fn(|| self.splitter.next(true).ok().flatten());
+        for message in self.queue.drain(..).chain(cut) {
+            if message.is_written() {
+                messages += 1;
+                bytes += message.bytes.len() as u64;
+            }
+        }
+        bytes += self.splitter.buffered() as u64;
+        self.stats.add(ShadowCounter::ExchangesUnreplayed, messages);
+        self.stats.add(ShadowCounter::BytesUnreplayed, bytes);
     }
 
     fn out_pending(&self) -> bool {

@@ -91,6 +91,14 @@ shadow_counters! {
     ResponseTimeouts => "response_timeouts",
     /// Flow copies dropped because their replay could not keep up or failed (data discarded).
     CopiesFailed => "copies_failed",
+    /// Flows still open when the agent stopped: ended there, neither completed nor reset.
+    FlowsEndedAtStop => "flows_ended_at_stop",
+    /// Client messages the agent stopped before writing: the backlog left when the drain
+    /// deadline passed (`drain_timeout_ms`).
+    ExchangesUnreplayed => "exchanges_unreplayed",
+    /// Client bytes the agent stopped before writing (those messages, partial ones, and bytes
+    /// held behind holes).
+    BytesUnreplayed => "bytes_unreplayed",
     /// Exchanges replayed and answered.
     Exchanges => "exchanges",
     /// HTTP requests skipped by the allow/deny lists.
@@ -132,6 +140,16 @@ shadow_counters! {
     Status5xx => "http_5xx",
 }
 
+/// A running replay task, counted in [`ShadowStats::active_replays`] until dropped.
+#[derive(Debug)]
+pub struct ReplayRunning(std::sync::Arc<ShadowStats>);
+
+impl Drop for ReplayRunning {
+    fn drop(&mut self) {
+        self.0.active_replays.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Report name of [`ShadowStats::exchange_errors`], the counter the coordinator reads.
 pub const EXCHANGE_ERRORS: &str = "exchange_errors";
 
@@ -155,6 +173,8 @@ pub struct ShadowStats {
     latency: Mutex<BTreeMap<u16, ClassLatency>>,
     /// Largest lag behind the original timing since the last [`ShadowStats::take_max_lag`], µs.
     max_lag_us: AtomicU64,
+    /// Replay tasks running.
+    active_replays: AtomicU64,
 }
 
 impl Default for ShadowStats {
@@ -166,11 +186,23 @@ impl Default for ShadowStats {
                 .collect(),
             latency: Mutex::new(BTreeMap::new()),
             max_lag_us: AtomicU64::new(0),
+            active_replays: AtomicU64::new(0),
         }
     }
 }
 
 impl ShadowStats {
+    /// Replay tasks running now.
+    pub fn active_replays(&self) -> u64 {
+        self.active_replays.load(Ordering::Relaxed)
+    }
+
+    /// Counts a replay task for as long as the returned guard lives.
+    pub fn replay_running(self: &std::sync::Arc<Self>) -> ReplayRunning {
+        self.active_replays.fetch_add(1, Ordering::Relaxed);
+        ReplayRunning(std::sync::Arc::clone(self))
+    }
+
     /// Adds `n` to a counter.
     pub fn add(&self, counter: ShadowCounter, n: u64) {
         self.counters[counter as usize].fetch_add(n, Ordering::Relaxed);
