@@ -132,12 +132,6 @@ pub(crate) struct Options {
     /// are often set up: short flows then reuse 4-tuples within seconds.
     #[arg(long)]
     tw_reuse: bool,
-    /// Steer the shadow host's receive of the mirror datagrams (everything past its XDP
-    /// program: IP, UDP, the socket, waking the replayer) to the shadow's CPU with RPS, as if
-    /// the shadow were its own machine; `false` leaves it in the live CPU's softirq, where the
-    /// veth delivers it and live's measured latency pays for it.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    shadow_rps: bool,
     /// CPU limit of each server's cgroup, thousandths of a CPU (the same for live and shadow).
     #[arg(long, default_value_t = 1000)]
     server_cpu_millis: u32,
@@ -289,7 +283,7 @@ struct Bed {
 }
 
 impl Bed {
-    fn new(agent: PathBuf, aa_live: bool, tw_reuse: bool, shadow_rps: bool) -> anyhow::Result<Self> {
+    fn new(agent: PathBuf, aa_live: bool, tw_reuse: bool) -> anyhow::Result<Self> {
         let client = Host::new("fid-client")?;
         let live = Host::new("fid-live")?;
         let shadow = Host::new("fid-shadow")?;
@@ -313,19 +307,6 @@ impl Bed {
         }
         if tw_reuse {
             client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-        }
-        if shadow_rps {
-            let mask = 1u32 << SHADOW_CPU;
-            let iface = &shadow_link.b_iface;
-            shadow.run(
-                "sh",
-                &[
-                    "-c",
-                    &format!(
-                        "for q in /sys/class/net/{iface}/queues/rx-*; do echo {mask:x} > $q/rps_cpus; done"
-                    ),
-                ],
-            )?;
         }
         let dir =
             std::env::temp_dir().join(format!("doppel-bench-fidelity-{}", std::process::id()));
@@ -1540,7 +1521,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
         cpu_millis: Some(options.server_cpu_millis),
         memory_bytes: Some(options.server_memory_mib << 20),
     };
-    let bed = Bed::new(agent, options.aa_live, options.tw_reuse, options.shadow_rps)?;
+    let bed = Bed::new(agent, options.aa_live, options.tw_reuse)?;
     println!(
         "bench fidelity: {} s per run; client + live server + live agent on CPU {LIVE_CPU}, replayer + shadow server on CPU {SHADOW_CPU}; \
          each server in a cgroup of {} mCPU and {} MiB{}",
