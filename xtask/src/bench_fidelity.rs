@@ -57,12 +57,16 @@
 //! Its live agents mirror nothing, so the control also shows live's latency without mirroring.
 //!
 //! What limits the figures on this machine:
-//! - The live agent timestamps a request in its TC ingress program before it clones it, and the
-//!   clone is sent synchronously there; on this machine the shadow's receive of it (the veth's
-//!   NAPI poll: XDP admission, IP, UDP, the socket, waking the replayer on the other CPU) runs
-//!   in the same softirq, on CPU 0. All of it lands in live's measured latency and none in the
-//!   shadow's, so at low rates the latency ratios sit well below 1 (the A/A lines print live's
-//!   latency with and without mirroring). A `threaded` veth with its NAPI thread pinned to
+//! - The live agent clones a request synchronously in its TC ingress program (an exchange's
+//!   clock starts after the clone), and on this machine the shadow's receive of the copy (the
+//!   veth's NAPI poll: XDP admission, IP, UDP, the socket, waking the replayer on the other
+//!   CPU) runs in softirq on CPU 0 too. Live's measured latency doubles with mirroring and the
+//!   shadow's pays none of it, so at low rates the latency ratios sit well below 1: redis at
+//!   2,000/s, live p50 33.8 us mirrored against 16.9 us not (the A/A lines print both), the
+//!   shadow 14.7 us. Starting the clock after the clone instead of before it did not move
+//!   this, nor did steering the shadow's receive past XDP to CPU 1 with RPS (p50 ratios
+//!   0.40-0.47 either way), so the cost is in the copy's delivery on this host, which a shadow
+//!   on its own machine does not share. A `threaded` veth with its NAPI thread pinned to
 //!   CPU 1 (real-time, as a softirq) was tried to move the receive to the shadow's CPU: each
 //!   clone then woke that thread across CPUs, live's p50 at 20,000/s doubled, the shadow's rose
 //!   too, and the veth's 256-frame XDP ring overflowed in three runs of five (0.3-0.5 % of copies
