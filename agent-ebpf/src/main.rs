@@ -386,7 +386,6 @@ fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
             if (*state).flags & FLOW_DECIDED == 0 {
                 decide(ctx, packet, config, &mut *state);
             }
-            (*state).last_request_ns = bpf_ktime_get_ns();
             (*state).flags |= FLOW_AWAITING_RESPONSE;
         }
         // Copies carry what the replay uses: payload, FIN and RST, and a pure ACK only as a
@@ -398,6 +397,12 @@ fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
         {
             (*state).last_copy_ns = now;
             mirror(ctx, config);
+        }
+        if packet.payload_len > 0 {
+            // The exchange starts when the packet goes on to the server, after the copy: the
+            // copy (a synchronous clone through the VXLAN device) is the agent's own cost, not
+            // the server's, and a shadow, which makes no copy, must measure what live measures.
+            (*state).last_request_ns = bpf_ktime_get_ns();
         }
     }
     if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
