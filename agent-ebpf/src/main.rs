@@ -683,10 +683,21 @@ fn mirror(ctx: &TcContext, config: &DatapathConfig) {
                     flags,
                 )
             };
-            if set == 0 && ctx.clone_redirect(config.vxlan_ifindex, 0).is_ok() {
-                add(DatapathCounter::ClonesSent, 1);
+            let sent = if set == 0 {
+                ctx.clone_redirect(config.vxlan_ifindex, 0)
+                    .map_err(i64::from)
             } else {
-                add(DatapathCounter::CloneFailures, 1);
+                Err(set)
+            };
+            match sent {
+                Ok(()) => add(DatapathCounter::ClonesSent, 1),
+                Err(error) => {
+                    add(DatapathCounter::CloneFailures, 1);
+                    if let Some(slot) = LAST_CLONE_ERROR.get_ptr_mut(0) {
+                        // SAFETY: a live array slot; a racing write leaves one of two errors.
+                        unsafe { *slot = error };
+                    }
+                }
             }
         }
         i += 1;
@@ -698,6 +709,10 @@ static ADMITTED: aya_ebpf::maps::HashMap<AdmitKey, u32> =
     aya_ebpf::maps::HashMap::with_max_entries(MAX_ADMITTED, 0);
 #[map(name = "ADMIT_CONFIG")]
 static ADMIT_CONFIG: Array<AdmitConfig> = Array::with_max_entries(1, 0);
+#[map(name = "REJECTED")]
+static REJECTED: Array<AdmitKey> = Array::with_max_entries(1, 0);
+#[map(name = "LAST_CLONE_ERROR")]
+static LAST_CLONE_ERROR: Array<i64> = Array::with_max_entries(1, 0);
 #[map(name = "ADMIT_COUNTERS")]
 static ADMIT_COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(AdmitCounter::ALL.len() as u32, 0);
@@ -801,6 +816,10 @@ fn admit(ctx: &XdpContext) -> Option<u32> {
         Some(xdp_action::XDP_PASS)
     } else {
         admit_count(AdmitCounter::NotAdmitted);
+        if let Some(slot) = REJECTED.get_ptr_mut(0) {
+            // SAFETY: a live array slot; a racing write leaves one of two keys.
+            unsafe { *slot = key };
+        }
         Some(xdp_action::XDP_DROP)
     }
 }

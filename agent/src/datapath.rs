@@ -770,6 +770,42 @@ impl Datapath {
             })
     }
 
+    /// The error of the last copy that failed (a negative errno), if any failed.
+    pub fn last_clone_error(&self) -> Result<Option<std::io::Error>, DatapathError> {
+        use doppel_common::maps::names;
+        let name = names::LAST_CLONE_ERROR;
+        let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let array = aya::maps::Array::<_, i64>::try_from(map)
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        let error = array
+            .get(&0, 0)
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        Ok((error < 0).then(|| std::io::Error::from_raw_os_error((-error) as i32)))
+    }
+
+    /// The outer source and VNI of the last mirror datagram the admission program refused.
+    pub fn last_rejected(&self) -> Result<Option<(std::net::IpAddr, u32)>, DatapathError> {
+        use doppel_common::maps::{AdmitKey, admit_names};
+        let name = admit_names::REJECTED;
+        let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let array = aya::maps::Array::<_, AdmitKey>::try_from(map)
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        let key = array
+            .get(&0, 0)
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        if key == AdmitKey::default() {
+            return Ok(None);
+        }
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_exact_mut(4).zip(key.addr) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        Ok(Some((
+            std::net::Ipv6Addr::from(octets).to_canonical(),
+            key.vni,
+        )))
+    }
+
     /// Cumulative admission counters since load, by stable name.
     pub fn admission_counters(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
         use doppel_common::maps::{AdmitCounter, admit_names};

@@ -261,12 +261,36 @@ impl LiveAgent {
     }
 
     /// Collects the interval that just ended.
+    /// Logs, once an interval, copies that failed, with the kernel's error and its likely
+    /// cause: the copies would otherwise only show in a counter.
+    fn warn_clone_failures(&self, counters: &BTreeMap<&'static str, u64>) {
+        let failed = counters
+            .get(doppel_common::maps::DatapathCounter::CloneFailures.name())
+            .copied()
+            .unwrap_or(0);
+        if failed == 0 {
+            return;
+        }
+        let error = match self.datapath.last_clone_error() {
+            Ok(Some(e)) => e.to_string(),
+            _ => "unknown error".to_owned(),
+        };
+        warn!(
+            failed,
+            %error,
+            device = %self.config.vxlan.device,
+            "copies to the shadows failed: is the VXLAN device up and is there a route to each \
+             shadow address?"
+        );
+    }
+
     pub fn report(&mut self) -> Result<(IntervalLine, IntervalReport), LiveError> {
         let end = SystemTime::now();
         let interval_ms = end
             .duration_since(self.interval_start)
             .map_or(0, |d| d.as_millis() as u32);
         let counters = self.counter_deltas()?;
+        self.warn_clone_failures(&counters);
         let classes = self.class_deltas()?;
         let pairs = self.histogram_pairs();
         let deltas = self.datapath.drain_latency(&mut self.drain, &pairs)?;

@@ -478,6 +478,9 @@ pub mod names {
     pub const LATENCY: &str = "LATENCY";
     /// `RingBuf` of [`super::PatternSample`].
     pub const PATTERNS: &str = "PATTERNS";
+    /// `Array<i64>` of 1: the last failed copy's error (a negative errno from
+    /// `bpf_skb_set_tunnel_key` or `bpf_clone_redirect`), 0 before any, for the agent's log.
+    pub const LAST_CLONE_ERROR: &str = "LAST_CLONE_ERROR";
 }
 
 #[cfg(feature = "user")]
@@ -629,6 +632,9 @@ pub mod admit_names {
     pub const ADMIT_CONFIG: &str = "ADMIT_CONFIG";
     /// `PerCpuArray<u64>` indexed by [`super::AdmitCounter`].
     pub const ADMIT_COUNTERS: &str = "ADMIT_COUNTERS";
+    /// `Array<AdmitKey>` of 1: the (source, VNI) of the last datagram not admitted, all zero
+    /// before any, so the agent's log can name a misconfigured session.
+    pub const REJECTED: &str = "REJECTED";
 }
 
 #[cfg(feature = "user")]

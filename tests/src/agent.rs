@@ -23,6 +23,8 @@ pub struct AgentProcess {
     pub config_path: PathBuf,
     label: String,
     lines: Arc<Mutex<Vec<Value>>>,
+    /// Its log (stderr), kept and passed on to the test's stderr.
+    log: Arc<Mutex<String>>,
 }
 
 impl AgentProcess {
@@ -39,9 +41,21 @@ impl AgentProcess {
         command
             .arg("--config")
             .arg(&config_path)
-            .stdout(Stdio::piped());
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut process = host.spawn(command).expect("spawn agent");
         let stdout = process.child_mut().stdout.take().expect("stdout");
+        let stderr = process.child_mut().stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let log_sink = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let mut log = log_sink.lock().expect("lock");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
         thread::spawn(move || {
@@ -68,7 +82,13 @@ impl AgentProcess {
             config_path,
             label: label.to_owned(),
             lines,
+            log,
         }
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("lock").clone()
     }
 
     /// The lines printed so far.

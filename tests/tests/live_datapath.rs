@@ -568,6 +568,38 @@ fn a_second_live_agent_on_a_host_is_refused_and_the_first_keeps_cloning() {
 }
 
 #[test]
+fn failed_copies_are_logged_with_the_kernels_error() {
+    if !privileged_or_skip("failed_copies_are_logged_with_the_kernels_error") {
+        return;
+    }
+    let t = Topology::new();
+    let _server = t.start_server(false);
+    let config = live_config(
+        &t,
+        &t.client_link.b_iface,
+        false,
+        "default_sample_percent = 100.0",
+        "",
+    );
+    let agent = Agent::start(&t.live, "live", &config);
+    // The VXLAN device goes away under the agent: every copy fails.
+    t.live
+        .ip(&["link", "del", "doppel-vx0"])
+        .expect("delete the device");
+    run_flows(&t, false, 5, |i| {
+        vec![format!("GET /lost/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
+    });
+    thread::sleep(Duration::from_millis(700));
+    let log = agent.log();
+    let lines = agent.stop();
+    assert!(counter(&lines, "clone_failures") >= 5, "copies failed");
+    assert!(
+        log.contains("copies to the shadows failed") && log.contains("os error"),
+        "the failure and the kernel's error are logged: {log}"
+    );
+}
+
+#[test]
 fn a_closed_stdout_neither_panics_nor_leaves_the_device_behind() {
     if !privileged_or_skip("a_closed_stdout_neither_panics_nor_leaves_the_device_behind") {
         return;

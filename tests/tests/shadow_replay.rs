@@ -376,6 +376,17 @@ fn non_admitted_sessions_never_reach_user_space_and_bad_input_is_counted() {
         shadow.counter("connect_failures") >= 5
     });
     thread::sleep(Duration::from_millis(400));
+    // The log names each cause: the last refused (source, VNI) with the session to add, and a
+    // workload that refuses the replays.
+    let log = shadow.log();
+    assert!(
+        log.contains("not admitted") && log.contains(&format!("source={stranger} vni={VNI}")),
+        "the refused source and VNI are named: {log}"
+    );
+    assert!(
+        log.contains("refused replay connections") && log.contains("counter=\"connect_failures\""),
+        "the refusing workload is named: {log}"
+    );
     let lines = shadow.stop();
     assert_eq!(counter(&lines, "xdp_dropped_not_admitted"), 40);
     assert_eq!(counter(&lines, "xdp_dropped_malformed"), 20);

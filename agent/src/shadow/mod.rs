@@ -451,6 +451,35 @@ impl ShadowAgent {
                 warn!(count, %replay_addr, counter = counter.name(), "{cause}");
             }
         }
+        let refused = [
+            ShadowCounter::NotAdmitted.name(),
+            doppel_common::maps::AdmitCounter::NotAdmitted.name(),
+        ]
+        .iter()
+        .map(|name| counters.get(*name).copied().unwrap_or(0))
+        .sum::<u64>();
+        if refused > 0 {
+            let seen = match &self.datapath {
+                Some(datapath) if self.admission.is_some() => {
+                    datapath.last_rejected().ok().flatten()
+                }
+                _ => self.stats.last_rejected(),
+            };
+            match seen {
+                Some((source, vni)) => warn!(
+                    count = refused,
+                    %source,
+                    vni,
+                    "mirror datagrams not admitted: no [[sessions]] entry has this source and \
+                     VNI; if it is a live agent of this shadow's workload, add \
+                     `[[sessions]] source = \"{source}\", vni = {vni}`"
+                ),
+                None => warn!(
+                    count = refused,
+                    "mirror datagrams not admitted: check [[sessions]] source and vni"
+                ),
+            }
+        }
     }
 
     /// Collects the interval that just ended.

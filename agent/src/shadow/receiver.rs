@@ -202,6 +202,7 @@ impl Receiver {
         let source = from.to_canonical();
         if !self.admitted.contains(&(source, segment.vni)) {
             self.stats.inc(ShadowCounter::NotAdmitted);
+            self.stats.note_rejected(source, segment.vni);
             return;
         }
         if !self.ports.contains(&segment.service.port()) {

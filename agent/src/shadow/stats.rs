@@ -175,6 +175,8 @@ pub struct ShadowStats {
     max_lag_us: AtomicU64,
     /// Replay tasks running.
     active_replays: AtomicU64,
+    /// (outer source, VNI) of the last datagram the receiver did not admit.
+    last_rejected: Mutex<Option<(std::net::IpAddr, u32)>>,
 }
 
 impl Default for ShadowStats {
@@ -187,11 +189,22 @@ impl Default for ShadowStats {
             latency: Mutex::new(BTreeMap::new()),
             max_lag_us: AtomicU64::new(0),
             active_replays: AtomicU64::new(0),
+            last_rejected: Mutex::new(None),
         }
     }
 }
 
 impl ShadowStats {
+    /// Notes the (outer source, VNI) of a datagram not admitted.
+    pub fn note_rejected(&self, source: std::net::IpAddr, vni: u32) {
+        *self.last_rejected.lock().unwrap_or_else(|e| e.into_inner()) = Some((source, vni));
+    }
+
+    /// The (outer source, VNI) of the last datagram not admitted.
+    pub fn last_rejected(&self) -> Option<(std::net::IpAddr, u32)> {
+        *self.last_rejected.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Replay tasks running now.
     pub fn active_replays(&self) -> u64 {
         self.active_replays.load(Ordering::Relaxed)
