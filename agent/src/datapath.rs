@@ -770,29 +770,24 @@ impl Datapath {
             })
     }
 
+    /// Slot 0 of the `Array` map `name`.
+    fn first_slot<T: aya::Pod>(&self, name: &'static str) -> Result<T, DatapathError> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        aya::maps::Array::<_, T>::try_from(map)
+            .and_then(|array| array.get(&0, 0))
+            .map_err(|source| DatapathError::Map { map: name, source })
+    }
+
     /// The error of the last copy that failed (a negative errno), if any failed.
     pub fn last_clone_error(&self) -> Result<Option<std::io::Error>, DatapathError> {
-        use doppel_common::maps::names;
-        let name = names::LAST_CLONE_ERROR;
-        let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
-        let array = aya::maps::Array::<_, i64>::try_from(map)
-            .map_err(|source| DatapathError::Map { map: name, source })?;
-        let error = array
-            .get(&0, 0)
-            .map_err(|source| DatapathError::Map { map: name, source })?;
+        let error: i64 = self.first_slot(doppel_common::maps::names::LAST_CLONE_ERROR)?;
         Ok((error < 0).then(|| std::io::Error::from_raw_os_error((-error) as i32)))
     }
 
     /// The outer source and VNI of the last mirror datagram the admission program refused.
     pub fn last_rejected(&self) -> Result<Option<(std::net::IpAddr, u32)>, DatapathError> {
         use doppel_common::maps::{AdmitKey, admit_names};
-        let name = admit_names::REJECTED;
-        let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
-        let array = aya::maps::Array::<_, AdmitKey>::try_from(map)
-            .map_err(|source| DatapathError::Map { map: name, source })?;
-        let key = array
-            .get(&0, 0)
-            .map_err(|source| DatapathError::Map { map: name, source })?;
+        let key: AdmitKey = self.first_slot(admit_names::REJECTED)?;
         if key == AdmitKey::default() {
             return Ok(None);
         }

@@ -108,6 +108,17 @@ vni = 102
     )
 }
 
+/// The live agent's config on the client link, IPv4, mirroring every flow.
+fn mirror_all_config(t: &Topology) -> String {
+    live_config(
+        t,
+        &t.client_link.b_iface,
+        false,
+        "default_sample_percent = 100.0",
+        "",
+    )
+}
+
 /// Runs `flows` client flows of `requests` each on 4 threads; returns client port -> bytes sent.
 fn run_flows(
     t: &Topology,
@@ -465,13 +476,7 @@ fn a_killed_agent_is_replaced_cleanly_and_a_stopped_one_leaves_nothing() {
     let t = Topology::new();
     let _server = t.start_server(false);
     let sink = t.start_sink(0, false);
-    let config = live_config(
-        &t,
-        &t.client_link.b_iface,
-        false,
-        "default_sample_percent = 100.0",
-        "",
-    );
+    let config = mirror_all_config(&t);
     let crashed = Agent::start(&t.live, "live", &config);
     crashed.process.signal(nix::sys::signal::Signal::SIGKILL);
     let mut crashed = crashed;
@@ -526,13 +531,7 @@ fn a_second_live_agent_on_a_host_is_refused_and_the_first_keeps_cloning() {
     let t = Topology::new();
     let _server = t.start_server(false);
     let sink = t.start_sink(0, false);
-    let config = live_config(
-        &t,
-        &t.client_link.b_iface,
-        false,
-        "default_sample_percent = 100.0",
-        "",
-    );
+    let config = mirror_all_config(&t);
     let first = Agent::start(&t.live, "live", &config);
     let path = std::env::temp_dir().join(format!("doppel-second-{}.toml", std::process::id()));
     std::fs::write(&path, &config).expect("config");
@@ -574,13 +573,7 @@ fn failed_copies_are_logged_with_the_kernels_error() {
     }
     let t = Topology::new();
     let _server = t.start_server(false);
-    let config = live_config(
-        &t,
-        &t.client_link.b_iface,
-        false,
-        "default_sample_percent = 100.0",
-        "",
-    );
+    let config = mirror_all_config(&t);
     let agent = Agent::start(&t.live, "live", &config);
     // The VXLAN device goes away under the agent: every copy fails.
     t.live
