@@ -103,12 +103,22 @@ impl Mirrored<'_> {
         shadow_executed: impl Fn() -> ExecutedStatements,
         errors: u64,
     ) -> Vec<Value> {
+        self.assert_executed_exactly_both(shadow_executed, errors).0
+    }
+
+    /// [`Mirrored::assert_executed_exactly_with_errors`], returning the shadow agent's lines
+    /// and the live agent's.
+    fn assert_executed_exactly_both(
+        self,
+        shadow_executed: impl Fn() -> ExecutedStatements,
+        errors: u64,
+    ) -> (Vec<Value>, Vec<Value>) {
         let live_executed = self.live_executed;
         let caught_up = wait_for(Duration::from_secs(2), || {
             shadow_executed() == live_executed
         });
         let shadow_lines = self.shadow.stop();
-        self.live.stop();
+        let live_lines = self.live.stop();
         // Read once the shadow agent has exited, so nothing it replays late goes unseen.
         let shadow_executed = shadow_executed();
         assert!(
@@ -128,7 +138,7 @@ impl Mirrored<'_> {
             "replayed exchanges failing: {}",
             replay_summary(&shadow_lines)
         );
-        shadow_lines
+        (shadow_lines, live_lines)
     }
 
     /// For the loss tests: checks the injector dropped something, gives the shadow `limit` to
@@ -313,14 +323,25 @@ fn postgres_connection_per_transaction_is_executed_exactly_and_closes_are_not_er
         connect_per_transaction: true,
         ..Pgbench::default()
     };
-    // The protocol is left to detection from the first bytes (a StartupMessage) here.
-    let lines =
-        postgres_replays_exactly(&t, &PostgresAuth::Trust, &format!("port = {PG_PORT}"), &run);
-    // postgres_replays_exactly checked exchange_errors == 0: each of the ~200 client closes
-    // (Terminate, then FIN) ended a flow without counting as an error.
+    let (live_pg, shadow_pg) = postgres_pair(&t, &PostgresAuth::Trust);
+    // The protocol is left to detection from the first bytes (an SSLRequest) here.
+    let (lines, live_lines) = mirror(&t, &format!("port = {PG_PORT}"), PG_PORT, None, || {
+        pgbench_on_live(&t, &live_pg, &run)
+    })
+    .assert_executed_exactly_both(|| shadow_pg.executed(), 0);
+    // Checked above: exchange_errors == 0, so each of the ~200 client closes (Terminate, then
+    // FIN) ended a flow without counting as an error.
     assert!(
         counter(&lines, "flows_completed") >= 150,
         "one flow per transaction: {}",
+        replay_summary(&lines)
+    );
+    // The shadow server saw the same exchanges as live's, timed in the kernel alike: the
+    // replayer asks for TLS where libpq did (and is told no), then logs in.
+    assert_eq!(
+        counter(&lines, "kernel_exchanges"),
+        counter(&live_lines, "exchanges"),
+        "in-kernel exchanges, shadow against live: {}",
         replay_summary(&lines)
     );
 }

@@ -66,9 +66,15 @@ pub fn is_startup_packet(first: &[u8]) -> bool {
 }
 
 /// The parameters of a client's StartupMessage, in its order (`user`, `database`,
-/// `application_name`, …).
+/// `application_name`, …), and whether the client asked for TLS first.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct StartupParams(pub Vec<(String, String)>);
+pub struct StartupParams {
+    /// The parameters.
+    pub fields: Vec<(String, String)>,
+    /// The client sent an SSLRequest before (and, the session being in clear, was told no):
+    /// the replayer asks the same, so the shadow server sees the same exchanges.
+    pub ssl_requested: bool,
+}
 
 impl StartupParams {
     fn parse(body: &[u8]) -> Result<Self, FrameError> {
@@ -78,7 +84,10 @@ impl StartupParams {
         loop {
             let name = fields.next().ok_or_else(malformed)?;
             if name.is_empty() {
-                return Ok(Self(params));
+                return Ok(Self {
+                    fields: params,
+                    ssl_requested: false,
+                });
             }
             let value = fields.next().ok_or_else(malformed)?;
             let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| malformed());
@@ -88,7 +97,7 @@ impl StartupParams {
 
     /// A parameter's value.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
+        self.fields
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
@@ -117,6 +126,8 @@ const FRONTEND_TYPES: &[u8] = b"QPBDESXCHFpdcf";
 pub struct PgClient {
     /// Whether the StartupMessage was seen.
     started: bool,
+    /// Whether an SSLRequest came before it.
+    ssl_requested: bool,
 }
 
 impl ClientFraming for PgClient {
@@ -146,12 +157,14 @@ impl ClientFraming for PgClient {
             }
             let code = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
             if code != PROTOCOL_3 {
-                // SSLRequest / GSSENCRequest (answered by the replayer's own login, which asks
-                // for neither) and CancelRequest (its key belongs to a live session).
+                // SSLRequest / GSSENCRequest (the replayer's own login asks the first again)
+                // and CancelRequest (its key belongs to a live session).
+                self.ssl_requested |= code == SSL_REQUEST;
                 return Ok(skip(len));
             }
             self.started = true;
-            let params = StartupParams::parse(&buf[8..len])?;
+            let mut params = StartupParams::parse(&buf[8..len])?;
+            params.ssl_requested = self.ssl_requested;
             return Ok(ClientMessage {
                 action: Action::Startup(params),
                 ..skip(len)
@@ -292,6 +305,10 @@ pub enum LoginError {
     /// The server sent something that is not the protocol.
     #[error("malformed backend message during login")]
     Malformed,
+    /// The shadow server accepted TLS where live's session went on in clear (its servers are
+    /// configured differently); the replayer does not speak TLS.
+    #[error("the shadow server accepts TLS, which live's session did without")]
+    TlsOffered,
 }
 
 impl LoginError {
@@ -331,7 +348,19 @@ pub async fn login(
         .unwrap_or_default();
     let password = credentials.and_then(|c| c.password.as_deref());
     let mut buf = BytesMut::new();
-    let startup = params.0.iter().map(|(n, v)| {
+    if params.ssl_requested {
+        // As the client did; a server of the same configuration as live's says no, and the
+        // session goes on in clear as live's did.
+        let mut request = 8u32.to_be_bytes().to_vec();
+        request.extend_from_slice(&SSL_REQUEST.to_be_bytes());
+        conn.write_all(&request).await?;
+        let mut answer = [0u8; 1];
+        conn.read_exact(&mut answer).await?;
+        if answer[0] != b'N' {
+            return Err(LoginError::TlsOffered);
+        }
+    }
+    let startup = params.fields.iter().map(|(n, v)| {
         (
             n.as_str(),
             if n == "user" {
@@ -454,7 +483,10 @@ mod tests {
         while at < stream.len() {
             let len = c.check(&stream[at..]).unwrap().len;
             // Checking is stateful (the startup phase ends): ask again from a fresh state.
-            let mut fresh = PgClient { started: at > 8 };
+            let mut fresh = PgClient {
+                started: at > 8,
+                ssl_requested: true,
+            };
             assert_eq!(
                 fresh.check(&stream[at..at + len - 1]),
                 Err(FrameError::Incomplete)
@@ -468,6 +500,10 @@ mod tests {
             panic!("startup expected: {got:?}");
         };
         assert_eq!(params.get("user"), Some("bench"));
+        assert!(
+            params.ssl_requested,
+            "the SSLRequest before it is remembered"
+        );
         assert_eq!(params.get("database"), Some("db"));
         assert_eq!(got[2], (Action::Handshake, 0));
         assert_eq!(got[3], (Action::Replay, 1));
