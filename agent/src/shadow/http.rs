@@ -199,6 +199,11 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<(Framing, bool), HttpErro
             .map_err(|_| HttpError::Header)?
             .trim();
         if header.name.eq_ignore_ascii_case("content-length") {
+            // Digits only (RFC 9110 §8.6): `parse` would also take `+5`, which a server may
+            // read differently, the request-smuggling class.
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(HttpError::ContentLength);
+            }
             let n: usize = value.parse().map_err(|_| HttpError::ContentLength)?;
             // Duplicates must agree (RFC 9110 §8.6); anything else is request smuggling.
             if length.is_some_and(|l| l != n) {
@@ -488,6 +493,15 @@ mod tests {
             check(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
             Err(HttpError::ContentLength)
         );
+        // Smuggling shapes: a signed length, an empty one, and a name with a space before the
+        // colon (not a token: a server may ignore it, or not).
+        for head in [
+            &b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length : 5\r\n\r\nhello",
+        ] {
+            assert!(check(head).is_err(), "{}", String::from_utf8_lossy(head));
+        }
         assert_eq!(
             check(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"),
             Err(HttpError::Unsupported)
