@@ -16,4 +16,5 @@ pub mod ownership;
 pub mod patterns;
 pub mod policy;
 pub mod report;
+pub mod role;
 pub mod shadow;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use doppel_agent::{
     datapath::{AttachMode, Datapath, error_chain},
     ownership::{self, Object},
+    role::{self, print_line},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -93,39 +94,6 @@ fn init_logging() {
 const EXIT_CONFIG: u8 = 78;
 
 /// Starts the reporting client of a `[coordinator]` section, if the file has one.
-/// Prints an interval's JSON line and, with a coordinator, hands its report to the spool.
-/// Waits while the spool is full: the kernel and the replayer keep counting meanwhile, so the
-/// next report covers the gap and nothing is lost.
-async fn emit(
-    line: &impl serde::Serialize,
-    report: doppel_common::wire::IntervalReport,
-    reporter: Option<&doppel_agent::report::ReportClient>,
-) -> anyhow::Result<()> {
-    print_line(&serde_json::to_string(line)?);
-    if let Some(reporter) = reporter {
-        reporter.handle.submit(report).await?;
-    }
-    Ok(())
-}
-
-/// Whether stdout was found closed (`doppel-agent … | head -n 1`).
-static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Prints one JSON line. A closed stdout is no reason to stop measuring or to leave the data
-/// path attached (as `println!`'s panic would): the agent logs it once and keeps running, its
-/// reports still going to the coordinator.
-fn print_line(line: &str) {
-    use std::{io::Write as _, sync::atomic::Ordering};
-    if STDOUT_CLOSED.load(Ordering::Relaxed) {
-        return;
-    }
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-        STDOUT_CLOSED.store(true, Ordering::Relaxed);
-        tracing::warn!(error = %e, "stdout is closed: interval lines are no longer printed; the agent keeps running");
-    }
-}
-
 fn reporter(
     section: Option<&doppel_agent::config::CoordinatorConfig>,
     role: doppel_common::wire::AgentRole,
@@ -134,13 +102,6 @@ fn reporter(
         Some(c) => Some(doppel_agent::report::ReportClient::from_config(c, role)?),
         None => None,
     })
-}
-
-/// A report interval timer whose first tick is one interval from now.
-async fn interval_timer(period: Duration) -> tokio::time::Interval {
-    let mut tick = tokio::time::interval(period);
-    tick.tick().await;
-    tick
 }
 
 async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
@@ -154,68 +115,8 @@ async fn run_live(path: &std::path::Path) -> anyhow::Result<()> {
         config.coordinator.as_ref(),
         doppel_common::wire::AgentRole::Live,
     )?;
-    let mut policy_updates = reporter.as_ref().map(|r| r.handle.policy());
-    let mut agent = doppel_agent::live::LiveAgent::start(config)?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut tick = interval_timer(agent.interval()).await;
-    let outcome: anyhow::Result<()> = loop {
-        tokio::select! {
-            _ = tick.tick() => match agent.report() {
-                Ok((line, report)) => emit(&line, report, reporter.as_ref()).await?,
-                Err(e) => break Err(e.into()),
-            },
-            // The coordinator's policy replaces the file's once it arrives.
-            Some(update) = next_policy(&mut policy_updates) => {
-                match agent.set_policy(update.policy) {
-                    Ok(()) => {
-                        tracing::info!(revision = update.revision, "coordinator policy applied");
-                        if tick.period() != agent.interval() {
-                            tick = interval_timer(agent.interval()).await;
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %error_chain(&e), "coordinator policy refused"),
-                }
-            }
-            // SIGHUP re-reads the file and applies its policy in place: nothing is detached
-            // and flows already decided keep their decision. A bad file keeps the old policy.
-            _ = sighup.recv() => {
-                match doppel_agent::config::LiveConfig::load(path)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|c| Ok(agent.set_policy(c.policy()?)?))
-                {
-                    Ok(()) => tracing::info!(path = %path.display(), "policy reloaded"),
-                    Err(e) => tracing::error!(error = %error_chain(e.as_ref()), "reload refused; the previous policy stays"),
-                }
-            }
-            _ = tokio::signal::ctrl_c() => break Ok(()),
-            _ = sigterm.recv() => break Ok(()),
-        }
-    };
-    // The partial last interval is reported too: stopping must not lose what was measured.
-    if outcome.is_ok() {
-        let (line, report) = agent.report()?;
-        emit(&line, report, reporter.as_ref()).await?;
-    }
-    let stopped = agent.stop();
-    if let Some(reporter) = reporter {
-        // Unacknowledged reports stay in the spool for the next start.
-        reporter.stop().await?;
-    }
-    outcome?;
-    stopped?;
-    Ok(())
-}
-
-/// The next policy update from the coordinator; pending forever without one.
-async fn next_policy(
-    updates: &mut Option<tokio::sync::watch::Receiver<Option<doppel_common::wire::PolicyUpdate>>>,
-) -> Option<doppel_common::wire::PolicyUpdate> {
-    let Some(updates) = updates else {
-        return std::future::pending().await;
-    };
-    updates.changed().await.ok()?;
-    updates.borrow_and_update().clone()
+    let agent = doppel_agent::live::LiveAgent::start(config)?;
+    role::run(agent, path, reporter).await
 }
 
 async fn run_shadow(path: &std::path::Path) -> anyhow::Result<()> {
@@ -231,52 +132,8 @@ async fn run_shadow(path: &std::path::Path) -> anyhow::Result<()> {
         config.coordinator.as_ref(),
         doppel_common::wire::AgentRole::Shadow,
     )?;
-    let mut policy_updates = reporter.as_ref().map(|r| r.handle.policy());
-    let mut agent = doppel_agent::shadow::ShadowAgent::start(config)?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    // The shadow's admission and replay are set up once from its file; a reload would have to
-    // re-bind and re-admit, so SIGHUP (systemd's `reload`, shared with the live role's unit)
-    // only says so instead of killing the agent, which is SIGHUP's default action.
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut tick = interval_timer(agent.interval()).await;
-    let outcome: anyhow::Result<()> = loop {
-        tokio::select! {
-            _ = tick.tick() => match agent.report() {
-                Ok((line, report)) => emit(&line, report, reporter.as_ref()).await?,
-                Err(e) => break Err(e.into()),
-            },
-            Some(update) = next_policy(&mut policy_updates) => {
-                match agent.set_policy(&update.policy) {
-                    Ok(()) => {
-                        tracing::info!(revision = update.revision, "coordinator policy applied");
-                        if tick.period() != agent.interval() {
-                            tick = interval_timer(agent.interval()).await;
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %error_chain(&e), "coordinator policy refused; the previous one stays"),
-                }
-            }
-            _ = sighup.recv() => tracing::warn!(
-                path = %path.display(),
-                "SIGHUP: the shadow role does not reload its file; restart it to apply changes"
-            ),
-            _ = tokio::signal::ctrl_c() => break Ok(()),
-            _ = sigterm.recv() => break Ok(()),
-        }
-    };
-    if outcome.is_ok() {
-        agent.drain().await;
-        let (line, report) = agent.report()?;
-        emit(&line, report, reporter.as_ref()).await?;
-    }
-    let stopped = agent.stop();
-    if let Some(reporter) = reporter {
-        // Unacknowledged reports stay in the spool for the next start.
-        reporter.stop().await?;
-    }
-    outcome?;
-    stopped?;
-    Ok(())
+    let agent = doppel_agent::shadow::ShadowAgent::start(config)?;
+    role::run(agent, path, reporter).await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
