@@ -23,8 +23,8 @@ use doppel_tests::{
     testbed::{Host, Process, privileged_or_skip},
     topology::{Topology, VNI, wait_for},
     workloads::{
-        ExecutedStatements, GrpcServer, Nginx, Pgbench, PgbenchLength, PgbenchReport, Postgres,
-        PostgresAuth, QueryMode, Redis, RedisBenchmark,
+        ExecutedStatements, GrpcServer, Memcached, Nginx, Pgbench, PgbenchLength, PgbenchReport,
+        Postgres, PostgresAuth, QueryMode, Redis, RedisBenchmark,
     },
 };
 use serde_json::Value;
@@ -197,7 +197,15 @@ fn replay_summary(lines: &[Value]) -> String {
         "flows_abandoned_protocol",
         "auth_not_replayable",
         "stream_holes",
+        "bytes_lost",
+        "resyncs",
         "bytes_skipped",
+        "segments_ignored",
+        "response_timeouts",
+        "copies_failed",
+        "flows_reset",
+        "flows_idle_ended",
+        "duplicate_bytes",
         "flows_abandoned_gap",
         "mirror_drops",
         "datagrams",
@@ -956,6 +964,132 @@ fn redis_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows() {
     // redis-benchmark sends as fast as it can; the shadow may trail live by a second or so.
     mirrored.assert_holes_skipped(Duration::from_secs(5), || {
         redis_calls(&shadow_redis, &t.shadow)
+    });
+}
+
+const MEMCACHED_PORT: u16 = 11211;
+
+/// Every `stats` figure the memcached tests compare: commands, and their outcomes.
+const MEMCACHED_ALL: [&str; 5] = ["cmd_get", "cmd_set", "get_hits", "get_misses", "incr_hits"];
+/// Commands alone: a lost SET turns a later GET's hit into a miss, so with loss only the
+/// commands are one per datagram.
+const MEMCACHED_COMMANDS: [&str; 2] = ["cmd_get", "cmd_set"];
+
+/// What a memcached executed, from its own `stats`: the figures named in `kinds`.
+fn memcached_executed(memcached: &Memcached, host: &Host, kinds: &[&str]) -> ExecutedStatements {
+    let stats = memcached.stats(host);
+    ExecutedStatements(
+        kinds
+            .iter()
+            .map(|k| ((*k).to_owned(), stats.get(*k).copied().unwrap_or(0)))
+            .collect(),
+    )
+}
+
+/// 4 long-lived connections from the client to live's memcached, each 100 rounds paced 2 ms
+/// apart of a SET and a GET of its key (each waiting for its reply), every tenth round also a
+/// `noreply` SET (no response at all) and an INCR. Checks live executed them; returns what it
+/// executed.
+fn memcached_clients(t: &Topology, live: &Memcached, kinds: &[&str]) -> ExecutedStatements {
+    const ROUNDS: usize = 100;
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let conn = {
+                let _inside = t.client.enter().expect("enter the client");
+                TcpStream::connect(live.addr).expect("connect to live memcached")
+            };
+            thread::spawn(move || {
+                let mut writer = conn.try_clone().expect("clone");
+                let mut reader = BufReader::new(conn);
+                let mut send = |bytes: String| writer.write_all(bytes.as_bytes()).expect("send");
+                send(format!("set n{c} 0 0 1\r\n0\r\n"));
+                assert_eq!(read_line(&mut reader), "STORED\r\n");
+                for i in 0..ROUNDS {
+                    send(format!("set k{c}_{i} 0 0 5\r\nhello\r\n"));
+                    assert_eq!(read_line(&mut reader), "STORED\r\n");
+                    send(format!("get k{c}_{i}\r\n"));
+                    assert!(read_line(&mut reader).starts_with("VALUE"));
+                    assert_eq!(read_line(&mut reader), "hello\r\n");
+                    assert_eq!(read_line(&mut reader), "END\r\n");
+                    if i % 10 == 0 {
+                        send(format!("set q{c}_{i} 0 0 2 noreply\r\nhi\r\n"));
+                        send(format!("incr n{c} 1\r\n"));
+                        read_line(&mut reader);
+                    }
+                    thread::sleep(Duration::from_millis(2));
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("a memcached client failed");
+    }
+    let executed = memcached_executed(live, &t.live, &MEMCACHED_ALL);
+    assert_eq!(
+        (
+            executed.get("cmd_set"),
+            executed.get("get_hits"),
+            executed.get("incr_hits")
+        ),
+        (4 * 111, 4 * 100, 4 * 10),
+        "live executed {executed}"
+    );
+    memcached_executed(live, &t.live, kinds)
+}
+
+fn memcached_pair(t: &Topology) -> (Memcached, Memcached) {
+    (
+        Memcached::start(&t.live, t.live_addr(), MEMCACHED_PORT),
+        Memcached::start(&t.shadow, Ipv4Addr::LOCALHOST.into(), MEMCACHED_PORT),
+    )
+}
+
+#[test]
+fn memcached_through_the_opaque_fallback_is_executed_exactly_noreply_included() {
+    if !privileged_or_skip(
+        "memcached_through_the_opaque_fallback_is_executed_exactly_noreply_included",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    let (live, shadow) = memcached_pair(&t);
+    // No protocol configured: memcached's text protocol is nothing doppel frames, so the flows
+    // are detected as opaque and replayed segment by segment at their original offsets.
+    let service = format!("port = {MEMCACHED_PORT}");
+    let lines = mirror(&t, &service, MEMCACHED_PORT, None, || {
+        memcached_clients(&t, &live, &MEMCACHED_ALL)
+    })
+    .assert_executed_exactly(|| memcached_executed(&shadow, &t.shadow, &MEMCACHED_ALL));
+    assert_eq!(
+        counter(&lines, "response_timeouts"),
+        0,
+        "{}",
+        replay_summary(&lines)
+    );
+    assert_eq!(
+        counter(&lines, "flows_started"),
+        4,
+        "{}",
+        replay_summary(&lines)
+    );
+}
+
+#[test]
+fn memcached_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows() {
+    if !privileged_or_skip(
+        "memcached_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    let (live, shadow) = memcached_pair(&t);
+    let service = format!("port = {MEMCACHED_PORT}");
+    // One in 50: about 18 of the ~900 data-carrying datagrams.
+    let mirrored = mirror(&t, &service, MEMCACHED_PORT, Some(50), || {
+        memcached_clients(&t, &live, &MEMCACHED_COMMANDS)
+    });
+    mirrored.assert_holes_skipped(Duration::from_secs(5), || {
+        memcached_executed(&shadow, &t.shadow, &MEMCACHED_COMMANDS)
     });
 }
 

@@ -25,7 +25,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// redis-tools, and PostgreSQL: `postgresql` brings the distribution's server version with
 /// `initdb`, `pgbench`, `psql` and the `pg_stat_statements` module, and the `postgres` system
 /// user the test servers run as), and the HTTP/2 clients: `h2load` (nghttp2-client) and
-/// Debian's gRPC for Python (python3-grpcio), whose server and client run the gRPC tests.
+/// Debian's gRPC for Python (python3-grpcio), whose server and client run the gRPC tests; and
+/// memcached, a protocol replayed by the opaque fallback.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
@@ -36,6 +37,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "postgresql",
     "nghttp2-client",
     "python3-grpcio",
+    "memcached",
 ];
 
 #[derive(Debug, clap::Args)]

@@ -243,6 +243,8 @@ struct Replay<'a> {
     timer: PreciseTimer,
     stop: tokio::sync::watch::Receiver<bool>,
     stop_gone: bool,
+    /// A hole came since the last message written.
+    after_hole: bool,
     buf: Vec<u8>,
     done: Vec<Completed>,
     started: Vec<u32>,
@@ -295,6 +297,7 @@ impl<'a> Replay<'a> {
             timer: PreciseTimer::new().map_err(ReplayError::Timer)?,
             stop: settings.stop.clone(),
             stop_gone: false,
+            after_hole: false,
             buf: vec![0u8; 64 * 1024],
             done: Vec::new(),
             started: Vec::new(),
@@ -314,6 +317,11 @@ impl<'a> Replay<'a> {
     /// Whether everything the flow asked for has been written (and the framed responses read).
     fn all_written(&self) -> bool {
         self.ended && self.queue.is_empty() && self.splitter.buffered() == 0 && self.out.is_empty()
+    }
+
+    /// Whether the opaque run written last has had no response byte yet.
+    fn opaque_unanswered(&self) -> bool {
+        !self.knows_completeness() && self.opaque.as_ref().is_some_and(|r| r.first.is_none())
     }
 
     /// Whether the flow's last opaque run still waits for its first response byte.
@@ -337,12 +345,19 @@ impl<'a> Replay<'a> {
             // watch, a long poll) while the connection carries on: its responses are only
             // timed out once the client's side has ended.
             let waiting = !self.awaited.is_empty() && (self.ended || !self.multiplexed());
-            let timeout_at = (waiting || self.out_pending() || self.last_run_unanswered())
-                .then(|| self.progress + self.settings.response_timeout);
+            let opaque_held = !self.queue.is_empty() && self.opaque_unanswered();
+            let timeout_at =
+                (waiting || self.out_pending() || self.last_run_unanswered() || opaque_held)
+                    .then(|| self.progress + self.settings.response_timeout);
             tokio::select! {
                 event = self.events.recv(), if !self.ended => match event {
                     Some(FlowEvent::Data(data, meta)) => self.splitter.push(&data.data, meta),
-                    Some(FlowEvent::Hole) => self.splitter.hole(),
+                    Some(FlowEvent::Hole) => {
+                        self.splitter.hole();
+                        // Lost bytes may have held the request whose response moved the ACK:
+                        // the next message does not wait for an answer to what came before.
+                        self.after_hole = true;
+                    }
                     Some(FlowEvent::End) | None => self.ended = true,
                     Some(FlowEvent::Abandon) => return Err(ReplayError::Abandoned),
                 },
@@ -374,7 +389,7 @@ impl<'a> Replay<'a> {
                     }
                 }
                 () = sleep_until(timeout_at) => {
-                    if self.awaited.is_empty() && !self.out_pending() {
+                    if self.all_written() && self.awaited.is_empty() {
                         // An opaque flow's last bytes had no answer: some protocols send none.
                         break;
                     }
@@ -384,6 +399,8 @@ impl<'a> Replay<'a> {
                         // flow is still replayed rather than dropped.
                         self.stats.inc(ShadowCounter::ResponseTimeouts);
                         self.awaited.clear();
+                        // An opaque run left unanswered is no longer waited for either.
+                        self.opaque = None;
                         self.progress = Instant::now();
                         continue;
                     }
@@ -394,7 +411,29 @@ impl<'a> Replay<'a> {
         self.close_opaque_run();
         // The client's close: a FIN to the workload, as the live client's.
         let _ = self.conn.shutdown().await;
+        if !self.knows_completeness() {
+            self.drain_after_close().await;
+        }
         Ok(())
+    }
+
+    /// After the client's FIN on a flow whose responses are not framed: reads (and discards)
+    /// until the workload closes its side or goes quiet for the response timeout. Closing the
+    /// socket at once would make the workload's next write fail with a reset, and a server
+    /// such as memcached then drops the requests it had not yet executed; the live client
+    /// waited for its last responses, so the shadow lets the workload finish too.
+    async fn drain_after_close(&mut self) {
+        loop {
+            let read = tokio::time::timeout(
+                self.settings.response_timeout,
+                tokio::io::AsyncReadExt::read(&mut self.conn, &mut self.buf),
+            )
+            .await;
+            match read {
+                Ok(Ok(n)) if n > 0 => self.stats.add(ShadowCounter::BytesDiscarded, n as u64),
+                _ => return,
+            }
+        }
     }
 
     /// The agent stopped with this flow's backlog unwritten: counts its messages and bytes.
@@ -439,10 +478,20 @@ impl<'a> Replay<'a> {
     async fn send_due(&mut self) -> Result<(), ReplayError> {
         while let Some(message) = self.queue.front() {
             let now = Instant::now();
-            let held = message.frame.gated
-                && self.knows_completeness()
-                && self.last_ack.is_some_and(|ack| ack != message.ack)
-                && (!self.awaited.is_empty() || !self.out.is_empty());
+            let followed_a_response = self.last_ack.is_some_and(|ack| ack != message.ack);
+            let held = if self.knows_completeness() {
+                message.frame.gated
+                    && followed_a_response
+                    && (!self.awaited.is_empty() || !self.out.is_empty())
+            } else {
+                // Opaque: the live client had response bytes before sending this, so the
+                // shadow waits for the first response byte of the run before it too. A lagging
+                // replay then keeps live's order instead of writing a burst, and every run is
+                // timed.
+                followed_a_response
+                    && !self.after_hole
+                    && (self.opaque_unanswered() || !self.out.is_empty())
+            };
             if held {
                 // Waits for the responses outstanding; their reads wake the loop.
                 self.timer.disarm();
@@ -468,6 +517,7 @@ impl<'a> Replay<'a> {
                 break;
             };
             self.origin.get_or_insert((message.arrival_ns, now));
+            self.after_hole = false;
             match &message.frame.action {
                 Action::Replay | Action::Terminate | Action::Cancel(_) => self.write(&message),
                 Action::Denied(_) => self.stats.inc(ShadowCounter::RequestsDenied),

@@ -2,7 +2,8 @@
 //! own record of what it executed: nginx with an access log that records exactly what it served,
 //! redis-server whose `INFO commandstats` counts calls per command, and PostgreSQL ([`postgres`])
 //! whose `pg_stat_statements` counts statements; with their stock load generators
-//! (`redis-benchmark`, `pgbench`) run from a client host; and a gRPC server and client ([`grpc`])
+//! (`redis-benchmark`, `pgbench`) run from a client host; memcached, whose `stats` count what it
+//! executed; and a gRPC server and client ([`grpc`])
 //! whose server logs every call it executed.
 
 use std::{
@@ -144,6 +145,57 @@ impl Nginx {
 impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// memcached (text protocol), whose own `stats` count what it executed: a protocol doppel has
+/// no framing for, replayed by the opaque fallback.
+#[derive(Debug)]
+pub struct Memcached {
+    _process: Process,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Memcached {
+    /// Starts memcached inside `host` on `addr:port` (TCP only, 64 MiB).
+    pub fn start(host: &Host, addr: IpAddr, port: u16) -> Self {
+        let mut command = host.command("memcached");
+        command
+            .args(["-u", "nobody", "-m", "64", "-U", "0"])
+            .args(["-l", &addr.to_string(), "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let process = host.spawn(command).expect("spawn memcached");
+        let addr = SocketAddr::new(addr, port);
+        wait_listening(host, addr, "memcached");
+        Self {
+            _process: process,
+            addr,
+        }
+    }
+
+    /// The server's own counts of what it executed (`cmd_get`, `cmd_set`, `get_hits`,
+    /// `incr_hits`, …), asked with `stats` from inside `host`.
+    pub fn stats(&self, host: &Host) -> BTreeMap<String, u64> {
+        let _inside = host.enter().expect("enter host");
+        let mut conn = TcpStream::connect(self.addr).expect("connect to memcached");
+        conn.write_all(b"stats\r\n").expect("stats");
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        while !text.ends_with("END\r\n") {
+            let n = conn.read(&mut buf).expect("stats reply");
+            assert!(n > 0, "memcached closed during stats");
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        text.lines()
+            .filter_map(|l| {
+                let mut words = l.strip_prefix("STAT ")?.split(' ');
+                let name = words.next()?;
+                let value = words.next()?.parse().ok()?;
+                Some((name.to_owned(), value))
+            })
+            .collect()
     }
 }
 
