@@ -470,6 +470,7 @@ fn redis_benchmark() -> RedisBenchmark {
         clients: 4,
         requests: 5000,
         tests: vec!["set".to_owned(), "get".to_owned()],
+        pipeline: 1,
     }
 }
 
@@ -938,6 +939,33 @@ fn a_request_the_server_never_answers_costs_a_timeout_not_the_rest_of_the_flow()
         counter(&lines, "flows_completed"),
         1,
         "{}",
+        replay_summary(&lines)
+    );
+}
+
+#[test]
+fn redis_pipelined_commands_are_executed_exactly() {
+    if !privileged_or_skip("redis_pipelined_commands_are_executed_exactly") {
+        return;
+    }
+    let t = Topology::new();
+    let (live_redis, shadow_redis) = redis_pair(&t);
+    // 16 commands a segment: each batch's replies come back together, and the next batch
+    // waits for them, on live and on the shadow.
+    let bench = RedisBenchmark {
+        pipeline: 16,
+        requests: 8000,
+        ..redis_benchmark()
+    };
+    let lines = mirror(&t, &redis_service(), REDIS_PORT, None, || {
+        bench.run(&t.client, live_redis.addr);
+        redis_calls(&live_redis, &t.live)
+    })
+    .assert_executed_exactly(|| redis_calls(&shadow_redis, &t.shadow));
+    assert_eq!(
+        counter(&lines, "exchanges"),
+        2 * 8000 + 2,
+        "every reply timed: {}",
         replay_summary(&lines)
     );
 }

@@ -267,6 +267,8 @@ pub struct RedisBenchmark {
     pub requests: u32,
     /// `-t`: the tests, run one after the other (`redis-benchmark` names them in lower case).
     pub tests: Vec<String>,
+    /// `-P`: commands pipelined per connection (1: each waits for the previous reply).
+    pub pipeline: u32,
 }
 
 impl RedisBenchmark {
@@ -292,7 +294,7 @@ impl RedisBenchmark {
                     "-k",
                     "1",
                     "-P",
-                    "1",
+                    &self.pipeline.to_string(),
                     "-q",
                 ],
             )
