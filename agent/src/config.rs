@@ -1,4 +1,5 @@
-//! The agent's TOML configuration, validated at start with errors that name the field.
+//! The agent's TOML configuration, validated at start with errors that name the field. A
+//! commented example is `examples/live.toml` (checked by `tests/tests/examples.rs`).
 //!
 //! ```toml
 //! interface = "eth0"                 # the workload's interface

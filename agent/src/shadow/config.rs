@@ -1,4 +1,5 @@
 //! The shadow role's TOML configuration, validated at start with errors that name the field.
+//! A commented example is `examples/shadow.toml` (checked by `tests/tests/examples.rs`).
 //!
 //! ```toml
 //! role = "shadow"
