@@ -95,6 +95,12 @@ pub fn doppel_tc_ingress(ctx: TcContext) -> i32 {
     reason = "#[classifier] hands the context over by value"
 )]
 pub fn doppel_tc_egress(ctx: TcContext) -> i32 {
+    // The agent's own copies (and their IP fragments) leave through the workload's interface
+    // when the shadows are routed there: they are neither the workload's traffic nor skipped.
+    // SAFETY: `skb` points at the kernel's `__sk_buff` for the whole program run.
+    if unsafe { (*ctx.skb.skb).mark } == COPY_MARK {
+        return TC_ACT_PIPE;
+    }
     count_iface(&ctx, Direction::Egress);
     if let Some(config) = CONFIG.get(0)
         && let Some(packet) = parse(&ctx, config, Direction::Egress)
@@ -655,9 +661,23 @@ fn flow_hash(flow: &FlowKey, seed: u64) -> u32 {
     (h >> 32) as u32
 }
 
+/// `skb->mark` of the agent's copies: set on the packet for the clone and restored after, so
+/// only the copy carries it (through the VXLAN encapsulation and any IP fragmentation).
+const COPY_MARK: u32 = 0xd099_e1c0;
+
 /// Clones the current packet to every mirror session.
 #[inline(always)]
 fn mirror(ctx: &TcContext, config: &DatapathConfig) {
+    // SAFETY: `skb` points at the kernel's `__sk_buff`; `mark` is writable from TC programs.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    unsafe { (*ctx.skb.skb).mark = COPY_MARK };
+    clone_to_sessions(ctx, config);
+    // SAFETY: as above.
+    unsafe { (*ctx.skb.skb).mark = mark };
+}
+
+#[inline(always)]
+fn clone_to_sessions(ctx: &TcContext, config: &DatapathConfig) {
     let mut i = 0;
     while i < MAX_SESSIONS && i < config.session_count {
         if let Some(session) = SESSIONS.get(i) {

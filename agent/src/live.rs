@@ -106,6 +106,25 @@ pub struct IntervalLine {
     pub workload: Option<doppel_common::wire::ResourceUsage>,
 }
 
+/// Report name of the host's IP fragments created (`/proc/net/snmp`, `Ip: FragCreates`, this
+/// network namespace): while mirroring, the sign of copies too large for the path to a shadow.
+pub const IP_FRAGMENTS_CREATED: &str = "ip_fragments_created";
+
+/// `FragCreates` of `/proc/net/snmp` (0 when unreadable).
+fn ip_fragments_created() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut ip_lines = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (Some(names), Some(values)) = (ip_lines.next(), ip_lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "FragCreates")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The running live role: data path, VXLAN device, and what each report needs to remember.
 #[derive(Debug)]
 pub struct LiveAgent {
@@ -232,6 +251,7 @@ impl LiveAgent {
             .filter_map(|name| now.get(name))
             .sum();
         now.insert("exchange_errors", errors);
+        now.insert(IP_FRAGMENTS_CREATED, ip_fragments_created());
         let deltas = now
             .iter()
             .map(|(k, v)| {
@@ -243,6 +263,26 @@ impl LiveAgent {
             .collect();
         self.counters_before = now;
         Ok(deltas)
+    }
+
+    /// Logs, once an interval, IP fragments the host created while it mirrors: a copy of a
+    /// full-size packet is 50 bytes larger than the packet, and fragments when the path to a
+    /// shadow has no room for it.
+    fn warn_fragmented_copies(&self, counters: &BTreeMap<&'static str, u64>) {
+        let fragments = counters.get(IP_FRAGMENTS_CREATED).copied().unwrap_or(0);
+        if fragments == 0 || self.vxlan_ifindex == 0 {
+            return;
+        }
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", self.config.interface))
+            .ok()
+            .and_then(|m| m.trim().parse::<u32>().ok());
+        warn!(
+            fragments,
+            interface_mtu = ?mtu,
+            "copies are being IP-fragmented: each copy adds 50 bytes (VXLAN, UDP, IP, Ethernet) \
+             to the packet, so the path to the shadows needs an MTU 50 bytes above the \
+             workload interface's (raise the underlay's MTU, e.g. jumbo frames)"
+        );
     }
 
     fn class_deltas(&mut self) -> Result<Vec<ClassFlows>, LiveError> {
@@ -291,6 +331,7 @@ impl LiveAgent {
             .map_or(0, |d| d.as_millis() as u32);
         let counters = self.counter_deltas()?;
         self.warn_clone_failures(&counters);
+        self.warn_fragmented_copies(&counters);
         let classes = self.class_deltas()?;
         let pairs = self.histogram_pairs();
         let deltas = self.datapath.drain_latency(&mut self.drain, &pairs)?;

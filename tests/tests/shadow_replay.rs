@@ -406,3 +406,67 @@ fn non_admitted_sessions_never_reach_user_space_and_bad_input_is_counted() {
     assert_eq!(counter(&lines, "connect_failures"), 5);
     assert_eq!(counter(&lines, "exchanges"), 0);
 }
+
+/// 20 keep-alive requests whose segments fill the client link's 1500-byte MTU, mirrored to a
+/// shadow whose link has `shadow_mtu`. Returns live's `ip_fragments_created`, its log, and the
+/// requests the live and the shadow nginx served.
+fn full_size_requests(shadow_mtu: u32) -> (u64, String, usize, usize) {
+    let t = Topology::new();
+    for (host, iface) in [
+        (&t.live, &t.shadow_link.a_iface),
+        (&t.shadow, &t.shadow_link.b_iface),
+    ] {
+        host.ip(&["link", "set", "dev", iface, "mtu", &shadow_mtu.to_string()])
+            .expect("set the shadow link's MTU");
+    }
+    let live_nginx = Nginx::start(&t.live, t.live_addr(), 8080);
+    let shadow_nginx = Nginx::start(&t.shadow, "127.0.0.1".parse().expect("addr"), 8080);
+    let shadow = t.shadow_agent(&["port = 8080"], "");
+    let live = t.live_agent(&[8080]);
+    // 1448 bytes of TCP payload: a full segment on a 1500-byte link with timestamps.
+    let pad = "x".repeat(1448 - "GET /full/00 HTTP/1.1\r\nHost: live\r\nX-Pad: \r\n\r\n".len());
+    let requests: Vec<String> = (0..20)
+        .map(|i| format!("GET /full/{i:02} HTTP/1.1\r\nHost: live\r\nX-Pad: {pad}\r\n\r\n"))
+        .collect();
+    {
+        let _inside = t.client.enter().expect("enter client");
+        http_flow(live_nginx.addr, &requests);
+    }
+    let served_live = live_nginx.access_log_of(20).len();
+    wait_for(Duration::from_secs(3), || {
+        shadow_nginx.access_log().len() >= 20
+    });
+    thread::sleep(Duration::from_millis(400));
+    let log = live.log();
+    let lines = live.stop();
+    shadow.stop();
+    (
+        counter(&lines, "ip_fragments_created"),
+        log,
+        served_live,
+        shadow_nginx.access_log().len(),
+    )
+}
+
+#[test]
+fn copies_of_full_size_packets_fit_a_path_with_room_and_are_flagged_where_it_has_none() {
+    if !privileged_or_skip(
+        "copies_of_full_size_packets_fit_a_path_with_room_and_are_flagged_where_it_has_none",
+    ) {
+        return;
+    }
+    // The path to the shadow as large as the workload's: each copy is fragmented in two, and
+    // the agent says so and why (the shadow reassembles and still replays every request).
+    let (fragments, log, live, shadow) = full_size_requests(1500);
+    assert_eq!((live, shadow), (20, 20), "every request replayed");
+    assert!(fragments >= 20, "copies fragmented: {fragments}");
+    assert!(
+        log.contains("copies are being IP-fragmented") && log.contains("50 bytes"),
+        "the fragmentation and its fix are logged: {log}"
+    );
+    // 50 bytes of room, as the example config documents: no fragment, nothing logged.
+    let (fragments, log, live, shadow) = full_size_requests(1550);
+    assert_eq!((live, shadow), (20, 20), "every request replayed");
+    assert_eq!(fragments, 0, "copies fit the path");
+    assert!(!log.contains("IP-fragmented"), "{log}");
+}
