@@ -470,3 +470,57 @@ fn copies_of_full_size_packets_fit_a_path_with_room_and_are_flagged_where_it_has
     assert_eq!(fragments, 0, "copies fit the path");
     assert!(!log.contains("IP-fragmented"), "{log}");
 }
+
+#[test]
+fn copies_leaving_through_the_workloads_own_interface_are_not_counted_as_its_traffic() {
+    if !privileged_or_skip(
+        "copies_leaving_through_the_workloads_own_interface_are_not_counted_as_its_traffic",
+    ) {
+        return;
+    }
+    // One link for everything, as on a host with one NIC: the client (on the shadow host)
+    // reaches live over it, and live's copies of full-size packets go back over it to the
+    // shadow, IP-fragmented.
+    let t = Topology::new();
+    let live_addr = SocketAddr::new(t.shadow_link.a_v4.into(), 8080);
+    let live_nginx = Nginx::start(&t.live, live_addr.ip(), 8080);
+    let live = doppel_tests::agent::AgentProcess::start(
+        &t.live,
+        "live",
+        &format!(
+            "interface = \"{iface}\"\nreport_interval_ms = 300\ndefault_sample_percent = 100.0\n\
+             [[services]]\naddr = \"{addr}\"\nport = 8080\n\
+             [[mirror_sessions]]\nshadow = \"{shadow}\"\nvni = 9\n",
+            iface = t.shadow_link.a_iface,
+            addr = live_addr.ip(),
+            shadow = t.shadow_link.b_v4,
+        ),
+    );
+    let pad = "x".repeat(1448 - "GET /one/00 HTTP/1.1\r\nHost: live\r\nX-Pad: \r\n\r\n".len());
+    let requests: Vec<String> = (0..20)
+        .map(|i| format!("GET /one/{i:02} HTTP/1.1\r\nHost: live\r\nX-Pad: {pad}\r\n\r\n"))
+        .collect();
+    {
+        let _inside = t.shadow.enter().expect("enter the client's host");
+        http_flow(live_addr, &requests);
+    }
+    assert_eq!(live_nginx.access_log_of(20).len(), 20);
+    thread::sleep(Duration::from_millis(400));
+    let lines = live.stop();
+    assert!(
+        counter(&lines, "ip_fragments_created") >= 20,
+        "the copies were fragmented on the workload's interface"
+    );
+    assert!(counter(&lines, "clones_sent") >= 20);
+    // Each copy is two fragments, which counted 42 as skipped before copies were marked; what
+    // remains is the link's own (ARP and the like), fewer than one per copy.
+    let foreign = counter(&lines, "parse_skipped") + counter(&lines, "other_traffic");
+    assert!(
+        foreign < 20,
+        "the agent's own copies and their fragments are not the workload's traffic: \
+         parse_skipped {} other_traffic {}",
+        counter(&lines, "parse_skipped"),
+        counter(&lines, "other_traffic")
+    );
+    assert_eq!(counter(&lines, "exchanges"), 20);
+}
