@@ -23,8 +23,8 @@ const STATE_DIR_ENV: &str = "DOPPEL_STATE_DIR";
 const API_ENV: &str = "DOPPEL_API";
 /// Environment variable with the API token.
 const TOKEN_ENV: &str = "DOPPEL_API_TOKEN";
-/// Exit code for a bad configuration (EX_CONFIG-like; linkerd uses 64 for usage errors).
-const EXIT_CONFIG: u8 = 64;
+/// Exit code for a configuration that cannot be used (EX_CONFIG from sysexits.h), as the agent's.
+const EXIT_CONFIG: u8 = 78;
 
 /// doppel: compare a workload's live VM type with shadows on other types, under its real traffic.
 #[derive(Debug, Parser)]

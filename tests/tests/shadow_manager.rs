@@ -861,7 +861,11 @@ fn a_bad_catalog_or_sim_config_is_refused_naming_the_field() {
             .arg(&path)
             .output()
             .expect("run");
-        assert_eq!(out.status.code(), Some(64), "{out:?}");
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "EX_CONFIG, as the agent: {out:?}"
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(&format!("`{field}`")), "{field}: {stderr}");
     }
