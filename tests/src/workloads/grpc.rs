@@ -9,10 +9,9 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    process::Stdio,
 };
 
-use super::{ExecutedStatements, wait_listening};
+use super::{ExecutedStatements, start_listening};
 use crate::testbed::{Host, Process};
 
 const SERVER: &str = include_str!("grpc/server.py");
@@ -46,13 +45,9 @@ impl GrpcServer {
         command
             .arg(dir.join("server.py"))
             .arg(listen.to_string())
-            .arg(dir.join("calls.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let process = host.spawn(command).expect("spawn the gRPC server");
-        wait_listening(host, listen, "the gRPC server");
+            .arg(dir.join("calls.log"));
         Self {
-            _process: process,
+            _process: start_listening(host, command, listen, "the gRPC server"),
             dir,
             addr: listen,
         }

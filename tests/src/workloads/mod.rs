@@ -44,6 +44,22 @@ pub fn wait_listening(host: &Host, addr: SocketAddr, what: &str) {
     }
 }
 
+/// Starts `command` (a server, its output discarded) inside `host` and waits until `addr`
+/// accepts connections; `what` names it in failures.
+pub fn start_listening(
+    host: &Host,
+    mut command: std::process::Command,
+    addr: SocketAddr,
+    what: &str,
+) -> Process {
+    command.stdout(Stdio::null()).stderr(Stdio::null());
+    let process = host
+        .spawn(command)
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    wait_listening(host, addr, what);
+    process
+}
+
 /// nginx answering `200 ok` to every method and path, logging `METHOD URI` per request, and
 /// the bytes it sent for each request (headers and body) in a second log.
 #[derive(Debug)]
@@ -96,13 +112,9 @@ impl Nginx {
             .arg("-p")
             .arg(&dir)
             .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let process = host.spawn(command).expect("spawn nginx");
-        wait_listening(host, listen, "nginx");
+            .arg(dir.join("nginx.conf"));
         Self {
-            _process: process,
+            _process: start_listening(host, command, listen, "nginx"),
             dir,
             addr: listen,
         }
@@ -161,16 +173,15 @@ impl Memcached {
     /// Starts memcached inside `host` on `addr:port` (TCP only, 64 MiB).
     pub fn start(host: &Host, addr: IpAddr, port: u16) -> Self {
         let mut command = host.command("memcached");
-        command
-            .args(["-u", "nobody", "-m", "64", "-U", "0"])
-            .args(["-l", &addr.to_string(), "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let process = host.spawn(command).expect("spawn memcached");
+        command.args(["-u", "nobody", "-m", "64", "-U", "0"]).args([
+            "-l",
+            &addr.to_string(),
+            "-p",
+            &port.to_string(),
+        ]);
         let addr = SocketAddr::new(addr, port);
-        wait_listening(host, addr, "memcached");
         Self {
-            _process: process,
+            _process: start_listening(host, command, addr, "memcached"),
             addr,
         }
     }
@@ -214,14 +225,10 @@ impl Redis {
         command
             .args(["--port", &port.to_string(), "--bind", &addr.to_string()])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .args(["--dir", std::env::temp_dir().to_str().expect("utf-8")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let process = host.spawn(command).expect("spawn redis-server");
+            .args(["--dir", std::env::temp_dir().to_str().expect("utf-8")]);
         let addr = SocketAddr::new(addr, port);
-        wait_listening(host, addr, "redis-server");
         Self {
-            _process: process,
+            _process: start_listening(host, command, addr, "redis-server"),
             addr,
         }
     }
