@@ -3,9 +3,11 @@
 //! Agents connect over QUIC with mutual TLS ([`net`]) using certificates from the coordinator's
 //! own CA ([`ca`]); their reports are stored exactly once in SQLite ([`store`]) and acknowledged
 //! only when durable; workloads and their policy ([`policy`]) are pushed to connected agents.
-//! [`compare`] is the sans-IO comparison of live and shadow VM types at matched load and the
-//! recommendation rules; [`evaluate`] feeds it from the store; [`webhook`] stores
-//! recommendations and delivers them signed from a persistent outbox. [`forecast`] runs the
+//! Every rule that turns measurements into a move lives in the sans-IO engine
+//! (`doppel-engine`): the comparison of live and shadow VM types at matched load ([`compare`],
+//! re-exported from it), capacities, the forecast decision and the act policy. [`evaluate`]
+//! feeds the comparison from the store; [`recommend`] writes down what the rules chose;
+//! [`webhook`] stores recommendations and delivers them signed from a persistent outbox. [`forecast`] runs the
 //! predictor engine (`doppel-engine`) on the stored reports: load forecasts, degradation
 //! warnings and forecast-breach recommendations; [`act`] carries recommendations out in act
 //! mode. The [`api`] serves the CLI ([`cli`], [`client`], [`table`]) and `/metrics` over HTTP.
@@ -20,11 +22,16 @@ pub mod api;
 pub mod ca;
 pub mod cli;
 pub mod client;
-pub mod compare;
+/// The comparison of live and shadow at matched load: [`doppel_engine::compare`], re-exported
+/// where the coordinator's callers have always found it.
+pub mod compare {
+    pub use doppel_engine::compare::*;
+}
 pub mod evaluate;
 pub mod forecast;
 pub mod net;
 pub mod policy;
+pub mod recommend;
 pub mod serve;
 pub mod sim;
 pub mod store;

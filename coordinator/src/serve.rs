@@ -312,6 +312,7 @@ impl Coordinator {
                     .unwrap_or(i64::MAX),
                 window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
                     .unwrap_or(i64::MAX),
+                gates: config.forecast.clone(),
             },
             open()?,
         ));

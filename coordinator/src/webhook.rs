@@ -22,20 +22,22 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use doppel_engine::moves::{ActPolicy, LastMove, MoveOutcome, may_move};
 use hmac::{Hmac, Mac as _};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
-    compare::{
-        CompareConfig,
-        recommend::{Recommendation, recommend},
-    },
+    compare::CompareConfig,
     evaluate::compare_workload,
     forecast::Forecasts,
-    store::{DeliveryAttempt, DeliveryOutcome, OutboxItem, RecommendationRow, Store, StoreError},
+    recommend::{Recommendation, Trigger, recommend},
+    store::{
+        ActionState, DeliveryAttempt, DeliveryOutcome, OutboxItem, RecommendationRow, Store,
+        StoreError,
+    },
 };
 
 /// Header carrying the body's signature.
@@ -134,6 +136,69 @@ pub struct Recommender {
     pub forecasts: Mutex<Forecasts>,
 }
 
+/// The workload's last move as the act policy sees it: its newest action, or its newest
+/// recommendation when that came after the action's (advice not acted on, or not yet).
+fn last_move(store: &Store, workload: &str) -> Result<Option<LastMove>, StoreError> {
+    let secs = |ms: i64| u64::try_from(ms / 1000).unwrap_or_default();
+    let action = store.last_action(workload)?;
+    let advice = store.recommendations(Some(workload), 1)?.pop();
+    Ok(match (action, advice) {
+        (action, Some(rec)) if action.as_ref().is_none_or(|a| a.recommendation_id < rec.id) => {
+            let urgent = [Trigger::SloBreach, Trigger::ForecastBreach]
+                .iter()
+                .any(|t| t.as_str() == rec.reason);
+            Some(LastMove {
+                from: rec.current_vm_type,
+                to: rec.recommended_vm_type,
+                at: secs(rec.created_ms),
+                outcome: MoveOutcome::Advised { urgent },
+            })
+        }
+        (Some(a), _) => Some(LastMove {
+            at: secs(a.verified_ms.or(a.finished_ms).unwrap_or(a.started_ms)),
+            outcome: match a.state {
+                ActionState::Running => MoveOutcome::Running,
+                ActionState::Done => MoveOutcome::AwaitingVerification,
+                ActionState::Verified => MoveOutcome::Recovered,
+                ActionState::NotRecovered => MoveOutcome::NotRecovered,
+                ActionState::Failed => MoveOutcome::Failed,
+            },
+            from: a.from_vm_type,
+            to: a.to_vm_type,
+        }),
+        (None, _) => None,
+    })
+}
+
+/// Whether the act policy ([`doppel_engine::moves`]) lets `rec` be advised now.
+fn admitted(
+    store: &Store,
+    rec: &Recommendation,
+    cooldown_secs: u64,
+    now_ms: i64,
+) -> Result<bool, StoreError> {
+    let last = last_move(store, &rec.workload)?;
+    let verdict = may_move(
+        &ActPolicy { cooldown_secs },
+        u64::try_from(now_ms / 1000).unwrap_or_default(),
+        last.as_ref(),
+        &rec.current_vm_type,
+        &rec.recommended_vm_type,
+        rec.trigger.is_urgent(),
+    );
+    if let Err(hold) = &verdict {
+        debug!(
+            workload = %rec.workload,
+            from = %rec.current_vm_type,
+            to = %rec.recommended_vm_type,
+            reason = rec.trigger.as_str(),
+            held = %hold.describe(),
+            "recommendation held by the act policy"
+        );
+    }
+    Ok(verdict.is_ok())
+}
+
 /// Wall-clock time, ms since the epoch.
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -169,7 +234,10 @@ impl Recommender {
             })?;
             store.put_comparison(&spec.name, now_ms, self.window_ms, &json)?;
             let revision = store.workload_revision(&spec.name)?.unwrap_or_default();
-            if let Some(rec) = recommend(&comparison, &spec.policy, revision) {
+            let cooldown_secs = self.cooldown_secs(&spec);
+            if let Some(rec) = recommend(&comparison, &spec.policy, revision)
+                && admitted(&store, &rec, cooldown_secs, now_ms)?
+            {
                 new += usize::from(self.store_recommendation(&mut store, &rec, now_ms, &urls)?);
             }
             // The predictor runs whatever the comparison said: it warns before the SLO breaks,
@@ -179,7 +247,9 @@ impl Recommender {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .evaluate(&mut store, &spec, revision, &self.prices, now_ms)?;
-            if let Some(rec) = forecast.recommendation {
+            if let Some(rec) = forecast.recommendation
+                && admitted(&store, &rec, cooldown_secs, now_ms)?
+            {
                 new += usize::from(self.store_recommendation(&mut store, &rec, now_ms, &urls)?);
             }
             names.push(spec.name);
@@ -193,6 +263,20 @@ impl Recommender {
             self.queued.notify_one();
         }
         Ok(new)
+    }
+
+    /// The act policy's cooldown for `spec`: the predictor's `cooldown_steps` report intervals.
+    fn cooldown_secs(&self, spec: &crate::policy::WorkloadSpec) -> u64 {
+        let step_secs = u64::from(spec.policy.report_interval_ms.max(1).div_ceil(1000));
+        let steps = self
+            .forecasts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .settings()
+            .cooldown_steps;
+        u64::try_from(steps)
+            .unwrap_or(u64::MAX)
+            .saturating_mul(step_secs)
     }
 
     /// Stores `rec` and queues it for every webhook, unless the same advice (idempotency key) is

@@ -13,10 +13,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod candidates;
+pub mod capacity;
+pub mod compare;
 pub mod decision;
 pub mod eval;
 pub mod forecast;
 pub mod mirror_mix;
+pub mod moves;
 pub mod perf_model;
 pub mod predictor;
 pub mod shadow_pool;

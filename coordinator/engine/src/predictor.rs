@@ -195,14 +195,48 @@ impl WorkloadPredictor {
                 None => {}
             }
         }
-        // Provision for the 90th percentile of the forecast over the warning horizon.
-        let peak = (1..=self.warning_policy.horizon_steps.max(1))
-            .map(|h| forecaster.quantile(h, 0.9))
-            .fold(0.0, f64::max);
+        let peak = self.provisioned_peak().unwrap_or_default();
         let decision = self
             .decision
             .decide(now, &self.decision_policy, peak, candidates);
         self.events.push_back(PredictorEvent::Decision(decision));
+    }
+
+    /// The load a placement is sized for, over the warning horizon (the decision adds its
+    /// margin on top).
+    ///
+    /// A fitted model (a season of history or more): the forecast's 90th percentile peak.
+    ///
+    /// A cold start: the median forecast's peak, and never less than the highest load of the
+    /// last horizon. The cold-start model has no season and a short history; its interval grows
+    /// with the horizon like a random walk's, and its 90 % bound measured 3.1 times its own
+    /// median in the demo (291 against 94 exchanges/s), which bought a type four times the
+    /// price of the cheapest that held the real peak. The two errors are not alike: a placement
+    /// sized too big stays until cheaper types win the move-down confirmations, while one sized
+    /// too small is caught by the warning (which still weighs the whole forecast distribution)
+    /// and escaped by an urgent move within the horizon. So a cold start sizes for what it
+    /// expects, with the margin, and lets the warning cover the tail.
+    pub fn provisioned_peak(&self) -> Option<f64> {
+        let forecaster = self.forecaster.as_ref()?;
+        let horizon = self.warning_policy.horizon_steps.max(1);
+        Some(match forecaster.kind() {
+            ModelKind::ColdStart { .. } => {
+                let median = (1..=horizon)
+                    .map(|h| forecaster.median(h))
+                    .fold(0.0, f64::max);
+                let seen = self
+                    .history
+                    .iter()
+                    .rev()
+                    .take(horizon)
+                    .copied()
+                    .fold(0.0, f64::max);
+                median.max(seen)
+            }
+            _ => (1..=horizon)
+                .map(|h| forecaster.quantile(h, 0.9))
+                .fold(0.0, f64::max),
+        })
     }
 
     /// The next event, oldest first.

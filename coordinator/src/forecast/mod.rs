@@ -15,7 +15,7 @@
 //! 3. the predictor evaluates the warning (probability that live's SLO breaks within the
 //!    horizon) and the placement decision; the latest forecast is stored for the API, warning
 //!    episodes are opened and closed, and while a warning is raised and the decision is an
-//!    urgent move, a [`Trigger::ForecastBreach`](crate::compare::recommend::Trigger)
+//!    urgent move, a [`Trigger::ForecastBreach`](crate::recommend::Trigger)
 //!    recommendation names the cheapest type within budget that holds the SLO at the forecast
 //!    peak. It goes out through the same signed webhook outbox as the comparison's.
 //!
@@ -24,25 +24,22 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+pub use doppel_engine::capacity::{CpuCeiling, Unmodelled};
 use doppel_engine::{
-    Candidate, Decision, DecisionPolicy, DegradationWarning, ForecastConfig, LoadLatencyPoint,
-    ModelKind, PerformanceModel, Placement, PointSource, PredictorEvent, VmType, WarningPolicy,
-    WorkloadPredictor,
+    Decision, DecisionPolicy, DegradationWarning, ForecastConfig, LoadLatencyPoint, ModelKind,
+    Placement, PointSource, PredictorEvent, VmType, WarningPolicy, WorkloadPredictor,
+    candidates::within_budget,
+    capacity::{CapacityGates, CpuSample, Outcome, TypeMeasurements, type_models},
 };
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::{
-    compare::{
-        Role, merge,
-        recommend::{
-            ForecastEvidence, Recommendation, TypeCapacity, fails_more_than_its_peers,
-            forecast_recommendation,
-        },
-    },
+    compare::{Role, merge},
     evaluate::load_measurements,
     policy::WorkloadSpec,
+    recommend::{ForecastEvidence, Recommendation, TypeCapacity, forecast_recommendation},
     store::{Store, StoreError},
 };
 
@@ -85,6 +82,9 @@ pub struct ForecastSettings {
     /// intervals of a fresh shadow gave it a "capacity" of 30/s, and every type scaled from it
     /// inherited the error).
     pub min_points: usize,
+    /// The act policy's cooldown ([`doppel_engine::moves`]), in report intervals: no move for
+    /// this long after a move, and advice does not change its mind for this long.
+    pub cooldown_steps: usize,
 }
 
 impl Default for ForecastSettings {
@@ -105,11 +105,20 @@ impl Default for ForecastSettings {
             min_exchanges_per_interval: 10,
             min_knee_evidence: 0.2,
             min_points: 20,
+            cooldown_steps: 30,
         }
     }
 }
 
 impl ForecastSettings {
+    /// The gates a type's measurements must pass before its capacity is used.
+    pub fn gates(&self) -> CapacityGates {
+        CapacityGates {
+            min_points: self.min_points,
+            min_knee_evidence: self.min_knee_evidence,
+        }
+    }
+
     /// The first field out of range and why.
     pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
         if self.horizon_steps == 0 {
@@ -196,15 +205,6 @@ pub struct ForecastPointView {
     pub hi80: f64,
 }
 
-/// A VM type without a performance model, and why.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Unmodelled {
-    /// VM type.
-    pub vm_type: String,
-    /// Why no model could be fitted (too few points, no load spread, …).
-    pub reason: String,
-}
-
 /// The latest forecast of a workload, stored for `doppel forecast`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ForecastSnapshot {
@@ -225,7 +225,8 @@ pub struct ForecastSnapshot {
     pub horizon_secs: u64,
     /// Highest median forecast over the horizon, exchanges/s.
     pub forecast_peak_per_s: Option<f64>,
-    /// Highest 90th-percentile forecast over the horizon: what a placement is sized for.
+    /// What a placement is sized for: the 90th-percentile forecast peak, or on a cold start the
+    /// median peak ([`doppel_engine::WorkloadPredictor::provisioned_peak`]).
     pub provisioned_peak_per_s: Option<f64>,
     /// The forecast, one point per step.
     pub points: Vec<ForecastPointView>,
@@ -258,109 +259,6 @@ pub struct ForecastOutcome {
     pub recommendation: Option<Recommendation>,
 }
 
-/// One VM type's recent measurements.
-#[derive(Debug, Default)]
-struct TypePoints {
-    role: Option<Role>,
-    /// (interval start ms, point), oldest first.
-    points: VecDeque<(i64, LoadLatencyPoint)>,
-    /// (interval start ms, CPU use of the workload in it), oldest first.
-    cpu: VecDeque<(i64, CpuSample)>,
-    /// (interval start ms, how its exchanges went), oldest first.
-    outcomes: VecDeque<(i64, Outcome)>,
-}
-
-/// One interval's exchanges on one instance: how many failed, at what load.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Outcome {
-    /// Exchanges the agent counted as failed (`exchange_errors`).
-    failed: u64,
-    /// Exchanges measured.
-    measured: u64,
-    /// Offered load, exchanges/s.
-    load: f64,
-}
-
-impl TypePoints {
-    /// Failed over measured exchanges in the window's intervals with load up to `max_load`
-    /// (the type's capacity: past it an amplified replay is expected to fail); `None` before
-    /// any was measured.
-    fn error_rate_up_to(&self, max_load: f64) -> Option<f64> {
-        let (failed, measured) = self
-            .outcomes
-            .iter()
-            .filter(|(_, o)| o.load <= max_load)
-            .fold((0, 0), |(f, m), (_, o)| (f + o.failed, m + o.measured));
-        (measured > 0).then(|| failed as f64 / measured as f64)
-    }
-}
-
-/// One interval's workload CPU use on one instance.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct CpuSample {
-    /// CPU time the workload used, µs.
-    cpu_us: u64,
-    /// Exchanges it served.
-    exchanges: u64,
-    /// CPUs it may use (its cgroup's quota, or the host's), thousandths.
-    capacity_millis: u32,
-}
-
-/// A VM type's CPU ceiling by the utilization law: an instance that spends `cpu_ms_per_exchange`
-/// of CPU on each exchange and may use `cpus` CPUs cannot serve more than
-/// `cpus / cpu_ms_per_exchange` exchanges per second, whatever its latency. Measured at any
-/// load, so it is known for types never driven near their knee; it bounds CPU-bound work only.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CpuCeiling {
-    /// VM type.
-    pub vm_type: String,
-    /// CPUs available to the workload (median over the intervals).
-    pub cpus: f64,
-    /// CPU time per exchange, ms (median over the intervals).
-    pub cpu_ms_per_exchange: f64,
-    /// `cpus / cpu_ms_per_exchange`, exchanges/s per instance.
-    pub saturation_per_s: f64,
-    /// Intervals behind it.
-    pub intervals: usize,
-}
-
-/// Fewest intervals a CPU ceiling is drawn from.
-const MIN_CPU_INTERVALS: usize = 5;
-
-fn median(values: &mut [f64]) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(values[n / 2]),
-        _ => Some(f64::midpoint(values[n / 2 - 1], values[n / 2])),
-    }
-}
-
-/// The ceiling of one type from its intervals' CPU samples, when there are enough.
-fn cpu_ceiling(vm_type: &str, samples: &VecDeque<(i64, CpuSample)>) -> Option<CpuCeiling> {
-    if samples.len() < MIN_CPU_INTERVALS {
-        return None;
-    }
-    let mut per_exchange: Vec<f64> = samples
-        .iter()
-        .map(|(_, s)| s.cpu_us as f64 / 1000.0 / s.exchanges as f64)
-        .collect();
-    let mut cpus: Vec<f64> = samples
-        .iter()
-        .map(|(_, s)| f64::from(s.capacity_millis) / 1000.0)
-        .collect();
-    let cpu_ms_per_exchange = median(&mut per_exchange)?;
-    let cpus = median(&mut cpus)?;
-    (cpu_ms_per_exchange > 0.0 && cpus > 0.0).then(|| CpuCeiling {
-        vm_type: vm_type.to_owned(),
-        cpus,
-        cpu_ms_per_exchange,
-        saturation_per_s: cpus * 1000.0 / cpu_ms_per_exchange,
-        intervals: samples.len(),
-    })
-}
-
 /// A workload's predictor and what has been read for it.
 #[derive(Debug)]
 struct WorkloadForecast {
@@ -373,7 +271,7 @@ struct WorkloadForecast {
     perf_until_ms: i64,
     /// The SLO percentile the points' latencies are read at.
     percentile: f64,
-    by_type: BTreeMap<String, TypePoints>,
+    by_type: BTreeMap<String, TypeMeasurements>,
     last_load: Option<f64>,
 }
 
@@ -403,27 +301,11 @@ fn live_placement(spec: &WorkloadSpec, prices: &HashMap<String, f64>) -> Placeme
     }
 }
 
-/// A deterministic seed per type, so the bootstrap of identical points gives identical models.
-fn seed_of(name: &str) -> u64 {
-    // FNV-1a.
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 fn model_name(kind: ModelKind) -> &'static str {
     match kind {
         ModelKind::SeasonalHolt { .. } => "seasonal_holt",
         ModelKind::Holt { .. } => "holt",
         ModelKind::ColdStart { .. } => "cold_start",
-    }
-}
-
-fn within_budget(spec: &WorkloadSpec, price: Option<f64>) -> bool {
-    match (spec.policy.budget.max_cost_per_hour, price) {
-        (None, _) => true,
-        (Some(max), Some(price)) => price <= max,
-        (Some(_), None) => false,
     }
 }
 
@@ -434,6 +316,11 @@ impl Forecasts {
             settings,
             workloads: HashMap::new(),
         }
+    }
+
+    /// The settings they run with.
+    pub fn settings(&self) -> &ForecastSettings {
+        &self.settings
     }
 
     /// Forgets workloads that no longer exist.
@@ -530,8 +417,9 @@ impl Forecasts {
 
         let placement = live_placement(spec, prices);
         let slo_ms = spec.policy.slo.max_latency_ms;
-        let (models, unmodelled, ceilings) = type_models(&state.by_type, &settings, slo_ms);
-        let vm_types: Vec<VmType> = models
+        let capacity = type_models(&state.by_type, &settings.gates(), slo_ms);
+        let vm_types: Vec<VmType> = capacity
+            .models
             .iter()
             .map(|t| VmType {
                 name: t.vm_type.clone(),
@@ -542,41 +430,9 @@ impl Forecasts {
                 benchmark_score: None,
             })
             .collect();
-        // Each type's error rate at the loads it holds the SLO at; live agents count no errors,
-        // so only shadows' rates set the bar.
-        let error_rates: HashMap<&str, f64> = models
-            .iter()
-            .filter_map(|t| {
-                let rate = state
-                    .by_type
-                    .get(&t.vm_type)?
-                    .error_rate_up_to(t.model.capacity_at(slo_ms))?;
-                Some((t.vm_type.as_str(), rate))
-            })
-            .collect();
-        let shadow_error_rates: Vec<f64> = models
-            .iter()
-            .filter(|t| t.role == Role::Shadow)
-            .filter_map(|t| error_rates.get(t.vm_type.as_str()).copied())
-            .collect();
-        let candidates: Vec<Candidate<'_>> = models
-            .iter()
-            .zip(&vm_types)
-            .filter(|(t, _)| {
-                // The current type stays a candidate whatever its price and errors: the warning
-                // needs its model. Others must fit the budget and not fail their exchanges.
-                t.vm_type == placement.vm_type
-                    || (within_budget(spec, prices.get(&t.vm_type).copied())
-                        && !fails_more_than_its_peers(
-                            error_rates.get(t.vm_type.as_str()).copied(),
-                            shadow_error_rates.iter().copied(),
-                        ))
-            })
-            .map(|(t, vm_type)| Candidate {
-                vm_type,
-                model: &t.model,
-            })
-            .collect();
+        let error_rates = capacity.error_rates(&state.by_type, slo_ms);
+        let max_cost = spec.policy.budget.max_cost_per_hour;
+        let candidates = capacity.candidates(&vm_types, &placement.vm_type, max_cost, &error_rates);
         let now_secs = u64::try_from(now_ms / 1000).unwrap_or_default();
         state.predictor.set_placement(placement.clone());
         state.predictor.handle_timeout(now_secs, &candidates);
@@ -591,11 +447,9 @@ impl Forecasts {
                 PredictorEvent::Decision(d) => decision = Some(d),
             }
         }
-        let current_model = models
-            .iter()
-            .find(|t| t.vm_type == placement.vm_type)
-            .map(|t| &t.model);
-        let types: Vec<TypeCapacity> = models
+        let current_model = capacity.model(&placement.vm_type).map(|t| &t.model);
+        let types: Vec<TypeCapacity> = capacity
+            .models
             .iter()
             .map(|t| TypeCapacity {
                 vm_type: t.vm_type.clone(),
@@ -604,10 +458,13 @@ impl Forecasts {
                 capacity_at_slo_per_s: t.model.capacity_at(slo_ms),
                 max_observed_load_per_s: t.model.max_observed_load(),
                 points: t.model.points(),
-                within_budget: within_budget(spec, prices.get(&t.vm_type).copied()),
+                within_budget: within_budget(max_cost, prices.get(&t.vm_type).copied()),
                 basis: t.basis.clone(),
-                cpu_ceiling_per_s: ceilings.get(&t.vm_type).map(|c| c.saturation_per_s),
-                error_rate: error_rates.get(t.vm_type.as_str()).copied(),
+                cpu_ceiling_per_s: capacity
+                    .ceilings
+                    .get(&t.vm_type)
+                    .map(|c| c.saturation_per_s),
+                error_rate: error_rates.get(&t.vm_type).copied(),
             })
             .collect();
         let step_secs = u64::try_from(step_ms / 1000).unwrap_or(1);
@@ -630,11 +487,7 @@ impl Forecasts {
             .unwrap_or_default();
         let forecast_peak =
             forecaster.map(|f| (1..=horizon).map(|h| f.median(h)).fold(0.0, f64::max));
-        let provisioned_peak = forecaster.map(|f| {
-            (1..=horizon)
-                .map(|h| f.quantile(h, 0.9))
-                .fold(0.0, f64::max)
-        });
+        let provisioned_peak = state.predictor.provisioned_peak();
         let current_capacity =
             current_model.map(|m| m.capacity_at(slo_ms) * f64::from(placement.count));
 
@@ -709,8 +562,8 @@ impl Forecasts {
             warning: warning_view.clone(),
             decision: decision.as_ref().map_or("none", decision_name).to_owned(),
             types,
-            unmodelled,
-            cpu_ceilings: ceilings.into_values().collect(),
+            unmodelled: capacity.unmodelled,
+            cpu_ceilings: capacity.ceilings.into_values().collect(),
         };
         store.put_forecast(&spec.name, now_ms, &to_json("forecast", &snapshot)?)?;
         if let Some(w) = &warning_view {
@@ -733,124 +586,6 @@ impl Forecasts {
             recommendation,
         })
     }
-}
-
-/// A VM type's performance model and where its capacity comes from.
-#[derive(Debug)]
-struct TypeModel {
-    vm_type: String,
-    role: Role,
-    model: PerformanceModel,
-    /// `measured knee`, or `scaled from TYPE by CPU ceiling ×R`.
-    basis: String,
-}
-
-/// Every type's model from its points: fitted where its knee was measured, scaled from the
-/// best-measured type by CPU ceilings where it was only measured flat; the types left without
-/// one, and why; every type's CPU ceiling.
-fn type_models(
-    by_type: &BTreeMap<String, TypePoints>,
-    settings: &ForecastSettings,
-    slo_ms: f64,
-) -> (
-    Vec<TypeModel>,
-    Vec<Unmodelled>,
-    BTreeMap<String, CpuCeiling>,
-) {
-    let ceilings: BTreeMap<String, CpuCeiling> = by_type
-        .iter()
-        .filter_map(|(t, tp)| cpu_ceiling(t, &tp.cpu).map(|c| (t.clone(), c)))
-        .collect();
-    let mut models: Vec<TypeModel> = Vec::new();
-    // Types measured only below their knee: (type, role, points, why the fit is not used).
-    let mut flat: Vec<(String, Role, Vec<LoadLatencyPoint>, String)> = Vec::new();
-    let mut unmodelled = Vec::new();
-    for (vm_type, tp) in by_type {
-        let points: Vec<LoadLatencyPoint> = tp.points.iter().map(|(_, p)| *p).collect();
-        let role = tp.role.unwrap_or(Role::Shadow);
-        if points.len() < settings.min_points {
-            unmodelled.push(Unmodelled {
-                vm_type: vm_type.clone(),
-                reason: format!(
-                    "{} intervals so far; a model needs {}",
-                    points.len(),
-                    settings.min_points
-                ),
-            });
-            continue;
-        }
-        match PerformanceModel::fit(&points, seed_of(vm_type)) {
-            Ok(m) if m.knee_evidence(slo_ms) < settings.min_knee_evidence => {
-                let why = format!(
-                    "capacity not identified: over the measured {:.0}/s its latency rose only {:.0} % of the way to the SLO",
-                    m.max_observed_load(),
-                    100.0 * m.knee_evidence(slo_ms)
-                );
-                flat.push((vm_type.clone(), role, points, why));
-            }
-            Ok(m) => models.push(TypeModel {
-                vm_type: vm_type.clone(),
-                role,
-                model: m,
-                basis: "measured knee".to_owned(),
-            }),
-            Err(e) => unmodelled.push(Unmodelled {
-                vm_type: vm_type.clone(),
-                reason: e.to_string(),
-            }),
-        }
-    }
-    // A type whose knee was measured and whose CPU ceiling is known lends its curve to the
-    // types that were only measured where latency is flat, scaled by their CPU ceilings:
-    // the utilization law gives each type's saturation load from its own CPU time per
-    // exchange at any load, so shadows need not be driven to their knees.
-    let reference = models
-        .iter()
-        .filter_map(|t| Some((&t.vm_type, &t.model, ceilings.get(&t.vm_type)?)))
-        .max_by(|a, b| {
-            let evidence = |m: &PerformanceModel| m.knee_evidence(slo_ms);
-            evidence(a.1)
-                .total_cmp(&evidence(b.1))
-                .then_with(|| b.0.cmp(a.0))
-        })
-        .map(|(name, m, c)| (name.clone(), m.clone(), c.saturation_per_s));
-    for (vm_type, role, points, why) in flat {
-        match (&reference, ceilings.get(&vm_type)) {
-            (Some((ref_name, ref_model, ref_ceiling)), Some(ceiling)) => {
-                let scale = ceiling.saturation_per_s / ref_ceiling;
-                let scaled = ref_model.scaled(scale, &points);
-                // The type's own measurements outrank the assumption: if it held the SLO
-                // at a load past the scaled capacity, the transfer does not fit this type.
-                let held = points
-                    .iter()
-                    .filter(|p| p.latency_ms <= slo_ms)
-                    .map(|p| p.load)
-                    .fold(0.0, f64::max);
-                if held > scaled.capacity_at(slo_ms) {
-                    unmodelled.push(Unmodelled {
-                        vm_type,
-                        reason: format!(
-                            "{why}; scaled from {ref_name} its capacity would be {:.0}/s, below the {held:.0}/s it held",
-                            scaled.capacity_at(slo_ms)
-                        ),
-                    });
-                    continue;
-                }
-                let basis = format!("scaled from {ref_name} by CPU ceiling ×{scale:.2}");
-                models.push(TypeModel {
-                    vm_type,
-                    role,
-                    model: scaled,
-                    basis,
-                });
-            }
-            _ => unmodelled.push(Unmodelled {
-                vm_type,
-                reason: why,
-            }),
-        }
-    }
-    (models, unmodelled, ceilings)
 }
 
 fn to_json<T: Serialize>(what: &'static str, value: &T) -> Result<serde_json::Value, StoreError> {
@@ -935,72 +670,14 @@ fn collect_points(
     let window_start = now_ms - settings.perf_window_ms;
     let since = state.perf_until_ms.max(window_start);
     if settled_ms > since {
-        let measurements = load_measurements(store, spec, since, settled_ms)?;
-        // One point per agent and interval: its classes merged.
-        let mut intervals: BTreeMap<(i64, String), AgentInterval> = BTreeMap::new();
-        for m in measurements {
-            match intervals.entry((m.interval_start_ms, m.agent.clone())) {
-                std::collections::btree_map::Entry::Occupied(mut e) => {
-                    merge(&mut e.get_mut().3, &m.histogram);
-                    // The error count is the report's, repeated on each of its classes.
-                }
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    // The first class's histogram becomes the interval's; others merge into it.
-                    let mut h = m.histogram;
-                    h.auto(true);
-                    e.insert((m.vm_type, m.role, m.interval_ms, h, m.report_errors));
-                }
-            }
-        }
-        let agents: Vec<&str> = spec
-            .live
-            .iter()
-            .map(|l| l.agent.as_str())
-            .chain(spec.shadows.iter().map(|s| s.agent.as_str()))
-            .collect();
-        let usage: HashMap<(i64, String), doppel_common::wire::ResourceUsage> = store
-            .workload_usage(&agents, since, settled_ms)?
-            .into_iter()
-            .map(|(agent, start, usage)| ((start, agent), usage))
-            .collect();
-        let quantile = spec.policy.slo.percentile / 100.0;
-        for ((start, agent), (vm_type, role, interval_ms, h, errors)) in intervals {
-            if h.len() < settings.min_exchanges_per_interval || interval_ms <= 0 {
-                continue;
-            }
-            let cpu = usage
-                .get(&(start, agent))
-                .filter(|u| u.cpu_capacity_millis > 0 && u.cpu_time_us > 0)
-                .map(|u| CpuSample {
-                    cpu_us: u.cpu_time_us,
-                    exchanges: h.len(),
-                    capacity_millis: u.cpu_capacity_millis,
-                });
-            let point = LoadLatencyPoint {
-                load: h.len() as f64 / (interval_ms as f64 / 1000.0),
-                latency_ms: h.value_at_quantile(quantile) as f64 / 1e6,
-                source: match role {
-                    Role::Live => PointSource::Live,
-                    Role::Shadow => PointSource::Shadow,
-                },
-            };
-            let tp = state.by_type.entry(vm_type).or_default();
-            // A type both live and shadowed is reported as live.
-            tp.role = Some(match (tp.role, role) {
-                (Some(Role::Live), _) | (_, Role::Live) => Role::Live,
-                _ => Role::Shadow,
-            });
-            let outcome = Outcome {
-                failed: errors,
-                measured: h.len(),
-                load: point.load,
-            };
-            tp.outcomes.push_back((start, outcome));
-            tp.points.push_back((start, point));
-            if let Some(cpu) = cpu {
-                tp.cpu.push_back((start, cpu));
-            }
-        }
+        read_type_measurements(
+            store,
+            spec,
+            since,
+            settled_ms,
+            settings.min_exchanges_per_interval,
+            &mut state.by_type,
+        )?;
         state.perf_until_ms = settled_ms;
     }
     let max = settings.max_points_per_type;
@@ -1010,6 +687,88 @@ fn collect_points(
         keep_window(&mut tp.outcomes, window_start, max);
     }
     state.by_type.retain(|_, tp| !tp.points.is_empty());
+    Ok(())
+}
+
+/// Adds the workload's live and shadow intervals starting in `[since_ms, until_ms)` to
+/// `by_type`: one load/latency point per agent and interval (its classes merged, latency at the
+/// SLO percentile), how its exchanges went, and its CPU use when reported. Intervals with fewer
+/// than `min_exchanges` exchanges are too thin for a percentile and are skipped. The forecast
+/// and the shadow pool's steering both read capacities from what this returns.
+pub fn read_type_measurements(
+    store: &Store,
+    spec: &WorkloadSpec,
+    since_ms: i64,
+    until_ms: i64,
+    min_exchanges: u64,
+    by_type: &mut BTreeMap<String, TypeMeasurements>,
+) -> Result<(), StoreError> {
+    let measurements = load_measurements(store, spec, since_ms, until_ms)?;
+    // One point per agent and interval: its classes merged.
+    let mut intervals: BTreeMap<(i64, String), AgentInterval> = BTreeMap::new();
+    for m in measurements {
+        match intervals.entry((m.interval_start_ms, m.agent.clone())) {
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                merge(&mut e.get_mut().3, &m.histogram);
+                // The error count is the report's, repeated on each of its classes.
+            }
+            std::collections::btree_map::Entry::Vacant(e) => {
+                // The first class's histogram becomes the interval's; others merge into it.
+                let mut h = m.histogram;
+                h.auto(true);
+                e.insert((m.vm_type, m.role, m.interval_ms, h, m.report_errors));
+            }
+        }
+    }
+    let agents: Vec<&str> = spec
+        .live
+        .iter()
+        .map(|l| l.agent.as_str())
+        .chain(spec.shadows.iter().map(|s| s.agent.as_str()))
+        .collect();
+    let usage: HashMap<(i64, String), doppel_common::wire::ResourceUsage> = store
+        .workload_usage(&agents, since_ms, until_ms)?
+        .into_iter()
+        .map(|(agent, start, usage)| ((start, agent), usage))
+        .collect();
+    let quantile = spec.policy.slo.percentile / 100.0;
+    for ((start, agent), (vm_type, role, interval_ms, h, errors)) in intervals {
+        if h.len() < min_exchanges || interval_ms <= 0 {
+            continue;
+        }
+        let cpu = usage
+            .get(&(start, agent))
+            .filter(|u| u.cpu_capacity_millis > 0 && u.cpu_time_us > 0)
+            .map(|u| CpuSample {
+                cpu_us: u.cpu_time_us,
+                exchanges: h.len(),
+                capacity_millis: u.cpu_capacity_millis,
+            });
+        let point = LoadLatencyPoint {
+            load: h.len() as f64 / (interval_ms as f64 / 1000.0),
+            latency_ms: h.value_at_quantile(quantile) as f64 / 1e6,
+            source: match role {
+                Role::Live => PointSource::Live,
+                Role::Shadow => PointSource::Shadow,
+            },
+        };
+        let tp = by_type.entry(vm_type).or_default();
+        // A type both live and shadowed is reported as live.
+        tp.role = Some(match (tp.role, role) {
+            (Some(Role::Live), _) | (_, Role::Live) => Role::Live,
+            _ => Role::Shadow,
+        });
+        let outcome = Outcome {
+            failed: errors,
+            measured: h.len(),
+            load: point.load,
+        };
+        tp.outcomes.push_back((start, outcome));
+        tp.points.push_back((start, point));
+        if let Some(cpu) = cpu {
+            tp.cpu.push_back((start, cpu));
+        }
+    }
     Ok(())
 }
 

@@ -446,10 +446,10 @@ fn types_never_driven_to_their_knee_are_sized_by_their_cpu_ceilings() {
     );
 }
 
-/// `TypePoints` of `n` one-second intervals at loads spread over `loads`, latency from
+/// `TypeMeasurements` of `n` one-second intervals at loads spread over `loads`, latency from
 /// `p99_ms(t, …)`, and [`CPU_MS_PER_EXCHANGE`] of CPU per exchange on `cpus` CPUs.
-fn type_points(t: &SimType, loads: (f64, f64), n: usize, cpus: f64) -> TypePoints {
-    let mut tp = TypePoints::default();
+fn type_points(t: &SimType, loads: (f64, f64), n: usize, cpus: f64) -> TypeMeasurements {
+    let mut tp = TypeMeasurements::default();
     for i in 0..n {
         let load = loads.0 + (loads.1 - loads.0) * i as f64 / (n - 1).max(1) as f64;
         let start = i as i64 * 1000;
@@ -499,7 +499,11 @@ fn type_models_lend_only_well_measured_knees_and_never_against_a_types_own_measu
         SMALL.vm_type.to_owned(),
         type_points(&COMPUTE, (100.0, 200.0), 40, 0.4),
     );
-    let (models, unmodelled, ceilings) = type_models(&by_type, &settings, SLO_MS);
+    let doppel_engine::capacity::CapacityModels {
+        models,
+        unmodelled,
+        ceilings,
+    } = type_models(&by_type, &settings.gates(), SLO_MS);
     let model = |name: &str| models.iter().find(|t| t.vm_type == name);
     assert_eq!(model(LIVE.vm_type).expect("live").basis, "measured knee");
     let compute = model(COMPUTE.vm_type).expect("c.large is scaled");

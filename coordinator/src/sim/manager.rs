@@ -21,7 +21,7 @@
 //! check and the create that follows it atomic.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -142,6 +142,8 @@ pub struct ManagerParts {
     pub retry_after_failure_ms: i64,
     /// Measurements older than this are not used for steering, ms.
     pub window_ms: i64,
+    /// The predictor's settings: steering reads capacities through the same gates.
+    pub gates: crate::forecast::ForecastSettings,
 }
 
 /// The Shadow Instance Manager.
@@ -808,17 +810,19 @@ impl ShadowManager {
         {
             return cached.clone();
         }
-        let computed = match crate::evaluate::load_measurements(
+        let mut by_type = BTreeMap::new();
+        let computed = match crate::forecast::read_type_measurements(
             store,
             spec,
             now.saturating_sub(self.parts.window_ms),
             now,
+            self.parts.gates.min_exchanges_per_interval,
+            &mut by_type,
         ) {
-            Ok(m) => super::capacity::capacities(
-                &m,
-                spec.policy.slo.percentile,
+            Ok(()) => super::capacity::capacities(
+                &by_type,
+                &self.parts.gates.gates(),
                 spec.policy.slo.max_latency_ms,
-                u64::try_from(now / CAPACITY_REFRESH_MS).unwrap_or_default(),
             ),
             Err(e) => {
                 warn!(workload = spec.name, error = %error_chain(&e), "cannot read measurements for steering");

@@ -9,11 +9,14 @@
 //! per-pair difference of the SLO percentile gives a mean and a Student-t confidence interval.
 //! Shadows are then ranked: conclusive evidence first, then by that difference, then by price.
 //!
-//! [`recommend`] turns a comparison and a workload's policy into at most one recommendation.
-
-pub mod recommend;
+//! [`advise`] turns a comparison, the SLO and the budget into at most one piece of advice: the
+//! rule the coordinator turns into a recommendation document.
 
 use std::collections::{BTreeMap, HashMap};
+
+use statrs::distribution::{ContinuousCDF as _, StudentsT};
+
+use crate::candidates::{fails_more_than_its_peers, within_budget};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -270,39 +273,10 @@ pub fn merge(into: &mut Histogram<u64>, from: &Histogram<u64>) {
     let _ = into.add(from);
 }
 
-/// Two-sided 97.5 % quantile of Student's t for `df` degrees of freedom.
-fn t_975(df: usize) -> f64 {
-    const TABLE: [f64; 30] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-        2.052, 2.048, 2.045, 2.042,
-    ];
-    match df {
-        0 => f64::INFINITY,
-        1..=30 => TABLE[df - 1],
-        31..=60 => 2.000,
-        61..=120 => 1.980,
-        _ => 1.960,
-    }
-}
-
-/// Standard normal CDF (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7).
-fn normal_cdf(z: f64) -> f64 {
-    let x = z.abs() / std::f64::consts::SQRT_2;
-    let t = 1.0 / (1.0 + 0.327_591_1 * x);
-    let poly = t
-        * (0.254_829_592
-            + t * (-0.284_496_736
-                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
-    let erf = 1.0 - poly * (-x * x).exp();
-    if z >= 0.0 {
-        0.5 * (1.0 + erf)
-    } else {
-        0.5 * (1.0 - erf)
-    }
-}
-
-/// Mean and 95 % confidence interval of paired differences.
+/// Mean, 95 % confidence interval and one-sided confidence that the mean is below zero, of
+/// paired differences. The interval and the confidence come from the same Student-t
+/// distribution, with `n - 1` degrees of freedom: a verdict of "faster" (the interval's upper
+/// end below zero) always comes with a confidence of at least 97.5 %.
 pub fn paired_difference(differences: &[f64]) -> (f64, f64, f64, f64) {
     let n = differences.len();
     if n == 0 {
@@ -314,17 +288,18 @@ pub fn paired_difference(differences: &[f64]) -> (f64, f64, f64, f64) {
     }
     let var = differences.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
     let se = (var / n as f64).sqrt();
-    let half = t_975(n - 1) * se;
-    let confidence_faster = if se > 0.0 {
-        normal_cdf(-mean / se)
-    } else if mean < 0.0 {
-        1.0
-    } else if mean > 0.0 {
-        0.0
-    } else {
-        0.5
-    };
-    (mean, mean - half, mean + half, confidence_faster)
+    if se <= 0.0 || !se.is_finite() {
+        let confidence = match mean.partial_cmp(&0.0) {
+            Some(std::cmp::Ordering::Less) => 1.0,
+            Some(std::cmp::Ordering::Greater) => 0.0,
+            _ => 0.5,
+        };
+        return (mean, mean, mean, confidence);
+    }
+    let t = StudentsT::new(0.0, 1.0, (n - 1) as f64)
+        .unwrap_or_else(|_| unreachable!("n - 1 >= 1 degrees of freedom, unit scale"));
+    let half = t.inverse_cdf(0.975) * se;
+    (mean, mean - half, mean + half, t.cdf(-mean / se))
 }
 
 /// Pairs points of similar load, each point used at most once: both sides sorted by load, a
@@ -539,6 +514,107 @@ pub fn compare(
         live_vm_type,
         types: summaries,
         ranking,
+    }
+}
+
+/// Why a move is advised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// Live breaks its SLO.
+    SloBreach,
+    /// A shadow type is faster at lower or equal cost.
+    FasterAtLowerOrEqualCost,
+    /// The load forecast says live will break its SLO within the horizon.
+    ForecastBreach,
+}
+
+impl Trigger {
+    /// The stored reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SloBreach => "slo_breach",
+            Self::FasterAtLowerOrEqualCost => "faster_at_lower_or_equal_cost",
+            Self::ForecastBreach => "forecast_breach",
+        }
+    }
+
+    /// Whether the advice is to escape a broken (or breaking) SLO rather than to save or gain:
+    /// the act policy lets such a move follow a move that did not recover the SLO.
+    pub fn is_urgent(self) -> bool {
+        matches!(self, Self::SloBreach | Self::ForecastBreach)
+    }
+}
+
+/// The shadow type fails clearly more of its exchanges at matched load than the best shadow
+/// type. A type without matched intervals yet still sets the bar with its rate over the window
+/// (amplified replays included, so it can only set the bar too high, never too low).
+fn failing(comparison: &Comparison, r: &Ranked) -> bool {
+    let window_rate = |vm_type: &str| {
+        comparison
+            .types
+            .iter()
+            .find(|t| t.vm_type == vm_type && t.role == Role::Shadow)
+            .and_then(|t| t.all.error_rate)
+    };
+    fails_more_than_its_peers(
+        r.error_rate_at_load,
+        comparison
+            .ranking
+            .iter()
+            .filter_map(|p| p.error_rate_at_load.or_else(|| window_rate(&p.vm_type))),
+    )
+}
+
+/// The comparison's advice: at most one shadow type to move to, and why. Two rules, checked in
+/// this order:
+/// - **SLO broken**: live's SLO percentile over the window is above `slo_max_ms`. The cheapest
+///   shadow type within budget whose percentile at matched load holds the SLO (the fastest on a
+///   price tie); with none holding it, no advice.
+/// - **Faster for no more money**: a shadow type is [`Verdict::Faster`] and costs no more than
+///   live (both prices known) and is within budget; the fastest is chosen.
+///
+/// Neither names a type with too little evidence, live's own type, a type over
+/// `max_cost_per_hour`, or one failing more of its exchanges than its peers
+/// ([`crate::candidates`]).
+pub fn advise(
+    comparison: &Comparison,
+    slo_max_ms: f64,
+    max_cost_per_hour: Option<f64>,
+) -> Option<(&Ranked, Trigger)> {
+    let current = comparison.live_vm_type.as_deref()?;
+    let live = comparison.types.iter().find(|t| t.role == Role::Live)?;
+    let price = |vm_type: &str| {
+        comparison
+            .types
+            .iter()
+            .find(|t| t.vm_type == vm_type && t.role == Role::Shadow)
+            .and_then(|t| t.price_per_hour)
+    };
+    let eligible = comparison
+        .ranking
+        .iter()
+        .filter(|r| r.verdict != Verdict::InsufficientEvidence)
+        // A shadow of the type live already runs on is evidence, never a move.
+        .filter(|r| r.vm_type != current)
+        .filter(|r| within_budget(max_cost_per_hour, price(&r.vm_type)))
+        .filter(|r| !failing(comparison, r));
+    if live.all.exchanges > 0 && live.at_percentile_ms > slo_max_ms {
+        eligible
+            .filter(|r| r.shadow_at_load_ms <= slo_max_ms)
+            .min_by(|a, b| {
+                a.cost_delta_per_hour
+                    .unwrap_or(f64::INFINITY)
+                    .total_cmp(&b.cost_delta_per_hour.unwrap_or(f64::INFINITY))
+                    .then(a.shadow_at_load_ms.total_cmp(&b.shadow_at_load_ms))
+            })
+            .map(|r| (r, Trigger::SloBreach))
+    } else {
+        // The ranking is best first.
+        eligible
+            .filter(|r| r.verdict == Verdict::Faster)
+            .find(|r| r.cost_delta_per_hour.is_some_and(|d| d <= 0.0))
+            .map(|r| (r, Trigger::FasterAtLowerOrEqualCost))
     }
 }
 

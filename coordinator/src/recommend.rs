@@ -1,17 +1,9 @@
-//! Recommendations v1, from a [`Comparison`] and the workload's policy. Sans-IO like the rest
-//! of the engine.
+//! Recommendation documents: what is stored, POSTed to webhooks and acted on. The rules that
+//! choose the type live in the engine ([`doppel_engine::compare::advise`] for the comparison's
+//! two triggers, [`doppel_engine::decision`] for the forecast's); this module only writes down
+//! what they chose, with its evidence. Sans-IO.
 //!
-//! Two triggers from the comparison, checked in this order:
-//! - **SLO broken**: live's SLO percentile over the window is above the bound. The cheapest
-//!   shadow type within budget whose percentile at matched load holds the SLO is recommended
-//!   (the fastest on a price tie); with none holding it, nothing is recommended.
-//! - **Faster for no more money**: a shadow type is [`Verdict::Faster`] with confidence and
-//!   costs no more than live (both prices known) and is within budget; the fastest is chosen.
-//!
-//! Neither names a shadow type failing [`MAX_EXCESS_ERROR_RATE`] more of its exchanges than the
-//! best shadow type.
-//!
-//! A third, [`Trigger::ForecastBreach`], comes from the predictor ([`crate::forecast`]): the
+//! A third trigger, [`Trigger::ForecastBreach`], comes from the predictor ([`crate::forecast`]): the
 //! SLO is expected to break within the forecast horizon, and the cheapest type within budget
 //! whose measured capacity holds the SLO at the forecast peak is recommended before it does;
 //! [`forecast_recommendation`] builds it, with the forecast and each type's capacity as evidence.
@@ -23,31 +15,10 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{Comparison, LatencyStats, Ranked, Role, Verdict};
+pub use doppel_engine::compare::Trigger;
+use doppel_engine::compare::{Comparison, LatencyStats, Ranked, Role, advise};
+
 use crate::policy::Policy;
-
-/// Why a recommendation was made.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Trigger {
-    /// Live breaks its SLO.
-    SloBreach,
-    /// A shadow type is faster at lower or equal cost.
-    FasterAtLowerOrEqualCost,
-    /// The load forecast says live will break its SLO within the horizon.
-    ForecastBreach,
-}
-
-impl Trigger {
-    /// The stored reason.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::SloBreach => "slo_breach",
-            Self::FasterAtLowerOrEqualCost => "faster_at_lower_or_equal_cost",
-            Self::ForecastBreach => "forecast_breach",
-        }
-    }
-}
 
 /// The evidence for one VM type.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -117,7 +88,8 @@ pub struct ForecastEvidence {
     pub expected_breach_ms: i64,
     /// Highest median forecast load over the horizon, exchanges/s (all live instances).
     pub forecast_peak_per_s: f64,
-    /// The load the recommended placement is sized for: the forecast's 90th percentile peak.
+    /// The load the recommended placement is sized for: the forecast's 90th percentile peak,
+    /// or on a cold start its median peak (see `WorkloadPredictor::provisioned_peak`).
     pub provisioned_peak_per_s: f64,
     /// Live's capacity at the SLO (median estimate, all live instances), exchanges/s.
     pub current_capacity_per_s: f64,
@@ -159,7 +131,7 @@ pub struct TypeCapacity {
     pub cpu_ceiling_per_s: Option<f64>,
     /// Failed over measured exchanges in the window (shadows count 5xx, resets, timeouts and
     /// refused connections; live agents count none); a shadow type failing
-    /// [`MAX_EXCESS_ERROR_RATE`] more than the best shadow type is not chosen.
+    /// [`doppel_engine::candidates::MAX_EXCESS_ERROR_RATE`] more than the best shadow type is not chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_rate: Option<f64>,
 }
@@ -209,58 +181,6 @@ pub fn forecast_recommendation(
     }
 }
 
-/// How many more of its replayed exchanges a shadow type may fail than the shadow type failing
-/// least (5xx, resets, timeouts, refused connections: the shadow agent's `exchange_errors`) and
-/// still be recommended. A type that fails requests answers them fast, so without this its
-/// latency would argue for it. The bar is relative because every shadow replays the same
-/// requests: those the workload fails anywhere (a 5xx it also returns live) fail on every type
-/// alike, and only the excess is the type's own. (Live agents do not count errors.)
-pub const MAX_EXCESS_ERROR_RATE: f64 = 0.01;
-
-/// Whether a type with `error_rate` fails clearly more than the best of `shadow_rates` (the
-/// error rates of every measured shadow type, its own included).
-pub fn fails_more_than_its_peers(
-    error_rate: Option<f64>,
-    shadow_rates: impl IntoIterator<Item = f64>,
-) -> bool {
-    let best = shadow_rates.into_iter().fold(f64::INFINITY, f64::min);
-    error_rate.is_some_and(|e| e > best + MAX_EXCESS_ERROR_RATE)
-}
-
-/// The shadow type fails clearly more of its exchanges at matched load than the best shadow
-/// type. A type without matched intervals yet still sets the bar with its rate over the window
-/// (amplified replays included, so it can only set the bar too high, never too low).
-fn failing(comparison: &Comparison, r: &Ranked) -> bool {
-    let window_rate = |vm_type: &str| {
-        comparison
-            .types
-            .iter()
-            .find(|t| t.vm_type == vm_type && t.role == Role::Shadow)
-            .and_then(|t| t.all.error_rate)
-    };
-    fails_more_than_its_peers(
-        r.error_rate_at_load,
-        comparison
-            .ranking
-            .iter()
-            .filter_map(|p| p.error_rate_at_load.or_else(|| window_rate(&p.vm_type))),
-    )
-}
-
-fn within_budget(policy: &Policy, r: &Ranked, comparison: &Comparison) -> bool {
-    let price = comparison
-        .types
-        .iter()
-        .find(|t| t.vm_type == r.vm_type && t.role == Role::Shadow)
-        .and_then(|t| t.price_per_hour);
-    match (policy.budget.max_cost_per_hour, price) {
-        (None, _) => true,
-        (Some(max), Some(price)) => price <= max,
-        // A budget is set and the price is unknown: it cannot be shown to fit.
-        (Some(_), None) => false,
-    }
-}
-
 /// The idempotency key of a piece of advice.
 pub fn idempotency_key(
     workload: &str,
@@ -286,34 +206,8 @@ pub fn recommend(
 ) -> Option<Recommendation> {
     let current = comparison.live_vm_type.clone()?;
     let live = comparison.types.iter().find(|t| t.role == Role::Live)?;
-    let live_at_slo = live.at_percentile_ms;
     let slo_max = policy.slo.max_latency_ms;
-    let eligible = comparison
-        .ranking
-        .iter()
-        .filter(|r| r.verdict != Verdict::InsufficientEvidence)
-        // A shadow of the type live already runs on is evidence, never a move.
-        .filter(|r| r.vm_type != current)
-        .filter(|r| within_budget(policy, r, comparison))
-        .filter(|r| !failing(comparison, r));
-
-    let chosen = if live.all.exchanges > 0 && live_at_slo > slo_max {
-        eligible
-            .filter(|r| r.shadow_at_load_ms <= slo_max)
-            .min_by(|a, b| {
-                a.cost_delta_per_hour
-                    .unwrap_or(f64::INFINITY)
-                    .total_cmp(&b.cost_delta_per_hour.unwrap_or(f64::INFINITY))
-                    .then(a.shadow_at_load_ms.total_cmp(&b.shadow_at_load_ms))
-            })
-            .map(|r| (r, Trigger::SloBreach))
-    } else {
-        // The ranking is best first.
-        eligible
-            .filter(|r| r.verdict == Verdict::Faster)
-            .find(|r| r.cost_delta_per_hour.is_some_and(|d| d <= 0.0))
-            .map(|r| (r, Trigger::FasterAtLowerOrEqualCost))
-    }?;
+    let chosen = advise(comparison, slo_max, policy.budget.max_cost_per_hour)?;
     let (best, trigger) = chosen;
     let evidence = comparison
         .types
@@ -356,4 +250,20 @@ pub fn recommend(
         policy_revision: revision,
         forecast: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_advice_has_the_same_key_until_the_policy_changes() {
+        let key =
+            |to: &str, trigger, revision| idempotency_key("web", "m5.large", to, trigger, revision);
+        let k = key("c6g.large", Trigger::SloBreach, 3);
+        assert_eq!(k, key("c6g.large", Trigger::SloBreach, 3));
+        assert_ne!(k, key("c6g.large", Trigger::SloBreach, 4));
+        assert_ne!(k, key("c6g.large", Trigger::ForecastBreach, 3));
+        assert_ne!(k, key("m5.xlarge", Trigger::SloBreach, 3));
+    }
 }

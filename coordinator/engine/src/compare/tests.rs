@@ -2,8 +2,16 @@
 
 use std::collections::HashMap;
 
-use super::{recommend::*, *};
-use crate::policy::Policy;
+use super::*;
+use crate::candidates::{MAX_EXCESS_ERROR_RATE, fails_more_than_its_peers};
+
+/// The SLO of `Policy::default()`, ms.
+const SLO_MS: f64 = 200.0;
+
+/// The advice's type and trigger.
+fn advice(c: &Comparison, slo_ms: f64, budget: Option<f64>) -> Option<(&str, Trigger)> {
+    advise(c, slo_ms, budget).map(|(r, t)| (r.vm_type.as_str(), t))
+}
 
 const NOW: i64 = 1_700_000_900_000;
 
@@ -73,6 +81,24 @@ fn the_confidence_interval_follows_student_t() {
 }
 
 #[test]
+fn the_confidence_uses_the_intervals_degrees_of_freedom() {
+    // Three pairs whose interval's upper end sits just below zero: with the interval's t(2)
+    // the confidence is just above 97.5 %; a normal approximation would have said 99.9 %.
+    let (_, _, high, faster) = paired_difference(&[-2.0, -3.0, -4.0]);
+    assert!(high < 0.0, "{high}");
+    assert!((0.975..0.99).contains(&faster), "{faster}");
+    // Whatever the pairs, "faster" by the interval means at least 97.5 % by the confidence.
+    for d in [[-0.1, -5.0, -2.0, -0.3], [-1.0, -1.1, -0.9, -1.05]] {
+        let (_, _, high, faster) = paired_difference(&d);
+        assert_eq!(
+            high < 0.0,
+            faster > 0.975,
+            "{d:?}: high {high}, confidence {faster}"
+        );
+    }
+}
+
+#[test]
 fn a_faster_shadow_at_matched_load_ranks_first_and_a_lightly_loaded_one_is_not_judged() {
     let mut ms = Vec::new();
     for i in 0..60 {
@@ -128,25 +154,11 @@ fn a_faster_shadow_at_matched_load_ranks_first_and_a_lightly_loaded_one_is_not_j
     assert_eq!(light.verdict, Verdict::InsufficientEvidence);
     assert_eq!(light.difference.pairs, 0);
 
-    let rec = recommend(&c, &Policy::default(), 3).expect("c6g is faster and cheaper");
-    assert_eq!(rec.trigger, Trigger::FasterAtLowerOrEqualCost);
-    assert_eq!(rec.recommended_vm_type, "c6g.large");
-    assert_eq!(rec.current_vm_type, "m5.large");
-    assert!(rec.confidence > 0.99);
-    assert_eq!(rec.evidence.len(), 3);
-    assert_eq!(
-        rec.idempotency_key,
-        recommend(&c, &Policy::default(), 3)
-            .expect("again")
-            .idempotency_key,
-        "the same advice has the same key"
-    );
-    assert_ne!(
-        rec.idempotency_key,
-        recommend(&c, &Policy::default(), 4)
-            .expect("new revision")
-            .idempotency_key
-    );
+    let (chosen, trigger) = advise(&c, SLO_MS, None).expect("c6g is faster and cheaper");
+    assert_eq!(trigger, Trigger::FasterAtLowerOrEqualCost);
+    assert_eq!(chosen.vm_type, "c6g.large");
+    assert_eq!(c.live_vm_type.as_deref(), Some("m5.large"));
+    assert!(chosen.difference.confidence_faster > 0.99);
 }
 
 #[test]
@@ -159,18 +171,18 @@ fn a_broken_slo_recommends_the_cheapest_type_that_holds_it_within_budget() {
         ms.push(m(Role::Shadow, "c6g.large", "sh-2", i, load, 90.0));
     }
     let c = compared(&ms);
-    let mut policy = Policy::default();
-    policy.slo.max_latency_ms = 100.0;
-    let rec = recommend(&c, &policy, 1).expect("SLO broken: live p99 is ~300 ms");
-    assert_eq!(rec.trigger, Trigger::SloBreach);
+    let (chosen, trigger) = advise(&c, 100.0, None).expect("SLO broken: live p99 is ~300 ms");
+    assert_eq!(trigger, Trigger::SloBreach);
     assert_eq!(
-        rec.recommended_vm_type, "m5.xlarge",
+        chosen.vm_type, "m5.xlarge",
         "c6g (p99 ~270 ms) does not hold it"
     );
-    assert!((rec.cost_delta_per_hour.expect("priced") - 0.10).abs() < 1e-9);
-
-    policy.budget.max_cost_per_hour = Some(0.15);
-    assert_eq!(recommend(&c, &policy, 1), None, "m5.xlarge is over budget");
+    assert!((chosen.cost_delta_per_hour.expect("priced") - 0.10).abs() < 1e-9);
+    assert_eq!(
+        advice(&c, 100.0, Some(0.15)),
+        None,
+        "m5.xlarge is over budget"
+    );
 }
 
 /// Live at `live_ms` (its p99 three times that), m5.xlarge at 20 ms, and c6g.large at 5 ms
@@ -205,17 +217,15 @@ fn a_shadow_type_that_fails_its_exchanges_is_never_recommended_however_fast() {
         .find(|r| r.vm_type == "c6g.large")
         .expect("ranked");
     assert!((ranked.error_rate_at_load.expect("paired") - 0.05).abs() < 0.005);
-    let mut policy = Policy::default();
-    policy.slo.max_latency_ms = 100.0;
-    let rec = recommend(&c, &policy, 1).expect("SLO broken");
     assert_eq!(
-        rec.recommended_vm_type, "m5.xlarge",
+        advice(&c, 100.0, None),
+        Some(("m5.xlarge", Trigger::SloBreach)),
         "the cheaper, faster c6g fails its requests"
     );
     // With live healthy, a faster and cheaper type that fails is no reason to move either.
     let c = with_a_failing_cheap_type(30.0);
     assert_eq!(c.ranking[0].verdict, Verdict::Faster);
-    assert_eq!(recommend(&c, &policy, 1), None);
+    assert_eq!(advice(&c, 100.0, None), None);
 }
 
 #[test]
@@ -251,11 +261,9 @@ fn errors_of_an_amplified_replay_past_the_knee_do_not_hold_a_type_back() {
         ranked.error_rate_at_load.expect("paired") < 0.01,
         "at matched load"
     );
-    let mut policy = Policy::default();
-    policy.slo.max_latency_ms = 100.0;
-    let rec = recommend(&c, &policy, 1).expect("SLO broken");
     assert_eq!(
-        rec.recommended_vm_type, "c6g.large",
+        advice(&c, 100.0, None),
+        Some(("c6g.large", Trigger::SloBreach)),
         "cheapest that holds it"
     );
 }
@@ -284,7 +292,7 @@ fn nothing_is_recommended_without_a_conclusive_advantage() {
     }
     let c = compared(&ms);
     assert_eq!(c.ranking[0].verdict, Verdict::Inconclusive);
-    assert_eq!(recommend(&c, &Policy::default(), 1), None);
+    assert_eq!(advice(&c, SLO_MS, None), None);
 }
 
 #[test]

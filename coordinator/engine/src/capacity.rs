@@ -1,0 +1,362 @@
+//! One capacity model per VM type and workload, with its gates: what every decision reads a
+//! type's capacity from. The forecast's decision, the warning, and the shadow pool's steering
+//! all call [`type_models`], so a type that is not trusted for one is not trusted for any.
+//!
+//! Per type, the load-versus-latency points of its intervals are fitted with a
+//! [`PerformanceModel`]. The gates:
+//! - at least [`CapacityGates::min_points`] intervals (a shadow's first seconds, with a cold
+//!   page cache, can look like a knee);
+//! - its latency must have risen [`CapacityGates::min_knee_evidence`] of the way to the SLO
+//!   over the loads measured ([`PerformanceModel::knee_evidence`]): before that the capacity is
+//!   a guess;
+//! - a type measured only where its latency is flat borrows the curve of the best-measured
+//!   type, scaled by the two types' CPU ceilings (the utilization law), unless its own
+//!   measurements contradict the scaled capacity.
+//!
+//! [`CapacityModels::candidates`] then applies the candidate filter ([`crate::candidates`]).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::candidates::{fails_more_than_its_peers, within_budget};
+use crate::compare::Role;
+use crate::decision::Candidate;
+use crate::perf_model::{LoadLatencyPoint, PerformanceModel};
+use crate::shadow_pool::VmType;
+
+/// When a type's measurements are trusted for a capacity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CapacityGates {
+    /// Intervals a type needs before its model is used, or lent to other types.
+    pub min_points: usize,
+    /// Share of the way from its low-load latency to the SLO its measured latency must have
+    /// risen ([`PerformanceModel::knee_evidence`]).
+    pub min_knee_evidence: f64,
+}
+
+impl Default for CapacityGates {
+    fn default() -> Self {
+        Self {
+            min_points: 20,
+            min_knee_evidence: 0.2,
+        }
+    }
+}
+
+/// Every type's model, the types left without one and why, and every known CPU ceiling.
+#[derive(Debug, Clone, Default)]
+pub struct CapacityModels {
+    /// Types with a model.
+    pub models: Vec<TypeModel>,
+    /// Types without one, and why.
+    pub unmodelled: Vec<Unmodelled>,
+    /// CPU ceilings by type.
+    pub ceilings: BTreeMap<String, CpuCeiling>,
+}
+
+impl CapacityModels {
+    /// The model of `vm_type`, if it has one.
+    pub fn model(&self, vm_type: &str) -> Option<&TypeModel> {
+        self.models.iter().find(|t| t.vm_type == vm_type)
+    }
+
+    /// Each modelled type's error rate at the loads it holds the SLO at. Live agents count no
+    /// errors, so only shadows' rates set the bar.
+    pub fn error_rates(
+        &self,
+        by_type: &BTreeMap<String, TypeMeasurements>,
+        slo_ms: f64,
+    ) -> BTreeMap<String, f64> {
+        self.models
+            .iter()
+            .filter_map(|t| {
+                let rate = by_type
+                    .get(&t.vm_type)?
+                    .error_rate_up_to(t.model.capacity_at(slo_ms))?;
+                Some((t.vm_type.clone(), rate))
+            })
+            .collect()
+    }
+
+    /// The decision's candidates: the current type whatever its price and errors (the warning
+    /// needs its model), and every other modelled type within the budget that does not fail its
+    /// exchanges more than its peers. `vm_types` gives each type's price (an unknown price never
+    /// wins on cost); a modelled type missing from it is no candidate.
+    pub fn candidates<'a>(
+        &'a self,
+        vm_types: &'a [VmType],
+        current: &str,
+        max_cost_per_hour: Option<f64>,
+        error_rates: &BTreeMap<String, f64>,
+    ) -> Vec<Candidate<'a>> {
+        let shadow_rates: Vec<f64> = self
+            .models
+            .iter()
+            .filter(|t| t.role == Role::Shadow)
+            .filter_map(|t| error_rates.get(&t.vm_type).copied())
+            .collect();
+        self.models
+            .iter()
+            .filter_map(|t| {
+                let vm_type = vm_types.iter().find(|v| v.name == t.vm_type)?;
+                let price = vm_type
+                    .price_per_hour
+                    .is_finite()
+                    .then_some(vm_type.price_per_hour);
+                let eligible = t.vm_type == current
+                    || (within_budget(max_cost_per_hour, price)
+                        && !fails_more_than_its_peers(
+                            error_rates.get(&t.vm_type).copied(),
+                            shadow_rates.iter().copied(),
+                        ));
+                eligible.then_some(Candidate {
+                    vm_type,
+                    model: &t.model,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A VM type without a performance model, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Unmodelled {
+    /// VM type.
+    pub vm_type: String,
+    /// Why no model could be fitted (too few points, no load spread, …).
+    pub reason: String,
+}
+
+/// One VM type's recent measurements.
+#[derive(Debug, Default)]
+pub struct TypeMeasurements {
+    /// Live when any of its intervals came from a live instance.
+    pub role: Option<Role>,
+    /// (interval start ms, point), oldest first.
+    pub points: VecDeque<(i64, LoadLatencyPoint)>,
+    /// (interval start ms, CPU use of the workload in it), oldest first.
+    pub cpu: VecDeque<(i64, CpuSample)>,
+    /// (interval start ms, how its exchanges went), oldest first.
+    pub outcomes: VecDeque<(i64, Outcome)>,
+}
+
+/// One interval's exchanges on one instance: how many failed, at what load.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Outcome {
+    /// Exchanges the agent counted as failed (`exchange_errors`).
+    pub failed: u64,
+    /// Exchanges measured.
+    pub measured: u64,
+    /// Offered load, exchanges/s.
+    pub load: f64,
+}
+
+impl TypeMeasurements {
+    /// Failed over measured exchanges in the window's intervals with load up to `max_load`
+    /// (the type's capacity: past it an amplified replay is expected to fail); `None` before
+    /// any was measured.
+    pub fn error_rate_up_to(&self, max_load: f64) -> Option<f64> {
+        let (failed, measured) = self
+            .outcomes
+            .iter()
+            .filter(|(_, o)| o.load <= max_load)
+            .fold((0, 0), |(f, m), (_, o)| (f + o.failed, m + o.measured));
+        (measured > 0).then(|| failed as f64 / measured as f64)
+    }
+}
+
+/// One interval's workload CPU use on one instance.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuSample {
+    /// CPU time the workload used, µs.
+    pub cpu_us: u64,
+    /// Exchanges it served.
+    pub exchanges: u64,
+    /// CPUs it may use (its cgroup's quota, or the host's), thousandths.
+    pub capacity_millis: u32,
+}
+
+/// A VM type's CPU ceiling by the utilization law: an instance that spends `cpu_ms_per_exchange`
+/// of CPU on each exchange and may use `cpus` CPUs cannot serve more than
+/// `cpus / cpu_ms_per_exchange` exchanges per second, whatever its latency. Measured at any
+/// load, so it is known for types never driven near their knee; it bounds CPU-bound work only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CpuCeiling {
+    /// VM type.
+    pub vm_type: String,
+    /// CPUs available to the workload (median over the intervals).
+    pub cpus: f64,
+    /// CPU time per exchange, ms (median over the intervals).
+    pub cpu_ms_per_exchange: f64,
+    /// `cpus / cpu_ms_per_exchange`, exchanges/s per instance.
+    pub saturation_per_s: f64,
+    /// Intervals behind it.
+    pub intervals: usize,
+}
+
+/// Fewest intervals a CPU ceiling is drawn from.
+const MIN_CPU_INTERVALS: usize = 5;
+
+fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some(f64::midpoint(values[n / 2 - 1], values[n / 2])),
+    }
+}
+
+/// The ceiling of one type from its intervals' CPU samples, when there are enough.
+pub fn cpu_ceiling(vm_type: &str, samples: &VecDeque<(i64, CpuSample)>) -> Option<CpuCeiling> {
+    if samples.len() < MIN_CPU_INTERVALS {
+        return None;
+    }
+    let mut per_exchange: Vec<f64> = samples
+        .iter()
+        .map(|(_, s)| s.cpu_us as f64 / 1000.0 / s.exchanges as f64)
+        .collect();
+    let mut cpus: Vec<f64> = samples
+        .iter()
+        .map(|(_, s)| f64::from(s.capacity_millis) / 1000.0)
+        .collect();
+    let cpu_ms_per_exchange = median(&mut per_exchange)?;
+    let cpus = median(&mut cpus)?;
+    (cpu_ms_per_exchange > 0.0 && cpus > 0.0).then(|| CpuCeiling {
+        vm_type: vm_type.to_owned(),
+        cpus,
+        cpu_ms_per_exchange,
+        saturation_per_s: cpus * 1000.0 / cpu_ms_per_exchange,
+        intervals: samples.len(),
+    })
+}
+
+/// A deterministic seed per type, so the bootstrap of identical points gives identical models.
+pub fn seed_of(name: &str) -> u64 {
+    // FNV-1a.
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A VM type's performance model and where its capacity comes from.
+#[derive(Debug, Clone)]
+pub struct TypeModel {
+    /// VM type.
+    pub vm_type: String,
+    /// Live or shadow (a type both live and shadowed is live).
+    pub role: Role,
+    /// Its latency-versus-load model.
+    pub model: PerformanceModel,
+    /// `measured knee`, or `scaled from TYPE by CPU ceiling ×R`.
+    pub basis: String,
+}
+
+/// Every type's model from its points: fitted where its knee was measured, scaled from the
+/// best-measured type by CPU ceilings where it was only measured flat; the types left without
+/// one, and why; every type's CPU ceiling.
+pub fn type_models(
+    by_type: &BTreeMap<String, TypeMeasurements>,
+    settings: &CapacityGates,
+    slo_ms: f64,
+) -> CapacityModels {
+    let ceilings: BTreeMap<String, CpuCeiling> = by_type
+        .iter()
+        .filter_map(|(t, tp)| cpu_ceiling(t, &tp.cpu).map(|c| (t.clone(), c)))
+        .collect();
+    let mut models: Vec<TypeModel> = Vec::new();
+    // Types measured only below their knee: (type, role, points, why the fit is not used).
+    let mut flat: Vec<(String, Role, Vec<LoadLatencyPoint>, String)> = Vec::new();
+    let mut unmodelled = Vec::new();
+    for (vm_type, tp) in by_type {
+        let points: Vec<LoadLatencyPoint> = tp.points.iter().map(|(_, p)| *p).collect();
+        let role = tp.role.unwrap_or(Role::Shadow);
+        if points.len() < settings.min_points {
+            unmodelled.push(Unmodelled {
+                vm_type: vm_type.clone(),
+                reason: format!(
+                    "{} intervals so far; a model needs {}",
+                    points.len(),
+                    settings.min_points
+                ),
+            });
+            continue;
+        }
+        match PerformanceModel::fit(&points, seed_of(vm_type)) {
+            Ok(m) if m.knee_evidence(slo_ms) < settings.min_knee_evidence => {
+                let why = format!(
+                    "capacity not identified: over the measured {:.0}/s its latency rose only {:.0} % of the way to the SLO",
+                    m.max_observed_load(),
+                    100.0 * m.knee_evidence(slo_ms)
+                );
+                flat.push((vm_type.clone(), role, points, why));
+            }
+            Ok(m) => models.push(TypeModel {
+                vm_type: vm_type.clone(),
+                role,
+                model: m,
+                basis: "measured knee".to_owned(),
+            }),
+            Err(e) => unmodelled.push(Unmodelled {
+                vm_type: vm_type.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+    // A type whose knee was measured and whose CPU ceiling is known lends its curve to the
+    // types that were only measured where latency is flat, scaled by their CPU ceilings:
+    // the utilization law gives each type's saturation load from its own CPU time per
+    // exchange at any load, so shadows need not be driven to their knees.
+    let reference = models
+        .iter()
+        .filter_map(|t| Some((&t.vm_type, &t.model, ceilings.get(&t.vm_type)?)))
+        .max_by(|a, b| {
+            let evidence = |m: &PerformanceModel| m.knee_evidence(slo_ms);
+            evidence(a.1)
+                .total_cmp(&evidence(b.1))
+                .then_with(|| b.0.cmp(a.0))
+        })
+        .map(|(name, m, c)| (name.clone(), m.clone(), c.saturation_per_s));
+    for (vm_type, role, points, why) in flat {
+        match (&reference, ceilings.get(&vm_type)) {
+            (Some((ref_name, ref_model, ref_ceiling)), Some(ceiling)) => {
+                let scale = ceiling.saturation_per_s / ref_ceiling;
+                let scaled = ref_model.scaled(scale, &points);
+                // The type's own measurements outrank the assumption: if it held the SLO
+                // at a load past the scaled capacity, the transfer does not fit this type.
+                let held = points
+                    .iter()
+                    .filter(|p| p.latency_ms <= slo_ms)
+                    .map(|p| p.load)
+                    .fold(0.0, f64::max);
+                if held > scaled.capacity_at(slo_ms) {
+                    unmodelled.push(Unmodelled {
+                        vm_type,
+                        reason: format!(
+                            "{why}; scaled from {ref_name} its capacity would be {:.0}/s, below the {held:.0}/s it held",
+                            scaled.capacity_at(slo_ms)
+                        ),
+                    });
+                    continue;
+                }
+                let basis = format!("scaled from {ref_name} by CPU ceiling ×{scale:.2}");
+                models.push(TypeModel {
+                    vm_type,
+                    role,
+                    model: scaled,
+                    basis,
+                });
+            }
+            _ => unmodelled.push(Unmodelled {
+                vm_type,
+                reason: why,
+            }),
+        }
+    }
+    CapacityModels {
+        models,
+        unmodelled,
+        ceilings,
+    }
+}
