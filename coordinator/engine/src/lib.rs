@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod assess;
 pub mod candidates;
 pub mod capacity;
 pub mod compare;

@@ -27,9 +27,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 pub use doppel_engine::capacity::{CpuCeiling, Unmodelled};
 use doppel_engine::{
     Decision, DecisionPolicy, DegradationWarning, ForecastConfig, LoadLatencyPoint, ModelKind,
-    Placement, PointSource, PredictorEvent, VmType, WarningPolicy, WorkloadPredictor,
+    Placement, PointSource, WarningPolicy, WorkloadPredictor,
+    assess::{Assessment, assess},
     candidates::within_budget,
-    capacity::{CapacityGates, CpuSample, Outcome, TypeMeasurements, type_models},
+    capacity::{CapacityGates, CpuSample, Outcome, TypeMeasurements},
 };
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -417,36 +418,29 @@ impl Forecasts {
 
         let placement = live_placement(spec, prices);
         let slo_ms = spec.policy.slo.max_latency_ms;
-        let capacity = type_models(&state.by_type, &settings.gates(), slo_ms);
-        let vm_types: Vec<VmType> = capacity
-            .models
-            .iter()
-            .map(|t| VmType {
-                name: t.vm_type.clone(),
-                vcpus: 0,
-                memory_gib: 0.0,
-                // Unknown prices never win on cost.
-                price_per_hour: prices.get(&t.vm_type).copied().unwrap_or(f64::INFINITY),
-                benchmark_score: None,
-            })
-            .collect();
-        let error_rates = capacity.error_rates(&state.by_type, slo_ms);
         let max_cost = spec.policy.budget.max_cost_per_hour;
-        let candidates = capacity.candidates(&vm_types, &placement.vm_type, max_cost, &error_rates);
         let now_secs = u64::try_from(now_ms / 1000).unwrap_or_default();
-        state.predictor.set_placement(placement.clone());
-        state.predictor.handle_timeout(now_secs, &candidates);
-        let (mut warning, mut cleared, mut decision) = (None, false, None);
-        while let Some(event) = state.predictor.poll_event() {
-            match event {
-                PredictorEvent::Refitted { at, model } => {
-                    debug!(workload = %spec.name, at, model = model_name(model), "forecast refitted");
-                }
-                PredictorEvent::Warning(w) => warning = Some(w),
-                PredictorEvent::WarningCleared { .. } => cleared = true,
-                PredictorEvent::Decision(d) => decision = Some(d),
-            }
+        let assessment = assess(
+            &mut state.predictor,
+            &state.by_type,
+            &settings.gates(),
+            slo_ms,
+            placement.clone(),
+            prices,
+            max_cost,
+            now_secs,
+        );
+        for (at, model) in &assessment.refits {
+            debug!(workload = %spec.name, at, model = model_name(*model), "forecast refitted");
         }
+        let Assessment {
+            capacity,
+            error_rates,
+            warning,
+            cleared,
+            decision,
+            ..
+        } = &assessment;
         let current_model = capacity.model(&placement.vm_type).map(|t| &t.model);
         let types: Vec<TypeCapacity> = capacity
             .models
@@ -491,16 +485,9 @@ impl Forecasts {
         let current_capacity =
             current_model.map(|m| m.capacity_at(slo_ms) * f64::from(placement.count));
 
-        let urgent_move = match &decision {
-            Some(Decision::Move {
-                to,
-                urgent: true,
-                current_latency_ms,
-                evidence,
-                ..
-            }) if warning.is_some() => Some((to.clone(), *current_latency_ms, evidence.clone())),
-            _ => None,
-        };
+        let urgent_move = assessment
+            .forecast_move()
+            .map(|m| (m.to.clone(), m.current_latency_ms, m.evidence.clone()));
         let warning_view = warning.as_ref().map(|w: &DegradationWarning| WarningView {
             vm_type: placement.vm_type.clone(),
             probability: w.probability,
@@ -562,8 +549,8 @@ impl Forecasts {
             warning: warning_view.clone(),
             decision: decision.as_ref().map_or("none", decision_name).to_owned(),
             types,
-            unmodelled: capacity.unmodelled,
-            cpu_ceilings: capacity.ceilings.into_values().collect(),
+            unmodelled: capacity.unmodelled.clone(),
+            cpu_ceilings: capacity.ceilings.values().cloned().collect(),
         };
         store.put_forecast(&spec.name, now_ms, &to_json("forecast", &snapshot)?)?;
         if let Some(w) = &warning_view {
@@ -578,7 +565,7 @@ impl Forecasts {
                     "SLO breach forecast: warning raised"
                 );
             }
-        } else if cleared {
+        } else if *cleared {
             store.clear_warning(&spec.name, now_ms)?;
         }
         Ok(ForecastOutcome {

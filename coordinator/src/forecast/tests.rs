@@ -503,7 +503,7 @@ fn type_models_lend_only_well_measured_knees_and_never_against_a_types_own_measu
         models,
         unmodelled,
         ceilings,
-    } = type_models(&by_type, &settings.gates(), SLO_MS);
+    } = doppel_engine::capacity::type_models(&by_type, &settings.gates(), SLO_MS);
     let model = |name: &str| models.iter().find(|t| t.vm_type == name);
     assert_eq!(model(LIVE.vm_type).expect("live").basis, "measured knee");
     let compute = model(COMPUTE.vm_type).expect("c.large is scaled");
