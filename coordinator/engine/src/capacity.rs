@@ -23,7 +23,7 @@ use crate::candidates::{fails_more_than_its_peers, within_budget};
 use crate::compare::Role;
 use crate::decision::Candidate;
 use crate::perf_model::{LoadLatencyPoint, PerformanceModel};
-use crate::shadow_pool::VmType;
+use crate::shadow_pool::{CapacityMeasurement, VmType};
 
 /// When a type's measurements are trusted for a capacity.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,6 +75,33 @@ impl CapacityModels {
                     .get(&t.vm_type)?
                     .error_rate_up_to(t.model.capacity_at(slo_ms))?;
                 Some((t.vm_type.clone(), rate))
+            })
+            .collect()
+    }
+
+    /// Each modelled type's capacity at the SLO with the spread of its bootstrap in log space:
+    /// what the shadow pool's steering ([`crate::shadow_pool::plan`]) reads.
+    pub fn pool_measurements(&self, slo_ms: f64) -> Vec<CapacityMeasurement> {
+        self.models
+            .iter()
+            .filter_map(|t| {
+                let capacity = t.model.capacity_at(slo_ms);
+                let logs: Vec<f64> = t
+                    .model
+                    .capacity_samples(slo_ms)
+                    .into_iter()
+                    .filter(|c| *c > 0.0 && c.is_finite())
+                    .map(f64::ln)
+                    .collect();
+                let mean = logs.iter().sum::<f64>() / logs.len().max(1) as f64;
+                let log_sd = (logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>()
+                    / (logs.len().max(2) - 1) as f64)
+                    .sqrt();
+                (capacity > 0.0 && capacity.is_finite()).then(|| CapacityMeasurement {
+                    vm_type: t.vm_type.clone(),
+                    capacity,
+                    log_sd: log_sd.max(0.01),
+                })
             })
             .collect()
     }

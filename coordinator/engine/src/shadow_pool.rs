@@ -545,6 +545,135 @@ pub fn plan(
     })
 }
 
+/// What [`desired_types`] orders for one workload.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolRequest<'a> {
+    /// Every catalog type steering knows enough about (vCPUs, memory, a positive price).
+    pub steerable: &'a [VmType],
+    /// The types a shadow may be made on (the provisioner can make them, not pinned out, not
+    /// live unless pinned in), each with its price per hour.
+    pub candidates: &'a [(String, f64)],
+    /// Types pinned in: always first.
+    pub pin_in: &'a [String],
+    /// The live types.
+    pub live: &'a [String],
+    /// Shadows the workload may run at once.
+    pub count: usize,
+    /// Types shadowed now.
+    pub running: &'a [String],
+    /// Capacities measured for the workload ([`crate::capacity::CapacityModels::pool_measurements`]).
+    pub measured: &'a [CapacityMeasurement],
+    /// The highest live load seen, exchanges/s per live instance.
+    pub peak: Option<f64>,
+    /// Seed of the Thompson sampling.
+    pub seed: u64,
+}
+
+/// A workload's VM types in the order shadows should be made: pinned-in types, then what the
+/// pool steering keeps or wants tried, then the rest it does not drop, cheapest first.
+///
+/// The capacities are used once the live type itself is measured (they are then in
+/// exchanges/s). Before that, the one fact known is that the live type holds today's load,
+/// which anchors the catalog prior's scale. With room for every candidate there is nothing to
+/// choose. A steering failure leaves the order cheapest first and is returned beside it.
+pub fn desired_types(request: &PoolRequest<'_>) -> (Vec<String>, Option<ShadowPoolError>) {
+    let mut candidates: Vec<&(String, f64)> = request.candidates.iter().collect();
+    candidates.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    let mut order: Vec<String> = request
+        .pin_in
+        .iter()
+        .filter(|p| candidates.iter().any(|t| t.0 == **p))
+        .cloned()
+        .collect();
+    let mut dropped: Vec<String> = Vec::new();
+    let mut failure = None;
+    // With room for every candidate, steering would only drop a running type to make room for
+    // none (and the manager would re-create it on the next pass).
+    let room_for_all = candidates.len() <= request.count;
+    let steerable = request.steerable;
+    if !steerable.is_empty() && !room_for_all {
+        let known: Vec<CapacityMeasurement> = request
+            .measured
+            .iter()
+            .filter(|m| steerable.iter().any(|t| t.name == m.vm_type))
+            .cloned()
+            .collect();
+        let live_measured = known.iter().any(|m| request.live.contains(&m.vm_type));
+        let (anchor, measured_peak) = match request.peak {
+            Some(peak) if live_measured && peak > 0.0 => (known, Some(peak)),
+            _ => (
+                request
+                    .live
+                    .iter()
+                    .filter(|l| steerable.iter().any(|t| t.name == **l))
+                    .take(1)
+                    .map(|l| CapacityMeasurement {
+                        vm_type: l.clone(),
+                        capacity: 100.0,
+                        log_sd: 0.3,
+                    })
+                    .collect(),
+                None,
+            ),
+        };
+        let running: Vec<String> = request
+            .running
+            .iter()
+            .filter(|r| steerable.iter().any(|t| t.name == **r))
+            .cloned()
+            .collect();
+        let policy = PoolPolicy {
+            margin: 0.0,
+            max_concurrent: request.count,
+            ..PoolPolicy::default()
+        };
+        let prior = PopulationPrior::uninformed(steerable);
+        let peak = match measured_peak {
+            Some(peak) => peak,
+            None if anchor.is_empty() => 1.0,
+            None => 100.0,
+        };
+        match plan(
+            steerable,
+            &prior,
+            &anchor,
+            &running,
+            peak,
+            &policy,
+            request.seed,
+        ) {
+            Ok(plan) => {
+                for action in plan.actions {
+                    match action {
+                        PoolAction::Keep { vm_type, .. } | PoolAction::Try { vm_type, .. } => {
+                            order.push(vm_type);
+                        }
+                        PoolAction::Drop { vm_type, .. } => dropped.push(vm_type),
+                    }
+                }
+            }
+            Err(e) => failure = Some(e),
+        }
+    }
+    for t in &candidates {
+        if !dropped.contains(&t.0) {
+            order.push(t.0.clone());
+        }
+    }
+    let mut seen = Vec::new();
+    let order = order
+        .into_iter()
+        .filter(|t| candidates.iter().any(|c| c.0 == *t))
+        .filter(|t| request.pin_in.contains(t) || !dropped.contains(t))
+        .filter(|t| {
+            let new = !seen.contains(t);
+            seen.push(t.clone());
+            new
+        })
+        .collect();
+    (order, failure)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

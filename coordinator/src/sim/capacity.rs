@@ -27,29 +27,7 @@ pub fn capacities(
         .fold(None, |peak: Option<f64>, load| {
             Some(peak.map_or(load, |p| p.max(load)))
         });
-    let measured = type_models(by_type, gates, slo_ms)
-        .models
-        .into_iter()
-        .filter_map(|t| {
-            let capacity = t.model.capacity_at(slo_ms);
-            let logs: Vec<f64> = t
-                .model
-                .capacity_samples(slo_ms)
-                .into_iter()
-                .filter(|c| *c > 0.0 && c.is_finite())
-                .map(f64::ln)
-                .collect();
-            let mean = logs.iter().sum::<f64>() / logs.len().max(1) as f64;
-            let log_sd = (logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>()
-                / (logs.len().max(2) - 1) as f64)
-                .sqrt();
-            (capacity > 0.0 && capacity.is_finite()).then(|| CapacityMeasurement {
-                vm_type: t.vm_type,
-                capacity,
-                log_sd: log_sd.max(0.01),
-            })
-        })
-        .collect();
+    let measured = type_models(by_type, gates, slo_ms).pool_measurements(slo_ms);
     (measured, live_peak)
 }
 

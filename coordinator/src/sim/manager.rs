@@ -28,7 +28,7 @@ use std::{
     time::Duration,
 };
 
-use doppel_engine::{CapacityMeasurement, PoolAction, PoolPolicy, PopulationPrior, shadow_pool};
+use doppel_engine::{CapacityMeasurement, shadow_pool};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
@@ -255,104 +255,34 @@ pub fn desired_types(
     let Some(template) = &spec.shadow else {
         return Vec::new();
     };
-    let live: HashSet<&str> = spec.live.iter().map(|l| l.vm_type.as_str()).collect();
-    let mut candidates: Vec<&VmType> = catalog
+    let live: Vec<String> = spec.live.iter().map(|l| l.vm_type.clone()).collect();
+    let candidates: Vec<(String, f64)> = catalog
         .iter()
         .filter(|t| supports(t))
         .filter(|t| !template.pin_out.contains(&t.name))
-        .filter(|t| template.pin_in.contains(&t.name) || !live.contains(t.name.as_str()))
+        .filter(|t| template.pin_in.contains(&t.name) || !live.contains(&t.name))
+        .map(|t| (t.name.clone(), t.price_per_hour))
         .collect();
-    candidates.sort_by(|a, b| {
-        a.price_per_hour
-            .total_cmp(&b.price_per_hour)
-            .then(a.name.cmp(&b.name))
-    });
-    let mut order: Vec<String> = template
-        .pin_in
-        .iter()
-        .filter(|p| candidates.iter().any(|t| t.name == **p))
-        .cloned()
-        .collect();
-    let mut dropped = HashSet::new();
-    // With room for every candidate there is nothing to choose: steering would only drop a
-    // running type to make room for none (and the manager would re-create it on the next pass).
-    let room_for_all = candidates.len() <= template.count as usize;
-    // Steering needs vCPUs and memory; the live type holding today's load is the one fact
-    // known before any shadow is measured, so it anchors the capacity scale.
     let steerable: Vec<doppel_engine::VmType> =
         catalog.iter().filter_map(VmType::steering).collect();
-    if !steerable.is_empty() && !room_for_all {
-        let known: Vec<CapacityMeasurement> = measured
-            .iter()
-            .filter(|m| steerable.iter().any(|t| t.name == m.vm_type))
-            .cloned()
-            .collect();
-        let live_measured = known
-            .iter()
-            .any(|m| spec.live.iter().any(|l| l.vm_type == m.vm_type));
-        let (anchor, measured_peak) = match peak {
-            Some(peak) if live_measured && peak > 0.0 => (known, Some(peak)),
-            _ => (
-                spec.live
-                    .iter()
-                    .filter(|l| steerable.iter().any(|t| t.name == l.vm_type))
-                    .take(1)
-                    .map(|l| CapacityMeasurement {
-                        vm_type: l.vm_type.clone(),
-                        capacity: 100.0,
-                        log_sd: 0.3,
-                    })
-                    .collect(),
-                None,
-            ),
-        };
-        let running: Vec<String> = running
-            .iter()
-            .filter(|r| steerable.iter().any(|t| t.name == **r))
-            .cloned()
-            .collect();
-        let policy = PoolPolicy {
-            margin: 0.0,
-            max_concurrent: template.count as usize,
-            ..PoolPolicy::default()
-        };
-        let seed = spec.name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        let prior = PopulationPrior::uninformed(&steerable);
-        let peak = match measured_peak {
-            Some(peak) => peak,
-            None if anchor.is_empty() => 1.0,
-            None => 100.0,
-        };
-        match shadow_pool::plan(&steerable, &prior, &anchor, &running, peak, &policy, seed) {
-            Ok(plan) => {
-                for action in plan.actions {
-                    match action {
-                        PoolAction::Keep { vm_type, .. } | PoolAction::Try { vm_type, .. } => {
-                            order.push(vm_type);
-                        }
-                        PoolAction::Drop { vm_type, .. } => {
-                            dropped.insert(vm_type);
-                        }
-                    }
-                }
-            }
-            Err(e) => warn!(workload = spec.name, error = %e, "pool steering failed"),
-        }
+    let seed = spec.name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let (order, failure) = shadow_pool::desired_types(&shadow_pool::PoolRequest {
+        steerable: &steerable,
+        candidates: &candidates,
+        pin_in: &template.pin_in,
+        live: &live,
+        count: template.count as usize,
+        running,
+        measured,
+        peak,
+        seed,
+    });
+    if let Some(e) = failure {
+        warn!(workload = spec.name, error = %e, "pool steering failed");
     }
-    for t in &candidates {
-        if !dropped.contains(&t.name) {
-            order.push(t.name.clone());
-        }
-    }
-    let mut seen = HashSet::new();
     order
-        .into_iter()
-        .filter(|t| candidates.iter().any(|c| c.name == *t))
-        .filter(|t| template.pin_in.contains(t) || !dropped.contains(t))
-        .filter(|t| seen.insert(t.clone()))
-        .collect()
 }
 
 fn is_pinned_out(template: &crate::policy::ShadowTemplate, vm_type: &str) -> bool {
