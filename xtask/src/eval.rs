@@ -1,4 +1,5 @@
-//! `cargo xtask eval predictor`: measure the predictor on real traces and a simulated catalog.
+//! `cargo xtask eval predictor`: measure the predictor on real traces; `cargo xtask eval
+//! decisions` ([`crate::eval_decisions`]): the decision core on a simulated fleet.
 //!
 //! Reads the traces at run time from `../shared/traces` (or `DOPPEL_TRACES`) and never copies
 //! them into the project. Needs no eBPF toolchain, so unlike `test` it does not run `setup`.
@@ -34,34 +35,46 @@ pub(crate) struct Options {
     target: Target,
     /// Trace directory (default: `DOPPEL_TRACES`, else `../shared/traces` from the workspace root).
     #[arg(long)]
-    traces: Option<PathBuf>,
+    pub(crate) traces: Option<PathBuf>,
     /// Only traces whose name contains this.
     #[arg(long)]
-    only: Option<String>,
-    /// Workloads in the simulated VM-catalog experiment.
+    pub(crate) only: Option<String>,
+    /// Workloads in the simulated VM-catalog experiment (shadow-pool steering).
     #[arg(long, default_value_t = 500)]
-    sim_workloads: usize,
+    pub(crate) sim_workloads: usize,
+    /// Workloads in the simulated fleet (`decisions`).
+    #[arg(long, default_value_t = 40)]
+    pub(crate) fleet_workloads: usize,
+    /// Days each fleet workload runs (`decisions`).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) fleet_days: usize,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Target {
-    /// Load forecasts, degradation warnings and the VM choice.
+    /// Load forecasts and degradation warnings.
     Predictor,
+    /// The decision core (capacities, comparison, forecast decision, act policy, pool
+    /// steering) driving a simulated fleet.
+    Decisions,
 }
 
 /// A trace resampled onto a regular grid.
-struct Trace {
-    name: String,
+pub(crate) struct Trace {
+    pub(crate) name: String,
     start: u64,
-    step_secs: u64,
-    values: Vec<f64>,
+    pub(crate) step_secs: u64,
+    pub(crate) values: Vec<f64>,
     /// Grid steps that had no observation and carry the previous value.
-    filled: usize,
+    pub(crate) filled: usize,
 }
 
 pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     match options.target {
         Target::Predictor => predictor(options),
+        Target::Decisions => {
+            crate::eval_decisions::run(options, &load_traces(&traces_dir(options))?)
+        }
     }
 }
 
@@ -276,38 +289,12 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
     println!(
         "forecast: {traces_mase_ok}/{traces_seen} traces beat both naive baselines (relative MASE < 1) at every horizon; {traces_wape_ok}/{traces_seen} have WAPE at 1 h at least 20 % below the better baseline"
     );
-    let started = std::time::Instant::now();
-    let sim = doppel_engine::eval::simulate_catalog(&doppel_engine::eval::CatalogSimSetup {
-        workloads: options.sim_workloads,
-        ..doppel_engine::eval::CatalogSimSetup::default()
-    })?;
-    let mut regrets = sim.regrets.clone();
-    regrets.sort_by(f64::total_cmp);
-    let mut exhaustive = sim.exhaustive_regrets.clone();
-    exhaustive.sort_by(f64::total_cmp);
-    let p90 = |v: &[f64]| v[((v.len() - 1) as f64 * 0.9).round() as usize];
-    let within = |v: &[f64]| v.iter().filter(|r| **r <= 0.05).count() as f64 / v.len() as f64;
-    let regret_p90 = p90(&regrets);
-    let shadow_hours_ratio = sim.shadow_hours / sim.exhaustive_hours;
-    println!(
-        "vm choice: {} simulated workloads, {} types: within 5 % of oracle cost {:.1} % (trying every type: {:.1} %), regret p90 {:.3} (every type: {:.3}), shadow-hours {:.0} vs {:.0} exhaustive ({:.1} %) [{:.1}s]",
-        sim.regrets.len(),
-        sim.types,
-        100.0 * within(&regrets),
-        100.0 * within(&exhaustive),
-        regret_p90,
-        p90(&exhaustive),
-        sim.shadow_hours,
-        sim.exhaustive_hours,
-        100.0 * shadow_hours_ratio,
-        started.elapsed().as_secs_f64(),
-    );
     leads.sort_unstable();
     let lead_min_median = leads
         .get(leads.len() / 2)
         .map_or(f64::NAN, |s| *s as f64 / 60.0);
     println!(
-        "predictor: mase_max={relative_mase_max:.3} wape_gain_1h_min={wape_gain_min:.3} lead_min_median={lead_min_median:.1} recall={:.3} false_alarms_per_day={:.3} regret_p90={regret_p90:.3} shadow_hours_ratio={shadow_hours_ratio:.3}",
+        "predictor: mase_max={relative_mase_max:.3} wape_gain_1h_min={wape_gain_min:.3} lead_min_median={lead_min_median:.1} recall={:.3} false_alarms_per_day={:.3}",
         warned as f64 / incidents.max(1) as f64,
         false_alarms as f64 / days,
     );

@@ -12,6 +12,7 @@ mod bench_replay;
 mod build_ebpf;
 mod demo;
 mod eval;
+mod eval_decisions;
 mod setup;
 mod test;
 
@@ -32,7 +33,7 @@ enum Task {
     BuildEbpf(build_ebpf::Options),
     /// Set up, then run formatting and lint checks and every test.
     Test(test::Options),
-    /// Measure a component on real traces and simulations (`eval predictor`).
+    /// Measure a component on real traces and simulations (`eval predictor`, `eval decisions`).
     Eval(eval::Options),
     /// The whole system on this machine: live workload, real traffic, shadows on several VM
     /// types, forecast, warning, recommendation, webhook and (act mode) the move.

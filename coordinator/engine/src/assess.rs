@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::Timestamp;
-use crate::capacity::{CapacityGates, CapacityModels, TypeMeasurements, type_models};
+use crate::capacity::{
+    CapacityGates, CapacityModels, FitCache, TypeMeasurements, type_models_cached,
+};
 use crate::decision::{Decision, Evidence, Placement};
 use crate::forecast::ModelKind;
 use crate::predictor::{PredictorEvent, WorkloadPredictor};
@@ -69,7 +71,8 @@ impl Assessment {
     }
 }
 
-/// Evaluates `predictor` at `now` with the measurements of `by_type`, live on `placement`.
+/// Evaluates `predictor` at `now` with the measurements of `by_type`, live on `placement`,
+/// reusing the fits in `fits` where they are fresh.
 /// `prices` are per instance-hour (a type without a price never wins on cost); a type over
 /// `max_cost_per_hour` is no candidate.
 #[expect(
@@ -79,6 +82,7 @@ impl Assessment {
 pub fn assess(
     predictor: &mut WorkloadPredictor,
     by_type: &BTreeMap<String, TypeMeasurements>,
+    fits: &mut FitCache,
     gates: &CapacityGates,
     slo_ms: f64,
     placement: Placement,
@@ -86,7 +90,7 @@ pub fn assess(
     max_cost_per_hour: Option<f64>,
     now: Timestamp,
 ) -> Assessment {
-    let capacity = type_models(by_type, gates, slo_ms);
+    let capacity = type_models_cached(by_type, gates, slo_ms, fits);
     let vm_types: Vec<VmType> = capacity
         .models
         .iter()

@@ -288,6 +288,93 @@ pub fn type_models(
     settings: &CapacityGates,
     slo_ms: f64,
 ) -> CapacityModels {
+    type_models_cached(by_type, settings, slo_ms, &mut FitCache::disabled())
+}
+
+/// Fitted models kept between evaluations. Fitting is the evaluation's cost (a bootstrap of
+/// 40 curve fits over every point of the window, per type: 30 ms a workload with six hours of
+/// one-minute points, measured by `cargo xtask eval decisions`), and a window that gained one
+/// interval says nearly what it said one interval ago. A type is refitted once
+/// [`FitCache::refit_after`] intervals were added since its last fit, when its points reach a
+/// load more than 2 % past the highest its last fit saw (new evidence about the knee), or when
+/// its window lost more points than it gained (a reset).
+#[derive(Debug, Clone, Default)]
+pub struct FitCache {
+    /// Intervals a type may gain before it is refitted; 0 refits every time.
+    pub refit_after: usize,
+    /// Per type: the newest interval start fitted, the points then, their highest load, the fit.
+    fits: BTreeMap<
+        String,
+        (
+            i64,
+            usize,
+            f64,
+            Result<PerformanceModel, crate::PerfModelError>,
+        ),
+    >,
+}
+
+impl FitCache {
+    /// A cache that refits a type after `refit_after` new intervals.
+    pub fn new(refit_after: usize) -> Self {
+        Self {
+            refit_after,
+            fits: BTreeMap::new(),
+        }
+    }
+
+    /// No caching: every call fits.
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    fn fit(
+        &mut self,
+        vm_type: &str,
+        measured: &TypeMeasurements,
+        points: &[LoadLatencyPoint],
+    ) -> Result<PerformanceModel, crate::PerfModelError> {
+        let newest = measured.points.back().map_or(i64::MIN, |(start, _)| *start);
+        let max_load = points.iter().map(|p| p.load).fold(0.0, f64::max);
+        if self.refit_after > 0
+            && let Some((fitted_newest, fitted_len, fitted_max, fit)) = self.fits.get(vm_type)
+        {
+            let gained = measured
+                .points
+                .iter()
+                .filter(|(start, _)| start > fitted_newest)
+                .count();
+            let fresh = gained < self.refit_after
+                && points.len() + self.refit_after >= *fitted_len
+                && max_load <= fitted_max * 1.02;
+            if fresh {
+                return fit.clone();
+            }
+        }
+        let fit = PerformanceModel::fit(points, seed_of(vm_type));
+        if self.refit_after > 0 {
+            self.fits.insert(
+                vm_type.to_owned(),
+                (newest, points.len(), max_load, fit.clone()),
+            );
+        }
+        fit
+    }
+
+    /// Forgets types no longer measured.
+    pub fn retain(&mut self, by_type: &BTreeMap<String, TypeMeasurements>) {
+        self.fits.retain(|t, _| by_type.contains_key(t));
+    }
+}
+
+/// [`type_models`], reusing the fits in `cache` where they are fresh enough.
+pub fn type_models_cached(
+    by_type: &BTreeMap<String, TypeMeasurements>,
+    settings: &CapacityGates,
+    slo_ms: f64,
+    cache: &mut FitCache,
+) -> CapacityModels {
+    cache.retain(by_type);
     let ceilings: BTreeMap<String, CpuCeiling> = by_type
         .iter()
         .filter_map(|(t, tp)| cpu_ceiling(t, &tp.cpu).map(|c| (t.clone(), c)))
@@ -310,7 +397,7 @@ pub fn type_models(
             });
             continue;
         }
-        match PerformanceModel::fit(&points, seed_of(vm_type)) {
+        match cache.fit(vm_type, tp, &points) {
             Ok(m) if m.knee_evidence(slo_ms) < settings.min_knee_evidence => {
                 let why = format!(
                     "capacity not identified: over the measured {:.0}/s its latency rose only {:.0} % of the way to the SLO",

@@ -12,6 +12,7 @@
 //! [`advise`] turns a comparison, the SLO and the budget into at most one piece of advice: the
 //! rule the coordinator turns into a recommendation document.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use statrs::distribution::{ContinuousCDF as _, StudentsT};
@@ -241,9 +242,9 @@ pub struct Comparison {
 
 /// One agent interval, all classes merged.
 #[derive(Debug)]
-struct Point {
+struct Point<'a> {
     load_per_s: f64,
-    histogram: Histogram<u64>,
+    histogram: &'a Histogram<u64>,
     /// Exchanges the agent counted as failed in the interval.
     errors: u64,
 }
@@ -261,8 +262,11 @@ fn quantile_ms(h: &Histogram<u64>, percentile: f64) -> f64 {
 }
 
 fn new_histogram() -> Histogram<u64> {
-    // Auto-resizing, so histograms of any range merge without loss.
-    let mut h = Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits is valid"));
+    // Auto-resizing, so histograms of any range merge without loss. Latencies are resolved to
+    // the microsecond: a lowest discernible value of 1 ns would size every merged count array
+    // for nanoseconds, five times the memory to allocate and zero on every comparison.
+    let mut h = Histogram::new_with_bounds(1000, 2000, 3)
+        .unwrap_or_else(|_| unreachable!("1 µs to 2 µs at 3 significant digits is valid"));
     h.auto(true);
     h
 }
@@ -329,12 +333,17 @@ pub fn match_by_load(live: &[f64], shadow: &[f64], tolerance: f64) -> Vec<(usize
     pairs
 }
 
+/// One interval of one agent: its length (ms), its errors, its classes merged.
+type IntervalAcc<'a> = (i64, u64, Cow<'a, Histogram<u64>>);
+
 #[derive(Debug, Default)]
-struct TypeAcc {
+struct TypeAcc<'a> {
     all: Option<Histogram<u64>>,
     classes: BTreeMap<u16, Histogram<u64>>,
-    /// (agent, interval start) → (interval ms, errors, merged histogram)
-    intervals: BTreeMap<(String, i64), (i64, u64, Histogram<u64>)>,
+    /// (agent, interval start) → (interval ms, errors, its classes merged). An interval of one
+    /// class borrows that class's histogram: merging copies a whole count array, and most
+    /// intervals have one class.
+    intervals: BTreeMap<(&'a str, i64), IntervalAcc<'a>>,
 }
 
 fn stats(h: &Histogram<u64>, seconds: f64, errors: Option<u64>) -> LatencyStats {
@@ -371,7 +380,7 @@ pub fn compare(
     measurements: &[Measurement],
 ) -> Comparison {
     let since = now_ms.saturating_sub(window_ms);
-    let mut types: BTreeMap<(Role, String), TypeAcc> = BTreeMap::new();
+    let mut types: BTreeMap<(Role, String), TypeAcc<'_>> = BTreeMap::new();
     for m in measurements
         .iter()
         .filter(|m| (since..now_ms).contains(&m.interval_start_ms))
@@ -382,15 +391,24 @@ pub fn compare(
             acc.classes.entry(m.class).or_insert_with(new_histogram),
             &m.histogram,
         );
-        let interval = acc
-            .intervals
-            .entry((m.agent.clone(), m.interval_start_ms))
-            .or_insert_with(|| (m.interval_ms, m.report_errors, new_histogram()));
-        merge(&mut interval.2, &m.histogram);
+        match acc.intervals.entry((m.agent.as_str(), m.interval_start_ms)) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert((m.interval_ms, m.report_errors, Cow::Borrowed(&m.histogram)));
+            }
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                let merged = &mut e.get_mut().2;
+                if let Cow::Borrowed(first) = merged {
+                    let mut h = new_histogram();
+                    merge(&mut h, first);
+                    *merged = Cow::Owned(h);
+                }
+                merge(merged.to_mut(), &m.histogram);
+            }
+        }
     }
 
     let mut summaries = Vec::new();
-    let mut points: HashMap<(Role, String), Vec<Point>> = HashMap::new();
+    let mut points: HashMap<(Role, String), Vec<Point<'_>>> = HashMap::new();
     for ((role, vm_type), acc) in &types {
         let seconds: f64 = acc
             .intervals
@@ -419,7 +437,7 @@ pub fn compare(
                 .filter(|(ms, _, h)| *ms > 0 && h.len() >= config.min_exchanges_per_interval)
                 .map(|(ms, errors, h)| Point {
                     load_per_s: h.len() as f64 * 1e3 / *ms as f64,
-                    histogram: h.clone(),
+                    histogram: h.as_ref(),
                     errors: *errors,
                 })
                 .collect(),
@@ -429,7 +447,7 @@ pub fn compare(
         .iter()
         .find(|s| s.role == Role::Live)
         .map(|s| s.vm_type.clone());
-    let live_points: Vec<&Point> = points
+    let live_points: Vec<&Point<'_>> = points
         .iter()
         .filter(|((role, _), _)| *role == Role::Live)
         .flat_map(|(_, p)| p)
@@ -450,9 +468,9 @@ pub fn compare(
                 .iter()
                 .map(|&(l, sh)| {
                     let (l, sh) = (live_points[l], &shadow_points[sh]);
-                    merge(&mut live_merged, &l.histogram);
-                    merge(&mut shadow_merged, &sh.histogram);
-                    quantile_ms(&sh.histogram, percentile) - quantile_ms(&l.histogram, percentile)
+                    merge(&mut live_merged, l.histogram);
+                    merge(&mut shadow_merged, sh.histogram);
+                    quantile_ms(sh.histogram, percentile) - quantile_ms(l.histogram, percentile)
                 })
                 .collect();
             let (mean_ms, ci_low_ms, ci_high_ms, confidence_faster) =

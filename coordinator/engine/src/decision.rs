@@ -204,11 +204,21 @@ impl DecisionState {
         let current_latency_ms = current
             .model
             .latency_quantile_at(per_instance, 1.0 - policy.capacity_quantile);
-        let holds =
-            usable_capacity(policy, current.model) * (1.0 - policy.margin / 2.0) >= per_instance;
+        // Whether the current placement holds is judged on its pessimistic capacity without the
+        // extrapolation limit: not having been measured at the peak recently (a quiet night)
+        // is no evidence that it fails there, and treating it as such moved a workload off a
+        // type that held every peak, to a smaller one, "urgently".
+        let current_capacity = pessimistic_capacity(policy, current.model);
+        let holds = current_capacity * (1.0 - policy.margin / 2.0) >= per_instance;
         if !holds {
             self.pending = None;
-            return match best {
+            // An escape must add capacity: a placement that holds less than the current one
+            // is no way out of a breach.
+            let total = |p: &Placement, per_instance: f64| per_instance * f64::from(p.count);
+            return match best.filter(|b| {
+                total(&b.placement, b.evidence.capacity_per_instance)
+                    > total(&self.current, current_capacity)
+            }) {
                 Some(best) => self.move_to(now, best, true, current_latency_ms),
                 None => Decision::NoViablePlacement {
                     placement: self.current.clone(),
@@ -277,9 +287,14 @@ impl DecisionState {
 /// Capacity per instance the decision trusts: a pessimistic bootstrap quantile, capped at what
 /// extrapolation from the measured loads allows.
 fn usable_capacity(policy: &DecisionPolicy, model: &PerformanceModel) -> f64 {
+    pessimistic_capacity(policy, model).min(model.evidence_load() * policy.max_extrapolation)
+}
+
+/// Capacity per instance at the pessimistic bootstrap quantile.
+fn pessimistic_capacity(policy: &DecisionPolicy, model: &PerformanceModel) -> f64 {
     let samples = model.capacity_samples(policy.slo_ms);
     let index = ((samples.len() - 1) as f64 * policy.capacity_quantile).round() as usize;
-    samples[index].min(model.evidence_load() * policy.max_extrapolation)
+    samples[index]
 }
 
 fn evaluate(

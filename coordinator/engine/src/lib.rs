@@ -19,6 +19,7 @@ pub mod capacity;
 pub mod compare;
 pub mod decision;
 pub mod eval;
+pub mod fleet;
 pub mod forecast;
 pub mod mirror_mix;
 pub mod moves;

@@ -30,7 +30,7 @@ use doppel_engine::{
     Placement, PointSource, WarningPolicy, WorkloadPredictor,
     assess::{Assessment, assess},
     candidates::within_budget,
-    capacity::{CapacityGates, CpuSample, Outcome, TypeMeasurements},
+    capacity::{CapacityGates, CpuSample, FitCache, Outcome, TypeMeasurements},
 };
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,10 @@ pub struct ForecastSettings {
     /// The act policy's cooldown ([`doppel_engine::moves`]), in report intervals: no move for
     /// this long after a move, and advice does not change its mind for this long.
     pub cooldown_steps: usize,
+    /// A type's performance model is refitted once this many report intervals were added to
+    /// its window since its last fit (or at once when they reach a higher load); in between
+    /// the fit is reused ([`doppel_engine::capacity::FitCache`]). 0 refits every evaluation.
+    pub refit_after_steps: usize,
 }
 
 impl Default for ForecastSettings {
@@ -100,13 +104,17 @@ impl Default for ForecastSettings {
             raise_at: 0.225,
             clear_below: 0.034,
             max_history_steps: 4 * 1440,
-            perf_window_ms: 30 * 60 * 1000,
+            // Six hours: a type's capacity for a workload does not change by the hour, and a
+            // shorter window forgets the day's peak by night (`cargo xtask eval decisions`
+            // found a 30-minute window moving workloads off types that held every peak).
+            perf_window_ms: 6 * 3600 * 1000,
             max_points_per_type: 512,
             settle_ms: 2000,
             min_exchanges_per_interval: 10,
             min_knee_evidence: 0.2,
             min_points: 20,
             cooldown_steps: 30,
+            refit_after_steps: 10,
         }
     }
 }
@@ -273,6 +281,8 @@ struct WorkloadForecast {
     /// The SLO percentile the points' latencies are read at.
     percentile: f64,
     by_type: BTreeMap<String, TypeMeasurements>,
+    /// Fits reused between evaluations.
+    fits: FitCache,
     last_load: Option<f64>,
 }
 
@@ -388,6 +398,7 @@ impl Forecasts {
                     perf_until_ms,
                     percentile,
                     by_type,
+                    fits: FitCache::new(s.refit_after_steps),
                     last_load: None,
                 },
             );
@@ -423,6 +434,7 @@ impl Forecasts {
         let assessment = assess(
             &mut state.predictor,
             &state.by_type,
+            &mut state.fits,
             &settings.gates(),
             slo_ms,
             placement.clone(),

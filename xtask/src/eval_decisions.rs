@@ -1,0 +1,226 @@
+//! `cargo xtask eval decisions`: the decision core ([`doppel_engine::fleet`]) driving a simulated
+//! fleet, scored against the cheapest type that holds each workload's realised peak.
+//!
+//! Workloads: segments of the shared traces (the 5-minute ones interpolated onto one-minute
+//! report intervals, the grid the coordinator's defaults are set for) and synthetic steps,
+//! ramps, bursts and launches; catalogs of 4 to 24 types. Everything random is seeded, so a
+//! run is repeatable. The last line is
+//! `decisions: regret_p90=R slo_minutes_pct=S moves_per_day=M flaps=F cold_start_regret_p90=C`.
+//! Then the shadow pool's own experiment (how many shadow-hours steering spends to find the
+//! cheapest type, against trying every type) is printed above it.
+
+use doppel_engine::fleet::{
+    FleetSetup, Shape, SimWorkload, WorkloadOutcome, catalog, simulate, synthetic, workload,
+};
+
+use crate::eval::{Options, Trace};
+
+/// Catalog sizes, cycled over the workloads.
+const CATALOG_SIZES: [usize; 4] = [4, 8, 12, 24];
+/// One-minute steps in a day.
+const DAY: usize = 1440;
+
+/// `values` on a `step_secs` grid, linearly interpolated onto one-minute steps.
+fn per_minute(values: &[f64], step_secs: u64) -> Vec<f64> {
+    let per = (step_secs / 60).max(1) as usize;
+    if per == 1 {
+        return values.to_vec();
+    }
+    let mut out = Vec::with_capacity(values.len() * per);
+    for pair in values.windows(2) {
+        for k in 0..per {
+            out.push(pair[0] + (pair[1] - pair[0]) * k as f64 / per as f64);
+        }
+    }
+    out
+}
+
+/// The fleet: trace segments and synthetic shapes, alternating, `count` in all.
+fn fleet(traces: &[Trace], count: usize, days: usize, only: Option<&str>) -> Vec<SimWorkload> {
+    let steps = days * DAY;
+    let series: Vec<(String, Vec<f64>)> = traces
+        .iter()
+        .filter(|t| only.is_none_or(|o| t.name.contains(o)))
+        // A trace with carried-forward gaps is a staircase, not a load.
+        .filter(|t| t.filled * 20 < t.values.len())
+        .map(|t| (t.name.clone(), per_minute(&t.values, t.step_secs)))
+        .filter(|(_, v)| v.len() >= steps)
+        .collect();
+    let shapes = [
+        Shape::Trace,
+        Shape::Step,
+        Shape::Trace,
+        Shape::Burst,
+        Shape::Trace,
+        Shape::Ramp,
+        Shape::Trace,
+        Shape::Launch,
+    ];
+    (0..count)
+        .filter_map(|i| {
+            let seed = 0x00de_c1de ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let shape = shapes[i % shapes.len()];
+            let (name, unscaled) = match shape {
+                Shape::Trace => {
+                    let (name, values) = series.get((i / 2) % series.len().max(1))?;
+                    // A different stretch of the trace each time it comes round.
+                    let room = values.len() - steps;
+                    let offset = (seed as usize % (room / DAY + 1)) * DAY;
+                    (
+                        format!("{name}@d{}", offset / DAY),
+                        values[offset..offset + steps].to_vec(),
+                    )
+                }
+                other => (
+                    format!("{}-{i}", other.name()),
+                    synthetic(other, steps, seed),
+                ),
+            };
+            let size = CATALOG_SIZES[(i / shapes.len()) % CATALOG_SIZES.len()];
+            Some(workload(name, shape, &unscaled, catalog(size, seed), seed))
+        })
+        .collect()
+}
+
+/// The `q` quantile of `values` (nearest rank).
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len().max(1) - 1) as f64 * q).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// Simulates every workload, on as many threads as there are CPUs, in a stable order.
+fn run_fleet(workloads: &[SimWorkload], setup: &FleetSetup) -> Vec<WorkloadOutcome> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(w) = workloads.get(i) else {
+                        return;
+                    };
+                    let outcome = simulate(w, setup);
+                    results
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((i, outcome));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, o)| o).collect()
+}
+
+pub(crate) fn run(options: &Options, traces: &[Trace]) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let setup = FleetSetup::default();
+    let workloads = fleet(
+        traces,
+        options.fleet_workloads,
+        options.fleet_days,
+        options.only.as_deref(),
+    );
+    anyhow::ensure!(!workloads.is_empty(), "no workloads to simulate");
+    let outcomes = run_fleet(&workloads, &setup);
+    println!(
+        "{:<40} {:>5} {:>9} {:>9} {:>9} {:>7} {:>6} {:>6} {:>5}",
+        "workload", "types", "start", "settled", "oracle", "regret", "cold", "slo%", "moves"
+    );
+    for o in &outcomes {
+        println!(
+            "{:<40} {:>5} {:>9} {:>9} {:>9} {:>7.3} {:>6.3} {:>6.2} {:>5}{}",
+            o.name,
+            o.catalog_size,
+            o.start,
+            o.settled,
+            o.oracle,
+            o.regret,
+            o.cold_start_regret,
+            100.0 * o.slo_steps as f64 / o.steps as f64,
+            o.moves.len(),
+            if o.flaps > 0 {
+                format!("  {} flaps", o.flaps)
+            } else {
+                String::new()
+            },
+        );
+    }
+    let mut by_shape: Vec<(Shape, Vec<&WorkloadOutcome>)> = Vec::new();
+    for o in &outcomes {
+        match by_shape.iter_mut().find(|(s, _)| *s == o.shape) {
+            Some((_, v)) => v.push(o),
+            None => by_shape.push((o.shape, vec![o])),
+        }
+    }
+    for (shape, group) in &by_shape {
+        let regrets: Vec<f64> = group.iter().map(|o| o.regret).collect();
+        let days: f64 = group.iter().map(|o| o.days).sum();
+        let moves: usize = group.iter().map(|o| o.moves.len()).sum();
+        let slo: usize = group.iter().map(|o| o.slo_steps).sum();
+        let steps: usize = group.iter().map(|o| o.steps).sum();
+        let on_oracle = group.iter().filter(|o| o.settled == o.oracle).count();
+        println!(
+            "{:<7} {:>3} workloads: settled on the oracle {on_oracle}, regret p50 {:.3} p90 {:.3}, SLO minutes {:.3} %, {:.2} moves/day",
+            shape.name(),
+            group.len(),
+            quantile(&regrets, 0.5),
+            quantile(&regrets, 0.9),
+            100.0 * slo as f64 / steps as f64,
+            moves as f64 / days,
+        );
+    }
+    let regrets: Vec<f64> = outcomes.iter().map(|o| o.regret).collect();
+    let cold: Vec<f64> = outcomes.iter().map(|o| o.cold_start_regret).collect();
+    let slo: usize = outcomes.iter().map(|o| o.slo_steps).sum();
+    let steps: usize = outcomes.iter().map(|o| o.steps).sum();
+    let untrended: Vec<&WorkloadOutcome> = outcomes.iter().filter(|o| !o.shape.trends()).collect();
+    let moves_per_day = untrended.iter().map(|o| o.moves.len()).sum::<usize>() as f64
+        / untrended.iter().map(|o| o.days).sum::<f64>().max(1e-9);
+    let flaps: usize = outcomes.iter().map(|o| o.flaps).sum();
+    println!(
+        "fleet: {} workloads, {:.0} simulated days, one-minute reports [{:.1}s]",
+        outcomes.len(),
+        outcomes.iter().map(|o| o.days).sum::<f64>(),
+        started.elapsed().as_secs_f64()
+    );
+    pool_steering(options)?;
+    println!(
+        "decisions: regret_p90={:.3} slo_minutes_pct={:.3} moves_per_day={moves_per_day:.2} flaps={flaps} cold_start_regret_p90={:.3}",
+        quantile(&regrets, 0.9),
+        100.0 * slo as f64 / steps as f64,
+        quantile(&cold, 0.9),
+    );
+    Ok(())
+}
+
+/// The shadow pool's experiment: steering against trying every type.
+fn pool_steering(options: &Options) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let sim = doppel_engine::eval::simulate_catalog(&doppel_engine::eval::CatalogSimSetup {
+        workloads: options.sim_workloads,
+        ..doppel_engine::eval::CatalogSimSetup::default()
+    })?;
+    let p90 = |v: &[f64]| quantile(v, 0.9);
+    let within = |v: &[f64]| v.iter().filter(|r| **r <= 0.05).count() as f64 / v.len() as f64;
+    println!(
+        "pool steering: {} simulated workloads, {} types: within 5 % of oracle cost {:.1} % (trying every type: {:.1} %), regret p90 {:.3} (every type: {:.3}), shadow-hours {:.0} vs {:.0} exhaustive ({:.1} %) [{:.1}s]",
+        sim.regrets.len(),
+        sim.types,
+        100.0 * within(&sim.regrets),
+        100.0 * within(&sim.exhaustive_regrets),
+        p90(&sim.regrets),
+        p90(&sim.exhaustive_regrets),
+        sim.shadow_hours,
+        sim.exhaustive_hours,
+        100.0 * sim.shadow_hours / sim.exhaustive_hours,
+        started.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
