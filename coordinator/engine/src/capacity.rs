@@ -474,3 +474,121 @@ pub fn type_models_cached(
         ceilings,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::perf_model::PointSource;
+
+    /// 30 intervals up to 90 % of a saturation of `saturation`/s, failing `failed` per 100.
+    fn measured(role: Role, saturation: f64, failed: u64) -> TypeMeasurements {
+        let mut t = TypeMeasurements {
+            role: Some(role),
+            ..TypeMeasurements::default()
+        };
+        for i in 0..30 {
+            let load = saturation * 0.9 * f64::from(i + 1) / 30.0;
+            t.points.push_back((
+                i64::from(i),
+                LoadLatencyPoint {
+                    load,
+                    latency_ms: 20.0 + 2.0 * saturation / (saturation - load),
+                    source: PointSource::Shadow,
+                },
+            ));
+            t.outcomes.push_back((
+                i64::from(i),
+                Outcome {
+                    failed,
+                    measured: 100,
+                    load,
+                },
+            ));
+        }
+        t
+    }
+
+    fn vm(name: &str, price: f64) -> VmType {
+        VmType {
+            name: name.into(),
+            vcpus: 2,
+            memory_gib: 8.0,
+            price_per_hour: price,
+            benchmark_score: None,
+        }
+    }
+
+    #[test]
+    fn a_failing_cheap_type_and_one_over_budget_are_no_candidates_but_live_always_is() {
+        let mut by_type = BTreeMap::new();
+        by_type.insert("live".to_owned(), measured(Role::Live, 100.0, 0));
+        by_type.insert("cheap".to_owned(), measured(Role::Shadow, 300.0, 5));
+        by_type.insert("good".to_owned(), measured(Role::Shadow, 300.0, 0));
+        by_type.insert("dear".to_owned(), measured(Role::Shadow, 600.0, 0));
+        let models = type_models(&by_type, &CapacityGates::default(), 30.0);
+        assert_eq!(models.models.len(), 4, "{:?}", models.unmodelled);
+        let vm_types = [
+            vm("live", 0.5),
+            vm("cheap", 0.05),
+            vm("good", 0.1),
+            vm("dear", 0.4),
+        ];
+        let rates = models.error_rates(&by_type, 30.0);
+        let names = |budget| {
+            let mut n: Vec<String> = models
+                .candidates(&vm_types, "live", budget, &rates)
+                .iter()
+                .map(|c| c.vm_type.name.clone())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(None), ["dear", "good", "live"]);
+        // Live is over the budget too: it stays, the warning needs its model.
+        assert_eq!(names(Some(0.2)), ["good", "live"]);
+    }
+
+    #[test]
+    fn a_cached_fit_is_reused_until_enough_new_intervals_or_a_higher_load_arrive() {
+        let mut by_type = BTreeMap::new();
+        by_type.insert("t".to_owned(), measured(Role::Shadow, 300.0, 0));
+        let gates = CapacityGates::default();
+        let mut cache = FitCache::new(3);
+        let fitted = type_models_cached(&by_type, &gates, 30.0, &mut cache);
+        assert_eq!(fitted.models.len(), 1, "{:?}", fitted.unmodelled);
+        let first = fitted.models[0].model.capacity_at(30.0);
+        let add = |by_type: &mut BTreeMap<String, TypeMeasurements>,
+                   start: i64,
+                   load: f64,
+                   latency_ms: f64| {
+            let t = by_type.get_mut("t").unwrap();
+            t.points.push_back((
+                start,
+                LoadLatencyPoint {
+                    load,
+                    latency_ms,
+                    source: PointSource::Shadow,
+                },
+            ));
+        };
+        // Two new intervals at a low load, with a latency far from the curve: the fit stays.
+        add(&mut by_type, 100, 10.0, 5.0);
+        add(&mut by_type, 101, 10.0, 5.0);
+        let again = type_models_cached(&by_type, &gates, 30.0, &mut cache).models[0]
+            .model
+            .capacity_at(30.0);
+        assert!((again - first).abs() < 1e-12);
+        // A third: refitted.
+        add(&mut by_type, 102, 10.0, 5.0);
+        let refit = type_models_cached(&by_type, &gates, 30.0, &mut cache).models[0]
+            .model
+            .points();
+        assert_eq!(refit, 33);
+        // A load past the highest fitted: refitted at once.
+        add(&mut by_type, 103, 290.0, 80.0);
+        let points = type_models_cached(&by_type, &gates, 30.0, &mut cache).models[0]
+            .model
+            .points();
+        assert_eq!(points, 34);
+    }
+}

@@ -478,4 +478,86 @@ mod tests {
             }
         ));
     }
+
+    /// A type saturating at `saturation`/s, measured only up to `measured_to` of it.
+    fn model_measured_to(saturation: f64, measured_to: f64) -> PerformanceModel {
+        let points: Vec<LoadLatencyPoint> = (1..=24)
+            .map(|i| {
+                let load = saturation * measured_to * f64::from(i) / 24.0;
+                LoadLatencyPoint {
+                    load,
+                    latency_ms: 20.0 + 2.0 * saturation / (saturation - load),
+                    source: PointSource::Live,
+                }
+            })
+            .collect();
+        PerformanceModel::fit(&points, 5).unwrap()
+    }
+
+    #[test]
+    fn a_quiet_window_is_no_reason_to_leave_a_type_that_holds_the_peak() {
+        // Live measured (tonight) only up to 60 % of its saturation, where its knee already
+        // shows; the forecast peak is above 1.25 times that, well inside its capacity. The
+        // extrapolation limit keeps a *new* type from being trusted that far, but says nothing
+        // against the current one.
+        let (m, big) = (vm("m.large", 0.10), vm("m.xlarge", 0.20));
+        let (mm, bm) = (model_measured_to(200.0, 0.6), model(400.0));
+        let candidates = [
+            Candidate {
+                vm_type: &m,
+                model: &mm,
+            },
+            Candidate {
+                vm_type: &big,
+                model: &bm,
+            },
+        ];
+        let capacity = mm.capacity_at(200.0);
+        let peak = capacity * 0.8;
+        assert!(
+            peak > mm.evidence_load() * 1.25,
+            "peak {peak}, capacity {capacity}"
+        );
+        let mut state = DecisionState::new(Placement {
+            vm_type: "m.large".into(),
+            count: 1,
+            hourly_cost: 0.10,
+        });
+        let decision = state.decide(0, &DecisionPolicy::default(), peak, &candidates);
+        assert!(
+            matches!(decision, Decision::Hold { .. }),
+            "peak {peak}/s on a type holding {capacity:.0}/s: {decision:?}"
+        );
+    }
+
+    #[test]
+    fn an_escape_never_goes_to_a_placement_holding_less() {
+        // Live on the big type cannot hold 500/s; the only cheaper candidate holds less still:
+        // that is no way out.
+        let (big, small) = (vm("m.xlarge", 0.20), vm("m.large", 0.10));
+        let (bm, sm) = (model(400.0), model(200.0));
+        let candidates = [
+            Candidate {
+                vm_type: &big,
+                model: &bm,
+            },
+            Candidate {
+                vm_type: &small,
+                model: &sm,
+            },
+        ];
+        let policy = DecisionPolicy {
+            max_instances: 1,
+            ..DecisionPolicy::default()
+        };
+        let mut state = DecisionState::new(Placement {
+            vm_type: "m.xlarge".into(),
+            count: 1,
+            hourly_cost: 0.20,
+        });
+        assert!(matches!(
+            state.decide(0, &policy, 500.0, &candidates),
+            Decision::NoViablePlacement { .. }
+        ));
+    }
 }

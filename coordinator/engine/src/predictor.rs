@@ -363,4 +363,42 @@ mod tests {
         assert!(at < BREACH_AT, "moved at {at}");
         assert_eq!(to.vm_type, "c.large");
     }
+
+    #[test]
+    fn a_cold_start_sizes_for_its_median_peak_not_its_wide_bound() {
+        let mut predictor = WorkloadPredictor::new(
+            ForecastConfig::for_step(60, 4 * 1440, 63),
+            WarningPolicy {
+                horizon_steps: 60,
+                ..WarningPolicy::default()
+            },
+            DecisionPolicy::default(),
+            Placement {
+                vm_type: "m.large".into(),
+                count: 1,
+                hourly_cost: 0.10,
+            },
+        );
+        // Half an hour of a noisy, rising load: far less than a season.
+        let mut seen: f64 = 0.0;
+        for i in 0..30u64 {
+            let wobble = if i % 3 == 0 { 15.0 } else { -5.0 };
+            let load = 80.0 + i as f64 + wobble;
+            seen = seen.max(load);
+            predictor.handle_load(i * 60, load).unwrap();
+        }
+        let f = predictor.forecaster().expect("fitted");
+        assert!(matches!(f.kind(), ModelKind::ColdStart { .. }));
+        let median = (1..=60).map(|h| f.median(h)).fold(0.0, f64::max);
+        let bound = (1..=60).map(|h| f.quantile(h, 0.9)).fold(0.0, f64::max);
+        let provisioned = predictor.provisioned_peak().expect("a forecast");
+        assert!(
+            bound > 1.2 * median,
+            "the bound {bound} is wide against {median}"
+        );
+        assert!(
+            (provisioned - median.max(seen)).abs() < 1e-9,
+            "provisioned {provisioned}, median {median}, seen {seen}"
+        );
+    }
 }
