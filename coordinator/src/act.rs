@@ -71,6 +71,8 @@ pub struct Actor {
     pub prices: HashMap<String, f64>,
     /// Comparison tunables.
     pub compare: CompareConfig,
+    /// The coordinator's clock.
+    pub clock: crate::clock::Clock,
     /// Recommendations older than this are not acted on (a restarted coordinator must not
     /// replay yesterday's advice), ms.
     pub max_age_ms: i64,
@@ -149,7 +151,7 @@ impl Actor {
         for (id, rec, action) in todo {
             info!(workload = %rec.workload, from = %rec.current_vm_type, to = %rec.recommended_vm_type, action = %action.name, "acting on recommendation");
             let outcome = run_action(&action, &rec).await;
-            let now = crate::webhook::now_ms();
+            let now = self.clock.now_ms();
             let mut store = self.store();
             match outcome {
                 Ok(detail) => {
@@ -294,7 +296,7 @@ fn tail(text: &str) -> String {
 pub async fn run_actor(actor: Arc<Actor>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
     {
         let mut store = actor.store();
-        match store.abandon_running_actions(crate::webhook::now_ms()) {
+        match store.abandon_running_actions(actor.clock.now_ms()) {
             Ok(0) => {}
             Ok(n) => warn!(
                 actions = n,
@@ -310,7 +312,7 @@ pub async fn run_actor(actor: Arc<Actor>, interval: Duration, mut shutdown: watc
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = actor.step(crate::webhook::now_ms()).await {
+                if let Err(e) = actor.step(actor.clock.now_ms()).await {
                     warn!(error = %crate::api::error_chain(&e), "act mode round failed");
                 }
             }

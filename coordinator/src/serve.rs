@@ -270,6 +270,7 @@ impl Coordinator {
         let (ingest, writer) = ingest::spawn(open()?).map_err(ServeError::Thread)?;
         let hub = Arc::new(Hub::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let clock = crate::clock::Clock::system();
 
         let server =
             IngestServer::bind(config.quic_listen, server_config).map_err(ServeError::Net)?;
@@ -280,6 +281,7 @@ impl Coordinator {
             })
         })?;
         let ctx = Arc::new(ServerContext {
+            clock: clock.clone(),
             ingest,
             store: Arc::new(Mutex::new(bookkeeping)),
             policy: policy_rx,
@@ -313,6 +315,7 @@ impl Coordinator {
                 window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
                     .unwrap_or(i64::MAX),
                 gates: config.forecast.clone(),
+                clock: clock.clone(),
             },
             open()?,
         ));
@@ -328,6 +331,7 @@ impl Coordinator {
             compare: config.compare,
             compare_window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
+            clock: clock.clone(),
         });
         let recommender = Arc::new(Recommender {
             store: Arc::new(Mutex::new(open()?)),
@@ -342,6 +346,7 @@ impl Coordinator {
             stats: webhook_stats,
             queued: tokio::sync::Notify::new(),
             forecasts: Mutex::new(crate::forecast::Forecasts::new(config.forecast.clone())),
+            clock: clock.clone(),
         });
         let actor = Arc::new(Actor {
             store: Arc::new(Mutex::new(open()?)),
@@ -360,6 +365,7 @@ impl Coordinator {
             max_age_ms: i64::try_from(config.evaluate_interval_ms.saturating_mul(5))
                 .unwrap_or(i64::MAX)
                 .max(MIN_ACTION_AGE_LIMIT_MS),
+            clock: clock.clone(),
         });
         let retention_store = open()?;
         let tasks = vec![

@@ -19,7 +19,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use doppel_engine::moves::{ActPolicy, LastMove, MoveOutcome, may_move};
@@ -30,6 +30,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
+    clock::Clock,
     compare::CompareConfig,
     evaluate::compare_workload,
     forecast::Forecasts,
@@ -134,6 +135,8 @@ pub struct Recommender {
     pub queued: Notify,
     /// Each workload's predictor, kept between evaluations.
     pub forecasts: Mutex<Forecasts>,
+    /// The coordinator's clock.
+    pub clock: Clock,
 }
 
 /// The workload's last move as the act policy sees it: its newest action, or its newest
@@ -197,14 +200,6 @@ fn admitted(
         );
     }
     Ok(verdict.is_ok())
-}
-
-/// Wall-clock time, ms since the epoch.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
 }
 
 impl Recommender {
@@ -319,11 +314,12 @@ impl Recommender {
     /// Delivers what is due; returns when the next attempt is due (ms since the epoch).
     async fn deliver_due(&self, http: &reqwest::Client) -> Result<Option<i64>, WebhookError> {
         let store = Arc::clone(&self.store);
+        let clock = self.clock.clone();
         let due = tokio::task::spawn_blocking(move || {
             store
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .due_deliveries(now_ms(), BATCH)
+                .due_deliveries(clock.now_ms(), BATCH)
         })
         .await
         .map_err(WebhookError::Task)??;
@@ -349,7 +345,7 @@ impl Recommender {
             .find(|w| w.url == item.url)
             .map(|w| w.secret.clone());
         let started = Instant::now();
-        let at_ms = now_ms();
+        let at_ms = self.clock.now_ms();
         let (status, error) = match secret {
             // Queued for a webhook since removed from the config: nothing to sign with.
             None => (None, Some("webhook no longer configured".to_owned())),
@@ -380,7 +376,7 @@ impl Recommender {
         } else {
             self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
             let next = next_attempt(
-                now_ms(),
+                self.clock.now_ms(),
                 item.attempts + 1,
                 self.backoff_base_ms,
                 self.max_attempts,
@@ -424,7 +420,7 @@ pub async fn run_evaluator(recommender: Arc<Recommender>, mut shutdown: watch::R
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         let r = Arc::clone(&recommender);
-        match tokio::task::spawn_blocking(move || r.evaluate(now_ms())).await {
+        match tokio::task::spawn_blocking(move || r.evaluate(r.clock.now_ms())).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 warn!(error = %crate::api::error_chain(&e), "evaluation failed; will retry")
@@ -439,9 +435,11 @@ pub async fn run_deliverer(recommender: Arc<Recommender>, mut shutdown: watch::R
     let http = reqwest::Client::new();
     loop {
         let wait = match recommender.deliver_due(&http).await {
-            Ok(Some(next)) => {
-                Duration::from_millis(u64::try_from(next - now_ms()).unwrap_or(0).min(1000))
-            }
+            Ok(Some(next)) => Duration::from_millis(
+                u64::try_from(next - recommender.clock.now_ms())
+                    .unwrap_or(0)
+                    .min(1000),
+            ),
             Ok(None) => Duration::from_secs(1),
             Err(e) => {
                 // A busy or full store: back off and retry; nothing is marked delivered.

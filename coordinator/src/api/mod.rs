@@ -16,7 +16,6 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
@@ -251,6 +250,8 @@ pub struct ApiState {
     pub webhook_stats: Arc<WebhookStats>,
     /// The Shadow Instance Manager.
     pub sim: Arc<ShadowManager>,
+    /// The coordinator's clock.
+    pub clock: crate::clock::Clock,
 }
 
 impl ApiState {
@@ -314,13 +315,6 @@ pub struct AgentView {
     pub role_in_workload: Option<String>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
-}
-
 /// Parses a JSON body, naming the field that does not fit.
 fn parse_body<T: DeserializeOwned>(body: &[u8], prefix: &str) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
@@ -367,10 +361,11 @@ async fn add_workload(
             }
         }
     }
+    let now = state.clock.now_ms();
     state
         .change(move |store| {
             validate(&spec, &store.workloads()?)?;
-            Ok(store.put_workload(&spec, now_ms())?)
+            Ok(store.put_workload(&spec, now)?)
         })
         .await
 }
@@ -415,8 +410,9 @@ async fn set_policy(
 ) -> Result<Json<Revision>, ApiError> {
     let policy: Policy = parse_body(&body, "policy")?;
     validate_policy(&policy)?;
+    let now = state.clock.now_ms();
     state
-        .change(move |store| Ok(store.set_policy(&name, &policy, now_ms())?))
+        .change(move |store| Ok(store.set_policy(&name, &policy, now)?))
         .await
 }
 
@@ -564,7 +560,7 @@ async fn compare_live_and_shadows(
             Ok(compare_workload(
                 s,
                 &spec,
-                now_ms(),
+                shared.clock.now_ms(),
                 window_ms,
                 &shared.compare,
                 &shared.prices,

@@ -172,6 +172,7 @@ fn recommender(dir: &std::path::Path) -> Recommender {
         stats: Arc::new(WebhookStats::default()),
         queued: tokio::sync::Notify::new(),
         forecasts: Mutex::new(Forecasts::new(ForecastSettings::default())),
+        clock: crate::clock::Clock::system(),
     }
 }
 

@@ -18,7 +18,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use doppel_common::wire::{
@@ -191,6 +191,8 @@ pub struct ServerContext {
     pub hub: Arc<Hub>,
     /// Largest frame accepted.
     pub max_frame_len: usize,
+    /// The coordinator's clock.
+    pub clock: crate::clock::Clock,
 }
 
 /// The bound QUIC endpoint.
@@ -268,13 +270,6 @@ async fn handle_incoming(incoming: quinn::Incoming, ctx: Arc<ServerContext>) {
     };
     let span = info_span!("agent", name = %identity.name, %remote);
     session(conn, identity, ctx).instrument(span).await;
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
 }
 
 async fn with_store<T: Send + 'static>(
@@ -385,8 +380,9 @@ async fn session(conn: quinn::Connection, identity: AgentIdentity, ctx: Arc<Serv
     let next_report_seq = hello.next_report_seq;
     {
         let (name, serial, hello) = (name.clone(), identity.serial.clone(), hello.clone());
+        let now = ctx.clock.now_ms();
         let recorded = with_store(&ctx, move |s| {
-            s.agent_connected(&name, &hello, &serial, now_ms())
+            s.agent_connected(&name, &hello, &serial, now)
         })
         .await;
         match recorded {
@@ -534,7 +530,8 @@ async fn session(conn: quinn::Connection, identity: AgentIdentity, ctx: Arc<Serv
     writer.abort();
     ctx.hub.unregister(&name, session_id);
     let disconnected = name.clone();
-    let _ = with_store(&ctx, move |s| s.agent_disconnected(&disconnected, now_ms())).await;
+    let now = ctx.clock.now_ms();
+    let _ = with_store(&ctx, move |s| s.agent_disconnected(&disconnected, now)).await;
     info!("agent disconnected");
 }
 

@@ -144,6 +144,8 @@ pub struct ManagerParts {
     pub window_ms: i64,
     /// The predictor's settings: steering reads capacities through the same gates.
     pub gates: crate::forecast::ForecastSettings,
+    /// The coordinator's clock.
+    pub clock: crate::clock::Clock,
 }
 
 /// The Shadow Instance Manager.
@@ -205,13 +207,6 @@ pub struct PinRequest {
     pub vm_type: String,
     /// Where to pin it.
     pub pin: Pin,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
 }
 
 /// Publishes the store's workloads unless a newer revision is already out (the API and the
@@ -370,7 +365,7 @@ impl ShadowManager {
     /// Instances (all ever made with `all`), with their age.
     pub fn list(&self, all: bool) -> Result<Vec<ShadowView>, SimError> {
         let store = self.lock();
-        let now = now_ms();
+        let now = self.parts.clock.now_ms();
         Ok(store
             .shadows(all)?
             .into_iter()
@@ -428,7 +423,7 @@ impl ShadowManager {
             });
         }
         row.state = to;
-        row.updated_ms = now_ms();
+        row.updated_ms = self.parts.clock.now_ms();
         store.update_shadow(&row, Some(&format!("{action} by an operator")))?;
         self.sync_sessions(&mut store, &row.workload)?;
         info!(id, action, "shadow {action}d");
@@ -480,7 +475,7 @@ impl ShadowManager {
             Pin::Out => template.pin_out.push(request.vm_type.clone()),
             Pin::None => {}
         }
-        store.put_workload(&spec, now_ms())?;
+        store.put_workload(&spec, self.parts.clock.now_ms())?;
         let revision = publish(&self.parts.policy, &store)?;
         drop(store);
         self.poke();
@@ -540,7 +535,7 @@ impl ShadowManager {
             });
         }
         let id = Self::new_id(store)?;
-        let now = now_ms();
+        let now = self.parts.clock.now_ms();
         let agent = format!("doppel-sh-{id}");
         let mut row = ShadowRow {
             id: id.clone(),
@@ -605,7 +600,7 @@ impl ShadowManager {
                 row.addr = Some(created.addr.to_string());
                 row.agent = created.agent.unwrap_or(agent);
                 row.handle = created.handle;
-                row.updated_ms = now_ms();
+                row.updated_ms = self.parts.clock.now_ms();
                 row.running_ms = Some(row.updated_ms);
                 store.update_shadow(&row, Some("created"))?;
                 info!(id, addr = ?row.addr, "shadow running");
@@ -642,7 +637,7 @@ impl ShadowManager {
                 row.error = Some(why.to_owned());
             }
             row.state = ShadowState::Destroying;
-            row.updated_ms = now_ms();
+            row.updated_ms = self.parts.clock.now_ms();
             store.update_shadow(&row, Some(why))?;
         }
         // Live agents stop cloning to it before it disappears.
@@ -660,7 +655,7 @@ impl ShadowManager {
                     Err(e) => Err(format!("cannot remove {}: {e}", dir.display())),
                 }
             });
-        row.updated_ms = now_ms();
+        row.updated_ms = self.parts.clock.now_ms();
         match result {
             Ok(()) => {
                 // Its key is gone with its directory; revoking the certificate too means a copy
@@ -725,7 +720,7 @@ impl ShadowManager {
         );
         if shadows != spec.shadows {
             spec.shadows = shadows;
-            store.put_workload(&spec, now_ms())?;
+            store.put_workload(&spec, self.parts.clock.now_ms())?;
             let revision = publish(&self.parts.policy, store)?;
             info!(workload, revision, "mirror sessions updated");
         }
@@ -813,7 +808,7 @@ impl ShadowManager {
                 warn!(error = %error_chain(&e), "shadow cleanup failed; will retry");
             }
         }
-        let now = now_ms();
+        let now = self.parts.clock.now_ms();
         for spec in workloads.iter().filter(|w| w.shadow.is_some()) {
             let Some(template) = &spec.shadow else {
                 continue;
