@@ -140,6 +140,7 @@ impl CapacityModels {
                 eligible.then_some(Candidate {
                     vm_type,
                     model: &t.model,
+                    held_load: t.held_load,
                 })
             })
             .collect()
@@ -278,6 +279,24 @@ pub struct TypeModel {
     pub model: PerformanceModel,
     /// `measured knee`, or `scaled from TYPE by CPU ceiling ×R`.
     pub basis: String,
+    /// Highest load at which it was measured holding the SLO in [`HELD_INTERVALS`] intervals
+    /// (0 when it never was).
+    pub held_load: f64,
+}
+
+/// Intervals a type must hold the SLO at a load for that load to count as held: one interval
+/// with a lucky percentile is not enough.
+pub const HELD_INTERVALS: usize = 3;
+
+/// The highest load at which [`HELD_INTERVALS`] of `points` held `slo_ms`.
+fn held_load(points: &[LoadLatencyPoint], slo_ms: f64) -> f64 {
+    let mut held: Vec<f64> = points
+        .iter()
+        .filter(|p| p.latency_ms <= slo_ms)
+        .map(|p| p.load)
+        .collect();
+    held.sort_by(|a, b| b.total_cmp(a));
+    held.get(HELD_INTERVALS - 1).copied().unwrap_or(0.0)
 }
 
 /// Every type's model from its points: fitted where its knee was measured, scaled from the
@@ -411,6 +430,7 @@ pub fn type_models_cached(
                 role,
                 model: m,
                 basis: "measured knee".to_owned(),
+                held_load: held_load(&points, slo_ms),
             }),
             Err(e) => unmodelled.push(Unmodelled {
                 vm_type: vm_type.clone(),
@@ -456,6 +476,7 @@ pub fn type_models_cached(
                 }
                 let basis = format!("scaled from {ref_name} by CPU ceiling ×{scale:.2}");
                 models.push(TypeModel {
+                    held_load: held_load(&points, slo_ms),
                     vm_type,
                     role,
                     model: scaled,

@@ -70,6 +70,10 @@ pub struct Candidate<'a> {
     pub vm_type: &'a VmType,
     /// Its latency-versus-load model for this workload.
     pub model: &'a PerformanceModel,
+    /// Highest load per instance at which it was measured holding the SLO, in at least
+    /// [`crate::capacity::HELD_INTERVALS`] intervals (0 when never): for the current type,
+    /// measurement outranks the model's pessimistic capacity.
+    pub held_load: f64,
 }
 
 /// The evidence behind a recommended placement.
@@ -209,7 +213,11 @@ impl DecisionState {
         // is no evidence that it fails there, and treating it as such moved a workload off a
         // type that held every peak, to a smaller one, "urgently".
         let current_capacity = pessimistic_capacity(policy, current.model);
-        let holds = current_capacity * (1.0 - policy.margin / 2.0) >= per_instance;
+        // It holds when its model says so with half the margin a new placement needs, or when
+        // it was measured holding the SLO at that load: a type seen carrying the peak is not
+        // moved off it because its bootstrap's pessimistic tail says it might not.
+        let holds = current_capacity * (1.0 - policy.margin / 2.0) >= per_instance
+            || current.held_load >= per_instance;
         if !holds {
             self.pending = None;
             // An escape must add capacity: a placement that holds less than the current one
@@ -370,10 +378,12 @@ mod tests {
             Candidate {
                 vm_type: &m,
                 model: &mm,
+                held_load: 0.0,
             },
             Candidate {
                 vm_type: &c,
                 model: &cm,
+                held_load: 0.0,
             },
         ];
         let policy = DecisionPolicy::default();
@@ -412,10 +422,12 @@ mod tests {
             Candidate {
                 vm_type: &big,
                 model: &bm,
+                held_load: 0.0,
             },
             Candidate {
                 vm_type: &small,
                 model: &sm,
+                held_load: 0.0,
             },
         ];
         let policy = DecisionPolicy::default();
@@ -469,7 +481,8 @@ mod tests {
                 10.0,
                 &[Candidate {
                     vm_type: &c,
-                    model: &cm
+                    model: &cm,
+                    held_load: 0.0,
                 }]
             ),
             Decision::Hold {
@@ -506,10 +519,12 @@ mod tests {
             Candidate {
                 vm_type: &m,
                 model: &mm,
+                held_load: 0.0,
             },
             Candidate {
                 vm_type: &big,
                 model: &bm,
+                held_load: 0.0,
             },
         ];
         let capacity = mm.capacity_at(200.0);
@@ -540,10 +555,12 @@ mod tests {
             Candidate {
                 vm_type: &big,
                 model: &bm,
+                held_load: 0.0,
             },
             Candidate {
                 vm_type: &small,
                 model: &sm,
+                held_load: 0.0,
             },
         ];
         let policy = DecisionPolicy {
@@ -559,5 +576,42 @@ mod tests {
             state.decide(0, &policy, 500.0, &candidates),
             Decision::NoViablePlacement { .. }
         ));
+    }
+
+    #[test]
+    fn a_type_measured_holding_the_peak_is_not_left_on_its_models_pessimism() {
+        let (m, big) = (vm("m.large", 0.10), vm("m.xlarge", 0.20));
+        let (mm, bm) = (model(100.0), model(400.0));
+        let peak = 0.95 * mm.capacity_at(200.0);
+        let candidates = |held_load| {
+            [
+                Candidate {
+                    vm_type: &m,
+                    model: &mm,
+                    held_load,
+                },
+                Candidate {
+                    vm_type: &big,
+                    model: &bm,
+                    held_load: 0.0,
+                },
+            ]
+        };
+        let decide = |held_load| {
+            DecisionState::new(Placement {
+                vm_type: "m.large".into(),
+                count: 1,
+                hourly_cost: 0.10,
+            })
+            .decide(0, &DecisionPolicy::default(), peak, &candidates(held_load))
+        };
+        // By its model alone (half the margin) it will not hold 95 % of its capacity...
+        assert!(matches!(decide(0.0), Decision::Move { urgent: true, .. }));
+        // ...but it was seen holding that load.
+        assert!(
+            matches!(decide(peak), Decision::Hold { .. }),
+            "{:?}",
+            decide(peak)
+        );
     }
 }

@@ -111,6 +111,14 @@ const SHADOWS: usize = 3;
 pub struct Summary {
     /// The peak request rate sent.
     pub peak_rps: f64,
+    /// Each type's capacity, calibrated at start-up on the live nginx (cheapest type first).
+    pub calibrated: Vec<(String, f64)>,
+    /// Every move the coordinator made (act mode), oldest first: (from, to, state).
+    pub moves: Vec<(String, String, String)>,
+    /// Every recommendation stored, oldest first: (from, to, reason).
+    pub recommendations: Vec<(String, String, String)>,
+    /// Warning episodes raised.
+    pub warnings: usize,
     /// Steps of the schedule, and the step of the trace's peak.
     pub steps: usize,
     /// The step of the trace's busiest minute.
@@ -150,6 +158,30 @@ pub struct Summary {
     pub client_p99_before_ms: Option<f64>,
     /// Client-side p99 from the action's end to the end of the peak.
     pub client_p99_after_ms: Option<f64>,
+}
+
+impl Summary {
+    /// The type live ended on (act mode): the last move's target, else the type it started on.
+    pub fn settled(&self) -> &str {
+        self.moves
+            .iter()
+            .rev()
+            .find(|(_, _, state)| state != "failed")
+            .map_or(LIVE_TYPE, |(_, to, _)| to.as_str())
+    }
+
+    /// The oracle: the cheapest type whose calibrated capacity holds the peak sent.
+    pub fn oracle(&self) -> Option<&(String, f64)> {
+        self.calibrated
+            .iter()
+            .find(|(_, rps)| *rps >= self.peak_rps)
+    }
+
+    /// The settled type's price over the oracle's, minus one.
+    pub fn regret(&self) -> Option<f64> {
+        let price = |name: &str| vm_type(name).ok().map(|t| t.price_per_hour);
+        Some(price(self.settled())? / price(&self.oracle()?.0)? - 1.0)
+    }
 }
 
 fn stopped(stop: &AtomicBool) -> anyhow::Result<()> {
@@ -238,10 +270,31 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
             &format!("{}/", live_dir.display()),
         ],
     )?;
-    // Measured before the agent starts, so the probe's overload is not in the coordinator's data.
+    // Measured before the agent starts, so the probes' overload is not in the coordinator's
+    // data: the live nginx is given each type's CPU in turn and probed, which calibrates every
+    // type's capacity on this machine (the oracle of the summary), then put back on its own.
     let listen = SocketAddr::from((lab::LIVE, workload::PORT));
-    let probe = measure_capacity(&lab.client, listen, stop)?;
-    let capacity = probe.rps;
+    let mut calibrated = Vec::new();
+    let mut probe = Probe::default();
+    for t in VM_TYPES {
+        live_cgroup.set_limits(limits(*t))?;
+        std::thread::sleep(Duration::from_millis(300));
+        let p = measure_capacity(&lab.client, listen, stop)?;
+        say(&format!(
+            "calibration: {} ({} CPU) holds about {:.0} req/s",
+            t.name,
+            f64::from(t.cpu_millis) / 1000.0,
+            p.rps
+        ));
+        calibrated.push((*t, p.rps));
+        probe.responses += p.responses;
+        probe.bytes += p.bytes;
+    }
+    live_cgroup.set_limits(limits(vm_type(LIVE_TYPE)?))?;
+    let capacity = calibrated
+        .iter()
+        .find(|(t, _)| t.name == LIVE_TYPE)
+        .map_or(0.0, |(_, rps)| *rps);
     let live_config = live_dir.join("agent.toml");
     std::fs::write(
         &live_config,
@@ -295,6 +348,10 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
     ));
     let mut summary = Summary {
         peak_rps,
+        calibrated: calibrated
+            .iter()
+            .map(|(t, rps)| (t.name.to_owned(), *rps))
+            .collect(),
         steps: rates.len(),
         peak_step: stretch.peak_step(),
         shadow_types: shadows
@@ -387,6 +444,9 @@ fn watch(
     let mut printed = 0;
     let mut checked = 0;
     let mut action_done_step = None;
+    let mut seen_warnings = std::collections::BTreeSet::new();
+    let mut seen_recommendations = std::collections::BTreeSet::new();
+    let mut action_states = std::collections::BTreeMap::new();
     while !load.is_done() {
         stopped(stop)?;
         std::thread::sleep(Duration::from_millis(250));
@@ -410,45 +470,93 @@ fn watch(
             }
             checked += 1;
         }
-        if summary.warning.is_none()
-            && let Some(w) = doppel.oldest(&["warnings", "--workload", WORKLOAD])
-        {
-            summary.warning_step = Some(now);
+        let minutes = |secs: f64| secs / options.step.as_secs_f64();
+        for w in doppel.newer(&["warnings", "--workload", WORKLOAD], &mut seen_warnings) {
+            if summary.warning.is_none() {
+                summary.warning_step = Some(now);
+                summary.warning = Some(w.clone());
+            }
+            summary.warnings += 1;
+            let body = &w["body"];
             say(&format!(
-                "WARNING at minute {now}: {} expected to break the SLO (p = {}, lead {} s, forecast {} req/s vs capacity {})",
+                "WARNING at minute {now}: {} expected to break the SLO in {} trace minutes (p = {}, forecast {} req/s against a capacity of {} req/s)",
                 w["vm_type"].as_str().unwrap_or("?"),
-                num(&w["body"]["probability"]),
-                num(&w["body"]["lead_secs"]),
-                num(&w["body"]["forecast_load_per_s"]),
-                num(&w["body"]["capacity_per_s"]),
+                body["lead_secs"]
+                    .as_f64()
+                    .map_or_else(|| "?".into(), |l| format!("{:.0}", minutes(l))),
+                num(&body["probability"]),
+                num(&body["forecast_load_per_s"]),
+                num(&body["capacity_per_s"]),
             ));
-            summary.warning = Some(w);
         }
-        if summary.recommendation.is_none()
-            && let Some(r) = doppel.oldest(&["recommendations", "--workload", WORKLOAD])
-        {
-            summary.recommendation_step = Some(now);
-            say(&format!(
-                "RECOMMENDATION at minute {now}: {} -> {} ({})",
+        for r in doppel.newer(
+            &["recommendations", "--workload", WORKLOAD],
+            &mut seen_recommendations,
+        ) {
+            if summary.recommendation.is_none() {
+                summary.recommendation_step = Some(now);
+                summary.recommendation = Some(r.clone());
+            }
+            let (from, to, reason) = (
                 r["current_vm_type"].as_str().unwrap_or("?"),
                 r["recommended_vm_type"].as_str().unwrap_or("?"),
                 r["reason"].as_str().unwrap_or("?"),
-            ));
-            summary.recommendation = Some(r);
-        }
-        if options.act
-            && action_done_step.is_none()
-            && let Some(a) = doppel.oldest(&["actions", "--workload", WORKLOAD])
-            && a["state"] != "running"
-        {
-            action_done_step = Some(now);
+            );
+            summary
+                .recommendations
+                .push((from.to_owned(), to.to_owned(), reason.to_owned()));
             say(&format!(
-                "ACT at minute {now}: {} -> {}: {} ({})",
-                a["from_vm_type"].as_str().unwrap_or("?"),
-                a["to_vm_type"].as_str().unwrap_or("?"),
-                a["state"].as_str().unwrap_or("?"),
-                a["detail"].as_str().unwrap_or_default().trim(),
+                "RECOMMENDATION at minute {now}: {from} -> {to} ({reason}){}",
+                evidence(&r["body"])
             ));
+        }
+        if options.act {
+            // An action is reported once its command finished (done, failed), and again when
+            // it is verified.
+            for a in doppel.newer_states(&["actions", "--workload", WORKLOAD], &mut action_states) {
+                let state = a["state"].as_str().unwrap_or("?");
+                let (from, to) = (
+                    a["from_vm_type"].as_str().unwrap_or("?"),
+                    a["to_vm_type"].as_str().unwrap_or("?"),
+                );
+                match state {
+                    "running" => continue,
+                    "done" | "failed" => {
+                        action_done_step = Some(now);
+                        summary
+                            .moves
+                            .push((from.to_owned(), to.to_owned(), state.to_owned()));
+                        say(&format!(
+                            "MOVE at minute {now}: {from} -> {to}: {state} ({})",
+                            a["detail"].as_str().unwrap_or_default().trim(),
+                        ));
+                    }
+                    _ => {
+                        match summary
+                            .moves
+                            .iter_mut()
+                            .rev()
+                            .find(|(f, t, _)| f == from && t == to)
+                        {
+                            Some(m) => m.2 = state.to_owned(),
+                            // Done and verified between two looks.
+                            None => {
+                                action_done_step = Some(now);
+                                summary.moves.push((
+                                    from.to_owned(),
+                                    to.to_owned(),
+                                    state.to_owned(),
+                                ));
+                                say(&format!("MOVE at minute {now}: {from} -> {to}"));
+                            }
+                        }
+                        say(&format!(
+                            "VERIFIED at minute {now}: {from} -> {to}: {state} (live p99 {} ms after the move)",
+                            num(&a["live_latency_ms"]),
+                        ));
+                    }
+                }
+            }
         }
         if now >= printed + table_every {
             let s = load.merged(printed..now);
@@ -466,7 +574,7 @@ fn watch(
         }
     }
     if options.act {
-        // The action's verification comes after its settling time.
+        // The last action's verification comes after its settling time.
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             stopped(stop)?;
@@ -478,6 +586,12 @@ fn watch(
                 a["state"] == "verified" || a["state"] == "not_recovered" || a["state"] == "failed"
             });
             if settled || a.is_none() || Instant::now() > deadline {
+                if let Some(a) = &a
+                    && let Some(m) = summary.moves.last_mut()
+                    && let Some(state) = a["state"].as_str()
+                {
+                    m.2 = state.to_owned();
+                }
                 summary.action = a;
                 break;
             }
@@ -491,6 +605,57 @@ fn watch(
         }
     }
     Ok(())
+}
+
+/// What a recommendation rests on, in a line: for a forecast breach the load it provisions for
+/// and every type's capacity (with its error rate, and whether the budget allows it); for the
+/// comparison's triggers each shadow type's p99 at matched load.
+fn evidence(body: &Value) -> String {
+    if let Some(f) = body.get("forecast").filter(|f| !f.is_null()) {
+        let types: Vec<String> = f["types"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                let mut line = format!(
+                    "{} {} req/s",
+                    t["vm_type"].as_str().unwrap_or("?"),
+                    num(&t["capacity_at_slo_per_s"])
+                );
+                if let Some(e) = t["error_rate"].as_f64() {
+                    line.push_str(&format!(", errors {:.1} %", 100.0 * e));
+                }
+                if t["within_budget"] == false {
+                    line.push_str(", over budget");
+                }
+                line
+            })
+            .collect();
+        return format!(
+            ": provisioned for {} req/s (forecast peak {}); capacities at the SLO: {}",
+            num(&f["provisioned_peak_per_s"]),
+            num(&f["forecast_peak_per_s"]),
+            types.join("; ")
+        );
+    }
+    let shadows: Vec<String> = body["evidence"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["role"] == "shadow")
+        .map(|e| {
+            format!(
+                "{} p99 {} ms at matched load",
+                e["vm_type"].as_str().unwrap_or("?"),
+                num(&e["versus_live"]["shadow_at_load_ms"])
+            )
+        })
+        .collect();
+    if shadows.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", shadows.join("; "))
+    }
 }
 
 fn p99(s: &StepStats) -> Option<f64> {
@@ -569,47 +734,62 @@ fn print_summary(s: &Summary) {
     }
     match (&s.warning, s.warning_step, s.first_breach_step) {
         (Some(_), Some(w), Some(b)) if w <= b => println!(
-            "warning: raised at minute {w}, {} minutes before the client saw the SLO break (minute {b})",
+            "warnings: {} raised; the first at minute {w}, {} minutes before the client saw the SLO break (minute {b})",
+            s.warnings,
             b - w
         ),
-        (Some(_), Some(w), Some(b)) => {
-            println!(
-                "warning: raised at minute {w}, after the client saw the SLO break at minute {b}"
-            )
-        }
-        (Some(_), Some(w), None) => {
-            println!("warning: raised at minute {w}; the SLO never broke at the client")
-        }
-        _ => println!("warning: none"),
-    }
-    match &s.recommendation {
-        Some(r) => println!(
-            "recommendation: {} -> {} ({}), minute {}",
-            r["current_vm_type"].as_str().unwrap_or("?"),
-            r["recommended_vm_type"].as_str().unwrap_or("?"),
-            r["reason"].as_str().unwrap_or("?"),
-            s.recommendation_step.unwrap_or_default()
+        (Some(_), Some(w), Some(b)) => println!(
+            "warnings: {} raised; the first at minute {w}, after the client saw the SLO break at minute {b}",
+            s.warnings
         ),
-        None => println!("recommendation: none"),
+        (Some(_), Some(w), None) => println!(
+            "warnings: {} raised; the first at minute {w}; the SLO never broke at the client",
+            s.warnings
+        ),
+        _ => println!("warnings: none"),
+    }
+    if s.recommendations.is_empty() {
+        println!("recommendations: none");
+    }
+    for (i, (from, to, reason)) in s.recommendations.iter().enumerate() {
+        println!("recommendation {}: {from} -> {to} ({reason})", i + 1);
     }
     println!(
         "webhook: {} signed deliveries accepted by the local receiver, {} refused",
         s.webhook_deliveries.len(),
         s.bad_signatures
     );
-    if let Some(a) = &s.action {
+    for (i, (from, to, state)) in s.moves.iter().enumerate() {
+        println!("move {}: {from} -> {to}: {state}", i + 1);
+    }
+    if let Some(a) = &s.action
+        && let Some(latency) = a["live_latency_ms"].as_f64()
+    {
+        println!("live p99 after the last move, as the coordinator verified it: {latency:.1} ms");
+    }
+    if let (Some(before), Some(after)) = (s.client_p99_before_ms, s.client_p99_after_ms) {
         println!(
-            "act: {} -> {}: {} (live p{} after the move: {} ms; client p99 before {} ms, after {} ms)",
-            a["from_vm_type"].as_str().unwrap_or("?"),
-            a["to_vm_type"].as_str().unwrap_or("?"),
-            a["state"].as_str().unwrap_or("?"),
-            99,
-            num(&a["live_latency_ms"]),
-            s.client_p99_before_ms
-                .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
-            s.client_p99_after_ms
-                .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+            "client p99 from the first breach to the first move: {before:.1} ms; after it, through the peak: {after:.1} ms"
         );
+    }
+    let calibrated: Vec<String> = s
+        .calibrated
+        .iter()
+        .map(|(t, rps)| format!("{t} {rps:.0}"))
+        .collect();
+    println!("calibrated capacities (req/s): {}", calibrated.join(", "));
+    match (s.oracle(), s.regret()) {
+        (Some((oracle, capacity)), Some(regret)) => println!(
+            "settled on {}; the oracle (the cheapest type whose calibrated capacity, {capacity:.0} req/s, holds the {:.0} req/s peak) is {oracle}: regret {:+.0} %",
+            s.settled(),
+            s.peak_rps,
+            100.0 * regret
+        ),
+        _ => println!(
+            "settled on {}; no calibrated type holds the {:.0} req/s peak",
+            s.settled(),
+            s.peak_rps
+        ),
     }
 }
 
@@ -651,11 +831,39 @@ impl Doppel<'_> {
         Ok(serde_json::from_str(&self.output(&all)?)?)
     }
 
-    /// The last element of a `--json` list (lists are newest first: the oldest row).
-    fn oldest(&self, args: &[&str]) -> Option<Value> {
-        self.json(args)
+    /// The rows of a `--json` list not in `seen` (by `id`), oldest first; adds them to it.
+    fn newer(&self, args: &[&str], seen: &mut std::collections::BTreeSet<i64>) -> Vec<Value> {
+        let mut rows: Vec<Value> = self
+            .json(args)
             .ok()
-            .and_then(|v| v.as_array().and_then(|a| a.last().cloned()))
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default();
+        rows.reverse();
+        rows.into_iter()
+            .filter(|r| r["id"].as_i64().is_some_and(|id| seen.insert(id)))
+            .collect()
+    }
+
+    /// The rows of a `--json` list whose `state` changed since the last call, oldest first.
+    fn newer_states(
+        &self,
+        args: &[&str],
+        states: &mut std::collections::BTreeMap<i64, String>,
+    ) -> Vec<Value> {
+        let mut rows: Vec<Value> = self
+            .json(args)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default();
+        rows.reverse();
+        rows.into_iter()
+            .filter(|r| {
+                let (Some(id), Some(state)) = (r["id"].as_i64(), r["state"].as_str()) else {
+                    return false;
+                };
+                states.insert(id, state.to_owned()).as_deref() != Some(state)
+            })
+            .collect()
     }
 
     /// Waits until the API answers.
@@ -753,6 +961,7 @@ fn spawn_in_cgroup(
 }
 
 /// What the capacity probe sent.
+#[derive(Debug, Default)]
 struct Probe {
     rps: f64,
     responses: u64,
