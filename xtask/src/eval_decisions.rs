@@ -13,7 +13,20 @@ use doppel_engine::fleet::{
     FleetSetup, Shape, SimWorkload, WorkloadOutcome, catalog, simulate, synthetic, workload,
 };
 
-use crate::eval::{Options, Trace};
+use crate::traces::Trace;
+
+/// What `eval decisions` simulates.
+#[derive(Debug, Clone)]
+pub(crate) struct FleetOptions<'a> {
+    /// Workloads in the fleet.
+    pub(crate) workloads: usize,
+    /// Days each runs.
+    pub(crate) days: usize,
+    /// Only traces whose name contains this.
+    pub(crate) only: Option<&'a str>,
+    /// Workloads in the shadow pool's own experiment.
+    pub(crate) pool_workloads: usize,
+}
 
 /// Catalog sizes, cycled over the workloads.
 const CATALOG_SIZES: [usize; 4] = [4, 8, 12, 24];
@@ -118,15 +131,10 @@ fn run_fleet(workloads: &[SimWorkload], setup: &FleetSetup) -> Vec<WorkloadOutco
     results.into_iter().map(|(_, o)| o).collect()
 }
 
-pub(crate) fn run(options: &Options, traces: &[Trace]) -> anyhow::Result<()> {
+pub(crate) fn run(options: &FleetOptions<'_>, traces: &[Trace]) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let setup = FleetSetup::default();
-    let workloads = fleet(
-        traces,
-        options.fleet_workloads,
-        options.fleet_days,
-        options.only.as_deref(),
-    );
+    let workloads = fleet(traces, options.workloads, options.days, options.only);
     anyhow::ensure!(!workloads.is_empty(), "no workloads to simulate");
     let outcomes = run_fleet(&workloads, &setup);
     println!(
@@ -190,7 +198,7 @@ pub(crate) fn run(options: &Options, traces: &[Trace]) -> anyhow::Result<()> {
         outcomes.iter().map(|o| o.days).sum::<f64>(),
         started.elapsed().as_secs_f64()
     );
-    pool_steering(options)?;
+    pool_steering(options.pool_workloads)?;
     println!(
         "decisions: regret_p90={:.3} slo_minutes_pct={:.3} moves_per_day={moves_per_day:.2} flaps={flaps} cold_start_regret_p90={:.3}",
         quantile(&regrets, 0.9),
@@ -201,10 +209,10 @@ pub(crate) fn run(options: &Options, traces: &[Trace]) -> anyhow::Result<()> {
 }
 
 /// The shadow pool's experiment: steering against trying every type.
-fn pool_steering(options: &Options) -> anyhow::Result<()> {
+fn pool_steering(workloads: usize) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let sim = doppel_engine::eval::simulate_catalog(&doppel_engine::eval::CatalogSimSetup {
-        workloads: options.sim_workloads,
+        workloads,
         ..doppel_engine::eval::CatalogSimSetup::default()
     })?;
     let p90 = |v: &[f64]| quantile(v, 0.9);

@@ -15,6 +15,7 @@ mod eval;
 mod eval_decisions;
 mod setup;
 mod test;
+mod traces;
 
 use clap::{Parser, Subcommand};
 

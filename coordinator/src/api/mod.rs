@@ -172,17 +172,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// An error and its causes on one line, `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+use crate::errors::error_chain;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -35,8 +35,8 @@ use tracing::{info, warn};
 
 use super::{AgentIdentity, CreateRequest, InstanceHealth, InstanceRef, Provisioner, VmType};
 use crate::{
-    api::error_chain,
     ca::CertificateAuthority,
+    errors::error_chain,
     net::PolicySnapshot,
     policy::{ShadowEndpoint, WorkloadSpec},
     store::{
