@@ -97,10 +97,20 @@ impl CapacityModels {
                 let log_sd = (logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>()
                     / (logs.len().max(2) - 1) as f64)
                     .sqrt();
-                (capacity > 0.0 && capacity.is_finite()).then(|| CapacityMeasurement {
+                // A type that holds the SLO at no load measured is measured too: steering must
+                // know live is failing (treated as unmeasured, it was assumed to hold today's
+                // load, and only cheaper, smaller types were tried).
+                if !capacity.is_finite() {
+                    return None;
+                }
+                Some(CapacityMeasurement {
                     vm_type: t.vm_type.clone(),
-                    capacity,
-                    log_sd: log_sd.max(0.01),
+                    capacity: capacity.max(MIN_POOL_CAPACITY),
+                    log_sd: if log_sd.is_finite() {
+                        log_sd.max(0.01)
+                    } else {
+                        1.0
+                    },
                 })
             })
             .collect()
@@ -282,6 +292,15 @@ pub struct TypeModel {
     /// Highest load at which it was measured holding the SLO in [`HELD_INTERVALS`] intervals
     /// (0 when it never was).
     pub held_load: f64,
+}
+
+/// The capacity steering is told for a type that holds the SLO at no load, exchanges/s.
+const MIN_POOL_CAPACITY: f64 = 0.01;
+
+/// [`MIN_POOL_CAPACITY`], for tests of steering.
+#[cfg(test)]
+pub(crate) fn pool_floor() -> f64 {
+    MIN_POOL_CAPACITY
 }
 
 /// Intervals a type must hold the SLO at a load for that load to count as held: one interval

@@ -25,6 +25,9 @@
 //! the end of the first day against the first day's peak. SLO minutes are the intervals in which
 //! live's true SLO percentile was over the bound (the oracle has none). A flap is a move back to
 //! the type the previous move left, within the cooldown.
+//!
+//! `DOPPEL_FLEET_DEBUG=<workload name>` prints that workload's state every simulated hour to
+//! stderr: live type, load, p99, shadows, warning, decision, models and the comparison's ranking.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -538,6 +541,7 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
                 pin_in: &[],
                 live: std::slice::from_ref(&live),
                 count: setup.shadows,
+                max_instances: 1,
                 running: &shadows,
                 measured: &measured,
                 peak,
@@ -553,8 +557,12 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
         let mut report =
             |vm_type: &str, role: Role, load: f64, rng: &mut rand::rngs::ChaCha8Rng| {
                 let t = by_name[vm_type];
-                let exchanges = (load * step_secs as f64).round() as u64;
                 let true_p99 = t.p99_ms(w.cpu_ms, load);
+                // An agent counts the exchanges that completed: a saturated instance completes
+                // what its CPUs allow, the rest time out.
+                let ceiling = t.cpus * 1000.0 / (w.cpu_ms * t.speed);
+                let load = load.min(ceiling);
+                let exchanges = (load * step_secs as f64).round() as u64;
                 let noise = (setup.latency_noise * standard_normal(rng)).exp();
                 let p99 = (true_p99 * noise).min(SATURATED_MS);
                 // Shadows count the exchanges that timed out; live agents count no errors.
@@ -675,6 +683,37 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
         );
         if let Some(m) = assessment.forecast_move() {
             advice.push((m.to.vm_type.clone(), "forecast_breach", true));
+        }
+        if std::env::var("DOPPEL_FLEET_DEBUG").is_ok_and(|n| n == w.name) && step % 60 == 0 {
+            eprintln!(
+                "{step} live {live} load {load:.0} p99 {live_p99:.0}/{:.0} shadows {shadows:?} warning {} decision {:?} models {:?} unmodelled {:?} ranking {:?}",
+                w.slo_ms,
+                assessment.warning.is_some(),
+                assessment
+                    .decision
+                    .as_ref()
+                    .map(|d| format!("{d:?}").chars().take(120).collect::<String>()),
+                assessment
+                    .capacity
+                    .models
+                    .iter()
+                    .map(|t| (t.vm_type.clone(), t.model.capacity_at(w.slo_ms) as i64))
+                    .collect::<Vec<_>>(),
+                assessment
+                    .capacity
+                    .unmodelled
+                    .iter()
+                    .map(|u| (
+                        u.vm_type.clone(),
+                        u.reason.chars().take(60).collect::<String>()
+                    ))
+                    .collect::<Vec<_>>(),
+                comparison
+                    .ranking
+                    .iter()
+                    .map(|r| (r.vm_type.clone(), r.verdict, r.shadow_at_load_ms as i64))
+                    .collect::<Vec<_>>(),
+            );
         }
         for (to, reason, urgent) in advice {
             if to == live {

@@ -559,6 +559,9 @@ pub struct PoolRequest<'a> {
     pub live: &'a [String],
     /// Shadows the workload may run at once.
     pub count: usize,
+    /// Most instances the decision may place (the live instance count): steering prices a
+    /// type at the count the decision could choose, never at a scale-out it would not.
+    pub max_instances: u32,
     /// Types shadowed now.
     pub running: &'a [String],
     /// Capacities measured for the workload ([`crate::capacity::CapacityModels::pool_measurements`]).
@@ -625,6 +628,7 @@ pub fn desired_types(request: &PoolRequest<'_>) -> (Vec<String>, Option<ShadowPo
         let policy = PoolPolicy {
             margin: 0.0,
             max_concurrent: request.count,
+            max_instances: request.max_instances.max(1),
             ..PoolPolicy::default()
         };
         let prior = PopulationPrior::uninformed(steerable);
@@ -654,6 +658,34 @@ pub fn desired_types(request: &PoolRequest<'_>) -> (Vec<String>, Option<ShadowPo
             }
             Err(e) => failure = Some(e),
         }
+    }
+    // Live measured failing its peak: the rest is tried biggest-first among the types with more
+    // vCPUs than live (then cheapest first), since a type no bigger than live will not hold
+    // what live cannot. (Cheapest first, the pool of a failing live type filled up with small
+    // types and the workload never found a way out.)
+    let live_vcpus = steerable
+        .iter()
+        .filter(|t| request.live.contains(&t.name))
+        .map(|t| t.vcpus)
+        .max();
+    let live_failing = request.peak.is_some_and(|peak| {
+        request
+            .measured
+            .iter()
+            .any(|m| request.live.contains(&m.vm_type) && m.capacity < peak)
+    });
+    let vcpus = |name: &str| steerable.iter().find(|t| t.name == name).map(|t| t.vcpus);
+    if let (true, Some(live_vcpus)) = (live_failing, live_vcpus) {
+        candidates.sort_by_key(|t| {
+            let bigger = vcpus(&t.0).is_some_and(|v| v > live_vcpus);
+            (
+                !bigger,
+                std::cmp::Reverse(if bigger { vcpus(&t.0) } else { None }),
+            )
+        });
+        // The plan's picks were made for a live type that holds: they go after these.
+        order.retain(|t| request.pin_in.contains(t));
+        dropped.clear();
     }
     for t in &candidates {
         if !dropped.contains(&t.0) {
@@ -798,6 +830,55 @@ mod tests {
         assert_eq!(
             settled,
             plan(&catalog, &prior, &measured, &running, 350.0, &policy, 9).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_live_type_that_holds_nothing_sends_steering_to_bigger_types() {
+        // Eight types, 1 to 8 vCPUs in two families; live is t1 (2 vCPUs), failing its SLO at
+        // every load measured. Steering must shadow bigger types, not the cheap small ones.
+        let catalog: Vec<VmType> = (0..8)
+            .map(|i| VmType {
+                name: format!("t{i}"),
+                vcpus: 1 << (i % 4),
+                memory_gib: 4.0 * f64::from(1u32 << (i % 4)),
+                price_per_hour: 0.05 * f64::from(1u32 << (i % 4)) * if i < 4 { 1.0 } else { 1.2 },
+                benchmark_score: None,
+            })
+            .collect();
+        let candidates: Vec<(String, f64)> = catalog
+            .iter()
+            .filter(|t| t.name != "t1")
+            .map(|t| (t.name.clone(), t.price_per_hour))
+            .collect();
+        let live = ["t1".to_owned()];
+        let measured = [CapacityMeasurement {
+            vm_type: "t1".into(),
+            capacity: crate::capacity::pool_floor(),
+            log_sd: 1.0,
+        }];
+        let (order, failure) = desired_types(&PoolRequest {
+            steerable: &catalog,
+            candidates: &candidates,
+            pin_in: &[],
+            live: &live,
+            count: 2,
+            max_instances: 1,
+            running: &[],
+            measured: &measured,
+            peak: Some(400.0),
+            seed: 3,
+        });
+        assert_eq!(failure, None);
+        let vcpus = |name: &String| {
+            catalog
+                .iter()
+                .find(|t| t.name == *name)
+                .map_or(0, |t| t.vcpus)
+        };
+        assert!(
+            order.iter().take(2).all(|t| vcpus(t) > 2),
+            "the first two shadows {order:?} should have more vCPUs than live"
         );
     }
 }

@@ -269,6 +269,7 @@ pub fn desired_types(
         pin_in: &template.pin_in,
         live: &live,
         count: template.count as usize,
+        max_instances: u32::try_from(spec.live.len()).unwrap_or(u32::MAX),
         running,
         measured,
         peak,
