@@ -659,31 +659,40 @@ pub fn desired_types(request: &PoolRequest<'_>) -> (Vec<String>, Option<ShadowPo
             Err(e) => failure = Some(e),
         }
     }
-    // Live measured failing its peak: the rest is tried biggest-first among the types with more
-    // vCPUs than live (then cheapest first), since a type no bigger than live will not hold
-    // what live cannot. (Cheapest first, the pool of a failing live type filled up with small
-    // types and the workload never found a way out.)
+    // Live measured failing its peak: the vCPUs it would take are estimated from live's by the
+    // share of the peak it holds, and the rest of the pool is tried cheapest first among the
+    // types with that many, then the bigger-than-live ones biggest first, then the others.
+    // (Cheapest first over all, the pool of a failing live type filled up with small types and
+    // the workload never found a way out; biggest first, it escaped to the largest type and
+    // stayed there at up to four times the oracle's price.)
     let live_vcpus = steerable
         .iter()
         .filter(|t| request.live.contains(&t.name))
         .map(|t| t.vcpus)
         .max();
-    let live_failing = request.peak.is_some_and(|peak| {
-        request
-            .measured
-            .iter()
-            .any(|m| request.live.contains(&m.vm_type) && m.capacity < peak)
-    });
+    let live_capacity = request
+        .measured
+        .iter()
+        .filter(|m| request.live.contains(&m.vm_type))
+        .map(|m| m.capacity)
+        .fold(None, |c: Option<f64>, m| Some(c.map_or(m, |c| c.max(m))));
     let vcpus = |name: &str| steerable.iter().find(|t| t.name == name).map(|t| t.vcpus);
-    if let (true, Some(live_vcpus)) = (live_failing, live_vcpus) {
+    if let (Some(peak), Some(live_vcpus), Some(live_capacity)) =
+        (request.peak, live_vcpus, live_capacity)
+        && live_capacity < peak
+    {
+        let needed = f64::from(live_vcpus) * peak / live_capacity;
         candidates.sort_by_key(|t| {
-            let bigger = vcpus(&t.0).is_some_and(|v| v > live_vcpus);
-            (
-                !bigger,
-                std::cmp::Reverse(if bigger { vcpus(&t.0) } else { None }),
-            )
+            let v = vcpus(&t.0).unwrap_or(0);
+            if f64::from(v) >= needed {
+                (0, 0)
+            } else if v > live_vcpus {
+                (1, u32::MAX - v)
+            } else {
+                (2, 0)
+            }
         });
-        // The plan's picks were made for a live type that holds: they go after these.
+        // The plan's picks were made for a live type that holds: these go first.
         order.retain(|t| request.pin_in.contains(t));
         dropped.clear();
     }
