@@ -21,7 +21,7 @@ pub(crate) struct Options {
     /// Trace minutes replayed.
     #[arg(long, default_value_t = 240)]
     minutes: usize,
-    /// Peak request rate; default: 1.5 times what the live type holds, measured at start.
+    /// Peak request rate; default: 1.3 times what the live type holds, measured at start.
     #[arg(long)]
     peak_rps: Option<f64>,
     /// Keep the work directory (configs, database, logs) after the end.

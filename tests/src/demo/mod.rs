@@ -54,7 +54,8 @@ pub struct Options {
     pub trace_start: String,
     /// Trace minutes replayed.
     pub minutes: usize,
-    /// Peak request rate; `None`: 1.5 times what the live type holds, measured at start.
+    /// Peak request rate; `None`: [`PEAK_OVER_LIVE`] times what the live type holds, measured
+    /// at start.
     pub peak_rps: Option<f64>,
     /// Where `doppel` and `doppel-agent` are.
     pub bin_dir: PathBuf,
@@ -96,6 +97,12 @@ pub const VM_TYPES: &[VmType] = &[
         price_per_hour: 0.40,
     },
 ];
+/// The default peak over the live type's calibrated capacity: a peak the live type cannot
+/// hold, with one type that clearly holds it. (At 1.5 the peak sat at 88 % of medium's
+/// capacity at the SLO, inside the headroom the decision keeps on the current type, and a
+/// forecast overshoot on the last minutes of the rise moved the demo to large in one run of
+/// two: the oracle was a coin toss, not a test.)
+pub const PEAK_OVER_LIVE: f64 = 1.3;
 /// The type the live host starts on.
 pub const LIVE_TYPE: &str = "small";
 /// The workload's latency objective: p99 below this.
@@ -337,7 +344,7 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
         ));
     }
 
-    let peak_rps = options.peak_rps.unwrap_or(1.5 * capacity);
+    let peak_rps = options.peak_rps.unwrap_or(PEAK_OVER_LIVE * capacity);
     let rates = stretch.rates(peak_rps);
     say(&format!(
         "traffic: WorldCup98 from {} ({} minutes, one every {:.1} s), peak {peak_rps:.0} req/s at minute {}",
