@@ -417,17 +417,7 @@ pub fn ifindex(iface: &str) -> Result<u32, DatapathError> {
     })
 }
 
-/// `error: cause: cause…` on one line, for logs.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
+pub use doppel_common::error_chain;
 
 /// Settings of the live data path that are the agent's, not the workload policy's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

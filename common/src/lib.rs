@@ -13,3 +13,18 @@ extern crate std;
 pub mod maps;
 #[cfg(feature = "std")]
 pub mod wire;
+
+/// An error and its causes on one line, `error: cause: cause…`, for logs: the agent and the
+/// coordinator log every error through it.
+#[cfg(feature = "std")]
+pub fn error_chain(error: &dyn std::error::Error) -> std::string::String {
+    use std::string::ToString as _;
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}

@@ -303,7 +303,7 @@ pub async fn run_actor(actor: Arc<Actor>, interval: Duration, mut shutdown: watc
                 "actions left running by the previous coordinator marked failed"
             ),
             Err(e) => {
-                warn!(error = %crate::errors::error_chain(&e), "cannot check for abandoned actions")
+                warn!(error = %doppel_common::error_chain(&e), "cannot check for abandoned actions")
             }
         }
     }
@@ -313,7 +313,7 @@ pub async fn run_actor(actor: Arc<Actor>, interval: Duration, mut shutdown: watc
         tokio::select! {
             _ = tick.tick() => {
                 if let Err(e) = actor.step(actor.clock.now_ms()).await {
-                    warn!(error = %crate::errors::error_chain(&e), "act mode round failed");
+                    warn!(error = %doppel_common::error_chain(&e), "act mode round failed");
                 }
             }
             _ = shutdown.changed() => return,

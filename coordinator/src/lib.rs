@@ -23,7 +23,6 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod clock;
-pub mod errors;
 /// The comparison of live and shadow at matched load: [`doppel_engine::compare`], re-exported
 /// where the coordinator's callers have always found it.
 pub mod compare {

@@ -366,7 +366,7 @@ impl Recommender {
                         Some(r.status().as_u16()),
                         Some(format!("HTTP {}", r.status())),
                     ),
-                    Err(e) => (None, Some(crate::errors::error_chain(&e))),
+                    Err(e) => (None, Some(doppel_common::error_chain(&e))),
                 }
             }
         };
@@ -423,7 +423,7 @@ pub async fn run_evaluator(recommender: Arc<Recommender>, mut shutdown: watch::R
         match tokio::task::spawn_blocking(move || r.evaluate(r.clock.now_ms())).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                warn!(error = %crate::errors::error_chain(&e), "evaluation failed; will retry")
+                warn!(error = %doppel_common::error_chain(&e), "evaluation failed; will retry")
             }
             Err(e) => warn!(error = %e, "evaluation task failed"),
         }
@@ -443,7 +443,7 @@ pub async fn run_deliverer(recommender: Arc<Recommender>, mut shutdown: watch::R
             Ok(None) => Duration::from_secs(1),
             Err(e) => {
                 // A busy or full store: back off and retry; nothing is marked delivered.
-                warn!(error = %crate::errors::error_chain(&e), "webhook outbox unavailable");
+                warn!(error = %doppel_common::error_chain(&e), "webhook outbox unavailable");
                 Duration::from_secs(1)
             }
         };

@@ -172,7 +172,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-use crate::errors::error_chain;
+use doppel_common::error_chain;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

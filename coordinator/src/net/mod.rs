@@ -387,7 +387,7 @@ async fn session(conn: quinn::Connection, identity: AgentIdentity, ctx: Arc<Serv
         .await;
         match recorded {
             Some(Err(e)) => {
-                warn!(error = %crate::errors::error_chain(&e), "could not record the connection");
+                warn!(error = %doppel_common::error_chain(&e), "could not record the connection");
             }
             // An agent's spool numbers its reports upwards for ever, even across a wiped spool
             // (it restarts from the clock), so its next number is above everything stored. If
@@ -467,7 +467,7 @@ async fn session(conn: quinn::Connection, identity: AgentIdentity, ctx: Arc<Serv
                         }
                     }
                     Ok(Err(e)) => {
-                        warn!(seq, error = %crate::errors::error_chain(&*e), "report not stored; closing so the agent retries later");
+                        warn!(seq, error = %doppel_common::error_chain(&*e), "report not stored; closing so the agent retries later");
                         ack_conn.close(
                             close_code::STORE_UNAVAILABLE.into(),
                             b"store unavailable; retry later",

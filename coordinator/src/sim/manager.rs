@@ -28,6 +28,7 @@ use std::{
     time::Duration,
 };
 
+use doppel_common::error_chain;
 use doppel_engine::{CapacityMeasurement, shadow_pool};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
@@ -36,7 +37,6 @@ use tracing::{info, warn};
 use super::{AgentIdentity, CreateRequest, InstanceHealth, InstanceRef, Provisioner, VmType};
 use crate::{
     ca::CertificateAuthority,
-    errors::error_chain,
     net::PolicySnapshot,
     policy::{ShadowEndpoint, WorkloadSpec},
     store::{

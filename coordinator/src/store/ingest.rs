@@ -158,7 +158,7 @@ fn commit(store: &mut Store, jobs: &mut Vec<Job>, stats: &IngestStats) {
         Err(e) => {
             // The whole cause chain ("…: database is locked"), so the operator sees why.
             tracing::error!(
-                error = %crate::errors::error_chain(&e),
+                error = %doppel_common::error_chain(&e),
                 reports = jobs.len(),
                 back_pressure = e.is_back_pressure(),
                 "ingest transaction failed; reports stay unacknowledged in the agents' spools"
