@@ -266,4 +266,16 @@ mod tests {
         assert_ne!(k, key("c6g.large", Trigger::ForecastBreach, 3));
         assert_ne!(k, key("m5.xlarge", Trigger::SloBreach, 3));
     }
+
+    #[test]
+    fn a_stored_reason_reads_back_as_its_trigger() {
+        for t in [
+            Trigger::SloBreach,
+            Trigger::FasterAtLowerOrEqualCost,
+            Trigger::ForecastBreach,
+        ] {
+            assert_eq!(Trigger::from_reason(t.as_str()), Some(t));
+        }
+        assert_eq!(Trigger::from_reason("slo"), None);
+    }
 }

@@ -147,9 +147,7 @@ fn last_move(store: &Store, workload: &str) -> Result<Option<LastMove>, StoreErr
     let advice = store.recommendations(Some(workload), 1)?.pop();
     Ok(match (action, advice) {
         (action, Some(rec)) if action.as_ref().is_none_or(|a| a.recommendation_id < rec.id) => {
-            let urgent = [Trigger::SloBreach, Trigger::ForecastBreach]
-                .iter()
-                .any(|t| t.as_str() == rec.reason);
+            let urgent = Trigger::from_reason(&rec.reason).is_some_and(Trigger::is_urgent);
             Some(LastMove {
                 from: rec.current_vm_type,
                 to: rec.recommended_vm_type,

@@ -557,6 +557,17 @@ impl Trigger {
         }
     }
 
+    /// The trigger a stored reason names ([`Trigger::as_str`] read back).
+    pub fn from_reason(reason: &str) -> Option<Self> {
+        [
+            Self::SloBreach,
+            Self::FasterAtLowerOrEqualCost,
+            Self::ForecastBreach,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == reason)
+    }
+
     /// Whether the advice is to escape a broken (or breaking) SLO rather than to save or gain:
     /// the act policy lets such a move follow a move that did not recover the SLO.
     pub fn is_urgent(self) -> bool {
