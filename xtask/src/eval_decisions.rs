@@ -176,12 +176,14 @@ pub(crate) fn run(options: &FleetOptions<'_>, traces: &[Trace]) -> anyhow::Resul
         let slo: usize = group.iter().map(|o| o.slo_steps).sum();
         let steps: usize = group.iter().map(|o| o.steps).sum();
         let on_oracle = group.iter().filter(|o| o.settled == o.oracle).count();
+        let mean_cost: Vec<f64> = group.iter().map(|o| o.mean_cost_regret).collect();
         println!(
-            "{:<7} {:>3} workloads: settled on the oracle {on_oracle}, regret p50 {:.3} p90 {:.3}, SLO minutes {:.3} %, {:.2} moves/day",
+            "{:<7} {:>3} workloads: settled on the oracle {on_oracle}, regret p50 {:.3} p90 {:.3}, time-averaged cost over the oracle's p50 {:+.3}, SLO minutes {:.3} %, {:.2} moves/day",
             shape.name(),
             group.len(),
             quantile(&regrets, 0.5),
             quantile(&regrets, 0.9),
+            quantile(&mean_cost, 0.5),
             100.0 * slo as f64 / steps as f64,
             moves as f64 / days,
         );

@@ -451,8 +451,8 @@ fn watch(
     let mut printed = 0;
     let mut checked = 0;
     let mut action_done_step = None;
-    let mut seen_warnings = std::collections::BTreeSet::new();
-    let mut seen_recommendations = std::collections::BTreeSet::new();
+    let mut seen_warnings = std::collections::BTreeMap::new();
+    let mut seen_recommendations = std::collections::BTreeMap::new();
     let mut action_states = std::collections::BTreeMap::new();
     while !load.is_done() {
         stopped(stop)?;
@@ -478,7 +478,11 @@ fn watch(
             checked += 1;
         }
         let minutes = |secs: f64| secs / options.step.as_secs_f64();
-        for w in doppel.newer(&["warnings", "--workload", WORKLOAD], &mut seen_warnings) {
+        for w in doppel.changed(
+            &["warnings", "--workload", WORKLOAD],
+            "id",
+            &mut seen_warnings,
+        ) {
             if summary.warning.is_none() {
                 summary.warning_step = Some(now);
                 summary.warning = Some(w.clone());
@@ -496,8 +500,9 @@ fn watch(
                 num(&body["capacity_per_s"]),
             ));
         }
-        for r in doppel.newer(
+        for r in doppel.changed(
             &["recommendations", "--workload", WORKLOAD],
+            "id",
             &mut seen_recommendations,
         ) {
             if summary.recommendation.is_none() {
@@ -520,7 +525,11 @@ fn watch(
         if options.act {
             // An action is reported once its command finished (done, failed), and again when
             // it is verified.
-            for a in doppel.newer_states(&["actions", "--workload", WORKLOAD], &mut action_states) {
+            for a in doppel.changed(
+                &["actions", "--workload", WORKLOAD],
+                "state",
+                &mut action_states,
+            ) {
                 let state = a["state"].as_str().unwrap_or("?");
                 let (from, to) = (
                     a["from_vm_type"].as_str().unwrap_or("?"),
@@ -838,37 +847,26 @@ impl Doppel<'_> {
         Ok(serde_json::from_str(&self.output(&all)?)?)
     }
 
-    /// The rows of a `--json` list not in `seen` (by `id`), oldest first; adds them to it.
-    fn newer(&self, args: &[&str], seen: &mut std::collections::BTreeSet<i64>) -> Vec<Value> {
-        let mut rows: Vec<Value> = self
-            .json(args)
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default();
-        rows.reverse();
-        rows.into_iter()
-            .filter(|r| r["id"].as_i64().is_some_and(|id| seen.insert(id)))
-            .collect()
-    }
-
-    /// The rows of a `--json` list whose `state` changed since the last call, oldest first.
-    fn newer_states(
+    /// The rows of a `--json` list whose `field` is new or changed since the last call (by
+    /// `id`; with `field = "id"`, the rows not seen before), oldest first.
+    fn changed(
         &self,
         args: &[&str],
-        states: &mut std::collections::BTreeMap<i64, String>,
+        field: &str,
+        seen: &mut std::collections::BTreeMap<i64, Value>,
     ) -> Vec<Value> {
         let mut rows: Vec<Value> = self
             .json(args)
             .ok()
             .and_then(|v| v.as_array().cloned())
             .unwrap_or_default();
+        // Lists are newest first.
         rows.reverse();
         rows.into_iter()
             .filter(|r| {
-                let (Some(id), Some(state)) = (r["id"].as_i64(), r["state"].as_str()) else {
-                    return false;
-                };
-                states.insert(id, state.to_owned()).as_deref() != Some(state)
+                r["id"]
+                    .as_i64()
+                    .is_some_and(|id| seen.insert(id, r[field].clone()).as_ref() != Some(&r[field]))
             })
             .collect()
     }
