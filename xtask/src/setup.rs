@@ -26,7 +26,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// `initdb`, `pgbench`, `psql` and the `pg_stat_statements` module, and the `postgres` system
 /// user the test servers run as), and the HTTP/2 clients: `h2load` (nghttp2-client) and
 /// Debian's gRPC for Python (python3-grpcio), whose server and client run the gRPC tests; and
-/// memcached, a protocol replayed by the opaque fallback.
+/// memcached, a protocol replayed by the opaque fallback; and MariaDB: `mariadb-server` brings
+/// `mariadbd`, `mariadb-install-db` and the `mysql` system user, `mariadb-client` the `mariadb`
+/// client, and `sysbench` the OLTP load generator for the MySQL protocol.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
@@ -38,6 +40,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "python3-grpcio",
     "memcached",
+    "mariadb-server",
+    "mariadb-client",
+    "sysbench",
 ];
 
 #[derive(Debug, clap::Args)]
