@@ -25,6 +25,7 @@ use doppel_tests::{
     workloads::{
         ExecutedStatements, GrpcServer, Memcached, Nginx, Pgbench, PgbenchLength, PgbenchReport,
         Postgres, PostgresAuth, QueryMode, Redis, RedisBenchmark,
+        mariadb::{self, Mariadb, Sysbench},
     },
 };
 use serde_json::Value;
@@ -196,6 +197,9 @@ fn replay_summary(lines: &[Value]) -> String {
         "error_replies",
         "flows_abandoned_protocol",
         "auth_not_replayable",
+        "logins",
+        "login_failures",
+        "statements_unmapped",
         "stream_holes",
         "bytes_lost",
         "resyncs",
@@ -447,6 +451,126 @@ fn postgres_scram_with_shadow_credentials_is_executed_exactly() {
         0,
         "the replayer logged in itself: {}",
         replay_summary(&lines)
+    );
+}
+
+const MARIADB_PORT: u16 = 3306;
+
+/// A MariaDB server on the live host and one on the shadow's loopback, both prepared alike by
+/// `sysbench prepare` (over their Unix sockets, before any agent runs), counts at zero.
+fn mariadb_pair(t: &Topology) -> (Mariadb, Mariadb) {
+    let mut live = Mariadb::start(&t.live, t.live_addr(), MARIADB_PORT);
+    let mut shadow = Mariadb::start(&t.shadow, Ipv4Addr::LOCALHOST.into(), MARIADB_PORT);
+    let rows = Sysbench::default().table_size;
+    live.sysbench_prepare(rows);
+    shadow.sysbench_prepare(rows);
+    (live, shadow)
+}
+
+fn mariadb_service(credentials: bool) -> String {
+    let mut service = format!("port = {MARIADB_PORT}\nprotocol = \"mysql\"");
+    if credentials {
+        service.push_str(&format!(
+            "\nuser = \"{}\"\npassword = \"{}\"",
+            mariadb::USER,
+            mariadb::PASSWORD
+        ));
+    }
+    service
+}
+
+/// Runs `run` from the client against live's MariaDB and checks it went through: every
+/// transaction committed, no errors. Returns what the live server executed.
+fn sysbench_on_live(t: &Topology, live: &Mariadb, run: &Sysbench) -> ExecutedStatements {
+    let report = live.sysbench(&t.client, run);
+    let executed = live.executed();
+    assert!(
+        report.success && report.errors == 0 && report.transactions > 0,
+        "sysbench against live failed:\n{}",
+        report.output
+    );
+    assert_eq!(
+        executed.get("commit"),
+        report.transactions,
+        "live executed {executed} for {} transactions",
+        report.transactions
+    );
+    if run.prepared {
+        assert!(executed.get("stmt_execute") > 0, "prepared: {executed}");
+    } else {
+        assert_eq!(executed.get("stmt_execute"), 0, "text queries: {executed}");
+    }
+    executed
+}
+
+fn mariadb_replays_exactly(run: &Sysbench) -> Vec<Value> {
+    let t = Topology::new();
+    let (live_db, shadow_db) = mariadb_pair(&t);
+    let lines = mirror(&t, &mariadb_service(true), MARIADB_PORT, None, || {
+        sysbench_on_live(&t, &live_db, run)
+    })
+    .assert_executed_exactly(|| shadow_db.executed());
+    assert_eq!(
+        counter(&lines, "logins"),
+        u64::from(run.threads),
+        "the replayer logged in once per connection: {}",
+        replay_summary(&lines)
+    );
+    lines
+}
+
+#[test]
+fn mariadb_sysbench_with_prepared_statements_is_executed_exactly() {
+    if !privileged_or_skip("mariadb_sysbench_with_prepared_statements_is_executed_exactly") {
+        return;
+    }
+    mariadb_replays_exactly(&Sysbench::default());
+}
+
+#[test]
+fn mariadb_sysbench_text_queries_are_executed_exactly() {
+    if !privileged_or_skip("mariadb_sysbench_text_queries_are_executed_exactly") {
+        return;
+    }
+    mariadb_replays_exactly(&Sysbench {
+        prepared: false,
+        ..Sysbench::default()
+    });
+}
+
+#[test]
+fn mariadb_without_shadow_credentials_is_not_replayed_and_is_counted() {
+    if !privileged_or_skip("mariadb_without_shadow_credentials_is_not_replayed_and_is_counted") {
+        return;
+    }
+    let t = Topology::new();
+    let (live_db, shadow_db) = mariadb_pair(&t);
+    let run = Sysbench::default();
+    let Mirrored { shadow, live, .. } =
+        mirror(&t, &mariadb_service(false), MARIADB_PORT, None, || {
+            sysbench_on_live(&t, &live_db, &run)
+        });
+    let counted = wait_for(Duration::from_secs(5), || {
+        shadow.counter("auth_not_replayable") >= u64::from(run.threads)
+    });
+    let shadow_lines = shadow.stop();
+    live.stop();
+    let summary = replay_summary(&shadow_lines);
+    assert!(
+        counted,
+        "password logins without credentials counted: {summary}"
+    );
+    assert_eq!(counter(&shadow_lines, "logins"), 0, "{summary}");
+    let executed = shadow_db.executed();
+    assert_eq!(
+        executed.total(),
+        0,
+        "the shadow server executed {executed} without a login"
+    );
+    assert!(
+        shadow_db.log().is_empty() || !shadow_db.log().contains("Access denied"),
+        "the replayer never tried a login it could not answer: {}",
+        shadow_db.log()
     );
 }
 

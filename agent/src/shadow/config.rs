@@ -16,10 +16,10 @@
 //! vni = 101
 //! [[services]]                       # original service ports replayed (others are ignored)
 //! port = 8080
-//! protocol = "http1"                 # optional: http1 | http2 | redis | postgres | opaque (else detected)
+//! protocol = "http1"                 # optional: http1 | http2 | redis | postgres | mysql | opaque (else detected)
 //! [[services]]
 //! port = 5432
-//! user = "app"                       # optional: the replayer logs in to PostgreSQL itself,
+//! user = "app"                       # optional: the replayer logs in to PostgreSQL/MySQL itself,
 //! password = "secret"                #   answering the server's challenge with these
 //! [[classes]]                        # optional: class of a flow by its first bytes
 //! id = 1
@@ -77,12 +77,14 @@ pub struct AdmittedSession {
 pub struct ShadowService {
     /// Original service port; the replay goes to `replay_addr` on the same port.
     pub port: u16,
-    /// `http1`, `redis`, `postgres` or `opaque`; detected from each flow's first bytes when
-    /// absent.
+    /// `http1`, `http2`, `redis`, `postgres`, `mysql` or `opaque`; detected from each flow's
+    /// first bytes when absent.
     pub protocol: Option<Protocol>,
-    /// For PostgreSQL: the user the replayer logs in as (the client's own by default).
+    /// For PostgreSQL and MySQL: the user the replayer logs in as (the client's own by
+    /// default).
     pub user: Option<String>,
-    /// For PostgreSQL: the password the replayer answers the server's challenge with.
+    /// For PostgreSQL and MySQL: the password the replayer answers the server's challenge
+    /// with (without one, a MySQL client that logged in with an empty password is followed).
     pub password: Option<String>,
 }
 
@@ -285,10 +287,15 @@ impl ShadowConfig {
         }
         for (i, service) in self.services.iter().enumerate() {
             let wants_login = service.user.is_some() || service.password.is_some();
-            if wants_login && !matches!(service.protocol, None | Some(Protocol::Postgres)) {
+            if wants_login
+                && !matches!(
+                    service.protocol,
+                    None | Some(Protocol::Postgres | Protocol::Mysql)
+                )
+            {
                 return Err(invalid(
                     format!("services[{i}].user"),
-                    "credentials are only used by the postgres protocol",
+                    "credentials are only used by the postgres and mysql protocols",
                 ));
             }
         }

@@ -36,8 +36,8 @@ use tracing::{debug, warn};
 use super::{
     exchange::{ExchangeSplitter, Message, SegmentMeta, SplitError},
     framing::{
-        Action, Completed, ErrorReply, FrameError, Protocol, ResponseFraming,
-        postgres::{self, Credentials, LoginError},
+        Action, Completed, ErrorReply, FrameError, Login, Protocol, ResponseFraming, mysql,
+        postgres::{self, Credentials},
     },
     http::HttpPolicy,
     stats::{ShadowCounter, ShadowStats},
@@ -115,6 +115,31 @@ pub struct ReplaySettings {
     pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
+/// Why the replayer's own login failed, per protocol.
+#[derive(Debug, thiserror::Error)]
+enum LoginError {
+    #[error(transparent)]
+    Postgres(postgres::LoginError),
+    #[error(transparent)]
+    Mysql(mysql::LoginError),
+}
+
+impl LoginError {
+    fn needs_credentials(&self) -> bool {
+        match self {
+            Self::Postgres(e) => e.needs_credentials(),
+            Self::Mysql(e) => e.needs_credentials(),
+        }
+    }
+
+    const fn protocol(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "PostgreSQL",
+            Self::Mysql(_) => "MySQL",
+        }
+    }
+}
+
 /// Why a replay stopped early.
 #[derive(Debug, thiserror::Error)]
 enum ReplayError {
@@ -185,10 +210,11 @@ pub async fn replay_flow(
         {
             warn!(
                 service = %target,
+                protocol = login.protocol(),
                 error = %crate::datapath::error_chain(login),
-                "PostgreSQL sessions to this service cannot be replayed: the replayer logs in \
-                 itself (a challenge cannot be replayed); set user and password on the service \
-                 in the shadow config"
+                "sessions to this service cannot be replayed: the replayer logs in itself (a \
+                 challenge cannot be replayed); set user and password on the service in the \
+                 shadow config"
             );
         }
         debug!(%target, error = %crate::datapath::error_chain(&e), "replay stopped");
@@ -354,6 +380,9 @@ impl<'a> Replay<'a> {
                     Some(FlowEvent::Data(data, meta)) => self.splitter.push(&data.data, meta),
                     Some(FlowEvent::Hole) => {
                         self.splitter.hole();
+                        if let Some(responses) = self.responses.as_mut() {
+                            responses.hole();
+                        }
                         // Lost bytes may have held the request whose response moved the ACK:
                         // the next message does not wait for an answer to what came before.
                         self.after_hole = true;
@@ -361,7 +390,9 @@ impl<'a> Replay<'a> {
                     Some(FlowEvent::End) | None => self.ended = true,
                     Some(FlowEvent::Abandon) => return Err(ReplayError::Abandoned),
                 },
-                readable = self.conn.readable() => {
+                // Nothing is read before the flow's protocol is known: a server that speaks
+                // first (MySQL's greeting) is read by the replayer's own login.
+                readable = self.conn.readable(), if self.responses.is_some() => {
                     readable.map_err(ReplayError::Reset)?;
                     match self.conn.try_read(&mut self.buf) {
                         Ok(0) => return self.server_closed(),
@@ -522,25 +553,43 @@ impl<'a> Replay<'a> {
                 Action::Replay | Action::Terminate | Action::Cancel(_) => self.write(&message),
                 Action::Denied(_) => self.stats.inc(ShadowCounter::RequestsDenied),
                 Action::Handshake => {}
-                Action::Startup(params) => self.login(params).await?,
+                Action::Login(login) => self.login(login).await?,
             }
         }
         self.timer.disarm();
         Ok(())
     }
 
-    /// Performs the PostgreSQL login the client's StartupMessage asked for.
-    async fn login(&mut self, params: &postgres::StartupParams) -> Result<(), ReplayError> {
+    /// Performs the login the client's first message asked for. A MySQL login negotiates
+    /// how result sets end, so the session's response framing is made from it.
+    async fn login(&mut self, login: &Login) -> Result<(), ReplayError> {
         let credentials = self
             .settings
             .services
             .get(&self.target.port())
             .and_then(|s| s.credentials.as_ref());
-        let result = tokio::time::timeout(
-            self.settings.response_timeout,
-            postgres::login(&mut self.conn, params, credentials),
-        )
-        .await;
+        let timeout = self.settings.response_timeout;
+        let result = match login {
+            Login::Postgres(params) => tokio::time::timeout(
+                timeout,
+                postgres::login(&mut self.conn, params, credentials),
+            )
+            .await
+            .map(|r| r.map_err(LoginError::Postgres)),
+            Login::Mysql(handshake) => tokio::time::timeout(
+                timeout,
+                mysql::login(&mut self.conn, handshake, credentials),
+            )
+            .await
+            .map(|r| {
+                r.map(|negotiated| {
+                    self.responses = Some(Box::new(mysql::MysqlResponses::new(
+                        negotiated.deprecate_eof,
+                    )));
+                })
+                .map_err(LoginError::Mysql)
+            }),
+        };
         match result {
             Err(_) => Err(ReplayError::ResponseTimeout),
             Ok(Err(e)) => Err(ReplayError::Login(e)),
@@ -566,7 +615,16 @@ impl<'a> Replay<'a> {
             }
             _ => {}
         }
+        let start = self.out.len();
+        self.out.extend_from_slice(&message.bytes);
         if let Some(responses) = self.responses.as_mut() {
+            if !responses.rewrite(&message.frame, &mut self.out[start..]) {
+                // It names what the shadow does not have (a MySQL statement prepared in a
+                // hole): never sent to mean something else.
+                self.out.truncate(start);
+                self.stats.inc(ShadowCounter::StatementsUnmapped);
+                return;
+            }
             responses.expect(&message.frame);
         }
         if !self.knows_completeness() && self.opaque.as_ref().is_none_or(|r| r.ack != message.ack) {
@@ -576,7 +634,6 @@ impl<'a> Replay<'a> {
         self.last_ack = Some(message.ack);
         self.stats
             .add(ShadowCounter::BytesReplayed, message.bytes.len() as u64);
-        self.out.extend_from_slice(&message.bytes);
         self.out_marks.push_back((
             self.out.len(),
             message.frame.responses,

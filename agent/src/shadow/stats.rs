@@ -115,15 +115,18 @@ shadow_counters! {
     Resyncs => "resyncs",
     /// Client bytes skipped to resynchronise.
     BytesSkipped => "bytes_skipped",
-    /// Logins the replayer performed itself (PostgreSQL).
+    /// Logins the replayer performed itself (PostgreSQL, MySQL).
     Logins => "logins",
     /// Sessions not replayed because the server asks for a password the shadow config lacks
     /// (a per-connection challenge cannot be replayed); the log names service and method.
     AuthNotReplayable => "auth_not_replayable",
     /// The replayer's own login was refused or failed.
     LoginFailures => "login_failures",
-    /// Protocol error replies: PostgreSQL ErrorResponse, RESP errors.
+    /// Protocol error replies: PostgreSQL ErrorResponse, MySQL ERR, RESP errors.
     ErrorReplies => "error_replies",
+    /// MySQL messages naming a prepared statement whose shadow id is unknown (prepared in a
+    /// hole, or closed): skipped, never sent with another statement's id.
+    StatementsUnmapped => "statements_unmapped",
     /// Client bytes written to the workload.
     BytesReplayed => "bytes_replayed",
     /// Response bytes read and discarded.

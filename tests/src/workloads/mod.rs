@@ -19,6 +19,7 @@ use std::{
 use crate::testbed::{Host, Process};
 
 pub mod grpc;
+pub mod mariadb;
 pub mod postgres;
 
 pub use grpc::GrpcServer;

@@ -16,7 +16,8 @@
 //! Protocols: HTTP/1.1 ([`http1`], heads parsed with `httparse`), HTTP/2 with prior knowledge
 //! and gRPC over it ([`h2`]: streams are exchanges, completed out of order, the server's HPACK
 //! table followed with `loona-hpack`), Redis RESP2/RESP3 ([`resp`]),
-//! PostgreSQL v3 ([`postgres`]; the replayer logs in itself, see there), and an opaque fallback
+//! PostgreSQL v3 ([`postgres`]) and MySQL/MariaDB ([`mysql`]), where the replayer logs in
+//! itself (see there), and an opaque fallback
 //! ([`opaque`]) that replays each mirrored segment at its original offset and times the first
 //! response byte after each run of client bytes, never waiting on an idle timer.
 //! A service's protocol is set in the shadow config or detected from a flow's first bytes
@@ -24,6 +25,7 @@
 
 pub mod h2;
 pub mod http1;
+pub mod mysql;
 pub mod opaque;
 pub mod postgres;
 pub mod resp;
@@ -44,6 +46,8 @@ pub enum Protocol {
     Redis,
     /// PostgreSQL frontend/backend protocol v3.
     Postgres,
+    /// MySQL/MariaDB client/server protocol.
+    Mysql,
     /// Anything else: segments paced by the live side's timing.
     Opaque,
 }
@@ -56,6 +60,7 @@ impl Protocol {
             Self::Http2 => "http2",
             Self::Redis => "redis",
             Self::Postgres => "postgres",
+            Self::Mysql => "mysql",
             Self::Opaque => "opaque",
         }
     }
@@ -67,6 +72,7 @@ impl Protocol {
             Self::Http2 => Box::new(h2::H2Client::default()),
             Self::Redis => Box::new(resp::RespClient::default()),
             Self::Postgres => Box::new(postgres::PgClient::default()),
+            Self::Mysql => Box::new(mysql::MysqlClient::default()),
             Self::Opaque => Box::new(opaque::OpaqueClient),
         }
     }
@@ -78,6 +84,7 @@ impl Protocol {
             Self::Http2 => Box::new(h2::H2Responses::default()),
             Self::Redis => Box::new(resp::RespResponses::default()),
             Self::Postgres => Box::new(postgres::PgResponses::default()),
+            Self::Mysql => Box::new(mysql::MysqlResponses::default()),
             Self::Opaque => Box::new(opaque::OpaqueResponses),
         }
     }
@@ -107,16 +114,18 @@ pub fn detect(first: &[u8]) -> Option<Protocol> {
             None => None,
         };
     }
-    if first.len() < 8 {
-        // A PostgreSQL startup packet begins with a big-endian length, so a first byte of 0.
-        return if first[0] == 0 {
-            None
-        } else {
-            Some(Protocol::Opaque)
-        };
-    }
-    if postgres::is_startup_packet(first) {
+    if first.len() >= 8 && postgres::is_startup_packet(first) {
         return Some(Protocol::Postgres);
+    }
+    // A MySQL client's first packet is its HandshakeResponse (sequence id 1).
+    match mysql::is_handshake_response(first) {
+        Some(true) => return Some(Protocol::Mysql),
+        None => return None,
+        Some(false) => {}
+    }
+    if first.len() < 8 && first[0] == 0 {
+        // A PostgreSQL startup packet begins with a big-endian length, so a first byte of 0.
+        return None;
     }
     Some(Protocol::Opaque)
 }
@@ -154,14 +163,24 @@ pub enum Action {
     /// Part of a handshake the replayer performs itself (PostgreSQL SSLRequest, password and
     /// SASL messages): skip its bytes.
     Handshake,
-    /// A PostgreSQL StartupMessage: the replayer logs in with these parameters instead.
-    Startup(postgres::StartupParams),
+    /// The client's login (PostgreSQL StartupMessage, MySQL HandshakeResponse): the replayer
+    /// logs in itself with what it says.
+    Login(Login),
     /// The client ends the session (PostgreSQL Terminate, HTTP/2 GOAWAY): write it; the server
     /// closing after it is the normal end, never an error.
     Terminate,
     /// The client cancels an HTTP/2 stream (RST_STREAM): write it; the stream's response is no
     /// longer awaited.
     Cancel(u32),
+}
+
+/// A login the replayer performs itself, as the client's first message asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Login {
+    /// A PostgreSQL StartupMessage's parameters.
+    Postgres(postgres::StartupParams),
+    /// A MySQL HandshakeResponse.
+    Mysql(Box<mysql::ClientHandshake>),
 }
 
 /// One client message at the start of the buffered stream.
@@ -183,6 +202,9 @@ pub struct ClientMessage {
     /// The HTTP/2 stream the message belongs to; its responses are completed by stream, in
     /// any order.
     pub stream: Option<u32>,
+    /// The protocol's command code, for response framings that frame each command's response
+    /// differently (MySQL).
+    pub kind: Option<u8>,
 }
 
 impl ClientMessage {
@@ -195,6 +217,7 @@ impl ClientMessage {
             gated: true,
             request: None,
             stream: None,
+            kind: None,
         }
     }
 }
@@ -260,6 +283,16 @@ pub trait ResponseFraming: Send + std::fmt::Debug {
     /// A message was written; expect its [`ClientMessage::responses`] responses.
     fn expect(&mut self, message: &ClientMessage);
 
+    /// Bytes before the next message were lost (a hole): state learnt from the messages is
+    /// no longer certain.
+    fn hole(&mut self) {}
+
+    /// Adjusts a message's bytes just before they are written, with what this connection's
+    /// responses taught (MySQL statement ids); `false` skips the message.
+    fn rewrite(&mut self, _message: &ClientMessage, _bytes: &mut [u8]) -> bool {
+        true
+    }
+
     /// Consumes server bytes, appending every response completed in them, in order.
     fn feed(&mut self, data: &[u8], done: &mut Vec<Completed>) -> Result<(), FrameError>;
 
@@ -299,6 +332,15 @@ mod tests {
         startup[5] = 9;
         assert_eq!(detect(&startup), Some(Protocol::Opaque));
         assert_eq!(detect(h2::PREFACE), Some(Protocol::Http2));
+        // A MySQL HandshakeResponse: sequence id 1, CLIENT_PROTOCOL_41, 19 reserved zeros.
+        let mut mysql = vec![60, 0, 0, 1, 0x00, 0x02, 0, 0, 0, 0, 0, 1, 45];
+        mysql.extend_from_slice(&[0; 23]);
+        mysql.extend_from_slice(b"bench\0");
+        assert_eq!(detect(&mysql[..3]), None);
+        assert_eq!(detect(&mysql[..20]), None, "too few bytes to tell");
+        assert_eq!(detect(&mysql), Some(Protocol::Mysql));
+        mysql[20] = 1;
+        assert_eq!(detect(&mysql), Some(Protocol::Opaque), "reserved bytes set");
         assert_eq!(detect(b"PRI * HTTP/2"), None);
         assert_eq!(
             detect(b"\x16\x03\x01\x02\x00\x01\x00\x01"),

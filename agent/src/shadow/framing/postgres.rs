@@ -10,7 +10,7 @@
 //!
 //! **The replayer logs in itself.** A password challenge (MD5's salt, SCRAM-SHA-256's nonces)
 //! is per connection, so the client's own answers can never succeed when replayed. Instead, the
-//! client's StartupMessage becomes [`Action::Startup`]: [`login`] sends the same parameters
+//! client's StartupMessage becomes [`Action::Login`]: [`login`] sends the same parameters
 //! (with the user from the shadow config's credentials if given), answers the server's
 //! challenge with the configured password (cleartext, MD5 or SCRAM-SHA-256, using
 //! `postgres-protocol`, the protocol crate of `tokio-postgres`), and waits for ReadyForQuery;
@@ -36,7 +36,7 @@ use tokio::{
 };
 
 use super::{
-    Action, ClientFraming, ClientMessage, Completed, ErrorReply, FrameError, Protocol,
+    Action, ClientFraming, ClientMessage, Completed, ErrorReply, FrameError, Login, Protocol,
     ResponseFraming,
 };
 
@@ -166,7 +166,7 @@ impl ClientFraming for PgClient {
             let mut params = StartupParams::parse(&buf[8..len])?;
             params.ssl_requested = self.ssl_requested;
             return Ok(ClientMessage {
-                action: Action::Startup(params),
+                action: Action::Login(Login::Postgres(params)),
                 ..skip(len)
             });
         }
@@ -496,7 +496,7 @@ mod tests {
             got.push((m.action, m.responses));
         }
         assert_eq!(got[0], (Action::Handshake, 0));
-        let Action::Startup(params) = &got[1].0 else {
+        let Action::Login(Login::Postgres(params)) = &got[1].0 else {
             panic!("startup expected: {got:?}");
         };
         assert_eq!(params.get("user"), Some("bench"));
