@@ -455,8 +455,10 @@ fn on_service_packet(ctx: &TcContext, packet: &Packet) {
 }
 
 /// Counts the response as an error if its first bytes say so: `HTTP/1.x 5..`, a RESP error
-/// (`-`), or a PostgreSQL ErrorResponse (`E`, a length below 64 KiB, then the severity field
-/// `S`). Only the packet that closes an exchange pays for the 12-byte load.
+/// (`-`), a PostgreSQL ErrorResponse (`E`, a length below 64 KiB, then the severity field
+/// `S`), or a MySQL ERR packet answering a command (a length below 64 KiB, sequence id 1,
+/// `0xFF`, a 2-byte code, then the SQL state marker `#`; an ERR is at least 13 bytes). Only the
+/// packet that closes an exchange pays for the 12-byte load.
 #[inline(always)]
 fn count_error_reply(ctx: &TcContext, packet: &Packet) {
     let mut head = [0u8; 12];
@@ -489,6 +491,7 @@ fn count_error_reply(ctx: &TcContext, packet: &Packet) {
         add(DatapathCounter::Responses5xx, 1);
     } else if head[0] == b'-'
         || (head[0] == b'E' && head[1] == 0 && head[2] == 0 && head[5] == b'S')
+        || (head[2] == 0 && head[3] == 1 && head[4] == 0xFF && head[7] == b'#')
     {
         add(DatapathCounter::ErrorReplies, 1);
     }

@@ -62,7 +62,8 @@ struct Mirrored<'t> {
 }
 
 /// Starts the shadow agent replaying `service` (one `[[services]]` table's body), with
-/// [`MirrorLoss`] dropping about one in `loss_one_in` data-carrying mirror datagrams on their
+/// [`MirrorLoss`] dropping about one in `loss.0` data-carrying mirror datagrams (sparing
+/// `loss.1`) on their
 /// way in when given, and the live agent mirroring `port`; then runs `workload`, which runs the
 /// client against live, checks it went through and returns what the live server executed.
 /// Start the servers first, so nothing of their setup is mirrored.
@@ -70,12 +71,13 @@ fn mirror<'t>(
     t: &'t Topology,
     service: &str,
     port: u16,
-    loss_one_in: Option<u32>,
+    loss: Option<(u32, Spare)>,
     workload: impl FnOnce() -> ExecutedStatements,
 ) -> Mirrored<'t> {
     let shadow = t.shadow_agent(&[service], "");
-    let loss =
-        loss_one_in.map(|one_in| MirrorLoss::install(&t.shadow, &t.shadow_link.b_iface, one_in));
+    let loss = loss.map(|(one_in, spare)| {
+        MirrorLoss::install(&t.shadow, &t.shadow_link.b_iface, one_in, spare)
+    });
     let live = t.live_agent(&[port]);
     let live_executed = workload();
     Mirrored {
@@ -571,6 +573,102 @@ fn mariadb_without_shadow_credentials_is_not_replayed_and_is_counted() {
         shadow_db.log().is_empty() || !shadow_db.log().contains("Access denied"),
         "the replayer never tried a login it could not answer: {}",
         shadow_db.log()
+    );
+}
+
+/// The kinds sysbench's statements count under once each (an EXECUTE counts under its
+/// statement's kind and under `stmt_execute`), so one lost command costs one of these.
+const MARIADB_ONE_PER_COMMAND: [&str; 6] =
+    ["select", "insert", "update", "delete", "begin", "commit"];
+
+fn mariadb_executed_of(db: &Mariadb, kinds: &[&str]) -> ExecutedStatements {
+    let all = db.executed();
+    ExecutedStatements(
+        kinds
+            .iter()
+            .map(|k| ((*k).to_owned(), all.get(k)))
+            .collect(),
+    )
+}
+
+#[test]
+fn mariadb_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows() {
+    if !privileged_or_skip("mariadb_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows")
+    {
+        return;
+    }
+    let t = Topology::new();
+    let (live_db, shadow_db) = mariadb_pair(&t);
+    let run = Sysbench::default();
+    let loss = Some((LOSS_ONE_IN, Spare::MysqlLoginsAndPrepares));
+    let mirrored = mirror(&t, &mariadb_service(true), MARIADB_PORT, loss, || {
+        sysbench_on_live(&t, &live_db, &run);
+        mariadb_executed_of(&live_db, &MARIADB_ONE_PER_COMMAND)
+    });
+    // One command per segment (sysbench waits for each reply), so each lost datagram costs
+    // at most one; the statements prepared before the holes stay mapped.
+    mirrored.assert_holes_skipped(Duration::from_secs(3), || {
+        mariadb_executed_of(&shadow_db, &MARIADB_ONE_PER_COMMAND)
+    });
+}
+
+#[test]
+fn mariadb_err_replies_are_errors_on_live_and_shadow_alike() {
+    if !privileged_or_skip("mariadb_err_replies_are_errors_on_live_and_shadow_alike") {
+        return;
+    }
+    let t = Topology::new();
+    let (live_db, shadow_db) = mariadb_pair(&t);
+    // The `mariadb` client over TCP, going on after errors: 3 SELECTs that work, 2 on a table
+    // that does not exist (ERR 1146), one session per run.
+    const RUNS: u64 = 3;
+    // One statement per line: `--force` goes on at the next line after an error.
+    let sql = "SELECT 1;\nSELECT * FROM nosuch;\nSELECT id FROM sbtest1 WHERE id = 5;\n\
+               SELECT * FROM nosuch_either;\nSELECT 2;\n";
+    let mirrored = mirror(&t, &mariadb_service(true), MARIADB_PORT, None, || {
+        for _ in 0..RUNS {
+            let mut client = t
+                .client
+                .command("mariadb")
+                .arg("--no-defaults")
+                .arg(format!("--host={}", live_db.addr.ip()))
+                .arg(format!("--port={}", live_db.addr.port()))
+                .arg(format!("--user={}", mariadb::USER))
+                .arg(format!("--password={}", mariadb::PASSWORD))
+                .args(["--skip-ssl", "--batch", "--force", mariadb::DATABASE])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run mariadb");
+            client
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(sql.as_bytes())
+                .expect("write the statements");
+            let out = client.wait_with_output().expect("mariadb ends");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                stderr.matches("ERROR 1146").count(),
+                2,
+                "two missing tables: {stderr}"
+            );
+        }
+        live_db.executed()
+    });
+    let (shadow_lines, live_lines) =
+        mirrored.assert_executed_exactly_both(|| shadow_db.executed(), 2 * RUNS);
+    assert_eq!(
+        counter(&shadow_lines, "error_replies"),
+        2 * RUNS,
+        "the shadow's ERR replies: {}",
+        replay_summary(&shadow_lines)
+    );
+    assert_eq!(
+        counter(&live_lines, "error_replies"),
+        2 * RUNS,
+        "live's ERR replies, from the first response bytes"
     );
 }
 
@@ -1116,10 +1214,16 @@ fn redis_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows() {
     // SET and GET only: each is one segment (no pipelining), so each lost datagram costs at
     // most one; redis-benchmark's two CONFIG GETs share a segment, whose loss costs both.
     let one_per_segment = ["set", "get"];
-    let mirrored = mirror(&t, &redis_service(), REDIS_PORT, Some(LOSS_ONE_IN), || {
-        bench.run(&t.client, live_redis.addr);
-        redis_calls_of(&live_redis, &t.live, &one_per_segment)
-    });
+    let mirrored = mirror(
+        &t,
+        &redis_service(),
+        REDIS_PORT,
+        Some((LOSS_ONE_IN, Spare::Logins)),
+        || {
+            bench.run(&t.client, live_redis.addr);
+            redis_calls_of(&live_redis, &t.live, &one_per_segment)
+        },
+    );
     // redis-benchmark sends as fast as it can; the shadow may trail live by a second or so.
     mirrored.assert_holes_skipped(Duration::from_secs(5), || {
         redis_calls_of(&shadow_redis, &t.shadow, &one_per_segment)
@@ -1244,9 +1348,13 @@ fn memcached_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows() {
     let (live, shadow) = memcached_pair(&t);
     let service = format!("port = {MEMCACHED_PORT}");
     // One in 50: about 18 of the ~900 data-carrying datagrams.
-    let mirrored = mirror(&t, &service, MEMCACHED_PORT, Some(50), || {
-        memcached_clients(&t, &live, &MEMCACHED_COMMANDS)
-    });
+    let mirrored = mirror(
+        &t,
+        &service,
+        MEMCACHED_PORT,
+        Some((50, Spare::Logins)),
+        || memcached_clients(&t, &live, &MEMCACHED_COMMANDS),
+    );
     mirrored.assert_holes_skipped(Duration::from_secs(5), || {
         memcached_executed(&shadow, &t.shadow, &MEMCACHED_COMMANDS)
     });
@@ -1268,9 +1376,13 @@ fn postgres_with_lost_mirror_datagrams_skips_the_holes_and_keeps_the_flows() {
         select_only: true,
         ..Pgbench::default()
     };
-    let mirrored = mirror(&t, &postgres_service(), PG_PORT, Some(LOSS_ONE_IN), || {
-        pgbench_on_live(&t, &live_pg, &run)
-    });
+    let mirrored = mirror(
+        &t,
+        &postgres_service(),
+        PG_PORT,
+        Some((LOSS_ONE_IN, Spare::Logins)),
+        || pgbench_on_live(&t, &live_pg, &run),
+    );
     // A simple-protocol Query per segment: each lost datagram costs at most one statement.
     mirrored.assert_holes_skipped(Duration::from_secs(3), || shadow_pg.executed());
 }
@@ -1281,7 +1393,7 @@ fn the_loss_injector_drops_only_mirrored_client_bytes() {
         return;
     }
     let t = Topology::new();
-    let loss = MirrorLoss::install(&t.shadow, &t.shadow_link.b_iface, 1);
+    let loss = MirrorLoss::install(&t.shadow, &t.shadow_link.b_iface, 1, Spare::Logins);
     let receiver = {
         let _inside = t.shadow.enter().expect("enter shadow");
         UdpSocket::bind((t.shadow_link.b_v4, 4789)).expect("bind 4789")
@@ -1368,7 +1480,7 @@ impl<'a> MirrorLoss<'a> {
     const SINK: &'static str = "losssink0";
     const SINK_PEER: &'static str = "losssink1";
 
-    fn install(host: &'a Host, iface: &str, one_in: u32) -> Self {
+    fn install(host: &'a Host, iface: &str, one_in: u32, spare: Spare) -> Self {
         let run = |program: &str, args: &[&str]| {
             host.run(program, args)
                 .unwrap_or_else(|e| panic!("loss injector: {e}"));
@@ -1393,7 +1505,7 @@ impl<'a> MirrorLoss<'a> {
         }
         // The shadow agent may have added clsact already (for TC programs); either is fine.
         let _ = host.run("tc", &["qdisc", "add", "dev", iface, "clsact"]);
-        let bytecode = loss_filter(one_in);
+        let bytecode = loss_filter(one_in, spare);
         run(
             "tc",
             &[
@@ -1449,11 +1561,24 @@ impl<'a> MirrorLoss<'a> {
     }
 }
 
+/// Client bytes a loss test never drops, besides those with a first payload byte of 0 (which
+/// spares PostgreSQL StartupMessages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spare {
+    /// Nothing else.
+    Logins,
+    /// MySQL's login and prepares: segments whose first packet has a sequence id other than 0
+    /// (the HandshakeResponse and the client's auth answers), and COM_STMT_PREPAREs, whose
+    /// loss would leave the session's later statement ids unknown (then their executes are
+    /// skipped, not replayed, by design).
+    MysqlLoginsAndPrepares,
+}
+
 /// The classic BPF program of [`MirrorLoss`], in `tc`'s `bytecode` syntax
 /// (`count,code jt jf k,…`). Offsets count from the outer Ethernet header (`cls_bpf` pushes it
 /// back at ingress): outer IPv4 at 14, UDP after its `ihl`, VXLAN 8 bytes on, inner Ethernet 8
 /// more, so the inner IPv4 header starts at `X + 44` with `X` the outer header length.
-fn loss_filter(one_in: u32) -> String {
+fn loss_filter(one_in: u32, spare: Spare) -> String {
     // Opcodes from linux/filter.h (classic BPF).
     const LD_H_ABS: u16 = 0x28;
     const LD_B_ABS: u16 = 0x30;
@@ -1488,7 +1613,7 @@ fn loss_filter(one_in: u32) -> String {
     use Step::{ContinueIfEq, Op, PassIfEq, PassIfGt};
     // One in `one_in` random numbers is at most this (all of them when `one_in` is 1).
     let threshold = u32::MAX / one_in.max(1);
-    let steps = [
+    let mut steps = vec![
         Op(LD_H_ABS, 12),
         ContinueIfEq(0x0800), // outer IPv4
         Op(LD_B_ABS, 23),
@@ -1525,11 +1650,21 @@ fn loss_filter(one_in: u32) -> String {
         Op(LDX_MEM, 3),
         Op(LD_B_IND, 44),
         PassIfEq(0), // first payload byte 0: a PostgreSQL StartupMessage
+    ];
+    if spare == Spare::MysqlLoginsAndPrepares {
+        steps.extend([
+            Op(LD_B_IND, 47),
+            ContinueIfEq(0), // a sequence id other than 0: login
+            Op(LD_B_IND, 48),
+            PassIfEq(0x16), // COM_STMT_PREPARE
+        ]);
+    }
+    steps.extend([
         Op(LD_W_ABS, AD_RANDOM),
         PassIfGt(threshold),
         Op(RET_K, u32::MAX), // match: the default class, so the mirred action runs
         Op(RET_K, 0),        // no match: the datagram goes on
-    ];
+    ]);
     let pass = steps.len() - 1;
     let code: Vec<String> = steps
         .iter()
