@@ -201,7 +201,7 @@ fn replay_summary(lines: &[Value]) -> String {
         "auth_not_replayable",
         "logins",
         "login_failures",
-        "statements_unmapped",
+        "statements_skipped",
         "stream_holes",
         "bytes_lost",
         "resyncs",
@@ -1568,9 +1568,10 @@ enum Spare {
     /// Nothing else.
     Logins,
     /// MySQL's login and prepares: segments whose first packet has a sequence id other than 0
-    /// (the HandshakeResponse and the client's auth answers), and COM_STMT_PREPAREs, whose
-    /// loss would leave the session's later statement ids unknown (then their executes are
-    /// skipped, not replayed, by design).
+    /// (the HandshakeResponse and the client's auth answers), COM_STMT_PREPAREs, whose loss
+    /// would leave the session's later statement ids unknown, and the EXECUTEs that carry a
+    /// statement's parameter types (a statement's first), without which the server refuses
+    /// the later ones (in both cases the replayer skips those executes, by design).
     MysqlLoginsAndPrepares,
 }
 
@@ -1609,8 +1610,10 @@ fn loss_filter(one_in: u32, spare: Spare) -> String {
         ContinueIfEq(u32),
         PassIfEq(u32),
         PassIfGt(u32),
+        /// Skips this many instructions unless the test holds.
+        SkipUnlessEq(u32, u8),
     }
-    use Step::{ContinueIfEq, Op, PassIfEq, PassIfGt};
+    use Step::{ContinueIfEq, Op, PassIfEq, PassIfGt, SkipUnlessEq};
     // One in `one_in` random numbers is at most this (all of them when `one_in` is 1).
     let threshold = u32::MAX / one_in.max(1);
     let mut steps = vec![
@@ -1657,6 +1660,9 @@ fn loss_filter(one_in: u32, spare: Spare) -> String {
             ContinueIfEq(0), // a sequence id other than 0: login
             Op(LD_B_IND, 48),
             PassIfEq(0x16), // COM_STMT_PREPARE
+            SkipUnlessEq(0x17, 2),
+            Op(LD_B_IND, 59),
+            PassIfEq(1), // COM_STMT_EXECUTE carrying types (a 1-byte NULL bitmap: <= 8 params)
         ]);
     }
     steps.extend([
@@ -1677,6 +1683,7 @@ fn loss_filter(one_in: u32, spare: Spare) -> String {
                 ContinueIfEq(k) => (JEQ_K, 0, to_pass(), k),
                 PassIfEq(k) => (JEQ_K, to_pass(), 0, k),
                 PassIfGt(k) => (JGT_K, to_pass(), 0, k),
+                SkipUnlessEq(k, n) => (JEQ_K, 0, n, k),
             };
             format!("{code} {jt} {jf} {k}")
         })

@@ -18,12 +18,14 @@
 //! nginx over 4 keep-alive HTTP/1.1 connections; nginx with a new connection per request (short
 //! flows, 4 at a time); redis over 4 long connections (SET/GET); PostgreSQL over 4 long
 //! connections with `pgbench -M extended -R` (a fixed `--random-seed`), read-only (`-S`) and
-//! the TPC-B write mix.
+//! the TPC-B write mix; MariaDB over 4 long connections with `sysbench oltp_read_write`
+//! (prepared statements, a fixed `--rand-seed`), the shadow's replayer logging in itself with
+//! the password from its config.
 //!
 //! Figures, per workload × rate:
 //! - `executed`: the shadow SERVER's executed count (nginx access-log lines, redis `INFO
 //!   commandstats` calls without the counter's own `INFO`s, PostgreSQL `pg_stat_statements`
-//!   calls) 2 s after the client's last request, divided by the live server's. A shadow that
+//!   calls, MariaDB's `Com_select/insert/update/delete/begin/commit`) 2 s after the client's last request, divided by the live server's. A shadow that
 //!   executes more than live shows a ratio above 1 on its run line.
 //! - `time_dilation`: replay duration / original duration, judged by the servers: both servers'
 //!   counters are read every 50 ms; the original duration runs from the first reading that
@@ -96,7 +98,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use doppel_tests::{
     testbed::{Cgroup, CgroupLimits, Host, Link, Process},
-    workloads::{Nginx, Pgbench, PgbenchLength, Postgres, PostgresAuth, QueryMode, Redis},
+    workloads::{
+        Nginx, Pgbench, PgbenchLength, Postgres, PostgresAuth, QueryMode, Redis,
+        mariadb::{self, Mariadb, Sysbench, SysbenchReport},
+    },
 };
 use nix::{
     sched::{CpuSet, sched_setaffinity},
@@ -127,6 +132,9 @@ pub(crate) struct Options {
     /// Transactions/s of pgbench's TPC-B mix (seven statements each).
     #[arg(long, value_delimiter = ',', default_values_t = [100, 400])]
     pg_tpcb_rates: Vec<u64>,
+    /// Transactions/s of sysbench's `oltp_read_write` on MariaDB (18 statements each).
+    #[arg(long, value_delimiter = ',', default_values_t = [50, 200])]
+    mariadb_rates: Vec<u64>,
     /// Also run each workload × rate against two live hosts at once, no shadow (the A/A
     /// control: what the machine's noise alone does to the figures). On by default; it doubles
     /// the run time (`--aa-live false` leaves it out).
@@ -160,15 +168,18 @@ enum Workload {
     PgSelect,
     /// PostgreSQL, pgbench's TPC-B mix, `-M extended`, 4 connections.
     PgTpcb,
+    /// MariaDB, `sysbench oltp_read_write` with prepared statements, 4 connections.
+    Mariadb,
 }
 
 impl Workload {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Http,
         Self::HttpShort,
         Self::Redis,
         Self::PgSelect,
         Self::PgTpcb,
+        Self::Mariadb,
     ];
 
     fn label(self) -> &'static str {
@@ -178,6 +189,7 @@ impl Workload {
             Self::Redis => "redis",
             Self::PgSelect => "postgres select",
             Self::PgTpcb => "postgres tpc-b",
+            Self::Mariadb => "mariadb oltp",
         }
     }
 
@@ -186,6 +198,7 @@ impl Workload {
             Self::Http | Self::HttpShort => ServerKind::Nginx,
             Self::Redis => ServerKind::Redis,
             Self::PgSelect | Self::PgTpcb => ServerKind::Postgres,
+            Self::Mariadb => ServerKind::Mariadb,
         }
     }
 
@@ -196,6 +209,7 @@ impl Workload {
             Self::Redis => &options.redis_rates,
             Self::PgSelect => &options.pg_select_rates,
             Self::PgTpcb => &options.pg_tpcb_rates,
+            Self::Mariadb => &options.mariadb_rates,
         }
     }
 }
@@ -205,14 +219,29 @@ enum ServerKind {
     Nginx,
     Redis,
     Postgres,
+    Mariadb,
 }
 
 impl ServerKind {
+    /// The shadow config's lines for the service besides its port: the replayer logs in to
+    /// MariaDB itself, with the harness's password.
+    fn service_extra(self) -> String {
+        match self {
+            Self::Mariadb => format!(
+                "protocol = \"mysql\"\nuser = \"{}\"\npassword = \"{}\"\n",
+                mariadb::USER,
+                mariadb::PASSWORD
+            ),
+            _ => String::new(),
+        }
+    }
+
     fn port(self) -> u16 {
         match self {
             Self::Nginx => 8080,
             Self::Redis => 6379,
             Self::Postgres => 5432,
+            Self::Mariadb => 3306,
         }
     }
 }
@@ -255,7 +284,10 @@ const SHADOW_TROUBLE: &[&str] = &[
 ];
 /// pgbench's scale: 4 branches, so TPC-B's 4 clients do not all queue on one branch row.
 const PGBENCH_SCALE: u32 = 4;
-/// pgbench's `--random-seed`.
+/// Rows of sysbench's table: enough that 4 connections' writes rarely meet (a deadlock on one
+/// server and not the other would be noise, not replay).
+const SYSBENCH_ROWS: u32 = 10_000;
+/// pgbench's `--random-seed` (and sysbench's `--rand-seed`).
 const PGBENCH_SEED: u32 = 20_260_101;
 /// Longer than any run: each agent prints one line, at SIGTERM, covering the whole run.
 const REPORT_INTERVAL_MS: u32 = 3_600_000;
@@ -360,12 +392,13 @@ impl Bed {
     }
 
     /// The shadow agent replaying `port` to the shadow's loopback, on the shadow's CPU.
-    fn shadow_agent(&self, port: u16) -> anyhow::Result<Agent> {
+    fn shadow_agent(&self, kind: ServerKind) -> anyhow::Result<Agent> {
+        let (port, extra) = (kind.port(), kind.service_extra());
         let config = format!(
             "role = \"shadow\"\nxdp_interface = \"{iface}\"\nreplay_addr = \"127.0.0.1\"\n\
              replay_interface = \"lo\"\nreport_interval_ms = {REPORT_INTERVAL_MS}\n\
              [[sessions]]\nsource = \"{source}\"\nvni = {VNI}\n\
-             [[services]]\nport = {port}\n\
+             [[services]]\nport = {port}\n{extra}\
              [[classes]]\nid = 1\nname = \"bench-sampler\"\npayload_prefix = \"{SAMPLER_PREFIX}\"\n",
             iface = self.shadow_link.b_iface,
             source = self.shadow_link.a_v4,
@@ -652,6 +685,73 @@ impl Drop for StatementsCounter {
     }
 }
 
+/// MariaDB's executed statements (the `Com_*` counters of [`MARIADB_COMMANDS`], summed), through
+/// one `mariadb` session kept open on the server's Unix socket. `SHOW GLOBAL STATUS` counts
+/// only as `Com_show_status`, so the readings do not count themselves.
+struct ComCounter {
+    client: Child,
+    input: ChildStdin,
+    output: BufReader<ChildStdout>,
+}
+
+/// The `Com_*` counters [`ComCounter`] sums: one per statement a client sent (an EXECUTE counts
+/// under its statement's kind).
+const MARIADB_COMMANDS: [&str; 6] = ["select", "insert", "update", "delete", "begin", "commit"];
+
+impl ComCounter {
+    fn new(db: &Mariadb) -> anyhow::Result<Self> {
+        let mut client = Command::new("mariadb")
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", db.socket().display()))
+            .args(["-uroot", "--batch", "--skip-column-names", "--unbuffered"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting mariadb")?;
+        let input = client.stdin.take().context("mariadb stdin")?;
+        let output = BufReader::new(client.stdout.take().context("mariadb stdout")?);
+        Ok(Self {
+            client,
+            input,
+            output,
+        })
+    }
+}
+
+impl ExecutedCounter for ComCounter {
+    fn read(&mut self) -> anyhow::Result<u64> {
+        let names: Vec<String> = MARIADB_COMMANDS
+            .iter()
+            .map(|c| format!("'Com_{c}'"))
+            .collect();
+        writeln!(
+            self.input,
+            "SHOW GLOBAL STATUS WHERE Variable_name IN ({});",
+            names.join(",")
+        )?;
+        self.input.flush()?;
+        let mut sum = 0;
+        for _ in MARIADB_COMMANDS {
+            let mut line = String::new();
+            anyhow::ensure!(
+                self.output.read_line(&mut line)? > 0,
+                "mariadb exited (its error is above)"
+            );
+            let value = line.split('\t').nth(1).context("a name and a value")?;
+            sum += value.trim().parse::<u64>()?;
+        }
+        Ok(sum)
+    }
+}
+
+impl Drop for ComCounter {
+    fn drop(&mut self) {
+        let _ = self.client.kill();
+        let _ = self.client.wait();
+    }
+}
+
 /// One reading of both servers' counters.
 #[derive(Clone, Copy, Debug)]
 struct Sample {
@@ -899,6 +999,7 @@ enum Server {
     Nginx(Nginx),
     Redis(Redis),
     Postgres(Postgres),
+    Mariadb(Mariadb),
 }
 
 /// A workload's servers: live, shadow and (A/A) the second live host's, each confined.
@@ -922,6 +1023,11 @@ impl Servers {
                     // The same rows on every server (pgbench's initial data is not random).
                     server.pgbench_init(PGBENCH_SCALE);
                     Server::Postgres(server)
+                }
+                ServerKind::Mariadb => {
+                    let mut server = Mariadb::start(host, addr, port);
+                    server.sysbench_prepare(SYSBENCH_ROWS);
+                    Server::Mariadb(server)
                 }
             })
         };
@@ -958,6 +1064,7 @@ impl Servers {
             Server::Nginx(nginx) => Box::new(AccessLogCounter::new(host, nginx.addr.port())?),
             Server::Redis(redis) => Box::new(RedisCounter::new(host, redis.addr)?),
             Server::Postgres(pg) => Box::new(StatementsCounter::new(host, pg.addr.port())?),
+            Server::Mariadb(db) => Box::new(ComCounter::new(db)?),
         })
     }
 }
@@ -1000,6 +1107,36 @@ fn drive(
             let report = pgbench(&bed.client, pg, &run, cpu)?;
             Ok(ClientRun {
                 sent: report,
+                elapsed: started.elapsed(),
+            })
+        }
+        Server::Mariadb(db) => {
+            let run = Sysbench {
+                threads: CONNECTIONS as u32,
+                rate: u32::try_from(rate)?,
+                table_size: SYSBENCH_ROWS,
+                events: Some(rate * seconds),
+                seed: Some(PGBENCH_SEED),
+                ..Sysbench::default()
+            };
+            let started = Instant::now();
+            let out = Command::new("taskset")
+                .args(["-c", &cpu.to_string(), "ip", "netns", "exec"])
+                .arg(bed.client.netns())
+                .arg("sysbench")
+                .args(run.args(db.addr, Some(mariadb::PASSWORD)))
+                .stdin(Stdio::null())
+                .output()
+                .context("running sysbench")?;
+            let report = SysbenchReport::parse(&out)
+                .map_err(|output| anyhow::anyhow!("sysbench printed no summary:\n{output}"))?;
+            anyhow::ensure!(
+                report.success && report.errors == 0,
+                "sysbench failed:\n{}",
+                report.output
+            );
+            Ok(ClientRun {
+                sent: report.transactions,
                 elapsed: started.elapsed(),
             })
         }
@@ -1329,7 +1466,7 @@ fn run_shadow(
     seconds: u64,
 ) -> anyhow::Result<RunFigures> {
     let port = servers.kind.port();
-    let shadow_agent = bed.shadow_agent(port)?;
+    let shadow_agent = bed.shadow_agent(servers.kind)?;
     let live_agent = bed.live_agent(
         &bed.live,
         &bed.client_link.b_iface,

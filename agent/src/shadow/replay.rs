@@ -619,10 +619,10 @@ impl<'a> Replay<'a> {
         self.out.extend_from_slice(&message.bytes);
         if let Some(responses) = self.responses.as_mut() {
             if !responses.rewrite(&message.frame, &mut self.out[start..]) {
-                // It names what the shadow does not have (a MySQL statement prepared in a
-                // hole): never sent to mean something else.
+                // It names what the shadow cannot run (a MySQL statement prepared in a hole,
+                // or whose parameter types were lost): never sent to mean something else.
                 self.out.truncate(start);
-                self.stats.inc(ShadowCounter::StatementsUnmapped);
+                self.stats.inc(ShadowCounter::StatementsSkipped);
                 return;
             }
             responses.expect(&message.frame);

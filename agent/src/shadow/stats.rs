@@ -124,9 +124,10 @@ shadow_counters! {
     LoginFailures => "login_failures",
     /// Protocol error replies: PostgreSQL ErrorResponse, MySQL ERR, RESP errors.
     ErrorReplies => "error_replies",
-    /// MySQL messages naming a prepared statement whose shadow id is unknown (prepared in a
-    /// hole, or closed): skipped, never sent with another statement's id.
-    StatementsUnmapped => "statements_unmapped",
+    /// MySQL messages naming a prepared statement the shadow cannot run: its shadow id is
+    /// unknown (prepared in a hole, or closed), or the EXECUTE that carried its parameter
+    /// types was lost. Skipped: never sent with another statement's id, nor to be refused.
+    StatementsSkipped => "statements_skipped",
     /// Client bytes written to the workload.
     BytesReplayed => "bytes_replayed",
     /// Response bytes read and discarded.

@@ -235,6 +235,11 @@ impl Mariadb {
         run.run(from, self.addr, Some(PASSWORD))
     }
 
+    /// Its Unix socket (the harness's own way in; never mirrored, being no TCP).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("sock")
+    }
+
     /// The server's error log so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
@@ -269,6 +274,11 @@ pub struct Sysbench {
     pub prepared: bool,
     /// Rows in the table (as prepared).
     pub table_size: u32,
+    /// `--events`: stop after this many transactions (over all threads) rather than after
+    /// `seconds` (then 0: no time limit).
+    pub events: Option<u64>,
+    /// `--rand-seed`: the same keys and arrival schedule in every run.
+    pub seed: Option<u32>,
 }
 
 impl Default for Sysbench {
@@ -282,6 +292,8 @@ impl Default for Sysbench {
             rate: 100,
             prepared: true,
             table_size: 10_000,
+            events: None,
+            seed: None,
         }
     }
 }
@@ -302,30 +314,53 @@ pub struct SysbenchReport {
 }
 
 impl Sysbench {
+    /// The command line after `sysbench` against `server` as [`USER`] with `password`.
+    pub fn args(&self, server: SocketAddr, password: Option<&str>) -> Vec<String> {
+        let mut args = vec![
+            self.test.to_owned(),
+            "--db-driver=mysql".to_owned(),
+            "--mysql-ssl=off".to_owned(),
+            format!("--mysql-host={}", server.ip()),
+            format!("--mysql-port={}", server.port()),
+            format!("--mysql-user={USER}"),
+            format!("--mysql-password={}", password.unwrap_or_default()),
+            format!("--mysql-db={DATABASE}"),
+            "--tables=1".to_owned(),
+            format!("--table-size={}", self.table_size),
+            format!("--threads={}", self.threads),
+            format!("--rate={}", self.rate),
+            format!(
+                "--db-ps-mode={}",
+                if self.prepared { "auto" } else { "disable" }
+            ),
+        ];
+        match self.events {
+            Some(events) => args.extend([format!("--events={events}"), "--time=0".to_owned()]),
+            None => args.push(format!("--time={}", self.seconds)),
+        }
+        if let Some(seed) = self.seed {
+            args.push(format!("--rand-seed={seed}"));
+        }
+        args.push("run".to_owned());
+        args
+    }
+
     /// Runs sysbench inside `from` against `server` as [`USER`] (with `password`), waits for
     /// it and parses its summary.
     pub fn run(&self, from: &Host, server: SocketAddr, password: Option<&str>) -> SysbenchReport {
         let mut command = from.command("sysbench");
         command
-            .arg(self.test)
-            .args(["--db-driver=mysql", "--mysql-ssl=off"])
-            .arg(format!("--mysql-host={}", server.ip()))
-            .arg(format!("--mysql-port={}", server.port()))
-            .arg(format!("--mysql-user={USER}"))
-            .arg(format!("--mysql-password={}", password.unwrap_or_default()))
-            .arg(format!("--mysql-db={DATABASE}"))
-            .arg("--tables=1")
-            .arg(format!("--table-size={}", self.table_size))
-            .arg(format!("--threads={}", self.threads))
-            .arg(format!("--time={}", self.seconds))
-            .arg(format!("--rate={}", self.rate))
-            .arg(format!(
-                "--db-ps-mode={}",
-                if self.prepared { "auto" } else { "disable" }
-            ))
-            .arg("run")
+            .args(self.args(server, password))
             .stdin(Stdio::null());
         let out = command.output().expect("run sysbench");
+        SysbenchReport::parse(&out)
+            .unwrap_or_else(|output| panic!("sysbench printed no summary:\n{output}"))
+    }
+}
+
+impl SysbenchReport {
+    /// What a finished sysbench printed; `Err` with its output when it printed no summary.
+    pub fn parse(out: &Output) -> Result<Self, String> {
         let output = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -342,13 +377,15 @@ impl Sysbench {
                     .ok()
             })
         };
-        SysbenchReport {
-            transactions: figure("transactions:")
-                .unwrap_or_else(|| panic!("sysbench printed no summary:\n{output}")),
+        let Some(transactions) = figure("transactions:") else {
+            return Err(output);
+        };
+        Ok(Self {
+            transactions,
             queries: figure("queries:").unwrap_or(0),
             errors: figure("ignored errors:").unwrap_or(0),
             success: out.status.success(),
             output,
-        }
+        })
     }
 }

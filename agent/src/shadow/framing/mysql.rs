@@ -27,7 +27,9 @@
 //! SEND_LONG_DATA, CLOSE and BULK_EXECUTE just before it is written. A hole may have swallowed
 //! a PREPARE, after which live's numbering is unknown: statements prepared after a hole are not
 //! mapped, and a message naming an unmapped id is skipped and counted, never sent with the
-//! wrong statement.
+//! wrong statement. Likewise, only a statement's first EXECUTE carries its parameter types
+//! (`new_params_bound_flag`); if that one was lost, the server would refuse every later one, so
+//! they are skipped and counted until an EXECUTE carries types again.
 //!
 //! **Responses.** One per command except COM_QUIT (the normal end of a session),
 //! COM_STMT_CLOSE and COM_STMT_SEND_LONG_DATA. A response is complete at OK, ERR or EOF; a
@@ -355,6 +357,19 @@ enum AfterDefinitions {
     Done,
 }
 
+/// A statement the shadow prepared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Statement {
+    /// Its id on the shadow.
+    shadow_id: u32,
+    /// Its parameters.
+    params: u16,
+    /// Whether an EXECUTE carrying its parameter types reached the shadow: only the first
+    /// EXECUTE (or one whose types changed) carries them, and the server refuses one without
+    /// types before it has any.
+    typed: bool,
+}
+
 /// A response the server owes.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
@@ -386,8 +401,8 @@ pub struct MysqlResponses {
     completes: bool,
     /// Live's id of the next statement prepared; `None` once a hole made it unknown.
     next_live_id: Option<u32>,
-    /// Live statement id → the shadow's.
-    statements: HashMap<u32, u32>,
+    /// Live statement id → the shadow's statement.
+    statements: HashMap<u32, Statement>,
 }
 
 impl Default for MysqlResponses {
@@ -495,7 +510,14 @@ impl MysqlResponses {
         let params = field(7, 2)?;
         let params = u64::from(u16::from_le_bytes([params[0], params[1]]));
         if let Some(live_id) = live_id {
-            self.statements.insert(live_id, shadow_id);
+            self.statements.insert(
+                live_id,
+                Statement {
+                    shadow_id,
+                    params: params as u16,
+                    typed: params == 0,
+                },
+            );
         }
         self.phase = Phase::Definitions {
             left: params,
@@ -614,24 +636,32 @@ impl ResponseFraming for MysqlResponses {
         let Some(command) = message.kind.filter(|&k| names_statement(k)) else {
             return true;
         };
-        let Some(id) = bytes.get_mut(5..9) else {
+        let Some(id) = bytes.get(5..9) else {
             return true;
         };
         let live = u32::from_le_bytes([id[0], id[1], id[2], id[3]]);
         if live == LAST_PREPARED && command != command::STMT_CLOSE {
             return true;
         }
-        let shadow = if command == command::STMT_CLOSE {
+        let statement = if command == command::STMT_CLOSE {
             self.statements.remove(&live)
         } else {
-            self.statements.get(&live).copied()
+            self.statements.get_mut(&live).map(|statement| {
+                if command == command::STMT_EXECUTE && !statement.typed {
+                    // After the header, the command, the id, the flags and the iteration
+                    // count: the NULL bitmap, then `new_params_bound_flag`.
+                    let flag_at = 14 + usize::from(statement.params).div_ceil(8);
+                    statement.typed = bytes.get(flag_at) == Some(&1);
+                }
+                *statement
+            })
         };
-        match shadow {
-            Some(shadow) => {
-                id.copy_from_slice(&shadow.to_le_bytes());
+        match statement {
+            Some(statement) if statement.typed || command != command::STMT_EXECUTE => {
+                bytes[5..9].copy_from_slice(&statement.shadow_id.to_le_bytes());
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -1157,6 +1187,41 @@ mod tests {
     }
 
     #[test]
+    fn an_execute_without_types_waits_for_one_that_carried_them() {
+        let mut r = MysqlResponses::new(true);
+        r.expect(&ClientMessage {
+            kind: Some(command::STMT_PREPARE),
+            ..ClientMessage::replay(1, 1)
+        });
+        // Statement 9 on the shadow, 2 parameters (their definitions follow).
+        let mut stream = packet(1, &[0, 9, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]);
+        stream.extend(packet(2, b"\x03def\0\0\0\x01?\0\x0c"));
+        stream.extend(packet(3, b"\x03def\0\0\0\x01?\0\x0c"));
+        let mut done = Vec::new();
+        r.feed(&stream, &mut done).unwrap();
+        assert_eq!(done.len(), 1);
+        let execute = ClientMessage {
+            kind: Some(command::STMT_EXECUTE),
+            ..ClientMessage::replay(1, 1)
+        };
+        // id 1, no cursor, one iteration, NULL bitmap, new_params_bound_flag, (types, values)
+        let untyped = |flag: u8| {
+            command(
+                command::STMT_EXECUTE,
+                &[1, 0, 0, 0, 0, 1, 0, 0, 0, 0, flag, 3, 0, 3, 0],
+            )
+        };
+        assert!(
+            !r.rewrite(&execute, &mut untyped(0)),
+            "the shadow has no types yet: skipped"
+        );
+        let mut typed = untyped(1);
+        assert!(r.rewrite(&execute, &mut typed));
+        assert_eq!(&typed[5..9], &[9, 0, 0, 0]);
+        assert!(r.rewrite(&execute, &mut untyped(0)), "types sent before");
+    }
+
+    #[test]
     fn statement_ids_are_mapped_to_the_shadows_and_unknown_after_a_hole() {
         let mut r = MysqlResponses::new(true);
         let prepare = ClientMessage {
@@ -1185,13 +1250,18 @@ mod tests {
         let mut exec = command(command::STMT_EXECUTE, &[2, 0, 0, 0, 0, 1, 0, 0, 0]);
         assert!(r.rewrite(&execute, &mut exec));
         assert_eq!(&exec[5..9], &[41, 0, 0, 0]);
+        let mut again = command(command::STMT_EXECUTE, &[2, 0, 0, 0, 0, 1, 0, 0, 0]);
+        assert!(
+            r.rewrite(&execute, &mut again),
+            "no parameters: no types needed"
+        );
         let mut unknown = command(command::STMT_EXECUTE, &[3, 0, 0, 0, 0, 1, 0, 0, 0]);
         assert!(!r.rewrite(&execute, &mut unknown), "no statement 3");
         let mut close_1 = command(command::STMT_CLOSE, &[1, 0, 0, 0]);
         assert!(r.rewrite(&close, &mut close_1));
         assert_eq!(&close_1[5..9], &[40, 0, 0, 0]);
-        let mut again = command(command::STMT_EXECUTE, &[1, 0, 0, 0, 0, 1, 0, 0, 0]);
-        assert!(!r.rewrite(&execute, &mut again), "closed");
+        let mut closed = command(command::STMT_EXECUTE, &[1, 0, 0, 0, 0, 1, 0, 0, 0]);
+        assert!(!r.rewrite(&execute, &mut closed), "closed");
         // After a hole, a new PREPARE's live id is unknown: never mapped.
         r.hole();
         r.expect(&prepare);
