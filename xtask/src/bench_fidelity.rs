@@ -278,6 +278,7 @@ const SHADOW_TROUBLE: &[&str] = &[
     "resyncs",
     "auth_not_replayable",
     "login_failures",
+    "statements_skipped",
     "error_replies",
     "http_4xx",
     "http_5xx",
