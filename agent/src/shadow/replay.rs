@@ -583,9 +583,7 @@ impl<'a> Replay<'a> {
             .await
             .map(|r| {
                 r.map(|negotiated| {
-                    self.responses = Some(Box::new(mysql::MysqlResponses::new(
-                        negotiated.deprecate_eof,
-                    )));
+                    self.responses = Some(Box::new(mysql::MysqlResponses::new(negotiated)));
                 })
                 .map_err(LoginError::Mysql)
             }),

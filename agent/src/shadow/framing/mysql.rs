@@ -20,10 +20,12 @@
 //! [`LoginError::NeedsPassword`].
 //!
 //! **Prepared statements.** Only the client's bytes are mirrored, so live's statement ids are
-//! never seen. Servers number a connection's statements 1, 2, … in the order it prepares them
-//! (`++thd->statement_id_counter` in both MySQL and MariaDB, failed prepares included), so the
-//! k-th COM_STMT_PREPARE of a replayed session had id k on live; the shadow's id comes from its
-//! own PREPARE_OK, and [`MysqlResponses`] rewrites the id of every later EXECUTE, FETCH, RESET,
+//! never seen. Servers number a connection's statements consecutively in the order it prepares
+//! them (`++thd->statement_id_counter` in both MySQL and MariaDB, failed prepares included),
+//! from 1 on a fresh server thread and from where the last session left off on one MariaDB
+//! reused from its thread cache; the base is found at the first message naming a statement, by
+//! which prepared statement's parameter count fits it ([`StatementIds`]). The shadow's id comes
+//! from its own PREPARE_OK, and [`MysqlResponses`] rewrites the id of every later EXECUTE, FETCH, RESET,
 //! SEND_LONG_DATA, CLOSE and BULK_EXECUTE just before it is written. A hole may have swallowed
 //! a PREPARE, after which live's numbering is unknown: statements prepared after a hole are not
 //! mapped, and a message naming an unmapped id is skipped and counted, never sent with the
@@ -368,14 +370,136 @@ struct Statement {
     /// EXECUTE (or one whose types changed) carries them, and the server refuses one without
     /// types before it has any.
     typed: bool,
+    /// A parameter was sent with COM_STMT_SEND_LONG_DATA (its value is not in the EXECUTE).
+    long_data: bool,
 }
 
 /// A response the server owes.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     command: u8,
-    /// For a PREPARE: its statement id on live, when known.
-    live_id: Option<u32>,
+    /// For a PREPARE: its place in the session's order of prepares, when known.
+    slot: Option<usize>,
+}
+
+/// A session's prepared statements in the order the client prepared them, and how live
+/// numbered them: consecutively from a base that is 1 on a fresh server thread and higher on
+/// one the server reused from its thread cache (MariaDB keeps the counter across the sessions a
+/// cached thread serves; measured: 3 of 4 sysbench connections of a second run started past
+/// 1). The base is found at the first message naming a statement: the k-th prepare whose
+/// parameter count fits that message's layout (base 1 first, then the earliest prepare).
+#[derive(Debug, Default)]
+struct StatementIds {
+    /// The k-th PREPARE's statement on the shadow (`None`: failed, closed, or not yet
+    /// answered).
+    prepared: Vec<Option<Statement>>,
+    /// Live's id of the first PREPARE, once found.
+    base: Option<u32>,
+    /// A hole may have swallowed a PREPARE: later ones are not recorded.
+    uncertain: bool,
+    /// EXECUTE layouts are checked against parameter counts (not with MySQL 8's query
+    /// attributes, which add fields).
+    checkable: bool,
+}
+
+impl StatementIds {
+    /// A PREPARE is written: its slot, unless a hole made the order unknown.
+    fn on_prepare(&mut self) -> Option<usize> {
+        if self.uncertain {
+            return None;
+        }
+        self.prepared.push(None);
+        Some(self.prepared.len() - 1)
+    }
+
+    /// Whether `message` (a whole command packet) fits `statement`.
+    fn fits(&self, command: u8, message: &[u8], statement: &Statement) -> bool {
+        command != command::STMT_EXECUTE
+            || !self.checkable
+            || execute_fits(message.get(4..).unwrap_or_default(), statement)
+    }
+
+    /// The slot of the statement live numbered `live`, finding live's base first if need be;
+    /// `None` when no prepared statement fits.
+    fn slot(&mut self, live: u32, command: u8, message: &[u8]) -> Option<usize> {
+        let base = match self.base {
+            Some(base) => base,
+            None => {
+                let fits = |k: usize| {
+                    self.prepared[k]
+                        .as_ref()
+                        .is_some_and(|s| self.fits(command, message, s))
+                };
+                let fresh = usize::try_from(live)
+                    .ok()
+                    .and_then(|l| l.checked_sub(1))
+                    .filter(|&k| k < self.prepared.len() && fits(k))
+                    .map(|_| 1);
+                let base = fresh.or_else(|| {
+                    (0..self.prepared.len())
+                        .filter(|&k| u32::try_from(k).is_ok_and(|k| k < live))
+                        .find(|&k| fits(k))
+                        .map(|k| live - k as u32)
+                })?;
+                self.base = Some(base);
+                base
+            }
+        };
+        let k = usize::try_from(live.checked_sub(base)?).ok()?;
+        let statement = self.prepared.get(k)?.as_ref()?;
+        self.fits(command, message, statement).then_some(k)
+    }
+}
+
+/// Whether an EXECUTE's payload (`[0x17][id][flags][iterations]…`) has the layout of a
+/// statement with `statement.params` parameters: exactly 10 bytes without parameters; with
+/// them, a NULL bitmap and `new_params_bound_flag`, and when that flag is set, the types and
+/// values consumed exactly (unless long data was sent apart).
+fn execute_fits(payload: &[u8], statement: &Statement) -> bool {
+    let params = usize::from(statement.params);
+    if params == 0 {
+        return payload.len() == 10;
+    }
+    let bitmap = params.div_ceil(8);
+    let Some(nulls) = payload.get(10..10 + bitmap) else {
+        return false;
+    };
+    match payload.get(10 + bitmap) {
+        Some(0) => true,
+        Some(1) => {
+            let types_at = 11 + bitmap;
+            let Some(types) = payload.get(types_at..types_at + 2 * params) else {
+                return false;
+            };
+            let mut at = types_at + 2 * params;
+            for (i, kind) in types.chunks(2).map(|t| t[0]).enumerate() {
+                if nulls[i / 8] & (1 << (i % 8)) != 0 {
+                    continue;
+                }
+                let size = match kind {
+                    // TINY; SHORT, YEAR; LONG, INT24, FLOAT; LONGLONG, DOUBLE; NULL.
+                    1 => Some(1),
+                    2 | 13 => Some(2),
+                    3 | 9 | 4 => Some(4),
+                    8 | 5 => Some(8),
+                    6 => Some(0),
+                    // DATE, DATETIME, TIMESTAMP, TIME: a length byte.
+                    10 | 12 | 7 | 11 => payload.get(at).map(|&n| 1 + usize::from(n)),
+                    // Strings, blobs, decimals, JSON, …: a length-encoded length.
+                    _ => payload
+                        .get(at..)
+                        .and_then(lenenc)
+                        .and_then(|(n, size)| usize::try_from(n).ok()?.checked_add(size)),
+                };
+                let Some(size) = size else {
+                    return false;
+                };
+                at += size;
+            }
+            at == payload.len() || (statement.long_data && at <= payload.len())
+        }
+        _ => false,
+    }
 }
 
 /// The server's packets, and the session's prepared-statement ids (see the module docs).
@@ -399,24 +523,22 @@ pub struct MysqlResponses {
     decided: bool,
     /// The packet in progress completes the response (decided from its head).
     completes: bool,
-    /// Live's id of the next statement prepared; `None` once a hole made it unknown.
-    next_live_id: Option<u32>,
-    /// Live statement id → the shadow's statement.
-    statements: HashMap<u32, Statement>,
+    /// The session's prepared statements.
+    statements: StatementIds,
 }
 
 impl Default for MysqlResponses {
     /// Before the login said otherwise: EOF packets in use.
     fn default() -> Self {
-        Self::new(false)
+        Self::new(Negotiated::default())
     }
 }
 
 impl MysqlResponses {
-    /// Framing for a session whose login negotiated `CLIENT_DEPRECATE_EOF` or not.
-    pub fn new(deprecate_eof: bool) -> Self {
+    /// Framing for a session whose login negotiated `negotiated`.
+    pub fn new(negotiated: Negotiated) -> Self {
         Self {
-            deprecate_eof,
+            deprecate_eof: negotiated.deprecate_eof,
             pending: VecDeque::new(),
             phase: Phase::Start,
             error: false,
@@ -429,8 +551,10 @@ impl MysqlResponses {
             continuation: false,
             decided: false,
             completes: false,
-            next_live_id: Some(1),
-            statements: HashMap::new(),
+            statements: StatementIds {
+                checkable: !negotiated.query_attributes,
+                ..StatementIds::default()
+            },
         }
     }
 
@@ -459,7 +583,7 @@ impl MysqlResponses {
                     self.error = true;
                     self.completes = true;
                 } else if pending.command == command::STMT_PREPARE && first == Some(0x00) {
-                    self.on_prepare_ok(pending.live_id)?;
+                    self.on_prepare_ok(pending.slot)?;
                 } else if pending.command == command::STMT_FETCH
                     || pending.command == command::FIELD_LIST
                 {
@@ -499,7 +623,7 @@ impl MysqlResponses {
         Ok(())
     }
 
-    fn on_prepare_ok(&mut self, live_id: Option<u32>) -> Result<(), FrameError> {
+    fn on_prepare_ok(&mut self, slot: Option<usize>) -> Result<(), FrameError> {
         let head = &self.head[..self.head_len];
         let short = || FrameError::malformed(PROTOCOL, "short PREPARE_OK");
         let field = |at: usize, n: usize| head.get(at..at + n).ok_or_else(short);
@@ -509,15 +633,13 @@ impl MysqlResponses {
         let columns = u64::from(u16::from_le_bytes([columns[0], columns[1]]));
         let params = field(7, 2)?;
         let params = u64::from(u16::from_le_bytes([params[0], params[1]]));
-        if let Some(live_id) = live_id {
-            self.statements.insert(
-                live_id,
-                Statement {
-                    shadow_id,
-                    params: params as u16,
-                    typed: params == 0,
-                },
-            );
+        if let Some(slot) = slot.and_then(|k| self.statements.prepared.get_mut(k)) {
+            *slot = Some(Statement {
+                shadow_id,
+                params: params as u16,
+                typed: params == 0,
+                long_data: false,
+            });
         }
         self.phase = Phase::Definitions {
             left: params,
@@ -615,21 +737,17 @@ impl ResponseFraming for MysqlResponses {
         let Some(command) = message.kind else {
             return;
         };
-        let live_id = (command == command::STMT_PREPARE)
-            .then(|| {
-                let id = self.next_live_id?;
-                self.next_live_id = id.checked_add(1);
-                Some(id)
-            })
+        let slot = (command == command::STMT_PREPARE)
+            .then(|| self.statements.on_prepare())
             .flatten();
         if message.responses > 0 {
-            self.pending.push_back(Pending { command, live_id });
+            self.pending.push_back(Pending { command, slot });
         }
     }
 
     fn hole(&mut self) {
         // A lost PREPARE would shift live's numbering by one: later ones are not mapped.
-        self.next_live_id = None;
+        self.statements.uncertain = true;
     }
 
     fn rewrite(&mut self, message: &ClientMessage, bytes: &mut [u8]) -> bool {
@@ -643,26 +761,30 @@ impl ResponseFraming for MysqlResponses {
         if live == LAST_PREPARED && command != command::STMT_CLOSE {
             return true;
         }
-        let statement = if command == command::STMT_CLOSE {
-            self.statements.remove(&live)
-        } else {
-            self.statements.get_mut(&live).map(|statement| {
-                if command == command::STMT_EXECUTE && !statement.typed {
-                    // After the header, the command, the id, the flags and the iteration
-                    // count: the NULL bitmap, then `new_params_bound_flag`.
-                    let flag_at = 14 + usize::from(statement.params).div_ceil(8);
-                    statement.typed = bytes.get(flag_at) == Some(&1);
-                }
-                *statement
-            })
+        let Some(k) = self.statements.slot(live, command, bytes) else {
+            return false;
         };
-        match statement {
-            Some(statement) if statement.typed || command != command::STMT_EXECUTE => {
-                bytes[5..9].copy_from_slice(&statement.shadow_id.to_le_bytes());
-                true
+        let prepared = &mut self.statements.prepared[k];
+        let Some(statement) = prepared.as_mut() else {
+            return false;
+        };
+        let shadow_id = statement.shadow_id;
+        match command {
+            command::STMT_CLOSE => *prepared = None,
+            command::STMT_SEND_LONG_DATA => statement.long_data = true,
+            command::STMT_EXECUTE if !statement.typed => {
+                // After the header, the command, the id, the flags and the iteration count:
+                // the NULL bitmap, then `new_params_bound_flag`.
+                let flag_at = 14 + usize::from(statement.params).div_ceil(8);
+                statement.typed = bytes.get(flag_at) == Some(&1);
+                if !statement.typed {
+                    return false;
+                }
             }
-            _ => false,
+            _ => {}
         }
+        bytes[5..9].copy_from_slice(&shadow_id.to_le_bytes());
+        true
     }
 
     fn feed(&mut self, data: &[u8], done: &mut Vec<Completed>) -> Result<(), FrameError> {
@@ -762,10 +884,12 @@ impl LoginError {
 }
 
 /// What the replayer's login negotiated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Negotiated {
     /// `CLIENT_DEPRECATE_EOF`: result sets end at an OK packet, not EOF.
     pub deprecate_eof: bool,
+    /// `CLIENT_QUERY_ATTRIBUTES` (MySQL 8): commands carry attributes.
+    pub query_attributes: bool,
 }
 
 /// Capabilities the replayer never asks for, though the client did: each changes only the
@@ -924,6 +1048,9 @@ pub async fn login(
         deprecate_eof: response
             .capabilities()
             .contains(CapabilityFlags::CLIENT_DEPRECATE_EOF),
+        query_attributes: response
+            .capabilities()
+            .contains(CapabilityFlags::CLIENT_QUERY_ATTRIBUTES),
     };
     let mut seq = seq.wrapping_add(1);
     write_packet(conn, seq, &payload).await?;
@@ -1096,6 +1223,13 @@ mod tests {
         p
     }
 
+    fn eof_deprecated() -> Negotiated {
+        Negotiated {
+            deprecate_eof: true,
+            query_attributes: false,
+        }
+    }
+
     fn expect(r: &mut MysqlResponses, kind: u8) {
         r.expect(&ClientMessage {
             kind: Some(kind),
@@ -1111,7 +1245,10 @@ mod tests {
     ) -> Vec<(usize, Option<ErrorReply>)> {
         let mut first: Option<Vec<_>> = None;
         for cut in 0..stream.len() {
-            let mut r = MysqlResponses::new(deprecate_eof);
+            let mut r = MysqlResponses::new(Negotiated {
+                deprecate_eof,
+                query_attributes: false,
+            });
             for &k in commands {
                 expect(&mut r, k);
             }
@@ -1186,9 +1323,76 @@ mod tests {
         assert_eq!(got, [(prepare_end, None), (stream.len(), None)]);
     }
 
+    /// PREPAREs answered by the shadow with ids `shadow_ids` and parameter counts `params`.
+    fn prepared(shadow_ids: &[u8], params: &[u8]) -> MysqlResponses {
+        let mut r = MysqlResponses::new(eof_deprecated());
+        let mut done = Vec::new();
+        for (&id, &n) in shadow_ids.iter().zip(params) {
+            r.expect(&ClientMessage {
+                kind: Some(command::STMT_PREPARE),
+                ..ClientMessage::replay(1, 1)
+            });
+            let mut stream = packet(1, &[0, id, 0, 0, 0, 0, 0, n, 0, 0, 0, 0]);
+            for seq in 0..n {
+                stream.extend(packet(2 + seq, b"\x03def\0\0\0\x01?\0\x0c"));
+            }
+            r.feed(&stream, &mut done).unwrap();
+        }
+        assert_eq!(done.len(), shadow_ids.len());
+        r
+    }
+
+    fn execute_message() -> ClientMessage {
+        ClientMessage {
+            kind: Some(command::STMT_EXECUTE),
+            ..ClientMessage::replay(1, 1)
+        }
+    }
+
+    /// An EXECUTE of live statement `id` with no parameters, or one typed LONG parameter.
+    fn execute(id: u8, with_param: bool) -> Vec<u8> {
+        let mut body = vec![id, 0, 0, 0, 0, 1, 0, 0, 0];
+        if with_param {
+            // NULL bitmap, new_params_bound_flag, LONG, the value.
+            body.extend_from_slice(&[0, 1, 3, 0, 7, 0, 0, 0]);
+        }
+        command(command::STMT_EXECUTE, &body)
+    }
+
+    #[test]
+    fn live_numbering_on_a_reused_server_thread_is_found_by_the_statements_layout() {
+        // Live prepared BEGIN, COMMIT (no parameters) and a SELECT with one, as sysbench does,
+        // on a thread whose counter stood at 11: live ids 12, 13, 14.
+        let mut r = prepared(&[1, 2, 3], &[0, 0, 1]);
+        let mut begin = execute(12, false);
+        assert!(r.rewrite(&execute_message(), &mut begin));
+        assert_eq!(begin[5], 1, "the earliest prepare that fits: BEGIN");
+        let mut select = execute(14, true);
+        assert!(r.rewrite(&execute_message(), &mut select));
+        assert_eq!(select[5], 3);
+        let mut commit = execute(13, false);
+        assert!(r.rewrite(&execute_message(), &mut commit));
+        assert_eq!(commit[5], 2);
+        assert!(
+            !r.rewrite(&execute_message(), &mut execute(14, false)),
+            "a layout that does not fit is never sent"
+        );
+
+        // A fresh thread: live ids 1, 2, 3; the first execute names the SELECT.
+        let mut r = prepared(&[5, 6, 7], &[0, 0, 1]);
+        let mut select = execute(3, true);
+        assert!(r.rewrite(&execute_message(), &mut select));
+        assert_eq!(select[5], 7);
+        // On a reused thread, an id within the count whose statement does not fit.
+        let mut r = prepared(&[5, 6, 7], &[0, 0, 1]);
+        let mut begin = execute(3, false);
+        assert!(r.rewrite(&execute_message(), &mut begin));
+        assert_eq!(begin[5], 5, "base 3, not 1: statement 3 takes a parameter");
+    }
+
     #[test]
     fn an_execute_without_types_waits_for_one_that_carried_them() {
-        let mut r = MysqlResponses::new(true);
+        let mut r = MysqlResponses::new(eof_deprecated());
         r.expect(&ClientMessage {
             kind: Some(command::STMT_PREPARE),
             ..ClientMessage::replay(1, 1)
@@ -1204,12 +1408,15 @@ mod tests {
             kind: Some(command::STMT_EXECUTE),
             ..ClientMessage::replay(1, 1)
         };
-        // id 1, no cursor, one iteration, NULL bitmap, new_params_bound_flag, (types, values)
+        // id 1, no cursor, one iteration, NULL bitmap, new_params_bound_flag, types (two
+        // LONGs) and values when the flag is set, else the values alone.
         let untyped = |flag: u8| {
-            command(
-                command::STMT_EXECUTE,
-                &[1, 0, 0, 0, 0, 1, 0, 0, 0, 0, flag, 3, 0, 3, 0],
-            )
+            let mut body = vec![1, 0, 0, 0, 0, 1, 0, 0, 0, 0, flag];
+            if flag == 1 {
+                body.extend_from_slice(&[3, 0, 3, 0]);
+            }
+            body.extend_from_slice(&[1, 0, 0, 0, 2, 0, 0, 0]);
+            command(command::STMT_EXECUTE, &body)
         };
         assert!(
             !r.rewrite(&execute, &mut untyped(0)),
@@ -1223,7 +1430,7 @@ mod tests {
 
     #[test]
     fn statement_ids_are_mapped_to_the_shadows_and_unknown_after_a_hole() {
-        let mut r = MysqlResponses::new(true);
+        let mut r = MysqlResponses::new(eof_deprecated());
         let prepare = ClientMessage {
             kind: Some(command::STMT_PREPARE),
             ..ClientMessage::replay(1, 1)
