@@ -628,10 +628,11 @@ fn mariadb_err_replies_are_errors_on_live_and_shadow_alike() {
     let t = Topology::new();
     let (live_db, shadow_db) = mariadb_pair(&t);
     // The `mariadb` client over TCP, going on after errors: 3 SELECTs that work, 2 on a table
-    // that does not exist (ERR 1146), one session per run.
+    // that does not exist (ERR 1146), a change of schema between, one session per run.
     const RUNS: u64 = 3;
     // One statement per line: `--force` goes on at the next line after an error.
-    let sql = "SELECT 1;\nSELECT * FROM nosuch;\nSELECT id FROM sbtest1 WHERE id = 5;\n\
+    // `use` is the client's own command: a COM_INIT_DB.
+    let sql = "SELECT 1;\nSELECT * FROM nosuch;\nuse mysql\nSELECT id FROM sbtest.sbtest1 WHERE id = 5;\n\
                SELECT * FROM nosuch_either;\nSELECT 2;\n";
     let mirrored = mirror(&t, &mariadb_service(true), MARIADB_PORT, None, || {
         for _ in 0..RUNS {
