@@ -83,13 +83,27 @@ fn the_demo_forecasts_warns_recommends_and_recovers() {
     // before the client sees the SLO break. The live type's capacity is trusted only once its
     // latency knee shows, so the warning is raised with no lead: "in 0 trace minutes" in five
     // of six runs measured, before the client's first breach in some and after it in others.
-    // Earlier warnings are issue 21's work.)
-    let warning = summary.warning_step.expect("a warning");
-    assert!(
-        warning < summary.peak_step,
-        "warning at minute {warning}, peak at {}",
-        summary.peak_step
-    );
+    // Earlier warnings are issue 21's work.) When the comparison's own advice (live breaking
+    // the SLO where shadows hold it at matched load) moved live before the forecast warned, and
+    // the type moved to holds the peak (asserted below), no breach is left to warn of: one CI
+    // run of about seven went that way.
+    match summary.warning_step {
+        Some(warning) => assert!(
+            warning < summary.peak_step,
+            "warning at minute {warning}, peak at {}",
+            summary.peak_step
+        ),
+        None => assert!(
+            summary
+                .recommendations
+                .first()
+                .is_some_and(|(_, _, reason)| reason != "forecast_breach")
+                && !summary.moves.is_empty(),
+            "no warning, and no move advised by the comparison either: {:?} {:?}",
+            summary.recommendations,
+            summary.moves
+        ),
+    }
     let advised = summary.recommendation_step.expect("a recommendation");
     assert!(
         advised < summary.peak_step,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use doppel_engine::eval::{
     BacktestReport, BacktestSetup, CalibrationLimits, Thresholds, WarningProbe, WarningSetup,
-    backtest, calibrate_thresholds, calibration_table, threshold_candidates,
+    backtest, breach_capacity, calibrate_thresholds, calibration_table, threshold_candidates,
 };
 use doppel_engine::{BreachCombine, ForecastConfig, WarningPolicy};
 
@@ -48,6 +48,10 @@ pub(crate) struct Options {
     /// Days each fleet workload runs (`decisions`).
     #[arg(long, default_value_t = 5)]
     pub(crate) fleet_days: usize,
+    /// When no warning rule meets the calibration limits on the training parts, report with
+    /// the default rule (`calibrated=no` on the last line) instead of failing.
+    #[arg(long)]
+    pub(crate) allow_uncalibrated: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -93,12 +97,23 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
     // variance ratio of that horizon's changes on the training part).
     let mut worst_mase: Option<(f64, String, String, f64)> = None;
     let mut worst_wape: Option<(f64, String, String, f64)> = None;
-    let mut leads: Vec<u64> = Vec::new();
     let mut pooled_test = doppel_engine::eval::WarningOutcome::default();
-    let (mut incidents, mut warned, mut false_alarms, mut days) = (0, 0, 0, 0.0);
+    // Traces whose test part has no usable capacity, and why: not scored for warnings.
+    let mut unscored: Vec<(String, &'static str)> = Vec::new();
     println!(
-        "{:<44} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7}",
-        "trace", "h", "WAPE fc", "WAPE per", "WAPE sn", "MASE fc", "MASE per", "MASE sn", "rel"
+        "{:<44} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>15}",
+        "trace",
+        "h",
+        "WAPE fc",
+        "WAPE per",
+        "WAPE sn",
+        "WAPE wk",
+        "WAPE mean",
+        "MASE fc",
+        "MASE per",
+        "MASE sn",
+        "rel",
+        "best baseline"
     );
     let selected: Vec<&Trace> = traces
         .iter()
@@ -112,7 +127,13 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
     let mut reports: Vec<(&Trace, BacktestReport, f64)> = Vec::new();
     for trace in selected {
         let started = std::time::Instant::now();
-        let report = evaluate_trace(trace)?;
+        let report = match evaluate_trace(trace)? {
+            (report, Ok(())) => report,
+            (report, Err(why)) => {
+                unscored.push((trace.name.clone(), why));
+                report
+            }
+        };
         traces_seen += 1;
         if report.horizons.iter().all(|s| s.relative_mase() < 1.0) {
             traces_mase_ok += 1;
@@ -126,17 +147,23 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
         }
         for score in &report.horizons {
             let label = horizon_label(score.steps as u64 * trace.step_secs);
+            let weekly = score
+                .weekly_naive
+                .map_or_else(|| "-".to_owned(), |w| format!("{:.1}%", 100.0 * w.wape()));
             println!(
-                "{:<44} {:>6} {:>8.1}% {:>8.1}% {:>8.1}% {:>8.3} {:>8.3} {:>8.3} {:>7.3}",
+                "{:<44} {:>6} {:>8.1}% {:>8.1}% {:>8.1}% {:>9} {:>8.1}% {:>8.3} {:>8.3} {:>8.3} {:>7.3} {:>15}",
                 trace.name,
                 label,
                 100.0 * score.model.wape(),
                 100.0 * score.persistence.wape(),
                 100.0 * score.seasonal_naive.wape(),
+                weekly,
+                100.0 * score.mean.wape(),
                 score.mase(&score.model),
                 score.mase(&score.persistence),
                 score.mase(&score.seasonal_naive),
                 score.relative_mase(),
+                score.best_baseline_name(),
             );
             relative_mase_max = relative_mase_max.max(score.relative_mase());
             let training = &trace.values[..(trace.values.len() as f64 * TRAIN_FRACTION) as usize];
@@ -216,7 +243,7 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
             frontier.join("; ")
         );
     }
-    let thresholds = match calibrate_thresholds(
+    let (thresholds, calibrated) = match calibrate_thresholds(
         &probes,
         &candidates,
         CalibrationLimits {
@@ -224,7 +251,7 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
             max_warned_fraction: CALIBRATION_MAX_WARNED_FRACTION,
         },
     ) {
-        Some((t, calibration)) => {
+        Ok((t, calibration)) => {
             println!(
                 "warning calibration (training parts only): {:?} raise_at={:.3} clear_below={:.3}: recall {:.3}, {:.2} false alarms/day, warned {:.1} % of the time, over {} incidents in {:.1} days",
                 t.combine,
@@ -236,63 +263,88 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
                 calibration.incidents,
                 calibration.test_days,
             );
-            t
+            (t, true)
         }
-        None => {
+        Err(failure) => {
+            anyhow::ensure!(
+                options.allow_uncalibrated,
+                "warning calibration failed: {failure}; the warnings cannot be scored honestly \
+                 (--allow-uncalibrated reports them with the default rule, calibrated=no)"
+            );
+            println!("warning calibration FAILED: {failure}; scoring the default rule");
             let p = WarningPolicy::default();
-            Thresholds {
-                combine: p.combine,
-                raise: p.raise_at,
-                clear: p.clear_below,
-            }
+            (
+                Thresholds {
+                    combine: p.combine,
+                    raise: p.raise_at,
+                    clear: p.clear_below,
+                },
+                false,
+            )
         }
     };
     for (trace, report, secs) in &reports {
-        if let Some(probe) = &report.warning {
-            let w = probe.test_outcome(&trace.values, thresholds);
-            let mut lead = w.lead_secs.clone();
-            lead.sort_unstable();
-            println!(
-                "{:<44} warn: incidents={} warned={} lead_median={} false_alarms={} ({:.2}/day) warned_time={:.1}% fits={} model={:?} filled={} [{:.1}s]",
-                trace.name,
-                w.incidents,
-                w.warned,
-                lead.get(lead.len() / 2)
-                    .map_or_else(|| "-".to_owned(), |s| format!("{}min", s / 60)),
-                w.false_alarms,
-                w.false_alarms_per_day(),
-                100.0 * w.warned_fraction(),
-                report.fits,
-                report.last_model,
-                trace.filled,
-                secs,
-            );
-            leads.extend(&w.lead_secs);
-            incidents += w.incidents;
-            warned += w.warned;
-            false_alarms += w.false_alarms;
-            pooled_test.merge(&w);
-            days += w.test_days;
-        }
+        let Some(probe) = &report.warning else {
+            continue;
+        };
+        let w = probe.test_outcome(&trace.values, thresholds);
+        let mut lead = w.lead_secs.clone();
+        lead.sort_unstable();
+        println!(
+            "{:<44} warn: incidents={} recall={:.3} at_onset={:.3} lead_median={} false_alarms={} ({:.2}/day) warned_time={:.1}% fits={} model={:?} filled={} [{:.1}s]",
+            trace.name,
+            w.incidents,
+            w.recall(),
+            w.recall_at_onset(),
+            lead.get(lead.len() / 2)
+                .map_or_else(|| "-".to_owned(), |s| format!("{}min", s / 60)),
+            w.false_alarms,
+            w.false_alarms_per_day(),
+            100.0 * w.warned_fraction(),
+            report.fits,
+            report.last_model,
+            trace.filled,
+            secs,
+        );
+        pooled_test.merge(&w);
+    }
+    for (trace, why) in &unscored {
+        println!("{:<44} warn: not scored: {why}", trace);
     }
     println!(
-        "warning test parts: recall {:.3} (warning still raised when the breach began: {:.3}), {:.2} false alarms/day, warned {:.1} % of the time",
+        "warning test parts: recall {:.3} (warning still raised when the breach began: {:.3}), {:.2} false alarms/day, warned {:.1} % of the time, {} incidents in {:.1} days",
         pooled_test.recall(),
         pooled_test.recall_at_onset(),
         pooled_test.false_alarms_per_day(),
         100.0 * pooled_test.warned_fraction(),
+        pooled_test.incidents,
+        pooled_test.test_days,
     );
-    println!(
-        "forecast: {traces_mase_ok}/{traces_seen} traces beat both naive baselines (relative MASE < 1) at every horizon; {traces_wape_ok}/{traces_seen} have WAPE at 1 h at least 20 % below the better baseline"
-    );
+    let mut leads = pooled_test.lead_secs.clone();
     leads.sort_unstable();
-    let lead_min_median = leads
-        .get(leads.len() / 2)
-        .map_or(f64::NAN, |s| *s as f64 / 60.0);
+    let lead_min = |q: f64| {
+        leads
+            .get(((leads.len() as f64 * q) as usize).min(leads.len().saturating_sub(1)))
+            .map_or(f64::NAN, |s| *s as f64 / 60.0)
+    };
     println!(
-        "predictor: mase_max={relative_mase_max:.3} wape_gain_1h_min={wape_gain_min:.3} lead_min_median={lead_min_median:.1} recall={:.3} false_alarms_per_day={:.3}",
-        warned as f64 / incidents.max(1) as f64,
-        false_alarms as f64 / days,
+        "warning lead (minutes, over {} warned incidents, at most the 60-minute horizon): p10 {:.0}, p50 {:.0}, p90 {:.0}",
+        leads.len(),
+        lead_min(0.1),
+        lead_min(0.5),
+        lead_min(0.9),
+    );
+    println!(
+        "forecast: {traces_mase_ok}/{traces_seen} traces beat every naive baseline (persistence, daily and weekly seasonal naive, zero, training mean; relative MASE < 1) at every horizon; {traces_wape_ok}/{traces_seen} have WAPE at 1 h at least 20 % below the best baseline"
+    );
+    println!(
+        "predictor: mase_max={relative_mase_max:.3} wape_gain_1h_min={wape_gain_min:.3} recall={:.3} recall_at_onset={:.3} false_alarms_per_day={:.3} warned_pct={:.1} lead_p10_min={:.1} calibrated={}",
+        pooled_test.recall(),
+        pooled_test.recall_at_onset(),
+        pooled_test.false_alarms_per_day(),
+        100.0 * pooled_test.warned_fraction(),
+        lead_min(0.1),
+        if calibrated { "yes" } else { "no" },
     );
     Ok(())
 }
@@ -311,7 +363,9 @@ const TRAIN_FRACTION: f64 = 0.75;
 /// The SLO breaks when load exceeds this quantile of the period's own load (5 % of the time).
 const CAPACITY_QUANTILE: f64 = 0.95;
 
-fn evaluate_trace(trace: &Trace) -> anyhow::Result<BacktestReport> {
+/// The trace's backtest, and whether its warnings are scored (not when its test part has no
+/// usable capacity: [`breach_capacity`]).
+fn evaluate_trace(trace: &Trace) -> anyhow::Result<(BacktestReport, Result<(), &'static str>)> {
     let (config, horizons) = if trace.step_secs == 60 {
         (ForecastConfig::per_minute(), vec![5, 60, 1440])
     } else {
@@ -319,12 +373,10 @@ fn evaluate_trace(trace: &Trace) -> anyhow::Result<BacktestReport> {
     };
     let train_fraction = TRAIN_FRACTION;
     let split = (trace.values.len() as f64 * train_fraction) as usize;
-    let mut test: Vec<f64> = trace.values[split..].to_vec();
-    test.sort_by(f64::total_cmp);
     // The capacity the SLO breaks at: the load the test period exceeds 5 % of the time. The
     // forecaster never sees it until it is told, as in production where it comes from the
     // performance model.
-    let capacity = test[(test.len() as f64 * CAPACITY_QUANTILE) as usize];
+    let capacity = breach_capacity(&trace.values[split..], CAPACITY_QUANTILE);
     let steps_per_hour = (3600 / trace.step_secs) as usize;
     // The SLO is judged over ten minutes: ten one-minute or two five-minute samples.
     let min_breach_steps = (600 / trace.step_secs) as usize;
@@ -332,7 +384,7 @@ fn evaluate_trace(trace: &Trace) -> anyhow::Result<BacktestReport> {
         config,
         horizons,
         train_fraction,
-        warning: Some(WarningSetup {
+        warning: capacity.ok().map(|capacity| WarningSetup {
             capacity,
             policy: WarningPolicy {
                 horizon_steps: steps_per_hour,
@@ -354,5 +406,7 @@ fn evaluate_trace(trace: &Trace) -> anyhow::Result<BacktestReport> {
             calibration_capacity_quantile: CAPACITY_QUANTILE,
         }),
     };
-    backtest(&trace.values, trace.start, &setup).with_context(|| format!("backtest {}", trace.name))
+    let report = backtest(&trace.values, trace.start, &setup)
+        .with_context(|| format!("backtest {}", trace.name))?;
+    Ok((report, capacity.map(|_| ())))
 }

@@ -1,5 +1,6 @@
 //! Offline evaluation of the predictor on in-memory series: walk-forward forecast backtests
-//! against persistence and seasonal-naive baselines, degradation-warning replays against a
+//! against naive baselines (persistence, daily and weekly seasonal naive, zero, the training
+//! mean), degradation-warning replays against a
 //! capacity threshold, and the simulated VM catalog for the choice of type.
 //!
 //! Reading trace files is the caller's job (`cargo xtask eval predictor`); this module only
@@ -57,6 +58,14 @@ pub struct HorizonScore {
     pub persistence: ErrorSum,
     /// Value one season earlier.
     pub seasonal_naive: ErrorSum,
+    /// Value one week earlier, where the test part has a week of history before it at every
+    /// origin (else `None`).
+    pub weekly_naive: Option<ErrorSum>,
+    /// Zero: a forecast that says nothing (its WAPE is 1 by definition). On sparse or spiky
+    /// series the other baselines can do worse, and a gain over them is then no gain.
+    pub zero: ErrorSum,
+    /// The training part's mean, every time.
+    pub mean: ErrorSum,
     /// In-sample MAE of one-step persistence on the training part: the MASE scale (Hyndman).
     pub mase_scale: f64,
 }
@@ -67,15 +76,44 @@ impl HorizonScore {
         e.mae() / self.mase_scale
     }
 
-    /// The forecaster's MAE relative to the better naive baseline at this horizon: below 1 means
-    /// it beats both (the MASE of the forecaster scaled by that baseline's error).
-    pub fn relative_mase(&self) -> f64 {
-        self.model.mae() / self.persistence.mae().min(self.seasonal_naive.mae())
+    /// Every naive baseline scored at this horizon, by name.
+    pub fn baselines(&self) -> Vec<(&'static str, &ErrorSum)> {
+        let mut all = vec![
+            ("persistence", &self.persistence),
+            ("seasonal naive", &self.seasonal_naive),
+            ("zero", &self.zero),
+            ("mean", &self.mean),
+        ];
+        if let Some(weekly) = &self.weekly_naive {
+            all.push(("weekly naive", weekly));
+        }
+        all
     }
 
-    /// 1 − WAPE(model) / WAPE(better baseline).
+    /// The baseline with the lowest error by `error`, and that error.
+    fn best_baseline(&self, error: impl Fn(&ErrorSum) -> f64) -> (&'static str, f64) {
+        self.baselines()
+            .into_iter()
+            .map(|(name, e)| (name, error(e)))
+            .filter(|(_, e)| !e.is_nan())
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or(("none", f64::NAN))
+    }
+
+    /// The baseline with the lowest MAE at this horizon.
+    pub fn best_baseline_name(&self) -> &'static str {
+        self.best_baseline(ErrorSum::mae).0
+    }
+
+    /// The forecaster's MAE relative to the best naive baseline at this horizon: below 1 means
+    /// it beats them all (the MASE of the forecaster scaled by that baseline's error).
+    pub fn relative_mase(&self) -> f64 {
+        self.model.mae() / self.best_baseline(ErrorSum::mae).1
+    }
+
+    /// 1 − WAPE(model) / WAPE(best baseline).
     pub fn wape_gain(&self) -> f64 {
-        1.0 - self.model.wape() / self.persistence.wape().min(self.seasonal_naive.wape())
+        1.0 - self.model.wape() / self.best_baseline(ErrorSum::wape).1
     }
 }
 
@@ -115,6 +153,27 @@ pub struct WarningSetup {
     /// The calibration window's capacity is this quantile of its own load: the same rule that
     /// defines the test capacity, applied to training data only.
     pub calibration_capacity_quantile: f64,
+}
+
+/// The load above which a period's SLO breaks: its `quantile` (the load it exceeds that share
+/// of the time), or why the period has none. A sparse count series (orders per minute: mostly
+/// zeros) has a quantile of 0, and a flat one a quantile equal to its minimum: "above" that is
+/// every non-zero or every non-minimal step, a breach that never ends and a warning that never
+/// clears. Such a period is not scored for warnings.
+pub fn breach_capacity(values: &[f64], quantile: f64) -> Result<f64, &'static str> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return Err("no values");
+    }
+    sorted.sort_by(f64::total_cmp);
+    let capacity = sorted[((sorted.len() as f64 * quantile) as usize).min(sorted.len() - 1)];
+    if capacity <= 0.0 {
+        Err("the quantile is zero (a sparse series)")
+    } else if capacity <= sorted[0] {
+        Err("the quantile is the minimum (a flat series)")
+    } else {
+        Ok(capacity)
+    }
 }
 
 /// What a warning replay found.
@@ -201,7 +260,8 @@ pub struct WarningProbe {
     pub calibration_from: usize,
     /// First test origin (the train/test split).
     pub split: usize,
-    /// The calibration window's capacity (from training data only).
+    /// The calibration window's capacity (from training data only); NaN when it has none
+    /// ([`breach_capacity`]), and then the calibration replays are empty.
     pub calibration_capacity: f64,
     /// Breach probability at origins `calibration_from..split` against `calibration_capacity`,
     /// combined each way ([`BreachCombine::Union`], [`BreachCombine::LargestWindow`]).
@@ -216,6 +276,9 @@ impl WarningProbe {
     /// The replay of the calibration window with thresholds `(raise, clear)`. Only values before
     /// the split are looked at, outcomes included.
     pub fn calibration_outcome(&self, series: &[f64], thresholds: Thresholds) -> WarningOutcome {
+        if self.calibration_capacity.is_nan() {
+            return WarningOutcome::default();
+        }
         let training = &series[..self.split];
         let active = replay_hysteresis(
             training.len(),
@@ -303,15 +366,32 @@ pub struct CalibrationLimits {
     pub max_warned_fraction: f64,
 }
 
+/// Why no warning rule could be calibrated.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CalibrationFailure {
+    /// Every rule keeps a warning raised longer than the limit on the training parts.
+    #[error("no rule keeps warnings raised at most {:.0} % of the time on the training parts", 100.0 * .0)]
+    WarnedTooLong(f64),
+    /// Within the warned-time limit, every rule raises more false alarms than allowed; the
+    /// one with the fewest is given (to report with, never to use silently).
+    #[error("no rule within the warned-time limit raises at most {max:.2} false alarms a day on the training parts (fewest: {:.2} a day)", .fewest.1.false_alarms_per_day())]
+    TooManyFalseAlarms {
+        /// The limit.
+        max: f64,
+        /// The rule with the fewest false alarms, and its outcome.
+        fewest: Box<(Thresholds, WarningOutcome)>,
+    },
+}
+
 /// Chooses warning thresholds from calibration replays pooled over traces (training data only):
 /// the highest pooled recall within `limits`, ties to fewer false alarms, then to longer median
-/// lead. Falls back to the rule with the fewest false alarms among those within the warned-time
-/// limit when none meets both. Returns the rule and its pooled calibration outcome.
+/// lead. Returns the rule and its pooled calibration outcome, or why no rule meets the limits:
+/// a caller that reports figures must not fall back to a default rule without saying so.
 pub fn calibrate_thresholds(
     probes: &[(&WarningProbe, &[f64])],
     candidates: &[Thresholds],
     limits: CalibrationLimits,
-) -> Option<(Thresholds, WarningOutcome)> {
+) -> Result<(Thresholds, WarningOutcome), CalibrationFailure> {
     let scored: Vec<(Thresholds, WarningOutcome)> = calibration_table(probes, candidates)
         .into_iter()
         .filter(|(_, o)| o.warned_fraction() <= limits.max_warned_fraction)
@@ -331,15 +411,27 @@ pub fn calibrate_thresholds(
                 .then(b.false_alarms.cmp(&a.false_alarms))
                 .then(median_lead(a).cmp(&median_lead(b)))
         });
-    within
-        .or_else(|| {
-            scored.iter().min_by(|(_, a), (_, b)| {
-                a.false_alarms
-                    .cmp(&b.false_alarms)
-                    .then(b.recall().total_cmp(&a.recall()))
-            })
+    if let Some(within) = within {
+        return Ok(within.clone());
+    }
+    scored
+        .iter()
+        .min_by(|(_, a), (_, b)| {
+            a.false_alarms
+                .cmp(&b.false_alarms)
+                .then(b.recall().total_cmp(&a.recall()))
         })
-        .cloned()
+        .map_or(
+            Err(CalibrationFailure::WarnedTooLong(
+                limits.max_warned_fraction,
+            )),
+            |fewest| {
+                Err(CalibrationFailure::TooManyFalseAlarms {
+                    max: max_false_alarms_per_day,
+                    fewest: Box::new(fewest.clone()),
+                })
+            },
+        )
 }
 
 /// Every candidate rule with its pooled outcome on the calibration windows (training data
@@ -395,6 +487,8 @@ pub fn backtest(
         .map(|w| (w[1] - w[0]).abs())
         .sum::<f64>()
         / (training.len() - 1) as f64;
+    let training_mean = training.iter().sum::<f64>() / training.len() as f64;
+    let week = (7 * 86_400 / step.max(1)) as usize;
     let mut scores: Vec<HorizonScore> = setup
         .horizons
         .iter()
@@ -403,6 +497,10 @@ pub fn backtest(
             model: ErrorSum::default(),
             persistence: ErrorSum::default(),
             seasonal_naive: ErrorSum::default(),
+            // Defined at every scored origin only when a week of history precedes the test.
+            weekly_naive: (split >= week).then(ErrorSum::default),
+            zero: ErrorSum::default(),
+            mean: ErrorSum::default(),
             mase_scale,
         })
         .collect();
@@ -412,16 +510,14 @@ pub fn backtest(
         .warning
         .as_ref()
         .map_or(split, |w| split.saturating_sub(w.calibration_steps).max(4));
-    let calibration_capacity = setup.warning.as_ref().map_or(0.0, |w| {
-        let mut window = series[calibration_from..split].to_vec();
-        window.sort_by(f64::total_cmp);
-        window
-            .get(
-                ((window.len() as f64 * w.calibration_capacity_quantile) as usize)
-                    .min(window.len().saturating_sub(1)),
-            )
-            .copied()
-            .unwrap_or(0.0)
+    // A calibration window without a usable capacity (sparse, flat) is not replayed: its
+    // trace adds nothing to the calibration, rather than a warning that never clears.
+    let calibration_capacity = setup.warning.as_ref().and_then(|w| {
+        breach_capacity(
+            &series[calibration_from..split],
+            w.calibration_capacity_quantile,
+        )
+        .ok()
     });
     let first_origin = calibration_from.min(split) - 1;
     let history_from = |end: usize| end.saturating_sub(config.max_history);
@@ -448,13 +544,22 @@ pub fn backtest(
                 score
                     .seasonal_naive
                     .add(series[o + h - m * h.div_ceil(m)], actual);
+                if let Some(weekly) = &mut score.weekly_naive
+                    && let Some(i) = (o + h).checked_sub(week * h.div_ceil(week))
+                {
+                    weekly.add(series[i], actual);
+                }
+                score.zero.add(0.0, actual);
+                score.mean.add(training_mean, actual);
             }
         }
         if let Some(w) = &setup.warning {
             let into = if o >= split {
                 Some((&mut test, w.capacity))
-            } else if o >= calibration_from {
-                Some((&mut calibration, calibration_capacity))
+            } else if o >= calibration_from
+                && let Some(capacity) = calibration_capacity
+            {
+                Some((&mut calibration, capacity))
             } else {
                 None
             };
@@ -475,7 +580,7 @@ pub fn backtest(
     let warning = setup.warning.as_ref().map(|w| WarningProbe {
         calibration_from,
         split,
-        calibration_capacity,
+        calibration_capacity: calibration_capacity.unwrap_or(f64::NAN),
         calibration,
         test,
         setup: w.clone(),
@@ -978,9 +1083,88 @@ mod tests {
             max_false_alarms_per_day: 100.0,
             max_warned_fraction: 0.5,
         };
-        let (t, _) = calibrate_thresholds(&[(&a, series.as_slice())], &[always], limits)
-            .map_or((None, ()), |(t, _)| (Some(t), ()));
-        assert_eq!(t, None);
+        assert_eq!(
+            calibrate_thresholds(&[(&a, series.as_slice())], &[always], limits),
+            Err(CalibrationFailure::WarnedTooLong(0.5)),
+            "refused, never a fallback rule"
+        );
+        // Within the warned time but over the false-alarm limit: refused, with the rule that
+        // came closest to report.
+        let strict = CalibrationLimits {
+            max_false_alarms_per_day: 0.0,
+            max_warned_fraction: 1.0,
+        };
+        let blip = Thresholds {
+            combine: BreachCombine::Union,
+            raise: 0.25,
+            clear: 0.25,
+        };
+        assert_eq!(a.calibration_outcome(&series, blip).false_alarms, 1);
+        assert!(matches!(
+            calibrate_thresholds(&[(&a, series.as_slice())], &[blip], strict),
+            Err(CalibrationFailure::TooManyFalseAlarms { fewest, .. }) if fewest.0 == blip
+        ));
+    }
+
+    #[test]
+    fn a_sparse_or_flat_period_has_no_breach_capacity_and_no_warning_that_never_clears() {
+        // Orders per minute: zero 97 % of the time.
+        let sparse: Vec<f64> = (0..1000)
+            .map(|i| if i % 33 == 0 { 2.0 } else { 0.0 })
+            .collect();
+        assert!(breach_capacity(&sparse, 0.95).is_err());
+        assert!(breach_capacity(&[3.0; 100], 0.95).is_err());
+        let ramp: Vec<f64> = (0..100).map(f64::from).collect();
+        assert_eq!(breach_capacity(&ramp, 0.95), Ok(95.0));
+        // A backtest of the sparse series: its calibration window has no capacity, so it
+        // replays nothing and scores no warned time, whatever the rule.
+        let mut series = sparse;
+        series.extend((0..2000).map(|i| if i % 33 == 0 { 2.0 } else { 0.0 }));
+        let setup = BacktestSetup {
+            config: ForecastConfig::every_five_minutes(),
+            horizons: vec![1],
+            train_fraction: 0.75,
+            warning: Some(WarningSetup {
+                calibration_steps: 600,
+                ..setup()
+            }),
+        };
+        let report = backtest(&series, 0, &setup).expect("backtest");
+        let probe = report.warning.expect("a probe");
+        assert!(probe.calibration_capacity.is_nan());
+        assert!(probe.calibration.iter().all(Vec::is_empty));
+        let always = Thresholds {
+            combine: BreachCombine::Union,
+            raise: 0.0,
+            clear: 0.0,
+        };
+        let o = probe.calibration_outcome(&series, always);
+        assert_eq!((o.warned_steps, o.incidents), (0, 0));
+    }
+
+    #[test]
+    fn pooled_outcomes_are_the_sums_of_the_per_trace_ones() {
+        let (a, series_a) = probe(scores(20, 50, 60), scores(30, 70, 85));
+        let (b, series_b) = probe(scores(20, 50, 60), vec![0.9; 30]);
+        let t = Thresholds {
+            combine: BreachCombine::Union,
+            raise: 0.5,
+            clear: 0.4,
+        };
+        let (oa, ob) = (a.test_outcome(&series_a, t), b.test_outcome(&series_b, t));
+        let mut pooled = WarningOutcome::default();
+        pooled.merge(&oa);
+        pooled.merge(&ob);
+        assert_eq!(pooled.incidents, oa.incidents + ob.incidents);
+        assert_eq!(pooled.warned, oa.warned + ob.warned);
+        assert_eq!(pooled.false_alarms, oa.false_alarms + ob.false_alarms);
+        assert_eq!(pooled.warned_steps, oa.warned_steps + ob.warned_steps);
+        let recall = (oa.warned + ob.warned) as f64 / (oa.incidents + ob.incidents) as f64;
+        assert!((pooled.recall() - recall).abs() < 1e-12);
+        assert_eq!(
+            pooled.lead_secs.len(),
+            oa.lead_secs.len() + ob.lead_secs.len()
+        );
     }
 
     #[test]
