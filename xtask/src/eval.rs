@@ -33,7 +33,8 @@ pub(crate) struct Options {
     /// What to evaluate.
     #[arg(value_enum)]
     target: Target,
-    /// Trace directory (default: `DOPPEL_TRACES`, else `../shared/traces` from the workspace root).
+    /// Trace directory, its series declared in its `traces.toml` (default: `DOPPEL_TRACES`,
+    /// else `../shared/traces` from the workspace root, read with its built-in layout).
     #[arg(long)]
     pub(crate) traces: Option<PathBuf>,
     /// Only traces whose name contains this.
@@ -127,6 +128,13 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
     let mut reports: Vec<(&Trace, BacktestReport, f64)> = Vec::new();
     for trace in selected {
         let started = std::time::Instant::now();
+        if trace.step_secs >= 86_400 {
+            println!(
+                "{:<44} not evaluated: one value a day; the forecaster's season is a day",
+                trace.name
+            );
+            continue;
+        }
         let report = match evaluate_trace(trace)? {
             (report, Ok(())) => report,
             (report, Err(why)) => {
@@ -366,10 +374,22 @@ const CAPACITY_QUANTILE: f64 = 0.95;
 /// The trace's backtest, and whether its warnings are scored (not when its test part has no
 /// usable capacity: [`breach_capacity`]).
 fn evaluate_trace(trace: &Trace) -> anyhow::Result<(BacktestReport, Result<(), &'static str>)> {
-    let (config, horizons) = if trace.step_secs == 60 {
-        (ForecastConfig::per_minute(), vec![5, 60, 1440])
-    } else {
-        (ForecastConfig::every_five_minutes(), vec![1, 12])
+    let (config, horizons) = match trace.step_secs {
+        60 => (ForecastConfig::per_minute(), vec![5, 60, 1440]),
+        300 => (ForecastConfig::every_five_minutes(), vec![1, 12]),
+        // 30 min, 1 h: an hour (or one step) and a day ahead, two weeks of history.
+        step if step < 86_400 => {
+            let per_day = (86_400 / step) as usize;
+            (
+                ForecastConfig::for_step(step, 14 * per_day, per_day),
+                vec![(3600 / step).max(1) as usize, per_day],
+            )
+        }
+        step => anyhow::bail!(
+            "{}: steps of {step} s are not evaluated: the forecaster's season is a day, so a \
+             series of one value a day has no season it can learn",
+            trace.name
+        ),
     };
     let train_fraction = TRAIN_FRACTION;
     let split = (trace.values.len() as f64 * train_fraction) as usize;
@@ -377,9 +397,10 @@ fn evaluate_trace(trace: &Trace) -> anyhow::Result<(BacktestReport, Result<(), &
     // forecaster never sees it until it is told, as in production where it comes from the
     // performance model.
     let capacity = breach_capacity(&trace.values[split..], CAPACITY_QUANTILE);
-    let steps_per_hour = (3600 / trace.step_secs) as usize;
-    // The SLO is judged over ten minutes: ten one-minute or two five-minute samples.
-    let min_breach_steps = (600 / trace.step_secs) as usize;
+    let steps_per_hour = ((3600 / trace.step_secs) as usize).max(1);
+    // The SLO is judged over ten minutes: ten one-minute or two five-minute samples (one at
+    // coarser steps).
+    let min_breach_steps = ((600 / trace.step_secs) as usize).max(1);
     let setup = BacktestSetup {
         config,
         horizons,
