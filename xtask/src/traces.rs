@@ -314,15 +314,12 @@ mod tests {
 
     #[test]
     fn timestamps_parse_to_epoch_seconds() {
-        assert_eq!(super::parse_timestamp("1970-01-01 00:00"), Some(0));
+        assert_eq!(parse_timestamp("1970-01-01 00:00"), Some(0));
+        assert_eq!(parse_timestamp("2014-02-14 14:30:00"), Some(1_392_388_200));
         assert_eq!(
-            super::parse_timestamp("2014-02-14 14:30:00"),
-            Some(1_392_388_200)
-        );
-        assert_eq!(
-            super::parse_timestamp("2014-02-26 13:45:00.000000"),
+            parse_timestamp("2014-02-26 13:45:00.000000"),
             Some(1_393_422_300)
         );
-        assert_eq!(super::parse_timestamp("garbage"), None);
+        assert_eq!(parse_timestamp("garbage"), None);
     }
 }
