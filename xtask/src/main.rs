@@ -9,6 +9,7 @@ mod bench_fidelity;
 mod bench_ingest;
 mod bench_predictor;
 mod bench_replay;
+mod bpf_sys;
 mod build_ebpf;
 mod demo;
 mod eval;
