@@ -4,7 +4,7 @@
 //! ```no_run
 //! # use doppel_tests::{testbed::Host, workloads::mariadb::{Mariadb, Sysbench}};
 //! # let (client, live) = (Host::new("client").unwrap(), Host::new("live").unwrap());
-//! let server = Mariadb::start(&live, "10.0.0.2".parse().unwrap(), 3306);
+//! let mut server = Mariadb::start(&live, "10.0.0.2".parse().unwrap(), 3306);
 //! server.sysbench_prepare(1000);
 //! let report = server.sysbench(&client, &Sysbench::default());
 //! assert_eq!(server.executed().get("commit"), report.transactions);
