@@ -221,29 +221,43 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
     let candidates = threshold_candidates();
     // The trade-off the training parts offer, for the note: the best recall within one false
     // alarm a day, per way of combining the breach probabilities and per limit on the time a
-    // warning may stay raised (without one, a warning that never clears "warns" of everything).
+    // warning may stay raised (without one, a warning that never clears "warns" of everything),
+    // beside a naive warner's (load over capacity now, no forecast): what the forecast buys.
+    let naive: Vec<WarningProbe> = probes.iter().map(|(p, s)| p.naive(s)).collect();
+    let naive_probes: Vec<(&WarningProbe, &[f64])> = naive
+        .iter()
+        .zip(&probes)
+        .map(|(n, (_, s))| (n, *s))
+        .collect();
+    let naive_table = calibration_table(&naive_probes, &candidates);
     let table = calibration_table(&probes, &candidates);
+    let budgets = [0.10, 0.15, 0.25, 0.35, 0.5, 1.0];
+    let best_within = |table: &[(Thresholds, doppel_engine::eval::WarningOutcome)],
+                       combine: Option<BreachCombine>,
+                       warned: f64| {
+        table
+            .iter()
+            .filter(|(t, o)| {
+                combine.is_none_or(|c| t.combine == c)
+                    && o.false_alarms_per_day() <= CALIBRATION_MAX_FALSE_ALARMS_PER_DAY
+                    && o.warned_fraction() <= warned
+            })
+            .max_by(|(_, a), (_, b)| a.recall().total_cmp(&b.recall()))
+            .cloned()
+    };
     for combine in [BreachCombine::Union, BreachCombine::LargestWindow] {
-        let frontier: Vec<String> = [0.10, 0.15, 0.25, 0.35, 0.5, 1.0]
+        let frontier: Vec<String> = budgets
             .iter()
             .filter_map(|&warned| {
-                table
-                    .iter()
-                    .filter(|(t, o)| {
-                        t.combine == combine
-                            && o.false_alarms_per_day() <= CALIBRATION_MAX_FALSE_ALARMS_PER_DAY
-                            && o.warned_fraction() <= warned
-                    })
-                    .max_by(|(_, a), (_, b)| a.recall().total_cmp(&b.recall()))
-                    .map(|(t, o)| {
-                        format!(
-                            "warned <= {:.0} %: recall {:.3} (raise {:.3}, clear {:.3})",
-                            100.0 * warned,
-                            o.recall(),
-                            t.raise,
-                            t.clear
-                        )
-                    })
+                best_within(&table, Some(combine), warned).map(|(t, o)| {
+                    format!(
+                        "warned <= {:.0} %: recall {:.3} (raise {:.3}, clear {:.3})",
+                        100.0 * warned,
+                        o.recall(),
+                        t.raise,
+                        t.clear
+                    )
+                })
             })
             .collect();
         println!(
@@ -251,6 +265,25 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
             frontier.join("; ")
         );
     }
+    let side_by_side: Vec<String> = budgets
+        .iter()
+        .map(|&warned| {
+            let recall = |t: &[(Thresholds, doppel_engine::eval::WarningOutcome)]| {
+                best_within(t, None, warned)
+                    .map_or_else(|| "-".to_owned(), |(_, o)| format!("{:.3}", o.recall()))
+            };
+            format!(
+                "warned <= {:.0} %: forecast {} naive {}",
+                100.0 * warned,
+                recall(&table),
+                recall(&naive_table)
+            )
+        })
+        .collect();
+    println!(
+        "warning frontier against a naive warner (load now over capacity; training parts, best recall within <= {CALIBRATION_MAX_FALSE_ALARMS_PER_DAY} false alarm/day; none: no rule of it keeps within): {}",
+        side_by_side.join("; ")
+    );
     let (thresholds, calibrated) = match calibrate_thresholds(
         &probes,
         &candidates,

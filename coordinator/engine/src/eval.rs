@@ -297,6 +297,33 @@ impl WarningProbe {
         )
     }
 
+    /// The same replay points scored by a naive warner, for a frontier to read the forecast's
+    /// against: at each origin, the load just observed over the capacity (clamped to 1), both
+    /// ways of combining (it has one). A warning rule on it raises when load reaches a share
+    /// of capacity, as a threshold alert on a dashboard would; it knows nothing of the future.
+    pub fn naive(&self, series: &[f64]) -> Self {
+        let ratio = |from: usize, len: usize, capacity: f64| -> Vec<f64> {
+            (0..len)
+                .map(|i| (series[from + i] / capacity).clamp(0.0, 1.0))
+                .collect()
+        };
+        let calibration = if self.calibration_capacity.is_nan() {
+            Vec::new()
+        } else {
+            ratio(
+                self.calibration_from,
+                self.calibration[0].len(),
+                self.calibration_capacity,
+            )
+        };
+        let test = ratio(self.split, self.test[0].len(), self.setup.capacity);
+        Self {
+            calibration: [calibration.clone(), calibration],
+            test: [test.clone(), test],
+            ..self.clone()
+        }
+    }
+
     /// The replay of the test part with thresholds `(raise, clear)`.
     pub fn test_outcome(&self, series: &[f64], thresholds: Thresholds) -> WarningOutcome {
         let active = replay_hysteresis(
@@ -1140,6 +1167,24 @@ mod tests {
         };
         let o = probe.calibration_outcome(&series, always);
         assert_eq!((o.warned_steps, o.incidents), (0, 0));
+    }
+
+    #[test]
+    fn the_naive_warner_raises_on_load_against_capacity_alone() {
+        let (a, series) = probe(scores(20, 50, 60), scores(30, 70, 85));
+        let naive = a.naive(&series);
+        // Load 5 against capacity 10, and 20 (clamped to 1) in the breaches.
+        assert_eq!(naive.calibration[0][0], 0.5);
+        assert_eq!(naive.calibration[0][10], 1.0);
+        assert_eq!(naive.test[0].len(), 30);
+        // Raised at 0.9: only once the breach has begun, so it warns of nothing.
+        let t = Thresholds {
+            combine: BreachCombine::Union,
+            raise: 0.9,
+            clear: 0.9,
+        };
+        let o = naive.test_outcome(&series, t);
+        assert_eq!((o.incidents, o.warned), (1, 0));
     }
 
     #[test]
