@@ -53,6 +53,34 @@ pub(crate) struct Options {
     /// the default rule (`calibrated=no` on the last line) instead of failing.
     #[arg(long)]
     pub(crate) allow_uncalibrated: bool,
+    /// Score the warnings with this rule instead of calibrating one on these traces'
+    /// training parts, `COMBINE:RAISE:CLEAR` (as the calibration line prints it, e.g.
+    /// `LargestWindow:0.225:0.034`): how a rule chosen on one set of traces holds on another.
+    #[arg(long, value_parser = parse_thresholds)]
+    pub(crate) thresholds: Option<Thresholds>,
+}
+
+/// `COMBINE:RAISE:CLEAR`, e.g. `LargestWindow:0.225:0.034`.
+fn parse_thresholds(text: &str) -> Result<Thresholds, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let [combine, raise, clear] = parts.as_slice() else {
+        return Err("expected COMBINE:RAISE:CLEAR".to_owned());
+    };
+    let combine = match *combine {
+        "Union" | "union" => BreachCombine::Union,
+        "LargestWindow" | "largest-window" => BreachCombine::LargestWindow,
+        other => return Err(format!("combine {other:?}: Union or LargestWindow")),
+    };
+    let number = |s: &str| s.parse::<f64>().map_err(|e| format!("{s:?}: {e}"));
+    let (raise, clear) = (number(raise)?, number(clear)?);
+    if !(0.0..=1.0).contains(&raise) || !(0.0..=raise).contains(&clear) {
+        return Err("needs 0 <= CLEAR <= RAISE <= 1".to_owned());
+    }
+    Ok(Thresholds {
+        combine,
+        raise,
+        clear,
+    })
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -284,14 +312,25 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
         "warning frontier against a naive warner (load now over capacity; training parts, best recall within <= {CALIBRATION_MAX_FALSE_ALARMS_PER_DAY} false alarm/day; none: no rule of it keeps within): {}",
         side_by_side.join("; ")
     );
-    let (thresholds, calibrated) = match calibrate_thresholds(
-        &probes,
-        &candidates,
-        CalibrationLimits {
-            max_false_alarms_per_day: CALIBRATION_MAX_FALSE_ALARMS_PER_DAY,
-            max_warned_fraction: CALIBRATION_MAX_WARNED_FRACTION,
-        },
-    ) {
+    let calibration = match options.thresholds {
+        Some(given) => {
+            println!(
+                "warning rule given, not calibrated on these traces: {:?} raise_at={:.3} clear_below={:.3}",
+                given.combine, given.raise, given.clear
+            );
+            Ok((given, doppel_engine::eval::WarningOutcome::default()))
+        }
+        None => calibrate_thresholds(
+            &probes,
+            &candidates,
+            CalibrationLimits {
+                max_false_alarms_per_day: CALIBRATION_MAX_FALSE_ALARMS_PER_DAY,
+                max_warned_fraction: CALIBRATION_MAX_WARNED_FRACTION,
+            },
+        ),
+    };
+    let (thresholds, calibrated) = match calibration {
+        Ok((t, _)) if options.thresholds.is_some() => (t, "given"),
         Ok((t, calibration)) => {
             println!(
                 "warning calibration (training parts only): {:?} raise_at={:.3} clear_below={:.3}: recall {:.3}, {:.2} false alarms/day, warned {:.1} % of the time, over {} incidents in {:.1} days",
@@ -304,7 +343,7 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
                 calibration.incidents,
                 calibration.test_days,
             );
-            (t, true)
+            (t, "yes")
         }
         Err(failure) => {
             anyhow::ensure!(
@@ -320,7 +359,7 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
                     raise: p.raise_at,
                     clear: p.clear_below,
                 },
-                false,
+                "no",
             )
         }
     };
@@ -385,7 +424,7 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
         pooled_test.false_alarms_per_day(),
         100.0 * pooled_test.warned_fraction(),
         lead_min(0.1),
-        if calibrated { "yes" } else { "no" },
+        calibrated,
     );
     Ok(())
 }
@@ -463,4 +502,23 @@ fn evaluate_trace(trace: &Trace) -> anyhow::Result<(BacktestReport, Result<(), &
     let report = backtest(&trace.values, trace.start, &setup)
         .with_context(|| format!("backtest {}", trace.name))?;
     Ok((report, capacity.map(|_| ())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_given_rule_parses_as_the_calibration_line_prints_it() {
+        let t = parse_thresholds("LargestWindow:0.225:0.034").expect("parses");
+        assert_eq!(t.combine, BreachCombine::LargestWindow);
+        assert_eq!((t.raise, t.clear), (0.225, 0.034));
+        assert_eq!(
+            parse_thresholds("union:0.5:0.25").map(|t| t.combine),
+            Ok(BreachCombine::Union)
+        );
+        for bad in ["LargestWindow:0.2", "Max:0.5:0.2", "Union:0.2:0.5", "Union:x:0.1"] {
+            assert!(parse_thresholds(bad).is_err(), "{bad}");
+        }
+    }
 }
