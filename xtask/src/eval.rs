@@ -517,7 +517,12 @@ mod tests {
             parse_thresholds("union:0.5:0.25").map(|t| t.combine),
             Ok(BreachCombine::Union)
         );
-        for bad in ["LargestWindow:0.2", "Max:0.5:0.2", "Union:0.2:0.5", "Union:x:0.1"] {
+        for bad in [
+            "LargestWindow:0.2",
+            "Max:0.5:0.2",
+            "Union:0.2:0.5",
+            "Union:x:0.1",
+        ] {
             assert!(parse_thresholds(bad).is_err(), "{bad}");
         }
     }
