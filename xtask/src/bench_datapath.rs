@@ -541,11 +541,12 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
             .map(|(kind, ns)| format!("{kind} {ns:.0}"))
             .collect();
         println!(
-            "  {} test_run ns per packet ({} runs each; first_payload from 200 single runs less {:.0} ns of per-call overhead): {}",
+            "  {} test_run ns per packet ({} runs each; first_payload and response_closing from 200 single runs less {:.0} ns of per-call overhead): {}; run-time statistics add {:.0} ns a run (the cost rounds' figures carry it)",
             f.label,
             options.test_run_repeat,
             costs.repeat1_overhead,
-            listed.join(", ")
+            listed.join(", "),
+            costs.stats_overhead
         );
         f.kinds = Some(costs);
     }

@@ -26,7 +26,7 @@ const TCP_ACK: u8 = 0x10;
 const OTHER_PORT: u16 = 9090;
 
 /// The packet kinds, in the order [`Costs::ns`] holds them.
-pub(super) const KINDS: [&str; 8] = [
+pub(super) const KINDS: [&str; 9] = [
     "syn",
     "first_payload",
     "established",
@@ -35,12 +35,17 @@ pub(super) const KINDS: [&str; 8] = [
     "response",
     "no_service",
     "ipv6",
+    "response_closing",
 ];
 /// Index of the established, unsampled client payload packet (the summary's `test_run_ns`).
 pub(super) const ESTABLISHED: usize = 2;
 /// Index of the same packet on a sampled flow.
 pub(super) const ESTABLISHED_SAMPLED: usize = 3;
 const FIRST_PAYLOAD: usize = 1;
+/// A server response that closes an open exchange: the precise clock, the latency histogram
+/// and the error-reply check, which `response` (the rest of a response, or one nothing awaits)
+/// skips.
+const RESPONSE_CLOSING: usize = 8;
 
 /// Where the agent under test expects its service.
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +63,9 @@ pub(super) struct Costs {
     /// The per-call overhead a repeat-1 run carries (the kernel's clock read and call), ns:
     /// what was subtracted from the repeat-1 first-payload figure.
     pub(super) repeat1_overhead: f64,
+    /// What run-time statistics add to a program run: the established packet with them on,
+    /// less without. The cost rounds' per-packet figures carry it; production does not.
+    pub(super) stats_overhead: f64,
 }
 
 /// The agent's two TC programs and its flow table.
@@ -291,6 +299,10 @@ pub(super) fn measure(
     for (kind, prog, packet) in &kinds {
         costs.ns[*kind] = programs.run(prog, packet, repeat)?;
     }
+    {
+        let _stats_on = bpf_sys::enable_stats().context("BPF_ENABLE_STATS")?;
+        costs.stats_overhead = programs.run(ingress, &kinds[1].2, repeat)? - costs.ns[ESTABLISHED];
+    }
     // The first payload decides once per flow, so each run needs the flow reset by a SYN, and
     // runs one at a time; the repeat-1 overhead is measured alongside on the established packet
     // and subtracted.
@@ -304,6 +316,15 @@ pub(super) fn measure(
     let overhead = median(&mut singles) - costs.ns[ESTABLISHED];
     costs.ns[FIRST_PAYLOAD] = median(&mut firsts) - overhead;
     costs.repeat1_overhead = overhead;
+    // A response closes an exchange only when a request opened one: a request before each
+    // single run.
+    let (request_plain, response) = (request(&plain), plain.response(RESPONSE));
+    let mut closing = Vec::new();
+    for _ in 0..first_payload_runs {
+        programs.run(ingress, &request_plain, 1)?;
+        closing.push(programs.run(&programs.egress, &response, 1)?);
+    }
+    costs.ns[RESPONSE_CLOSING] = median(&mut closing) - overhead;
     // End the test flows, so they do not wait in the table for the idle timeout.
     for flow in [&plain, &sampled, &fresh, &v6] {
         programs.run(ingress, &flow.client(TCP_ACK | TCP_FIN, &[]), 1)?;
