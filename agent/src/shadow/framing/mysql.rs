@@ -171,7 +171,7 @@ pub fn is_handshake_response(first: &[u8]) -> Option<bool> {
 }
 
 /// What the live client sent to log in, as the replayer repeats it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientHandshake {
     /// The client's capability flags.
     pub capabilities: u32,
@@ -232,14 +232,8 @@ impl ClientHandshake {
     fn unreadable(capabilities: u32, why: &'static str) -> Self {
         Self {
             capabilities,
-            mariadb_capabilities: 0,
-            max_packet_size: 0,
-            collation: 0,
-            user: Vec::new(),
-            database: None,
-            empty_password: false,
-            attributes: None,
             unreadable: Some(why),
+            ..Self::default()
         }
     }
 }
