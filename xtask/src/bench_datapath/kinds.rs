@@ -17,7 +17,7 @@ use crate::bpf_sys;
 const CLIENT_V4: [u8; 4] = [198, 18, 0, 1];
 const CLIENT_V6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
-const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\ndoppel bench ok\n";
+const RESPONSE_BYTES: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\ndoppel bench ok\n";
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_PSH: u8 = 0x08;
@@ -41,7 +41,12 @@ pub(super) const KINDS: [&str; 9] = [
 pub(super) const ESTABLISHED: usize = 2;
 /// Index of the same packet on a sampled flow.
 pub(super) const ESTABLISHED_SAMPLED: usize = 3;
+const SYN: usize = 0;
 const FIRST_PAYLOAD: usize = 1;
+const PURE_ACK: usize = 4;
+const RESPONSE: usize = 5;
+const NO_SERVICE: usize = 6;
+const IPV6: usize = 7;
 /// A server response that closes an open exchange: the precise clock, the latency histogram
 /// and the error-reply check, which `response` (the rest of a response, or one nothing awaits)
 /// skips.
@@ -288,13 +293,13 @@ pub(super) fn measure(
     let mut costs = Costs::default();
     let ingress = &programs.ingress;
     let kinds: [(usize, &OwnedFd, Vec<u8>); 7] = [
-        (0, ingress, fresh.client(TCP_SYN, &[])),
+        (SYN, ingress, fresh.client(TCP_SYN, &[])),
         (ESTABLISHED, ingress, request(&plain)),
         (ESTABLISHED_SAMPLED, ingress, request(&sampled)),
-        (4, ingress, plain.client(TCP_ACK, &[])),
-        (5, &programs.egress, plain.response(RESPONSE)),
-        (6, ingress, request(&other)),
-        (7, ingress, request(&v6)),
+        (PURE_ACK, ingress, plain.client(TCP_ACK, &[])),
+        (RESPONSE, &programs.egress, plain.response(RESPONSE_BYTES)),
+        (NO_SERVICE, ingress, request(&other)),
+        (IPV6, ingress, request(&v6)),
     ];
     for (kind, prog, packet) in &kinds {
         costs.ns[*kind] = programs.run(prog, packet, repeat)?;
@@ -318,7 +323,7 @@ pub(super) fn measure(
     costs.repeat1_overhead = overhead;
     // A response closes an exchange only when a request opened one: a request before each
     // single run.
-    let (request_plain, response) = (request(&plain), plain.response(RESPONSE));
+    let (request_plain, response) = (request(&plain), plain.response(RESPONSE_BYTES));
     let mut closing = Vec::new();
     for _ in 0..first_payload_runs {
         programs.run(ingress, &request_plain, 1)?;
