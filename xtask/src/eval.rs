@@ -49,6 +49,11 @@ pub(crate) struct Options {
     /// Days each fleet workload runs (`decisions`).
     #[arg(long, default_value_t = 5)]
     pub(crate) fleet_days: usize,
+    /// Simulate only the fleet workloads whose printed name contains this (`decisions`; the
+    /// fleet is built first, so a workload keeps its name, seed and catalog). With
+    /// `DOPPEL_FLEET_DEBUG=<name>` this replays one workload's decisions in seconds.
+    #[arg(long)]
+    pub(crate) workload: Option<String>,
     /// When no warning rule meets the calibration limits on the training parts, report with
     /// the default rule (`calibrated=no` on the last line) instead of failing.
     #[arg(long)]
@@ -100,6 +105,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
                 workloads: options.fleet_workloads,
                 days: options.fleet_days,
                 only: options.only.as_deref(),
+                workload: options.workload.as_deref(),
                 pool_workloads: options.sim_workloads,
             },
             &load_traces(&traces_dir(options))?,

@@ -26,6 +26,8 @@ pub(crate) struct FleetOptions<'a> {
     pub(crate) days: usize,
     /// Only traces whose name contains this.
     pub(crate) only: Option<&'a str>,
+    /// Only the fleet workloads whose name contains this.
+    pub(crate) workload: Option<&'a str>,
     /// Workloads in the shadow pool's own experiment.
     pub(crate) pool_workloads: usize,
 }
@@ -136,7 +138,10 @@ fn run_fleet(workloads: &[SimWorkload], setup: &FleetSetup) -> Vec<WorkloadOutco
 pub(crate) fn run(options: &FleetOptions<'_>, traces: &[Trace]) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let setup = FleetSetup::default();
-    let workloads = fleet(traces, options.workloads, options.days, options.only);
+    let mut workloads = fleet(traces, options.workloads, options.days, options.only);
+    if let Some(name) = options.workload {
+        workloads.retain(|w| w.name.contains(name));
+    }
     anyhow::ensure!(!workloads.is_empty(), "no workloads to simulate");
     let outcomes = run_fleet(&workloads, &setup);
     println!(

@@ -219,6 +219,13 @@ pub struct Ranked {
     /// failing is expected. `None` without pairs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_rate_at_load: Option<f64>,
+    /// The shadow's SLO percentile over its pairs at live's highest load in the window (live's
+    /// interval within the load tolerance of that peak), ms; `None` when it has no pair there.
+    /// An SLO breach is judged here, at the load that breaks live: over all pairs, a type
+    /// smaller than live that held the quiet part of the window looked like a way out of a
+    /// step up in load it could not carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_at_peak_ms: Option<f64>,
 }
 
 /// The comparison of a workload's live type with each of its shadow types.
@@ -453,6 +460,8 @@ pub fn compare(
         .flat_map(|(_, p)| p)
         .collect();
     let live_loads: Vec<f64> = live_points.iter().map(|p| p.load_per_s).collect();
+    let live_peak = live_loads.iter().copied().fold(0.0, f64::max);
+    let at_peak = |l: usize| live_loads[l] >= live_peak * (1.0 - config.load_tolerance);
     let live_price = live_vm_type.as_ref().and_then(|t| prices.get(t)).copied();
 
     let mut ranking: Vec<Ranked> = summaries
@@ -494,6 +503,12 @@ pub fn compare(
             } else {
                 Verdict::Inconclusive
             };
+            let mut peak_merged = new_histogram();
+            let mut peak_pairs = 0;
+            for &(_, sh) in pairs.iter().filter(|(l, _)| at_peak(*l)) {
+                merge(&mut peak_merged, shadow_points[sh].histogram);
+                peak_pairs += 1;
+            }
             // Each matched shadow interval once, however many live intervals it paired with.
             let matched: std::collections::BTreeSet<usize> =
                 pairs.iter().map(|&(_, sh)| sh).collect();
@@ -509,6 +524,7 @@ pub fn compare(
                 shadow_at_load_ms: quantile_ms(&shadow_merged, percentile),
                 live_at_load_ms: quantile_ms(&live_merged, percentile),
                 cost_delta_per_hour: s.price_per_hour.zip(live_price).map(|(s, l)| s - l),
+                shadow_at_peak_ms: (peak_pairs > 0).then(|| quantile_ms(&peak_merged, percentile)),
             }
         })
         .collect();
@@ -598,8 +614,9 @@ fn failing(comparison: &Comparison, r: &Ranked) -> bool {
 /// The comparison's advice: at most one shadow type to move to, and why. Two rules, checked in
 /// this order:
 /// - **SLO broken**: live's SLO percentile over the window is above `slo_max_ms`. The cheapest
-///   shadow type within budget whose percentile at matched load holds the SLO (the fastest on a
-///   price tie); with none holding it, no advice.
+///   shadow type within budget whose percentile at live's peak load in the window
+///   ([`Ranked::shadow_at_peak_ms`]) holds the SLO (the fastest on a price tie); with none
+///   measured holding it there, no advice.
 /// - **Faster for no more money**: a shadow type is [`Verdict::Faster`] and costs no more than
 ///   live (both prices known) and is within budget; the fastest is chosen.
 ///
@@ -629,13 +646,14 @@ pub fn advise(
         .filter(|r| within_budget(max_cost_per_hour, price(&r.vm_type)))
         .filter(|r| !failing(comparison, r));
     if live.all.exchanges > 0 && live.at_percentile_ms > slo_max_ms {
+        let at_peak = |r: &Ranked| r.shadow_at_peak_ms.unwrap_or(f64::INFINITY);
         eligible
-            .filter(|r| r.shadow_at_load_ms <= slo_max_ms)
+            .filter(|r| at_peak(r) <= slo_max_ms)
             .min_by(|a, b| {
                 a.cost_delta_per_hour
                     .unwrap_or(f64::INFINITY)
                     .total_cmp(&b.cost_delta_per_hour.unwrap_or(f64::INFINITY))
-                    .then(a.shadow_at_load_ms.total_cmp(&b.shadow_at_load_ms))
+                    .then(at_peak(a).total_cmp(&at_peak(b)))
             })
             .map(|r| (r, Trigger::SloBreach))
     } else {

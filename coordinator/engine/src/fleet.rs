@@ -480,6 +480,8 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
     let mut moves: Vec<SimMove> = Vec::new();
     let mut moved_at: Option<usize> = None;
     let mut slo_steps = 0;
+    // Live's measured p99 broke the SLO in the last interval, for the first time since it held.
+    let (mut breach_onset, mut live_was_breaking) = (false, false);
     let mut cost_sum = 0.0;
     let mut settled_day_one = None;
     let t0: Timestamp = 1_700_000_000 / 86_400 * 86_400;
@@ -521,8 +523,11 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
             };
             l.at = now;
         }
-        // Pool steering, on schedule.
-        if step % setup.replan_every == 0 {
+        // Pool steering, on schedule, and at once when live starts breaking the SLO: the
+        // coordinator's shadow manager re-steers on every pass (seconds), so an hourly
+        // schedule alone would leave a failing workload with shadows chosen for a load it no
+        // longer has.
+        if step % setup.replan_every == 0 || breach_onset {
             let candidates: Vec<(String, f64)> = w
                 .catalog
                 .iter()
@@ -582,7 +587,7 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
                     report_errors: failed,
                 });
                 if exchanges < 10 {
-                    return true_p99;
+                    return (true_p99, p99);
                 }
                 let tm = by_type.entry(vm_type.to_owned()).or_default();
                 tm.role = Some(match (tm.role, role) {
@@ -620,9 +625,12 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
                         capacity_millis: (t.cpus * 1000.0) as u32,
                     },
                 ));
-                true_p99
+                (true_p99, p99)
             };
-        let live_p99 = report(&live, Role::Live, load, &mut rng);
+        let (live_p99, live_measured_p99) = report(&live, Role::Live, load, &mut rng);
+        let breaking = live_measured_p99 > w.slo_ms;
+        breach_onset = breaking && !live_was_breaking;
+        live_was_breaking = breaking;
         if live_p99 > w.slo_ms {
             slo_steps += 1;
         }
@@ -720,6 +728,9 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
                 continue;
             }
             if may_move(&act, now, last.as_ref(), &live, &to, urgent).is_ok() {
+                if std::env::var("DOPPEL_FLEET_DEBUG").is_ok_and(|n| n == w.name) {
+                    eprintln!("{step} MOVE {live} -> {to} ({reason}) load {load:.0}");
+                }
                 last = Some(LastMove {
                     from: live.clone(),
                     to: to.clone(),

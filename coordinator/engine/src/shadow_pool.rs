@@ -660,8 +660,9 @@ pub fn desired_types(request: &PoolRequest<'_>) -> (Vec<String>, Option<ShadowPo
         }
     }
     // Live measured failing its peak: the vCPUs it would take are estimated from live's by the
-    // share of the peak it holds, and the rest of the pool is tried cheapest first among the
-    // types with that many, then the bigger-than-live ones biggest first, then the others.
+    // share of the peak it holds, and the pool climbs a ladder from there (below), then the
+    // rest is tried cheapest first among the types with that many, then the bigger-than-live
+    // ones biggest first, then the others.
     // (Cheapest first over all, the pool of a failing live type filled up with small types and
     // the workload never found a way out; biggest first, it escaped to the largest type and
     // stayed there at up to four times the oracle's price.)
@@ -682,14 +683,34 @@ pub fn desired_types(request: &PoolRequest<'_>) -> (Vec<String>, Option<ShadowPo
         && live_capacity < peak
     {
         let needed = f64::from(live_vcpus) * peak / live_capacity;
+        // A saturated live type completes only what its CPUs allow, so the peak it was measured
+        // at understates the load offered and `needed` is a floor. The first shadows climb a
+        // ladder, the cheapest type with at least `needed`, then `2 × needed`, `4 × needed`
+        // vCPUs, so one pool pass brackets a step up to several times live's capacity instead
+        // of trying three types of one size that may all fall short.
+        let mut ladder: Vec<&(String, f64)> = Vec::new();
+        let mut bar = needed;
+        while ladder.len() < request.count {
+            let Some(rung) = candidates
+                .iter()
+                .find(|t| f64::from(vcpus(&t.0).unwrap_or(0)) >= bar && !ladder.contains(t))
+            else {
+                break;
+            };
+            ladder.push(rung);
+            bar = bar.max(f64::from(vcpus(&rung.0).unwrap_or(0))) * 2.0;
+        }
         candidates.sort_by_key(|t| {
+            if let Some(rung) = ladder.iter().position(|r| r == t) {
+                return (0, u32::try_from(rung).unwrap_or(u32::MAX));
+            }
             let v = vcpus(&t.0).unwrap_or(0);
             if f64::from(v) >= needed {
-                (0, 0)
+                (1, 0)
             } else if v > live_vcpus {
-                (1, u32::MAX - v)
+                (2, u32::MAX - v)
             } else {
-                (2, 0)
+                (3, 0)
             }
         });
         // The plan's picks were made for a live type that holds: these go first.
@@ -889,5 +910,47 @@ mod tests {
             order.iter().take(2).all(|t| vcpus(t) > 2),
             "the first two shadows {order:?} should have more vCPUs than live"
         );
+    }
+
+    #[test]
+    fn a_saturated_live_type_gets_a_ladder_of_sizes_not_three_of_one_size() {
+        // Three families of 1, 2, 4, 8 and 16 vCPUs; live is a 1-vCPU type measured at 250/s
+        // with a capacity of 219: it needs at least 1.14 vCPUs, and being saturated, perhaps
+        // several times that. The three shadows bracket the need: 2, 4 and 8 vCPUs, each the
+        // cheapest of its size.
+        let catalog: Vec<VmType> = (0..15)
+            .map(|i| VmType {
+                name: format!("f{}.{}x", i / 5, 1 << (i % 5)),
+                vcpus: 1 << (i % 5),
+                memory_gib: 4.0,
+                price_per_hour: 0.04 * f64::from(1u32 << (i % 5)) * (1.0 + 0.1 * f64::from(i / 5)),
+                benchmark_score: None,
+            })
+            .collect();
+        let candidates: Vec<(String, f64)> = catalog
+            .iter()
+            .filter(|t| t.name != "f0.1x")
+            .map(|t| (t.name.clone(), t.price_per_hour))
+            .collect();
+        let live = ["f0.1x".to_owned()];
+        let measured = [CapacityMeasurement {
+            vm_type: "f0.1x".into(),
+            capacity: 219.0,
+            log_sd: 0.1,
+        }];
+        let (order, failure) = desired_types(&PoolRequest {
+            steerable: &catalog,
+            candidates: &candidates,
+            pin_in: &[],
+            live: &live,
+            count: 3,
+            max_instances: 1,
+            running: &[],
+            measured: &measured,
+            peak: Some(250.0),
+            seed: 3,
+        });
+        assert_eq!(failure, None);
+        assert_eq!(order[..3], ["f0.2x", "f0.4x", "f0.8x"], "{order:?}");
     }
 }

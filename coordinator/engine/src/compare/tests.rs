@@ -185,6 +185,62 @@ fn a_broken_slo_recommends_the_cheapest_type_that_holds_it_within_budget() {
     );
 }
 
+/// A step up in load breaks live: a cheaper type that held the quiet part of the window, and
+/// saturates at the new load (completing only what its CPUs allow, so its intervals there pair
+/// with none of live's), is no way out; the type measured holding the step is.
+#[test]
+fn a_breach_is_judged_at_the_load_that_breaks_live_not_over_the_quiet_part_of_the_window() {
+    let mut ms = Vec::new();
+    for i in 0..30 {
+        // Twenty quiet intervals at ~200/s, then ten at ~450/s.
+        let (load, stepped) = if i < 20 {
+            (200 + i as u64, false)
+        } else {
+            (450 + i as u64, true)
+        };
+        let (live_ms, cheap_ms, big_ms) = if stepped {
+            (2000.0, 2500.0, 25.0)
+        } else {
+            (20.0, 25.0, 15.0)
+        };
+        ms.push(m(Role::Live, "m5.large", "live-1", i, load, live_ms));
+        let cheap_load = if stepped { 260 + i as u64 } else { load };
+        ms.push(m(
+            Role::Shadow,
+            "c6g.large",
+            "sh-1",
+            i,
+            cheap_load,
+            cheap_ms,
+        ));
+        ms.push(m(Role::Shadow, "m5.xlarge", "sh-2", i, load, big_ms));
+    }
+    let c = compared(&ms);
+    let cheap = c
+        .ranking
+        .iter()
+        .find(|r| r.vm_type == "c6g.large")
+        .expect("ranked");
+    // Its pairs are all quiet ones, and hold the SLO; it has none at the peak.
+    assert!(
+        cheap.shadow_at_load_ms < 300.0,
+        "{}",
+        cheap.shadow_at_load_ms
+    );
+    assert_eq!(cheap.shadow_at_peak_ms, None);
+    assert_eq!(
+        advice(&c, 300.0, None),
+        Some(("m5.xlarge", Trigger::SloBreach))
+    );
+    // Without the big type measured at the step, there is no advice at all.
+    let without: Vec<Measurement> = ms
+        .iter()
+        .filter(|m| m.vm_type != "m5.xlarge" || m.interval_start_ms < NOW - 600_000 + 20_000)
+        .cloned()
+        .collect();
+    assert_eq!(advice(&compared(&without), 300.0, None), None);
+}
+
 /// Live at `live_ms` (its p99 three times that), m5.xlarge at 20 ms, and c6g.large at 5 ms
 /// failing 5 % of its exchanges, over 30 intervals of matched load.
 fn with_a_failing_cheap_type(live_ms: f64) -> Comparison {
