@@ -228,18 +228,33 @@ impl Recommender {
             store.put_comparison(&spec.name, now_ms, self.window_ms, &json)?;
             let revision = store.workload_revision(&spec.name)?.unwrap_or_default();
             let cooldown_secs = self.cooldown_secs(&spec);
-            if let Some(rec) = recommend(&comparison, &spec.policy, revision)
-                && admitted(&store, &rec, cooldown_secs, now_ms)?
-            {
-                new += usize::from(self.store_recommendation(&mut store, &rec, now_ms, &urls)?);
-            }
             // The predictor runs whatever the comparison said: it warns before the SLO breaks,
-            // the comparison only once it has. Each trigger has its own idempotency key.
+            // the comparison only once it has. It runs first because it also checks the
+            // comparison's advice: a move to a cheaper type must hold the day's peak
+            // ([`doppel_engine::assess::PeakCheck::vetoes`]). Each trigger has its own
+            // idempotency key; the comparison's advice is stored first.
             let forecast = self
                 .forecasts
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .evaluate(&mut store, &spec, revision, &self.prices, now_ms)?;
+            if let Some(rec) = recommend(&comparison, &spec.policy, revision) {
+                let veto =
+                    forecast
+                        .peak_check
+                        .vetoes(&comparison, rec.trigger, &rec.recommended_vm_type);
+                if let Some(why) = veto {
+                    debug!(
+                        workload = %rec.workload,
+                        to = %rec.recommended_vm_type,
+                        reason = rec.trigger.as_str(),
+                        held = %why,
+                        "comparison's advice held by the forecast"
+                    );
+                } else if admitted(&store, &rec, cooldown_secs, now_ms)? {
+                    new += usize::from(self.store_recommendation(&mut store, &rec, now_ms, &urls)?);
+                }
+            }
             if let Some(rec) = forecast.recommendation
                 && admitted(&store, &rec, cooldown_secs, now_ms)?
             {

@@ -6,8 +6,10 @@
 //! ramps, bursts and launches; catalogs of 4 to 24 types. Everything random is seeded, so a
 //! run is repeatable. The last line is
 //! `decisions: regret_p90=R slo_minutes_pct=S moves_per_day=M flaps=F cold_start_regret_p90=C
-//! settled_below_oracle=U` (U: workloads that ended on a type cheaper than the oracle, which
-//! does not hold their realised peak).
+//! settled_below_oracle=U regret_p90_with_room=W` (U: workloads that ended on a type cheaper
+//! than the oracle, which does not hold their realised peak; W: the regret p90 over the
+//! workloads whose oracle holds the realised peak with at least 10 % to spare, since a decision
+//! that plans with a safety margin settles one type up where it has less).
 //! Then the shadow pool's own experiment (how many shadow-hours steering spends to find the
 //! cheapest type, against trying every type) is printed above it.
 
@@ -34,6 +36,9 @@ pub(crate) struct FleetOptions<'a> {
 
 /// Catalog sizes, cycled over the workloads.
 const CATALOG_SIZES: [usize; 4] = [4, 8, 12, 24];
+/// Room the oracle must leave over the realised peak for its regret to count in the
+/// `regret_p90_with_room` figure.
+const ORACLE_ROOM: f64 = 0.1;
 /// One-minute steps in a day.
 const DAY: usize = 1440;
 
@@ -145,17 +150,27 @@ pub(crate) fn run(options: &FleetOptions<'_>, traces: &[Trace]) -> anyhow::Resul
     anyhow::ensure!(!workloads.is_empty(), "no workloads to simulate");
     let outcomes = run_fleet(&workloads, &setup);
     println!(
-        "{:<40} {:>5} {:>9} {:>9} {:>9} {:>7} {:>6} {:>6} {:>5}",
-        "workload", "types", "start", "settled", "oracle", "regret", "cold", "slo%", "moves"
+        "{:<40} {:>5} {:>9} {:>9} {:>9} {:>5} {:>7} {:>6} {:>6} {:>5}",
+        "workload",
+        "types",
+        "start",
+        "settled",
+        "oracle",
+        "room",
+        "regret",
+        "cold",
+        "slo%",
+        "moves"
     );
     for o in &outcomes {
         println!(
-            "{:<40} {:>5} {:>9} {:>9} {:>9} {:>7.3} {:>6.3} {:>6.2} {:>5}{}",
+            "{:<40} {:>5} {:>9} {:>9} {:>9} {:>5.2} {:>7.3} {:>6.3} {:>6.2} {:>5}{}",
             o.name,
             o.catalog_size,
             o.start,
             o.settled,
             o.oracle,
+            o.oracle_room,
             o.regret,
             o.cold_start_regret,
             100.0 * o.slo_steps as f64 / o.steps as f64,
@@ -211,11 +226,31 @@ pub(crate) fn run(options: &FleetOptions<'_>, traces: &[Trace]) -> anyhow::Resul
     // A settled type cheaper than the oracle does not hold the realised peak: its negative
     // regret is no saving, and its SLO minutes say what it cost. Counted apart.
     let under = outcomes.iter().filter(|o| o.regret < -1e-9).count();
+    // The oracle keeps no margin. Where it holds the realised peak with less than 10 % to
+    // spare, a decision that plans with a safety margin settles one type up by design (the
+    // demo test's rule); the regret of the others says what the rules cost beyond that.
+    let roomy: Vec<f64> = outcomes
+        .iter()
+        .filter(|o| o.oracle_room >= ORACLE_ROOM)
+        .map(|o| o.regret)
+        .collect();
     println!(
-        "decisions: regret_p90={:.3} slo_minutes_pct={:.3} moves_per_day={moves_per_day:.2} flaps={flaps} cold_start_regret_p90={:.3} settled_below_oracle={under}",
+        "regret where the oracle has at least {:.0} % room: {} workloads, p90 {:.3}; {} workloads with less, settled above the oracle {}",
+        100.0 * ORACLE_ROOM,
+        roomy.len(),
+        quantile(&roomy, 0.9),
+        outcomes.len() - roomy.len(),
+        outcomes
+            .iter()
+            .filter(|o| o.oracle_room < ORACLE_ROOM && o.regret > 1e-9)
+            .count(),
+    );
+    println!(
+        "decisions: regret_p90={:.3} slo_minutes_pct={:.3} moves_per_day={moves_per_day:.2} flaps={flaps} cold_start_regret_p90={:.3} settled_below_oracle={under} regret_p90_with_room={:.3}",
         quantile(&regrets, 0.9),
         100.0 * slo as f64 / steps as f64,
         quantile(&cold, 0.9),
+        quantile(&roomy, 0.9),
     );
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! One evaluation of one workload's forecast path, as the coordinator runs it and as `cargo
 //! xtask eval decisions` replays it: capacities from the measurements ([`crate::capacity`]),
 //! the candidate filter, the warning and the placement decision ([`WorkloadPredictor`]), and
-//! the forecast's advice (an urgent move while a warning is raised). The act policy
-//! ([`crate::moves`]) then decides whether the advice may go out.
+//! the forecast's advice (an urgent move while a warning is raised), and the forecast's check
+//! of the comparison's advice ([`Assessment::vetoes`]). The act policy ([`crate::moves`]) then
+//! decides whether the advice may go out.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -10,7 +11,8 @@ use crate::Timestamp;
 use crate::capacity::{
     CapacityGates, CapacityModels, FitCache, TypeMeasurements, type_models_cached,
 };
-use crate::decision::{Decision, Evidence, Placement};
+use crate::compare::{Comparison, Trigger};
+use crate::decision::{Decision, Evidence, Placement, new_placement_capacity};
 use crate::forecast::ModelKind;
 use crate::predictor::{PredictorEvent, WorkloadPredictor};
 use crate::shadow_pool::VmType;
@@ -31,6 +33,23 @@ pub struct Assessment {
     pub decision: Option<Decision>,
     /// Forecast refits since the last evaluation: when, and the model.
     pub refits: Vec<(Timestamp, ModelKind)>,
+    /// The load a placement is sized for (total), once there is a forecast.
+    pub provisioned_peak: Option<f64>,
+    /// What a move to a cheaper type must hold, and what each type is trusted with.
+    pub peak_check: PeakCheck,
+}
+
+/// The forecast's check of the comparison's advice ([`PeakCheck::vetoes`]), kept apart from the
+/// [`Assessment`] so the coordinator can carry it from the forecast's evaluation to the
+/// comparison's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeakCheck {
+    /// The higher of the provisioned peak and the last day's peak load, once there is a
+    /// forecast.
+    pub sizing_peak: Option<f64>,
+    /// Each modelled type's load it is trusted to carry as a new placement (with the margin),
+    /// at the current instance count.
+    pub trusted_capacity: BTreeMap<String, f64>,
 }
 
 /// The forecast's advice: move before the SLO breaks.
@@ -67,6 +86,38 @@ impl Assessment {
                 evidence,
             }),
             _ => None,
+        }
+    }
+}
+
+impl PeakCheck {
+    /// Why the comparison's advice to move to `to` does not stand, if it does not.
+    ///
+    /// A comparison sees the load of its window; a "faster for no more money" verdict at a
+    /// quiet hour is no evidence that a cheaper type holds the day's peak (in the fleet
+    /// evaluation a ramp moved to a cheaper type at a trough and back up at the next peak,
+    /// twice). So once there is a forecast, the target must be known to hold the sizing peak
+    /// (the forecast's or the last day's, [`Self::sizing_peak`]): by its capacity model, or,
+    /// without one, by the comparison itself having seen live at that load. Without a
+    /// forecast nothing says it falls short. An SLO breach is never held: it is judged at the
+    /// load that breaks live ([`crate::compare::advise`]).
+    pub fn vetoes(&self, comparison: &Comparison, trigger: Trigger, to: &str) -> Option<String> {
+        if trigger != Trigger::FasterAtLowerOrEqualCost {
+            return None;
+        }
+        let peak = self.sizing_peak?;
+        match self.trusted_capacity.get(to) {
+            Some(&capacity) if capacity < peak => Some(format!(
+                "{to} is trusted with {capacity:.0}/s, short of the peak {peak:.0}/s (the forecast's or the last day's)"
+            )),
+            Some(_) => None,
+            None if comparison.live_peak_load_per_s * (1.0 + comparison.load_tolerance) < peak => {
+                Some(format!(
+                    "{to} has no capacity model, and the comparison saw live at up to {:.0}/s, short of the peak {peak:.0}/s (the forecast's or the last day's)",
+                    comparison.live_peak_load_per_s
+                ))
+            }
+            None => None,
         }
     }
 }
@@ -109,6 +160,20 @@ pub fn assess(
         let candidates = capacity.candidates(&vm_types, &current, max_cost_per_hour, &error_rates);
         predictor.handle_timeout(now, &candidates);
     }
+    let provisioned_peak = predictor.provisioned_peak();
+    let policy = predictor.decision_policy();
+    let count = f64::from(predictor.placement().count.max(1));
+    // A move to a cheaper type must hold the day's peak too, as the decision's own moves down
+    // must ([`crate::decision::DecisionState::decide_with_recent_peak`]).
+    let sizing_peak = provisioned_peak.map(|p| p.max(predictor.recent_peak()));
+    let trusted_capacity = capacity
+        .models
+        .iter()
+        .map(|t| {
+            let trusted = new_placement_capacity(policy, &t.model) * count;
+            (t.vm_type.clone(), trusted)
+        })
+        .collect();
     let (mut warning, mut cleared, mut decision, mut refits) = (None, false, None, Vec::new());
     while let Some(event) = predictor.poll_event() {
         match event {
@@ -125,5 +190,57 @@ pub fn assess(
         cleared,
         decision,
         refits,
+        provisioned_peak,
+        peak_check: PeakCheck {
+            sizing_peak,
+            trusted_capacity,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assessment(sizing_peak: Option<f64>, trusted: &[(&str, f64)]) -> PeakCheck {
+        PeakCheck {
+            sizing_peak,
+            trusted_capacity: trusted.iter().map(|(t, c)| ((*t).to_owned(), *c)).collect(),
+        }
+    }
+
+    fn comparison(live_peak: f64) -> Comparison {
+        Comparison {
+            workload: "web".into(),
+            computed_ms: 0,
+            window_ms: 900_000,
+            percentile: 99.0,
+            live_vm_type: Some("big".into()),
+            types: Vec::new(),
+            ranking: Vec::new(),
+            live_peak_load_per_s: live_peak,
+            load_tolerance: 0.15,
+        }
+    }
+
+    #[test]
+    fn a_cheaper_type_must_be_known_to_hold_the_peak_before_the_comparison_moves_there() {
+        let quiet = comparison(300.0);
+        let faster = Trigger::FasterAtLowerOrEqualCost;
+        // Modelled, short of the day's peak: held, and the reason names both figures.
+        let a = assessment(Some(750.0), &[("small", 720.0)]);
+        let why = a.vetoes(&quiet, faster, "small").expect("held");
+        assert!(why.contains("720") && why.contains("750"), "{why}");
+        // Modelled and holding it: stands.
+        assert_eq!(
+            assessment(Some(750.0), &[("small", 800.0)]).vetoes(&quiet, faster, "small"),
+            None
+        );
+        // Unmodelled: stands only if the comparison saw live near the peak.
+        assert!(a.vetoes(&quiet, faster, "other").is_some());
+        assert_eq!(a.vetoes(&comparison(700.0), faster, "other"), None);
+        // No forecast yet, or an SLO breach: never held.
+        assert_eq!(assessment(None, &[]).vetoes(&quiet, faster, "small"), None);
+        assert_eq!(a.vetoes(&quiet, Trigger::SloBreach, "small"), None);
     }
 }

@@ -245,6 +245,13 @@ pub struct Comparison {
     pub types: Vec<TypeSummary>,
     /// Shadow types, best first.
     pub ranking: Vec<Ranked>,
+    /// Live's highest interval load in the window, exchanges/s (0 without live intervals).
+    #[serde(default)]
+    pub live_peak_load_per_s: f64,
+    /// The relative load difference within which intervals were paired
+    /// ([`CompareConfig::load_tolerance`]).
+    #[serde(default)]
+    pub load_tolerance: f64,
 }
 
 /// One agent interval, all classes merged.
@@ -548,6 +555,8 @@ pub fn compare(
         live_vm_type,
         types: summaries,
         ranking,
+        live_peak_load_per_s: live_peak,
+        load_tolerance: config.load_tolerance,
     }
 }
 

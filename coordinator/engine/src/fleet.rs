@@ -366,6 +366,10 @@ pub struct WorkloadOutcome {
     pub flaps: usize,
     /// Time-averaged cost over the oracle's, minus one.
     pub mean_cost_regret: f64,
+    /// The oracle's true capacity at the SLO over the realised peak, minus one: how much room
+    /// the cheapest sufficient type leaves. A decision that keeps a safety margin settles on
+    /// the next type up when this is smaller than its margin.
+    pub oracle_room: f64,
 }
 
 /// The cheapest type whose true capacity holds `peak`.
@@ -658,9 +662,9 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
         {
             window.pop_front();
         }
-        // The evaluation: the comparison's advice, then the forecast's; each passes the act
-        // policy on its own, and the newest admitted one is acted on (as act mode takes the
-        // newest recommendation).
+        // The evaluation: the comparison's advice (unless the forecast vetoes it), then the
+        // forecast's; each passes the act policy on its own, and the newest admitted one is
+        // acted on (as act mode takes the newest recommendation).
         let comparison = compare(
             &w.name,
             now_ms,
@@ -670,14 +674,6 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
             &prices,
             window.make_contiguous(),
         );
-        let mut advice: Vec<(String, &'static str, bool)> = Vec::new();
-        if let Some((chosen, trigger)) = advise(&comparison, w.slo_ms, None) {
-            advice.push((
-                chosen.vm_type.clone(),
-                trigger.as_str(),
-                trigger.is_urgent(),
-            ));
-        }
         let assessment = assess(
             &mut predictor,
             &by_type,
@@ -689,6 +685,19 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
             None,
             now,
         );
+        let mut advice: Vec<(String, &'static str, bool)> = Vec::new();
+        if let Some((chosen, trigger)) = advise(&comparison, w.slo_ms, None)
+            && assessment
+                .peak_check
+                .vetoes(&comparison, trigger, &chosen.vm_type)
+                .is_none()
+        {
+            advice.push((
+                chosen.vm_type.clone(),
+                trigger.as_str(),
+                trigger.is_urgent(),
+            ));
+        }
         if let Some(m) = assessment.forecast_move() {
             advice.push((m.to.vm_type.clone(), "forecast_breach", true));
         }
@@ -751,6 +760,8 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
     let oracle_name = oracle(w, peak)
         .map(|t| t.catalog.name.clone())
         .unwrap_or_default();
+    let oracle_room =
+        oracle(w, peak).map_or(0.0, |t| t.capacity_at(w.cpu_ms, w.slo_ms) / peak - 1.0);
     let day_one_peak = w.load.iter().take(1440).copied().fold(0.0, f64::max);
     let day_one_best = oracle(w, day_one_peak).map_or(f64::INFINITY, |t| t.catalog.price_per_hour);
     let day_one = settled_day_one.unwrap_or_else(|| live.clone());
@@ -774,6 +785,7 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
         steps,
         moves,
         flaps,
+        oracle_room,
     }
 }
 

@@ -148,6 +148,11 @@ impl WorkloadPredictor {
         }
     }
 
+    /// How placements are chosen.
+    pub fn decision_policy(&self) -> &DecisionPolicy {
+        &self.decision_policy
+    }
+
     /// The fitted forecaster, once there is one.
     pub fn forecaster(&self) -> Option<&LoadForecaster> {
         self.forecaster.as_ref()
@@ -200,9 +205,13 @@ impl WorkloadPredictor {
             }
         }
         let peak = self.provisioned_peak().unwrap_or_default();
-        let decision = self
-            .decision
-            .decide(now, &self.decision_policy, peak, candidates);
+        let decision = self.decision.decide_with_recent_peak(
+            now,
+            &self.decision_policy,
+            peak,
+            self.recent_peak(),
+            candidates,
+        );
         self.events.push_back(PredictorEvent::Decision(decision));
     }
 
@@ -246,6 +255,18 @@ impl WorkloadPredictor {
                 .map(|h| forecaster.quantile(h, 0.9))
                 .fold(0.0, f64::max),
         })
+    }
+
+    /// The highest load observed over the last day (of what the history holds): what a move
+    /// to a cheaper placement must hold besides the forecast's peak.
+    pub fn recent_peak(&self) -> f64 {
+        let day = usize::try_from(86_400 / self.config.step_secs.max(1)).unwrap_or(usize::MAX);
+        self.history
+            .iter()
+            .rev()
+            .take(day)
+            .copied()
+            .fold(0.0, f64::max)
     }
 
     /// The next event, oldest first.

@@ -266,6 +266,8 @@ pub struct ForecastOutcome {
     pub snapshot: ForecastSnapshot,
     /// A forecast-breach recommendation, when one was advised.
     pub recommendation: Option<Recommendation>,
+    /// The forecast's check of the comparison's advice to move to a cheaper type.
+    pub peak_check: doppel_engine::assess::PeakCheck,
 }
 
 /// A workload's predictor and what has been read for it.
@@ -583,6 +585,7 @@ impl Forecasts {
         Ok(ForecastOutcome {
             snapshot,
             recommendation,
+            peak_check: assessment.peak_check,
         })
     }
 }
