@@ -24,7 +24,7 @@ use crate::shadow_pool::VmType;
 pub struct DecisionPolicy {
     /// The latency objective (same quantile as the performance models), in milliseconds.
     pub slo_ms: f64,
-    /// Headroom a new placement must keep below its capacity at the SLO (0.2 = plan for 80 %).
+    /// Headroom a new placement must keep below its capacity at the SLO (0.1 = plan for 90 %).
     pub margin: f64,
     /// Capacity is trusted up to this multiple of the highest load a type was measured at.
     pub max_extrapolation: f64,
@@ -42,7 +42,12 @@ impl Default for DecisionPolicy {
     fn default() -> Self {
         Self {
             slo_ms: 200.0,
-            margin: 0.2,
+            // The capacity is already a pessimistic bootstrap quantile and the peak a
+            // forecast's 90th percentile; on top of both, 20 % settled one type above the
+            // cheapest sufficient one wherever that had less than 20 % room, at no SLO gain
+            // (eval decisions, one run each: regret p90 0.367 -> 0.014, SLO minutes 0.089 %
+            // -> 0.092 %).
+            margin: 0.1,
             max_extrapolation: 1.25,
             capacity_quantile: 0.1,
             max_instances: 64,

@@ -22,9 +22,9 @@
 //! **Scoring.** The oracle is the cheapest type whose true capacity at the SLO holds the
 //! realised peak. Regret is the cost of the placement the workload settled on (the one in force
 //! at the end) over the oracle's, minus one; cold-start regret the same for the placement at
-//! the end of the first day against the first day's peak. SLO minutes are the intervals in which
-//! live's true SLO percentile was over the bound (the oracle has none). A flap is a move back to
-//! the type the previous move left, within the cooldown.
+//! the end of the first day against the first day's peak. SLO minutes are the intervals with at
+//! least one exchange in which live's true SLO percentile was over the bound (the oracle has
+//! none). A flap is a move back to the type the previous move left, within the cooldown.
 //!
 //! `DOPPEL_FLEET_DEBUG=<workload name>` prints that workload's state every simulated hour to
 //! stderr: live type, load, p99, shadows, warning, decision, models and the comparison's ranking.
@@ -372,11 +372,15 @@ pub struct WorkloadOutcome {
     pub oracle_room: f64,
 }
 
-/// The cheapest type whose true capacity holds `peak`.
+/// The cheapest type whose true capacity holds `peak`. A type that misses the SLO at any load
+/// (a small CPU quota's throttling alone can) holds nothing, not even an idle workload.
 fn oracle(w: &SimWorkload, peak: f64) -> Option<&SimType> {
     w.catalog
         .iter()
-        .filter(|t| t.capacity_at(w.cpu_ms, w.slo_ms) >= peak)
+        .filter(|t| {
+            let capacity = t.capacity_at(w.cpu_ms, w.slo_ms);
+            capacity > 0.0 && capacity >= peak
+        })
         .min_by(|a, b| {
             a.catalog
                 .price_per_hour
@@ -635,7 +639,8 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
         let breaking = live_measured_p99 > w.slo_ms;
         breach_onset = breaking && !live_was_breaking;
         live_was_breaking = breaking;
-        if live_p99 > w.slo_ms {
+        // A minute without a single exchange broke no one's SLO.
+        if live_p99 > w.slo_ms && load * step_secs as f64 >= 1.0 {
             slo_steps += 1;
         }
         for s in &shadows {
