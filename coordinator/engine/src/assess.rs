@@ -202,7 +202,7 @@ pub fn assess(
 mod tests {
     use super::*;
 
-    fn assessment(sizing_peak: Option<f64>, trusted: &[(&str, f64)]) -> PeakCheck {
+    fn check(sizing_peak: Option<f64>, trusted: &[(&str, f64)]) -> PeakCheck {
         PeakCheck {
             sizing_peak,
             trusted_capacity: trusted.iter().map(|(t, c)| ((*t).to_owned(), *c)).collect(),
@@ -228,19 +228,19 @@ mod tests {
         let quiet = comparison(300.0);
         let faster = Trigger::FasterAtLowerOrEqualCost;
         // Modelled, short of the day's peak: held, and the reason names both figures.
-        let a = assessment(Some(750.0), &[("small", 720.0)]);
+        let a = check(Some(750.0), &[("small", 720.0)]);
         let why = a.vetoes(&quiet, faster, "small").expect("held");
         assert!(why.contains("720") && why.contains("750"), "{why}");
         // Modelled and holding it: stands.
         assert_eq!(
-            assessment(Some(750.0), &[("small", 800.0)]).vetoes(&quiet, faster, "small"),
+            check(Some(750.0), &[("small", 800.0)]).vetoes(&quiet, faster, "small"),
             None
         );
         // Unmodelled: stands only if the comparison saw live near the peak.
         assert!(a.vetoes(&quiet, faster, "other").is_some());
         assert_eq!(a.vetoes(&comparison(700.0), faster, "other"), None);
         // No forecast yet, or an SLO breach: never held.
-        assert_eq!(assessment(None, &[]).vetoes(&quiet, faster, "small"), None);
+        assert_eq!(check(None, &[]).vetoes(&quiet, faster, "small"), None);
         assert_eq!(a.vetoes(&quiet, Trigger::SloBreach, "small"), None);
     }
 }
