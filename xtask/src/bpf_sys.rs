@@ -59,22 +59,22 @@ struct GetById {
 
 /// A descriptor of the loaded program with this id.
 pub(crate) fn prog_by_id(id: u32) -> io::Result<OwnedFd> {
-    let mut attr = GetById {
-        id,
-        next_id: 0,
-        open_flags: 0,
-    };
-    bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(owned)
+    fd_by_id(BPF_PROG_GET_FD_BY_ID, id)
 }
 
 /// A descriptor of the map with this id.
 pub(crate) fn map_by_id(id: u32) -> io::Result<OwnedFd> {
+    fd_by_id(BPF_MAP_GET_FD_BY_ID, id)
+}
+
+/// A descriptor by id through `cmd` (`BPF_PROG_GET_FD_BY_ID` or `BPF_MAP_GET_FD_BY_ID`).
+fn fd_by_id(cmd: libc::c_long, id: u32) -> io::Result<OwnedFd> {
     let mut attr = GetById {
         id,
         next_id: 0,
         open_flags: 0,
     };
-    bpf(BPF_MAP_GET_FD_BY_ID, &mut attr).map(owned)
+    bpf(cmd, &mut attr).map(owned)
 }
 
 /// `bpf_attr`'s map element member.

@@ -159,6 +159,8 @@ pub struct DecisionState {
 struct ScoredPlacement {
     placement: Placement,
     evidence: Evidence,
+    /// Capacity per instance at the SLO by the model's own curve (its median estimate).
+    median_capacity: f64,
 }
 
 impl DecisionState {
@@ -207,7 +209,7 @@ impl DecisionState {
         let cheapest_for = |load: f64| {
             candidates
                 .iter()
-                .filter_map(|c| evaluate(policy, load, c, policy.margin))
+                .filter_map(|c| evaluate(policy, load, c))
                 .min_by(|a, b| {
                     a.placement
                         .hourly_cost
@@ -216,7 +218,6 @@ impl DecisionState {
                         .then(a.placement.vm_type.cmp(&b.placement.vm_type))
                 })
         };
-        let best = cheapest_for(peak_load);
         let Some(current) = candidates
             .iter()
             .find(|c| c.vm_type.name == self.current.vm_type)
@@ -250,17 +251,11 @@ impl DecisionState {
             // the same risk at another price. (The fleet moved a workload between two 8-vCPU
             // types of 1141 and 1173/s for a forecast breach, and paid more for it.)
             let total = |p: &Placement, per_instance: f64| per_instance * f64::from(p.count);
-            let median = |name: &str| {
-                candidates
-                    .iter()
-                    .find(|c| c.vm_type.name == name)
-                    .map_or(0.0, |c| c.model.capacity_at(policy.slo_ms))
-            };
             let current_median = total(&self.current, current.model.capacity_at(policy.slo_ms));
-            return match best.filter(|b| {
+            return match cheapest_for(peak_load).filter(|b| {
                 total(&b.placement, b.evidence.capacity_per_instance)
                     > total(&self.current, current_capacity)
-                    && total(&b.placement, median(&b.placement.vm_type))
+                    && total(&b.placement, b.median_capacity)
                         > current_median * (1.0 + policy.margin / 2.0)
             }) {
                 Some(best) => self.move_to(now, best, true, current_latency_ms),
@@ -270,12 +265,8 @@ impl DecisionState {
                 },
             };
         }
-        let best = if recent_peak > peak_load {
-            cheapest_for(recent_peak)
-        } else {
-            best
-        };
-        match best {
+        // A move down must hold the day's peak as well as the forecast's.
+        match cheapest_for(peak_load.max(recent_peak)) {
             Some(best)
                 if best.placement.vm_type != self.current.vm_type
                     || best.placement.count != self.current.count =>
@@ -357,10 +348,9 @@ fn evaluate(
     policy: &DecisionPolicy,
     peak_load: f64,
     candidate: &Candidate<'_>,
-    margin: f64,
 ) -> Option<ScoredPlacement> {
     let capacity = usable_capacity(policy, candidate.model);
-    let usable = capacity * (1.0 - margin);
+    let usable = new_placement_capacity(policy, candidate.model);
     if usable <= 0.0 {
         return None;
     }
@@ -371,6 +361,7 @@ fn evaluate(
     let count = count as u32;
     let per_instance = peak_load / f64::from(count);
     Some(ScoredPlacement {
+        median_capacity: candidate.model.capacity_at(policy.slo_ms),
         placement: Placement {
             vm_type: candidate.vm_type.name.clone(),
             count,
@@ -416,6 +407,26 @@ mod tests {
             })
             .collect();
         PerformanceModel::fit(&points, 5).unwrap()
+    }
+
+    /// m.xlarge (0.20/h, saturating at 400/s) and m.large (0.10/h, at 200/s).
+    fn big_and_small() -> [(VmType, PerformanceModel); 2] {
+        [
+            (vm("m.xlarge", 0.20), model(400.0)),
+            (vm("m.large", 0.10), model(200.0)),
+        ]
+    }
+
+    /// `types` as candidates never measured holding a load.
+    fn unmeasured(types: &[(VmType, PerformanceModel)]) -> Vec<Candidate<'_>> {
+        types
+            .iter()
+            .map(|(vm_type, model)| Candidate {
+                vm_type,
+                model,
+                held_load: 0.0,
+            })
+            .collect()
     }
 
     #[test]
@@ -464,20 +475,8 @@ mod tests {
 
     #[test]
     fn scales_down_only_after_confirmation_and_does_not_flap() {
-        let (big, small) = (vm("m.xlarge", 0.20), vm("m.large", 0.10));
-        let (bm, sm) = (model(400.0), model(200.0));
-        let candidates = [
-            Candidate {
-                vm_type: &big,
-                model: &bm,
-                held_load: 0.0,
-            },
-            Candidate {
-                vm_type: &small,
-                model: &sm,
-                held_load: 0.0,
-            },
-        ];
+        let types = big_and_small();
+        let candidates = unmeasured(&types);
         let policy = DecisionPolicy::default();
         let mut state = DecisionState::new(Placement {
             vm_type: "m.xlarge".into(),
@@ -515,20 +514,8 @@ mod tests {
 
     #[test]
     fn a_move_down_at_a_trough_must_hold_the_days_peak() {
-        let (big, small) = (vm("m.xlarge", 0.20), vm("m.large", 0.10));
-        let (bm, sm) = (model(400.0), model(200.0));
-        let candidates = [
-            Candidate {
-                vm_type: &big,
-                model: &bm,
-                held_load: 0.0,
-            },
-            Candidate {
-                vm_type: &small,
-                model: &sm,
-                held_load: 0.0,
-            },
-        ];
+        let types = big_and_small();
+        let candidates = unmeasured(&types);
         let policy = DecisionPolicy::default();
         let mut state = DecisionState::new(Placement {
             vm_type: "m.xlarge".into(),
@@ -641,20 +628,8 @@ mod tests {
     fn an_escape_never_goes_to_a_placement_holding_less() {
         // Live on the big type cannot hold 500/s; the only cheaper candidate holds less still:
         // that is no way out.
-        let (big, small) = (vm("m.xlarge", 0.20), vm("m.large", 0.10));
-        let (bm, sm) = (model(400.0), model(200.0));
-        let candidates = [
-            Candidate {
-                vm_type: &big,
-                model: &bm,
-                held_load: 0.0,
-            },
-            Candidate {
-                vm_type: &small,
-                model: &sm,
-                held_load: 0.0,
-            },
-        ];
+        let types = big_and_small();
+        let candidates = unmeasured(&types);
         let policy = DecisionPolicy {
             max_instances: 1,
             ..DecisionPolicy::default()

@@ -439,6 +439,8 @@ fn histogram(exchanges: u64, p99_ms: f64) -> Histogram<u64> {
 /// Simulates one workload from a cold start.
 pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(w.seed);
+    // Read once: the loop below runs a step a simulated minute.
+    let debug = std::env::var("DOPPEL_FLEET_DEBUG").is_ok_and(|n| n == w.name);
     let step_secs = setup.step_secs;
     let step_ms = i64::try_from(step_secs * 1000).unwrap_or(i64::MAX);
     let by_name: HashMap<&str, &SimType> = w
@@ -706,7 +708,7 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
         if let Some(m) = assessment.forecast_move() {
             advice.push((m.to.vm_type.clone(), "forecast_breach", true));
         }
-        if std::env::var("DOPPEL_FLEET_DEBUG").is_ok_and(|n| n == w.name) && step % 60 == 0 {
+        if debug && step % 60 == 0 {
             eprintln!(
                 "{step} live {live} load {load:.0} p99 {live_p99:.0}/{:.0} shadows {shadows:?} warning {} decision {:?} models {:?} unmodelled {:?} ranking {:?}",
                 w.slo_ms,
@@ -742,7 +744,7 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
                 continue;
             }
             if may_move(&act, now, last.as_ref(), &live, &to, urgent).is_ok() {
-                if std::env::var("DOPPEL_FLEET_DEBUG").is_ok_and(|n| n == w.name) {
+                if debug {
                     eprintln!("{step} MOVE {live} -> {to} ({reason}) load {load:.0}");
                 }
                 last = Some(LastMove {
@@ -761,12 +763,12 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
     }
     let steps = w.load.len();
     let peak = w.load.iter().copied().fold(0.0, f64::max);
-    let best = oracle(w, peak).map_or(f64::INFINITY, |t| t.catalog.price_per_hour);
-    let oracle_name = oracle(w, peak)
+    let best_type = oracle(w, peak);
+    let best = best_type.map_or(f64::INFINITY, |t| t.catalog.price_per_hour);
+    let oracle_name = best_type
         .map(|t| t.catalog.name.clone())
         .unwrap_or_default();
-    let oracle_room =
-        oracle(w, peak).map_or(0.0, |t| t.capacity_at(w.cpu_ms, w.slo_ms) / peak - 1.0);
+    let oracle_room = best_type.map_or(0.0, |t| t.capacity_at(w.cpu_ms, w.slo_ms) / peak - 1.0);
     let day_one_peak = w.load.iter().take(1440).copied().fold(0.0, f64::max);
     let day_one_best = oracle(w, day_one_peak).map_or(f64::INFINITY, |t| t.catalog.price_per_hour);
     let day_one = settled_day_one.unwrap_or_else(|| live.clone());
