@@ -116,6 +116,16 @@ impl Mirrored<'_> {
         shadow_executed: impl Fn() -> ExecutedStatements,
         errors: u64,
     ) -> (Vec<Value>, Vec<Value>) {
+        self.assert_executed_exactly_with_server_errors(shadow_executed, || errors)
+    }
+
+    /// [`Mirrored::assert_executed_exactly_both`] where the failures to expect are what the
+    /// shadow server itself counted (`errors`, read once the shadow agent has exited).
+    fn assert_executed_exactly_with_server_errors(
+        self,
+        shadow_executed: impl Fn() -> ExecutedStatements,
+        errors: impl Fn() -> u64,
+    ) -> (Vec<Value>, Vec<Value>) {
         let live_executed = self.live_executed;
         let caught_up = wait_for(Duration::from_secs(2), || {
             shadow_executed() == live_executed
@@ -137,7 +147,7 @@ impl Mirrored<'_> {
         );
         assert_eq!(
             counter(&shadow_lines, "exchange_errors"),
-            errors,
+            errors(),
             "replayed exchanges failing: {}",
             replay_summary(&shadow_lines)
         );
@@ -486,16 +496,25 @@ fn mariadb_service(credentials: bool) -> String {
 /// server executed. A second run's connections are served by the threads the first run's left
 /// in MariaDB's thread cache, whose statement ids go on from the first run's.
 fn sysbench_on_live(t: &Topology, live: &Mariadb, run: &Sysbench, runs: u32) -> ExecutedStatements {
-    let mut transactions = 0;
+    let (mut transactions, mut deadlocks) = (0, 0);
     for _ in 0..runs {
         let report = live.sysbench(&t.client, run);
         assert!(
-            report.success && report.errors == 0 && report.transactions > 0,
+            report.success && report.transactions > 0,
             "sysbench against live failed:\n{}",
             report.output
         );
         transactions += report.transactions;
+        deadlocks += report.errors;
     }
+    // sysbench retries a transaction that deadlocked and counts it as an ignored error.
+    assert_eq!(
+        live.failed_statements().len() as u64,
+        deadlocks,
+        "live's failures against sysbench's ignored errors: {:#?}",
+        live.failed_statements()
+    );
+    assert_failures_are_rare_deadlocks("live", live);
     let executed = live.executed();
     assert_eq!(
         executed.get("commit"),
@@ -510,15 +529,58 @@ fn sysbench_on_live(t: &Topology, live: &Mariadb, run: &Sysbench, runs: u32) -> 
     executed
 }
 
+/// Checks that every statement `db` failed (its own log) was a deadlock's victim or, after
+/// one, a duplicate key, and that at most one transaction in 100 met a deadlock: four
+/// sysbench threads on 10 000 rows meet one now and then, on live and, with its own timing,
+/// on the shadow. On live sysbench retries the transaction; on the shadow the replay goes on
+/// with live's, whose `DELETE` the deadlock undid, so its `INSERT` of that row may then
+/// find it still there.
+fn assert_failures_are_rare_deadlocks(which: &str, db: &Mariadb) {
+    let failed = db.failed_statements();
+    let commits = db.executed().get("commit");
+    eprintln!("{which} failed {} statements: {failed:#?}", failed.len());
+    let deadlocks = failed
+        .iter()
+        .filter(|l| l.contains(" ERROR 1213: "))
+        .count();
+    let duplicates = failed
+        .iter()
+        .filter(|l| l.contains(" ERROR 1062: "))
+        .count();
+    assert!(
+        deadlocks + duplicates == failed.len() && duplicates <= deadlocks,
+        "{which} failed statements other than deadlock victims and their aftermath: {failed:#?}"
+    );
+    assert!(
+        deadlocks as u64 * 100 <= commits,
+        "{which} deadlocked {deadlocks} times in {commits} transactions: {failed:#?}"
+    );
+}
+
 /// Two sysbench runs against live (the second on cached server threads), executed exactly by
 /// the shadow, each connection logged in by the replayer.
 fn mariadb_replays_exactly(run: &Sysbench) -> Vec<Value> {
     let t = Topology::new();
     let (live_db, shadow_db) = mariadb_pair(&t);
-    let lines = mirror(&t, &mariadb_service(true), MARIADB_PORT, None, || {
+    let (lines, _) = mirror(&t, &mariadb_service(true), MARIADB_PORT, None, || {
         sysbench_on_live(&t, &live_db, run, 2)
     })
-    .assert_executed_exactly(|| shadow_db.executed());
+    .assert_executed_exactly_with_server_errors(
+        || shadow_db.executed(),
+        // The replay keeps each connection's order but not the exact spacing between
+        // connections, so two transactions on the same rows may deadlock on the shadow where
+        // they did not on live. The shadow server logs each failure itself; the replay must
+        // count exactly those.
+        || {
+            let failed = shadow_db.failed_statements();
+            eprintln!(
+                "the shadow server failed {} statements: {failed:#?}",
+                failed.len()
+            );
+            failed.len() as u64
+        },
+    );
+    assert_failures_are_rare_deadlocks("the shadow", &shadow_db);
     assert_eq!(
         counter(&lines, "logins"),
         2 * u64::from(run.threads),

@@ -116,6 +116,16 @@ impl Mariadb {
                 "--innodb-buffer-pool-size=32M",
             ])
             .args(["--max-connections=200", "--performance-schema=off"])
+            // Every failed statement in a log of the server's own, so a test can tell what
+            // failed and why rather than only how many.
+            .args([
+                "--plugin-load-add=sql_errlog",
+                "--sql-error-log-with-db-and-thread-info",
+            ])
+            .arg(format!(
+                "--sql-error-log-filename={}",
+                dir.join("sql_errors.log").display()
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -230,6 +240,13 @@ impl Mariadb {
         )
     }
 
+    /// The statements of [`USER`]'s clients the server failed, one line each from its own
+    /// SQL error log (`sql_errlog`): `… 12 sb[sb] @ … ERROR 1213: Deadlock found … : UPDATE …`.
+    pub fn failed_statements(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(self.dir.join("sql_errors.log")).unwrap_or_default();
+        distinct_failures(&log, USER)
+    }
+
     /// Runs `run` from inside `from` against this server with [`USER`]'s password.
     pub fn sysbench(&self, from: &Host, run: &Sysbench) -> SysbenchReport {
         run.run(from, self.addr, Some(PASSWORD))
@@ -244,6 +261,38 @@ impl Mariadb {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
+}
+
+/// `user`'s failed statements in an `sql_errlog` log written with thread ids. The plugin
+/// logs a deadlock twice, back to back for the victim's thread (seen with MariaDB 10.11:
+/// two lines for one `ERROR 1213` its client received), so a deadlock line that repeats its
+/// thread's previous line is taken for that double and dropped (once: a third identical line
+/// is the statement failing again).
+fn distinct_failures(log: &str, user: &str) -> Vec<String> {
+    let mut last_by_thread: std::collections::HashMap<String, String> = Default::default();
+    let mut failures = Vec::new();
+    for line in log.lines() {
+        // `DATE TIME THREAD user[user] @ host [ip] `db` ERROR n: text : statement`
+        let mut tokens = line.split_whitespace();
+        let (Some(_date), Some(_time), Some(thread)) =
+            (tokens.next(), tokens.next(), tokens.next())
+        else {
+            continue;
+        };
+        let entry = tokens.collect::<Vec<_>>().join(" ");
+        if !entry.starts_with(&format!("{user}[{user}] @ ")) {
+            continue;
+        }
+        let deadlock = entry.contains(" ERROR 1213: ");
+        if deadlock && last_by_thread.get(thread) == Some(&entry) {
+            // The double: forget it, so the same statement failing again counts again.
+            last_by_thread.remove(thread);
+            continue;
+        }
+        last_by_thread.insert(thread.to_owned(), entry);
+        failures.push(line.to_owned());
+    }
+    failures
 }
 
 impl Drop for Mariadb {
@@ -387,5 +436,34 @@ impl SysbenchReport {
             success: out.status.success(),
             output,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::distinct_failures;
+
+    #[test]
+    fn a_deadlock_logged_twice_for_its_thread_counts_once_and_other_failures_all_count() {
+        let log = "\
+2026-12-04  9:39:46 3 sb[sb] @  [10.0.0.1] `sbtest` ERROR 1213: Deadlock found : DELETE FROM t WHERE id=1
+2026-12-04  9:39:46 4 sb[sb] @  [10.0.0.1] `sbtest` ERROR 1062: Duplicate entry '2' : INSERT INTO t VALUES (2)
+2026-12-04  9:39:46 3 sb[sb] @  [10.0.0.1] `sbtest` ERROR 1213: Deadlock found : DELETE FROM t WHERE id=1
+2026-12-04  9:39:47 3 sb[sb] @  [10.0.0.1] `sbtest` ERROR 1213: Deadlock found : DELETE FROM t WHERE id=1
+2026-12-04  9:39:47 4 sb[sb] @  [10.0.0.1] `sbtest` ERROR 1062: Duplicate entry '2' : INSERT INTO t VALUES (2)
+2026-12-04  9:39:47 5 root[root] @ localhost [] `sbtest` ERROR 1146: Table 'x' doesn't exist : SELECT 1 FROM x
+2026-12-04  9:39:47 3 sb[sb] @  [10.0.0.1] `sbtest` ERROR 1213: Deadlock found : DELETE FROM t WHERE id=1
+";
+        let failures = distinct_failures(log, "sb");
+        // Thread 3 met two deadlocks on one statement, each logged twice; thread 4's two
+        // duplicate-key failures are two statements; root is the harness, not a client.
+        let by_thread = |t: &str| {
+            failures
+                .iter()
+                .filter(|l| l.contains(&format!(" {t} sb[sb]")))
+                .count()
+        };
+        assert_eq!((by_thread("3"), by_thread("4")), (2, 2), "{failures:#?}");
+        assert_eq!(failures.len(), 4, "{failures:#?}");
     }
 }
