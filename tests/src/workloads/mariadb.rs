@@ -354,7 +354,8 @@ pub struct SysbenchReport {
     pub transactions: u64,
     /// Queries sent.
     pub queries: u64,
-    /// Errors it ignored or failed on.
+    /// Errors it ignored: by default a deadlock or lock wait (1213, 1205, 1020), after which
+    /// it rolled back and retried the transaction. Any other error ends the run unsuccessful.
     pub errors: u64,
     /// Whether it exited 0.
     pub success: bool,
