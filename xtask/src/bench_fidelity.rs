@@ -1133,11 +1133,7 @@ fn drive(
                 .map_err(|output| anyhow::anyhow!("sysbench printed no summary:\n{output}"))?;
             // A deadlock now and then is retried and counted as an ignored error: the run
             // still went through.
-            anyhow::ensure!(
-                report.success,
-                "sysbench failed:\n{}",
-                report.output
-            );
+            anyhow::ensure!(report.success, "sysbench failed:\n{}", report.output);
             Ok(ClientRun {
                 sent: report.transactions,
                 elapsed: started.elapsed(),
