@@ -681,4 +681,81 @@ mod tests {
             decide(peak)
         );
     }
+
+    /// A type saturating at `saturation`/s measured only between 60 % and 80 % of it, each
+    /// interval ±15 % off the curve: its median capacity is right, its bootstrap wide.
+    fn narrowly_measured(saturation: f64) -> PerformanceModel {
+        let points: Vec<LoadLatencyPoint> = (0..40)
+            .map(|i| {
+                let load = saturation * (0.6 + 0.2 * f64::from(i % 10) / 9.0);
+                let noise = [1.15, 0.85, 1.0, 1.1, 0.9][i as usize % 5];
+                LoadLatencyPoint {
+                    load,
+                    latency_ms: noise * (20.0 + 2.0 * saturation / (saturation - load)),
+                    source: PointSource::Live,
+                }
+            })
+            .collect();
+        PerformanceModel::fit(&points, 5).unwrap()
+    }
+
+    #[test]
+    fn an_escape_must_add_median_capacity_not_only_a_tighter_bootstrap() {
+        let policy = DecisionPolicy {
+            max_instances: 1,
+            ..DecisionPolicy::default()
+        };
+        let live_model = narrowly_measured(400.0);
+        let (live_median, live_pessimistic) = (
+            live_model.capacity_at(policy.slo_ms),
+            pessimistic_capacity(&policy, &live_model),
+        );
+        let decide = |other_saturation: f64| {
+            let (a, r) = (vm("a.8x", 0.33), vm("r.8x", 0.52));
+            let other = model(other_saturation);
+            let candidates = [
+                Candidate {
+                    vm_type: &a,
+                    model: &live_model,
+                    held_load: 0.0,
+                },
+                Candidate {
+                    vm_type: &r,
+                    model: &other,
+                    held_load: 0.0,
+                },
+            ];
+            let decision = DecisionState::new(Placement {
+                vm_type: "a.8x".into(),
+                count: 1,
+                hourly_cost: 0.33,
+            })
+            .decide(0, &policy, live_pessimistic, &candidates);
+            (
+                decision,
+                other.capacity_at(policy.slo_ms),
+                new_placement_capacity(&policy, &other),
+            )
+        };
+        // A type of live's median capacity, measured tightly: it would carry the peak as a
+        // new placement and its pessimistic capacity exceeds live's, yet it is the same risk
+        // at a higher price.
+        let (same, same_median, same_usable) = decide(420.0);
+        assert!((same_median / live_median - 1.0).abs() < 0.02);
+        assert!(
+            same_usable >= live_pessimistic,
+            "{same_usable} {live_pessimistic}"
+        );
+        assert!(
+            matches!(same, Decision::NoViablePlacement { .. }),
+            "{same:?}"
+        );
+        // One with 14 % more median capacity is a way out.
+        let (more, more_median, _) = decide(480.0);
+        assert!(more_median > live_median * (1.0 + policy.margin / 2.0));
+        assert!(
+            matches!(&more, Decision::Move { to, urgent: true, .. } if to.vm_type == "r.8x"),
+            "{more:?}"
+        );
+    }
 }
