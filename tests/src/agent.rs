@@ -25,6 +25,8 @@ pub struct AgentProcess {
     lines: Arc<Mutex<Vec<Value>>>,
     /// Its log (stderr), kept and passed on to the test's stderr.
     log: Arc<Mutex<String>>,
+    /// The threads reading its stdout and stderr, which end when the agent closes them.
+    readers: Vec<thread::JoinHandle<()>>,
 }
 
 impl AgentProcess {
@@ -48,7 +50,7 @@ impl AgentProcess {
         let stderr = process.child_mut().stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
         let log_sink = Arc::clone(&log);
-        thread::spawn(move || {
+        let log_reader = thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("{line}");
                 let mut log = log_sink.lock().expect("lock");
@@ -58,7 +60,7 @@ impl AgentProcess {
         });
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
-        thread::spawn(move || {
+        let line_reader = thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let value: Value = serde_json::from_str(&line).expect("agent prints JSON lines");
                 sink.lock().expect("lock").push(value);
@@ -83,6 +85,7 @@ impl AgentProcess {
             label: label.to_owned(),
             lines,
             log,
+            readers: vec![line_reader, log_reader],
         }
     }
 
@@ -110,7 +113,19 @@ impl AgentProcess {
             "{} agent exit status {status:?}",
             self.label
         );
-        thread::sleep(Duration::from_millis(100));
+        // Every line is read once the readers reach the end of the agent's output.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for reader in self.readers.drain(..) {
+            while !reader.is_finished() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{}: the agent exited but its output is still open",
+                    self.label
+                );
+                thread::sleep(Duration::from_millis(5));
+            }
+            reader.join().expect("reader thread");
+        }
         let _ = std::fs::remove_file(&self.config_path);
         self.lines()
     }
