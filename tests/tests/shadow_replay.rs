@@ -104,7 +104,12 @@ fn nginx_shadow_serves_exactly_the_mirrored_safe_requests_and_skips_writes() {
     let complete = wait_for(Duration::from_secs(15), || {
         shadow_nginx.access_log().len() >= expected.len()
     });
-    thread::sleep(Duration::from_millis(400));
+    // The server logs a request before its response reaches the replayer: wait for the
+    // shadow agent to report the flows ended and the exchanges counted.
+    wait_for(Duration::from_secs(5), || {
+        shadow.counter("flows_completed") >= FLOWS as u64
+            && shadow.counter("exchanges") >= 3 * FLOWS as u64
+    });
     let shadow_lines = shadow.stop();
     let live_lines = live.stop();
     assert!(
@@ -158,7 +163,9 @@ fn allowed_writes_are_replayed_and_amplification_doubles_the_requests() {
     let complete = wait_for(Duration::from_secs(15), || {
         shadow_nginx.access_log().len() >= expected.len()
     });
-    thread::sleep(Duration::from_millis(400));
+    wait_for(Duration::from_secs(5), || {
+        shadow.counter("replay_connections") >= 2 * FLOWS as u64
+    });
     let shadow_lines = shadow.stop();
     live.stop();
     assert!(
@@ -203,10 +210,12 @@ fn a_delay_on_the_shadow_shows_in_shadow_latency_and_not_in_live_latency() {
     http_flows(&t, SocketAddr::new(t.live_addr(), 8080), FLOWS, |i| {
         vec![format!("GET /item/{i} HTTP/1.1\r\nHost: live\r\n\r\n"); 2]
     });
+    // Every exchange timed by the replayer, in the shadow's kernel and in live's.
     wait_for(Duration::from_secs(15), || {
         shadow.counter("exchanges") >= 2 * FLOWS as u64
+            && latency(&shadow.lines(), Some("kernel")).1 >= 2 * FLOWS as u64
+            && latency(&live.lines(), None).1 >= 2 * FLOWS as u64
     });
-    thread::sleep(Duration::from_millis(400));
     let shadow_lines = shadow.stop();
     let live_lines = live.stop();
     let (live_p50, live_n) = latency(&live_lines, None);
@@ -279,7 +288,10 @@ fn redis_shadow_executes_the_commands_the_client_sent() {
         let calls = shadow_redis.command_calls(&t.shadow);
         wanted.iter().all(|c| calls.get(*c) >= live_calls.get(*c))
     });
-    thread::sleep(Duration::from_millis(300));
+    wait_for(Duration::from_secs(5), || {
+        shadow.counter("exchanges") >= 5 * FLOWS as u64
+            && live.counter("error_replies") >= FLOWS as u64
+    });
     let shadow_calls = shadow_redis.command_calls(&t.shadow);
     let shadow_lines = shadow.stop();
     let live_lines = live.stop();
@@ -373,9 +385,11 @@ fn non_admitted_sessions_never_reach_user_space_and_bad_input_is_counted() {
         }
     }
     wait_for(Duration::from_secs(5), || {
+        let log = shadow.log();
         shadow.counter("connect_failures") >= 5
+            && log.contains("not admitted")
+            && log.contains("refused replay connections")
     });
-    thread::sleep(Duration::from_millis(400));
     // The log names each cause: the last refused (source, VNI) with the session to add, and a
     // workload that refuses the replays.
     let log = shadow.log();
@@ -505,7 +519,9 @@ fn copies_leaving_through_the_workloads_own_interface_are_not_counted_as_its_tra
         http_flow(live_addr, &requests);
     }
     assert_eq!(live_nginx.access_log_of(20).len(), 20);
-    thread::sleep(Duration::from_millis(400));
+    wait_for(Duration::from_secs(5), || {
+        live.counter("ip_fragments_created") >= 20 && live.counter("clones_sent") >= 20
+    });
     let lines = live.stop();
     assert!(
         counter(&lines, "ip_fragments_created") >= 20,
