@@ -286,8 +286,8 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
             section = coordinator_section("live-1", "127.0.0.1".parse().expect("addr")),
         ),
     );
-    // Both connected means both got their policy: the coordinator sends it right after the
-    // handshake. The margin lets the agents apply it before the first flow.
+    // Both connected means both were sent their policy: the coordinator sends it right after
+    // the handshake. Each agent logs when it has applied it.
     assert!(
         wait_for(20, || {
             let out = doppel(&live, state, &["agents", "--json"]);
@@ -298,7 +298,12 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
         }),
         "both agents connect to the coordinator"
     );
-    thread::sleep(Duration::from_secs(1));
+    assert!(
+        wait_for(10, || [&live_agent, &shadow_agent]
+            .iter()
+            .all(|a| a.log().contains("coordinator policy applied"))),
+        "both agents apply the coordinator's policy"
+    );
 
     let agents = doppel(&live, state, &["agents", "--json"]);
     let agents: Vec<serde_json::Value> = serde_json::from_slice(&agents.stdout).expect("json");
@@ -329,7 +334,17 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
         thread::sleep(Duration::from_millis(500));
         settled
     });
-    thread::sleep(Duration::from_millis(1500));
+    // Drained: the shadow agent reported every exchange its nginx served, and the live
+    // agent closed two more intervals (the one in progress when the batch ended, and one).
+    let live_printed = live_agent.lines().len();
+    assert!(
+        wait_for(10, || {
+            counter(&shadow_agent.lines(), "exchanges") >= served as u64
+                && live_agent.lines().len() >= live_printed + 2
+        }),
+        "the shadow agent reported {} exchanges of the {served} its nginx served",
+        counter(&shadow_agent.lines(), "exchanges")
+    );
     let offline_shadow_lines = shadow_agent.lines().len();
 
     let _coordinator = start_coordinator(&live, state);
