@@ -307,40 +307,6 @@ pub(crate) fn pool_floor() -> f64 {
 /// with a lucky percentile is not enough.
 pub const HELD_INTERVALS: usize = 3;
 
-/// How much of the way from its latency at the lowest loads to `slo_ms` the *measured*
-/// latency rose at the highest loads: the median of the points in the top quarter of the
-/// load span against the median of those in the bottom quarter. The fitted curve's rise
-/// ([`PerformanceModel::knee_evidence`]) alone can be one noisy interval at the highest load:
-/// the fit then puts saturation just above it and the capacity collapses to the load already
-/// held (the fleet evaluation saw a type holding 790/s at 36 ms against an 86 ms SLO lose its
-/// 1140/s capacity to 800/s on one 46 ms interval at 799/s, and a workload moved off it
-/// "urgently" to a dearer type of the same size). Medians need the rise in many intervals.
-fn measured_rise(points: &[LoadLatencyPoint], slo_ms: f64) -> f64 {
-    let (lo, hi) = points.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), p| {
-        (lo.min(p.load), hi.max(p.load))
-    });
-    let quarter = (hi - lo) / 4.0;
-    let median_where = |keep: &dyn Fn(f64) -> bool| {
-        let mut latencies: Vec<f64> = points
-            .iter()
-            .filter(|p| keep(p.load))
-            .map(|p| p.latency_ms)
-            .collect();
-        latencies.sort_by(f64::total_cmp);
-        latencies.get(latencies.len() / 2).copied()
-    };
-    let (Some(low), Some(high)) = (
-        median_where(&|load| load <= lo + quarter),
-        median_where(&|load| load >= hi - quarter),
-    ) else {
-        return 0.0;
-    };
-    if slo_ms <= low {
-        return 1.0;
-    }
-    ((high - low) / (slo_ms - low)).max(0.0)
-}
-
 /// The highest load at which [`HELD_INTERVALS`] of `points` held `slo_ms`.
 fn held_load(points: &[LoadLatencyPoint], slo_ms: f64) -> f64 {
     let mut held: Vec<f64> = points
@@ -470,14 +436,11 @@ pub fn type_models_cached(
             continue;
         }
         match cache.fit(vm_type, tp, &points) {
-            Ok(m)
-                if m.knee_evidence(slo_ms).min(measured_rise(&points, slo_ms))
-                    < settings.min_knee_evidence =>
-            {
+            Ok(m) if m.knee_evidence(slo_ms) < settings.min_knee_evidence => {
                 let why = format!(
                     "capacity not identified: over the measured {:.0}/s its latency rose only {:.0} % of the way to the SLO",
                     m.max_observed_load(),
-                    100.0 * m.knee_evidence(slo_ms).min(measured_rise(&points, slo_ms))
+                    100.0 * m.knee_evidence(slo_ms)
                 );
                 flat.push((vm_type.clone(), role, points, why));
             }
@@ -667,75 +630,5 @@ mod tests {
             .model
             .points();
         assert_eq!(points, 34);
-    }
-
-    #[test]
-    fn one_slow_interval_at_the_highest_load_is_no_knee() {
-        // Live held 690..790/s at 35 ms (±10 %) against an 86 ms SLO; its last interval, at
-        // 799/s, took 46 ms.
-        let slo = 86.0;
-        let mut flat = TypeMeasurements {
-            role: Some(Role::Live),
-            ..TypeMeasurements::default()
-        };
-        for i in 0..60 {
-            let load = 690.0 + f64::from(i % 20) * 5.0;
-            let latency_ms = 35.0 * [1.0, 1.1, 0.9, 1.05, 0.95][i as usize % 5];
-            flat.points.push_back((
-                i64::from(i),
-                LoadLatencyPoint {
-                    load,
-                    latency_ms,
-                    source: PointSource::Live,
-                },
-            ));
-        }
-        flat.points.push_back((
-            60,
-            LoadLatencyPoint {
-                load: 799.0,
-                latency_ms: 46.0,
-                source: PointSource::Live,
-            },
-        ));
-        let points: Vec<LoadLatencyPoint> = flat.points.iter().map(|(_, p)| *p).collect();
-        let fit = PerformanceModel::fit(&points, 5).unwrap();
-        // The hazard: the fit bends at that one interval, so its curve alone passes the gate
-        // with a capacity barely past the load live already carries.
-        assert!(
-            fit.knee_evidence(slo) >= CapacityGates::default().min_knee_evidence,
-            "{}",
-            fit.knee_evidence(slo)
-        );
-        assert!(fit.capacity_at(slo) < 880.0, "{}", fit.capacity_at(slo));
-        // A shadow driven up to 98 % of its 400/s saturation, where it passes the SLO.
-        let mut knee = TypeMeasurements {
-            role: Some(Role::Shadow),
-            ..TypeMeasurements::default()
-        };
-        for i in 0..30 {
-            let load = 400.0 * (0.25 + 0.73 * f64::from(i) / 29.0);
-            knee.points.push_back((
-                i64::from(i),
-                LoadLatencyPoint {
-                    load,
-                    latency_ms: 20.0 + 2.0 * 400.0 / (400.0 - load),
-                    source: PointSource::Shadow,
-                },
-            ));
-        }
-        let by_type = BTreeMap::from([("a.8x".to_owned(), flat), ("c.4x".to_owned(), knee)]);
-        let models = type_models(&by_type, &CapacityGates::default(), slo);
-        assert!(models.model("a.8x").is_none(), "{:?}", models.models);
-        assert!(
-            models
-                .unmodelled
-                .iter()
-                .any(|u| u.vm_type == "a.8x" && u.reason.contains("not identified")),
-            "{:?}",
-            models.unmodelled
-        );
-        // A knee measured over many intervals still makes a model.
-        assert!(models.model("c.4x").is_some(), "{:?}", models.unmodelled);
     }
 }
