@@ -328,7 +328,12 @@ impl DecisionState {
 /// as the decision trusts it ([`usable_capacity`]) less the margin a new placement must keep.
 /// The bar [`DecisionState::decide`] puts every placement it moves to over.
 pub fn new_placement_capacity(policy: &DecisionPolicy, model: &PerformanceModel) -> f64 {
-    usable_capacity(policy, model) * (1.0 - policy.margin)
+    with_margin(policy, usable_capacity(policy, model))
+}
+
+/// `capacity` less the margin a new placement must keep.
+fn with_margin(policy: &DecisionPolicy, capacity: f64) -> f64 {
+    capacity * (1.0 - policy.margin)
 }
 
 /// Capacity per instance the decision trusts: a pessimistic bootstrap quantile, capped at what
@@ -350,7 +355,8 @@ fn evaluate(
     candidate: &Candidate<'_>,
 ) -> Option<ScoredPlacement> {
     let capacity = usable_capacity(policy, candidate.model);
-    let usable = new_placement_capacity(policy, candidate.model);
+    // `new_placement_capacity`, without sorting the bootstrap's samples a second time.
+    let usable = with_margin(policy, capacity);
     if usable <= 0.0 {
         return None;
     }
