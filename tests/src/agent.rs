@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::testbed::{Host, Process, workspace_binary};
+use crate::testbed::{Host, Process, wait_for, workspace_binary};
 
 /// A running agent and the JSON lines it printed so far.
 #[derive(Debug)]
@@ -114,16 +114,15 @@ impl AgentProcess {
             self.label
         );
         // Every line is read once the readers reach the end of the agent's output.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        assert!(
+            wait_for(Duration::from_secs(10), || self
+                .readers
+                .iter()
+                .all(|r| r.is_finished())),
+            "{}: the agent exited but its output is still open",
+            self.label
+        );
         for reader in self.readers.drain(..) {
-            while !reader.is_finished() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{}: the agent exited but its output is still open",
-                    self.label
-                );
-                thread::sleep(Duration::from_millis(5));
-            }
             reader.join().expect("reader thread");
         }
         let _ = std::fs::remove_file(&self.config_path);

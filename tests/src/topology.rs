@@ -3,12 +3,9 @@
 //! them against servers on its own loopback. The tests start the servers; [`Topology`] writes
 //! both agents' configurations. [`wait_for`] polls for what the agents or servers report.
 
-use std::{
-    net::IpAddr,
-    thread,
-    time::{Duration, Instant},
-};
+use std::net::IpAddr;
 
+pub use crate::testbed::wait_for;
 use crate::{
     agent::AgentProcess,
     testbed::{Host, Link},
@@ -105,16 +102,4 @@ impl Default for Topology {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// Polls `f` every 50 ms until it returns true or `limit` passes; returns its last answer.
-pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }

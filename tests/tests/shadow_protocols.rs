@@ -508,11 +508,11 @@ fn sysbench_on_live(t: &Topology, live: &Mariadb, run: &Sysbench, runs: u32) -> 
         deadlocks += report.errors;
     }
     // sysbench retries a transaction that deadlocked and counts it as an ignored error.
+    let failed = live.failed_statements();
     assert_eq!(
-        live.failed_statements().len() as u64,
+        failed.len() as u64,
         deadlocks,
-        "live's failures against sysbench's ignored errors: {:#?}",
-        live.failed_statements()
+        "live's failures against sysbench's ignored errors: {failed:#?}"
     );
     assert_failures_are_rare_deadlocks("live", live);
     let executed = live.executed();
@@ -538,7 +538,6 @@ fn sysbench_on_live(t: &Topology, live: &Mariadb, run: &Sysbench, runs: u32) -> 
 fn assert_failures_are_rare_deadlocks(which: &str, db: &Mariadb) {
     let failed = db.failed_statements();
     let commits = db.executed().get("commit");
-    eprintln!("{which} failed {} statements: {failed:#?}", failed.len());
     let deadlocks = failed
         .iter()
         .filter(|l| l.contains(" ERROR 1213: "))

@@ -25,7 +25,7 @@ use doppel_coordinator::{
 };
 use doppel_tests::{
     agent::{AgentProcess, counter},
-    testbed::{Host, Link, Process, privileged_or_skip, workspace_binary},
+    testbed::{Host, Link, Process, privileged_or_skip, wait_for, workspace_binary},
     workloads::Nginx,
 };
 
@@ -139,18 +139,6 @@ fn client_batch(client: &Host, server: SocketAddr, first_flow: usize) -> u64 {
             .map(|w| w.join().expect("client worker"))
             .sum()
     })
-}
-
-/// Polls `f` until it returns true or `secs` pass.
-fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    f()
 }
 
 fn stored_seqs(state: &Path, agent: &str) -> Vec<u64> {
@@ -289,7 +277,7 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
     // Both connected means both were sent their policy: the coordinator sends it right after
     // the handshake. Each agent logs when it has applied it.
     assert!(
-        wait_for(20, || {
+        wait_for(Duration::from_secs(20), || {
             let out = doppel(&live, state, &["agents", "--json"]);
             let agents: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
             agents
@@ -299,7 +287,7 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
         "both agents connect to the coordinator"
     );
     assert!(
-        wait_for(10, || [&live_agent, &shadow_agent]
+        wait_for(Duration::from_secs(10), || [&live_agent, &shadow_agent]
             .iter()
             .all(|a| a.log().contains("coordinator policy applied"))),
         "both agents apply the coordinator's policy"
@@ -327,7 +315,7 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
     // The shadow is done once its nginx log stops growing; three more intervals drain what it
     // measured into reports.
     let mut served = 0;
-    wait_for(20, || {
+    wait_for(Duration::from_secs(20), || {
         let now = shadow_nginx.access_log().len();
         let settled = now == served && now > 0;
         served = now;
@@ -338,7 +326,7 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
     // agent closed two more intervals (the one in progress when the batch ended, and one).
     let live_printed = live_agent.lines().len();
     assert!(
-        wait_for(10, || {
+        wait_for(Duration::from_secs(10), || {
             counter(&shadow_agent.lines(), "exchanges") >= served as u64
                 && live_agent.lines().len() >= live_printed + 2
         }),
@@ -350,7 +338,9 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
     let _coordinator = start_coordinator(&live, state);
     for (agent, process) in [("live-1", &live_agent), ("shadow-1", &shadow_agent)] {
         let printed = process.lines().len();
-        let delivered = wait_for(30, || stored_seqs(state, agent).len() >= printed);
+        let delivered = wait_for(Duration::from_secs(30), || {
+            stored_seqs(state, agent).len() >= printed
+        });
         let seqs = stored_seqs(state, agent);
         assert!(
             delivered,

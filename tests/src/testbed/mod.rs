@@ -6,6 +6,23 @@ mod host;
 pub use cgroup::{Cgroup, CgroupLimits};
 pub use host::{Host, Link, NetnsGuard, Process};
 
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Polls `f` every 50 ms until it returns true or `limit` passes; returns its last answer.
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
 /// Errors of the testbed. Tests usually `expect()` these; the messages say what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum TestbedError {
