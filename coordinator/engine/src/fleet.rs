@@ -708,7 +708,8 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
         if let Some(m) = assessment.forecast_move() {
             advice.push((m.to.vm_type.clone(), "forecast_breach", true));
         }
-        if debug && step % 60 == 0 {
+        // Every hour, and at every evaluation that advised a move (acted on or not).
+        if debug && (step % 60 == 0 || !advice.is_empty()) {
             eprintln!(
                 "{step} live {live} load {load:.0} p99 {live_p99:.0}/{:.0} shadows {shadows:?} warning {} decision {:?} models {:?} unmodelled {:?} ranking {:?}",
                 w.slo_ms,
