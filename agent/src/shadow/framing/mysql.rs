@@ -289,8 +289,12 @@ impl ClientFraming for MysqlClient {
             });
         }
         self.commands = true;
+        // The command byte is the packet's own first payload byte: an empty packet has none,
+        // whatever bytes follow it in the buffer (found by fuzzing: the next packet's first
+        // byte was read as this one's command when both had arrived, an error when not).
         let kind = *buf
-            .get(4)
+            .get(4..len)
+            .and_then(<[u8]>::first)
             .ok_or(FrameError::malformed(PROTOCOL, "empty command packet"))?;
         let responses = match kind {
             command::QUIT => {
@@ -1106,6 +1110,26 @@ mod tests {
         p.extend_from_slice(&[7; 20]);
         p.extend_from_slice(b"db\0mysql_native_password\0");
         packet(1, &p)
+    }
+
+    #[test]
+    fn an_empty_command_packet_is_malformed_whatever_follows_it() {
+        // The command byte is the packet's own: reading past an empty packet took the next
+        // packet's first byte (here COM_QUERY's) when it had arrived too.
+        let mut after_login = MysqlClient {
+            started: true,
+            commands: true,
+        };
+        let mut stream = packet(0, b"");
+        assert!(matches!(
+            after_login.check(&stream),
+            Err(FrameError::Malformed { .. })
+        ));
+        stream.extend(command(command::QUERY, b"select 1"));
+        assert!(matches!(
+            after_login.check(&stream),
+            Err(FrameError::Malformed { .. })
+        ));
     }
 
     #[test]
