@@ -14,6 +14,7 @@ mod build_ebpf;
 mod demo;
 mod eval;
 mod eval_decisions;
+mod fuzz;
 mod setup;
 mod test;
 mod traces;
@@ -40,6 +41,8 @@ enum Task {
     /// The whole system on this machine: live workload, real traffic, shadows on several VM
     /// types, forecast, warning, recommendation, webhook and (act mode) the move.
     Demo(demo::Options),
+    /// Fuzz the code that reads untrusted bytes, each target for a bounded time.
+    Fuzz(fuzz::Options),
     /// Benchmarks that print figures (`bench datapath|replay|fidelity|predictor|ingest`).
     Bench(bench::Options),
 }
@@ -51,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test(options) => test::run(&options),
         Task::Eval(options) => eval::run(&options),
         Task::Bench(options) => bench::run(&options),
+        Task::Fuzz(options) => fuzz::run(&options),
         Task::Demo(options) => demo::run(&options),
     }
 }

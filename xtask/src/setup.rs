@@ -28,7 +28,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian's gRPC for Python (python3-grpcio), whose server and client run the gRPC tests; and
 /// memcached, a protocol replayed by the opaque fallback; and MariaDB: `mariadb-server` brings
 /// `mariadbd`, `mariadb-install-db` and the `mysql` system user, `mariadb-client` the `mariadb`
-/// client, and `sysbench` the OLTP load generator for the MySQL protocol.
+/// client, and `sysbench` the OLTP load generator for the MySQL protocol; `g++`, which
+/// `libfuzzer-sys` builds libFuzzer with for the fuzz targets `cargo xtask test` runs.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
@@ -43,6 +44,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "mariadb-server",
     "mariadb-client",
     "sysbench",
+    "g++",
 ];
 
 #[derive(Debug, clap::Args)]

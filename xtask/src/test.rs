@@ -1,4 +1,5 @@
-//! `cargo xtask test`: set up, then check formatting, lint, and run every test once.
+//! `cargo xtask test`: set up, then check formatting, lint, run every test once, and run each
+//! fuzz target for a bounded time ([`crate::fuzz`]).
 //!
 //! The tests that need root (network namespaces, eBPF) run when this runs as root; then
 //! `DOPPEL_REQUIRE_ROOT` is set so none of them can pass by skipping. Independent network tests
@@ -11,6 +12,9 @@ pub(crate) struct Options {
     /// Skip `cargo fmt --check` and clippy.
     #[arg(long)]
     no_lint: bool,
+    /// Seconds each fuzz target runs after the tests (0: none).
+    #[arg(long, default_value_t = 30)]
+    fuzz_seconds: u32,
     /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
     #[arg(last = true)]
     cargo_test_args: Vec<String>,
@@ -49,7 +53,17 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     if !options.cargo_test_args.is_empty() {
         test.arg("--").args(&options.cargo_test_args);
     }
-    crate::run_command(&mut test)
+    crate::run_command(&mut test)?;
+    if options.fuzz_seconds > 0 {
+        crate::fuzz::run_with(
+            &toolchain,
+            &crate::fuzz::Options {
+                seconds: options.fuzz_seconds,
+                target: None,
+            },
+        )?;
+    }
+    Ok(())
 }
 
 pub(crate) fn is_root() -> bool {
