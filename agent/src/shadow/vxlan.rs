@@ -1,19 +1,24 @@
 //! Decoding of one VXLAN mirror datagram (the UDP payload) down to the mirrored TCP segment.
 //!
 //! VXLAN (RFC 7348) carries an Ethernet frame; cloud traffic-mirroring sessions and doppel's
-//! live data path both put the client's packet, from its Ethernet header on, inside. Everything
-//! here is bounds-checked slicing of a borrowed datagram: malformed input is an error naming
-//! what was wrong (the receiver counts it), never a panic, and no length field is trusted
-//! beyond the bytes actually present.
+//! live data path both put the client's packet, from its Ethernet header on, inside. The inner
+//! frame is sliced by `etherparse` (VLAN tags and IPv6 extension headers included), borrowing
+//! from the datagram: malformed input is an error naming what was wrong (the receiver counts
+//! it), never a panic, and no length field is trusted beyond the bytes actually present. The
+//! `vxlan_decode` fuzz target (`agent/fuzz`) holds it to that.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
+
+use etherparse::{
+    LinkExtSlice, LinkSlice, NetSlice, SlicedPacket, TransportSlice,
+    err::{Layer, packet::SliceError},
+    ether_type,
+};
 
 /// VXLAN header length.
 pub const VXLAN_HLEN: usize = 8;
-const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
 const IPPROTO_TCP: u8 = 6;
 /// The "I" flag: the VNI field is valid (RFC 7348 §5).
 const VXLAN_FLAG_VNI: u8 = 0x08;
@@ -37,7 +42,7 @@ pub enum DecodeError {
     /// The inner frame is shorter than an Ethernet header.
     #[error("inner Ethernet frame truncated")]
     ShortFrame,
-    /// The inner frame is neither IPv4 nor IPv6 (ARP, VLAN-tagged, …).
+    /// The inner frame is neither IPv4 nor IPv6 (ARP, MACsec, …), VLAN tags aside.
     #[error("inner frame is not IPv4 or IPv6 (ethertype {0:#06x})")]
     NotIp(u16),
     /// The IP header is malformed: wrong version, header or total length impossible for the
@@ -75,81 +80,74 @@ pub struct MirroredSegment<'a> {
     pub payload: &'a [u8],
 }
 
-fn be16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
-}
-
-fn be32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// Decodes a VXLAN datagram (the UDP payload).
+/// Decodes a VXLAN datagram (the UDP payload). Below the VXLAN header, `etherparse` slices the
+/// inner frame: Ethernet, any VLAN tags (a mirror source may keep them), IPv4 or IPv6 with
+/// their extension headers, and TCP, each length checked against the bytes present.
 pub fn decode(datagram: &[u8]) -> Result<MirroredSegment<'_>, DecodeError> {
     if datagram.len() < VXLAN_HLEN || datagram[0] & VXLAN_FLAG_VNI == 0 {
         return Err(DecodeError::BadVxlan);
     }
     let vni = u32::from_be_bytes([0, datagram[4], datagram[5], datagram[6]]);
-    let frame = &datagram[VXLAN_HLEN..];
-    let ethertype = be16(frame, 12).ok_or(DecodeError::ShortFrame)?;
-    let ip = &frame[ETH_HLEN.min(frame.len())..];
-    let (src, dst, l4) = match ethertype {
-        ETH_P_IP => {
-            let ver_ihl = *ip.first().ok_or(DecodeError::BadIp)?;
-            let ihl = usize::from(ver_ihl & 0x0f) * 4;
-            let total = usize::from(be16(ip, 2).ok_or(DecodeError::BadIp)?);
-            if ver_ihl >> 4 != 4 || ihl < 20 || total < ihl || total > ip.len() {
-                return Err(DecodeError::BadIp);
-            }
-            let frag = be16(ip, 6).ok_or(DecodeError::BadIp)?;
-            if frag & 0x3fff != 0 {
-                return Err(DecodeError::Fragment);
-            }
-            if ip[9] != IPPROTO_TCP {
-                return Err(DecodeError::NotTcp(ip[9]));
-            }
-            let addr =
-                |at: usize| IpAddr::V4(Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]));
-            (addr(12), addr(16), &ip[ihl..total])
-        }
-        ETH_P_IPV6 => {
-            if ip.len() < 40 || ip[0] >> 4 != 6 {
-                return Err(DecodeError::BadIp);
-            }
-            let payload_len = usize::from(be16(ip, 4).ok_or(DecodeError::BadIp)?);
-            if 40 + payload_len > ip.len() {
-                return Err(DecodeError::BadIp);
-            }
-            if ip[6] != IPPROTO_TCP {
-                return Err(DecodeError::NotTcp(ip[6]));
-            }
-            let addr = |at: usize| {
-                let octets: [u8; 16] = ip[at..at + 16].try_into().unwrap_or([0; 16]);
-                IpAddr::V6(Ipv6Addr::from(octets))
-            };
-            (addr(8), addr(24), &ip[40..40 + payload_len])
-        }
-        // VLAN tags are named separately from garbage: a mirror source that keeps tags is a
-        // configuration to fix, not noise.
-        ETH_P_8021Q => return Err(DecodeError::NotIp(ETH_P_8021Q)),
-        other => return Err(DecodeError::NotIp(other)),
+    let packet = SlicedPacket::from_ethernet(&datagram[VXLAN_HLEN..]).map_err(slice_error)?;
+    let (src, dst, payload) = match &packet.net {
+        Some(NetSlice::Ipv4(ip)) => (
+            IpAddr::V4(ip.header().source_addr()),
+            IpAddr::V4(ip.header().destination_addr()),
+            ip.payload(),
+        ),
+        Some(NetSlice::Ipv6(ip)) => (
+            IpAddr::V6(ip.header().source_addr()),
+            IpAddr::V6(ip.header().destination_addr()),
+            ip.payload(),
+        ),
+        Some(NetSlice::Arp(_)) | None => return Err(DecodeError::NotIp(inner_ether_type(&packet))),
     };
-    if l4.len() < 20 {
-        return Err(DecodeError::BadTcp);
+    if payload.fragmented {
+        return Err(DecodeError::Fragment);
     }
-    let doff = usize::from(l4[12] >> 4) * 4;
-    if doff < 20 || doff > l4.len() {
-        return Err(DecodeError::BadTcp);
-    }
-    let field = |at| be32(l4, at).ok_or(DecodeError::BadTcp);
+    let Some(TransportSlice::Tcp(tcp)) = &packet.transport else {
+        return Err(DecodeError::NotTcp(payload.ip_number.0));
+    };
     Ok(MirroredSegment {
         vni,
-        client: SocketAddr::new(src, be16(l4, 0).ok_or(DecodeError::BadTcp)?),
-        service: SocketAddr::new(dst, be16(l4, 2).ok_or(DecodeError::BadTcp)?),
-        seq: field(4)?,
-        ack: field(8)?,
-        flags: l4[13],
-        payload: &l4[doff..],
+        client: SocketAddr::new(src, tcp.source_port()),
+        service: SocketAddr::new(dst, tcp.destination_port()),
+        seq: tcp.sequence_number(),
+        ack: tcp.acknowledgment_number(),
+        // The flags byte as the header carries it (CWR..FIN), which the counters key on.
+        flags: tcp.header_slice()[13],
+        payload: tcp.payload(),
     })
+}
+
+/// The counted error for a frame `etherparse` could not slice.
+fn slice_error(e: SliceError) -> DecodeError {
+    match e {
+        SliceError::Len(len) => match len.layer {
+            Layer::Ethernet2Header | Layer::VlanHeader | Layer::MacsecHeader => {
+                DecodeError::ShortFrame
+            }
+            Layer::TcpHeader => DecodeError::BadTcp,
+            _ => DecodeError::BadIp,
+        },
+        SliceError::Tcp(_) => DecodeError::BadTcp,
+        SliceError::LinuxSll(_) | SliceError::Macsec(_) => DecodeError::ShortFrame,
+        SliceError::Ip(_)
+        | SliceError::Ipv4(_)
+        | SliceError::Ipv6(_)
+        | SliceError::Ipv4Exts(_)
+        | SliceError::Ipv6Exts(_) => DecodeError::BadIp,
+    }
+}
+
+/// The ethertype of what follows the inner frame's last link header (Ethernet or VLAN tag).
+fn inner_ether_type(packet: &SlicedPacket<'_>) -> u16 {
+    match (packet.link_exts.last(), &packet.link) {
+        (Some(LinkExtSlice::Vlan(vlan)), _) => vlan.ether_type().0,
+        (Some(LinkExtSlice::Macsec(_)), _) => ether_type::MACSEC.0,
+        (None, Some(LinkSlice::Ethernet2(eth))) => eth.ether_type().0,
+        (None, _) => 0,
+    }
 }
 
 /// Builds a VXLAN datagram around an Ethernet/IPv4 or IPv6/TCP packet: for tests and the
@@ -237,6 +235,34 @@ mod tests {
             assert_ne!(seg.flags & tcp_flags::FIN, 0);
             assert_eq!(seg.payload, b"GET / HTTP/1.1\r\n\r\n");
         }
+    }
+
+    #[test]
+    fn vlan_tags_and_ipv6_extension_headers_are_looked_through() {
+        let plain = builder(false).datagram(7, 9, tcp_flags::FIN, b"GET / HTTP/1.1\r\n\r\n");
+        let want = decode(&plain).expect("plain");
+        // 802.1Q, then 802.1ad outside 802.1Q (QinQ): the tags sit between the MACs and the
+        // ethertype (offset 20 in the datagram).
+        for tags in [
+            &[0x81, 0x00, 0x00, 0x64][..],
+            &[0x88, 0xa8, 0x00, 0x0a, 0x81, 0x00, 0x00, 0x64],
+        ] {
+            let mut tagged = plain[..20].to_vec();
+            tagged.extend_from_slice(tags);
+            tagged.extend_from_slice(&plain[20..]);
+            assert_eq!(decode(&tagged), Ok(want), "tags {tags:02x?}");
+        }
+        // IPv6 with a hop-by-hop header (PadN to 8 bytes) before TCP.
+        let plain6 = builder(true).datagram(7, 9, 0, b"ping");
+        let want6 = decode(&plain6).expect("plain v6");
+        let ip = 22;
+        let mut ext = plain6[..ip + 40].to_vec();
+        ext[ip + 6] = 0; // next header: hop-by-hop
+        let payload_len = u16::from_be_bytes([ext[ip + 4], ext[ip + 5]]) + 8;
+        ext[ip + 4..ip + 6].copy_from_slice(&payload_len.to_be_bytes());
+        ext.extend_from_slice(&[IPPROTO_TCP, 0, 1, 4, 0, 0, 0, 0]);
+        ext.extend_from_slice(&plain6[ip + 40..]);
+        assert_eq!(decode(&ext), Ok(want6));
     }
 
     #[test]
