@@ -370,6 +370,9 @@ pub struct WorkloadOutcome {
     /// the cheapest sufficient type leaves. A decision that keeps a safety margin settles on
     /// the next type up when this is smaller than its margin.
     pub oracle_room: f64,
+    /// The same for the first day: the first day's oracle's true capacity over the first day's
+    /// peak, minus one ([`WorkloadOutcome::cold_start_regret`]'s reference).
+    pub day_one_oracle_room: f64,
 }
 
 /// The cheapest type whose true capacity holds `peak`. A type that misses the SLO at any load
@@ -771,7 +774,11 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
         .unwrap_or_default();
     let oracle_room = best_type.map_or(0.0, |t| t.capacity_at(w.cpu_ms, w.slo_ms) / peak - 1.0);
     let day_one_peak = w.load.iter().take(1440).copied().fold(0.0, f64::max);
-    let day_one_best = oracle(w, day_one_peak).map_or(f64::INFINITY, |t| t.catalog.price_per_hour);
+    let day_one_oracle = oracle(w, day_one_peak);
+    let day_one_best = day_one_oracle.map_or(f64::INFINITY, |t| t.catalog.price_per_hour);
+    let day_one_oracle_room = day_one_oracle.map_or(0.0, |t| {
+        t.capacity_at(w.cpu_ms, w.slo_ms) / day_one_peak - 1.0
+    });
     let day_one = settled_day_one.unwrap_or_else(|| live.clone());
     let cooldown = usize::try_from(setup.cooldown_steps).unwrap_or(usize::MAX);
     let flaps = moves
@@ -794,6 +801,7 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
         moves,
         flaps,
         oracle_room,
+        day_one_oracle_room,
     }
 }
 
