@@ -725,7 +725,11 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
                     .capacity
                     .models
                     .iter()
-                    .map(|t| (t.vm_type.clone(), t.model.capacity_at(w.slo_ms) as i64))
+                    .map(|t| (
+                        t.vm_type.clone(),
+                        t.model.capacity_at(w.slo_ms) as i64,
+                        t.basis.clone()
+                    ))
                     .collect::<Vec<_>>(),
                 assessment
                     .capacity
