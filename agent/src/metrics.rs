@@ -1,5 +1,6 @@
-//! Resource use of the host and of the workload over each report interval, from /proc and the
-//! workload's cgroup (v2, or the v1 `cpuacct`/`memory` controllers) or its process tree.
+//! Resource use of the host and of the workload over each report interval, from /proc (read
+//! with `procfs`) and the workload's cgroup (v2, or the v1 `cpuacct`/`memory` controllers) or its
+//! process tree.
 //!
 //! Everything is read as cumulative counters and reported as the difference since the previous
 //! sample, so a missed interval never loses usage; gauges (memory) are read as they are.
@@ -7,6 +8,7 @@
 use std::{fs, path::PathBuf};
 
 use doppel_common::wire::ResourceUsage;
+use procfs::{Current as _, CurrentSI as _, DiskStats, KernelStats, Meminfo, net::DeviceStatus};
 use serde::Deserialize;
 
 /// Where the workload's resource use comes from.
@@ -36,9 +38,6 @@ pub struct ResourceSampler {
     workload_before: Totals,
 }
 
-/// Kernel clock ticks per second for /proc CPU times (USER_HZ, 100 on every Linux ABI).
-const USER_HZ: u64 = 100;
-
 fn read(path: impl AsRef<std::path::Path>) -> String {
     fs::read_to_string(path).unwrap_or_default()
 }
@@ -64,15 +63,17 @@ impl ResourceSampler {
     /// Host and workload use since the previous call.
     pub fn sample(&mut self) -> (ResourceUsage, Option<ResourceUsage>) {
         let host_now = host_totals();
-        let meminfo = read("/proc/meminfo");
-        let kib = |k| field(&meminfo, k).unwrap_or(0) * 1024;
+        // Bytes (procfs scales meminfo's kB); a kernel without MemAvailable (before 3.14)
+        // counts everything as used rather than nothing.
+        let (total, available) =
+            Meminfo::current().map_or((0, 0), |m| (m.mem_total, m.mem_available.unwrap_or(0)));
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let host = usage(
             self.host_before,
             host_now,
             cpus * 1000,
-            kib("MemTotal:").saturating_sub(kib("MemAvailable:")),
-            kib("MemTotal:"),
+            total.saturating_sub(available),
+            total,
         );
         self.host_before = host_now;
         let workload = self.workload.clone().map(|source| {
@@ -114,27 +115,20 @@ fn usage(
 }
 
 fn host_totals() -> Totals {
-    let stat = read("/proc/stat");
-    let cpu: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
-    let busy: u64 = cpu
-        .iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, v)| v)
-        .sum();
-    let (net_rx, net_tx) = net_dev(&read("/proc/net/dev"));
-    let (disk_read, disk_write) = diskstats(&read("/proc/diskstats"));
+    // Busy = every state but idle and iowait.
+    let cpu_ms = KernelStats::current().map_or(0, |k| {
+        let t = k.total;
+        t.user_ms()
+            + t.nice_ms()
+            + t.system_ms()
+            + t.irq_ms().unwrap_or(0)
+            + t.softirq_ms().unwrap_or(0)
+            + t.steal_ms().unwrap_or(0)
+    });
+    let (net_rx, net_tx) = procfs::net::dev_status().map_or((0, 0), |d| net_dev(d.values()));
+    let (disk_read, disk_write) = DiskStats::current().map_or((0, 0), |d| whole_disks(&d));
     Totals {
-        cpu_us: busy * 1_000_000 / USER_HZ,
+        cpu_us: cpu_ms * 1000,
         net_rx,
         net_tx,
         disk_read,
@@ -143,66 +137,46 @@ fn host_totals() -> Totals {
 }
 
 /// Received and sent bytes of every interface but loopback (in the reader's namespace).
-fn net_dev(text: &str) -> (u64, u64) {
-    text.lines()
-        .skip(2)
-        .filter_map(|l| {
-            let (name, rest) = l.split_once(':')?;
-            if name.trim() == "lo" {
-                return None;
-            }
-            let v: Vec<u64> = rest
-                .split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            Some((*v.first()?, *v.get(8)?))
-        })
-        .fold((0, 0), |(r, t), (a, b)| (r + a, t + b))
+fn net_dev<'a>(devices: impl Iterator<Item = &'a DeviceStatus>) -> (u64, u64) {
+    devices
+        .filter(|d| d.name != "lo")
+        .fold((0, 0), |(r, t), d| (r + d.recv_bytes, t + d.sent_bytes))
 }
 
 /// Bytes read and written by whole disks (partitions would count twice).
-fn diskstats(text: &str) -> (u64, u64) {
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let name = *f.get(2)?;
-            if name.starts_with("loop") || name.starts_with("ram") {
-                return None;
-            }
-            if !std::path::Path::new("/sys/block").join(name).exists() {
-                return None;
-            }
-            Some((
-                f.get(5)?.parse::<u64>().ok()? * 512,
-                f.get(9)?.parse::<u64>().ok()? * 512,
-            ))
+fn whole_disks(stats: &DiskStats) -> (u64, u64) {
+    stats
+        .0
+        .iter()
+        .filter(|d| {
+            !d.name.starts_with("loop")
+                && !d.name.starts_with("ram")
+                && std::path::Path::new("/sys/block").join(&d.name).exists()
         })
-        .fold((0, 0), |(r, w), (a, b)| (r + a, w + b))
+        .fold((0, 0), |(r, w), d| {
+            (r + d.sectors_read * 512, w + d.sectors_written * 512)
+        })
 }
 
 fn process_tree_totals(root: u32) -> Totals {
-    let mut parents = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = read(format!("/proc/{pid}/stat"));
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ppid = f.get(1).and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|&i| f.get(i)?.parse::<u64>().ok())
-            .sum();
-        parents.push((pid, ppid, ticks));
-    }
+    let tps = procfs::ticks_per_second();
+    // (pid, parent, CPU ticks, the process) of every process readable now.
+    let processes: Vec<(i32, i32, u64, procfs::process::Process)> =
+        procfs::process::all_processes()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|p| {
+                let stat = p.stat().ok()?;
+                Some((stat.pid, stat.ppid, stat.utime + stat.stime, p))
+            })
+            .collect();
+    let root = i32::try_from(root).unwrap_or(i32::MAX);
     let mut members = vec![root];
     let mut grew = true;
     while grew {
         grew = false;
-        for (pid, ppid, _) in &parents {
+        for (pid, ppid, _, _) in &processes {
             if members.contains(ppid) && !members.contains(pid) {
                 members.push(*pid);
                 grew = true;
@@ -210,15 +184,20 @@ fn process_tree_totals(root: u32) -> Totals {
         }
     }
     let mut totals = Totals::default();
-    for (pid, _, ticks) in parents.iter().filter(|(p, _, _)| members.contains(p)) {
-        totals.cpu_us += ticks * 1_000_000 / USER_HZ;
-        let io = read(format!("/proc/{pid}/io"));
-        totals.disk_read += field(&io, "read_bytes:").unwrap_or(0);
-        totals.disk_write += field(&io, "write_bytes:").unwrap_or(0);
+    for (pid, _, ticks, process) in &processes {
+        if !members.contains(pid) {
+            continue;
+        }
+        totals.cpu_us += ticks * 1_000_000 / tps;
+        if let Ok(io) = process.io() {
+            totals.disk_read += io.read_bytes;
+            totals.disk_write += io.write_bytes;
+        }
+        if *pid == root {
+            (totals.net_rx, totals.net_tx) =
+                process.dev_status().map_or((0, 0), |d| net_dev(d.values()));
+        }
     }
-    let (rx, tx) = net_dev(&read(format!("/proc/{root}/net/dev")));
-    totals.net_rx = rx;
-    totals.net_tx = tx;
     totals
 }
 
@@ -249,12 +228,17 @@ fn cgroup_totals(path: &std::path::Path) -> Totals {
 fn workload_gauges(source: &WorkloadSource, host_memory: u64, cpus: u32) -> (u64, u64, u32) {
     match source {
         WorkloadSource::Pid(pid) => {
-            let status = read(format!("/proc/{pid}/status"));
-            (
-                field(&status, "VmRSS:").unwrap_or(0) * 1024,
-                host_memory,
-                cpus * 1000,
-            )
+            let rss_kib = i32::try_from(*pid)
+                .ok()
+                .and_then(|pid| {
+                    procfs::process::Process::new(pid)
+                        .ok()?
+                        .status()
+                        .ok()?
+                        .vmrss
+                })
+                .unwrap_or(0);
+            (rss_kib * 1024, host_memory, cpus * 1000)
         }
         WorkloadSource::Cgroup(path) => {
             let number = |file: PathBuf| read(file).trim().parse::<u64>().ok();
@@ -291,7 +275,11 @@ mod tests {
     #[test]
     fn net_dev_sums_every_interface_but_loopback() {
         let text = "Inter-|   Receive |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes\n    lo: 100 1 0 0 0 0 0 0 100 1 0 0 0 0 0 0\n  eth0: 1000 10 0 0 0 0 0 0 2000 20 0 0 0 0 0 0\n  eth1: 5 1 0 0 0 0 0 0 7 1 0 0 0 0 0 0\n";
-        assert_eq!(net_dev(text), (1005, 2007));
+        let devices = <procfs::net::InterfaceDeviceStatus as procfs::FromBufRead>::from_buf_read(
+            text.as_bytes(),
+        )
+        .expect("a /proc/net/dev table");
+        assert_eq!(net_dev(devices.0.values()), (1005, 2007));
     }
 
     #[test]
