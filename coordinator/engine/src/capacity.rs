@@ -11,7 +11,11 @@
 //!   a guess;
 //! - a type measured only where its latency is flat borrows the curve of the best-measured
 //!   type, scaled by the two types' CPU ceilings (the utilization law), unless its own
-//!   measurements contradict the scaled capacity.
+//!   measurements contradict the scaled capacity;
+//! - so does a type whose own knee is weak (under half the way to the SLO) and weaker than the
+//!   best-measured type's, when the scaled curve promises more and its own intervals do not
+//!   break the SLO below the scaled capacity: a one-server curve fitted to the onset of queueing
+//!   on several CPUs reads it as saturation.
 //!
 //! [`CapacityModels::candidates`] then applies the candidate filter ([`crate::candidates`]).
 
@@ -303,6 +307,10 @@ pub(crate) fn pool_floor() -> f64 {
     MIN_POOL_CAPACITY
 }
 
+/// Knee evidence at which a type's own fitted knee is trusted over a reference's curve scaled
+/// by CPU ceilings ([`type_models`]).
+const STRONG_KNEE: f64 = 0.5;
+
 /// Intervals a type must hold the SLO at a load for that load to count as held: one interval
 /// with a lucky percentile is not enough.
 pub const HELD_INTERVALS: usize = 3;
@@ -471,6 +479,44 @@ pub fn type_models_cached(
                 .then_with(|| b.0.cmp(a.0))
         })
         .map(|(name, m, c)| (name.clone(), m.clone(), c.saturation_per_s));
+    // A type whose own knee is weak (its latency rose less than STRONG_KNEE of the way to the
+    // SLO) and weaker than the reference's takes the reference's curve scaled by CPU ceilings,
+    // when that promises more and its own intervals do not contradict it. The one-server curve
+    // fitted to the onset of queueing on several CPUs puts saturation just past the loads seen:
+    // the fleet evaluation's live a.8x (ramp-21) fell from 1140/s scaled from c.4x to 800/s fitted
+    // on intervals rising 35 to 46 ms at 790-799/s against an 86 ms SLO, and was moved off
+    // "urgently" to a same-size type that was still scaled.
+    if let Some((ref_name, ref_model, ref_ceiling)) = &reference {
+        let ref_evidence = ref_model.knee_evidence(slo_ms);
+        for t in &mut models {
+            let own = t.model.knee_evidence(slo_ms);
+            let (Some(ceiling), Some(measured)) =
+                (ceilings.get(&t.vm_type), by_type.get(&t.vm_type))
+            else {
+                continue;
+            };
+            if &t.vm_type == ref_name || own >= STRONG_KNEE || own >= ref_evidence {
+                continue;
+            }
+            let points: Vec<LoadLatencyPoint> = measured.points.iter().map(|(_, p)| *p).collect();
+            let scale = ceiling.saturation_per_s / ref_ceiling;
+            let scaled = ref_model.scaled(scale, &points);
+            let scaled_capacity = scaled.capacity_at(slo_ms);
+            let broken_below = points
+                .iter()
+                .filter(|p| p.latency_ms > slo_ms && p.load < scaled_capacity)
+                .count();
+            if scaled_capacity <= t.model.capacity_at(slo_ms) || broken_below >= HELD_INTERVALS {
+                continue;
+            }
+            t.basis = format!(
+                "scaled from {ref_name} by CPU ceiling ×{scale:.2}: its own knee rose {:.0} % of the way to the SLO, {ref_name}'s {:.0} %",
+                100.0 * own,
+                100.0 * ref_evidence
+            );
+            t.model = scaled;
+        }
+    }
     for (vm_type, role, points, why) in flat {
         match (&reference, ceilings.get(&vm_type)) {
             (Some((ref_name, ref_model, ref_ceiling)), Some(ceiling)) => {
@@ -630,5 +676,77 @@ mod tests {
             .model
             .points();
         assert_eq!(points, 34);
+    }
+
+    /// `n` CPU samples of an instance with `cpus` CPUs spending 10 ms of CPU an exchange.
+    fn with_cpu(mut t: TypeMeasurements, cpus: u32, n: i64) -> TypeMeasurements {
+        for i in 0..n {
+            t.cpu.push_back((
+                i,
+                CpuSample {
+                    cpu_us: 1_000_000,
+                    exchanges: 100,
+                    capacity_millis: cpus * 1000,
+                },
+            ));
+        }
+        t
+    }
+
+    #[test]
+    fn a_weak_own_knee_gives_way_to_a_better_measured_curve_scaled_by_cpu_ceilings() {
+        let slo = 60.0;
+        // The reference: 4 CPUs (ceiling 400/s), its knee measured up to 90 % of saturation,
+        // 22 to 40 ms: 47 % of the way to the SLO.
+        let reference = with_cpu(measured(Role::Shadow, 400.0, 0), 4, 10);
+        // Live, 8 CPUs (ceiling 800/s): flat at 22 ms over 400-620/s, then four intervals at
+        // 630-640/s rising to 33 ms, the onset of queueing on several CPUs. Its own fit puts
+        // saturation just past them; the scaled curve holds 760/s.
+        let mut live = TypeMeasurements {
+            role: Some(Role::Live),
+            ..TypeMeasurements::default()
+        };
+        let mut push = |i: i64, load: f64, latency_ms: f64| {
+            live.points.push_back((
+                i,
+                LoadLatencyPoint {
+                    load,
+                    latency_ms,
+                    source: PointSource::Live,
+                },
+            ));
+        };
+        for i in 0..36 {
+            push(
+                i,
+                400.0 + 220.0 * i as f64 / 35.0,
+                22.0 * [1.0, 1.04, 0.97][i as usize % 3],
+            );
+        }
+        for (i, (load, latency)) in [(630.0, 26.0), (634.0, 28.0), (637.0, 30.0), (640.0, 33.0)]
+            .into_iter()
+            .enumerate()
+        {
+            push(36 + i as i64, load, latency);
+        }
+        let live = with_cpu(live, 8, 10);
+        let own = PerformanceModel::fit(
+            &live.points.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
+            seed_of("a.8x"),
+        )
+        .unwrap();
+        let evidence = own.knee_evidence(slo);
+        assert!((0.2..0.47).contains(&evidence), "{evidence}");
+        assert!(own.capacity_at(slo) < 700.0, "{}", own.capacity_at(slo));
+        let by_type = BTreeMap::from([("a.8x".to_owned(), live), ("c.4x".to_owned(), reference)]);
+        let models = type_models(&by_type, &CapacityGates::default(), slo);
+        let a8 = models.model("a.8x").expect("a model");
+        assert!(a8.basis.starts_with("scaled from c.4x"), "{}", a8.basis);
+        let capacity = a8.model.capacity_at(slo);
+        assert!((700.0..820.0).contains(&capacity), "{capacity}");
+        assert_eq!(
+            models.model("c.4x").expect("reference").basis,
+            "measured knee"
+        );
     }
 }
