@@ -160,23 +160,23 @@ fn whole_disks(stats: &DiskStats) -> (u64, u64) {
 
 fn process_tree_totals(root: u32) -> Totals {
     let tps = procfs::ticks_per_second();
-    // (pid, parent, CPU ticks, the process) of every process readable now.
-    let processes: Vec<(i32, i32, u64, procfs::process::Process)> =
-        procfs::process::all_processes()
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|p| {
-                let stat = p.stat().ok()?;
-                Some((stat.pid, stat.ppid, stat.utime + stat.stime, p))
-            })
-            .collect();
+    // (pid, parent, CPU ticks) of every process readable now. Each `Process` holds its /proc
+    // directory open, so only the tree's members are opened again below: a host with more
+    // processes than the agent's file limit must not run it out of descriptors.
+    let processes: Vec<(i32, i32, u64)> = procfs::process::all_processes()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let stat = p.ok()?.stat().ok()?;
+            Some((stat.pid, stat.ppid, stat.utime + stat.stime))
+        })
+        .collect();
     let root = i32::try_from(root).unwrap_or(i32::MAX);
     let mut members = vec![root];
     let mut grew = true;
     while grew {
         grew = false;
-        for (pid, ppid, _, _) in &processes {
+        for (pid, ppid, _) in &processes {
             if members.contains(ppid) && !members.contains(pid) {
                 members.push(*pid);
                 grew = true;
@@ -184,11 +184,11 @@ fn process_tree_totals(root: u32) -> Totals {
         }
     }
     let mut totals = Totals::default();
-    for (pid, _, ticks, process) in &processes {
-        if !members.contains(pid) {
-            continue;
-        }
+    for (pid, _, ticks) in processes.iter().filter(|(p, _, _)| members.contains(p)) {
         totals.cpu_us += ticks * 1_000_000 / tps;
+        let Ok(process) = procfs::process::Process::new(*pid) else {
+            continue;
+        };
         if let Ok(io) = process.io() {
             totals.disk_read += io.read_bytes;
             totals.disk_write += io.write_bytes;
