@@ -233,11 +233,16 @@ pub(crate) fn run(options: &FleetOptions<'_>, traces: &[Trace]) -> anyhow::Resul
     // The oracle keeps no margin. Where it holds the realised peak with less than 10 % to
     // spare, a decision that plans with a safety margin settles one type up by design (the
     // demo test's rule); the regret of the others says what the rules cost beyond that.
-    let roomy: Vec<f64> = outcomes
-        .iter()
-        .filter(|o| o.oracle_room >= ORACLE_ROOM)
-        .map(|o| o.regret)
-        .collect();
+    // The regrets (`regret_of`) of the workloads whose oracle (`room_of`) has ORACLE_ROOM.
+    let with_room = |room_of: fn(&WorkloadOutcome) -> f64,
+                     regret_of: fn(&WorkloadOutcome) -> f64| {
+        outcomes
+            .iter()
+            .filter(|o| room_of(o) >= ORACLE_ROOM)
+            .map(regret_of)
+            .collect::<Vec<f64>>()
+    };
+    let roomy = with_room(|o| o.oracle_room, |o| o.regret);
     println!(
         "regret where the oracle has at least {:.0} % room: {} workloads, p90 {:.3}; {} workloads with less, settled above the oracle {}",
         100.0 * ORACLE_ROOM,
@@ -249,11 +254,7 @@ pub(crate) fn run(options: &FleetOptions<'_>, traces: &[Trace]) -> anyhow::Resul
             .filter(|o| o.oracle_room < ORACLE_ROOM && o.regret > 1e-9)
             .count(),
     );
-    let roomy_cold: Vec<f64> = outcomes
-        .iter()
-        .filter(|o| o.day_one_oracle_room >= ORACLE_ROOM)
-        .map(|o| o.cold_start_regret)
-        .collect();
+    let roomy_cold = with_room(|o| o.day_one_oracle_room, |o| o.cold_start_regret);
     println!(
         "first-day regret where the first day's oracle has at least {:.0} % room: {} workloads, p90 {:.3}; {} workloads with less",
         100.0 * ORACLE_ROOM,
