@@ -54,6 +54,16 @@ pub(crate) struct Options {
     /// `DOPPEL_FLEET_DEBUG=<name>` this replays one workload's decisions in seconds.
     #[arg(long)]
     pub(crate) workload: Option<String>,
+    /// Days each mirrored workload runs (`mirror`).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) mirror_days: usize,
+    /// Workloads, one per trace, in the mirroring experiment (`mirror`).
+    #[arg(long, default_value_t = 12)]
+    pub(crate) mirror_workloads: usize,
+    /// One new flow in this many is inspected for its pattern, as the live agent's
+    /// `pattern_sample_one_in` (`mirror`).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) discovery_one_in: u32,
     /// When no warning rule meets the calibration limits on the training parts, report with
     /// the default rule (`calibrated=no` on the last line) instead of failing.
     #[arg(long)]
@@ -95,6 +105,9 @@ enum Target {
     /// The decision core (capacities, comparison, forecast decision, act policy, pool
     /// steering) driving a simulated fleet.
     Decisions,
+    /// Learned mirroring: the pattern mix, rare patterns, peaks and budget of the mirrored
+    /// sample.
+    Mirror,
 }
 
 pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
@@ -107,6 +120,15 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
                 only: options.only.as_deref(),
                 workload: options.workload.as_deref(),
                 pool_workloads: options.sim_workloads,
+            },
+            &load_traces(&traces_dir(options))?,
+        ),
+        Target::Mirror => crate::eval_mirror::run(
+            &crate::eval_mirror::MirrorOptions {
+                days: options.mirror_days,
+                only: options.only.as_deref(),
+                workloads: options.mirror_workloads,
+                discovery_one_in: options.discovery_one_in,
             },
             &load_traces(&traces_dir(options))?,
         ),

@@ -14,6 +14,7 @@ mod build_ebpf;
 mod demo;
 mod eval;
 mod eval_decisions;
+mod eval_mirror;
 mod fuzz;
 mod setup;
 mod test;

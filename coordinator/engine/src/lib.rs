@@ -4,7 +4,7 @@
 //! quantiles of live and shadow instances at their offered load) into decisions: a load forecast
 //! with prediction intervals ([`forecast`]), a latency-versus-load model per workload and VM type
 //! ([`perf_model`]), a warning before the SLO breaks ([`warning`]), the VM type and count to run
-//! ([`decision`]), which traffic to mirror ([`mirror_mix`]) and which types deserve shadow time
+//! ([`decision`]), which traffic to mirror ([`mirror`]) and which types deserve shadow time
 //! ([`shadow_pool`]). [`predictor`] ties the first four into one state machine per workload. [`eval`] measures all of it on in-memory series so `cargo xtask eval
 //! predictor` can replay real traces.
 //!
@@ -21,7 +21,7 @@ pub mod decision;
 pub mod eval;
 pub mod fleet;
 pub mod forecast;
-pub mod mirror_mix;
+pub mod mirror;
 pub mod moves;
 pub mod perf_model;
 pub mod predictor;
@@ -32,7 +32,7 @@ pub use decision::{
     Candidate, Decision, DecisionPolicy, DecisionState, Evidence, HoldReason, Placement,
 };
 pub use forecast::{ForecastConfig, ForecastError, LoadForecast, LoadForecaster, ModelKind};
-pub use mirror_mix::{MirrorMix, MirrorMixError, MirrorMixPolicy, PatternStats, StressReason};
+pub use mirror::{MirrorPlan, MirrorPlanner, MirrorSettings};
 pub use perf_model::{LoadLatencyPoint, PerfModelError, PerformanceModel, PointSource};
 pub use predictor::{PredictorEvent, WorkloadPredictor};
 pub use shadow_pool::{

@@ -1,0 +1,515 @@
+//! `cargo xtask eval mirror`: the learned mirroring ([`doppel_engine::mirror`]) steering a
+//! simulated live agent, scored on how representative, complete and budget-true the mirrored
+//! sample is.
+//!
+//! # The generator
+//! Each workload takes one trace's load shape (its values scaled to a mean load drawn from 30 to
+//! 400 new flows/s) for a few days, one report interval per trace step, and spreads it over a
+//! pattern mix:
+//! - 60 to 240 patterns with Zipf shares (exponent 1.0 to 1.4): HTTP templates with and without
+//!   ids, some nested under others' prefixes, and a few Redis commands;
+//! - shares drift: every pattern's log-weight takes a random walk (σ 0.05 an hour);
+//! - a tenth of the patterns appear mid-stream, at a random time after the first day, with a tail
+//!   pattern's share;
+//! - bursts: about one hour in twenty starts a 5-30 minute burst that multiplies the load by
+//!   1.5-4, half of the extra flows on one pattern (a flash crowd on one endpoint);
+//! - each pattern's latency is drawn log-normal; a head class reports its pattern's.
+//!
+//! # The simulated agent
+//! New flows per pattern are Poisson; each flow's first bytes are classified by the plan's rules
+//! exactly as the data path does ([`doppel_engine::mirror::classify`]); a flow is sampled at its
+//! class's rate and then must pass the budget's token bucket ([`FlowBucket`]). The agent sees
+//! patterns as production does: one new flow in 16 is inspected (the agent's default), and the
+//! reported count is scaled back up. The planner observes each interval and plans the next.
+//!
+//! # The figures
+//! `mirror: mix_divergence=J rare_recall=R budget_overrun_pct=O peak_share=P`
+//! - J: Jensen-Shannon divergence (bits) between live's pattern mix in an hour and the mirrored
+//!   mix reweighted by class (each mirrored flow counts live's flows of its class over the
+//!   class's mirrored flows in its interval, what the comparison does), worst hour over hours
+//!   with at least 1000 live flows;
+//! - R: share of (pattern, hour) pairs with at least 10 live flows that were mirrored at least 3
+//!   times in that hour;
+//! - O: the worst interval's mirrored flows over the budget, as a percentage overrun;
+//! - P: mirrored flows in each workload's top 5 % load intervals over the budget of those
+//!   intervals (the worst workload).
+//!
+//! Goals (issue 15): J <= 0.01, R >= 0.99, O <= 5 %, P >= 0.9.
+
+use std::collections::HashMap;
+
+use doppel_engine::mirror::{
+    ClassLatency, FlowBucket, MirrorPlanner, MirrorSettings, PatternObservation,
+};
+use rand::{RngExt as _, SeedableRng as _, rngs::ChaCha8Rng};
+
+use crate::traces::Trace;
+
+/// What `eval mirror` simulates.
+#[derive(Debug, Clone)]
+pub(crate) struct MirrorOptions<'a> {
+    /// Days per workload.
+    pub(crate) days: usize,
+    /// Only traces whose name contains this.
+    pub(crate) only: Option<&'a str>,
+    /// Most workloads (one per trace).
+    pub(crate) workloads: usize,
+    /// One new flow in this many is inspected for its pattern.
+    pub(crate) discovery_one_in: u32,
+}
+
+struct Pattern {
+    key: String,
+    head: Vec<u8>,
+    log_weight: f64,
+    born: usize,
+    latency_ms: f64,
+}
+
+/// A pattern mix of `n` patterns.
+fn patterns(rng: &mut ChaCha8Rng, n: usize, intervals: usize, per_day: usize) -> Vec<Pattern> {
+    let exponent = rng.random_range(1.0..1.4);
+    let resources = [
+        "items", "users", "orders", "cart", "search", "static", "auth", "feed", "media", "admin",
+    ];
+    let commands = ["GET", "SET", "HGETALL", "INCR", "EXPIRE", "LPUSH", "ZADD"];
+    let mut out: Vec<Pattern> = Vec::with_capacity(n);
+    let mut used = std::collections::HashSet::new();
+    while out.len() < n {
+        let rank = out.len() + 1;
+        let kind = rng.random_range(0..10);
+        let (key, head) = if kind == 0 {
+            let c = commands[rng.random_range(0..commands.len())];
+            (
+                format!("resp {c}"),
+                format!(
+                    "*2\r\n${}\r\n{}\r\n$3\r\nkey\r\n",
+                    c.len(),
+                    c.to_lowercase()
+                ),
+            )
+        } else {
+            let method = ["GET", "GET", "GET", "POST", "PUT", "DELETE"][rng.random_range(0..6)];
+            let resource = resources[rng.random_range(0..resources.len())];
+            let version = rng.random_range(1..4);
+            let sub = rng.random_range(0..30);
+            if kind < 6 {
+                (
+                    format!("{method} /api/v{version}/{resource}{sub}/{{n}}"),
+                    format!(
+                        "{method} /api/v{version}/{resource}{sub}/{} HTTP/1.1\r\n",
+                        rng.random_range(1..100_000)
+                    ),
+                )
+            } else {
+                (
+                    format!("{method} /api/v{version}/{resource}{sub}"),
+                    format!("{method} /api/v{version}/{resource}{sub} HTTP/1.1\r\n"),
+                )
+            }
+        };
+        if !used.insert(key.clone()) {
+            continue;
+        }
+        let born = if out.len() >= n / 10 && rng.random_range(0.0..1.0) < 0.1 {
+            rng.random_range(per_day.min(intervals - 1)..intervals)
+        } else {
+            0
+        };
+        // A pattern born mid-stream takes a tail share.
+        let zipf_rank = if born > 0 {
+            rng.random_range(n / 2..n + 1)
+        } else {
+            rank
+        };
+        out.push(Pattern {
+            key,
+            head: head.into_bytes(),
+            log_weight: -exponent * (zipf_rank as f64).ln(),
+            born,
+            latency_ms: (rng.random_range(1.0f64..4.0) + normal(rng)).exp(),
+        });
+    }
+    out
+}
+
+fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    // Box-Muller.
+    let u: f64 = rng.random_range(f64::EPSILON..1.0);
+    let v: f64 = rng.random_range(0.0..1.0);
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+}
+
+fn poisson(rng: &mut ChaCha8Rng, mean: f64) -> u64 {
+    if mean <= 0.0 {
+        return 0;
+    }
+    if mean > 30.0 {
+        return (mean + mean.sqrt() * normal(rng)).round().max(0.0) as u64;
+    }
+    let limit = (-mean).exp();
+    let (mut k, mut p) = (0u64, 1.0);
+    loop {
+        p *= rng.random_range(0.0..1.0);
+        if p <= limit {
+            return k;
+        }
+        k += 1;
+    }
+}
+
+fn binomial(rng: &mut ChaCha8Rng, n: u64, p: f64) -> u64 {
+    if p <= 0.0 || n == 0 {
+        return 0;
+    }
+    if p >= 1.0 {
+        return n;
+    }
+    if n <= 64 {
+        return (0..n).filter(|_| rng.random_range(0.0..1.0) < p).count() as u64;
+    }
+    let (mean, var) = (n as f64 * p, n as f64 * p * (1.0 - p));
+    if var > 25.0 {
+        return (mean + var.sqrt() * normal(rng))
+            .round()
+            .clamp(0.0, n as f64) as u64;
+    }
+    if p < 0.5 {
+        poisson(rng, mean).min(n)
+    } else {
+        n - poisson(rng, n as f64 * (1.0 - p)).min(n)
+    }
+}
+
+fn js_divergence_bits(a: &HashMap<usize, f64>, b: &HashMap<usize, f64>) -> f64 {
+    let (sa, sb): (f64, f64) = (a.values().sum(), b.values().sum());
+    if sa <= 0.0 || sb <= 0.0 {
+        return 1.0;
+    }
+    let mut keys: Vec<usize> = a.keys().chain(b.keys()).copied().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let kl_part = |p: f64, m: f64| if p > 0.0 { p * (p / m).log2() } else { 0.0 };
+    keys.iter()
+        .map(|k| {
+            let p = a.get(k).copied().unwrap_or(0.0) / sa;
+            let q = b.get(k).copied().unwrap_or(0.0) / sb;
+            let m = 0.5 * (p + q);
+            0.5 * kl_part(p, m) + 0.5 * kl_part(q, m)
+        })
+        .sum()
+}
+
+#[derive(Default)]
+struct Hour {
+    live: HashMap<usize, f64>,
+    mirrored: HashMap<usize, u64>,
+    /// Mirrored flows per (pattern, class).
+    by_class: HashMap<(usize, u16), u64>,
+    class_live: HashMap<u16, u64>,
+    class_mirrored: HashMap<u16, u64>,
+    per_interval: HashMap<usize, f64>,
+}
+
+impl Hour {
+    /// The mirrored mix reweighted by class over the hour: each mirrored flow of class `c`
+    /// stands for live's flows of `c` over the mirrored flows of `c`
+    /// ([`doppel_engine::mirror::class_weight`]).
+    fn reweighted(&self) -> HashMap<usize, f64> {
+        let mut out = HashMap::new();
+        for (&(i, class), &m) in &self.by_class {
+            let weight = doppel_engine::mirror::class_weight(
+                self.class_live.get(&class).copied().unwrap_or(0),
+                self.class_mirrored.get(&class).copied().unwrap_or(0),
+            )
+            .unwrap_or(0.0);
+            *out.entry(i).or_default() += m as f64 * weight;
+        }
+        out
+    }
+}
+
+/// One workload's figures.
+struct Outcome {
+    name: String,
+    worst_js: f64,
+    rare_pairs: u64,
+    rare_hit: u64,
+    worst_overrun: f64,
+    peak_share: f64,
+    mean_share_of_budget: f64,
+    without_rule_max: usize,
+    classes_max: usize,
+    rules_max: usize,
+    new_seen_within_min: Vec<f64>,
+}
+
+fn simulate(trace: &Trace, seed: u64, options: &MirrorOptions<'_>) -> Option<Outcome> {
+    let step = trace.step_secs as f64;
+    let per_day = (86_400 / trace.step_secs) as usize;
+    let intervals = (options.days * per_day).min(trace.values.len());
+    if intervals < per_day {
+        return None;
+    }
+    let values = &trace.values[trace.values.len() - intervals..];
+    let mean_value = values.iter().sum::<f64>() / intervals as f64;
+    if mean_value <= 0.0 {
+        return None;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mean_load = rng.random_range(30.0..400.0);
+    let budget = mean_load * [0.02, 0.05, 0.1][(seed % 3) as usize];
+    let n_patterns = rng.random_range(60..240);
+    let mut mix = patterns(&mut rng, n_patterns, intervals, per_day);
+    let mut planner = MirrorPlanner::new(MirrorSettings {
+        budget_flows_per_s: budget,
+        ..MirrorSettings::default()
+    })
+    .expect("default settings are valid");
+    let mut bucket = FlowBucket::new(budget, 0.0);
+    let mut hours: Vec<Hour> = Vec::new();
+    let per_hour = (3600 / trace.step_secs).max(1) as usize;
+    let mut interval_loads = Vec::with_capacity(intervals);
+    let mut interval_mirrored = Vec::with_capacity(intervals);
+    let mut worst_overrun: f64 = 0.0;
+    let (mut burst_left, mut burst_factor, mut burst_pattern) = (0usize, 1.0, 0usize);
+    let mut without_rule_max = 0;
+    let (mut classes_max, mut rules_max) = (0, 0);
+    // When each mid-stream pattern was first mirrored, minutes after its birth.
+    let mut first_mirrored: HashMap<usize, f64> = HashMap::new();
+    let drift = 0.05 * (step / 3600.0).sqrt();
+    for (t, &value) in values.iter().enumerate() {
+        let now = (t + 1) as f64 * step;
+        let plan = planner.plan();
+        classes_max = classes_max.max(plan.classes.len());
+        rules_max = rules_max.max(plan.rules.len());
+        without_rule_max = without_rule_max.max(plan.patterns_without_rule);
+        if burst_left == 0 && rng.random_range(0.0..1.0) < 0.05 * step / 3600.0 {
+            burst_left = (rng.random_range(300.0..1800.0) / step).ceil() as usize;
+            burst_factor = rng.random_range(1.5..4.0);
+            burst_pattern = rng.random_range(0..mix.len());
+        }
+        let load = value / mean_value * mean_load;
+        let alive: Vec<usize> = (0..mix.len()).filter(|&i| mix[i].born <= t).collect();
+        let total_weight: f64 = alive.iter().map(|&i| mix[i].log_weight.exp()).sum();
+        let hour = hours.len().saturating_sub(1);
+        if t % per_hour == 0 {
+            hours.push(Hour::default());
+        }
+        let hour = if t % per_hour == 0 {
+            hours.len() - 1
+        } else {
+            hour
+        };
+        let mut class_live: HashMap<u16, u64> = HashMap::new();
+        let mut sampled: Vec<(usize, u16, u64)> = Vec::new();
+        let mut observed: Vec<PatternObservation> = Vec::new();
+        let mut live_total = 0u64;
+        for &i in &alive {
+            let mut mean = load * step * mix[i].log_weight.exp() / total_weight;
+            if burst_left > 0 {
+                mean *= 1.0 + 0.5 * (burst_factor - 1.0);
+                if i == burst_pattern {
+                    mean += 0.5 * (burst_factor - 1.0) * load * step;
+                }
+            }
+            let flows = poisson(&mut rng, mean);
+            if flows == 0 {
+                continue;
+            }
+            live_total += flows;
+            *hours[hour].live.entry(i).or_default() += flows as f64;
+            let class = plan.classify(&mix[i].head);
+            *class_live.entry(class).or_default() += flows;
+            let s = binomial(&mut rng, flows, plan.rate(class));
+            if s > 0 {
+                sampled.push((i, class, s));
+            }
+            let inspected = binomial(&mut rng, flows, 1.0 / f64::from(options.discovery_one_in));
+            if inspected > 0 {
+                observed.push(PatternObservation {
+                    pattern: mix[i].key.clone(),
+                    flows: (inspected * u64::from(options.discovery_one_in)) as f64,
+                });
+            }
+        }
+        burst_left = burst_left.saturating_sub(1);
+        // The token bucket admits the interval's sampled flows in arrival order, which is
+        // uniform across classes: thin every class by the same share.
+        let wanted: u64 = sampled.iter().map(|s| s.2).sum();
+        let admitted = bucket.admit(now, wanted);
+        let mut class_mirrored: HashMap<u16, u64> = HashMap::new();
+        let mut mirrored_pattern: Vec<(usize, u16, u64)> = Vec::new();
+        let (mut left, mut left_wanted) = (admitted, wanted);
+        for (i, class, s) in sampled {
+            // Which of the sampled flows the bucket admitted: a draw without replacement, so
+            // the admitted total is exact.
+            let m = if left >= left_wanted {
+                s
+            } else {
+                binomial(&mut rng, s, left as f64 / left_wanted as f64).min(left)
+            };
+            left -= m;
+            left_wanted -= s;
+            if m > 0 {
+                *class_mirrored.entry(class).or_default() += m;
+                mirrored_pattern.push((i, class, m));
+                if mix[i].born > 0 {
+                    first_mirrored
+                        .entry(i)
+                        .or_insert((t - mix[i].born) as f64 * step / 60.0);
+                }
+            }
+        }
+        let mirrored_total: u64 = class_mirrored.values().sum();
+        for (&class, &n) in &class_live {
+            *hours[hour].class_live.entry(class).or_default() += n;
+        }
+        for (&class, &n) in &class_mirrored {
+            *hours[hour].class_mirrored.entry(class).or_default() += n;
+        }
+        let (class_live_now, class_mirrored_now) = (&class_live, &class_mirrored);
+        for (i, class, m) in mirrored_pattern {
+            *hours[hour].mirrored.entry(i).or_default() += m;
+            *hours[hour].by_class.entry((i, class)).or_default() += m;
+            let weight = doppel_engine::mirror::class_weight(
+                class_live_now.get(&class).copied().unwrap_or(0),
+                class_mirrored_now.get(&class).copied().unwrap_or(0),
+            )
+            .unwrap_or(0.0);
+            *hours[hour].per_interval.entry(i).or_default() += m as f64 * weight;
+        }
+        worst_overrun = worst_overrun.max(mirrored_total as f64 / (budget * step) - 1.0);
+        interval_loads.push(live_total as f64);
+        interval_mirrored.push(mirrored_total as f64);
+        // Heads report their pattern's latency (with noise).
+        let latencies: Vec<ClassLatency> = plan
+            .classes
+            .iter()
+            .filter_map(|c| match &c.role {
+                doppel_engine::mirror::ClassRole::Head { pattern, .. } => {
+                    let i = mix.iter().position(|p| &p.key == pattern)?;
+                    Some(ClassLatency {
+                        class: c.id,
+                        latency_ms: mix[i].latency_ms * (0.1 * normal(&mut rng)).exp(),
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        planner.observe(now, step, &observed, &latencies);
+        for p in &mut mix {
+            p.log_weight += drift * normal(&mut rng);
+        }
+    }
+    let mut worst_js: f64 = 0.0;
+    let (mut rare_pairs, mut rare_hit) = (0, 0);
+    for (h, hour) in hours.iter().enumerate() {
+        let live_total: f64 = hour.live.values().sum();
+        if live_total >= 1000.0 {
+            let js = js_divergence_bits(&hour.live, &hour.reweighted());
+            let js_interval = js_divergence_bits(&hour.live, &hour.per_interval);
+            if std::env::var_os("DOPPEL_MIRROR_DEBUG").is_some() {
+                eprintln!(
+                    "{} hour {h}: js_window={js:.4} js_interval={js_interval:.4}",
+                    trace.name
+                );
+            }
+            if std::env::var_os("DOPPEL_MIRROR_DEBUG").is_some() && js > 0.01 {
+                let mirrored: u64 = hour.mirrored.values().sum();
+                eprintln!(
+                    "{} hour {h}: js={js:.4} live={live_total} mirrored={mirrored} classes live={:?} mirrored={:?}",
+                    trace.name, hour.class_live, hour.class_mirrored
+                );
+            }
+            worst_js = worst_js.max(js);
+        }
+        for (i, &n) in &hour.live {
+            if n >= 10.0 {
+                rare_pairs += 1;
+                if hour.mirrored.get(i).copied().unwrap_or(0) >= 3 {
+                    rare_hit += 1;
+                }
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..interval_loads.len()).collect();
+    order.sort_by(|&a, &b| interval_loads[b].total_cmp(&interval_loads[a]));
+    let top = (order.len() / 20).max(1);
+    let peak_mirrored: f64 = order[..top].iter().map(|&i| interval_mirrored[i]).sum();
+    let peak_share = peak_mirrored / (budget * step * top as f64);
+    let mean_share_of_budget =
+        interval_mirrored.iter().sum::<f64>() / (budget * step * interval_mirrored.len() as f64);
+    let mut new_seen_within_min: Vec<f64> = mix
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.born > 0)
+        .map(|(i, _)| first_mirrored.get(&i).copied().unwrap_or(f64::INFINITY))
+        .collect();
+    new_seen_within_min.sort_by(f64::total_cmp);
+    Some(Outcome {
+        name: trace.name.clone(),
+        worst_js,
+        rare_pairs,
+        rare_hit,
+        worst_overrun,
+        peak_share,
+        mean_share_of_budget,
+        without_rule_max,
+        classes_max,
+        rules_max,
+        new_seen_within_min,
+    })
+}
+
+/// Runs the evaluation and prints one line per workload, then the summary line.
+pub(crate) fn run(options: &MirrorOptions<'_>, traces: &[Trace]) -> anyhow::Result<()> {
+    let mut outcomes = Vec::new();
+    for trace in traces
+        .iter()
+        .filter(|t| options.only.is_none_or(|o| t.name.contains(o)))
+        .take(options.workloads)
+    {
+        // Seeded by name, so a workload is the same whichever traces run with it.
+        let seed = trace.name.bytes().fold(1000u64, |h, b| {
+            h.wrapping_mul(31).wrapping_add(u64::from(b))
+        });
+        if let Some(o) = simulate(trace, seed, options) {
+            let new_median = o
+                .new_seen_within_min
+                .get(o.new_seen_within_min.len() / 2)
+                .copied();
+            println!(
+                "{:<48} js_worst={:.4} rare_recall={:.3} overrun_pct={:.1} peak_share={:.2} \
+                 mean_budget_use={:.2} classes={} rules={} without_rule={} \
+                 new_first_mirrored_min={}",
+                o.name,
+                o.worst_js,
+                o.rare_hit as f64 / o.rare_pairs.max(1) as f64,
+                o.worst_overrun * 100.0,
+                o.peak_share,
+                o.mean_share_of_budget,
+                o.classes_max,
+                o.rules_max,
+                o.without_rule_max,
+                new_median.map_or("-".to_owned(), |m| format!("{m:.0}")),
+            );
+            outcomes.push(o);
+        }
+    }
+    anyhow::ensure!(!outcomes.is_empty(), "no trace long enough to evaluate");
+    let js = outcomes.iter().map(|o| o.worst_js).fold(0.0, f64::max);
+    let rare = outcomes.iter().map(|o| o.rare_hit).sum::<u64>() as f64
+        / outcomes.iter().map(|o| o.rare_pairs).sum::<u64>().max(1) as f64;
+    let overrun = outcomes.iter().map(|o| o.worst_overrun).fold(0.0, f64::max) * 100.0;
+    let peak = outcomes
+        .iter()
+        .map(|o| o.peak_share)
+        .fold(f64::INFINITY, f64::min);
+    println!(
+        "mirror: mix_divergence={js:.4} rare_recall={rare:.3} budget_overrun_pct={:.1} \
+         peak_share={peak:.2}",
+        overrun.max(0.0)
+    );
+    Ok(())
+}
