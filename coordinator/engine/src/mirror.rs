@@ -477,9 +477,11 @@ pub fn classify(classes: &[PlannedClass], rules: &[PlannedRule], head: &[u8]) ->
 }
 
 /// How much one mirrored flow of a class stands for in a comparison: live's flows of the class
-/// over its mirrored flows in the same window (sums over the window's intervals, a ratio
-/// estimator that stays steady where one interval mirrored only a handful). `None` when
-/// nothing of the class was mirrored (its live flows then have no mirrored stand-in).
+/// over its mirrored flows in the same report interval. Per interval, not over a longer
+/// window: rates and the bucket's cut change between intervals, and a pattern whose flows bunch
+/// in some intervals (a flash crowd, cut hardest by the bucket) would be under-counted by a
+/// window's ratio of sums. `None` when nothing of the class was mirrored in the interval (its
+/// live flows then have no mirrored stand-in).
 pub fn class_weight(live_flows: u64, mirrored_flows: u64) -> Option<f64> {
     (mirrored_flows > 0).then(|| live_flows as f64 / mirrored_flows as f64)
 }
@@ -984,7 +986,9 @@ impl MirrorPlanner {
                 .iter()
                 .map(|c| {
                     let rate = match c.role {
-                        ClassRole::Boost => c.rate * boost_scale,
+                        // A boost never mirrors less than the typical rate (off-peak the
+                        // typical rate can exceed the lower boost levels).
+                        ClassRole::Boost => (c.rate * boost_scale).max(typical),
                         _ => rate_at(c, typical),
                     };
                     class_flows.get(&c.id).copied().unwrap_or(0.0) * rate * at_reference
@@ -1019,7 +1023,7 @@ impl MirrorPlanner {
         let rates: Vec<f64> = classes
             .iter()
             .map(|c| match c.role {
-                ClassRole::Boost => c.rate * boost_scale,
+                ClassRole::Boost => (c.rate * boost_scale).max(typical),
                 _ => rate_at(c, typical),
             })
             .collect();
