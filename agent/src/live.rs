@@ -10,6 +10,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use doppel_common::maps::{CLASS_FLOWS_COUNTER, CLASS_MIRRORED_COUNTER};
 use doppel_common::wire::{
     AgentPolicy, Counter, EncodedHistogram, FlowScope, HistogramRecord, IntervalReport,
     LatencyMetric, PatternCount,
@@ -377,6 +378,10 @@ impl LiveAgent {
                 Err(e) => warn!(error = %error_chain(&e), "histogram left out of the report"),
             }
         }
+        let line_classes: Vec<(u16, u64, u64)> = classes
+            .iter()
+            .map(|c| (c.class, c.flows, c.sampled))
+            .collect();
         let line = IntervalLine {
             seq: self.seq,
             interval_start_unix_ms: unix_ms(self.interval_start),
@@ -399,6 +404,20 @@ impl LiveAgent {
                     name: name.to_owned(),
                     value,
                 })
+                .chain(line_classes.iter().flat_map(|&(class, flows, sampled)| {
+                    // Per class, so the coordinator can scale the sampled pattern counts to
+                    // flows and weigh each class by live's share.
+                    [
+                        Counter {
+                            name: format!("{CLASS_FLOWS_COUNTER}{class}"),
+                            value: flows,
+                        },
+                        Counter {
+                            name: format!("{CLASS_MIRRORED_COUNTER}{class}"),
+                            value: sampled,
+                        },
+                    ]
+                }))
                 .collect(),
             host,
             workload,

@@ -371,6 +371,12 @@ impl DatapathCounter {
     }
 }
 
+/// Report counter name prefix of one class's classified flows in an interval (`class_flows_3`:
+/// new flows whose first payload the live data path classified into class 3).
+pub const CLASS_FLOWS_COUNTER: &str = "class_flows_";
+/// Report counter name prefix of one class's mirrored flows in an interval (`class_mirrored_3`).
+pub const CLASS_MIRRORED_COUNTER: &str = "class_mirrored_";
+
 /// Entries of the `COUNTERS` array.
 pub const COUNTER_SLOTS: u32 = DatapathCounter::ALL.len() as u32;
 

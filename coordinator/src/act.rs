@@ -187,10 +187,7 @@ impl Actor {
             }
         }
         store.finish_action_moving_live(id, detail, now_ms, &spec)?;
-        let snapshot = PolicySnapshot {
-            revision: store.policy_revision()?,
-            workloads: store.workloads()?,
-        };
+        let snapshot = PolicySnapshot::load(store)?;
         self.policy.send_replace(Arc::new(snapshot));
         Ok(())
     }

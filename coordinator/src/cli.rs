@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde::Serialize;
 
 use crate::{
-    api::{AgentView, ForecastView, Revision},
+    api::{AgentView, ForecastView, PatternsView, Revision},
     client::{ApiClient, ClientError},
     compare::{Comparison, Verdict},
     policy::{Policy, WorkloadSpec},
@@ -64,6 +64,12 @@ pub enum ClientCommand {
     /// A workload's load forecast: model, forecast peak, each VM type's capacity at the SLO,
     /// and whether a warning is raised (with its lead time).
     Forecast {
+        /// Workload name.
+        workload: String,
+    },
+    /// A workload's learned mirroring: each pattern's share of live's flows and of the
+    /// mirrored sample, its class and rate, and the plan's budget and rates.
+    Patterns {
         /// Workload name.
         workload: String,
     },
@@ -217,6 +223,27 @@ pub enum PolicyCommand {
         /// Workload name.
         workload: String,
     },
+    /// Keep a pattern (a key as `doppel patterns` shows it) in a class of its own.
+    Pin {
+        /// Workload name.
+        workload: String,
+        /// Pattern key, e.g. `POST /api/checkout`.
+        pattern: String,
+    },
+    /// Never mirror a pattern.
+    Exclude {
+        /// Workload name.
+        workload: String,
+        /// Pattern key.
+        pattern: String,
+    },
+    /// Undo `pin` or `exclude` for a pattern.
+    Release {
+        /// Workload name.
+        workload: String,
+        /// Pattern key.
+        pattern: String,
+    },
 }
 
 /// Why a command failed.
@@ -348,6 +375,20 @@ fn policy_text(policy: &Policy) -> String {
             .map_or_else(|| "no limit".to_owned(), |c| format!("{c}/hour")),
         format!("{:?}", policy.mode).to_lowercase(),
     );
+    let m = &policy.mirror;
+    if !m.is_off() {
+        out.insert_str(
+            out.len() - 1,
+            &format!(
+                "mirror: {}, budget {} flows/s, pinned {:?}, excluded {:?}\n",
+                if m.learn { "learned" } else { "as written" },
+                m.budget_flows_per_s
+                    .map_or_else(|| "none".to_owned(), |b| num(b, 1)),
+                m.pin,
+                m.exclude,
+            ),
+        );
+    }
     let rows: Vec<Vec<String>> = policy
         .classes
         .iter()
@@ -797,6 +838,56 @@ pub async fn run(
                 ))
             }
         }
+        ClientCommand::Policy(
+            command @ (PolicyCommand::Pin { .. }
+            | PolicyCommand::Exclude { .. }
+            | PolicyCommand::Release { .. }),
+        ) => {
+            let (workload, pattern) = match &command {
+                PolicyCommand::Pin { workload, pattern }
+                | PolicyCommand::Exclude { workload, pattern }
+                | PolicyCommand::Release { workload, pattern } => (workload, pattern),
+                _ => unreachable!("matched above"),
+            };
+            let path = format!("/v1/workloads/{}/policy", path_segment(workload));
+            let mut policy: Policy = client.get(&path).await?;
+            let m = &mut policy.mirror;
+            m.pin.retain(|p| p != pattern);
+            m.exclude.retain(|p| p != pattern);
+            let done = match command {
+                PolicyCommand::Pin { .. } => {
+                    m.pin.push(pattern.clone());
+                    "pinned"
+                }
+                PolicyCommand::Exclude { .. } => {
+                    m.exclude.push(pattern.clone());
+                    "excluded"
+                }
+                _ => "released",
+            };
+            let r: Revision = client.call(Method::PUT, &path, Some(&policy)).await?;
+            if json {
+                as_json(&r)
+            } else {
+                Ok(format!(
+                    "{pattern:?} {done} in {workload}; policy revision {}\n",
+                    r.revision
+                ))
+            }
+        }
+        ClientCommand::Patterns { workload } => {
+            let view: PatternsView = client
+                .get(&format!(
+                    "/v1/workloads/{}/patterns",
+                    path_segment(&workload)
+                ))
+                .await?;
+            if json {
+                as_json(&view)
+            } else {
+                Ok(patterns_text(&view))
+            }
+        }
         ClientCommand::Policy(PolicyCommand::Show { workload }) => {
             let p: Policy = client
                 .get(&format!("/v1/workloads/{}/policy", path_segment(&workload)))
@@ -968,6 +1059,80 @@ pub async fn run(
             }
         }
     }
+}
+
+fn patterns_text(view: &PatternsView) -> String {
+    let Some(plan) = &view.plan else {
+        return if view.learning {
+            format!(
+                "{}: learning, no plan yet (the live agents' first reports are awaited)\n",
+                view.workload
+            )
+        } else {
+            format!(
+                "{}: mirroring is not learned (set policy.mirror.learn and a budget)\n",
+                view.workload
+            )
+        };
+    };
+    let mut out = format!(
+        "{}: {}live {} flows/s, reference (peak) load {} flows/s, budget {} flows/s, \
+         expected mirrored {} flows/s, typical rate {}\n",
+        view.workload,
+        if view.learning {
+            ""
+        } else {
+            "not learning (last plan kept for reading); "
+        },
+        num(plan.live_flows_per_s, 1),
+        num(plan.reference_flows_per_s, 1),
+        num(plan.budget_flows_per_s, 1),
+        num(plan.expected_mirrored_per_s, 2),
+        num(plan.typical_rate, 4),
+    );
+    if let Some(ms) = view.changed_ms {
+        out.push_str(&format!("agents last sent a new plan {}\n", timestamp(ms)));
+    }
+    if plan.patterns_without_rule > 0 {
+        out.push_str(&format!(
+            "{} rare pattern(s) could not be boosted (rules used up or prefix shared)\n",
+            plan.patterns_without_rule
+        ));
+    }
+    out.push('\n');
+    let mirrored_total: f64 = plan.patterns.iter().map(|p| p.share * p.rate).sum();
+    let class_name = |id: u16| {
+        plan.classes
+            .iter()
+            .find(|c| c.id == id)
+            .map_or_else(|| "-".to_owned(), |c| c.name.clone())
+    };
+    let rows: Vec<Vec<String>> = plan
+        .patterns
+        .iter()
+        .map(|p| {
+            vec![
+                p.pattern.clone(),
+                format!("{:.2} %", 100.0 * p.share),
+                if mirrored_total > 0.0 {
+                    format!("{:.2} %", 100.0 * p.share * p.rate / mirrored_total)
+                } else {
+                    "-".into()
+                },
+                num(p.flows_per_s, 2),
+                format!("{} {}", p.class, class_name(p.class)),
+                num(p.rate, 4),
+                format!("{:.0} min", p.age_secs / 60.0),
+            ]
+        })
+        .collect();
+    out.push_str(&render(
+        &[
+            "PATTERN", "LIVE", "MIRRORED", "FLOWS/S", "CLASS", "RATE", "AGE",
+        ],
+        &rows,
+    ));
+    out
 }
 
 fn opt_num(v: Option<f64>, digits: usize) -> String {

@@ -30,6 +30,7 @@ pub mod compare {
 }
 pub mod evaluate;
 pub mod forecast;
+pub mod mirror;
 pub mod net;
 pub mod policy;
 pub mod recommend;

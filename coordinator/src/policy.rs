@@ -122,6 +122,44 @@ pub struct Policy {
     pub mode: Mode,
     /// In act mode, the serve config's `[[actions]]` entry that carries out a recommendation.
     pub action: Option<String>,
+    /// Learned mirroring: classes and rates steered from live's pattern mix.
+    #[serde(skip_serializing_if = "MirrorPolicy::is_off")]
+    pub mirror: MirrorPolicy,
+}
+
+/// Learned mirroring (see [`crate::mirror`]).
+///
+/// ```toml
+/// [policy.mirror]
+/// learn = true
+/// budget_flows_per_s = 50        # most mirrored flows a second, per shadow
+/// pin = ["POST /api/checkout"]   # kept in a class of their own
+/// exclude = ["GET /health"]      # never mirrored
+/// ```
+///
+/// While learning, class 0 and the classes the coordinator adds are steered; the operator's
+/// classes with patterns are kept exactly as written (pinned) and their rules win.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorPolicy {
+    /// Learn classes and steer rates from live's pattern mix.
+    pub learn: bool,
+    /// Most mirrored flows per second (every shadow receives each mirrored flow).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_flows_per_s: Option<f64>,
+    /// Pattern keys (as `doppel patterns` shows them) kept in a class of their own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pin: Vec<String>,
+    /// Pattern keys never mirrored.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+}
+
+impl MirrorPolicy {
+    /// Whether nothing is set (the policy then leaves it out when written).
+    pub fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Default for Policy {
@@ -139,6 +177,7 @@ impl Default for Policy {
             budget: Budget::default(),
             mode: Mode::Recommend,
             action: None,
+            mirror: MirrorPolicy::default(),
         }
     }
 }
@@ -360,6 +399,7 @@ pub fn validate_policy(policy: &Policy) -> Result<(), InvalidPolicy> {
             }
         }
     }
+    validate_mirror(policy)?;
     let slo = policy.slo;
     if !(slo.percentile > 0.0 && slo.percentile < 100.0) {
         return Err(invalid("policy.slo.percentile", "must be in (0, 100)"));
@@ -391,6 +431,79 @@ pub fn validate_policy(policy: &Policy) -> Result<(), InvalidPolicy> {
         _ => {}
     }
     Ok(())
+}
+
+fn validate_mirror(policy: &Policy) -> Result<(), InvalidPolicy> {
+    let m = &policy.mirror;
+    if let Some(b) = m.budget_flows_per_s
+        && !(b.is_finite() && b > 0.0)
+    {
+        return Err(invalid(
+            "policy.mirror.budget_flows_per_s",
+            "must be a positive number",
+        ));
+    }
+    if m.learn && m.budget_flows_per_s.is_none() {
+        return Err(invalid(
+            "policy.mirror.budget_flows_per_s",
+            "learning steers the rates within a budget: give the most mirrored flows a second",
+        ));
+    }
+    for (list, keys) in [("pin", &m.pin), ("exclude", &m.exclude)] {
+        for (i, key) in keys.iter().enumerate() {
+            if doppel_engine::mirror::rule_for_pattern(key).is_none() {
+                return Err(invalid(
+                    format!("policy.mirror.{list}[{i}]"),
+                    format!(
+                        "{key:?}: no leading bytes identify this pattern's flows (use a key \
+                         as `doppel patterns` shows it, e.g. `GET /api/items/{{n}}`)"
+                    ),
+                ));
+            }
+        }
+    }
+    if m.learn {
+        let settings = mirror_settings(policy).expect("learning has a budget");
+        settings.validate().map_err(|e| {
+            invalid(
+                "policy.classes",
+                format!("learned mirroring cannot keep these classes: {}", e.reason),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The learned-mirroring settings of a policy that learns (`None` otherwise): the budget, the
+/// pinned and excluded patterns, and the operator's classes with patterns as pinned classes.
+pub fn mirror_settings(policy: &Policy) -> Option<doppel_engine::mirror::MirrorSettings> {
+    use doppel_engine::mirror::{MirrorSettings, PinnedClass, RuleSpec};
+    let m = &policy.mirror;
+    let budget = m.budget_flows_per_s.filter(|_| m.learn)?;
+    let pinned = policy
+        .classes
+        .iter()
+        .filter(|c| !c.patterns.is_empty())
+        .map(|c| PinnedClass {
+            id: c.id,
+            name: c.name.clone(),
+            rate: c.sample_rate,
+            rules: c
+                .patterns
+                .iter()
+                .map(|p| {
+                    RuleSpec::exact(p.payload_prefix.as_deref().unwrap_or_default().as_bytes())
+                })
+                .collect(),
+        })
+        .collect();
+    Some(MirrorSettings {
+        budget_flows_per_s: budget,
+        pinned,
+        pinned_patterns: m.pin.clone(),
+        excluded_patterns: m.exclude.clone(),
+        ..MirrorSettings::default()
+    })
 }
 
 /// Checks a workload's shadow template and what it needs from the rest of the spec.
@@ -476,7 +589,16 @@ pub fn agent_placement<'a>(spec: &'a WorkloadSpec, agent: &str) -> Option<(&'a s
 
 /// What `agent` must apply, given every workload; an agent in no workload gets an empty policy
 /// (measure nothing, mirror nothing).
-pub fn agent_policy(workloads: &[WorkloadSpec], agent: &str, sampling_seed: u64) -> AgentPolicy {
+///
+/// A workload that learns its mirroring and has a plan (`mirror_plans`, by workload) gets the
+/// plan's classes and rules instead of the operator's: live agents sample by it, shadow agents
+/// classify the replayed flows the same way so their histograms line up class by class.
+pub fn agent_policy(
+    workloads: &[WorkloadSpec],
+    agent: &str,
+    sampling_seed: u64,
+    mirror_plans: &std::collections::BTreeMap<String, doppel_engine::mirror::MirrorPlan>,
+) -> AgentPolicy {
     let Some(spec) = workloads
         .iter()
         .find(|w| workload_agents(w).any(|a| a == agent))
@@ -530,6 +652,10 @@ pub fn agent_policy(workloads: &[WorkloadSpec], agent: &str, sampling_seed: u64)
             })
         })
         .collect();
+    let (classes, rules) = match mirror_plans.get(&spec.name) {
+        Some(plan) if spec.policy.mirror.learn => plan.wire(),
+        _ => (classes, rules),
+    };
     let mirror_sessions = if is_live {
         spec.shadows
             .iter()
@@ -651,16 +777,85 @@ mod tests {
     }
 
     #[test]
+    fn learned_mirroring_needs_a_budget_and_patterns_with_a_prefix() {
+        let field = |f: &dyn Fn(&mut Policy)| {
+            let mut spec = web();
+            f(&mut spec.policy);
+            validate(&spec, &[]).err().map(|e| e.field)
+        };
+        assert_eq!(
+            field(&|p| p.mirror.learn = true).as_deref(),
+            Some("policy.mirror.budget_flows_per_s")
+        );
+        assert_eq!(
+            field(&|p| {
+                p.mirror.learn = true;
+                p.mirror.budget_flows_per_s = Some(20.0);
+                p.mirror.exclude = vec!["GET /ok".into(), "(other)".into()];
+            })
+            .as_deref(),
+            Some("policy.mirror.exclude[1]")
+        );
+        assert_eq!(
+            field(&|p| {
+                p.mirror.learn = true;
+                p.mirror.budget_flows_per_s = Some(20.0);
+            }),
+            None
+        );
+    }
+
+    #[test]
+    fn a_learned_plan_replaces_the_classes_of_a_learning_workload_only() {
+        use doppel_engine::mirror::{MirrorPlanner, MirrorSettings, PatternObservation};
+        let mut planner = MirrorPlanner::new(MirrorSettings {
+            budget_flows_per_s: 5.0,
+            ..MirrorSettings::default()
+        })
+        .expect("settings");
+        planner.observe(
+            60.0,
+            60.0,
+            &[PatternObservation {
+                pattern: "GET /items/{n}".into(),
+                flows: 6000.0,
+            }],
+            &[],
+        );
+        let plans = [("web".to_owned(), planner.plan())].into_iter().collect();
+        let mut spec = web();
+        let operator = agent_policy(&[spec.clone()], "live-1", 7, &plans);
+        assert_eq!(
+            operator.classes.len(),
+            1,
+            "not learning: the operator's classes"
+        );
+        spec.policy.mirror.learn = true;
+        spec.policy.mirror.budget_flows_per_s = Some(5.0);
+        let learned = agent_policy(&[spec.clone()], "live-1", 7, &plans);
+        assert!(
+            learned
+                .rules
+                .iter()
+                .any(|r| r.payload_prefix == b"GET /items/"),
+            "{learned:?}"
+        );
+        let shadow = agent_policy(&[spec], "shadow-1", 7, &plans);
+        assert_eq!(shadow.rules, learned.rules, "shadows classify as live does");
+        assert!(shadow.mirror_sessions.is_empty());
+    }
+
+    #[test]
     fn live_agents_mirror_to_the_shadows_and_shadow_agents_do_not() {
         let workloads = [web()];
-        let live = agent_policy(&workloads, "live-1", 7);
+        let live = agent_policy(&workloads, "live-1", 7, &Default::default());
         assert_eq!(live.workload, "web");
         assert_eq!(live.classes[0].sample_rate_ppm, 100_000);
         assert_eq!(live.mirror_sessions.len(), 1);
         assert_eq!(live.mirror_sessions[0].vni, 42);
-        let shadow = agent_policy(&workloads, "shadow-1", 7);
+        let shadow = agent_policy(&workloads, "shadow-1", 7, &Default::default());
         assert!(shadow.mirror_sessions.is_empty());
-        let stranger = agent_policy(&workloads, "nobody", 7);
+        let stranger = agent_policy(&workloads, "nobody", 7, &Default::default());
         assert!(stranger.workload.is_empty() && stranger.classes.is_empty());
     }
 }

@@ -55,6 +55,8 @@ pub struct ServeConfig {
     pub compare_window_secs: u64,
     /// Time between two evaluations (comparison and recommendation of every workload), ms.
     pub evaluate_interval_ms: u64,
+    /// How often learned mirroring reads the live agents' pattern counts and replans (ms).
+    pub mirror_interval_ms: u64,
     /// The predictor: warning horizon and thresholds, history, performance-model window.
     pub forecast: crate::forecast::ForecastSettings,
     /// Webhooks receiving recommendations (`[[webhooks]] url, secret`).
@@ -108,6 +110,9 @@ impl ServeConfig {
         }
         if self.evaluate_interval_ms < 100 {
             return invalid("evaluate_interval_ms".into(), "must be at least 100");
+        }
+        if self.mirror_interval_ms < 100 {
+            return invalid("mirror_interval_ms".into(), "must be at least 100");
         }
         if let Err((field, reason)) = self.forecast.validate() {
             return invalid(format!("forecast.{field}"), reason);
@@ -166,6 +171,7 @@ impl Default for ServeConfig {
             compare: CompareConfig::default(),
             compare_window_secs: 900,
             evaluate_interval_ms: 60_000,
+            mirror_interval_ms: 10_000,
             forecast: crate::forecast::ForecastSettings::default(),
             webhooks: Vec::new(),
             webhook_backoff_ms: 1_000,
@@ -262,10 +268,7 @@ impl Coordinator {
         bookkeeping
             .all_agents_disconnected()
             .map_err(ServeError::Store)?;
-        let snapshot = PolicySnapshot {
-            revision: bookkeeping.policy_revision().map_err(ServeError::Store)?,
-            workloads: bookkeeping.workloads().map_err(ServeError::Store)?,
-        };
+        let snapshot = PolicySnapshot::load(&bookkeeping).map_err(ServeError::Store)?;
         let (policy_tx, policy_rx) = watch::channel(Arc::new(snapshot));
         let (ingest, writer) = ingest::spawn(open()?).map_err(ServeError::Thread)?;
         let hub = Arc::new(Hub::default());
@@ -367,6 +370,11 @@ impl Coordinator {
                 .max(MIN_ACTION_AGE_LIMIT_MS),
             clock: clock.clone(),
         });
+        let mirror = crate::mirror::MirrorSteering::new(
+            Arc::new(Mutex::new(open()?)),
+            Arc::clone(&policy),
+            clock.clone(),
+        );
         let retention_store = open()?;
         let tasks = vec![
             tokio::spawn(crate::webhook::run_evaluator(
@@ -395,6 +403,10 @@ impl Coordinator {
             tokio::spawn(server.run(Arc::clone(&ctx), shutdown_rx.clone())),
             tokio::spawn(Arc::clone(&sim).run(
                 Duration::from_millis(config.sim.reconcile_interval_ms),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(mirror.run(
+                Duration::from_millis(config.mirror_interval_ms),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(net::watch_crl(ca, verifier, Arc::clone(&hub), shutdown_rx)),

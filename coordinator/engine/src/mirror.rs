@@ -48,7 +48,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use doppel_common::maps::PAYLOAD_MATCH_LEN;
+use doppel_common::{
+    maps::PAYLOAD_MATCH_LEN,
+    wire::{ClassPolicy, ClassRule},
+};
 
 /// Classes the data path holds.
 pub const MAX_CLASSES: usize = doppel_common::maps::MAX_CLASSES as usize;
@@ -73,7 +76,9 @@ const MAX_BOOST_SHARE: f64 = 0.3;
 pub const PINNED_PRIORITY: u16 = 1000;
 
 /// A rule as the data path matches it: masked leading payload bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct RuleSpec {
     /// Expected leading bytes, already masked.
     pub prefix: Vec<u8>,
@@ -165,7 +170,7 @@ pub fn rule_for_pattern(key: &str) -> Option<RuleSpec> {
 }
 
 /// A class of a plan.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PlannedClass {
     /// Class number.
     pub id: u16,
@@ -180,7 +185,7 @@ pub struct PlannedClass {
 }
 
 /// What a class is for.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ClassRole {
     /// Class 0: flows no rule matches, at the typical rate.
     Default,
@@ -201,7 +206,7 @@ pub enum ClassRole {
 }
 
 /// A rule of a plan.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PlannedRule {
     /// Class assigned on match.
     pub class: u16,
@@ -402,7 +407,7 @@ struct HeadClass {
 }
 
 /// Why a plan mirrors what it does, for the operator.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PatternPlan {
     /// Pattern key.
     pub pattern: String,
@@ -419,7 +424,7 @@ pub struct PatternPlan {
 }
 
 /// Classes, rules and rates for the live agents, and what they are expected to mirror.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MirrorPlan {
     /// Every class, class 0 first.
     pub classes: Vec<PlannedClass>,
@@ -445,6 +450,33 @@ impl MirrorPlan {
     /// The class a flow whose first payload bytes are `head` falls in, as the data path decides.
     pub fn classify(&self, head: &[u8]) -> u16 {
         classify(&self.classes, &self.rules, head)
+    }
+
+    /// The plan as an agent policy's classes and rules (rates in parts per million, rules with
+    /// their masks; rules match any port and client).
+    pub fn wire(&self) -> (Vec<ClassPolicy>, Vec<ClassRule>) {
+        let classes = self
+            .classes
+            .iter()
+            .map(|c| ClassPolicy {
+                id: c.id,
+                name: c.name.clone(),
+                sample_rate_ppm: (c.rate.clamp(0.0, 1.0) * 1e6).round() as u32,
+                priority: c.priority,
+            })
+            .collect();
+        let rules = self
+            .rules
+            .iter()
+            .map(|r| ClassRule {
+                class: r.class,
+                port: None,
+                client_prefix: None,
+                payload_prefix: r.spec.prefix.clone(),
+                payload_mask: r.spec.mask.clone(),
+            })
+            .collect();
+        (classes, rules)
     }
 
     /// A class's sample rate (0 for an unknown class).

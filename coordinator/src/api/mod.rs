@@ -501,6 +501,41 @@ async fn show_forecast(
         .map(Json)
 }
 
+/// `GET /v1/workloads/{name}/patterns`: the workload's learned mirroring: the pattern mix, and
+/// the classes, rules and rates its live agents were last sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatternsView {
+    /// Workload.
+    pub workload: String,
+    /// Whether the policy learns its mirroring.
+    pub learning: bool,
+    /// When the agents were last sent a new plan, ms since the epoch.
+    pub changed_ms: Option<i64>,
+    /// The newest plan (its pattern mix refreshed every round), once one was made.
+    pub plan: Option<doppel_engine::mirror::MirrorPlan>,
+}
+
+async fn show_patterns(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<PatternsView>, ApiError> {
+    state
+        .with_store(move |s| {
+            let Some(spec) = s.workload(&name)? else {
+                return Err(ApiError::NoSuchWorkload(name));
+            };
+            let stored = s.mirror_plan(&name)?;
+            Ok(PatternsView {
+                workload: name,
+                learning: spec.policy.mirror.learn,
+                changed_ms: stored.as_ref().map(|(ms, _)| *ms),
+                plan: stored.and_then(|(_, body)| serde_json::from_value(body).ok()),
+            })
+        })
+        .await
+        .map(Json)
+}
+
 async fn list_warnings(
     State(state): State<Arc<ApiState>>,
     Query(query): Query<ListQuery>,
@@ -811,6 +846,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/recommendations", get(list_recommendations))
         .route("/v1/actions", get(list_actions))
         .route("/v1/workloads/{name}/forecast", get(show_forecast))
+        .route("/v1/workloads/{name}/patterns", get(show_patterns))
         .route("/v1/warnings", get(list_warnings))
         .route("/v1/webhooks/log", get(delivery_log))
         .route_layer(middleware::from_fn_with_state(

@@ -12,7 +12,7 @@
 pub mod tls;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -76,16 +76,31 @@ pub struct PolicySnapshot {
     pub revision: u64,
     /// Every workload.
     pub workloads: Vec<WorkloadSpec>,
+    /// The learned mirror plans, by workload (see [`crate::mirror`]).
+    pub mirror_plans: BTreeMap<String, doppel_engine::mirror::MirrorPlan>,
 }
 
 impl PolicySnapshot {
+    /// The store's policy as it stands: revision, workloads and mirror plans.
+    pub fn load(store: &Store) -> Result<Self, crate::store::StoreError> {
+        Ok(Self {
+            revision: store.policy_revision()?,
+            workloads: store.workloads()?,
+            mirror_plans: store
+                .mirror_plans()?
+                .into_iter()
+                .filter_map(|(w, body)| Some((w, serde_json::from_value(body).ok()?)))
+                .collect(),
+        })
+    }
+
     /// The update for one agent.
     pub fn update_for(&self, agent: &str) -> PolicyUpdate {
         PolicyUpdate {
             revision: self.revision,
             // A new seed per revision re-draws the sampling; the same seed for every agent of a
             // revision keeps live and shadows agreeing on which flows are sampled.
-            policy: agent_policy(&self.workloads, agent, self.revision),
+            policy: agent_policy(&self.workloads, agent, self.revision, &self.mirror_plans),
         }
     }
 }

@@ -215,10 +215,7 @@ pub fn publish(
     policy: &watch::Sender<Arc<PolicySnapshot>>,
     store: &Store,
 ) -> Result<u64, StoreError> {
-    let snapshot = PolicySnapshot {
-        revision: store.policy_revision()?,
-        workloads: store.workloads()?,
-    };
+    let snapshot = PolicySnapshot::load(store)?;
     let revision = snapshot.revision;
     policy.send_if_modified(|current| {
         if current.revision < snapshot.revision {

@@ -9,6 +9,7 @@
 
 mod forecast;
 pub mod ingest;
+mod mirror;
 pub mod shadows;
 
 pub use forecast::{OfferedLoad, WarningRow};
@@ -30,6 +31,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_actions.sql"),
     include_str!("migrations/0003_shadow_instances.sql"),
     include_str!("migrations/0004_forecast.sql"),
+    include_str!("migrations/0005_mirror_plans.sql"),
 ];
 
 /// The store's file name in the state directory.

@@ -1,0 +1,294 @@
+//! Learned mirroring in the coordinator: every few seconds, the pattern counts the live agents
+//! reported since the last round go to each learning workload's
+//! [`MirrorPlanner`](doppel_engine::mirror::MirrorPlanner), and a plan that changed what the
+//! agents do is stored and published as a new policy revision.
+//!
+//! Every decision is the engine's ([`doppel_engine::mirror`], what `cargo xtask eval mirror`
+//! scores); this module only reads the store, keeps the planners, and publishes. The agents
+//! report sampled pattern counts (one new flow in `pattern_sample_one_in`) and the exact
+//! classified flows per class (`class_flows_*` counters); the counts are scaled to the flows, so
+//! the planner sees flows per second whatever the agents' sampling. A planner lives in memory:
+//! after a restart it learns again from the next reports, while the agents keep the last
+//! published plan (it is in the store and in every policy update).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use doppel_common::wire::{FlowScope, LatencyMetric};
+use doppel_engine::mirror::{
+    ClassLatency, ClassRole, MirrorPlan, MirrorPlanner, MirrorSettings, PatternObservation,
+};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::{
+    clock::Clock,
+    net::PolicySnapshot,
+    policy::{WorkloadSpec, mirror_settings},
+    store::{Store, StoreError},
+};
+
+/// A rate change smaller than this share of the old rate is not worth a policy update.
+const RATE_CHANGE: f64 = 0.1;
+/// Nor is one smaller than this many parts per million.
+const RATE_CHANGE_PPM: f64 = 1_000.0;
+
+struct Learner {
+    planner: MirrorPlanner,
+    last_report_id: i64,
+    last_round_ms: i64,
+    /// The plan the agents were last sent.
+    published: Option<MirrorPlan>,
+}
+
+/// The learned mirroring of every workload that asks for it.
+pub struct MirrorSteering {
+    store: Arc<Mutex<Store>>,
+    policy: Arc<watch::Sender<Arc<PolicySnapshot>>>,
+    clock: Clock,
+    learners: HashMap<String, Learner>,
+}
+
+impl std::fmt::Debug for MirrorSteering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorSteering")
+            .field("workloads", &self.learners.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MirrorSteering {
+    /// Steering that reads and writes `store` and publishes through `policy`.
+    pub fn new(
+        store: Arc<Mutex<Store>>,
+        policy: Arc<watch::Sender<Arc<PolicySnapshot>>>,
+        clock: Clock,
+    ) -> Self {
+        Self {
+            store,
+            policy,
+            clock,
+            learners: HashMap::new(),
+        }
+    }
+
+    /// Runs a round every `interval` until shutdown.
+    pub async fn run(mut self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Err(e) = self.round() {
+                warn!(error = %e, "learned mirroring round failed; trying again next round");
+            }
+        }
+    }
+
+    /// One round over every workload; returns the workloads whose agents got a new plan.
+    pub fn round(&mut self) -> Result<Vec<String>, StoreError> {
+        let now_ms = self.clock.now_ms();
+        let workloads: Vec<WorkloadSpec> = self.policy.borrow().workloads.clone();
+        let store = Arc::clone(&self.store);
+        let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = Vec::new();
+        for spec in &workloads {
+            match mirror_settings(&spec.policy) {
+                Some(settings) => {
+                    if self.learn(&mut store, spec, settings, now_ms)? {
+                        changed.push(spec.name.clone());
+                    }
+                }
+                None => {
+                    self.learners.remove(&spec.name);
+                    if store.remove_mirror_plan(&spec.name)?.is_some() {
+                        info!(workload = %spec.name, "learned mirroring off: operator classes back");
+                        changed.push(spec.name.clone());
+                    }
+                }
+            }
+        }
+        self.learners
+            .retain(|name, _| workloads.iter().any(|w| &w.name == name));
+        if !changed.is_empty() {
+            crate::sim::manager::publish(&self.policy, &store)?;
+        }
+        Ok(changed)
+    }
+
+    fn learn(
+        &mut self,
+        store: &mut Store,
+        spec: &WorkloadSpec,
+        settings: MirrorSettings,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let learner = match self.learners.entry(spec.name.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let Ok(planner) = MirrorPlanner::new(settings.clone()) else {
+                    // Validated with the policy; a stored policy from an older release may not be.
+                    warn!(workload = %spec.name, "learned mirroring settings invalid; not learning");
+                    return Ok(false);
+                };
+                let published = store
+                    .mirror_plan(&spec.name)?
+                    .and_then(|(_, body)| serde_json::from_value(body).ok());
+                e.insert(Learner {
+                    planner,
+                    last_report_id: store.last_report_id()?,
+                    last_round_ms: now_ms,
+                    published,
+                })
+            }
+        };
+        if learner.planner.settings() != &settings
+            && let Err(e) = learner.planner.set_settings(settings)
+        {
+            warn!(workload = %spec.name, error = %e, "learned mirroring settings refused");
+            return Ok(false);
+        }
+        let live: Vec<&str> = spec.live.iter().map(|l| l.agent.as_str()).collect();
+        let reports = store.pattern_reports(&live, learner.last_report_id)?;
+        let Some(last) = reports.last() else {
+            return Ok(false);
+        };
+        learner.last_report_id = last.id;
+        let since_ms = reports
+            .iter()
+            .map(|r| r.interval_start_ms)
+            .min()
+            .unwrap_or(now_ms);
+        let interval_secs = ((now_ms - learner.last_round_ms) as f64 / 1000.0).max(0.001);
+        learner.last_round_ms = now_ms;
+
+        // Sampled counts, scaled to the classified flows.
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut classified = 0u64;
+        for r in &reports {
+            classified += r.classified_flows;
+            for (pattern, flows) in &r.patterns {
+                *counts.entry(pattern.as_str()).or_default() += flows;
+            }
+        }
+        let sampled: u64 = counts.values().sum();
+        let scale = if sampled > 0 && classified > 0 {
+            classified as f64 / sampled as f64
+        } else {
+            1.0
+        };
+        let observations: Vec<PatternObservation> = counts
+            .iter()
+            .map(|(pattern, n)| PatternObservation {
+                pattern: (*pattern).to_owned(),
+                flows: *n as f64 * scale,
+            })
+            .collect();
+        let latencies = class_latencies(
+            store,
+            &live,
+            since_ms,
+            now_ms + 1,
+            spec.policy.slo.percentile,
+            learner.published.as_ref(),
+        )?;
+        learner.planner.observe(
+            now_ms as f64 / 1000.0,
+            interval_secs,
+            &observations,
+            &latencies,
+        );
+        let plan = learner.planner.plan();
+        let body = serde_json::to_value(&plan).unwrap_or_default();
+        let material = learner
+            .published
+            .as_ref()
+            .is_none_or(|old| changes_what_agents_do(old, &plan));
+        store.put_mirror_plan(&spec.name, &body, now_ms, material)?;
+        if material {
+            debug!(
+                workload = %spec.name,
+                classes = plan.classes.len(),
+                rules = plan.rules.len(),
+                typical_rate = plan.typical_rate,
+                "new mirror plan"
+            );
+            learner.published = Some(plan);
+        }
+        Ok(material)
+    }
+}
+
+/// Live latency per head class (the SLO percentile of the kernel first-byte histograms of the
+/// intervals since `since_ms`), for the planner's costly-head test.
+fn class_latencies(
+    store: &Store,
+    live: &[&str],
+    since_ms: i64,
+    until_ms: i64,
+    percentile: f64,
+    plan: Option<&MirrorPlan>,
+) -> Result<Vec<ClassLatency>, StoreError> {
+    let Some(plan) = plan else {
+        return Ok(Vec::new());
+    };
+    let heads: Vec<u16> = plan
+        .classes
+        .iter()
+        .filter(|c| matches!(c.role, ClassRole::Head { .. }))
+        .map(|c| c.id)
+        .collect();
+    if heads.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut merged: BTreeMap<u16, hdrhistogram::Histogram<u64>> = BTreeMap::new();
+    for row in store.interval_histograms(live, since_ms, until_ms)? {
+        if row.scope != FlowScope::All
+            || row.metric != LatencyMetric::KernelFirstByte
+            || !heads.contains(&row.class)
+        {
+            continue;
+        }
+        let Ok(h) = doppel_common::wire::EncodedHistogram(row.hist).decode() else {
+            continue;
+        };
+        match merged.entry(row.class) {
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                let _ = e.get_mut().add(&h);
+            }
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(h);
+            }
+        }
+    }
+    Ok(merged
+        .into_iter()
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(class, h)| ClassLatency {
+            class,
+            latency_ms: h.value_at_quantile(percentile / 100.0) as f64 / 1e6,
+        })
+        .collect())
+}
+
+/// Whether `new` changes what the agents do: other classes or rules, or a rate moved by more
+/// than [`RATE_CHANGE`] of itself and [`RATE_CHANGE_PPM`].
+pub fn changes_what_agents_do(old: &MirrorPlan, new: &MirrorPlan) -> bool {
+    let (old_classes, old_rules) = old.wire();
+    let (new_classes, new_rules) = new.wire();
+    if old_rules != new_rules || old_classes.len() != new_classes.len() {
+        return true;
+    }
+    old_classes.iter().zip(&new_classes).any(|(a, b)| {
+        let (ra, rb) = (f64::from(a.sample_rate_ppm), f64::from(b.sample_rate_ppm));
+        a.id != b.id
+            || a.name != b.name
+            || a.priority != b.priority
+            || ((ra - rb).abs() > RATE_CHANGE * ra.max(rb) && (ra - rb).abs() > RATE_CHANGE_PPM)
+    })
+}

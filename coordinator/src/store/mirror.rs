@@ -1,0 +1,186 @@
+//! Learned mirroring's tables: what the live agents saw (pattern counts and classified flows per
+//! report, read incrementally by report id) and the plan each learning workload's agents were
+//! last sent.
+
+use rusqlite::{OptionalExtension as _, params};
+
+use super::{Store, StoreError, bump_revision, sql};
+
+/// One live report's pattern evidence.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PatternReport {
+    /// Report row id (increasing with arrival).
+    pub id: i64,
+    /// Interval start, ms since the epoch.
+    pub interval_start_ms: i64,
+    /// Interval length, ms.
+    pub interval_ms: i64,
+    /// Sampled pattern counts.
+    pub patterns: Vec<(String, u64)>,
+    /// Flows classified in the interval, all classes (`class_flows_*` summed); 0 from an agent
+    /// that does not report them.
+    pub classified_flows: u64,
+}
+
+impl Store {
+    /// Reports of `agents` with a row id above `after_id`, oldest first, with their pattern
+    /// counts and classified flows (the `maps::CLASS_FLOWS_COUNTER` counters summed).
+    pub fn pattern_reports(
+        &self,
+        agents: &[&str],
+        after_id: i64,
+    ) -> Result<Vec<PatternReport>, StoreError> {
+        let mut reports = self
+            .conn
+            .prepare_cached(
+                "SELECT r.id, r.interval_start_ms, r.interval_ms,
+                    coalesce((SELECT sum(c.value) FROM counters c
+                              WHERE c.report_id = r.id AND c.name LIKE 'class\\_flows\\_%'
+                              ESCAPE '\\'), 0)
+                 FROM reports r JOIN agents a ON a.id = r.agent_id
+                 WHERE a.name = ?1 AND r.id > ?2 ORDER BY r.id",
+            )
+            .map_err(sql("prepare"))?;
+        let mut out = Vec::new();
+        for agent in agents {
+            let rows = reports
+                .query_map(params![agent, after_id], |r| {
+                    Ok(PatternReport {
+                        id: r.get(0)?,
+                        interval_start_ms: r.get(1)?,
+                        interval_ms: r.get(2)?,
+                        patterns: Vec::new(),
+                        classified_flows: u64::try_from(r.get::<_, i64>(3)?).unwrap_or_default(),
+                    })
+                })
+                .map_err(sql("read pattern reports"))?;
+            for row in rows {
+                out.push(row.map_err(sql("read pattern reports"))?);
+            }
+        }
+        let mut patterns = self
+            .conn
+            .prepare_cached("SELECT pattern, flows FROM patterns WHERE report_id = ?1")
+            .map_err(sql("prepare"))?;
+        for report in &mut out {
+            report.patterns = patterns
+                .query_map([report.id], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        u64::try_from(r.get::<_, i64>(1)?).unwrap_or_default(),
+                    ))
+                })
+                .map_err(sql("read patterns"))?
+                .collect::<Result<_, _>>()
+                .map_err(sql("read patterns"))?;
+        }
+        out.sort_by_key(|r| r.id);
+        Ok(out)
+    }
+
+    /// The newest report row id (0 when there is none).
+    pub fn last_report_id(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT coalesce(max(id), 0) FROM reports", [], |r| r.get(0))
+            .map_err(sql("read last report id"))
+    }
+
+    /// Stores a workload's newest mirror plan. With `publish`, it also bumps the policy revision
+    /// that carries it to the agents; without, it only refreshes what `doppel patterns` shows
+    /// (the learned mix moved, what the agents do did not). Returns the policy revision.
+    pub fn put_mirror_plan(
+        &mut self,
+        workload: &str,
+        body: &serde_json::Value,
+        now_ms: i64,
+        publish: bool,
+    ) -> Result<u64, StoreError> {
+        let tx = self.write_transaction("begin")?;
+        let refreshed = !publish
+            && tx
+                .execute(
+                    "UPDATE mirror_plans SET body = ?2 WHERE workload = ?1",
+                    params![workload, body.to_string()],
+                )
+                .map_err(sql("refresh mirror plan"))?
+                == 1;
+        let revision = if refreshed {
+            let current: i64 = tx
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'policy_revision'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql("read policy revision"))?;
+            u64::try_from(current).unwrap_or_default()
+        } else {
+            let revision = bump_revision(&tx)?;
+            tx.execute(
+                "INSERT INTO mirror_plans (workload, revision, changed_ms, body)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (workload) DO UPDATE SET
+                    revision = excluded.revision, changed_ms = excluded.changed_ms,
+                    body = excluded.body",
+                params![
+                    workload,
+                    i64::try_from(revision).unwrap_or(i64::MAX),
+                    now_ms,
+                    body.to_string()
+                ],
+            )
+            .map_err(sql("write mirror plan"))?;
+            revision
+        };
+        tx.commit().map_err(sql("commit mirror plan"))?;
+        Ok(revision)
+    }
+
+    /// Forgets a workload's mirror plan (learning turned off); its agents get the operator's
+    /// classes back with the next revision. Returns that revision, or `None` when there was none.
+    pub fn remove_mirror_plan(&mut self, workload: &str) -> Result<Option<u64>, StoreError> {
+        let tx = self.write_transaction("begin")?;
+        let removed = tx
+            .execute("DELETE FROM mirror_plans WHERE workload = ?1", [workload])
+            .map_err(sql("remove mirror plan"))?;
+        if removed == 0 {
+            return Ok(None);
+        }
+        let revision = bump_revision(&tx)?;
+        tx.commit().map_err(sql("commit"))?;
+        Ok(Some(revision))
+    }
+
+    /// One workload's mirror plan: (changed ms, body).
+    pub fn mirror_plan(
+        &self,
+        workload: &str,
+    ) -> Result<Option<(i64, serde_json::Value)>, StoreError> {
+        let row: Option<(i64, String)> = self
+            .conn
+            .query_row(
+                "SELECT changed_ms, body FROM mirror_plans WHERE workload = ?1",
+                [workload],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("read mirror plan"))?;
+        Ok(row.and_then(|(ms, body)| Some((ms, serde_json::from_str(&body).ok()?))))
+    }
+
+    /// Every stored mirror plan: (workload, body), by workload.
+    pub fn mirror_plans(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT workload, body FROM mirror_plans ORDER BY workload")
+            .map_err(sql("prepare"))?;
+        let rows: Vec<(String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(sql("list mirror plans"))?
+            .collect::<Result<_, _>>()
+            .map_err(sql("list mirror plans"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(w, body)| Some((w, serde_json::from_str(&body).ok()?)))
+            .collect())
+    }
+}
