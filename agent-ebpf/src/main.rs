@@ -35,11 +35,11 @@ use aya_ebpf::{
 };
 use doppel_common::maps::{
     AdmitConfig, AdmitCounter, AdmitKey, COUNTER_SLOTS, ClassConfig, DatapathConfig,
-    DatapathCounter, Direction, FLOW_AWAITING_RESPONSE, FLOW_DECIDED, FLOW_MAP_ENTRIES,
-    FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState, IFACE_SLOTS, IfaceCounters, LATENCY_BUCKETS,
-    LATENCY_HISTOGRAMS, MAX_ADMITTED, MAX_CLASSES, MAX_RULES, MAX_SERVICES, MAX_SESSIONS,
-    MIRROR_KEEPALIVE_NS, MirrorSessionConfig, PATTERN_SAMPLE_LEN, PatternSample, RULE_MATCH_PORT,
-    RULE_MATCH_PREFIX, Rule, iface_slot, latency_bucket, latency_histogram_base,
+    DatapathCounter, Direction, FLOW_AWAITING_RESPONSE, FLOW_CLIENT_CLOSED, FLOW_DECIDED,
+    FLOW_MAP_ENTRIES, FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState, IFACE_SLOTS, IfaceCounters,
+    LATENCY_BUCKETS, LATENCY_HISTOGRAMS, MAX_ADMITTED, MAX_CLASSES, MAX_RULES, MAX_SERVICES,
+    MAX_SESSIONS, MIRROR_KEEPALIVE_NS, MirrorSessionConfig, PATTERN_SAMPLE_LEN, PatternSample,
+    RULE_MATCH_PORT, RULE_MATCH_PREFIX, Rule, iface_slot, latency_bucket, latency_histogram_base,
 };
 
 #[map(name = "IFACE_COUNTERS")]
@@ -411,8 +411,19 @@ fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
             (*state).last_request_ns = bpf_ktime_get_ns();
         }
     }
-    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    if packet.tcp_flags & TCP_RST != 0 {
         let _ = FLOWS.remove(&packet.flow);
+    } else if packet.tcp_flags & TCP_FIN != 0 {
+        // SAFETY: as above; the entry is still in the map.
+        unsafe {
+            if (*state).flags & FLOW_AWAITING_RESPONSE != 0 {
+                // The response is still to come: keep the entry for it (the service side removes
+                // it once the exchange is closed).
+                (*state).flags |= FLOW_CLIENT_CLOSED;
+            } else {
+                let _ = FLOWS.remove(&packet.flow);
+            }
+        }
     }
 }
 
@@ -423,9 +434,11 @@ fn on_service_packet(ctx: &TcContext, packet: &Packet) {
     // still find it, to be mirrored (the shadow ends its replay of the flow on it) and to remove
     // it. A reset ends the flow from either side.
     let reset = packet.tcp_flags & TCP_RST != 0;
-    // The service's pure ACKs and bare FINs close no exchange: skip the flow lookup for them.
-    // (Idle time is kept by the client side, whose ACKs flow during any long response.)
-    if packet.payload_len == 0 && !reset {
+    let fin = packet.tcp_flags & TCP_FIN != 0;
+    // The service's pure ACKs close no exchange: skip the flow lookup for them. (Idle time is
+    // kept by the client side, whose ACKs flow during any long response.) A bare FIN is looked
+    // up: it ends a flow whose client already closed.
+    if packet.payload_len == 0 && !reset && !fin {
         return;
     }
     let Some(state) = FLOWS.get_ptr_mut(&packet.flow) else {
@@ -448,9 +461,10 @@ fn on_service_packet(ctx: &TcContext, packet: &Packet) {
             add(DatapathCounter::Exchanges, 1);
             count_error_reply(ctx, packet);
         }
-    }
-    if reset {
-        let _ = FLOWS.remove(&packet.flow);
+        // A client that closed its side waited only for this: the flow is over.
+        if reset || (*state).flags & FLOW_CLIENT_CLOSED != 0 {
+            let _ = FLOWS.remove(&packet.flow);
+        }
     }
 }
 

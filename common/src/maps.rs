@@ -167,6 +167,10 @@ pub const FLOW_DECIDED: u32 = 1 << 1;
 pub const FLOW_SAMPLED: u32 = 1 << 2;
 /// Client payload arrived since the last response payload: an exchange is open.
 pub const FLOW_AWAITING_RESPONSE: u32 = 1 << 3;
+/// The client closed its side (FIN) while an exchange was open: the entry stays until the
+/// response closes the exchange (or the service ends the flow), so a client that half-closes
+/// right after its request (`shutdown(SHUT_WR)`, HTTP/1.0-style tools) is measured too.
+pub const FLOW_CLIENT_CLOSED: u32 = 1 << 4;
 
 /// Value of `FLOWS`.
 #[repr(C)]

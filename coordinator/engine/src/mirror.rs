@@ -572,6 +572,8 @@ pub struct MirrorPlanner {
     now: f64,
     /// Live's load now, flows/s (smoothed over seconds).
     load_now: f64,
+    /// End of the first interval that showed any flows.
+    started: Option<f64>,
 }
 
 impl MirrorPlanner {
@@ -586,6 +588,7 @@ impl MirrorPlanner {
             load: std::collections::VecDeque::new(),
             now: 0.0,
             load_now: 0.0,
+            started: None,
         })
     }
 
@@ -623,6 +626,9 @@ impl MirrorPlanner {
                 *seen.entry(p.pattern.as_str()).or_default() += p.flows;
             }
         }
+        if !seen.is_empty() {
+            self.started.get_or_insert(now);
+        }
         for state in self.patterns.values_mut() {
             state.rate *= 1.0 - alpha;
         }
@@ -657,7 +663,11 @@ impl MirrorPlanner {
         let load = total / interval_secs;
         // The load follows within seconds (rates must drop as a burst starts and rise as it
         // ends); the mix is what is smoothed.
-        let fast = 1.0 - (-interval_secs / LOAD_SMOOTHING_SECS).exp();
+        let fast = if self.load.is_empty() {
+            1.0 // the first interval is all there is to go by
+        } else {
+            1.0 - (-interval_secs / LOAD_SMOOTHING_SECS).exp()
+        };
         self.load_now = self.load_now * (1.0 - fast) + fast * load;
         self.load.push_back((now, load));
         while self.load.front().is_some_and(|(t, _)| now - t > window) {
@@ -675,6 +685,15 @@ impl MirrorPlanner {
             }
         }
         self.update_heads();
+    }
+
+    /// Whether a pattern is new: first seen after the planner's first interval (what that
+    /// interval showed is the mix as it was, not news) and less than `new_pattern_secs` ago. A
+    /// new pattern is mirrored whole and takes no head class yet: its share, from a few flows,
+    /// says little.
+    fn is_young(&self, state: &PatternState) -> bool {
+        self.started.is_some_and(|start| state.first_seen > start)
+            && self.now - state.first_seen < self.settings.new_pattern_secs
     }
 
     fn total_rate(&self) -> f64 {
@@ -718,7 +737,8 @@ impl MirrorPlanner {
             .filter(|(k, s)| {
                 s.rule.is_some()
                     && !excluded.contains(k)
-                    && (s.rate / total >= min_share || pinned_patterns.contains(k))
+                    && ((s.rate / total >= min_share && !self.is_young(s))
+                        || pinned_patterns.contains(k))
                     && !self.heads.values().any(|h| &h.pattern == *k)
             })
             .map(|(k, s)| {
@@ -895,7 +915,7 @@ impl MirrorPlanner {
                 continue;
             }
             let per_hour = state.rate * 3600.0;
-            let young = self.now - state.first_seen < s.new_pattern_secs;
+            let young = self.is_young(state);
             let needed = if young {
                 1.0
             } else {

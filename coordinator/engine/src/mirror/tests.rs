@@ -304,3 +304,21 @@ fn bad_settings_name_the_field() {
         "pinned"
     );
 }
+
+#[test]
+fn the_first_round_plans_for_the_load_it_saw() {
+    // Half-second rounds of 30 flows/s: the very first plan mirrors the budget, not all of it.
+    let mut planner = MirrorPlanner::new(settings(6.0)).expect("valid");
+    planner.observe(
+        0.5,
+        0.5,
+        &[obs("GET /items/{n}", 12.0), obs("GET /search/{n}", 3.0)],
+        &[],
+    );
+    let plan = planner.plan();
+    assert!((plan.live_flows_per_s - 30.0).abs() < 1e-9, "{plan:?}");
+    assert!(
+        (plan.expected_mirrored_per_s - 6.0).abs() < 0.01,
+        "{plan:?}"
+    );
+}

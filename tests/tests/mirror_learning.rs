@@ -1,0 +1,368 @@
+//! Learned mirroring end to end, from real components only: `doppel serve` with a workload whose
+//! policy learns its mirroring, a live `doppel-agent` in front of nginx, a shadow `doppel-agent`
+//! replaying against its own nginx, and a client whose traffic carries a dominant pattern, a
+//! second one, and a rare one that starts mid-run.
+//!
+//! What must hold, judged by what the servers executed and the stored reports:
+//! - the coordinator learns the mix and its rules reach the live agent: the live data path
+//!   classifies flows into a learned head class of their own;
+//! - the shadow's nginx executes the rare pattern within a minute of its first flow;
+//! - the mirrored volume stays near the budget, where the operator's starting rate (and the
+//!   load) would mirror far more;
+//! - the shadow classifies the replayed flows with the same learned rules: per class, it
+//!   measured exactly the exchanges live mirrored, which is what the comparison's per-class
+//!   weights rest on.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    path::Path,
+    process::Output,
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use doppel_common::wire::{EncodedHistogram, FlowScope, LatencyMetric};
+use doppel_coordinator::store::Store;
+use doppel_tests::{
+    agent::AgentProcess,
+    testbed::{Host, Link, Process, privileged_or_skip, wait_for, workspace_binary},
+    workloads::Nginx,
+};
+
+const VNI: u32 = 111;
+const QUIC_PORT: u16 = 4433;
+/// Mirrored flows per second the policy allows.
+const BUDGET: f64 = 6.0;
+/// The operator's starting rate for class 0, before anything is learned: at the client's rate
+/// it alone would mirror 18 flows/s, three times the budget.
+const START_RATE: f64 = 0.6;
+/// New flows per second the client opens.
+const FLOWS_PER_S: u64 = 30;
+/// A GET: the shadow replays only safe methods unless told otherwise.
+const RARE: &str = "GET /admin/report/";
+
+fn doppel(host: &Host, state: &Path, args: &[&str]) -> Output {
+    let mut command = host.command(workspace_binary("doppel").to_str().expect("utf-8"));
+    command
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .env_remove("DOPPEL_API")
+        .env_remove("DOPPEL_API_TOKEN");
+    let out = command.output().expect("run doppel");
+    assert!(
+        out.status.success(),
+        "doppel {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// One flow of one request, its response read to the end.
+fn one_request_flow(server: SocketAddr, request: &str) {
+    let mut conn = TcpStream::connect_timeout(&server, Duration::from_secs(5)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    conn.write_all(request.as_bytes()).expect("send");
+    conn.shutdown(Shutdown::Write).expect("shutdown");
+    let mut sink = Vec::new();
+    conn.read_to_end(&mut sink).expect("read response");
+    assert!(sink.starts_with(b"HTTP/1.1 200"), "{sink:?}");
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+}
+
+/// Stored kernel exchanges of `agent` per class with `scope`.
+fn exchanges_per_class(state: &Path, agent: &str, scope: FlowScope) -> Vec<(u16, u64)> {
+    let mut per_class = std::collections::BTreeMap::new();
+    for row in Store::open_in(state)
+        .expect("store")
+        .interval_histograms(&[agent], 0, now_ms() + 60_000)
+        .expect("histograms")
+    {
+        if row.scope == scope && row.metric == LatencyMetric::KernelFirstByte {
+            *per_class.entry(row.class).or_default() +=
+                EncodedHistogram(row.hist).decode().expect("decode").len();
+        }
+    }
+    per_class.into_iter().collect()
+}
+
+fn patterns(live: &Host, state: &Path) -> serde_json::Value {
+    let out = doppel(live, state, &["patterns", "web", "--json"]);
+    serde_json::from_slice(&out.stdout).expect("patterns json")
+}
+
+#[test]
+fn learned_classes_reach_the_agents_and_the_shadow_replays_a_rare_pattern_within_budget() {
+    if !privileged_or_skip(
+        "learned_classes_reach_the_agents_and_the_shadow_replays_a_rare_pattern_within_budget",
+    ) {
+        return;
+    }
+    let state_dir = tempfile::tempdir().expect("state dir");
+    let state = state_dir.path();
+    let client = Host::new("client").expect("client");
+    let live = Host::new("live").expect("live");
+    let shadow = Host::new("shadow").expect("shadow");
+    let client_link = Link::new(&client, &live).expect("client link");
+    let shadow_link = Link::new(&live, &shadow).expect("shadow link");
+    let live_addr: IpAddr = client_link.b_v4.into();
+
+    doppel(&live, state, &["ca", "init"]);
+    let certs = state.join("agent-certs");
+    for agent in ["live-1", "shadow-1"] {
+        doppel(
+            &live,
+            state,
+            &[
+                "ca",
+                "issue",
+                "--agent",
+                agent,
+                "--out",
+                certs.to_str().expect("utf-8"),
+            ],
+        );
+    }
+    std::fs::write(state.join("serve.toml"), "mirror_interval_ms = 500\n").expect("config");
+    let mut serve = live.command(workspace_binary("doppel").to_str().expect("utf-8"));
+    serve.arg("--state-dir").arg(state).args([
+        "serve",
+        "--config",
+        state.join("serve.toml").to_str().expect("utf-8"),
+        "--quic-listen",
+        &format!("0.0.0.0:{QUIC_PORT}"),
+    ]);
+    let _coordinator: Process = live.spawn(serve).expect("spawn coordinator");
+    assert!(
+        wait_for(Duration::from_secs(20), || state.join("api.addr").exists()),
+        "coordinator API did not start"
+    );
+    let workload = format!(
+        r#"
+name = "web"
+services = ["{live_addr}:8080"]
+[[live]]
+agent = "live-1"
+vm_type = "live.medium"
+[[shadows]]
+agent = "shadow-1"
+vm_type = "shadow.small"
+addr = "{shadow_addr}"
+vni = {VNI}
+[policy]
+report_interval_ms = 400
+[[policy.classes]]
+id = 0
+name = "default"
+sample_rate = {START_RATE}
+[policy.mirror]
+learn = true
+budget_flows_per_s = {BUDGET}
+"#,
+        shadow_addr = shadow_link.b_v4,
+    );
+    std::fs::write(state.join("web.toml"), workload).expect("workload file");
+    doppel(
+        &live,
+        state,
+        &[
+            "workload",
+            "add",
+            "-f",
+            state.join("web.toml").to_str().expect("utf-8"),
+        ],
+    );
+
+    let _live_nginx = Nginx::start(&live, live_addr, 8080);
+    let shadow_nginx = Nginx::start(&shadow, "127.0.0.1".parse().expect("addr"), 8080);
+    let coordinator_section = |agent: &str, quic: IpAddr| {
+        format!(
+            "[coordinator]\naddress = \"{quic}:{QUIC_PORT}\"\nca_cert = \"{certs}/ca.crt\"\n\
+             cert = \"{certs}/{agent}.crt\"\nkey = \"{certs}/{agent}.key\"\n\
+             spool_dir = \"{spool}\"\n",
+            certs = certs.display(),
+            spool = state.join(format!("spool-{agent}")).display(),
+        )
+    };
+    let shadow_agent = AgentProcess::start(
+        &shadow,
+        "shadow",
+        &format!(
+            "role = \"shadow\"\nxdp_interface = \"{iface}\"\nreplay_addr = \"127.0.0.1\"\n\
+             replay_interface = \"lo\"\nreport_interval_ms = 400\nresponse_timeout_ms = 2000\n\
+             [[sessions]]\nsource = \"{source}\"\nvni = {VNI}\n[[services]]\nport = 8080\n{section}",
+            iface = shadow_link.b_iface,
+            source = shadow_link.a_v4,
+            section = coordinator_section("shadow-1", shadow_link.a_v4.into()),
+        ),
+    );
+    // Every new flow's first bytes are inspected, so the test does not wait on sampling luck
+    // for the rare pattern's discovery (production inspects 1 in 16, and scales the counts).
+    let live_agent = AgentProcess::start(
+        &live,
+        "live",
+        &format!(
+            "interface = \"{iface}\"\nreport_interval_ms = 400\npattern_sample_one_in = 1\n\
+             [[services]]\naddr = \"{live_addr}\"\nport = 8080\n{section}",
+            iface = client_link.b_iface,
+            section = coordinator_section("live-1", "127.0.0.1".parse().expect("addr")),
+        ),
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || [&live_agent, &shadow_agent]
+            .iter()
+            .all(|a| a.log().contains("coordinator policy applied"))),
+        "both agents apply the coordinator's policy"
+    );
+
+    // The client: 30 one-request flows a second, 80 % `GET /items/N`, 20 % `GET /search/N`;
+    // from second 12, one `GET /admin/report/N` flow every 5 seconds as well.
+    let server = SocketAddr::new(live_addr, 8080);
+    let started = Instant::now();
+    let run = Duration::from_secs(30);
+    let rare_from = Duration::from_secs(12);
+    let mut first_rare: Option<Instant> = None;
+    let mut rare_sent = 0;
+    {
+        let _inside = client.enter().expect("enter client");
+        let mut n: u64 = 0;
+        while started.elapsed() < run {
+            let due = Duration::from_millis(n * 1000 / FLOWS_PER_S);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                thread::sleep(wait);
+            }
+            let path = if n % 5 == 4 {
+                format!("GET /search/{n} HTTP/1.1\r\nHost: live\r\n\r\n")
+            } else {
+                format!("GET /items/{n} HTTP/1.1\r\nHost: live\r\n\r\n")
+            };
+            one_request_flow(server, &path);
+            if started.elapsed() >= rare_from && n.is_multiple_of(5 * FLOWS_PER_S) {
+                one_request_flow(server, &format!("{RARE}{n} HTTP/1.1\r\nHost: live\r\n\r\n"));
+                first_rare.get_or_insert_with(Instant::now);
+                rare_sent += 1;
+            }
+            n += 1;
+        }
+    }
+    let first_rare = first_rare.expect("rare flows were sent");
+    assert!(rare_sent >= 3, "{rare_sent} rare flows");
+
+    // The shadow's nginx executed the rare pattern within a minute of its first flow.
+    let replayed_rare = wait_for(Duration::from_secs(60), || {
+        shadow_nginx
+            .access_log()
+            .iter()
+            .any(|l| l.starts_with("GET /admin/report/"))
+    });
+    let rare_delay = first_rare.elapsed();
+    if !(replayed_rare && rare_delay < Duration::from_secs(60)) {
+        let log = shadow_nginx.access_log();
+        let mut by_kind = std::collections::BTreeMap::<String, usize>::new();
+        for line in &log {
+            *by_kind
+                .entry(line.split('/').take(2).collect::<Vec<_>>().join("/"))
+                .or_default() += 1;
+        }
+        let mut live_classes = std::collections::BTreeMap::<String, (u64, u64)>::new();
+        for c in live_agent
+            .lines()
+            .iter()
+            .flat_map(|l| l["classes"].as_array().cloned().unwrap_or_default())
+        {
+            let e = live_classes
+                .entry(format!("{} {}", c["class"], c["name"]))
+                .or_default();
+            e.0 += c["flows"].as_u64().unwrap_or(0);
+            e.1 += c["sampled"].as_u64().unwrap_or(0);
+        }
+        panic!(
+            "the shadow did not execute {RARE}… within a minute ({rare_delay:?}); shadow nginx \
+             served {by_kind:?}; live (flows, mirrored) per class {live_classes:?}; plan {}",
+            patterns(&live, state)["plan"]["classes"]
+        );
+    }
+
+    // The learned plan: a head class of its own for the dominant pattern, on the live agent.
+    let view = patterns(&live, state);
+    let plan = &view["plan"];
+    let head = plan["classes"]
+        .as_array()
+        .expect("classes")
+        .iter()
+        .find(|c| c["name"] == "GET /items/{n}")
+        .unwrap_or_else(|| panic!("no head class for GET /items/{{n}}: {view:#}"));
+    let head_id = head["id"].as_u64().expect("id");
+    let classified_in_head: u64 = live_agent
+        .lines()
+        .iter()
+        .flat_map(|l| l["classes"].as_array().cloned().unwrap_or_default())
+        .filter(|c| c["class"].as_u64() == Some(head_id) && c["name"] == "GET /items/{n}")
+        .map(|c| c["flows"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        classified_in_head > 100,
+        "the live data path classified {classified_in_head} flows into the learned class"
+    );
+
+    // The volume: live's mirrored flows over the run, against the budget. The operator's start
+    // rate alone would have mirrored 24 flows/s; rates are steered to the budget within the
+    // first rounds (the kernel's own hard limit is not in this release yet, so the bound allows
+    // the first rounds and binomial noise: 30 %).
+    let live_lines = live_agent.lines();
+    let mirrored: u64 = live_lines
+        .iter()
+        .flat_map(|l| l["classes"].as_array().cloned().unwrap_or_default())
+        .map(|c| c["sampled"].as_u64().unwrap_or(0))
+        .sum();
+    let seconds = live_lines
+        .iter()
+        .map(|l| l["interval_ms"].as_f64().unwrap_or(0.0))
+        .sum::<f64>()
+        / 1000.0;
+    let mirrored_per_s = mirrored as f64 / seconds;
+    assert!(
+        mirrored_per_s <= BUDGET * 1.3,
+        "{mirrored} flows mirrored in {seconds:.1} s: {mirrored_per_s:.1}/s against a budget of \
+         {BUDGET}/s"
+    );
+    assert!(
+        mirrored_per_s >= BUDGET * 0.5,
+        "the budget is used: {mirrored_per_s:.1}/s"
+    );
+
+    // The shadow classifies replayed flows with the learned rules: per class, it measured
+    // exactly the exchanges live mirrored.
+    thread::sleep(Duration::from_secs(3));
+    let wanted = exchanges_per_class(state, "live-1", FlowScope::Mirrored);
+    assert!(
+        wait_for(Duration::from_secs(20), || exchanges_per_class(
+            state,
+            "shadow-1",
+            FlowScope::All
+        ) == wanted),
+        "per class, live mirrored {wanted:?} and the shadow measured {:?} (live all {:?})",
+        exchanges_per_class(state, "shadow-1", FlowScope::All),
+        exchanges_per_class(state, "live-1", FlowScope::All)
+    );
+    assert!(
+        wanted
+            .iter()
+            .any(|&(c, n)| u64::from(c) == head_id && n > 0)
+    );
+    eprintln!(
+        "rare pattern replayed at most {:.1} s after its first flow; mirrored {mirrored_per_s:.2} \
+         flows/s (budget {BUDGET}); head class {head_id}; per class {wanted:?}",
+        rare_delay.as_secs_f64()
+    );
+    live_agent.stop();
+    shadow_agent.stop();
+}
