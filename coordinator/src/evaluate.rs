@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use doppel_common::wire::{EncodedHistogram, FlowScope, LatencyMetric};
 
 use crate::{
-    compare::{CompareConfig, Comparison, Measurement, Role, compare},
+    compare::{CompareConfig, Comparison, LiveMirrored, Measurement, Role, compare_weighted},
     policy::WorkloadSpec,
     store::{Store, StoreError},
 };
@@ -112,8 +112,22 @@ pub fn compare_workload(
     config: &CompareConfig,
     prices: &HashMap<String, f64>,
 ) -> Result<Comparison, StoreError> {
-    let measurements = load_measurements(store, spec, now_ms.saturating_sub(window_ms), now_ms)?;
-    Ok(compare(
+    let since_ms = now_ms.saturating_sub(window_ms);
+    let measurements = load_measurements(store, spec, since_ms, now_ms)?;
+    let live: Vec<&str> = spec.live.iter().map(|l| l.agent.as_str()).collect();
+    let live_mirrored: Vec<LiveMirrored> = store
+        .mirrored_exchanges(&live, since_ms, now_ms)?
+        .into_iter()
+        .map(
+            |(interval_start_ms, interval_ms, class, exchanges)| LiveMirrored {
+                interval_start_ms,
+                interval_ms,
+                class,
+                exchanges,
+            },
+        )
+        .collect();
+    Ok(compare_weighted(
         &spec.name,
         now_ms,
         window_ms,
@@ -121,5 +135,6 @@ pub fn compare_workload(
         config,
         prices,
         &measurements,
+        &live_mirrored,
     ))
 }

@@ -9,6 +9,13 @@
 //! per-pair difference of the SLO percentile gives a mean and a Student-t confidence interval.
 //! Shadows are then ranked: conclusive evidence first, then by that difference, then by price.
 //!
+//! A shadow receives each class at its own rate (learned mirroring oversamples rare and costly
+//! classes), so its merged histograms over-represent those classes. [`compare_weighted`] gives
+//! each class of a shadow interval live's weight: live's exchanges of the class over live's
+//! mirrored exchanges of it, in the live intervals that overlap the shadow's (see
+//! [`crate::mirror::class_weight`]). Loads and exchange counts stay what the shadow served;
+//! only the percentiles drawn from several classes at once are weighted.
+//!
 //! [`advise`] turns a comparison, the SLO and the budget into at most one piece of advice: the
 //! rule the coordinator turns into a recommendation document.
 
@@ -51,6 +58,20 @@ pub struct Measurement {
     pub histogram: Histogram<u64>,
     /// Exchange errors of the whole report (shared by its histograms: counted once per report).
     pub report_errors: u64,
+}
+
+/// Live's exchanges on mirrored flows of one class in one report interval (its `Mirrored`
+/// scope histogram's count): with live's own count of the class, the class's weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveMirrored {
+    /// Interval start, ms since the epoch.
+    pub interval_start_ms: i64,
+    /// Interval length, ms.
+    pub interval_ms: i64,
+    /// Traffic class.
+    pub class: u16,
+    /// Exchanges of mirrored flows.
+    pub exchanges: u64,
 }
 
 /// Tunables of the comparison.
@@ -259,6 +280,8 @@ pub struct Comparison {
 struct Point<'a> {
     load_per_s: f64,
     histogram: &'a Histogram<u64>,
+    /// Exchanges served (the histogram of a weighted shadow interval counts more).
+    exchanges: u64,
     /// Exchanges the agent counted as failed in the interval.
     errors: u64,
 }
@@ -347,12 +370,15 @@ pub fn match_by_load(live: &[f64], shadow: &[f64], tolerance: f64) -> Vec<(usize
     pairs
 }
 
-/// One interval of one agent: its length (ms), its errors, its classes merged.
-type IntervalAcc<'a> = (i64, u64, Cow<'a, Histogram<u64>>);
+/// One interval of one agent: its length (ms), its errors, its classes merged (weighted by
+/// class), and the exchanges it served.
+type IntervalAcc<'a> = (i64, u64, Cow<'a, Histogram<u64>>, u64);
 
 #[derive(Debug, Default)]
 struct TypeAcc<'a> {
     all: Option<Histogram<u64>>,
+    /// Exchanges served (the weighted `all` counts more).
+    all_exchanges: u64,
     classes: BTreeMap<u16, Histogram<u64>>,
     /// (agent, interval start) → (interval ms, errors, its classes merged). An interval of one
     /// class borrows that class's histogram: merging copies a whole count array, and most
@@ -383,7 +409,8 @@ fn stats(h: &Histogram<u64>, seconds: f64, errors: Option<u64>) -> LatencyStats 
     }
 }
 
-/// Compares live with each shadow type over `[now_ms - window_ms, now_ms)`.
+/// Compares live with each shadow type over `[now_ms - window_ms, now_ms)`, every class of a
+/// shadow counted as the shadow served it (the comparison of a workload mirrored at one rate).
 pub fn compare(
     workload: &str,
     now_ms: i64,
@@ -393,30 +420,130 @@ pub fn compare(
     prices: &HashMap<String, f64>,
     measurements: &[Measurement],
 ) -> Comparison {
+    compare_weighted(
+        workload,
+        now_ms,
+        window_ms,
+        percentile,
+        config,
+        prices,
+        measurements,
+        &[],
+    )
+}
+
+/// Each shadow measurement's weight relative to the lightest of its type: live's exchanges of
+/// its class over live's mirrored exchanges of it, in the live intervals overlapping the
+/// shadow's (over the whole window when none overlaps). 1 where live mirrored nothing of the
+/// class, or without `live_mirrored`.
+fn shadow_weights(measurements: &[&Measurement], live_mirrored: &[LiveMirrored]) -> Vec<f64> {
+    if live_mirrored.is_empty() {
+        return vec![1.0; measurements.len()];
+    }
+    let live: Vec<&&Measurement> = measurements
+        .iter()
+        .filter(|m| m.role == Role::Live)
+        .collect();
+    let overlaps = |a: i64, al: i64, b: i64, bl: i64| a < b + bl && b < a + al;
+    let weight_over = |class: u16, window: Option<(i64, i64)>| {
+        let inside = |start: i64, len: i64| window.is_none_or(|(s, l)| overlaps(start, len, s, l));
+        let served: u64 = live
+            .iter()
+            .filter(|m| m.class == class && inside(m.interval_start_ms, m.interval_ms))
+            .map(|m| m.histogram.len())
+            .sum();
+        let mirrored: u64 = live_mirrored
+            .iter()
+            .filter(|m| m.class == class && inside(m.interval_start_ms, m.interval_ms))
+            .map(|m| m.exchanges)
+            .sum();
+        crate::mirror::class_weight(served, mirrored)
+    };
+    let mut weights: Vec<f64> = measurements
+        .iter()
+        .map(|m| match m.role {
+            Role::Live => 1.0,
+            Role::Shadow => weight_over(m.class, Some((m.interval_start_ms, m.interval_ms)))
+                .or_else(|| weight_over(m.class, None))
+                .unwrap_or(1.0),
+        })
+        .collect();
+    // Relative to the lightest class of each shadow type, so scaled counts only grow.
+    let mut lightest: HashMap<&str, f64> = HashMap::new();
+    for (m, w) in measurements.iter().zip(&weights) {
+        if m.role == Role::Shadow {
+            let entry = lightest.entry(m.vm_type.as_str()).or_insert(*w);
+            *entry = entry.min(*w);
+        }
+    }
+    for (m, w) in measurements.iter().zip(weights.iter_mut()) {
+        if m.role == Role::Shadow {
+            *w /= lightest[m.vm_type.as_str()].max(f64::MIN_POSITIVE);
+        }
+    }
+    weights
+}
+
+/// `h` with every count multiplied by `factor` (at least 1 where there was one).
+fn scaled(h: &Histogram<u64>, factor: f64) -> Histogram<u64> {
+    let mut out = new_histogram();
+    for v in h.iter_recorded() {
+        let n = (v.count_at_value() as f64 * factor).round().max(1.0) as u64;
+        let _ = out.record_n(v.value_iterated_to(), n);
+    }
+    out
+}
+
+/// [`compare`], with each shadow class weighted by live's share of it (see the module docs):
+/// `live_mirrored` are live's mirrored-flow exchange counts per class and interval.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "compare's arguments and the one it adds; the plain form stays the common call"
+)]
+pub fn compare_weighted(
+    workload: &str,
+    now_ms: i64,
+    window_ms: i64,
+    percentile: f64,
+    config: &CompareConfig,
+    prices: &HashMap<String, f64>,
+    measurements: &[Measurement],
+    live_mirrored: &[LiveMirrored],
+) -> Comparison {
     let since = now_ms.saturating_sub(window_ms);
-    let mut types: BTreeMap<(Role, String), TypeAcc<'_>> = BTreeMap::new();
-    for m in measurements
+    let in_window: Vec<&Measurement> = measurements
         .iter()
         .filter(|m| (since..now_ms).contains(&m.interval_start_ms))
-    {
+        .collect();
+    let weights = shadow_weights(&in_window, live_mirrored);
+    let mut types: BTreeMap<(Role, String), TypeAcc<'_>> = BTreeMap::new();
+    for (m, &weight) in in_window.iter().copied().zip(&weights) {
         let acc = types.entry((m.role, m.vm_type.clone())).or_default();
-        merge(acc.all.get_or_insert_with(new_histogram), &m.histogram);
+        let weighted: Cow<'_, Histogram<u64>> = if (weight - 1.0).abs() > 1e-9 {
+            Cow::Owned(scaled(&m.histogram, weight))
+        } else {
+            Cow::Borrowed(&m.histogram)
+        };
+        merge(acc.all.get_or_insert_with(new_histogram), &weighted);
+        acc.all_exchanges += m.histogram.len();
         merge(
             acc.classes.entry(m.class).or_insert_with(new_histogram),
             &m.histogram,
         );
         match acc.intervals.entry((m.agent.as_str(), m.interval_start_ms)) {
             std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert((m.interval_ms, m.report_errors, Cow::Borrowed(&m.histogram)));
+                e.insert((m.interval_ms, m.report_errors, weighted, m.histogram.len()));
             }
             std::collections::btree_map::Entry::Occupied(mut e) => {
-                let merged = &mut e.get_mut().2;
+                let entry = e.get_mut();
+                entry.3 += m.histogram.len();
+                let merged = &mut entry.2;
                 if let Cow::Borrowed(first) = merged {
                     let mut h = new_histogram();
                     merge(&mut h, first);
                     *merged = Cow::Owned(h);
                 }
-                merge(merged.to_mut(), &m.histogram);
+                merge(merged.to_mut(), &weighted);
             }
         }
     }
@@ -427,10 +554,25 @@ pub fn compare(
         let seconds: f64 = acc
             .intervals
             .values()
-            .map(|(ms, _, _)| *ms as f64 / 1e3)
+            .map(|(ms, _, _, _)| *ms as f64 / 1e3)
             .sum();
-        let errors: u64 = acc.intervals.values().map(|(_, e, _)| e).sum();
-        let all = acc.all.as_ref().map(|h| stats(h, seconds, Some(errors)));
+        let errors: u64 = acc.intervals.values().map(|(_, e, _, _)| e).sum();
+        let all = acc.all.as_ref().map(|h| {
+            // Counts are what was served; only the percentiles are weighted.
+            let mut st = stats(h, seconds, Some(errors));
+            st.exchanges = acc.all_exchanges;
+            st.exchanges_per_s = if seconds > 0.0 {
+                acc.all_exchanges as f64 / seconds
+            } else {
+                0.0
+            };
+            st.error_rate = Some(if acc.all_exchanges > 0 {
+                errors as f64 / acc.all_exchanges as f64
+            } else {
+                0.0
+            });
+            st
+        });
         let classes = acc
             .classes
             .iter()
@@ -448,10 +590,11 @@ pub fn compare(
             (*role, vm_type.clone()),
             acc.intervals
                 .values()
-                .filter(|(ms, _, h)| *ms > 0 && h.len() >= config.min_exchanges_per_interval)
-                .map(|(ms, errors, h)| Point {
-                    load_per_s: h.len() as f64 * 1e3 / *ms as f64,
+                .filter(|(ms, _, _, n)| *ms > 0 && *n >= config.min_exchanges_per_interval)
+                .map(|(ms, errors, h, n)| Point {
+                    load_per_s: *n as f64 * 1e3 / *ms as f64,
                     histogram: h.as_ref(),
+                    exchanges: *n,
                     errors: *errors,
                 })
                 .collect(),
@@ -521,7 +664,7 @@ pub fn compare(
                 pairs.iter().map(|&(_, sh)| sh).collect();
             let (failed, measured) = matched.iter().fold((0, 0), |(f, n), &i| {
                 let p = &shadow_points[i];
-                (f + p.errors, n + p.histogram.len())
+                (f + p.errors, n + p.exchanges)
             });
             Ranked {
                 vm_type: s.vm_type.clone(),

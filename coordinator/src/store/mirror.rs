@@ -78,6 +78,45 @@ impl Store {
         Ok(out)
     }
 
+    /// Live's exchanges on mirrored flows per class, for intervals of `agents` starting in
+    /// `[since_ms, until_ms)`: (interval start ms, interval ms, class, exchanges), from the counts
+    /// stored at ingest (nothing is decoded).
+    pub fn mirrored_exchanges(
+        &self,
+        agents: &[&str],
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<(i64, i64, u16, u64)>, StoreError> {
+        // scope 1 = mirrored flows, metric 0 = kernel first byte.
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT r.interval_start_ms, r.interval_ms, h.class, h.count
+                 FROM reports r
+                 JOIN agents a ON a.id = r.agent_id
+                 JOIN histograms h ON h.report_id = r.id AND h.scope = 1 AND h.metric = 0
+                 WHERE a.name = ?1 AND r.interval_start_ms >= ?2 AND r.interval_start_ms < ?3",
+            )
+            .map_err(sql("prepare"))?;
+        let mut out = Vec::new();
+        for agent in agents {
+            let rows = stmt
+                .query_map(params![agent, since_ms, until_ms], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        u64::try_from(r.get::<_, i64>(3)?).unwrap_or_default(),
+                    ))
+                })
+                .map_err(sql("read mirrored exchanges"))?;
+            for row in rows {
+                out.push(row.map_err(sql("read mirrored exchanges"))?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The newest report row id (0 when there is none).
     pub fn last_report_id(&self) -> Result<i64, StoreError> {
         self.conn

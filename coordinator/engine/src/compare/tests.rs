@@ -391,3 +391,60 @@ fn an_unbounded_interval_survives_json() {
         serde_json::from_str(&serde_json::to_string(&bounded).expect("serialize")).expect("de");
     assert_eq!(back, bounded);
 }
+
+#[test]
+fn an_oversampled_class_is_weighted_back_to_lives_share() {
+    // Live: 950 fast exchanges (1 ms) of class 0 and 50 slow ones (100 ms) of class 1 per
+    // interval; the shadow, as fast, got class 0 at 10 % and class 1 whole. Unweighted, a third
+    // of its exchanges are slow and its p90 reads 100 ms; weighted by live's share, 1 ms.
+    let class = |mut m: Measurement, class: u16| {
+        m.class = class;
+        m
+    };
+    let mut ms = Vec::new();
+    let mut live_mirrored = Vec::new();
+    for i in 0..20 {
+        ms.push(m(Role::Live, "a.large", "live", i, 950, 1.0));
+        ms.push(class(m(Role::Live, "a.large", "live", i, 50, 100.0), 1));
+        ms.push(m(Role::Shadow, "b.large", "shadow", i, 95, 1.0));
+        ms.push(class(m(Role::Shadow, "b.large", "shadow", i, 50, 100.0), 1));
+        for (class, exchanges) in [(0, 95), (1, 50)] {
+            live_mirrored.push(LiveMirrored {
+                interval_start_ms: NOW - 600_000 + i * 1000,
+                interval_ms: 1000,
+                class,
+                exchanges,
+            });
+        }
+    }
+    let shadow_p90 = |c: &Comparison| {
+        c.types
+            .iter()
+            .find(|t| t.role == Role::Shadow)
+            .map(|t| (t.at_percentile_ms, t.all.exchanges))
+            .expect("shadow row")
+    };
+    let run = |mirrored: &[LiveMirrored]| {
+        compare_weighted(
+            "web",
+            NOW,
+            900_000,
+            90.0,
+            &CompareConfig::default(),
+            &prices(),
+            &ms,
+            mirrored,
+        )
+    };
+    let (unweighted, n) = shadow_p90(&run(&[]));
+    assert!(unweighted > 90.0, "{unweighted}");
+    assert_eq!(n, 20 * 145);
+    let (weighted, n) = shadow_p90(&run(&live_mirrored));
+    assert!(weighted < 1.1, "{weighted}");
+    assert_eq!(n, 20 * 145, "counts stay what the shadow served");
+    let live_p90 = run(&live_mirrored).types[0].at_percentile_ms;
+    assert!(
+        (weighted - live_p90).abs() < 0.05,
+        "{weighted} vs live {live_p90}"
+    );
+}
