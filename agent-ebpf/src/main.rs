@@ -38,8 +38,9 @@ use doppel_common::maps::{
     DatapathCounter, Direction, FLOW_AWAITING_RESPONSE, FLOW_CLIENT_CLOSED, FLOW_DECIDED,
     FLOW_MAP_ENTRIES, FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState, IFACE_SLOTS, IfaceCounters,
     LATENCY_BUCKETS, LATENCY_HISTOGRAMS, MAX_ADMITTED, MAX_CLASSES, MAX_RULES, MAX_SERVICES,
-    MAX_SESSIONS, MIRROR_KEEPALIVE_NS, MirrorSessionConfig, PATTERN_SAMPLE_LEN, PatternSample,
-    RULE_MATCH_PORT, RULE_MATCH_PREFIX, Rule, iface_slot, latency_bucket, latency_histogram_base,
+    MAX_SESSIONS, MIRROR_KEEPALIVE_NS, MirrorBucket, MirrorSessionConfig, PATTERN_SAMPLE_LEN,
+    PatternSample, RULE_MATCH_PORT, RULE_MATCH_PREFIX, Rule, iface_slot, latency_bucket,
+    latency_histogram_base,
 };
 
 #[map(name = "IFACE_COUNTERS")]
@@ -62,6 +63,8 @@ static CLASS_FLOWS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_CLA
 #[map(name = "LATENCY")]
 static LATENCY: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(LATENCY_HISTOGRAMS * LATENCY_BUCKETS, 0);
+#[map(name = "MIRROR_BUCKET")]
+static MIRROR_BUCKET: PerCpuArray<MirrorBucket> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "PATTERNS")]
 static PATTERNS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
@@ -549,9 +552,13 @@ fn decide(ctx: &TcContext, packet: &Packet, config: &DatapathConfig, state: &mut
     if state.flags & FLOW_SEEN_SYN != 0 {
         if let Some(class_config) = CLASSES.get(class) {
             if u64::from(hash) < class_config.sample_threshold {
-                state.flags |= FLOW_SAMPLED;
-                add(DatapathCounter::FlowsSampled, 1);
-                bump(&CLASS_FLOWS, MAX_CLASSES + class);
+                if within_budget(config.mirror_budget_per_cpu_milli) {
+                    state.flags |= FLOW_SAMPLED;
+                    add(DatapathCounter::FlowsSampled, 1);
+                    bump(&CLASS_FLOWS, MAX_CLASSES + class);
+                } else {
+                    add(DatapathCounter::BudgetLimited, 1);
+                }
             }
         }
     }
@@ -571,6 +578,35 @@ fn decide(ctx: &TcContext, packet: &Packet, config: &DatapathConfig, state: &mut
                 add(DatapathCounter::PatternSamples, 1);
             }
             None => add(DatapathCounter::PatternDrops, 1),
+        }
+    }
+}
+
+/// Takes one flow's token from this CPU's mirror-budget bucket (refilled at its share of the
+/// budget, one second deep); `false` when it is empty. A budget of 0 is no limit.
+#[inline(always)]
+fn within_budget(per_cpu_milli: u32) -> bool {
+    if per_cpu_milli == 0 {
+        return true;
+    }
+    let Some(bucket) = MIRROR_BUCKET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: plain helper call; `bucket` is this CPU's slot, which only this CPU writes, and a
+    // program is not preempted by another program on the same CPU.
+    unsafe {
+        let now = bpf_ktime_get_coarse_ns();
+        let rate = u64::from(per_cpu_milli);
+        // At most a second of refill (a full bucket), which also keeps the product in range.
+        let elapsed = now.saturating_sub((*bucket).refilled_ns).min(1_000_000_000);
+        let tokens = ((*bucket).tokens_milli + elapsed * rate / 1_000_000_000).min(rate.max(1000));
+        (*bucket).refilled_ns = now;
+        if tokens >= 1000 {
+            (*bucket).tokens_milli = tokens - 1000;
+            true
+        } else {
+            (*bucket).tokens_milli = tokens;
+            false
         }
     }
 }

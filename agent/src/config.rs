@@ -279,6 +279,10 @@ pub struct LiveConfig {
     /// Sampling epoch seed.
     #[serde(default)]
     pub sampling_seed: u64,
+    /// Most new flows mirrored per second, held in the data path (0: no limit; a coordinator's
+    /// policy sets its own).
+    #[serde(default)]
+    pub mirror_budget_flows_per_s: u32,
     /// Sample rate of class 0 (flows no rule matches), percent.
     #[serde(default)]
     pub default_sample_percent: f64,
@@ -483,6 +487,7 @@ impl LiveConfig {
                 })
                 .collect(),
             sampling_seed: self.sampling_seed,
+            mirror_budget_flows_per_s: self.mirror_budget_flows_per_s,
         })
     }
 

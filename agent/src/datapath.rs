@@ -456,6 +456,18 @@ pub struct LatencyDelta {
     pub histogram: hdrhistogram::Histogram<u64>,
 }
 
+/// Each CPU's share of a budget of `flows_per_s`, in thousandths of a flow per second (0: no
+/// limit). Shared evenly over the CPUs that can run the programs: a CPU that decides more than
+/// its share of the new flows turns some away while another's tokens go unused, so the budget
+/// is an upper bound, reached when flows spread evenly (RSS, RPS).
+fn budget_per_cpu_milli(flows_per_s: u32) -> u32 {
+    if flows_per_s == 0 {
+        return 0;
+    }
+    let cpus = aya::util::online_cpus().map_or(1, |c| c.len().max(1)) as u64;
+    (u64::from(flows_per_s) * 1000 / cpus).clamp(1, u64::from(u32::MAX)) as u32
+}
+
 impl Datapath {
     /// Writes a compiled policy into the maps. Tables first, then the configuration that says
     /// how many entries are in use, so the programs never see a count beyond written entries.
@@ -510,7 +522,7 @@ impl Datapath {
             pattern_sample_one_in: settings.pattern_sample_one_in,
             // `compile` refuses more than MAX_SERVICES.
             service_count: policy.services.len().min(MAX_SERVICES as usize) as u32,
-            _pad: 0,
+            mirror_budget_per_cpu_milli: budget_per_cpu_milli(policy.mirror_budget_flows_per_s),
             services,
         };
         let mut config_map: Array<_, DatapathConfig> = self.map_mut(names::CONFIG)?;

@@ -46,6 +46,8 @@ pub struct CompiledPolicy {
     pub sessions: Vec<MirrorSessionConfig>,
     /// Sampling epoch seed.
     pub sampling_seed: u64,
+    /// Mirror budget, new flows per second (0: no limit).
+    pub mirror_budget_flows_per_s: u32,
 }
 
 /// Address words as the programs see them: network-order bytes, IPv4 mapped into IPv6.
@@ -113,6 +115,7 @@ pub fn compile(policy: &AgentPolicy) -> Result<CompiledPolicy, PolicyError> {
         rules,
         sessions,
         sampling_seed: policy.sampling_seed,
+        mirror_budget_flows_per_s: policy.mirror_budget_flows_per_s,
     })
 }
 
@@ -289,6 +292,7 @@ mod tests {
                 vni: 42,
             }],
             sampling_seed: 7,
+            mirror_budget_flows_per_s: 0,
         }
     }
 

@@ -276,10 +276,22 @@ pub struct DatapathConfig {
     pub pattern_sample_one_in: u32,
     /// Services in use (`services[0..service_count]`).
     pub service_count: u32,
-    /// Explicit padding, always zero.
-    pub _pad: u32,
+    /// Mirror budget of this CPU, thousandths of a new flow per second (0: no limit): each CPU
+    /// holds a token bucket of its share of the budget, one second deep, that every flow the hash
+    /// samples must take a token from (per CPU, so no lock: a flow is decided on one CPU).
+    pub mirror_budget_per_cpu_milli: u32,
     /// The workload's listening addresses; a service's id is its index here.
     pub services: [ServiceKey; MAX_SERVICES as usize],
+}
+
+/// Value of `MIRROR_BUCKET` (a one-entry per-CPU array): this CPU's mirror-budget bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorBucket {
+    /// Tokens held, thousandths of a flow.
+    pub tokens_milli: u64,
+    /// When it was last refilled, `bpf_ktime_get_coarse_ns`.
+    pub refilled_ns: u64,
 }
 
 /// What the pattern ring buffer carries: the first payload bytes of a sampled new flow.
@@ -331,11 +343,14 @@ pub enum DatapathCounter {
     /// Exchanges whose first response bytes are a protocol error reply: RESP `-`, PostgreSQL
     /// ErrorResponse. The same classes the shadow counts, so live has an error rate too.
     ErrorReplies,
+    /// Flows the hash sampled that the mirror budget's bucket turned away (measured, not
+    /// mirrored).
+    BudgetLimited,
 }
 
 impl DatapathCounter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::Packets,
         Self::Bytes,
         Self::ParseSkipped,
@@ -351,6 +366,7 @@ impl DatapathCounter {
         Self::PatternDrops,
         Self::Responses5xx,
         Self::ErrorReplies,
+        Self::BudgetLimited,
     ];
 
     /// Stable `snake_case` name used in reports.
@@ -371,6 +387,7 @@ impl DatapathCounter {
             Self::PatternDrops => "pattern_drops",
             Self::Responses5xx => "http_5xx",
             Self::ErrorReplies => "error_replies",
+            Self::BudgetLimited => "budget_limited",
         }
     }
 }
@@ -488,6 +505,8 @@ pub mod names {
     pub const LATENCY: &str = "LATENCY";
     /// `RingBuf` of [`super::PatternSample`].
     pub const PATTERNS: &str = "PATTERNS";
+    /// Per-CPU mirror-budget buckets.
+    pub const MIRROR_BUCKET: &str = "MIRROR_BUCKET";
     /// `Array<i64>` of 1: the last failed copy's error (a negative errno from
     /// `bpf_skb_set_tunnel_key` or `bpf_clone_redirect`), 0 before any, for the agent's log.
     pub const LAST_CLONE_ERROR: &str = "LAST_CLONE_ERROR";
@@ -507,6 +526,7 @@ mod datapath_pod {
     unsafe impl aya::Pod for MirrorSessionConfig {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for PatternSample {}
+    unsafe impl aya::Pod for MirrorBucket {}
 }
 
 #[cfg(test)]

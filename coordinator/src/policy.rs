@@ -675,6 +675,12 @@ pub fn agent_policy(
         rules,
         mirror_sessions,
         sampling_seed,
+        // The budget is held where flows are sampled: on the live hosts (rounded up, so a
+        // budget under one flow a second still mirrors something).
+        mirror_budget_flows_per_s: match spec.policy.mirror.budget_flows_per_s {
+            Some(b) if is_live => b.ceil().clamp(1.0, f64::from(u32::MAX)) as u32,
+            _ => 0,
+        },
     }
 }
 

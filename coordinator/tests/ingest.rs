@@ -191,7 +191,7 @@ async fn revoking_a_connected_agent_closes_its_connection() {
     let s = setup();
     let client = s.issue("agent-1");
     let coordinator = Coordinator::start(s.config()).await.expect("start");
-    let (session, _) = open(coordinator.quic_addr, client.clone(), hello(1, 1))
+    let (session, _) = open(coordinator.quic_addr, client.clone(), hello(1, PROTOCOL_VERSION))
         .await
         .expect("connect");
     s.ca.revoke("agent-1", OffsetDateTime::now_utc())
@@ -204,7 +204,7 @@ async fn revoking_a_connected_agent_closes_its_connection() {
         "{closed:?}"
     );
     // The same client config: its TLS session cache must not let it resume past revocation.
-    let again = open(coordinator.quic_addr, client, hello(1, 1)).await;
+    let again = open(coordinator.quic_addr, client, hello(1, PROTOCOL_VERSION)).await;
     assert!(
         again.is_err(),
         "and it cannot reconnect: {:?}",
@@ -251,7 +251,7 @@ async fn an_oversized_frame_closes_the_connection_with_a_reason() {
     let s = setup();
     let client = s.issue("agent-1");
     let coordinator = Coordinator::start(s.config()).await.expect("start");
-    let (mut session, _) = open(coordinator.quic_addr, client, hello(1, 1))
+    let (mut session, _) = open(coordinator.quic_addr, client, hello(1, PROTOCOL_VERSION))
         .await
         .expect("connect");
     tokio::io::AsyncWriteExt::write_all(&mut session.send, &[0xff, 0xff, 0xff, 0xff, 0])
@@ -276,7 +276,7 @@ async fn duplicates_are_acknowledged_but_stored_once() {
     let s = setup();
     let client = s.issue("agent-1");
     let coordinator = Coordinator::start(s.config()).await.expect("start");
-    let (mut session, answer) = open(coordinator.quic_addr, client, hello(1, 1))
+    let (mut session, answer) = open(coordinator.quic_addr, client, hello(1, PROTOCOL_VERSION))
         .await
         .expect("connect");
     assert!(matches!(answer, Some(Message::Welcome(_))), "{answer:?}");

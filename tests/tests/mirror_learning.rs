@@ -7,8 +7,8 @@
 //! - the coordinator learns the mix and its rules reach the live agent: the live data path
 //!   classifies flows into a learned head class of their own;
 //! - the shadow's nginx executes the rare pattern within a minute of its first flow;
-//! - the mirrored volume stays near the budget, where the operator's starting rate (and the
-//!   load) would mirror far more;
+//! - the mirrored volume never passes the budget in any interval (the data path's bucket holds
+//!   it, while the operator's starting rate asks for three times as much);
 //! - the shadow classifies the replayed flows with the same learned rules: per class, it
 //!   measured exactly the exchanges live mirrored, which is what the comparison's per-class
 //!   weights rest on.
@@ -313,31 +313,33 @@ budget_flows_per_s = {BUDGET}
         "the live data path classified {classified_in_head} flows into the learned class"
     );
 
-    // The volume: live's mirrored flows over the run, against the budget. The operator's start
-    // rate alone would have mirrored 24 flows/s; rates are steered to the budget within the
-    // first rounds (the kernel's own hard limit is not in this release yet, so the bound allows
-    // the first rounds and binomial noise: 30 %).
+    // The volume: the budget is a hard limit in the live data path (a token bucket per CPU,
+    // one second deep), whatever the rates: no interval mirrors more than the budget for its
+    // length plus that second, although the operator's start rate alone asked for three times
+    // the budget until the first plan came.
     let live_lines = live_agent.lines();
-    let mirrored: u64 = live_lines
-        .iter()
-        .flat_map(|l| l["classes"].as_array().cloned().unwrap_or_default())
-        .map(|c| c["sampled"].as_u64().unwrap_or(0))
-        .sum();
-    let seconds = live_lines
-        .iter()
-        .map(|l| l["interval_ms"].as_f64().unwrap_or(0.0))
-        .sum::<f64>()
-        / 1000.0;
+    let mut mirrored = 0;
+    let mut seconds = 0.0;
+    for line in &live_lines {
+        let interval_s = line["interval_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+        let sampled: u64 = line["classes"]
+            .as_array()
+            .map(|cs| cs.iter().map(|c| c["sampled"].as_u64().unwrap_or(0)).sum())
+            .unwrap_or(0);
+        assert!(
+            sampled as f64 <= BUDGET * (interval_s + 1.0),
+            "{sampled} flows mirrored in {interval_s} s against a budget of {BUDGET}/s: {line}"
+        );
+        mirrored += sampled;
+        seconds += interval_s;
+    }
     let mirrored_per_s = mirrored as f64 / seconds;
     assert!(
-        mirrored_per_s <= BUDGET * 1.3,
-        "{mirrored} flows mirrored in {seconds:.1} s: {mirrored_per_s:.1}/s against a budget of \
-         {BUDGET}/s"
-    );
-    assert!(
-        mirrored_per_s >= BUDGET * 0.5,
+        mirrored_per_s >= BUDGET * 0.3,
         "the budget is used: {mirrored_per_s:.1}/s"
     );
+    let limited = doppel_tests::agent::counter(&live_lines, "budget_limited");
+    assert!(limited > 0, "the start rate asked for more than the budget");
 
     // The shadow classifies replayed flows with the learned rules: per class, it measured
     // exactly the exchanges live mirrored.
@@ -360,7 +362,8 @@ budget_flows_per_s = {BUDGET}
     );
     eprintln!(
         "rare pattern replayed at most {:.1} s after its first flow; mirrored {mirrored_per_s:.2} \
-         flows/s (budget {BUDGET}); head class {head_id}; per class {wanted:?}",
+         flows/s (budget {BUDGET}, {limited} flows turned away by the bucket); head class \
+         {head_id}; per class {wanted:?}",
         rare_delay.as_secs_f64()
     );
     live_agent.stop();

@@ -64,6 +64,10 @@ pub(crate) struct Options {
     /// `pattern_sample_one_in` (`mirror`).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) discovery_one_in: u32,
+    /// Model the data path's token bucket holding the mirror budget (`mirror`; the agents do
+    /// not have it yet: `false` scores what they run today).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) mirror_bucket: bool,
     /// When no warning rule meets the calibration limits on the training parts, report with
     /// the default rule (`calibrated=no` on the last line) instead of failing.
     #[arg(long)]
@@ -129,6 +133,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
                 only: options.only.as_deref(),
                 workloads: options.mirror_workloads,
                 discovery_one_in: options.discovery_one_in,
+                bucket: options.mirror_bucket,
             },
             &load_traces(&traces_dir(options))?,
         ),

@@ -20,7 +20,8 @@
 //! # The simulated agent
 //! New flows per pattern are Poisson; each flow's first bytes are classified by the plan's rules
 //! exactly as the data path does ([`doppel_engine::mirror::classify`]); a flow is sampled at its
-//! class's rate and then must pass the budget's token bucket ([`FlowBucket`]). The agent sees
+//! class's rate and then must pass the budget's token bucket ([`FlowBucket`]; `--mirror-bucket
+//! false` leaves it out, as the agents run today: the planner's rates alone). The agent sees
 //! patterns as production does: one new flow in 16 is inspected (the agent's default), and the
 //! reported count is scaled back up. The planner observes each interval and plans the next.
 //!
@@ -69,6 +70,8 @@ pub(crate) struct MirrorOptions<'a> {
     pub(crate) workloads: usize,
     /// One new flow in this many is inspected for its pattern.
     pub(crate) discovery_one_in: u32,
+    /// Model the data path's token bucket (the budget as a hard limit where flows are sampled).
+    pub(crate) bucket: bool,
 }
 
 struct Pattern {
@@ -372,7 +375,11 @@ fn simulate(
         // The token bucket admits the interval's sampled flows in arrival order, which is
         // uniform across classes: thin every class by the same share.
         let wanted: u64 = sampled.iter().map(|s| s.2).sum();
-        let admitted = bucket.admit(now, wanted);
+        let admitted = if options.bucket {
+            bucket.admit(now, wanted)
+        } else {
+            wanted
+        };
         let mut class_mirrored: HashMap<u16, u64> = HashMap::new();
         let mut mirrored_pattern: Vec<(usize, u16, u64)> = Vec::new();
         let (mut left, mut left_wanted) = (admitted, wanted);

@@ -354,6 +354,8 @@ impl ShadowConfig {
                 .collect(),
             mirror_sessions: Vec::new(),
             sampling_seed: 0,
+            // A shadow mirrors nothing.
+            mirror_budget_flows_per_s: 0,
         }
     }
 
@@ -588,6 +590,7 @@ mod tests {
             ],
             mirror_sessions: Vec::new(),
             sampling_seed: 9,
+            mirror_budget_flows_per_s: 0,
         };
         let kernel = c.kernel_policy_under(&coordinator);
         // Measured where the replay arrives, sampling nothing; the client-address rule is out.

@@ -89,7 +89,7 @@ mod tests {
     fn frames_round_trip_through_a_stream_and_end_cleanly() {
         block_on(async {
             let (mut a, mut b) = tokio::io::duplex(64);
-            let sent = Envelope::new(1, Message::Ack(Ack { seq: 7 }));
+            let sent = Envelope::new(super::super::PROTOCOL_VERSION, Message::Ack(Ack { seq: 7 }));
             let writer = async {
                 write_envelope(&mut a, &sent, DEFAULT_MAX_FRAME_LEN)
                     .await

@@ -343,6 +343,10 @@ pub struct AgentPolicy {
     pub mirror_sessions: Vec<MirrorSession>,
     /// Seed of the current sampling epoch (a new seed re-draws which new flows are sampled).
     pub sampling_seed: u64,
+    /// Most new flows mirrored per second (0: no limit), a hard limit the data path holds
+    /// whatever the class rates, so a burst, or a coordinator that stops steering the rates,
+    /// never pushes the mirrored volume over the budget. Since protocol version 2.
+    pub mirror_budget_flows_per_s: u32,
 }
 
 /// A listening address of the workload.

@@ -31,10 +31,13 @@ pub use histogram::{EncodedHistogram, HistogramError};
 pub use io::{FrameIoError, read_envelope, write_envelope};
 pub use messages::*;
 
-/// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The oldest protocol version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this build speaks. Version 2 added
+/// [`AgentPolicy::mirror_budget_flows_per_s`].
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this build still speaks. Version 1's policy cannot carry the
+/// mirror budget, a limit an agent must hold on its own, so a version 1 peer is refused (with
+/// both sides' versions in the reason) rather than sent a policy it would apply without it.
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// The envelope version the frozen handshake messages are always sent in.
 pub const HANDSHAKE_VERSION: u16 = 1;
 

@@ -312,6 +312,7 @@ fn heap_of(message: &Message) -> Heap {
                     rules,
                     mirror_sessions,
                     sampling_seed: _,
+                    mirror_budget_flows_per_s: _,
                 },
         }) => {
             heap.string(workload);
@@ -425,6 +426,7 @@ fn largest_policy() -> Message {
                 MAX_POLICY_SESSIONS
             ],
             sampling_seed: 9,
+            mirror_budget_flows_per_s: u32::MAX,
         },
     })
 }
