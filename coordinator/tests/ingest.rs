@@ -191,9 +191,13 @@ async fn revoking_a_connected_agent_closes_its_connection() {
     let s = setup();
     let client = s.issue("agent-1");
     let coordinator = Coordinator::start(s.config()).await.expect("start");
-    let (session, _) = open(coordinator.quic_addr, client.clone(), hello(1, PROTOCOL_VERSION))
-        .await
-        .expect("connect");
+    let (session, _) = open(
+        coordinator.quic_addr,
+        client.clone(),
+        hello(1, PROTOCOL_VERSION),
+    )
+    .await
+    .expect("connect");
     s.ca.revoke("agent-1", OffsetDateTime::now_utc())
         .expect("revoke");
     let closed = tokio::time::timeout(Duration::from_secs(5), session.conn.closed())
