@@ -393,7 +393,7 @@ fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
         (*state).last_seen_ns = now;
         if packet.payload_len > 0 {
             if (*state).flags & FLOW_DECIDED == 0 {
-                decide(ctx, packet, config, &mut *state);
+                decide(ctx, packet, config, &mut *state, now);
             }
             (*state).flags |= FLOW_AWAITING_RESPONSE;
         }
@@ -540,7 +540,13 @@ fn bump(array: &PerCpuArray<u64>, index: u32) {
 
 /// Classifies the flow from its first payload and decides once whether it is mirrored.
 #[inline(never)]
-fn decide(ctx: &TcContext, packet: &Packet, config: &DatapathConfig, state: &mut FlowState) {
+fn decide(
+    ctx: &TcContext,
+    packet: &Packet,
+    config: &DatapathConfig,
+    state: &mut FlowState,
+    now: u64,
+) {
     let mut head = [0u64; PATTERN_SAMPLE_LEN / 8];
     let have = load_head(ctx, packet, &mut head);
     let class = classify(packet, config.rule_count, &head, have);
@@ -552,7 +558,7 @@ fn decide(ctx: &TcContext, packet: &Packet, config: &DatapathConfig, state: &mut
     if state.flags & FLOW_SEEN_SYN != 0 {
         if let Some(class_config) = CLASSES.get(class) {
             if u64::from(hash) < class_config.sample_threshold {
-                if within_budget(config.mirror_budget_per_cpu_milli) {
+                if within_budget(config.mirror_budget_per_cpu_milli, now) {
                     state.flags |= FLOW_SAMPLED;
                     add(DatapathCounter::FlowsSampled, 1);
                     bump(&CLASS_FLOWS, MAX_CLASSES + class);
@@ -583,19 +589,19 @@ fn decide(ctx: &TcContext, packet: &Packet, config: &DatapathConfig, state: &mut
 }
 
 /// Takes one flow's token from this CPU's mirror-budget bucket (refilled at its share of the
-/// budget, one second deep); `false` when it is empty. A budget of 0 is no limit.
+/// budget, one second deep); `false` when it is empty. A budget of 0 is no limit. `now` is the
+/// packet's coarse clock, already read by the caller.
 #[inline(always)]
-fn within_budget(per_cpu_milli: u32) -> bool {
+fn within_budget(per_cpu_milli: u32, now: u64) -> bool {
     if per_cpu_milli == 0 {
         return true;
     }
     let Some(bucket) = MIRROR_BUCKET.get_ptr_mut(0) else {
         return true;
     };
-    // SAFETY: plain helper call; `bucket` is this CPU's slot, which only this CPU writes, and a
-    // program is not preempted by another program on the same CPU.
+    // SAFETY: `bucket` is this CPU's slot, which only this CPU writes, and a program is not
+    // preempted by another program on the same CPU.
     unsafe {
-        let now = bpf_ktime_get_coarse_ns();
         let rate = u64::from(per_cpu_milli);
         // At most a second of refill (a full bucket), which also keeps the product in range.
         let elapsed = now.saturating_sub((*bucket).refilled_ns).min(1_000_000_000);

@@ -254,15 +254,15 @@ fn class_latencies(
         {
             continue;
         }
-        let Ok(h) = doppel_common::wire::EncodedHistogram(row.hist).decode() else {
+        let Ok(mut h) = doppel_common::wire::EncodedHistogram(row.hist).decode() else {
             continue;
         };
-        match merged.entry(row.class) {
-            std::collections::btree_map::Entry::Occupied(mut e) => {
-                let _ = e.get_mut().add(&h);
-            }
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(h);
+        match merged.get_mut(&row.class) {
+            Some(into) => doppel_engine::compare::merge(into, &h),
+            None => {
+                // Auto-resizing, so later intervals with longer latencies merge without loss.
+                h.auto(true);
+                merged.insert(row.class, h);
             }
         }
     }

@@ -440,31 +440,58 @@ fn shadow_weights(measurements: &[&Measurement], live_mirrored: &[LiveMirrored])
     if live_mirrored.is_empty() {
         return vec![1.0; measurements.len()];
     }
-    let live: Vec<&&Measurement> = measurements
-        .iter()
-        .filter(|m| m.role == Role::Live)
-        .collect();
-    let overlaps = |a: i64, al: i64, b: i64, bl: i64| a < b + bl && b < a + al;
-    let weight_over = |class: u16, window: Option<(i64, i64)>| {
-        let inside = |start: i64, len: i64| window.is_none_or(|(s, l)| overlaps(start, len, s, l));
-        let served: u64 = live
+    // Live's (interval start, length, served, mirrored) per class, sorted by start, and each
+    // class's window totals: every shadow measurement then looks up only the live intervals
+    // that can overlap it, instead of scanning all of live's (a 15 min window of one-second
+    // intervals over 16 classes is tens of thousands of each).
+    let mut by_class: HashMap<u16, Vec<(i64, i64, u64, u64)>> = HashMap::new();
+    for m in measurements.iter().filter(|m| m.role == Role::Live) {
+        by_class.entry(m.class).or_default().push((
+            m.interval_start_ms,
+            m.interval_ms,
+            m.histogram.len(),
+            0,
+        ));
+    }
+    for m in live_mirrored {
+        by_class.entry(m.class).or_default().push((
+            m.interval_start_ms,
+            m.interval_ms,
+            0,
+            m.exchanges,
+        ));
+    }
+    let mut longest = 0;
+    let mut totals: HashMap<u16, (u64, u64)> = HashMap::new();
+    for (class, rows) in &mut by_class {
+        rows.sort_unstable_by_key(|r| r.0);
+        let total = totals.entry(*class).or_default();
+        for r in rows.iter() {
+            longest = longest.max(r.1);
+            total.0 += r.2;
+            total.1 += r.3;
+        }
+    }
+    let overlapping = |class: u16, start: i64, len: i64| {
+        let rows = by_class.get(&class).map_or(&[][..], Vec::as_slice);
+        // Rows starting in (start - longest, start + len) are the only ones that can overlap.
+        let first = rows.partition_point(|r| r.0 <= start - longest);
+        let (served, mirrored) = rows[first..]
             .iter()
-            .filter(|m| m.class == class && inside(m.interval_start_ms, m.interval_ms))
-            .map(|m| m.histogram.len())
-            .sum();
-        let mirrored: u64 = live_mirrored
-            .iter()
-            .filter(|m| m.class == class && inside(m.interval_start_ms, m.interval_ms))
-            .map(|m| m.exchanges)
-            .sum();
+            .take_while(|r| r.0 < start + len)
+            .filter(|r| r.0 + r.1 > start)
+            .fold((0, 0), |(s, m), r| (s + r.2, m + r.3));
         crate::mirror::class_weight(served, mirrored)
     };
     let mut weights: Vec<f64> = measurements
         .iter()
         .map(|m| match m.role {
             Role::Live => 1.0,
-            Role::Shadow => weight_over(m.class, Some((m.interval_start_ms, m.interval_ms)))
-                .or_else(|| weight_over(m.class, None))
+            Role::Shadow => overlapping(m.class, m.interval_start_ms, m.interval_ms)
+                .or_else(|| {
+                    let (served, mirrored) = totals.get(&m.class).copied().unwrap_or_default();
+                    crate::mirror::class_weight(served, mirrored)
+                })
                 .unwrap_or(1.0),
         })
         .collect();

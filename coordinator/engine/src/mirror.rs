@@ -105,18 +105,6 @@ impl RuleSpec {
                 .zip(head)
                 .all(|((p, m), h)| h & m == *p)
     }
-
-    /// Whether every flow this rule matches is also matched by `other` (so a flow of this rule
-    /// goes to whichever of the two classes has the higher priority).
-    pub fn within(&self, other: &Self) -> bool {
-        other.prefix.len() <= self.prefix.len()
-            && other
-                .prefix
-                .iter()
-                .zip(&other.mask)
-                .zip(self.prefix.iter().zip(&self.mask))
-                .all(|((op, om), (sp, sm))| sm & om == *om && sp & om == *op)
-    }
 }
 
 fn case_insensitive(bytes: &[u8]) -> RuleSpec {

@@ -134,42 +134,34 @@ impl Store {
         now_ms: i64,
         publish: bool,
     ) -> Result<u64, StoreError> {
-        let tx = self.write_transaction("begin")?;
-        let refreshed = !publish
-            && tx
+        if !publish {
+            let refreshed = self
+                .conn
                 .execute(
                     "UPDATE mirror_plans SET body = ?2 WHERE workload = ?1",
                     params![workload, body.to_string()],
                 )
-                .map_err(sql("refresh mirror plan"))?
-                == 1;
-        let revision = if refreshed {
-            let current: i64 = tx
-                .query_row(
-                    "SELECT value FROM meta WHERE key = 'policy_revision'",
-                    [],
-                    |r| r.get(0),
-                )
-                .map_err(sql("read policy revision"))?;
-            u64::try_from(current).unwrap_or_default()
-        } else {
-            let revision = bump_revision(&tx)?;
-            tx.execute(
-                "INSERT INTO mirror_plans (workload, revision, changed_ms, body)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (workload) DO UPDATE SET
-                    revision = excluded.revision, changed_ms = excluded.changed_ms,
-                    body = excluded.body",
-                params![
-                    workload,
-                    i64::try_from(revision).unwrap_or(i64::MAX),
-                    now_ms,
-                    body.to_string()
-                ],
-            )
-            .map_err(sql("write mirror plan"))?;
-            revision
-        };
+                .map_err(sql("refresh mirror plan"))?;
+            if refreshed == 1 {
+                return self.policy_revision();
+            }
+        }
+        let tx = self.write_transaction("begin")?;
+        let revision = bump_revision(&tx)?;
+        tx.execute(
+            "INSERT INTO mirror_plans (workload, revision, changed_ms, body)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (workload) DO UPDATE SET
+                revision = excluded.revision, changed_ms = excluded.changed_ms,
+                body = excluded.body",
+            params![
+                workload,
+                i64::try_from(revision).unwrap_or(i64::MAX),
+                now_ms,
+                body.to_string()
+            ],
+        )
+        .map_err(sql("write mirror plan"))?;
         tx.commit().map_err(sql("commit mirror plan"))?;
         Ok(revision)
     }

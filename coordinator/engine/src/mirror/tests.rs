@@ -84,13 +84,6 @@ fn rules_match_the_flows_of_their_pattern_and_not_their_neighbours() {
 }
 
 #[test]
-fn a_nested_rule_knows_it_is_within_a_shorter_one() {
-    let outer = rule_for_pattern("GET /api/{n}").expect("rule");
-    let inner = rule_for_pattern("GET /api/items/{n}").expect("rule");
-    assert!(inner.within(&outer) && !outer.within(&inner));
-}
-
-#[test]
 fn the_plan_learns_heads_boosts_rare_patterns_and_fills_the_budget_at_the_reference_load() {
     let mut planner = MirrorPlanner::new(settings(20.0)).expect("valid");
     run(&mut planner, 0, 120, true);
