@@ -21,6 +21,13 @@
 //! drops VXLAN mirror datagrams whose (outer source, VNI) is not admitted before the stack
 //! spends anything on them, and passes everything else.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// The BPF target has no `compare_exchange` (rustc's target says it lacks CAS, though the kernel
+// has BPF_CMPXCHG since 5.12); the mirror budget's bucket uses the intrinsic underneath it.
+#![cfg_attr(
+    target_arch = "bpf",
+    feature(core_intrinsics),
+    allow(internal_features)
+)]
 #![expect(
     unreachable_pub,
     reason = "program entry points are exported symbols the loader finds by name"
@@ -34,13 +41,13 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use doppel_common::maps::{
-    AdmitConfig, AdmitCounter, AdmitKey, COUNTER_SLOTS, ClassConfig, DatapathConfig,
-    DatapathCounter, Direction, FLOW_AWAITING_RESPONSE, FLOW_CLIENT_CLOSED, FLOW_DECIDED,
-    FLOW_MAP_ENTRIES, FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState, IFACE_SLOTS, IfaceCounters,
-    LATENCY_BUCKETS, LATENCY_HISTOGRAMS, MAX_ADMITTED, MAX_CLASSES, MAX_RULES, MAX_SERVICES,
-    MAX_SESSIONS, MIRROR_KEEPALIVE_NS, MirrorBucket, MirrorSessionConfig, PATTERN_SAMPLE_LEN,
-    PatternSample, RULE_MATCH_PORT, RULE_MATCH_PREFIX, Rule, iface_slot, latency_bucket,
-    latency_histogram_base,
+    AdmitConfig, AdmitCounter, AdmitKey, CLASS_BUDGET_PRIORITY, COUNTER_SLOTS, ClassConfig,
+    DatapathConfig, DatapathCounter, Direction, FLOW_AWAITING_RESPONSE, FLOW_CLIENT_CLOSED,
+    FLOW_DECIDED, FLOW_MAP_ENTRIES, FLOW_SAMPLED, FLOW_SEEN_SYN, FlowKey, FlowState, IFACE_SLOTS,
+    IfaceCounters, LATENCY_BUCKETS, LATENCY_HISTOGRAMS, MAX_ADMITTED, MAX_CLASSES, MAX_RULES,
+    MAX_SERVICES, MAX_SESSIONS, MIRROR_KEEPALIVE_NS, MirrorBucket, MirrorSessionConfig,
+    PATTERN_SAMPLE_LEN, PatternSample, RULE_MATCH_PORT, RULE_MATCH_PREFIX, Rule, iface_slot,
+    latency_bucket, latency_histogram_base,
 };
 
 #[map(name = "IFACE_COUNTERS")]
@@ -64,7 +71,7 @@ static CLASS_FLOWS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_CLA
 static LATENCY: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(LATENCY_HISTOGRAMS * LATENCY_BUCKETS, 0);
 #[map(name = "MIRROR_BUCKET")]
-static MIRROR_BUCKET: PerCpuArray<MirrorBucket> = PerCpuArray::with_max_entries(1, 0);
+static MIRROR_BUCKET: Array<MirrorBucket> = Array::with_max_entries(2, 0);
 #[map(name = "PATTERNS")]
 static PATTERNS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
@@ -558,7 +565,7 @@ fn decide(
     if state.flags & FLOW_SEEN_SYN != 0 {
         if let Some(class_config) = CLASSES.get(class) {
             if u64::from(hash) < class_config.sample_threshold {
-                if within_budget(config.mirror_budget_per_cpu_milli, now) {
+                if within_budget(config, class_config.flags, now) {
                     state.flags |= FLOW_SAMPLED;
                     add(DatapathCounter::FlowsSampled, 1);
                     bump(&CLASS_FLOWS, MAX_CLASSES + class);
@@ -588,32 +595,120 @@ fn decide(
     }
 }
 
-/// Takes one flow's token from this CPU's mirror-budget bucket (refilled at its share of the
-/// budget, one second deep); `false` when it is empty. A budget of 0 is no limit. `now` is the
-/// packet's coarse clock, already read by the caller.
+/// Whether one more flow of a class with `class_flags` fits the mirror budget: two GCRAs on the
+/// host-wide `MIRROR_BUCKET`.
+/// - Entry 0 is the budget: its theoretical arrival time may run at most `mirror_tolerance_ns`
+///   (a second's burst) ahead of now, and each admitted flow moves it one `mirror_interval_ns`
+///   on. A common class's flow must leave `mirror_reserve_ns` of it, so common traffic that
+///   saturates the budget cannot turn the rare patterns away.
+/// - A `CLASS_BUDGET_PRIORITY` class's flow may take the reserve, but only within entry 1, the
+///   priority lane at `mirror_priority_interval_ns` (30 % of the budget, the share the plan gives
+///   boosts): a pattern that bursts while still boosted cannot starve the common classes.
+///
+/// An interval of 0 is no limit. `now` is the packet's coarse clock, already read by the
+/// caller.
 #[inline(always)]
-fn within_budget(per_cpu_milli: u32, now: u64) -> bool {
-    if per_cpu_milli == 0 {
+fn within_budget(config: &DatapathConfig, class_flags: u32, now: u64) -> bool {
+    if config.mirror_interval_ns == 0 {
         return true;
     }
-    let Some(bucket) = MIRROR_BUCKET.get_ptr_mut(0) else {
+    let (Some(budget), Some(lane)) = (MIRROR_BUCKET.get_ptr_mut(0), MIRROR_BUCKET.get_ptr_mut(1))
+    else {
         return true;
     };
-    // SAFETY: `bucket` is this CPU's slot, which only this CPU writes, and a program is not
-    // preempted by another program on the same CPU.
+    let interval = u64::from(config.mirror_interval_ns);
+    let tolerance = config.mirror_tolerance_ns;
+    // SAFETY (every call below): an array map's values live as long as the map and are 8-byte
+    // aligned.
+    if class_flags & CLASS_BUDGET_PRIORITY == 0 {
+        return unsafe { take(budget, now, tolerance, config.mirror_reserve_ns, interval) };
+    }
+    if !unsafe { conforms(lane, now, tolerance) }
+        || !unsafe { take(budget, now, tolerance, 0, interval) }
+    {
+        return false;
+    }
+    // The lane is a soft limit under the hard one: it always moves on (tolerance unbounded), and
+    // a race lost four times leaves it a flow short.
     unsafe {
-        let rate = u64::from(per_cpu_milli);
-        // At most a second of refill (a full bucket), which also keeps the product in range.
-        let elapsed = now.saturating_sub((*bucket).refilled_ns).min(1_000_000_000);
-        let tokens = ((*bucket).tokens_milli + elapsed * rate / 1_000_000_000).min(rate.max(1000));
-        (*bucket).refilled_ns = now;
-        if tokens >= 1000 {
-            (*bucket).tokens_milli = tokens - 1000;
-            true
-        } else {
-            (*bucket).tokens_milli = tokens;
-            false
+        take(
+            lane,
+            now,
+            u64::MAX / 4,
+            0,
+            config.mirror_priority_interval_ns,
+        )
+    };
+    true
+}
+
+/// Whether the GCRA at `slot` would admit a flow now: its theoretical arrival time at most
+/// `tolerance` ahead of now.
+///
+/// # Safety
+/// `slot` is valid for reads and 8-byte aligned.
+#[inline(always)]
+unsafe fn conforms(slot: *mut u64, now: u64, tolerance: u64) -> bool {
+    // SAFETY: the caller's; an aligned 8-byte load is single-copy atomic (BPF's "generic" CPU
+    // cannot select an atomic load).
+    unsafe { core::ptr::read_volatile(slot) <= now + tolerance }
+}
+
+/// Admits a flow on the GCRA at `slot` when its theoretical arrival time is at most `tolerance`
+/// ahead of now, less `held` (not `max(seen, now) + held`: an idle bucket, its time in the past,
+/// has room for the held-back reserve too, so a budget below one flow per reserve still admits
+/// common flows). An admitted flow moves it one `interval` on from now or from where it was,
+/// whichever is later, with a compare-and-swap, so CPUs deciding flows at once cannot both take
+/// the last slot; a CPU that loses the race four times in a row (which needs four other flows
+/// admitted meanwhile) turns its flow away rather than loop.
+///
+/// # Safety
+/// `slot` is valid for reads and writes and 8-byte aligned.
+#[inline(always)]
+unsafe fn take(slot: *mut u64, now: u64, tolerance: u64, held: u64, interval: u64) -> bool {
+    // SAFETY: the caller's; a stale value only fails the compare-and-swap.
+    let mut seen = unsafe { core::ptr::read_volatile(slot) };
+    for _ in 0..4 {
+        if seen + held > now + tolerance {
+            return false;
         }
+        // SAFETY: the caller's.
+        match unsafe { compare_exchange(slot, seen, seen.max(now) + interval) } {
+            Ok(_) => return true,
+            Err(actual) => seen = actual,
+        }
+    }
+    false
+}
+
+/// `AtomicU64::compare_exchange` on `*slot`, relaxed: `Ok(old)` when it held `old` and now holds
+/// `new`, else `Err(what it held)`.
+///
+/// # Safety
+/// `slot` is valid for reads and writes and 8-byte aligned.
+#[inline(always)]
+unsafe fn compare_exchange(slot: *mut u64, old: u64, new: u64) -> Result<u64, u64> {
+    #[cfg(target_arch = "bpf")]
+    {
+        use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+        // SAFETY: the caller's.
+        let (held, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                slot, old, new,
+            )
+        };
+        if swapped { Ok(held) } else { Err(held) }
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    {
+        use core::sync::atomic::{AtomicU64, Ordering};
+        // SAFETY: the caller's.
+        unsafe { AtomicU64::from_ptr(slot) }.compare_exchange(
+            old,
+            new,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        )
     }
 }
 

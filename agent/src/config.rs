@@ -161,6 +161,10 @@ pub struct ClassConfigFile {
     /// Higher wins when rules of several classes match.
     #[serde(default)]
     pub priority: u16,
+    /// The class's flows may spend the mirror budget's reserve, within a lane of 30 % of the
+    /// budget, so common traffic that saturates the budget cannot turn them away.
+    #[serde(default)]
+    pub budget_priority: bool,
 }
 
 /// A rule as written in the file.
@@ -422,6 +426,7 @@ impl LiveConfig {
             name: "default".to_owned(),
             sample_rate_ppm: percent_to_ppm("default_sample_percent", self.default_sample_percent)?,
             priority: 0,
+            budget_priority: false,
         }];
         for (i, class) in self.classes.iter().enumerate() {
             if class.id == 0 {
@@ -438,6 +443,7 @@ impl LiveConfig {
                     class.sample_percent,
                 )?,
                 priority: class.priority,
+                budget_priority: class.budget_priority,
             });
         }
         let rules = self

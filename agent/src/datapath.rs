@@ -18,7 +18,8 @@ use aya::{
     },
 };
 use doppel_common::maps::{
-    Direction, IFACE_COUNTERS_MAP, IfaceCounters, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, iface_slot,
+    CLASS_BUDGET_PRIORITY, Direction, IFACE_COUNTERS_MAP, IfaceCounters, MIRROR_BUDGET_RESERVE_NS,
+    MIRROR_PRIORITY_SHARE_PPM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, iface_slot,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -456,16 +457,20 @@ pub struct LatencyDelta {
     pub histogram: hdrhistogram::Histogram<u64>,
 }
 
-/// Each CPU's share of a budget of `flows_per_s`, in thousandths of a flow per second (0: no
-/// limit). Shared evenly over the CPUs that can run the programs: a CPU that decides more than
-/// its share of the new flows turns some away while another's tokens go unused, so the budget
-/// is an upper bound, reached when flows spread evenly (RSS, RPS).
-fn budget_per_cpu_milli(flows_per_s: u32) -> u32 {
+/// The data path's form of a budget of `flows_per_s` new mirrored flows a second (0: no limit):
+/// the spacing of flows, how far ahead of now the bucket may run (a second's burst), and the
+/// priority lane's spacing (`mirror_interval_ns`, `mirror_tolerance_ns`,
+/// `mirror_priority_interval_ns` of `DatapathConfig`).
+fn mirror_budget_spacing(flows_per_s: u32) -> (u32, u64, u64) {
     if flows_per_s == 0 {
-        return 0;
+        return (0, 0, 0);
     }
-    let cpus = aya::util::online_cpus().map_or(1, |c| c.len().max(1)) as u64;
-    (u64::from(flows_per_s) * 1000 / cpus).clamp(1, u64::from(u32::MAX)) as u32
+    let interval = (1_000_000_000 / u64::from(flows_per_s)).max(1);
+    (
+        interval as u32,
+        (u64::from(flows_per_s) - 1) * interval,
+        interval * 1_000_000 / MIRROR_PRIORITY_SHARE_PPM,
+    )
 }
 
 impl Datapath {
@@ -505,6 +510,8 @@ impl Datapath {
         for (slot, key) in services.iter_mut().zip(&policy.services) {
             *slot = *key;
         }
+        let (mirror_interval_ns, mirror_tolerance_ns, mirror_priority_interval_ns) =
+            mirror_budget_spacing(policy.mirror_budget_flows_per_s);
         let config = DatapathConfig {
             sampling_seed: policy.sampling_seed,
             flow_idle_timeout_ns: settings
@@ -522,7 +529,19 @@ impl Datapath {
             pattern_sample_one_in: settings.pattern_sample_one_in,
             // `compile` refuses more than MAX_SERVICES.
             service_count: policy.services.len().min(MAX_SERVICES as usize) as u32,
-            mirror_budget_per_cpu_milli: budget_per_cpu_milli(policy.mirror_budget_flows_per_s),
+            mirror_interval_ns,
+            mirror_tolerance_ns,
+            mirror_reserve_ns: if mirror_interval_ns != 0
+                && policy
+                    .classes
+                    .iter()
+                    .any(|c| c.flags & CLASS_BUDGET_PRIORITY != 0)
+            {
+                MIRROR_BUDGET_RESERVE_NS
+            } else {
+                0
+            },
+            mirror_priority_interval_ns,
             services,
         };
         let mut config_map: Array<_, DatapathConfig> = self.map_mut(names::CONFIG)?;

@@ -7,8 +7,9 @@ use std::net::IpAddr;
 
 use doppel_common::{
     maps::{
-        ClassConfig, MAX_CLASSES, MAX_RULES, MAX_SERVICES, MAX_SESSIONS, MirrorSessionConfig,
-        PAYLOAD_MATCH_LEN, RULE_MATCH_PORT, RULE_MATCH_PREFIX, Rule, ServiceKey,
+        CLASS_BUDGET_PRIORITY, ClassConfig, MAX_CLASSES, MAX_RULES, MAX_SERVICES, MAX_SESSIONS,
+        MirrorSessionConfig, PAYLOAD_MATCH_LEN, RULE_MATCH_PORT, RULE_MATCH_PREFIX, Rule,
+        ServiceKey,
     },
     wire::{AgentPolicy, ClassPolicy, ClassRule, IpPrefix, MirrorSession, ServiceAddr},
 };
@@ -141,7 +142,11 @@ fn class_config(
         // rate x 2^32, so that "hash < threshold" holds for exactly that share of 32-bit hashes.
         sample_threshold: (u64::from(class.sample_rate_ppm) << 32) / u64::from(PPM),
         priority: u32::from(class.priority),
-        _pad: 0,
+        flags: if class.budget_priority {
+            CLASS_BUDGET_PRIORITY
+        } else {
+            0
+        },
     })
 }
 
@@ -276,6 +281,7 @@ mod tests {
                 name: "api".into(),
                 sample_rate_ppm: 250_000,
                 priority: 5,
+                budget_priority: false,
             }],
             rules: vec![ClassRule {
                 class: 1,

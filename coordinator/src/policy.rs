@@ -628,6 +628,7 @@ pub fn agent_policy(
             // Validated to 0.0..=1.0, so the product fits; exact at the ends.
             sample_rate_ppm: (c.sample_rate * 1e6).round() as u32,
             priority: c.priority,
+            budget_priority: false,
         })
         .collect();
     let rules = spec

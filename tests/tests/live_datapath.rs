@@ -804,3 +804,104 @@ fn a_receiving_only_flow_sends_the_shadows_one_keepalive_not_its_acks() {
         assert_eq!(flow.bare_acks, 1, "{flow:?}");
     }
 }
+
+#[test]
+fn the_mirror_budget_holds_host_wide_and_keeps_room_for_priority_classes() {
+    if !privileged_or_skip("the_mirror_budget_holds_host_wide_and_keeps_room_for_priority_classes")
+    {
+        return;
+    }
+    const BUDGET: f64 = 20.0;
+    const FLOWS: usize = 800;
+    /// One flow in this many is of the priority class: 5/s, within its lane (30 % of 20/s).
+    const RARE_EVERY: usize = 40;
+    let t = Topology::new();
+    let _server = t.start_server(false);
+    let _sinks = [t.start_sink(0, false), t.start_sink(1, false)];
+    let classes = r#"
+[[classes]]
+id = 1
+name = "rare"
+sample_percent = 100.0
+budget_priority = true
+[[rules]]
+class = 1
+payload_prefix = "GET /rare/"
+"#;
+    let agent = Agent::start(
+        &t.live,
+        "live",
+        &live_config(
+            &t,
+            &t.client_link.b_iface,
+            false,
+            &format!("default_sample_percent = 100.0\nmirror_budget_flows_per_s = {BUDGET}"),
+            classes,
+        ),
+    );
+
+    // 200 new flows/s, every one sampled by its class's rate, ten times the budget. The client's
+    // threads all run on CPU 0, so the kernel decides every flow there: a budget split per CPU
+    // would mirror half of it.
+    let server = SocketAddr::new(t.server_addr(false), 8080);
+    let started = std::time::Instant::now();
+    thread::scope(|s| {
+        for worker in 0..4 {
+            let (t, started) = (&t, &started);
+            s.spawn(move || {
+                let _inside = t.client.enter().expect("enter client");
+                let mut cpu0 = nix::sched::CpuSet::new();
+                cpu0.set(0).expect("cpu 0");
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu0)
+                    .expect("pin to cpu 0");
+                for i in (worker..FLOWS).step_by(4) {
+                    let due = Duration::from_millis(5 * i as u64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        thread::sleep(wait);
+                    }
+                    let path = if i % RARE_EVERY == 0 { "rare" } else { "items" };
+                    http_flow(
+                        server,
+                        &[format!("GET /{path}/{i} HTTP/1.1\r\nHost: live\r\n\r\n")],
+                    );
+                }
+            });
+        }
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_millis(500));
+    let lines = agent.stop();
+
+    let rare_flows = class_total(&lines, 1, "flows");
+    let rare_sampled = class_total(&lines, 1, "sampled");
+    let common_sampled = class_total(&lines, 0, "sampled");
+    let sampled = rare_sampled + common_sampled;
+    let limited = counter(&lines, "budget_limited");
+    println!(
+        "{seconds:.2} s: sampled {sampled} (rare {rare_sampled} of {rare_flows}), turned away \
+         {limited}, budget {BUDGET}/s"
+    );
+    assert_eq!(
+        rare_flows,
+        (FLOWS / RARE_EVERY) as u64,
+        "rare flows classified"
+    );
+    assert_eq!(class_total(&lines, 0, "flows") + rare_flows, FLOWS as u64);
+    // The hard limit: a second's burst, then the budget's rate, whichever CPU decides.
+    assert!(
+        sampled as f64 <= BUDGET * (seconds + 1.0) + 1.0,
+        "{sampled} flows sampled in {seconds:.2} s against {BUDGET}/s"
+    );
+    // Used host-wide although one CPU decided every flow.
+    assert!(
+        sampled as f64 >= 0.85 * BUDGET * seconds,
+        "only {sampled} flows sampled in {seconds:.2} s against {BUDGET}/s"
+    );
+    assert_eq!(
+        limited + sampled,
+        FLOWS as u64,
+        "every flow was sampled or turned away"
+    );
+    // Common flows saturate the budget, yet every priority flow found room in the reserve.
+    assert_eq!(rare_sampled, rare_flows, "priority flows admitted");
+}

@@ -313,8 +313,8 @@ budget_flows_per_s = {BUDGET}
         "the live data path classified {classified_in_head} flows into the learned class"
     );
 
-    // The volume: the budget is a hard limit in the live data path (a token bucket per CPU,
-    // one second deep), whatever the rates: no interval mirrors more than the budget for its
+    // The volume: the budget is a hard limit in the live data path (one host-wide bucket,
+    // a second's burst deep), whatever the rates: no interval mirrors more than the budget for its
     // length plus that second, although the operator's start rate alone asked for three times
     // the budget until the first plan came.
     let live_lines = live_agent.lines();

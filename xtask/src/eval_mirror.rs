@@ -20,8 +20,10 @@
 //! # The simulated agent
 //! New flows per pattern are Poisson; each flow's first bytes are classified by the plan's rules
 //! exactly as the data path does ([`doppel_engine::mirror::classify`]); a flow is sampled at its
-//! class's rate and then must pass the budget's token bucket ([`FlowBucket`]; `--mirror-bucket
-//! false` leaves it out, as the agents run today: the planner's rates alone). The agent sees
+//! class's rate and then must pass the budget's token bucket ([`FlowBucket`], the kernel's rules:
+//! the boost classes' flows may take the bucket's reserve within their lane, the uniform
+//! baseline has no reserve; `--mirror-bucket false` leaves the bucket out: the planner's rates
+//! alone). The agent sees
 //! patterns as production does: one new flow in 16 is inspected (the agent's default), and the
 //! reported count is scaled back up. The planner observes each interval and plans the next.
 //!
@@ -53,7 +55,7 @@
 use std::collections::HashMap;
 
 use doppel_engine::mirror::{
-    ClassLatency, FlowBucket, MirrorPlanner, MirrorSettings, PatternObservation,
+    ClassLatency, ClassRole, FlowBucket, MirrorPlanner, MirrorSettings, PatternObservation,
 };
 use rand::{RngExt as _, SeedableRng as _, rngs::ChaCha8Rng};
 
@@ -291,7 +293,11 @@ fn simulate(
         ..MirrorSettings::default()
     })
     .expect("default settings are valid");
-    let mut bucket = FlowBucket::new(budget, 0.0);
+    let mut bucket = if uniform {
+        FlowBucket::without_priority(budget, 0.0)
+    } else {
+        FlowBucket::new(budget, 0.0)
+    };
     let mut hours: Vec<Hour> = Vec::new();
     let per_hour = (3600 / trace.step_secs).max(1) as usize;
     let mut interval_loads = Vec::with_capacity(intervals);
@@ -373,10 +379,26 @@ fn simulate(
         }
         burst_left = burst_left.saturating_sub(1);
         // The token bucket admits the interval's sampled flows in arrival order, which is
-        // uniform across classes: thin every class by the same share.
-        let wanted: u64 = sampled.iter().map(|s| s.2).sum();
+        // uniform across classes: the boost classes' flows may spend the budget's reserve, and
+        // within each of the two groups every class is thinned by the same share.
+        let priority_class = |class: u16| {
+            !uniform
+                && plan
+                    .classes
+                    .iter()
+                    .any(|c| c.id == class && c.role == ClassRole::Boost)
+        };
+        let wanted_in = |priority: bool| -> u64 {
+            sampled
+                .iter()
+                .filter(|s| priority_class(s.1) == priority)
+                .map(|s| s.2)
+                .sum()
+        };
+        let wanted = [wanted_in(false), wanted_in(true)];
         let admitted = if options.bucket {
-            bucket.admit(now, wanted)
+            let (priority, common) = bucket.admit_classes(now, wanted[1], wanted[0]);
+            [common, priority]
         } else {
             wanted
         };
@@ -386,13 +408,14 @@ fn simulate(
         for (i, class, s) in sampled {
             // Which of the sampled flows the bucket admitted: a draw without replacement, so
             // the admitted total is exact.
-            let m = if left >= left_wanted {
+            let g = usize::from(priority_class(class));
+            let m = if left[g] >= left_wanted[g] {
                 s
             } else {
-                binomial(&mut rng, s, left as f64 / left_wanted as f64).min(left)
+                binomial(&mut rng, s, left[g] as f64 / left_wanted[g] as f64).min(left[g])
             };
-            left -= m;
-            left_wanted -= s;
+            left[g] -= m;
+            left_wanted[g] -= s;
             if m > 0 {
                 *class_mirrored.entry(class).or_default() += m;
                 mirrored_pattern.push((i, class, m));
@@ -421,7 +444,7 @@ fn simulate(
             .classes
             .iter()
             .filter_map(|c| match &c.role {
-                doppel_engine::mirror::ClassRole::Head { pattern, .. } => {
+                ClassRole::Head { pattern, .. } => {
                     let i = mix.iter().position(|p| &p.key == pattern)?;
                     Some(ClassLatency {
                         class: c.id,

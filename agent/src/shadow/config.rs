@@ -322,12 +322,14 @@ impl ShadowConfig {
             name: "default".to_owned(),
             sample_rate_ppm: 0,
             priority: 0,
+            budget_priority: false,
         }];
         classes.extend(self.classes.iter().map(|c| ClassPolicy {
             id: c.id,
             name: c.name.clone(),
             sample_rate_ppm: 0,
             priority: 0,
+            budget_priority: false,
         }));
         AgentPolicy {
             workload: self.workload_name.clone(),
@@ -387,6 +389,7 @@ impl ShadowConfig {
                     name: "default".to_owned(),
                     sample_rate_ppm: 0,
                     priority: 0,
+                    budget_priority: false,
                 },
             );
         }
@@ -555,18 +558,21 @@ mod tests {
                     name: "default".into(),
                     sample_rate_ppm: 100_000,
                     priority: 0,
+                    budget_priority: false,
                 },
                 ClassPolicy {
                     id: 3,
                     name: "search".into(),
                     sample_rate_ppm: 500_000,
                     priority: 1,
+                    budget_priority: false,
                 },
                 ClassPolicy {
                     id: 4,
                     name: "from-office".into(),
                     sample_rate_ppm: 500_000,
                     priority: 9,
+                    budget_priority: false,
                 },
             ],
             rules: vec![

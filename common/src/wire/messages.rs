@@ -372,6 +372,10 @@ pub struct ClassPolicy {
     pub sample_rate_ppm: u32,
     /// Higher wins when rules of several classes match.
     pub priority: u16,
+    /// The class's flows may spend the mirror budget's reserve, so a budget saturated by other
+    /// classes still mirrors them (the learned plan's rare and new patterns).
+    #[serde(default)]
+    pub budget_priority: bool,
 }
 
 /// A rule assigning flows to a class. Empty fields match everything.

@@ -32,12 +32,13 @@ pub use io::{FrameIoError, read_envelope, write_envelope};
 pub use messages::*;
 
 /// The newest protocol version this build speaks. Version 2 added
-/// [`AgentPolicy::mirror_budget_flows_per_s`].
-pub const PROTOCOL_VERSION: u16 = 2;
-/// The oldest protocol version this build still speaks. Version 1's policy cannot carry the
-/// mirror budget, a limit an agent must hold on its own, so a version 1 peer is refused (with
-/// both sides' versions in the reason) rather than sent a policy it would apply without it.
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// [`AgentPolicy::mirror_budget_flows_per_s`], version 3 [`ClassPolicy::budget_priority`].
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest protocol version this build still speaks. Versions 1 and 2 cannot carry the
+/// mirror budget or its priority classes, which an agent must hold on its own, so such a peer is
+/// refused (with both sides' versions in the reason) rather than sent a policy it would apply
+/// without them.
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
 /// The envelope version the frozen handshake messages are always sent in.
 pub const HANDSHAKE_VERSION: u16 = 1;
 

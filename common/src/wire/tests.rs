@@ -323,6 +323,7 @@ fn heap_of(message: &Message) -> Heap {
                 name,
                 sample_rate_ppm: _,
                 priority: _,
+                budget_priority: _,
             } in classes
             {
                 heap.string(name);
@@ -406,6 +407,7 @@ fn largest_policy() -> Message {
                     name: "n".repeat(MAX_NAME_LEN),
                     sample_rate_ppm: 1000,
                     priority: 1,
+                    budget_priority: false,
                 })
                 .collect(),
             rules: vec![

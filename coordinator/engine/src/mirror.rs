@@ -30,7 +30,9 @@
 //! proportionally less, and at live's peaks they get the whole budget, which is what decides
 //! whether a VM type copes. The budget is also a hard limit where the flows are sampled (a token
 //! bucket in the data path, modelled by [`FlowBucket`]), so a burst between two plans, or a
-//! coordinator that stops planning, never pushes the mirrored volume over it.
+//! coordinator that stops planning, never pushes the mirrored volume over it. Boost classes are
+//! sent as `budget_priority`: common traffic that saturates the bucket leaves them a reserve,
+//! which they take within a lane of their 30 % share.
 //!
 //! # Unbiased comparison
 //! A class mirrored at a higher rate is over-represented among the shadow's exchanges. Every
@@ -451,6 +453,9 @@ impl MirrorPlan {
                 name: c.name.clone(),
                 sample_rate_ppm: (c.rate.clamp(0.0, 1.0) * 1e6).round() as u32,
                 priority: c.priority,
+                // Boosts carry the rare and new patterns: a budget saturated by common traffic
+                // must still admit them.
+                budget_priority: matches!(c.role, ClassRole::Boost),
             })
             .collect();
         let rules = self
@@ -508,36 +513,80 @@ pub fn class_weight(live_flows: u64, mirrored_flows: u64) -> Option<f64> {
 
 /// The data path's hard limit on mirrored flows: a token bucket refilled at the budget, holding
 /// at most one second of it, that a flow the hash sampled must take a token from.
+/// - Flows of common classes stop short of the last [`BUDGET_RESERVE_SECS`] of it, so common
+///   traffic that saturates the budget cannot turn the rare patterns away.
+/// - Flows of priority classes (the plan's boosts, [`ClassPolicy::budget_priority`]) may take
+///   every token, but only within a lane of their own at [`PRIORITY_SHARE`] of the budget, the
+///   share the plan gives boosts: a rare pattern that bursts before the next plan cannot starve
+///   the common ones.
+///
+/// The kernel holds the same rules as two GCRAs (`MIRROR_BUCKET`, `mirror_reserve_ns`,
+/// `mirror_priority_interval_ns`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlowBucket {
     rate: f64,
     depth: f64,
+    /// Tokens only priority flows may take.
+    reserve: f64,
     tokens: f64,
+    /// The priority lane's tokens, refilled at `PRIORITY_SHARE` of the rate, one second deep.
+    lane: f64,
     at: f64,
 }
 
+/// Seconds of the budget held back for priority classes: the kernel's reserve.
+pub const BUDGET_RESERVE_SECS: f64 =
+    doppel_common::maps::MIRROR_BUDGET_RESERVE_NS as f64 / 1_000_000_000.0;
+/// The most of the budget priority flows take: the share the plan lets boosts take.
+pub const PRIORITY_SHARE: f64 = doppel_common::maps::MIRROR_PRIORITY_SHARE_PPM as f64 / 1e6;
+const _: () = assert!(PRIORITY_SHARE == MAX_BOOST_SHARE);
+
 impl FlowBucket {
-    /// A full bucket at `rate` flows/s, at time `now` (seconds).
+    /// A full bucket at `rate` flows/s, at time `now` (seconds), with a reserve and lane for
+    /// priority classes (a plan with boosts: the kernel holds the reserve back only then).
     pub fn new(rate: f64, now: f64) -> Self {
+        Self {
+            reserve: rate * BUDGET_RESERVE_SECS,
+            ..Self::without_priority(rate, now)
+        }
+    }
+
+    /// A full bucket at `rate` flows/s, at time `now`, for a policy without priority classes:
+    /// common flows may take every token.
+    pub fn without_priority(rate: f64, now: f64) -> Self {
         Self {
             rate,
             depth: rate.max(1.0),
+            reserve: 0.0,
             tokens: rate.max(1.0),
+            lane: (rate * PRIORITY_SHARE).max(1.0),
             at: now,
         }
     }
 
-    /// Admits up to `wanted` flows that arrived, evenly spread, since the last call and up to
-    /// `now`; returns how many were admitted. Called once per flow it is the data path's bucket;
-    /// called once per interval it is the same bucket seen from the interval's totals (tokens
-    /// arriving during the interval are spent by the flows arriving with them, so the depth
-    /// only caps what is carried over).
+    /// Admits up to `wanted` flows of common classes that arrived, evenly spread, since the last
+    /// call and up to `now`; returns how many were admitted. See [`FlowBucket::admit_classes`].
     pub fn admit(&mut self, now: f64, wanted: u64) -> u64 {
-        let available = self.tokens + (now - self.at).max(0.0) * self.rate;
+        self.admit_classes(now, 0, wanted).1
+    }
+
+    /// Admits up to `priority` flows of priority classes and `common` flows of other classes
+    /// that arrived since the last call and up to `now`; returns how many of each. Called once
+    /// per flow it is the data path's bucket; called once per interval it is the same bucket
+    /// seen from the interval's totals: tokens arriving during the interval are spent by the
+    /// flows arriving with them, priority flows take what their lane holds, and common flows
+    /// stop where the reserve begins, which is where a saturated bucket ends the interval.
+    pub fn admit_classes(&mut self, now: f64, priority: u64, common: u64) -> (u64, u64) {
+        let elapsed = (now - self.at).max(0.0);
         self.at = now;
-        let admitted = (available.floor() as u64).min(wanted);
-        self.tokens = (available - admitted as f64).min(self.depth);
-        admitted
+        let available = self.tokens + elapsed * self.rate;
+        let lane = self.lane + elapsed * self.rate * PRIORITY_SHARE;
+        let first = (lane.min(available).floor().max(0.0) as u64).min(priority);
+        let second =
+            ((available - first as f64 - self.reserve).floor().max(0.0) as u64).min(common);
+        self.lane = (lane - first as f64).min((self.rate * PRIORITY_SHARE).max(1.0));
+        self.tokens = (available - (first + second) as f64).min(self.depth);
+        (first, second)
     }
 
     /// Tokens held now (before refilling).

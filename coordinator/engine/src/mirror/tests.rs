@@ -255,16 +255,59 @@ fn the_budget_is_filled_at_the_peak_and_not_off_peak() {
 
 #[test]
 fn the_bucket_never_admits_more_than_the_budget_and_one_second() {
+    // Common flows stop short of the reserve: 10/s, 1 token held back.
     let mut bucket = FlowBucket::new(10.0, 0.0);
     let mut admitted = 0;
     for ms in 1..=60_000u32 {
         admitted += bucket.admit(f64::from(ms) / 1000.0, 5);
     }
-    assert!((600..=610).contains(&admitted), "{admitted}");
+    assert!((599..=609).contains(&admitted), "{admitted}");
     // The same minute seen as one interval.
     let mut bucket = FlowBucket::new(10.0, 0.0);
-    assert_eq!(bucket.admit(60.0, 1_000_000), 610);
+    assert_eq!(bucket.admit(60.0, 1_000_000), 609);
     assert_eq!(bucket.admit(61.0, 3), 3);
+    // Without priority classes, common flows take every token.
+    let mut bucket = FlowBucket::without_priority(10.0, 0.0);
+    assert_eq!(bucket.admit(60.0, 1_000_000), 610);
+    // Priority flows alone take their lane: 30 % of the budget and one second of it.
+    let mut bucket = FlowBucket::new(10.0, 0.0);
+    assert_eq!(bucket.admit_classes(60.0, 1_000_000, 0), (183, 0));
+}
+
+#[test]
+fn a_bursting_priority_class_cannot_starve_common_ones() {
+    // A boosted pattern bursts to 10 times the budget: its lane holds it to 30 % of the budget,
+    // and the common flows keep the rest.
+    let mut bucket = FlowBucket::new(10.0, 0.0);
+    let (mut priority, mut common) = (0, 0);
+    for ms in 1..=60_000u32 {
+        let now = f64::from(ms) / 1000.0;
+        let (p, c) = bucket.admit_classes(now, u64::from(ms % 10 == 0), u64::from(ms % 50 == 0));
+        priority += p;
+        common += c;
+    }
+    assert!(common + priority <= 610, "{common} + {priority}");
+    assert!((175..=185).contains(&priority), "priority {priority}");
+    assert!(common >= 410, "common {common}");
+}
+
+#[test]
+fn a_saturated_bucket_still_admits_priority_flows() {
+    // Common traffic asks for 5 times the budget, flow by flow; one priority flow arrives every
+    // second. The common flows leave the reserve, so every priority flow is admitted, and the
+    // total still holds the budget.
+    let mut bucket = FlowBucket::new(10.0, 0.0);
+    let (mut priority, mut common) = (0, 0);
+    for ms in 1..=60_000u32 {
+        let now = f64::from(ms) / 1000.0;
+        common += bucket.admit(now, if ms % 20 == 0 { 1 } else { 0 });
+        if ms % 1000 == 500 {
+            priority += bucket.admit_classes(now, 1, 0).0;
+        }
+    }
+    assert_eq!(priority, 60);
+    assert!(common + priority <= 610, "{common} + {priority}");
+    assert!(common >= 530, "common flows get the rest: {common}");
 }
 
 #[test]
