@@ -1,11 +1,13 @@
 //! Learned mirroring end to end, from real components only: `doppel serve` with a workload whose
 //! policy learns its mirroring, a live `doppel-agent` in front of nginx, a shadow `doppel-agent`
 //! replaying against its own nginx, and a client whose traffic carries a dominant pattern, a
-//! second one, and a rare one that starts mid-run.
+//! costly one (nginx answers it after 20 ms), and a rare one that starts mid-run.
 //!
 //! What must hold, judged by what the servers executed and the stored reports:
 //! - the coordinator learns the mix and its rules reach the live agent: the live data path
 //!   classifies flows into a learned head class of their own;
+//! - the costly pattern's head class is found costly from live's own latencies and mirrored at
+//!   a higher rate than the dominant one, on the live data path as in the plan;
 //! - the shadow's nginx executes the rare pattern within a minute of its first flow;
 //! - the mirrored volume never passes the budget in any interval (the data path's bucket holds
 //!   it, while the operator's starting rate asks for three times as much);
@@ -41,6 +43,16 @@ const START_RATE: f64 = 0.6;
 const FLOWS_PER_S: u64 = 30;
 /// A GET: the shadow replays only safe methods unless told otherwise.
 const RARE: &str = "GET /admin/report/";
+
+/// A class's `field` summed over report lines.
+fn class_total(lines: &[serde_json::Value], class: u64, field: &str) -> u64 {
+    lines
+        .iter()
+        .flat_map(|l| l["classes"].as_array().cloned().unwrap_or_default())
+        .filter(|c| c["class"].as_u64() == Some(class))
+        .map(|c| c[field].as_u64().unwrap_or(0))
+        .sum()
+}
 
 fn doppel(host: &Host, state: &Path, args: &[&str]) -> Output {
     let mut command = host.command(workspace_binary("doppel").to_str().expect("utf-8"));
@@ -223,7 +235,7 @@ budget_flows_per_s = {BUDGET}
         "both agents apply the coordinator's policy"
     );
 
-    // The client: 30 one-request flows a second, 80 % `GET /items/N`, 20 % `GET /search/N`;
+    // The client: 30 one-request flows a second, 80 % `GET /items/N`, 20 % `GET /slow/N`;
     // from second 12, one `GET /admin/report/N` flow every 5 seconds as well.
     let server = SocketAddr::new(live_addr, 8080);
     let started = Instant::now();
@@ -240,7 +252,7 @@ budget_flows_per_s = {BUDGET}
                 thread::sleep(wait);
             }
             let path = if n % 5 == 4 {
-                format!("GET /search/{n} HTTP/1.1\r\nHost: live\r\n\r\n")
+                format!("GET /slow/{n} HTTP/1.1\r\nHost: live\r\n\r\n")
             } else {
                 format!("GET /items/{n} HTTP/1.1\r\nHost: live\r\n\r\n")
             };
@@ -313,6 +325,52 @@ budget_flows_per_s = {BUDGET}
         "the live data path classified {classified_in_head} flows into the learned class"
     );
 
+    // The costly pattern: live measured it at nginx's 20 ms against well under a millisecond,
+    // so its head class is costly and mirrored at twice the typical rate (in the plan, and on
+    // the live data path once the plan is in force).
+    let slow = plan["classes"]
+        .as_array()
+        .expect("classes")
+        .iter()
+        .find(|c| c["name"] == "GET /slow/{n}")
+        .unwrap_or_else(|| panic!("no head class for GET /slow/{{n}}: {view:#}"));
+    assert_eq!(
+        slow["role"]["Head"]["costly"], true,
+        "the slow pattern's head is costly: {view:#}"
+    );
+    assert_eq!(head["role"]["Head"]["costly"], false, "{view:#}");
+    let (slow_rate, head_rate) = (
+        slow["rate"].as_f64().expect("rate"),
+        head["rate"].as_f64().expect("rate"),
+    );
+    assert!(
+        slow_rate >= 1.9 * head_rate || slow_rate == 1.0,
+        "the costly class is mirrored at twice the typical rate: {slow_rate} against {head_rate}"
+    );
+    let slow_id = slow["id"].as_u64().expect("id");
+    let in_force = |class: u64| {
+        // The last ten seconds of the client's run (25 reports with flows), when the plan was
+        // long in force.
+        let lines: Vec<_> = live_agent
+            .lines()
+            .into_iter()
+            .filter(|l| class_total(std::slice::from_ref(l), head_id, "flows") > 0)
+            .collect();
+        let recent = &lines[lines.len().saturating_sub(25)..];
+        (
+            class_total(recent, class, "sampled"),
+            class_total(recent, class, "flows"),
+        )
+    };
+    let ((slow_sampled, slow_flows), (head_sampled, head_flows)) =
+        (in_force(slow_id), in_force(head_id));
+    assert!(
+        slow_sampled as f64 / slow_flows.max(1) as f64
+            > 1.3 * head_sampled as f64 / head_flows.max(1) as f64,
+        "the live data path mirrors the costly class at a higher rate: {slow_sampled} of \
+         {slow_flows} against {head_sampled} of {head_flows}"
+    );
+
     // The volume: the budget is a hard limit in the live data path (one host-wide bucket,
     // a second's burst deep), whatever the rates: no interval mirrors more than the budget for its
     // length plus that second, although the operator's start rate alone asked for three times
@@ -363,7 +421,9 @@ budget_flows_per_s = {BUDGET}
     eprintln!(
         "rare pattern replayed at most {:.1} s after its first flow; mirrored {mirrored_per_s:.2} \
          flows/s (budget {BUDGET}, {limited} flows turned away by the bucket); head class \
-         {head_id}; per class {wanted:?}",
+         {head_id} at {head_rate:.3}, costly class {slow_id} at {slow_rate:.3} (last 10 s on \
+         live: {slow_sampled} of {slow_flows} against {head_sampled} of {head_flows}); per class \
+         {wanted:?}",
         rare_delay.as_secs_f64()
     );
     live_agent.stop();

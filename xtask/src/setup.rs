@@ -21,8 +21,8 @@ use anyhow::{Context as _, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and tools need: `ip`/`tc` (iproute2), `sysctl` (procps),
 /// `bpftool` for inspecting programs and their run-time statistics, and the real servers the
-/// end-to-end tests run as workloads (nginx, redis-server, redis-cli and redis-benchmark from
-/// redis-tools, and PostgreSQL: `postgresql` brings the distribution's server version with
+/// end-to-end tests run as workloads (nginx, with the echo module for its slow paths;
+/// redis-server, redis-cli and redis-benchmark from redis-tools; and PostgreSQL: `postgresql` brings the distribution's server version with
 /// `initdb`, `pgbench`, `psql` and the `pg_stat_statements` module, and the `postgres` system
 /// user the test servers run as), and the HTTP/2 clients: `h2load` (nghttp2-client) and
 /// Debian's gRPC for Python (python3-grpcio), whose server and client run the gRPC tests; and
@@ -35,6 +35,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     "bpftool",
     "nginx",
+    "libnginx-mod-http-echo",
     "redis-server",
     "redis-tools",
     "postgresql",

@@ -61,8 +61,13 @@ pub fn start_listening(
     process
 }
 
+/// Debian's nginx echo module (`libnginx-mod-http-echo`, which `cargo xtask setup` installs).
+const ECHO_MODULE: &str = "/usr/lib/nginx/modules/ngx_http_echo_module.so";
+
 /// nginx answering `200 ok` to every method and path, logging `METHOD URI` per request, and
-/// the bytes it sent for each request (headers and body) in a second log.
+/// the bytes it sent for each request (headers and body) in a second log. Paths under `/slow/`
+/// answer after [`Nginx::SLOW_MS`] (the echo module's non-blocking `echo_sleep`): a costly
+/// pattern, by the server's own clock.
 #[derive(Debug)]
 pub struct Nginx {
     _process: Process,
@@ -72,6 +77,9 @@ pub struct Nginx {
 }
 
 impl Nginx {
+    /// How long nginx takes to answer a path under `/slow/`, milliseconds.
+    pub const SLOW_MS: u64 = 20;
+
     /// Starts nginx inside `host` on `addr:port`, speaking HTTP/1.x.
     pub fn start(host: &Host, addr: IpAddr, port: u16) -> Self {
         Self::start_with(host, addr, port, "")
@@ -93,7 +101,8 @@ impl Nginx {
         std::fs::create_dir_all(dir.join("logs")).expect("nginx dir");
         let listen = SocketAddr::new(addr, port);
         let conf = format!(
-            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\n\
+            "load_module {ECHO_MODULE};\n\
+             worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\n\
              events {{ worker_connections 1024; }}\n\
              http {{\n log_format doppel '$request_method $request_uri';\n\
              access_log {d}/access.log doppel;\n log_format doppel_bytes '$bytes_sent';\n\
@@ -101,8 +110,10 @@ impl Nginx {
              fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n\
              keepalive_requests 100000;\n\
              server {{ listen {listen}{listen_options};\n location / {{ return 200 \"doppel nginx ok\\n\"; }}\n\
-             location = /fail {{ return 503; }}\n location = /big {{ alias {d}/big.txt; }} }}\n}}\n",
+             location = /fail {{ return 503; }}\n location = /big {{ alias {d}/big.txt; }}\n\
+             location /slow/ {{ echo_sleep {slow}; echo \"doppel nginx slow\"; }} }}\n}}\n",
             d = dir.display(),
+            slow = Self::SLOW_MS as f64 / 1000.0,
         );
         let _ = std::fs::remove_file(dir.join("access.log"));
         let _ = std::fs::remove_file(dir.join("bytes.log"));
