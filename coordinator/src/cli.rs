@@ -67,8 +67,9 @@ pub enum ClientCommand {
         /// Workload name.
         workload: String,
     },
-    /// A workload's learned mirroring: each pattern's share of live's flows and of the
-    /// mirrored sample, its class and rate, and the plan's budget and rates.
+    /// A workload's learned mirroring: each pattern's share of live's flows, of the planned
+    /// sample and of what a shadow replayed, its class and rate, the plan's budget and rates,
+    /// and each shadow's coverage of live's mix over the last hour.
     Patterns {
         /// Workload name.
         workload: String,
@@ -1107,6 +1108,21 @@ fn patterns_text(view: &PatternsView) -> String {
             .find(|c| c.id == id)
             .map_or_else(|| "-".to_owned(), |c| c.name.clone())
     };
+    // The measured sample: the shadow that replayed the most flows in the window (every shadow
+    // gets the same mirrored flows; one that started late or failed has fewer).
+    let measured = view
+        .coverage
+        .iter()
+        .max_by_key(|c| c.coverage.mirrored_flows)
+        .filter(|c| c.coverage.mirrored_flows > 0);
+    let measured_share = |pattern: &str| {
+        measured
+            .and_then(|c| c.coverage.patterns.iter().find(|p| p.pattern == pattern))
+            .map_or_else(
+                || "-".to_owned(),
+                |p| format!("{:.2} %", 100.0 * p.mirrored_share),
+            )
+    };
     let rows: Vec<Vec<String>> = plan
         .patterns
         .iter()
@@ -1119,6 +1135,7 @@ fn patterns_text(view: &PatternsView) -> String {
                 } else {
                     "-".into()
                 },
+                measured_share(&p.pattern),
                 num(p.flows_per_s, 2),
                 format!("{} {}", p.class, class_name(p.class)),
                 num(p.rate, 4),
@@ -1128,10 +1145,42 @@ fn patterns_text(view: &PatternsView) -> String {
         .collect();
     out.push_str(&render(
         &[
-            "PATTERN", "LIVE", "MIRRORED", "FLOWS/S", "CLASS", "RATE", "AGE",
+            "PATTERN", "LIVE", "PLANNED", "REPLAYED", "FLOWS/S", "CLASS", "RATE", "AGE",
         ],
         &rows,
     ));
+    if !view.coverage.is_empty() {
+        out.push_str(&format!(
+            "\ncoverage over the last {} min (what each shadow replayed, weighted by class, \
+             against live's mix; the eval's goals: divergence <= 0.01, rare recall >= 0.99)\n",
+            view.window_ms / 60_000
+        ));
+        let rows: Vec<Vec<String>> = view
+            .coverage
+            .iter()
+            .map(|c| {
+                vec![
+                    c.agent.clone(),
+                    c.vm_type.clone(),
+                    c.coverage.mirrored_flows.to_string(),
+                    num(c.coverage.live_flows, 0),
+                    opt_num(c.coverage.mix_divergence, 4),
+                    opt_num(c.coverage.rare_recall, 3),
+                ]
+            })
+            .collect();
+        out.push_str(&render(
+            &[
+                "SHADOW",
+                "TYPE",
+                "REPLAYED",
+                "LIVE FLOWS",
+                "MIX DIVERGENCE",
+                "RARE RECALL",
+            ],
+            &rows,
+        ));
+    }
     out
 }
 

@@ -103,6 +103,29 @@ pub(crate) fn live_type_at(moves: &[(i64, String)], start_ms: i64) -> Option<Str
         .map(|(_, from)| from.clone())
 }
 
+/// Live's exchanges on mirrored flows per class and interval, for intervals starting in
+/// `[since_ms, until_ms)`: what each shadow class's weight rests on.
+pub fn load_live_mirrored(
+    store: &Store,
+    spec: &WorkloadSpec,
+    since_ms: i64,
+    until_ms: i64,
+) -> Result<Vec<LiveMirrored>, StoreError> {
+    let live: Vec<&str> = spec.live.iter().map(|l| l.agent.as_str()).collect();
+    Ok(store
+        .mirrored_exchanges(&live, since_ms, until_ms)?
+        .into_iter()
+        .map(
+            |(interval_start_ms, interval_ms, class, exchanges)| LiveMirrored {
+                interval_start_ms,
+                interval_ms,
+                class,
+                exchanges,
+            },
+        )
+        .collect())
+}
+
 /// Loads and compares one workload over `[now_ms - window_ms, now_ms)`.
 pub fn compare_workload(
     store: &Store,
@@ -114,19 +137,7 @@ pub fn compare_workload(
 ) -> Result<Comparison, StoreError> {
     let since_ms = now_ms.saturating_sub(window_ms);
     let measurements = load_measurements(store, spec, since_ms, now_ms)?;
-    let live: Vec<&str> = spec.live.iter().map(|l| l.agent.as_str()).collect();
-    let live_mirrored: Vec<LiveMirrored> = store
-        .mirrored_exchanges(&live, since_ms, now_ms)?
-        .into_iter()
-        .map(
-            |(interval_start_ms, interval_ms, class, exchanges)| LiveMirrored {
-                interval_start_ms,
-                interval_ms,
-                class,
-                exchanges,
-            },
-        )
-        .collect();
+    let live_mirrored = load_live_mirrored(store, spec, since_ms, now_ms)?;
     Ok(compare_weighted(
         &spec.name,
         now_ms,

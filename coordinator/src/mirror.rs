@@ -20,6 +20,7 @@ use std::{
 use doppel_common::wire::{FlowScope, LatencyMetric};
 use doppel_engine::mirror::{
     ClassLatency, ClassRole, MirrorPlan, MirrorPlanner, MirrorSettings, PatternObservation,
+    coverage::{Coverage, coverage},
 };
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -194,7 +195,7 @@ impl MirrorSteering {
             &live,
             since_ms,
             now_ms + 1,
-            spec.policy.slo.percentile,
+            COST_PERCENTILE,
             learner.published.as_ref(),
         )?;
         learner.planner.observe(
@@ -224,7 +225,63 @@ impl MirrorSteering {
     }
 }
 
-/// Live latency per head class (the SLO percentile of the kernel first-byte histograms of the
+/// One shadow's coverage of live's mix, as `doppel patterns` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShadowCoverage {
+    /// The shadow's agent.
+    pub agent: String,
+    /// The VM type it runs on.
+    pub vm_type: String,
+    /// What it replayed against live's mix.
+    pub coverage: Coverage,
+}
+
+/// How well each of `spec`'s shadows covered live's mix over the `window_ms` before `now_ms`:
+/// live's pattern counts (sampled, scaled to the classified flows) against the pattern keys of
+/// the flows each shadow replayed, reweighted by live's classified and mirrored flows per class
+/// (see [`doppel_engine::mirror::coverage`]).
+pub fn shadow_coverage(
+    store: &Store,
+    spec: &WorkloadSpec,
+    plan: &MirrorPlan,
+    now_ms: i64,
+    window_ms: i64,
+) -> Result<Vec<ShadowCoverage>, StoreError> {
+    let since_ms = now_ms - window_ms;
+    let live: Vec<&str> = spec.live.iter().map(|l| l.agent.as_str()).collect();
+    let classes = store.class_flow_totals(&live, since_ms, now_ms + 1)?;
+    let sampled = store.pattern_totals(&live, since_ms, now_ms + 1)?;
+    let classified: u64 = classes.values().map(|(flows, _)| flows).sum();
+    let inspected: u64 = sampled.iter().map(|(_, n)| n).sum();
+    let scale = if inspected > 0 && classified > 0 {
+        classified as f64 / inspected as f64
+    } else {
+        1.0
+    };
+    let live_flows: Vec<(String, f64)> = sampled
+        .into_iter()
+        .map(|(pattern, n)| (pattern, n as f64 * scale))
+        .collect();
+    spec.shadows
+        .iter()
+        .map(|shadow| {
+            let mirrored = store.pattern_totals(&[shadow.agent.as_str()], since_ms, now_ms + 1)?;
+            Ok(ShadowCoverage {
+                agent: shadow.agent.clone(),
+                vm_type: shadow.vm_type.clone(),
+                coverage: coverage(plan, &live_flows, &mirrored, &classes),
+            })
+        })
+        .collect()
+}
+
+/// The percentile a head's cost is read at: its median, the pattern's typical service time. The
+/// SLO percentile of the few hundred flows of one round is their slowest few, which one stall of
+/// the host sets for every pattern alike, and the planner keeps its first reading for long (it
+/// smooths over half an hour).
+const COST_PERCENTILE: f64 = 50.0;
+
+/// Live latency per head class (the [`COST_PERCENTILE`] of the kernel first-byte histograms of the
 /// intervals since `since_ms`), for the planner's costly-head test.
 fn class_latencies(
     store: &Store,

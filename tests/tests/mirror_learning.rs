@@ -13,7 +13,9 @@
 //!   it, while the operator's starting rate asks for three times as much);
 //! - the shadow classifies the replayed flows with the same learned rules: per class, it
 //!   measured exactly the exchanges live mirrored, which is what the comparison's per-class
-//!   weights rest on.
+//!   weights rest on;
+//! - `doppel patterns` counts what the shadow replayed per pattern exactly as the shadow's nginx
+//!   served it, and the coverage figures (mix divergence, rare recall) hold.
 
 use std::{
     io::{Read as _, Write as _},
@@ -418,6 +420,50 @@ budget_flows_per_s = {BUDGET}
             .iter()
             .any(|&(c, n)| u64::from(c) == head_id && n > 0)
     );
+
+    // `doppel patterns` measures what the shadow replayed per pattern: exactly what the shadow's
+    // nginx served (one request a flow), and, weighted by class, close to live's mix.
+    let view = patterns(&live, state);
+    let coverage = &view["coverage"][0];
+    assert_eq!(coverage["agent"], "shadow-1", "{view:#}");
+    let coverage = &coverage["coverage"];
+    let served = shadow_nginx.access_log();
+    for (pattern, prefix) in [
+        ("GET /items/{n}", "GET /items/"),
+        ("GET /slow/{n}", "GET /slow/"),
+        ("GET /admin/report/{n}", RARE),
+    ] {
+        let replayed = coverage["patterns"]
+            .as_array()
+            .expect("patterns")
+            .iter()
+            .find(|p| p["pattern"] == pattern)
+            .and_then(|p| p["mirrored_flows"].as_u64())
+            .unwrap_or(0);
+        let executed = served.iter().filter(|l| l.starts_with(prefix)).count() as u64;
+        assert_eq!(
+            replayed, executed,
+            "{pattern}: the coordinator counted {replayed} replayed flows, the shadow's nginx \
+             served {executed}"
+        );
+    }
+    let divergence = coverage["mix_divergence"].as_f64().expect("divergence");
+    let recall = coverage["rare_recall"].as_f64().expect("recall");
+    assert!(
+        divergence < 0.05,
+        "reweighted by class, the shadow's sample is near live's mix: {divergence}"
+    );
+    assert_eq!(
+        recall, 1.0,
+        "every pattern with 10 live flows was replayed 3 times"
+    );
+    let text = String::from_utf8(doppel(&live, state, &["patterns", "web"]).stdout).expect("utf-8");
+    assert!(
+        text.contains("REPLAYED") && text.contains("shadow-1"),
+        "the text view shows the measured sample and coverage:\n{text}"
+    );
+    eprintln!("{text}");
+
     eprintln!(
         "rare pattern replayed at most {:.1} s after its first flow; mirrored {mirrored_per_s:.2} \
          flows/s (budget {BUDGET}, {limited} flows turned away by the bucket); head class \

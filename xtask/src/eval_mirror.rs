@@ -56,6 +56,7 @@ use std::collections::HashMap;
 
 use doppel_engine::mirror::{
     ClassLatency, ClassRole, FlowBucket, MirrorPlanner, MirrorSettings, PatternObservation,
+    coverage::{js_divergence_bits, rare_recall_counts},
 };
 use rand::{RngExt as _, SeedableRng as _, rngs::ChaCha8Rng};
 
@@ -208,25 +209,6 @@ fn binomial(rng: &mut ChaCha8Rng, n: u64, p: f64) -> u64 {
     } else {
         n - poisson(rng, n as f64 * (1.0 - p)).min(n)
     }
-}
-
-fn js_divergence_bits(a: &HashMap<usize, f64>, b: &HashMap<usize, f64>) -> f64 {
-    let (sa, sb): (f64, f64) = (a.values().sum(), b.values().sum());
-    if sa <= 0.0 || sb <= 0.0 {
-        return 1.0;
-    }
-    let mut keys: Vec<usize> = a.keys().chain(b.keys()).copied().collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let kl_part = |p: f64, m: f64| if p > 0.0 { p * (p / m).log2() } else { 0.0 };
-    keys.iter()
-        .map(|k| {
-            let p = a.get(k).copied().unwrap_or(0.0) / sa;
-            let q = b.get(k).copied().unwrap_or(0.0) / sb;
-            let m = 0.5 * (p + q);
-            0.5 * kl_part(p, m) + 0.5 * kl_part(q, m)
-        })
-        .sum()
 }
 
 #[derive(Default)]
@@ -509,14 +491,9 @@ fn simulate(
             }
             worst_js = worst_js.max(js);
         }
-        for (i, &n) in &hour.live {
-            if n >= 10.0 {
-                rare_pairs += 1;
-                if hour.mirrored.get(i).copied().unwrap_or(0) >= 3 {
-                    rare_hit += 1;
-                }
-            }
-        }
+        let (counted, recalled) = rare_recall_counts(&hour.live, &hour.mirrored);
+        rare_pairs += counted as u64;
+        rare_hit += recalled as u64;
     }
     let mut order: Vec<usize> = (0..interval_loads.len()).collect();
     order.sort_by(|&a, &b| interval_loads[b].total_cmp(&interval_loads[a]));

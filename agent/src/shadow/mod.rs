@@ -32,7 +32,7 @@ use std::{
 
 use doppel_common::wire::{
     AgentPolicy, Counter, EncodedHistogram, FlowScope, HistogramRecord, IntervalReport,
-    LatencyMetric, ResourceUsage,
+    LatencyMetric, PatternCount, ResourceUsage,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -168,6 +168,8 @@ pub struct ShadowLine {
     pub counters: BTreeMap<String, u64>,
     /// Latency per source x service x class.
     pub latency: Vec<ShadowLatency>,
+    /// Pattern keys of the flows whose replay started in the interval, most frequent first.
+    pub patterns: Vec<(String, u64)>,
     /// Host resource use.
     pub host: ResourceUsage,
     /// Shadow workload resource use.
@@ -512,6 +514,7 @@ impl ShadowAgent {
             None => Vec::new(),
         };
         let replayed = self.stats.take_latency();
+        let patterns = self.stats.take_patterns();
         let (host, workload) = self.sampler.sample();
         let mut latency = Vec::new();
         let mut histograms = Vec::new();
@@ -577,6 +580,7 @@ impl ShadowAgent {
             },
             counters: counters.clone(),
             latency,
+            patterns: patterns.clone(),
             host,
             workload,
         };
@@ -591,7 +595,10 @@ impl ShadowAgent {
                 .collect(),
             host,
             workload,
-            patterns: Vec::new(),
+            patterns: patterns
+                .into_iter()
+                .map(|(pattern, flows)| PatternCount { pattern, flows })
+                .collect(),
         };
         self.seq += 1;
         self.interval_start = end;

@@ -300,6 +300,7 @@ impl Receiver {
             && let Some(first) = chunks.first()
         {
             flow.spawned = true;
+            self.stats.note_flow_pattern(&first.data);
             let class = self
                 .classifier
                 .read()

@@ -11,7 +11,9 @@ use std::{
 
 use hdrhistogram::Histogram;
 
-use crate::datapath::new_latency_histogram;
+use doppel_common::maps::PATTERN_SAMPLE_LEN;
+
+use crate::{datapath::new_latency_histogram, patterns::PatternCounts};
 
 macro_rules! shadow_counters {
     ($($(#[doc = $doc:literal])* $variant:ident => $name:literal,)*) => {
@@ -181,6 +183,9 @@ pub struct ShadowStats {
     active_replays: AtomicU64,
     /// (outer source, VNI) of the last datagram the receiver did not admit.
     last_rejected: Mutex<Option<(std::net::IpAddr, u32)>>,
+    /// Pattern keys of the flows whose replay started, per report interval: the mirrored sample
+    /// as the shadow received it, which the coordinator sets against live's mix.
+    patterns: Mutex<PatternCounts>,
 }
 
 impl Default for ShadowStats {
@@ -194,11 +199,29 @@ impl Default for ShadowStats {
             max_lag_us: AtomicU64::new(0),
             active_replays: AtomicU64::new(0),
             last_rejected: Mutex::new(None),
+            patterns: Mutex::new(PatternCounts::default()),
         }
     }
 }
 
 impl ShadowStats {
+    /// Counts the pattern of a flow whose replay starts, from its first client bytes.
+    pub fn note_flow_pattern(&self, head: &[u8]) {
+        let head = &head[..head.len().min(PATTERN_SAMPLE_LEN)];
+        self.patterns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(head);
+    }
+
+    /// The flows' pattern counts since the last call, most frequent first.
+    pub fn take_patterns(&self) -> Vec<(String, u64)> {
+        self.patterns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
     /// Notes the (outer source, VNI) of a datagram not admitted.
     pub fn note_rejected(&self, source: std::net::IpAddr, vni: u32) {
         *self.last_rejected.lock().unwrap_or_else(|e| e.into_inner()) = Some((source, vni));

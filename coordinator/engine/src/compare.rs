@@ -436,7 +436,7 @@ pub fn compare(
 /// its class over live's mirrored exchanges of it, in the live intervals overlapping the
 /// shadow's (over the whole window when none overlaps). 1 where live mirrored nothing of the
 /// class, or without `live_mirrored`.
-fn shadow_weights(measurements: &[&Measurement], live_mirrored: &[LiveMirrored]) -> Vec<f64> {
+pub fn shadow_weights(measurements: &[&Measurement], live_mirrored: &[LiveMirrored]) -> Vec<f64> {
     if live_mirrored.is_empty() {
         return vec![1.0; measurements.len()];
     }
@@ -512,7 +512,7 @@ fn shadow_weights(measurements: &[&Measurement], live_mirrored: &[LiveMirrored])
 }
 
 /// `h` with every count multiplied by `factor` (at least 1 where there was one).
-fn scaled(h: &Histogram<u64>, factor: f64) -> Histogram<u64> {
+pub fn scaled(h: &Histogram<u64>, factor: f64) -> Histogram<u64> {
     let mut out = new_histogram();
     for v in h.iter_recorded() {
         let n = (v.count_at_value() as f64 * factor).round().max(1.0) as u64;

@@ -377,7 +377,7 @@ pub struct PatternObservation {
 pub struct ClassLatency {
     /// Class number.
     pub class: u16,
-    /// The class's latency (the SLO percentile), ms.
+    /// The class's latency (its median on live), ms.
     pub latency_ms: f64,
 }
 
@@ -1170,5 +1170,6 @@ impl MirrorPlanner {
     }
 }
 
+pub mod coverage;
 #[cfg(test)]
 mod tests;

@@ -513,23 +513,55 @@ pub struct PatternsView {
     pub changed_ms: Option<i64>,
     /// The newest plan (its pattern mix refreshed every round), once one was made.
     pub plan: Option<doppel_engine::mirror::MirrorPlan>,
+    /// The window the coverage figures are over, ms.
+    pub window_ms: i64,
+    /// Per shadow, what it replayed against live's mix over the window (empty before a plan).
+    pub coverage: Vec<crate::mirror::ShadowCoverage>,
+}
+
+/// Query of `GET /v1/workloads/{name}/patterns`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct PatternsQuery {
+    /// Window of the coverage figures, ms (default an hour, the eval's).
+    pub window_ms: Option<i64>,
 }
 
 async fn show_patterns(
     State(state): State<Arc<ApiState>>,
     UrlPath(name): UrlPath<String>,
+    Query(query): Query<PatternsQuery>,
 ) -> Result<Json<PatternsView>, ApiError> {
+    let window_ms = match query.window_ms {
+        Some(w) if w > 0 => w,
+        Some(_) => {
+            return Err(ApiError::BadBody {
+                field: "window_ms".into(),
+                reason: "must be positive".into(),
+            });
+        }
+        None => 3_600_000,
+    };
+    let now_ms = state.clock.now_ms();
     state
         .with_store(move |s| {
             let Some(spec) = s.workload(&name)? else {
                 return Err(ApiError::NoSuchWorkload(name));
             };
             let stored = s.mirror_plan(&name)?;
+            let plan: Option<doppel_engine::mirror::MirrorPlan> = stored
+                .as_ref()
+                .and_then(|(_, body)| serde_json::from_value(body.clone()).ok());
+            let coverage = match &plan {
+                Some(plan) => crate::mirror::shadow_coverage(s, &spec, plan, now_ms, window_ms)?,
+                None => Vec::new(),
+            };
             Ok(PatternsView {
                 workload: name,
                 learning: spec.policy.mirror.learn,
                 changed_ms: stored.as_ref().map(|(ms, _)| *ms),
-                plan: stored.and_then(|(_, body)| serde_json::from_value(body).ok()),
+                plan,
+                window_ms,
+                coverage,
             })
         })
         .await

@@ -37,8 +37,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::{
-    compare::{Role, merge},
-    evaluate::load_measurements,
+    compare::{Role, merge, scaled, shadow_weights},
+    evaluate::{load_live_mirrored, load_measurements},
     policy::WorkloadSpec,
     recommend::{ForecastEvidence, Recommendation, TypeCapacity, forecast_recommendation},
     store::{Store, StoreError},
@@ -706,19 +706,37 @@ pub fn read_type_measurements(
     by_type: &mut BTreeMap<String, TypeMeasurements>,
 ) -> Result<(), StoreError> {
     let measurements = load_measurements(store, spec, since_ms, until_ms)?;
-    // One point per agent and interval: its classes merged.
-    let mut intervals: BTreeMap<(i64, String), AgentInterval> = BTreeMap::new();
-    for m in measurements {
+    // A shadow's classes weighted by live's share of them, as the comparison weighs them, so a
+    // class the learned mirroring oversamples does not skew the shadow's percentiles; the load
+    // stays the exchanges the shadow served.
+    let weights = shadow_weights(
+        &measurements.iter().collect::<Vec<_>>(),
+        &load_live_mirrored(store, spec, since_ms, until_ms)?,
+    );
+    // One point per agent and interval: its classes merged, and the exchanges served.
+    let mut intervals: BTreeMap<(i64, String), (AgentInterval, u64)> = BTreeMap::new();
+    for (m, weight) in measurements.into_iter().zip(weights) {
+        let served = m.histogram.len();
+        let weighted = if (weight - 1.0).abs() > 1e-9 {
+            scaled(&m.histogram, weight)
+        } else {
+            m.histogram
+        };
         match intervals.entry((m.interval_start_ms, m.agent.clone())) {
             std::collections::btree_map::Entry::Occupied(mut e) => {
-                merge(&mut e.get_mut().3, &m.histogram);
+                let (interval, exchanges) = e.get_mut();
+                merge(&mut interval.3, &weighted);
+                *exchanges += served;
                 // The error count is the report's, repeated on each of its classes.
             }
             std::collections::btree_map::Entry::Vacant(e) => {
                 // The first class's histogram becomes the interval's; others merge into it.
-                let mut h = m.histogram;
+                let mut h = weighted;
                 h.auto(true);
-                e.insert((m.vm_type, m.role, m.interval_ms, h, m.report_errors));
+                e.insert((
+                    (m.vm_type, m.role, m.interval_ms, h, m.report_errors),
+                    served,
+                ));
             }
         }
     }
@@ -734,8 +752,8 @@ pub fn read_type_measurements(
         .map(|(agent, start, usage)| ((start, agent), usage))
         .collect();
     let quantile = spec.policy.slo.percentile / 100.0;
-    for ((start, agent), (vm_type, role, interval_ms, h, errors)) in intervals {
-        if h.len() < min_exchanges || interval_ms <= 0 {
+    for ((start, agent), ((vm_type, role, interval_ms, h, errors), served)) in intervals {
+        if served < min_exchanges || interval_ms <= 0 {
             continue;
         }
         let cpu = usage
@@ -743,11 +761,11 @@ pub fn read_type_measurements(
             .filter(|u| u.cpu_capacity_millis > 0 && u.cpu_time_us > 0)
             .map(|u| CpuSample {
                 cpu_us: u.cpu_time_us,
-                exchanges: h.len(),
+                exchanges: served,
                 capacity_millis: u.cpu_capacity_millis,
             });
         let point = LoadLatencyPoint {
-            load: h.len() as f64 / (interval_ms as f64 / 1000.0),
+            load: served as f64 / (interval_ms as f64 / 1000.0),
             latency_ms: h.value_at_quantile(quantile) as f64 / 1e6,
             source: match role {
                 Role::Live => PointSource::Live,
@@ -762,7 +780,7 @@ pub fn read_type_measurements(
         });
         let outcome = Outcome {
             failed: errors,
-            measured: h.len(),
+            measured: served,
             load: point.load,
         };
         tp.outcomes.push_back((start, outcome));

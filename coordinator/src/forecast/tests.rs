@@ -560,3 +560,90 @@ fn keep_window_orders_by_start_and_keeps_the_newest_inside_the_window() {
     keep_window(&mut items, 20, 5);
     assert_eq!(Vec::from(items), vec![(30, 'c')]);
 }
+
+/// A one-second report of `agent`: per class (class, scope, exchanges at 1 ms, exchanges at
+/// 50 ms).
+fn class_report(seq: u64, second: i64, classes: &[(u16, FlowScope, u64, u64)]) -> CheckedReport {
+    let histograms = classes
+        .iter()
+        .map(|&(class, scope, fast, slow)| {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 2).expect("hist");
+            h.record_n(1_000_000, fast).expect("record");
+            h.record_n(50_000_000, slow).expect("record");
+            HistogramRecord {
+                service: "10.0.0.2:80".into(),
+                class,
+                scope,
+                metric: LatencyMetric::KernelFirstByte,
+                histogram: EncodedHistogram::encode(&h).expect("encode"),
+            }
+        })
+        .collect();
+    CheckedReport::check(IntervalReport {
+        seq,
+        interval_start_unix_ms: u64::try_from(T0_MS + second * 1000).expect("positive"),
+        interval_ms: 1000,
+        histograms,
+        counters: vec![],
+        host: ResourceUsage::default(),
+        workload: None,
+        patterns: vec![],
+    })
+}
+
+#[test]
+fn a_shadows_perf_points_weigh_an_oversampled_class_by_lives_share() {
+    // Live serves 995 fast exchanges of class 1 and 5 slow ones of class 2 a second, and
+    // mirrors 10 % of class 1 and all of class 2 (a rare pattern boosted): the shadow serves 99
+    // fast and 5 slow. Unweighted, 5 of 104 are slow and the shadow's p99 reads 50 ms; weighted
+    // by live's share, 5 of 1000 are, and its p99 is live's 1 ms. Its load stays the 104 it
+    // served.
+    let dir = tempfile::tempdir().expect("dir");
+    let mut store = Store::open_in(dir.path()).expect("store");
+    let spec: WorkloadSpec = serde_json::from_value(serde_json::json!({
+        "name": "web",
+        "live": [{"agent": "live-1", "vm_type": "m.large"}],
+        "services": ["10.0.0.2:80"],
+        "shadows": [{"agent": "shadow-1", "vm_type": "c.large", "addr": "10.0.1.1", "vni": 100}],
+        "policy": {"slo": {"percentile": 99.0, "max_latency_ms": 100.0}},
+    }))
+    .expect("spec");
+    store.put_workload(&spec, T0_MS).expect("put workload");
+    for second in 0..10 {
+        let live = class_report(
+            second as u64,
+            second,
+            &[
+                (1, FlowScope::All, 995, 0),
+                (2, FlowScope::All, 0, 5),
+                (1, FlowScope::Mirrored, 99, 0),
+                (2, FlowScope::Mirrored, 0, 5),
+            ],
+        );
+        let shadow = class_report(
+            second as u64,
+            second,
+            &[(1, FlowScope::All, 99, 0), (2, FlowScope::All, 0, 5)],
+        );
+        store
+            .ingest_batch(&[("live-1", &live), ("shadow-1", &shadow)], T0_MS)
+            .expect("ingest");
+    }
+    let mut by_type = BTreeMap::new();
+    read_type_measurements(&store, &spec, T0_MS, T0_MS + 10_000, 10, &mut by_type).expect("read");
+    let shadow = &by_type["c.large"];
+    assert_eq!(shadow.points.len(), 10);
+    for (_, point) in &shadow.points {
+        assert!((point.load - 104.0).abs() < 1e-9, "load {}", point.load);
+        assert!(
+            point.latency_ms < 2.0,
+            "weighted by live's share, the shadow's p99 is the fast class's: {} ms",
+            point.latency_ms
+        );
+    }
+    let live = &by_type["m.large"];
+    for (_, point) in &live.points {
+        assert!((point.load - 1000.0).abs() < 1e-9);
+        assert!(point.latency_ms < 2.0, "live p99 {}", point.latency_ms);
+    }
+}

@@ -117,6 +117,88 @@ impl Store {
         Ok(out)
     }
 
+    /// Pattern counts of `agents`' reports with intervals starting in `[since_ms, until_ms)`,
+    /// summed per pattern key.
+    pub fn pattern_totals(
+        &self,
+        agents: &[&str],
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT p.pattern, sum(p.flows)
+                 FROM reports r
+                 JOIN agents a ON a.id = r.agent_id
+                 JOIN patterns p ON p.report_id = r.id
+                 WHERE a.name = ?1 AND r.interval_start_ms >= ?2 AND r.interval_start_ms < ?3
+                 GROUP BY p.pattern",
+            )
+            .map_err(sql("prepare"))?;
+        let mut totals: std::collections::BTreeMap<String, u64> = Default::default();
+        for agent in agents {
+            let rows = stmt
+                .query_map(params![agent, since_ms, until_ms], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        u64::try_from(r.get::<_, i64>(1)?).unwrap_or_default(),
+                    ))
+                })
+                .map_err(sql("read pattern totals"))?;
+            for row in rows {
+                let (pattern, flows) = row.map_err(sql("read pattern totals"))?;
+                *totals.entry(pattern).or_default() += flows;
+            }
+        }
+        Ok(totals.into_iter().collect())
+    }
+
+    /// Live's classified and mirrored flows per class (the `class_flows_N` and
+    /// `class_mirrored_N` counters) of `agents`' reports with intervals starting in
+    /// `[since_ms, until_ms)`: class -> (flows, mirrored).
+    pub fn class_flow_totals(
+        &self,
+        agents: &[&str],
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<std::collections::BTreeMap<u16, (u64, u64)>, StoreError> {
+        use doppel_common::maps::{CLASS_FLOWS_COUNTER, CLASS_MIRRORED_COUNTER};
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT c.name, sum(c.value)
+                 FROM reports r
+                 JOIN agents a ON a.id = r.agent_id
+                 JOIN counters c ON c.report_id = r.id
+                 WHERE a.name = ?1 AND r.interval_start_ms >= ?2 AND r.interval_start_ms < ?3
+                   AND c.name LIKE 'class\\_%' ESCAPE '\\'
+                 GROUP BY c.name",
+            )
+            .map_err(sql("prepare"))?;
+        let mut totals: std::collections::BTreeMap<u16, (u64, u64)> = Default::default();
+        for agent in agents {
+            let rows = stmt
+                .query_map(params![agent, since_ms, until_ms], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        u64::try_from(r.get::<_, i64>(1)?).unwrap_or_default(),
+                    ))
+                })
+                .map_err(sql("read class totals"))?;
+            for row in rows {
+                let (name, value) = row.map_err(sql("read class totals"))?;
+                let parsed = |prefix: &str| name.strip_prefix(prefix)?.parse::<u16>().ok();
+                if let Some(class) = parsed(CLASS_FLOWS_COUNTER) {
+                    totals.entry(class).or_default().0 += value;
+                } else if let Some(class) = parsed(CLASS_MIRRORED_COUNTER) {
+                    totals.entry(class).or_default().1 += value;
+                }
+            }
+        }
+        Ok(totals)
+    }
+
     /// The newest report row id (0 when there is none).
     pub fn last_report_id(&self) -> Result<i64, StoreError> {
         self.conn

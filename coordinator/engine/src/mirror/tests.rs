@@ -358,3 +358,73 @@ fn the_first_round_plans_for_the_load_it_saw() {
         "{plan:?}"
     );
 }
+
+#[test]
+fn coverage_reweights_an_oversampled_class_back_to_lives_mix() {
+    // A budget of 5/s leaves the one-a-minute pattern too rare for the typical rate: boosted.
+    let mut planner = MirrorPlanner::new(settings(5.0)).expect("settings");
+    run(&mut planner, 0, 120, true);
+    let plan = planner.plan();
+    let items = plan
+        .classes
+        .iter()
+        .find(|c| c.name == "GET /api/items/{n}")
+        .expect("head")
+        .id;
+    let rare_class = plan.classify(b"DELETE /api/account/1f2e HTTP/1.1\r\n");
+    assert_ne!(rare_class, 0, "the rare pattern is boosted");
+    // Live: 9000 items flows, 900 checkouts, 100 rare; the shadow got 1 % of the items, 10 % of
+    // the checkouts and every rare flow.
+    let live = [
+        ("GET /api/items/{n}".to_owned(), 9000.0),
+        ("POST /api/checkout".to_owned(), 900.0),
+        ("DELETE /api/account/{id}".to_owned(), 100.0),
+    ];
+    let mirrored = [
+        ("GET /api/items/{n}".to_owned(), 90),
+        ("POST /api/checkout".to_owned(), 90),
+        ("DELETE /api/account/{id}".to_owned(), 100),
+    ];
+    let checkout = plan.classify(b"POST /api/checkout HTTP/1.1\r\n");
+    let mut classes = BTreeMap::new();
+    classes.insert(items, (9000, 90));
+    classes.insert(checkout, (900, 90));
+    classes.insert(rare_class, (100, 100));
+    let c = coverage::coverage(&plan, &live, &mirrored, &classes);
+    let divergence = c.mix_divergence.expect("both sides have flows");
+    assert!(
+        divergence < 1e-9,
+        "reweighted, the sample is live's mix: {divergence}"
+    );
+    assert_eq!(c.rare_recall, Some(1.0));
+    let rare = c
+        .patterns
+        .iter()
+        .find(|p| p.pattern == "DELETE /api/account/{id}")
+        .expect("rare");
+    assert!((rare.mirrored_share - 100.0 / 280.0).abs() < 1e-12);
+    assert!((rare.reweighted_share - 0.01).abs() < 1e-9);
+    assert_eq!(
+        c.patterns[0].pattern, "GET /api/items/{n}",
+        "live's most frequent first"
+    );
+
+    // Without the class weights (every class mirrored alike) the oversampled class shows.
+    let mut flat = BTreeMap::new();
+    for class in [items, checkout, rare_class] {
+        flat.insert(class, (1, 1));
+    }
+    let skewed = coverage::coverage(&plan, &live, &mirrored, &flat);
+    assert!(skewed.mix_divergence.expect("flows") > 0.2);
+    // A pattern live served 10 times and the shadow never: not recalled.
+    let missed = coverage::coverage(
+        &plan,
+        &[
+            ("GET /api/items/{n}".to_owned(), 50.0),
+            ("GET /x".to_owned(), 10.0),
+        ],
+        &[("GET /api/items/{n}".to_owned(), 5)],
+        &classes,
+    );
+    assert_eq!(missed.rare_recall, Some(0.5));
+}
