@@ -161,7 +161,7 @@ pub struct ClassConfigFile {
     /// Higher wins when rules of several classes match.
     #[serde(default)]
     pub priority: u16,
-    /// The class's flows may spend the mirror budget's reserve, within a lane of 30 % of the
+    /// The class's flows may spend the mirror budget's reserve, within a lane of 15 % of the
     /// budget, so common traffic that saturates the budget cannot turn them away.
     #[serde(default)]
     pub budget_priority: bool,

@@ -813,8 +813,8 @@ fn the_mirror_budget_holds_host_wide_and_keeps_room_for_priority_classes() {
     }
     const BUDGET: f64 = 20.0;
     const FLOWS: usize = 800;
-    /// One flow in this many is of the priority class: 5/s, within its lane (30 % of 20/s).
-    const RARE_EVERY: usize = 40;
+    /// One flow in this many is of the priority class: 2.5/s, within its lane (15 % of 20/s).
+    const RARE_EVERY: usize = 80;
     let t = Topology::new();
     let _server = t.start_server(false);
     let _sinks = [t.start_sink(0, false), t.start_sink(1, false)];

@@ -32,7 +32,7 @@
 //! bucket in the data path, modelled by [`FlowBucket`]), so a burst between two plans, or a
 //! coordinator that stops planning, never pushes the mirrored volume over it. Boost classes are
 //! sent as `budget_priority`: common traffic that saturates the bucket leaves them a reserve,
-//! which they take within a lane of their 30 % share.
+//! which they take within a lane of 15 % of the budget.
 //!
 //! # Unbiased comparison
 //! A class mirrored at a higher rate is over-represented among the shadow's exchanges. Every
@@ -516,8 +516,7 @@ pub fn class_weight(live_flows: u64, mirrored_flows: u64) -> Option<f64> {
 /// - Flows of common classes stop short of the last [`BUDGET_RESERVE_SECS`] of it, so common
 ///   traffic that saturates the budget cannot turn the rare patterns away.
 /// - Flows of priority classes (the plan's boosts, [`ClassPolicy::budget_priority`]) may take
-///   every token, but only within a lane of their own at [`PRIORITY_SHARE`] of the budget, the
-///   share the plan gives boosts: a rare pattern that bursts before the next plan cannot starve
+///   every token, but only within a lane of their own at [`PRIORITY_SHARE`] of the budget: a rare pattern that bursts before the next plan cannot starve
 ///   the common ones.
 ///
 /// The kernel holds the same rules as two GCRAs (`MIRROR_BUCKET`, `mirror_reserve_ns`,
@@ -537,9 +536,9 @@ pub struct FlowBucket {
 /// Seconds of the budget held back for priority classes: the kernel's reserve.
 pub const BUDGET_RESERVE_SECS: f64 =
     doppel_common::maps::MIRROR_BUDGET_RESERVE_NS as f64 / 1_000_000_000.0;
-/// The most of the budget priority flows take: the share the plan lets boosts take.
+/// The most of the budget priority flows take (within the share the plan lets boosts take).
 pub const PRIORITY_SHARE: f64 = doppel_common::maps::MIRROR_PRIORITY_SHARE_PPM as f64 / 1e6;
-const _: () = assert!(PRIORITY_SHARE == MAX_BOOST_SHARE);
+const _: () = assert!(PRIORITY_SHARE <= MAX_BOOST_SHARE);
 
 impl FlowBucket {
     /// A full bucket at `rate` flows/s, at time `now` (seconds), with a reserve and lane for
