@@ -19,7 +19,8 @@ use aya::{
 };
 use doppel_common::maps::{
     CLASS_BUDGET_PRIORITY, Direction, IFACE_COUNTERS_MAP, IfaceCounters, MIRROR_BUDGET_RESERVE_NS,
-    MIRROR_PRIORITY_SHARE_PPM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, iface_slot,
+    MIRROR_PRIORITY_SHARE_PPM, MIRROR_RESERVE_MIN_FLOWS, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM,
+    iface_slot,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -538,6 +539,8 @@ impl Datapath {
                     .any(|c| c.flags & CLASS_BUDGET_PRIORITY != 0)
             {
                 MIRROR_BUDGET_RESERVE_NS
+                    .max(MIRROR_RESERVE_MIN_FLOWS * u64::from(mirror_interval_ns))
+                    .min(mirror_tolerance_ns)
             } else {
                 0
             },

@@ -82,6 +82,8 @@ pub struct ClassFlows {
     pub flows: u64,
     /// Of those, mirrored.
     pub sampled: u64,
+    /// The class's sample rate in force in the data path, parts per million.
+    pub rate_ppm: u32,
 }
 
 /// One interval, as printed.
@@ -296,6 +298,7 @@ impl LiveAgent {
                 name: class.name.clone(),
                 flows: now.0.saturating_sub(before.0),
                 sampled: now.1.saturating_sub(before.1),
+                rate_ppm: class.sample_rate_ppm,
             });
         }
         Ok(out)

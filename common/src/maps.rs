@@ -214,10 +214,16 @@ pub struct ClassConfig {
 pub const CLASS_BUDGET_PRIORITY: u32 = 1;
 
 /// How much of the mirror budget's one-second burst is held back for [`CLASS_BUDGET_PRIORITY`]
-/// classes when a policy has any. A tenth of a second lets a priority flow in within most of
-/// each gap between common flows of a saturated budget; `cargo xtask eval mirror` measured it
+/// classes when a policy has any, at least: the reserve is never less than
+/// [`MIRROR_RESERVE_MIN_FLOWS`] flows' spacing. `cargo xtask eval mirror` measured 100 ms
 /// against 300 ms (mix divergence 0.0065 against 0.0080, rare recall 0.995 against 0.994).
 pub const MIRROR_BUDGET_RESERVE_NS: u64 = 100_000_000;
+/// The reserve in flows, at least. A common flow admitted at the reserve's edge moves the
+/// bucket one flow's spacing on; a reserve shorter than that leaves the priority classes only
+/// the gaps between common flows (measured in `mirror_learning` at 6 flows/s, 100 ms against
+/// 167 ms: three rare flows, none mirrored), so it must hold a whole flow, and a second for the
+/// next priority flow before the bucket refills.
+pub const MIRROR_RESERVE_MIN_FLOWS: u64 = 2;
 /// The most of the budget [`CLASS_BUDGET_PRIORITY`] classes may take from the reserve, in parts
 /// per million (their lane): a rare pattern that suddenly bursts must not starve the common
 /// classes until the next plan. `cargo xtask eval mirror` measured 30 %, the share the planner
@@ -300,7 +306,8 @@ pub struct DatapathConfig {
     /// the budget, `(flows_per_s - 1) * mirror_interval_ns`.
     pub mirror_tolerance_ns: u64,
     /// How much nearer now the theoretical arrival time must be for a flow of a class without
-    /// [`CLASS_BUDGET_PRIORITY`] ([`MIRROR_BUDGET_RESERVE_NS`], 0 when no class has it): common
+    /// [`CLASS_BUDGET_PRIORITY`] ([`MIRROR_BUDGET_RESERVE_NS`] or [`MIRROR_RESERVE_MIN_FLOWS`]
+    /// flows' spacing, whichever is longer, within the burst; 0 when no class has it): common
     /// traffic cannot fill the last of the bucket, so a saturated bucket still admits the
     /// priority classes' flows.
     pub mirror_reserve_ns: u64,

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod demo;
+pub mod lab;
 pub mod reports;
 pub mod testbed;
 pub mod topology;

@@ -13,65 +13,32 @@ use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Shutdown, SocketAddr, TcpStream},
     path::Path,
-    process::Output,
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
-use doppel_common::wire::{EncodedHistogram, FlowScope, LatencyMetric};
+use doppel_common::wire::FlowScope;
 use doppel_coordinator::{
     compare::{Comparison, Role},
     store::Store,
 };
 use doppel_tests::{
     agent::{AgentProcess, counter},
-    testbed::{Host, Link, Process, privileged_or_skip, wait_for, workspace_binary},
+    lab::{
+        coordinator_section, doppel, issue_agent_certs, shadow_agent_config, start_coordinator,
+        stored_exchanges_per_class,
+    },
+    testbed::{Host, Link, privileged_or_skip, wait_for},
     workloads::Nginx,
 };
 
 const VNI: u32 = 101;
-const QUIC_PORT: u16 = 4433;
 /// Share of the flows the workload's policy mirrors to the shadow.
 const SAMPLE_RATE: f64 = 0.5;
 const REQUESTS_PER_FLOW: usize = 3;
 const FLOWS_PER_BATCH: usize = 40;
 /// Flows whose first request starts with `GET /items/1` (flows 1 and 10..=19): class 1.
 const CLASS_1_FLOWS: usize = 11;
-
-/// Runs `doppel --state-dir STATE ARGS…` inside `host` (the API listens on the host's loopback).
-fn doppel(host: &Host, state: &Path, args: &[&str]) -> Output {
-    let mut command = host.command(workspace_binary("doppel").to_str().expect("utf-8"));
-    command
-        .arg("--state-dir")
-        .arg(state)
-        .args(args)
-        .env_remove("DOPPEL_API")
-        .env_remove("DOPPEL_API_TOKEN");
-    let out = command.output().expect("run doppel");
-    assert!(
-        out.status.success(),
-        "doppel {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn start_coordinator(host: &Host, state: &Path) -> Process {
-    let mut serve = host.command(workspace_binary("doppel").to_str().expect("utf-8"));
-    serve.arg("--state-dir").arg(state).args([
-        "serve",
-        "--quic-listen",
-        &format!("0.0.0.0:{QUIC_PORT}"),
-    ]);
-    let process = host.spawn(serve).expect("spawn coordinator");
-    // The API address file appears once the API listens.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !state.join("api.addr").exists() {
-        assert!(Instant::now() < deadline, "coordinator API did not start");
-        thread::sleep(Duration::from_millis(50));
-    }
-    process
-}
 
 /// One keep-alive flow of `REQUESTS_PER_FLOW` GETs, each response read whole; then the client
 /// closes its side and reads to the end. Returns every byte received on the connection.
@@ -148,23 +115,12 @@ fn stored_seqs(state: &Path, agent: &str) -> Vec<u64> {
         .expect("seqs")
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as i64
-}
-
 /// Exchanges in the stored kernel histograms of `agent` with `scope` (and `class`, if given).
 fn stored_exchanges(state: &Path, agent: &str, scope: FlowScope, class: Option<u16>) -> u64 {
-    Store::open_in(state)
-        .expect("store")
-        .interval_histograms(&[agent], 0, now_ms() + 60_000)
-        .expect("histograms")
+    stored_exchanges_per_class(state, agent, scope)
         .into_iter()
-        .filter(|r| r.scope == scope && r.metric == LatencyMetric::KernelFirstByte)
-        .filter(|r| class.is_none_or(|c| r.class == c))
-        .map(|r| EncodedHistogram(r.hist).decode().expect("decode").len())
+        .filter(|(c, _)| class.is_none_or(|class| *c == class))
+        .map(|(_, n)| n)
         .sum()
 }
 
@@ -184,23 +140,8 @@ fn the_coordinator_compares_a_shadow_agents_measurements_with_the_live_ones() {
     let shadow_link = Link::new(&live, &shadow).expect("shadow link");
     let live_addr: IpAddr = client_link.b_v4.into();
 
-    doppel(&live, state, &["ca", "init"]);
-    let certs = state.join("agent-certs");
-    for agent in ["live-1", "shadow-1"] {
-        doppel(
-            &live,
-            state,
-            &[
-                "ca",
-                "issue",
-                "--agent",
-                agent,
-                "--out",
-                certs.to_str().expect("utf-8"),
-            ],
-        );
-    }
-    let mut coordinator = start_coordinator(&live, state);
+    let certs = issue_agent_certs(&live, state, &["live-1", "shadow-1"]);
+    let mut coordinator = start_coordinator(&live, state, None);
     // The workload as an operator registers it: the mirror session and the sample rate reach
     // the live agent only through the coordinator's policy (its file mirrors nothing).
     let workload = format!(
@@ -243,25 +184,16 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
 
     let live_nginx = Nginx::start(&live, live_addr, 8080);
     let shadow_nginx = Nginx::start(&shadow, "127.0.0.1".parse().expect("addr"), 8080);
-    let coordinator_section = |agent: &str, quic: IpAddr| {
-        format!(
-            "[coordinator]\naddress = \"{quic}:{QUIC_PORT}\"\nca_cert = \"{certs}/ca.crt\"\n\
-             cert = \"{certs}/{agent}.crt\"\nkey = \"{certs}/{agent}.key\"\n\
-             spool_dir = \"{spool}\"\n",
-            certs = certs.display(),
-            spool = state.join(format!("spool-{agent}")).display(),
-        )
-    };
+    let coordinator_section =
+        |agent: &str, quic: IpAddr| coordinator_section(state, &certs, agent, quic);
     let shadow_agent = AgentProcess::start(
         &shadow,
         "shadow",
-        &format!(
-            "role = \"shadow\"\nxdp_interface = \"{iface}\"\nreplay_addr = \"127.0.0.1\"\n\
-             replay_interface = \"lo\"\nreport_interval_ms = 400\nresponse_timeout_ms = 2000\n\
-             [[sessions]]\nsource = \"{source}\"\nvni = {VNI}\n[[services]]\nport = 8080\n{section}",
-            iface = shadow_link.b_iface,
-            source = shadow_link.a_v4,
-            section = coordinator_section("shadow-1", shadow_link.a_v4.into()),
+        &shadow_agent_config(
+            &shadow_link.b_iface,
+            shadow_link.a_v4.into(),
+            VNI,
+            &coordinator_section("shadow-1", shadow_link.a_v4.into()),
         ),
     );
     let live_agent = AgentProcess::start(
@@ -335,7 +267,7 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
     );
     let offline_shadow_lines = shadow_agent.lines().len();
 
-    let _coordinator = start_coordinator(&live, state);
+    let _coordinator = start_coordinator(&live, state, None);
     for (agent, process) in [("live-1", &live_agent), ("shadow-1", &shadow_agent)] {
         let printed = process.lines().len();
         let delivered = wait_for(Duration::from_secs(30), || {

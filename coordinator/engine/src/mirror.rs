@@ -545,7 +545,11 @@ impl FlowBucket {
     /// priority classes (a plan with boosts: the kernel holds the reserve back only then).
     pub fn new(rate: f64, now: f64) -> Self {
         Self {
-            reserve: rate * BUDGET_RESERVE_SECS,
+            // At least two flows' spacing (the kernel's `MIRROR_RESERVE_MIN_FLOWS`), within
+            // the burst.
+            reserve: (rate * BUDGET_RESERVE_SECS)
+                .max(doppel_common::maps::MIRROR_RESERVE_MIN_FLOWS as f64)
+                .min((rate - 1.0).max(0.0)),
             ..Self::without_priority(rate, now)
         }
     }
