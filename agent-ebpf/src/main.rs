@@ -602,7 +602,8 @@ fn decide(
 ///   on. A common class's flow must leave `mirror_reserve_ns` of it, so common traffic that
 ///   saturates the budget cannot turn the rare patterns away.
 /// - A `CLASS_BUDGET_PRIORITY` class's flow may take the reserve, but only within entry 1, the
-///   priority lane at `mirror_priority_interval_ns` (15 % of the budget): a pattern that bursts while still boosted cannot starve the common classes.
+///   priority lane at `mirror_priority_interval_ns` (15 % of the budget): a pattern that bursts
+///   while still boosted cannot starve the common classes.
 ///
 /// An interval of 0 is no limit. `now` is the packet's coarse clock, already read by the
 /// caller.

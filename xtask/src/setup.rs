@@ -22,10 +22,11 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and tools need: `ip`/`tc` (iproute2), `sysctl` (procps),
 /// `bpftool` for inspecting programs and their run-time statistics, and the real servers the
 /// end-to-end tests run as workloads (nginx, with the echo module for its slow paths;
-/// redis-server, redis-cli and redis-benchmark from redis-tools; and PostgreSQL: `postgresql` brings the distribution's server version with
-/// `initdb`, `pgbench`, `psql` and the `pg_stat_statements` module, and the `postgres` system
-/// user the test servers run as), and the HTTP/2 clients: `h2load` (nghttp2-client) and
-/// Debian's gRPC for Python (python3-grpcio), whose server and client run the gRPC tests; and
+/// redis-server, redis-cli and redis-benchmark from redis-tools; and PostgreSQL: `postgresql`
+/// brings the distribution's server version with `initdb`, `pgbench`, `psql` and the
+/// `pg_stat_statements` module, and the `postgres` system user the test servers run as), and the
+/// HTTP/2 clients: `h2load` (nghttp2-client) and Debian's gRPC for Python (python3-grpcio),
+/// whose server and client run the gRPC tests; and
 /// memcached, a protocol replayed by the opaque fallback; and MariaDB: `mariadb-server` brings
 /// `mariadbd`, `mariadb-install-db` and the `mysql` system user, `mariadb-client` the `mariadb`
 /// client, and `sysbench` the OLTP load generator for the MySQL protocol; `g++`, which

@@ -516,8 +516,8 @@ pub fn class_weight(live_flows: u64, mirrored_flows: u64) -> Option<f64> {
 /// - Flows of common classes stop short of the last [`BUDGET_RESERVE_SECS`] of it, so common
 ///   traffic that saturates the budget cannot turn the rare patterns away.
 /// - Flows of priority classes (the plan's boosts, [`ClassPolicy::budget_priority`]) may take
-///   every token, but only within a lane of their own at [`PRIORITY_SHARE`] of the budget: a rare pattern that bursts before the next plan cannot starve
-///   the common ones.
+///   every token, but only within a lane of their own at [`PRIORITY_SHARE`] of the budget: a
+///   rare pattern that bursts before the next plan cannot starve the common ones.
 ///
 /// The kernel holds the same rules as two GCRAs (`MIRROR_BUCKET`, `mirror_reserve_ns`,
 /// `mirror_priority_interval_ns`).
