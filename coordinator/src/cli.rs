@@ -1145,13 +1145,13 @@ fn patterns_text(view: &PatternsView) -> String {
         .collect();
     out.push_str(&render(
         &[
-            "PATTERN", "LIVE", "PLANNED", "REPLAYED", "FLOWS/S", "CLASS", "RATE", "AGE",
+            "PATTERN", "LIVE", "PLANNED", "RECEIVED", "FLOWS/S", "CLASS", "RATE", "AGE",
         ],
         &rows,
     ));
     if !view.coverage.is_empty() {
         out.push_str(&format!(
-            "\ncoverage over the last {} min (what each shadow replayed, weighted by class, \
+            "\ncoverage over the last {} min (what each shadow received, weighted by class, \
              against live's mix; the eval's goals: divergence <= 0.01, rare recall >= 0.99)\n",
             view.window_ms / 60_000
         ));
@@ -1173,7 +1173,7 @@ fn patterns_text(view: &PatternsView) -> String {
             &[
                 "SHADOW",
                 "TYPE",
-                "REPLAYED",
+                "RECEIVED",
                 "LIVE FLOWS",
                 "MIX DIVERGENCE",
                 "RARE RECALL",

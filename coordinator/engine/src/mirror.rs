@@ -1065,7 +1065,13 @@ impl MirrorPlanner {
                 None => 0,
             };
             pattern_class.insert(key, class);
-            *class_flows.entry(class).or_default() += state.rate;
+            // A young pattern's rate is read from its first round or two and runs high (one
+            // flow in a half-second round reads as 2 flows/s): it is left out of the volume the
+            // rates are solved for, so it cannot scale the boosts down or starve the typical
+            // rate. What it takes is bounded by the data path's priority lane.
+            if !self.is_young(state) {
+                *class_flows.entry(class).or_default() += state.rate;
+            }
         }
         let rate_at = |class: &PlannedClass, typical: f64| match &class.role {
             ClassRole::Default => typical,

@@ -69,7 +69,8 @@ pub struct PatternCoverage {
     pub live_flows: f64,
     /// Its share of live's flows.
     pub live_share: f64,
-    /// Flows of it the shadow replayed.
+    /// Flows of it the shadow received and began to replay (a flow whose requests the
+    /// replayer's method filter then skips still counts).
     pub mirrored_flows: u64,
     /// Its share of the shadow's flows.
     pub mirrored_share: f64,
@@ -89,7 +90,7 @@ pub struct Coverage {
     pub rare_recall: Option<f64>,
     /// Live's flows in the window (estimated).
     pub live_flows: f64,
-    /// Flows the shadow replayed in the window.
+    /// Flows the shadow received and began to replay in the window.
     pub mirrored_flows: u64,
     /// Every pattern either side saw, live's most frequent first.
     pub patterns: Vec<PatternCoverage>,
