@@ -50,7 +50,7 @@ impl Store {
                         interval_start_ms: r.get(1)?,
                         interval_ms: r.get(2)?,
                         patterns: Vec::new(),
-                        classified_flows: u64::try_from(r.get::<_, i64>(3)?).unwrap_or_default(),
+                        classified_flows: count(r, 3)?,
                     })
                 })
                 .map_err(sql("read pattern reports"))?;
@@ -64,17 +64,36 @@ impl Store {
             .map_err(sql("prepare"))?;
         for report in &mut out {
             report.patterns = patterns
-                .query_map([report.id], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        u64::try_from(r.get::<_, i64>(1)?).unwrap_or_default(),
-                    ))
-                })
+                .query_map([report.id], |r| Ok((r.get::<_, String>(0)?, count(r, 1)?)))
                 .map_err(sql("read patterns"))?
                 .collect::<Result<_, _>>()
                 .map_err(sql("read patterns"))?;
         }
         out.sort_by_key(|r| r.id);
+        Ok(out)
+    }
+
+    /// Runs `query` (parameters: agent name, `since_ms`, `until_ms`) once per agent of `agents`
+    /// and maps every row with `row`: the shape of each window read over a workload's agents.
+    /// `what` names the read in errors.
+    fn rows_per_agent<T>(
+        &self,
+        query: &str,
+        what: &'static str,
+        agents: &[&str],
+        (since_ms, until_ms): (i64, i64),
+        mut row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(query).map_err(sql("prepare"))?;
+        let mut out = Vec::new();
+        for agent in agents {
+            let rows = stmt
+                .query_map(params![agent, since_ms, until_ms], &mut row)
+                .map_err(sql(what))?;
+            for r in rows {
+                out.push(r.map_err(sql(what))?);
+            }
+        }
         Ok(out)
     }
 
@@ -88,33 +107,17 @@ impl Store {
         until_ms: i64,
     ) -> Result<Vec<(i64, i64, u16, u64)>, StoreError> {
         // scope 1 = mirrored flows, metric 0 = kernel first byte.
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT r.interval_start_ms, r.interval_ms, h.class, h.count
-                 FROM reports r
-                 JOIN agents a ON a.id = r.agent_id
-                 JOIN histograms h ON h.report_id = r.id AND h.scope = 1 AND h.metric = 0
-                 WHERE a.name = ?1 AND r.interval_start_ms >= ?2 AND r.interval_start_ms < ?3",
-            )
-            .map_err(sql("prepare"))?;
-        let mut out = Vec::new();
-        for agent in agents {
-            let rows = stmt
-                .query_map(params![agent, since_ms, until_ms], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        u64::try_from(r.get::<_, i64>(3)?).unwrap_or_default(),
-                    ))
-                })
-                .map_err(sql("read mirrored exchanges"))?;
-            for row in rows {
-                out.push(row.map_err(sql("read mirrored exchanges"))?);
-            }
-        }
-        Ok(out)
+        self.rows_per_agent(
+            "SELECT r.interval_start_ms, r.interval_ms, h.class, h.count
+             FROM reports r
+             JOIN agents a ON a.id = r.agent_id
+             JOIN histograms h ON h.report_id = r.id AND h.scope = 1 AND h.metric = 0
+             WHERE a.name = ?1 AND r.interval_start_ms >= ?2 AND r.interval_start_ms < ?3",
+            "read mirrored exchanges",
+            agents,
+            (since_ms, until_ms),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, count(r, 3)?)),
+        )
     }
 
     /// Pattern counts of `agents`' reports with intervals starting in `[since_ms, until_ms)`,
@@ -125,31 +128,21 @@ impl Store {
         since_ms: i64,
         until_ms: i64,
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT p.pattern, sum(p.flows)
-                 FROM reports r
-                 JOIN agents a ON a.id = r.agent_id
-                 JOIN patterns p ON p.report_id = r.id
-                 WHERE a.name = ?1 AND r.interval_start_ms >= ?2 AND r.interval_start_ms < ?3
-                 GROUP BY p.pattern",
-            )
-            .map_err(sql("prepare"))?;
+        let rows = self.rows_per_agent(
+            "SELECT p.pattern, sum(p.flows)
+             FROM reports r
+             JOIN agents a ON a.id = r.agent_id
+             JOIN patterns p ON p.report_id = r.id
+             WHERE a.name = ?1 AND r.interval_start_ms >= ?2 AND r.interval_start_ms < ?3
+             GROUP BY p.pattern",
+            "read pattern totals",
+            agents,
+            (since_ms, until_ms),
+            |r| Ok((r.get::<_, String>(0)?, count(r, 1)?)),
+        )?;
         let mut totals: std::collections::BTreeMap<String, u64> = Default::default();
-        for agent in agents {
-            let rows = stmt
-                .query_map(params![agent, since_ms, until_ms], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        u64::try_from(r.get::<_, i64>(1)?).unwrap_or_default(),
-                    ))
-                })
-                .map_err(sql("read pattern totals"))?;
-            for row in rows {
-                let (pattern, flows) = row.map_err(sql("read pattern totals"))?;
-                *totals.entry(pattern).or_default() += flows;
-            }
+        for (pattern, flows) in rows {
+            *totals.entry(pattern).or_default() += flows;
         }
         Ok(totals.into_iter().collect())
     }
@@ -164,36 +157,26 @@ impl Store {
         until_ms: i64,
     ) -> Result<std::collections::BTreeMap<u16, (u64, u64)>, StoreError> {
         use doppel_common::maps::{CLASS_FLOWS_COUNTER, CLASS_MIRRORED_COUNTER};
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT c.name, sum(c.value)
-                 FROM reports r
-                 JOIN agents a ON a.id = r.agent_id
-                 JOIN counters c ON c.report_id = r.id
-                 WHERE a.name = ?1 AND r.interval_start_ms >= ?2 AND r.interval_start_ms < ?3
-                   AND c.name LIKE 'class\\_%' ESCAPE '\\'
-                 GROUP BY c.name",
-            )
-            .map_err(sql("prepare"))?;
+        let rows = self.rows_per_agent(
+            "SELECT c.name, sum(c.value)
+             FROM reports r
+             JOIN agents a ON a.id = r.agent_id
+             JOIN counters c ON c.report_id = r.id
+             WHERE a.name = ?1 AND r.interval_start_ms >= ?2 AND r.interval_start_ms < ?3
+               AND c.name LIKE 'class\\_%' ESCAPE '\\'
+             GROUP BY c.name",
+            "read class totals",
+            agents,
+            (since_ms, until_ms),
+            |r| Ok((r.get::<_, String>(0)?, count(r, 1)?)),
+        )?;
         let mut totals: std::collections::BTreeMap<u16, (u64, u64)> = Default::default();
-        for agent in agents {
-            let rows = stmt
-                .query_map(params![agent, since_ms, until_ms], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        u64::try_from(r.get::<_, i64>(1)?).unwrap_or_default(),
-                    ))
-                })
-                .map_err(sql("read class totals"))?;
-            for row in rows {
-                let (name, value) = row.map_err(sql("read class totals"))?;
-                let parsed = |prefix: &str| name.strip_prefix(prefix)?.parse::<u16>().ok();
-                if let Some(class) = parsed(CLASS_FLOWS_COUNTER) {
-                    totals.entry(class).or_default().0 += value;
-                } else if let Some(class) = parsed(CLASS_MIRRORED_COUNTER) {
-                    totals.entry(class).or_default().1 += value;
-                }
+        for (name, value) in rows {
+            let parsed = |prefix: &str| name.strip_prefix(prefix)?.parse::<u16>().ok();
+            if let Some(class) = parsed(CLASS_FLOWS_COUNTER) {
+                totals.entry(class).or_default().0 += value;
+            } else if let Some(class) = parsed(CLASS_MIRRORED_COUNTER) {
+                totals.entry(class).or_default().1 += value;
             }
         }
         Ok(totals)
@@ -296,4 +279,10 @@ impl Store {
             .filter_map(|(w, body)| Some((w, serde_json::from_str(&body).ok()?)))
             .collect())
     }
+}
+
+/// Column `i` of `row` as a count: stored as a signed integer, never negative when written, read
+/// as 0 if it somehow is.
+fn count(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u64> {
+    Ok(u64::try_from(row.get::<_, i64>(i)?).unwrap_or_default())
 }
