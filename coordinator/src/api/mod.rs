@@ -519,28 +519,37 @@ pub struct PatternsView {
     pub coverage: Vec<crate::mirror::ShadowCoverage>,
 }
 
-/// Query of `GET /v1/workloads/{name}/patterns`.
+/// Query of the endpoints that read a window back from now (`compare`, `patterns`).
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
-pub struct PatternsQuery {
-    /// Window of the coverage figures, ms (default an hour, the eval's).
+pub struct WindowQuery {
+    /// Window, ms (default: the endpoint's).
     pub window_ms: Option<i64>,
 }
+
+impl WindowQuery {
+    /// The window asked for, or `default` when none was; a window that is not positive is the
+    /// caller's error.
+    fn window_ms_or(self, default: i64) -> Result<i64, ApiError> {
+        match self.window_ms {
+            Some(w) if w > 0 => Ok(w),
+            Some(_) => Err(ApiError::BadBody {
+                field: "window_ms".into(),
+                reason: "must be positive".into(),
+            }),
+            None => Ok(default),
+        }
+    }
+}
+
+/// Default window of `GET /v1/workloads/{name}/patterns`' coverage figures: an hour, the eval's.
+const PATTERNS_WINDOW_MS: i64 = 3_600_000;
 
 async fn show_patterns(
     State(state): State<Arc<ApiState>>,
     UrlPath(name): UrlPath<String>,
-    Query(query): Query<PatternsQuery>,
+    Query(query): Query<WindowQuery>,
 ) -> Result<Json<PatternsView>, ApiError> {
-    let window_ms = match query.window_ms {
-        Some(w) if w > 0 => w,
-        Some(_) => {
-            return Err(ApiError::BadBody {
-                field: "window_ms".into(),
-                reason: "must be positive".into(),
-            });
-        }
-        None => 3_600_000,
-    };
+    let window_ms = query.window_ms_or(PATTERNS_WINDOW_MS)?;
     let now_ms = state.clock.now_ms();
     state
         .with_store(move |s| {
@@ -588,28 +597,13 @@ async fn delivery_log(
         .map(Json)
 }
 
-/// Query of `GET /v1/workloads/{name}/compare`.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-pub struct CompareQuery {
-    /// Window, ms (default: the serve config's).
-    pub window_ms: Option<i64>,
-}
-
 async fn compare_live_and_shadows(
     State(state): State<Arc<ApiState>>,
     UrlPath(name): UrlPath<String>,
-    Query(query): Query<CompareQuery>,
+    Query(query): Query<WindowQuery>,
 ) -> Result<Json<Comparison>, ApiError> {
-    let window_ms = match query.window_ms {
-        Some(w) if w > 0 => w,
-        Some(_) => {
-            return Err(ApiError::BadBody {
-                field: "window_ms".into(),
-                reason: "must be positive".into(),
-            });
-        }
-        None => state.compare_window_ms,
-    };
+    // Default: the serve config's comparison window.
+    let window_ms = query.window_ms_or(state.compare_window_ms)?;
     let shared = Arc::clone(&state);
     state
         .with_store(move |s| {
@@ -928,6 +922,19 @@ mod tests {
         match parse_body::<Policy>(b"{not json", "policy") {
             Err(ApiError::BadBody { field, .. }) => assert_eq!(field, "body"),
             other => panic!("expected BadBody, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_window_defaults_per_endpoint_and_must_be_positive() {
+        let asked = |w| WindowQuery { window_ms: w };
+        assert_eq!(asked(None).window_ms_or(7).ok(), Some(7));
+        assert_eq!(asked(Some(5)).window_ms_or(7).ok(), Some(5));
+        for bad in [0, -1] {
+            match asked(Some(bad)).window_ms_or(7) {
+                Err(ApiError::BadBody { field, .. }) => assert_eq!(field, "window_ms"),
+                other => panic!("window {bad}: expected BadBody, got {other:?}"),
+            }
         }
     }
 
