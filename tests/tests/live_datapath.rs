@@ -119,6 +119,15 @@ fn mirror_all_config(t: &Topology) -> String {
     )
 }
 
+/// Starts the live agent on the client link, IPv4, with `top` and `tables` in its config.
+fn start_live_agent(t: &Topology, top: &str, tables: &str) -> Agent {
+    Agent::start(
+        &t.live,
+        "live",
+        &live_config(t, &t.client_link.b_iface, false, top, tables),
+    )
+}
+
 /// Runs `flows` client flows of `requests` each on 4 threads; returns client port -> bytes sent.
 fn run_flows(
     t: &Topology,
@@ -168,11 +177,7 @@ class = 2
 port = 8080
 payload_prefix = "GET /static/"
 "#;
-    let agent = Agent::start(
-        &t.live,
-        "live",
-        &live_config(&t, &t.client_link.b_iface, false, "", classes),
-    );
+    let agent = start_live_agent(&t, "", classes);
 
     const FLOWS: usize = 2400;
     let sent = run_flows(&t, false, FLOWS, |i| {
@@ -299,11 +304,7 @@ fn a_known_server_delay_shows_as_the_exchange_latency() {
     }
     let t = Topology::new();
     let _server = t.start_server(false);
-    let agent = Agent::start(
-        &t.live,
-        "live",
-        &live_config(&t, &t.client_link.b_iface, false, "", ""),
-    );
+    let agent = start_live_agent(&t, "", "");
     run_flows(&t, false, 40, |_| {
         vec!["GET /delay/20 HTTP/1.1\r\nHost: live\r\n\r\n".to_owned(); 3]
     });
@@ -385,11 +386,7 @@ fn malformed_and_unusual_packets_pass_untouched_and_are_counted() {
     receiver
         .set_read_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
-    let agent = Agent::start(
-        &t.live,
-        "live",
-        &live_config(&t, &t.client_link.b_iface, false, "", ""),
-    );
+    let agent = start_live_agent(&t, "", "");
     let macs = (
         parse_mac(&t.client.mac(&t.client_link.a_iface).expect("mac")),
         parse_mac(&t.live.mac(&t.client_link.b_iface).expect("mac")),
@@ -652,13 +649,7 @@ fn flows_open_before_the_agent_are_measured_but_never_mirrored() {
         let _inside = t.client.enter().expect("enter client");
         std::net::TcpStream::connect(server.addr()).expect("connect before the agent")
     };
-    let config = live_config(
-        &t,
-        &t.client_link.b_iface,
-        false,
-        "default_sample_percent = 100.0",
-        "",
-    );
+    let config = mirror_all_config(&t);
     let agent = Agent::start(&t.live, "live", &config);
     for _ in 0..5 {
         use std::io::{Read as _, Write as _};
@@ -690,13 +681,7 @@ fn a_reloaded_policy_applies_to_new_flows_and_keeps_decided_ones() {
     let t = Topology::new();
     let server = t.start_server(false);
     let sink = t.start_sink(0, false);
-    let all = live_config(
-        &t,
-        &t.client_link.b_iface,
-        false,
-        "default_sample_percent = 100.0",
-        "",
-    );
+    let all = mirror_all_config(&t);
     let agent = Agent::start(&t.live, "live", &all);
     let request = b"GET /kept HTTP/1.1\r\nHost: live\r\n\r\n";
     let mut kept = {
@@ -768,17 +753,7 @@ fn a_receiving_only_flow_sends_the_shadows_one_keepalive_not_its_acks() {
         }
     });
     let sinks = [t.start_sink(0, false), t.start_sink(1, false)];
-    let agent = Agent::start(
-        &t.live,
-        "live",
-        &live_config(
-            &t,
-            &t.client_link.b_iface,
-            false,
-            "default_sample_percent = 100.0",
-            "",
-        ),
-    );
+    let agent = Agent::start(&t.live, "live", &mirror_all_config(&t));
     let request = b"GET /download HTTP/1.1\r\nHost: live\r\n\r\n";
     let received = {
         let _inside = t.client.enter().expect("enter client");
@@ -828,16 +803,10 @@ budget_priority = true
 class = 1
 payload_prefix = "GET /rare/"
 "#;
-    let agent = Agent::start(
-        &t.live,
-        "live",
-        &live_config(
-            &t,
-            &t.client_link.b_iface,
-            false,
-            &format!("default_sample_percent = 100.0\nmirror_budget_flows_per_s = {BUDGET}"),
-            classes,
-        ),
+    let agent = start_live_agent(
+        &t,
+        &format!("default_sample_percent = 100.0\nmirror_budget_flows_per_s = {BUDGET}"),
+        classes,
     );
 
     // 200 new flows/s, every one sampled by its class's rate, ten times the budget. The client's
