@@ -72,8 +72,10 @@ const BOOST_PRIORITY: u16 = 100;
 const LOAD_SMOOTHING_SECS: f64 = 10.0;
 /// Most of the budget boost rules may spend on patterns their prefix matches besides their own.
 const MAX_SPILL: f64 = 0.05;
-/// Most of the budget the boost classes may take together.
-const MAX_BOOST_SHARE: f64 = 0.3;
+/// Most of the budget the boost classes may take together: the data path's priority lane
+/// ([`PRIORITY_SHARE`]), which turns away whatever boosted flows exceed it; a plan that counted
+/// on more would cut the typical rate for boosts the kernel then refuses.
+const MAX_BOOST_SHARE: f64 = PRIORITY_SHARE;
 /// Pinned (operator-written) classes sit above everything learned.
 pub const PINNED_PRIORITY: u16 = 1000;
 
@@ -538,7 +540,6 @@ pub const BUDGET_RESERVE_SECS: f64 =
     doppel_common::maps::MIRROR_BUDGET_RESERVE_NS as f64 / 1_000_000_000.0;
 /// The most of the budget priority flows take (within the share the plan lets boosts take).
 pub const PRIORITY_SHARE: f64 = doppel_common::maps::MIRROR_PRIORITY_SHARE_PPM as f64 / 1e6;
-const _: () = assert!(PRIORITY_SHARE <= MAX_BOOST_SHARE);
 
 impl FlowBucket {
     /// A full bucket at `rate` flows/s, at time `now` (seconds), with a reserve and lane for
@@ -1057,6 +1058,11 @@ impl MirrorPlanner {
         }
 
         // Flows per second per class, from each pattern's class under these very rules.
+        let boost_ids: Vec<u16> = classes
+            .iter()
+            .filter(|c| matches!(c.role, ClassRole::Boost))
+            .map(|c| c.id)
+            .collect();
         let mut class_flows: HashMap<u16, f64> = HashMap::new();
         let mut pattern_class: HashMap<&str, u16> = HashMap::new();
         for (key, state) in &self.patterns {
@@ -1066,10 +1072,11 @@ impl MirrorPlanner {
             };
             pattern_class.insert(key, class);
             // A young pattern's rate is read from its first round or two and runs high (one
-            // flow in a half-second round reads as 2 flows/s): it is left out of the volume the
-            // rates are solved for, so it cannot scale the boosts down or starve the typical
-            // rate. What it takes is bounded by the data path's priority lane.
-            if !self.is_young(state) {
+            // flow in a half-second round reads as 2 flows/s): in a boost class it is left out
+            // of the volume the rates are solved for, so it cannot scale the boosts down, and
+            // what it takes is bounded by the data path's priority lane. Elsewhere (no rule yet,
+            // or a head) no lane bounds it, so it counts.
+            if !(self.is_young(state) && boost_ids.contains(&class)) {
                 *class_flows.entry(class).or_default() += state.rate;
             }
         }
