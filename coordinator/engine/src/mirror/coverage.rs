@@ -1,7 +1,13 @@
 //! Coverage: how well what a shadow received stands for live's pattern mix. The same two figures
 //! `cargo xtask eval mirror` scores (its `mix_divergence` and `rare_recall`), computed from what
 //! was measured: live's pattern counts against the pattern keys of the flows a shadow replayed,
-//! each reweighted by its class's live-to-mirrored ratio, as the comparison weighs them.
+//! each reweighted by its class's live-to-mirrored ratio.
+//!
+//! Two approximations against the eval, both because the store keeps a report's counts, not its
+//! flows: the ratio is the window's (the eval and the comparison take it per interval, which
+//! counts a pattern bunched in the intervals the bucket cut hardest fully), and live's pattern
+//! counts are estimated from the inspected flows (one in `pattern_sample_one_in`), so a pattern
+//! near [`RARE_MIN_LIVE_FLOWS`] may count in one window and not the next.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -112,11 +118,14 @@ pub fn coverage(
             .map(|spec| plan.classify(&spec.prefix))
             .unwrap_or(0)
     };
+    // A class the shadow replayed but live reported nothing mirrored of in the window (its
+    // reports not in yet, or a plan that moved the pattern) weighs as much as it was sampled,
+    // the comparison's fallback, rather than vanishing from the mix.
     let weight = |class: u16| {
         classes
             .get(&class)
             .and_then(|&(flows, mirrored)| class_weight(flows, mirrored))
-            .unwrap_or(0.0)
+            .unwrap_or(1.0)
     };
     let live_map: HashMap<&str, f64> = live.iter().map(|(k, n)| (k.as_str(), *n)).collect();
     let mirrored_map: HashMap<&str, u64> = mirrored.iter().map(|(k, n)| (k.as_str(), *n)).collect();
