@@ -1151,9 +1151,13 @@ fn patterns_text(view: &PatternsView) -> String {
     ));
     if !view.coverage.is_empty() {
         out.push_str(&format!(
-            "\ncoverage over the last {} min (what each shadow received, weighted by class, \
+            "\ncoverage over the last {} (what each shadow received, weighted by class, \
              against live's mix; the eval's goals: divergence <= 0.01, rare recall >= 0.99)\n",
-            view.window_ms / 60_000
+            if view.window_ms % 60_000 == 0 {
+                format!("{} min", view.window_ms / 60_000)
+            } else {
+                format!("{:.1} s", view.window_ms as f64 / 1000.0)
+            }
         ));
         let rows: Vec<Vec<String>> = view
             .coverage

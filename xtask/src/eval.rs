@@ -64,8 +64,9 @@ pub(crate) struct Options {
     /// `pattern_sample_one_in` (`mirror`).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) discovery_one_in: u32,
-    /// Model the data path's token bucket holding the mirror budget (`mirror`; the agents do
-    /// not have it yet: `false` scores what they run today).
+    /// Model the data path's host-wide bucket holding the mirror budget, with its priority
+    /// reserve and lane (`mirror`; what the agents run since the kernel holds the budget:
+    /// `false` scores a budget kept only on average, as the planner's rates alone keep it).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub(crate) mirror_bucket: bool,
     /// When no warning rule meets the calibration limits on the training parts, report with
