@@ -780,6 +780,62 @@ fn a_receiving_only_flow_sends_the_shadows_one_keepalive_not_its_acks() {
     }
 }
 
+/// New flows the budget tests open per second: ten times their budget.
+const PACED_FLOWS_PER_S: u64 = 200;
+
+/// The mirror budget tests' classes: `GET /rare/` flows are class 1, with `budget_priority`.
+const PRIORITY_RARE_CLASS: &str = r#"
+[[classes]]
+id = 1
+name = "rare"
+sample_percent = 100.0
+budget_priority = true
+[[rules]]
+class = 1
+payload_prefix = "GET /rare/"
+"#;
+
+/// Opens `flows` one-request flows at [`PACED_FLOWS_PER_S`] from 4 client threads, flow `i`
+/// asking for `GET /{path(i)}/{i}`; with `pin_cpu0` every thread runs on CPU 0. Returns the
+/// seconds it took.
+fn run_paced_flows(
+    t: &Topology,
+    flows: usize,
+    pin_cpu0: bool,
+    path: impl Fn(usize) -> &'static str + Sync,
+) -> f64 {
+    let server = SocketAddr::new(t.server_addr(false), 8080);
+    let started = std::time::Instant::now();
+    thread::scope(|s| {
+        for worker in 0..4 {
+            let (started, path) = (&started, &path);
+            s.spawn(move || {
+                let _inside = t.client.enter().expect("enter client");
+                if pin_cpu0 {
+                    let mut cpu0 = nix::sched::CpuSet::new();
+                    cpu0.set(0).expect("cpu 0");
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu0)
+                        .expect("pin to cpu 0");
+                }
+                for i in (worker..flows).step_by(4) {
+                    let due = Duration::from_micros(1_000_000 * i as u64 / PACED_FLOWS_PER_S);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        thread::sleep(wait);
+                    }
+                    http_flow(
+                        server,
+                        &[format!(
+                            "GET /{}/{i} HTTP/1.1\r\nHost: live\r\n\r\n",
+                            path(i)
+                        )],
+                    );
+                }
+            });
+        }
+    });
+    started.elapsed().as_secs_f64()
+}
+
 #[test]
 fn the_mirror_budget_holds_host_wide_and_keeps_room_for_priority_classes() {
     if !privileged_or_skip("the_mirror_budget_holds_host_wide_and_keeps_room_for_priority_classes")
@@ -793,51 +849,18 @@ fn the_mirror_budget_holds_host_wide_and_keeps_room_for_priority_classes() {
     let t = Topology::new();
     let _server = t.start_server(false);
     let _sinks = [t.start_sink(0, false), t.start_sink(1, false)];
-    let classes = r#"
-[[classes]]
-id = 1
-name = "rare"
-sample_percent = 100.0
-budget_priority = true
-[[rules]]
-class = 1
-payload_prefix = "GET /rare/"
-"#;
     let agent = start_live_agent(
         &t,
         &format!("default_sample_percent = 100.0\nmirror_budget_flows_per_s = {BUDGET}"),
-        classes,
+        PRIORITY_RARE_CLASS,
     );
 
     // 200 new flows/s, every one sampled by its class's rate, ten times the budget. The client's
     // threads all run on CPU 0, so the kernel decides every flow there: a budget split per CPU
     // would mirror half of it.
-    let server = SocketAddr::new(t.server_addr(false), 8080);
-    let started = std::time::Instant::now();
-    thread::scope(|s| {
-        for worker in 0..4 {
-            let (t, started) = (&t, &started);
-            s.spawn(move || {
-                let _inside = t.client.enter().expect("enter client");
-                let mut cpu0 = nix::sched::CpuSet::new();
-                cpu0.set(0).expect("cpu 0");
-                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu0)
-                    .expect("pin to cpu 0");
-                for i in (worker..FLOWS).step_by(4) {
-                    let due = Duration::from_millis(5 * i as u64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        thread::sleep(wait);
-                    }
-                    let path = if i % RARE_EVERY == 0 { "rare" } else { "items" };
-                    http_flow(
-                        server,
-                        &[format!("GET /{path}/{i} HTTP/1.1\r\nHost: live\r\n\r\n")],
-                    );
-                }
-            });
-        }
+    let seconds = run_paced_flows(&t, FLOWS, true, |i| {
+        if i % RARE_EVERY == 0 { "rare" } else { "items" }
     });
-    let seconds = started.elapsed().as_secs_f64();
     thread::sleep(Duration::from_millis(500));
     let lines = agent.stop();
 
@@ -873,4 +896,65 @@ payload_prefix = "GET /rare/"
     );
     // Common flows saturate the budget, yet every priority flow found room in the reserve.
     assert_eq!(rare_sampled, rare_flows, "priority flows admitted");
+}
+
+#[test]
+fn the_priority_lane_caps_a_bursting_priority_class_and_the_common_ones_keep_the_rest() {
+    if !privileged_or_skip(
+        "the_priority_lane_caps_a_bursting_priority_class_and_the_common_ones_keep_the_rest",
+    ) {
+        return;
+    }
+    const BUDGET: f64 = 20.0;
+    const FLOWS: usize = 800;
+    let t = Topology::new();
+    let _server = t.start_server(false);
+    let _sinks = [t.start_sink(0, false), t.start_sink(1, false)];
+    let agent = start_live_agent(
+        &t,
+        &format!("default_sample_percent = 100.0\nmirror_budget_flows_per_s = {BUDGET}"),
+        PRIORITY_RARE_CLASS,
+    );
+    // Half the flows are of the priority class: 100/s against a lane of 15 % of 20/s (3/s).
+    // The client's threads run on both CPUs, so flows are decided on both at once and the
+    // buckets' compare-and-swap is raced.
+    let seconds = run_paced_flows(
+        &t,
+        FLOWS,
+        false,
+        |i| {
+            if i % 2 == 0 { "rare" } else { "items" }
+        },
+    );
+    thread::sleep(Duration::from_millis(500));
+    let lines = agent.stop();
+
+    let rare_sampled = class_total(&lines, 1, "sampled");
+    let common_sampled = class_total(&lines, 0, "sampled");
+    let sampled = rare_sampled + common_sampled;
+    let lane = BUDGET * doppel_common::maps::MIRROR_PRIORITY_SHARE_PPM as f64 / 1e6;
+    println!(
+        "{seconds:.2} s: sampled {sampled} (priority {rare_sampled}, common {common_sampled}), \
+         budget {BUDGET}/s, lane {lane}/s"
+    );
+    assert_eq!(class_total(&lines, 1, "flows"), (FLOWS / 2) as u64);
+    assert!(
+        sampled as f64 <= BUDGET * (seconds + 1.0) + 1.0,
+        "{sampled} flows sampled in {seconds:.2} s against {BUDGET}/s"
+    );
+    // The lane: a second's burst of it, then its rate; a lost race only leaves it a flow short.
+    assert!(
+        rare_sampled as f64 <= lane * (seconds + 1.0) + 1.0,
+        "{rare_sampled} priority flows in {seconds:.2} s against a lane of {lane}/s"
+    );
+    assert!(
+        rare_sampled as f64 >= 0.8 * lane * seconds,
+        "only {rare_sampled} priority flows in {seconds:.2} s against a lane of {lane}/s"
+    );
+    // The common classes keep the rest of the budget: a bursting priority class cannot starve
+    // them.
+    assert!(
+        common_sampled as f64 >= 0.85 * (BUDGET - lane) * seconds,
+        "only {common_sampled} common flows in {seconds:.2} s against {BUDGET}/s"
+    );
 }
