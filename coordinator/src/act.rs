@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::{
     compare::{CompareConfig, Role},
-    evaluate::compare_workload,
+    measurements::compare_workload,
     net::PolicySnapshot,
     policy::Mode,
     store::{ActionState, RecommendationRow, Store, StoreError},

@@ -13,7 +13,7 @@ use crate::{
     client::{ApiClient, ClientError},
     compare::{Comparison, Verdict},
     policy::{Policy, WorkloadSpec},
-    sim::manager::{CreateShadow, Pin, PinRequest, ShadowView},
+    shadows::manager::{CreateShadow, Pin, PinRequest, ShadowView},
     store::{
         ActionRow, DeliveryRow, RecommendationRow, WarningRow,
         shadows::{ShadowEvent, ShadowRow},

@@ -5,13 +5,13 @@
 //! only when durable; workloads and their policy ([`policy`]) are pushed to connected agents.
 //! Every rule that turns measurements into a move lives in the sans-IO engine
 //! (`doppel-engine`): the comparison of live and shadow VM types at matched load ([`compare`],
-//! re-exported from it), capacities, the forecast decision and the act policy. [`evaluate`]
+//! re-exported from it), capacities, the forecast decision and the act policy. [`measurements`]
 //! feeds the comparison from the store; [`recommend`] writes down what the rules chose;
-//! [`webhook`] stores recommendations and delivers them signed from a persistent outbox. [`forecast`] runs the
-//! predictor engine (`doppel-engine`) on the stored reports: load forecasts, degradation
-//! warnings and forecast-breach recommendations; [`act`] carries recommendations out in act
+//! [`webhook`] stores recommendations and delivers them signed from a persistent outbox.
+//! [`forecast`] runs the predictor engine (`doppel-engine`) on the stored reports: load
+//! forecasts, degradation warnings and forecast-breach recommendations; [`act`] carries recommendations out in act
 //! mode. The [`api`] serves the CLI ([`cli`], [`client`], [`table`]) and `/metrics` over HTTP.
-//! The Shadow Instance Manager ([`sim`]) creates, replaces and destroys the workloads' shadow
+//! The Shadow Instance Manager ([`shadows`]) creates, replaces and destroys the workloads' shadow
 //! instances within their budget and registers their mirror sessions. [`serve`] wires it
 //! together.
 //! [`answer_hello`] is the handshake decision.
@@ -28,14 +28,14 @@ pub mod clock;
 pub mod compare {
     pub use doppel_engine::compare::*;
 }
-pub mod evaluate;
 pub mod forecast;
+pub mod measurements;
 pub mod mirror;
 pub mod net;
 pub mod policy;
 pub mod recommend;
 pub mod serve;
-pub mod sim;
+pub mod shadows;
 pub mod store;
 pub mod table;
 pub mod webhook;

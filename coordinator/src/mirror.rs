@@ -117,7 +117,7 @@ impl MirrorSteering {
         self.learners
             .retain(|name, _| workloads.iter().any(|w| &w.name == name));
         if !changed.is_empty() {
-            crate::sim::manager::publish(&self.policy, &store)?;
+            crate::shadows::manager::publish(&self.policy, &store)?;
         }
         Ok(changed)
     }

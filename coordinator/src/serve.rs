@@ -19,7 +19,7 @@ use crate::{
     ca::{CaError, CertificateAuthority},
     compare::CompareConfig,
     net::{self, Hub, IngestServer, NetError, PolicySnapshot, ServerContext, tls},
-    sim::{
+    shadows::{
         SimConfig,
         catalog::{self, VmType, price_table},
         manager::{ManagerParts, ShadowManager},
@@ -425,7 +425,7 @@ impl Coordinator {
     /// Reads the workloads from the store and publishes them to every connected agent (and to
     /// those connecting later). Called after every workload or policy change.
     pub fn publish_policy(&self, store: &Store) -> Result<u64, StoreError> {
-        crate::sim::manager::publish(&self.policy, store)
+        crate::shadows::manager::publish(&self.policy, store)
     }
 
     /// Stops accepting, closes agent connections, lets the writer commit what it holds.

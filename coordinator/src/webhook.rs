@@ -32,8 +32,8 @@ use tracing::{debug, info, warn};
 use crate::{
     clock::Clock,
     compare::CompareConfig,
-    evaluate::compare_workload,
     forecast::Forecasts,
+    measurements::compare_workload,
     recommend::{Recommendation, Trigger, recommend},
     store::{
         ActionState, DeliveryAttempt, DeliveryOutcome, OutboxItem, RecommendationRow, Store,

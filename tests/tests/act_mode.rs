@@ -11,7 +11,7 @@ use doppel_coordinator::{
     ca::CertificateAuthority,
     policy::{LiveEndpoint, Mode, Policy, ShadowEndpoint, Slo, WorkloadSpec},
     serve::{Coordinator, ServeConfig},
-    sim::catalog::VmType,
+    shadows::catalog::VmType,
     store::{ActionState, Store},
 };
 use doppel_tests::reports::{Seed, now_ms, seed};

@@ -17,7 +17,7 @@ use std::{
 use doppel_coordinator::{
     ca::CertificateAuthority,
     policy::WorkloadSpec,
-    sim::{
+    shadows::{
         InstanceRef, Provisioner as _,
         local::{LocalConfig, LocalProvisioner},
     },
@@ -150,7 +150,7 @@ impl Coordinator {
             .arg(self.state_dir())
             .args(["serve", "--config"])
             .arg(&self.config)
-            .env("DOPPEL_LOG", "info,doppel_coordinator::sim=debug")
+            .env("DOPPEL_LOG", "info,doppel_coordinator::shadows=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.state_dir().join("serve.log")).expect("log file"));
         match &self.host {

@@ -18,7 +18,7 @@ use axum::{
 };
 use doppel_coordinator::{
     ca::CertificateAuthority,
-    evaluate::VmType,
+    measurements::VmType,
     policy::{LiveEndpoint, Policy, ShadowEndpoint, WorkloadSpec},
     serve::{Coordinator, ServeConfig},
     store::Store,

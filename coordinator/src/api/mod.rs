@@ -32,10 +32,10 @@ use tokio::sync::watch;
 
 use crate::{
     compare::{CompareConfig, Comparison},
-    evaluate::compare_workload,
+    measurements::compare_workload,
     net::{Hub, PolicySnapshot},
     policy::{InvalidPolicy, Policy, WorkloadSpec, validate, validate_policy},
-    sim::manager::{CreateShadow, PinRequest, ShadowManager, ShadowView, SimError},
+    shadows::manager::{CreateShadow, PinRequest, ShadowManager, ShadowView, SimError},
     store::{
         ActionRow, AgentRow, DeliveryRow, RecommendationRow, Store, StoreError, WarningRow,
         ingest::IngestStats,
@@ -264,7 +264,7 @@ impl ApiState {
         let revision = self
             .with_store(move |store| {
                 f(store)?;
-                Ok(crate::sim::manager::publish(&policy, store)?)
+                Ok(crate::shadows::manager::publish(&policy, store)?)
             })
             .await?;
         // A new or changed workload may want shadows (or fewer): reconcile now.

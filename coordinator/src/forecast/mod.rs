@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     compare::{Role, merge, scaled, shadow_weights},
-    evaluate::{load_live_mirrored, load_measurements},
+    measurements::{load_live_mirrored, load_measurements},
     policy::WorkloadSpec,
     recommend::{ForecastEvidence, Recommendation, TypeCapacity, forecast_recommendation},
     store::{Store, StoreError},

@@ -538,7 +538,7 @@ fn type_models_lend_only_well_measured_knees_and_never_against_a_types_own_measu
 
 #[test]
 fn live_intervals_before_a_move_belong_to_the_type_it_left() {
-    use crate::evaluate::live_type_at;
+    use crate::measurements::live_type_at;
     // small -> medium finished at 10 s, medium -> large at 20 s.
     let moves = vec![(10_000, "small".to_owned()), (20_000, "medium".to_owned())];
     assert_eq!(live_type_at(&moves, 0).as_deref(), Some("small"));

@@ -12,7 +12,7 @@ use crate::{
     store::{Store, StoreError},
 };
 
-pub use crate::sim::catalog::{VmType, price_table};
+pub use crate::shadows::catalog::{VmType, price_table};
 
 /// Every agent of `spec` with its VM type and role.
 fn placements(spec: &WorkloadSpec) -> Vec<(&str, &str, Role)> {
