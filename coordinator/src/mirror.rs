@@ -1,6 +1,6 @@
 //! Learned mirroring in the coordinator: every few seconds, the pattern counts the live agents
 //! reported since the last round go to each learning workload's
-//! [`MirrorPlanner`](doppel_engine::mirror::MirrorPlanner), and a plan that changed what the
+//! [`MirrorPlanner`], and a plan that changed what the
 //! agents do is stored and published as a new policy revision.
 //!
 //! Every decision is the engine's ([`doppel_engine::mirror`], what `cargo xtask eval mirror`
@@ -334,7 +334,7 @@ fn class_latencies(
 }
 
 /// Whether `new` changes what the agents do: other classes or rules, or a rate moved by more
-/// than [`RATE_CHANGE`] of itself and [`RATE_CHANGE_PPM`].
+/// than `RATE_CHANGE` of itself and `RATE_CHANGE_PPM`.
 pub fn changes_what_agents_do(old: &MirrorPlan, new: &MirrorPlan) -> bool {
     let (old_classes, old_rules) = old.wire();
     let (new_classes, new_rules) = new.wire();

@@ -2,7 +2,7 @@
 //! xtask eval decisions` replays it: capacities from the measurements ([`crate::capacity`]),
 //! the candidate filter, the warning and the placement decision ([`WorkloadPredictor`]), and
 //! the forecast's advice (an urgent move while a warning is raised), and the forecast's check
-//! of the comparison's advice ([`Assessment::vetoes`]). The act policy ([`crate::moves`]) then
+//! of the comparison's advice ([`PeakCheck::vetoes`]). The act policy ([`crate::moves`]) then
 //! decides whether the advice may go out.
 
 use std::collections::{BTreeMap, HashMap};

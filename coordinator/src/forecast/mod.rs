@@ -8,8 +8,9 @@
 //!    interval. The series' seasonality is not known (a demo's time-compressed traffic has
 //!    none), so the forecaster runs with a daily season it only uses once history covers a day;
 //!    until then it is damped Holt with empirical intervals and says `cold_start`;
-//! 2. each VM type's latency-versus-load model ([`PerformanceModel`]) is refitted from the live
-//!    and shadow intervals of the last [`ForecastSettings::perf_window_ms`]: one point per agent
+//! 2. each VM type's latency-versus-load model
+//!    ([`doppel_engine::perf_model::PerformanceModel`]) is refitted from the live and shadow
+//!    intervals of the last [`ForecastSettings::perf_window_ms`]: one point per agent
 //!    and interval, its load and its SLO percentile. Shadows driven by amplified replays supply
 //!    the points above live load, which is what lets a type's capacity be trusted;
 //! 3. the predictor evaluates the warning (probability that live's SLO breaks within the
@@ -74,8 +75,8 @@ pub struct ForecastSettings {
     pub min_exchanges_per_interval: u64,
     /// A type's model is used only once its measured latency has risen this share of the way
     /// from its low-load value to the SLO
-    /// ([`PerformanceModel::knee_evidence`]): before that the capacity is a guess, and warning
-    /// on it would raise alarms at any load (measured: a live type seen between 60 and 68
+    /// ([`doppel_engine::perf_model::PerformanceModel::knee_evidence`]): before that the
+    /// capacity is a guess, and warning on it would raise alarms at any load (measured: a live type seen between 60 and 68
     /// exchanges/s was given a capacity of 68/s).
     pub min_knee_evidence: f64,
     /// Intervals a type needs before its model is used, or lent to other types: a shadow's

@@ -3,7 +3,7 @@
 //! A [`Provisioner`] creates, destroys and checks one instance; [`local`] makes a shadow out of a
 //! network namespace and a cgroup on this host (the default), [`exec`] runs the operator's
 //! scripts (Terraform, cloud CLIs, kubectl) under a JSON contract. The [`manager`] owns the
-//! lifecycle: it reconciles what each workload's [`ShadowTemplate`](crate::policy::ShadowTemplate)
+//! lifecycle: it reconciles what each workload's [`ShadowTemplate`]
 //! and the pool steering ask for against what runs, within the workload's shadow budget, records
 //! every state change in the store, and registers each running shadow's mirror session in the
 //! workload so live agents start cloning to it. The [`catalog`] says what each VM type is;

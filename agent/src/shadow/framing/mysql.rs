@@ -9,7 +9,7 @@
 //! **The server speaks first, and the replayer logs in itself.** The greeting carries a
 //! per-connection scramble that the client's password answer is computed from, so a replayed
 //! answer can never succeed. The client's HandshakeResponse becomes
-//! [`Action::Login`](super::Action::Login): [`login`] reads the shadow server's own greeting,
+//! [`Action::Login`]: [`login`] reads the shadow server's own greeting,
 //! answers it as the client did (same user unless the config names another, same default
 //! schema, character set and connection attributes) with the configured password, and follows
 //! the server's auth switches and extra rounds (`mysql_native_password`,
@@ -24,7 +24,7 @@
 //! them (`++thd->statement_id_counter` in both MySQL and MariaDB, failed prepares included),
 //! from 1 on a fresh server thread and from where the last session left off on one MariaDB
 //! reused from its thread cache; the base is found at the first message naming a statement, by
-//! which prepared statement's parameter count fits it ([`StatementIds`]). The shadow's id comes
+//! which prepared statement's parameter count fits it (`StatementIds`). The shadow's id comes
 //! from its own PREPARE_OK, and [`MysqlResponses`] rewrites the id of every later EXECUTE, FETCH, RESET,
 //! SEND_LONG_DATA, CLOSE and BULK_EXECUTE just before it is written. A hole may have swallowed
 //! a PREPARE, after which live's numbering is unknown: statements prepared after a hole are not
@@ -39,7 +39,7 @@
 //! PREPARE_OK after its parameter and column definitions. `SERVER_MORE_RESULTS_EXISTS` keeps the
 //! response open for the next result. An ERR packet makes the response an error reply.
 //!
-//! Only payload heads are read on the response path (at most [`HEAD`] bytes a packet).
+//! Only payload heads are read on the response path (at most `HEAD` bytes a packet).
 
 use std::collections::{HashMap, VecDeque};
 
