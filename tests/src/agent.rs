@@ -104,6 +104,25 @@ impl AgentProcess {
         counter(&self.lines(), name)
     }
 
+    /// Waits up to `limit` until `done` holds for the lines printed so far (polled as
+    /// [`wait_for`] does); returns its last answer. Tests wait on what a line must show
+    /// instead of sleeping, and leave the verdict to their assertions.
+    pub fn wait_for_lines(&self, limit: Duration, mut done: impl FnMut(&[Value]) -> bool) -> bool {
+        wait_for(limit, || done(&self.lines.lock().expect("lock")))
+    }
+
+    /// Waits up to `limit` until the agent prints a line after the ones printed so far: its
+    /// counters then cover everything that happened before this call. Returns whether it did.
+    pub fn wait_for_next_line(&self, limit: Duration) -> bool {
+        let printed = self.lines.lock().expect("lock").len();
+        self.wait_for_lines(limit, |lines| lines.len() > printed)
+    }
+
+    /// Waits up to `limit` until the agent's log contains `text`; returns whether it does.
+    pub fn wait_for_log(&self, limit: Duration, text: &str) -> bool {
+        wait_for(limit, || self.log.lock().expect("lock").contains(text))
+    }
+
     /// Stops the agent (SIGTERM), checks it exits cleanly, and returns every line, including
     /// the final partial interval.
     pub fn stop(mut self) -> Vec<Value> {

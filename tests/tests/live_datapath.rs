@@ -15,7 +15,7 @@ use std::{
 
 use doppel_tests::{
     agent::{AgentProcess as Agent, counter},
-    testbed::{Host, Link, privileged_or_skip, workspace_binary},
+    testbed::{Host, Link, privileged_or_skip, wait_for, workspace_binary},
     traffic::{HttpServer, VxlanSink, http_flow},
 };
 use serde_json::Value;
@@ -82,6 +82,27 @@ fn class_total(lines: &[Value], class: u64, field: &str) -> u64 {
         .filter(|c| c["class"] == class)
         .map(|c| c[field].as_u64().unwrap_or(0))
         .sum()
+}
+
+/// Exchanges whose latency the lines summarise, over every service and class.
+fn latency_count(lines: &[Value]) -> u64 {
+    lines
+        .iter()
+        .flat_map(|l| l["latency"].as_array().into_iter().flatten())
+        .filter(|s| s["scope"] == "all")
+        .map(|s| s["count"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Whether session `vni`'s sink received at least the request bytes of every flow in `sent`
+/// (client port -> bytes sent).
+fn mirrored_whole(sink: &VxlanSink, vni: u32, sent: &HashMap<u16, (usize, u64)>) -> bool {
+    let flows = sink.flows();
+    sent.iter().all(|(port, (_, bytes))| {
+        flows
+            .get(&(vni, *port))
+            .is_some_and(|f| f.payload_bytes >= *bytes)
+    })
 }
 
 fn live_config(t: &Topology, iface: &str, v6: bool, top: &str, tables: &str) -> String {
@@ -189,7 +210,20 @@ payload_prefix = "GET /static/"
         vec![format!("GET {path} HTTP/1.1\r\nHost: live\r\n\r\n"); 2]
     });
     assert_eq!(sent.len(), FLOWS, "every flow has its own client port");
-    thread::sleep(Duration::from_millis(500));
+    // A line classifies every flow, and both sinks received as many flows as it sampled, each
+    // whole to its FIN.
+    agent.wait_for_lines(Duration::from_secs(10), |lines| {
+        let sampled = counter(lines, "flows_sampled");
+        class_total(lines, 1, "flows") + class_total(lines, 2, "flows") >= FLOWS as u64
+            && sinks.iter().zip([101, 102]).all(|(sink, vni)| {
+                let flows = sink.flows();
+                let mirrored: Vec<_> = flows.iter().filter(|((v, _), _)| *v == vni).collect();
+                mirrored.len() as u64 >= sampled
+                    && mirrored.iter().all(|((_, port), f)| {
+                        f.closed && sent.get(port).is_some_and(|(_, b)| f.payload_bytes >= *b)
+                    })
+            })
+    });
     let lines = agent.stop();
 
     // Each class saw all its flows (the payload-prefix rules matched) ...
@@ -308,7 +342,8 @@ fn a_known_server_delay_shows_as_the_exchange_latency() {
     run_flows(&t, false, 40, |_| {
         vec!["GET /delay/20 HTTP/1.1\r\nHost: live\r\n\r\n".to_owned(); 3]
     });
-    thread::sleep(Duration::from_millis(400));
+    // A line summarises all 120 exchanges.
+    agent.wait_for_lines(Duration::from_secs(10), |lines| latency_count(lines) >= 120);
     let lines = agent.stop();
     let summaries: Vec<&Value> = lines
         .iter()
@@ -351,7 +386,14 @@ fn ipv6_flows_are_measured_and_mirrored_over_ipv6() {
     let sent = run_flows(&t, true, 100, |i| {
         vec![format!("GET /v6/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
     });
-    thread::sleep(Duration::from_millis(400));
+    // A line counts every exchange, and both sinks received every flow's request bytes.
+    agent.wait_for_lines(Duration::from_secs(10), |lines| {
+        counter(lines, "exchanges") >= 100
+            && sinks
+                .iter()
+                .zip([101, 102])
+                .all(|(sink, vni)| mirrored_whole(sink, vni, &sent))
+    });
     let lines = agent.stop();
     assert_eq!(counter(&lines, "flows_sampled"), 100);
     assert_eq!(counter(&lines, "exchanges"), 100);
@@ -445,7 +487,10 @@ fn malformed_and_unusual_packets_pass_untouched_and_are_counted() {
         got.contains(&vec![b'f'; 40]),
         "the fragmented datagram passed and reassembled"
     );
-    thread::sleep(Duration::from_millis(400));
+    // A line counts every frame: the last one sent, the bad-offset TCP segment, is skipped.
+    agent.wait_for_lines(Duration::from_secs(5), |lines| {
+        counter(lines, "parse_skipped") >= 5 && counter(lines, "other_traffic") >= 1
+    });
     let lines = agent.stop();
     // The kernel strips a VLAN tag into skb metadata before TC ingress, so the programs see
     // the tagged frame's inner UDP packet: it counts as other traffic, not as a parse failure.
@@ -493,7 +538,11 @@ fn a_killed_agent_is_replaced_cleanly_and_a_stopped_one_leaves_nothing() {
     run_flows(&t, false, 20, |i| {
         vec![format!("GET /r/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
     });
-    thread::sleep(Duration::from_millis(400));
+    // A line counts every exchange, and every flow reached the sink.
+    agent.wait_for_lines(Duration::from_secs(10), |lines| {
+        counter(lines, "exchanges") >= 20
+            && sink.flows().keys().filter(|(vni, _)| *vni == 101).count() >= 20
+    });
     let lines = agent.stop();
     assert_eq!(
         counter(&lines, "exchanges"),
@@ -552,7 +601,16 @@ fn a_second_live_agent_on_a_host_is_refused_and_the_first_keeps_cloning() {
     run_flows(&t, false, 10, |i| {
         vec![format!("GET /after/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
     });
-    thread::sleep(Duration::from_millis(400));
+    // Every flow reached the sink to its FIN, the last packet copied: the final line at the
+    // stop then counts any copy that failed.
+    wait_for(Duration::from_secs(10), || {
+        let flows = sink.flows();
+        flows
+            .iter()
+            .filter(|((vni, _), f)| *vni == 101 && f.closed)
+            .count()
+            >= 10
+    });
     let lines = first.stop();
     assert_eq!(
         counter(&lines, "clone_failures"),
@@ -579,7 +637,11 @@ fn failed_copies_are_logged_with_the_kernels_error() {
     run_flows(&t, false, 5, |i| {
         vec![format!("GET /lost/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
     });
-    thread::sleep(Duration::from_millis(700));
+    // A line counts the failed copies, and the agent logged them as it printed it.
+    agent.wait_for_lines(Duration::from_secs(10), |lines| {
+        counter(lines, "clone_failures") >= 5
+    });
+    agent.wait_for_log(Duration::from_secs(5), "copies to the shadows failed");
     let log = agent.log();
     let lines = agent.stop();
     assert!(counter(&lines, "clone_failures") >= 5, "copies failed");
@@ -660,7 +722,11 @@ fn flows_open_before_the_agent_are_measured_but_never_mirrored() {
         let n = early.read(&mut buf).expect("response");
         assert!(n > 0);
     }
-    thread::sleep(Duration::from_millis(400));
+    // A line counts all five exchanges. Each was answered after its request passed the data
+    // path, so a copy of the early flow would have been sent before the line was printed.
+    agent.wait_for_lines(Duration::from_secs(5), |lines| {
+        counter(lines, "exchanges") >= 5 && counter(lines, "flows_midstream") >= 1
+    });
     let lines = agent.stop();
     assert_eq!(
         counter(&lines, "exchanges"),
@@ -703,13 +769,22 @@ fn a_reloaded_policy_applies_to_new_flows_and_keeps_decided_ones() {
     );
     std::fs::write(&agent.config_path, none).expect("rewrite config");
     agent.process.signal(nix::sys::signal::Signal::SIGHUP);
-    thread::sleep(Duration::from_millis(300));
+    // The agent logs the reload once the new policy is in the kernel's maps.
+    agent.wait_for_log(Duration::from_secs(5), "policy reloaded");
 
     exchange(&mut kept);
     run_flows(&t, false, 10, |i| {
         vec![format!("GET /new/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
     });
-    thread::sleep(Duration::from_millis(400));
+    // A line counts all 12 exchanges (so every new flow's request had passed the data path by
+    // then, and would have been copied), and the kept flow's second request reached the sink.
+    agent.wait_for_lines(Duration::from_secs(10), |lines| {
+        counter(lines, "exchanges") >= 12
+            && sink
+                .flows()
+                .get(&(101, kept_port))
+                .is_some_and(|f| f.payload_bytes >= 2 * request.len() as u64)
+    });
     let lines = agent.stop();
     let flows = sink.flows();
     assert_eq!(
@@ -749,6 +824,7 @@ fn a_receiving_only_flow_sends_the_shadows_one_keepalive_not_its_acks() {
         let _ = conn.read(&mut request).expect("request");
         for _ in 0..24 {
             conn.write_all(&[b'x'; 1000]).expect("chunk");
+            // Paces the download: this is traffic, not a wait.
             thread::sleep(Duration::from_millis(500));
         }
     });
@@ -765,7 +841,10 @@ fn a_receiving_only_flow_sends_the_shadows_one_keepalive_not_its_acks() {
     };
     server.join().expect("server");
     assert_eq!(received, 24_000);
-    thread::sleep(Duration::from_millis(400));
+    // The client's FIN, the flow's last packet copied, reached both sinks.
+    wait_for(Duration::from_secs(10), || {
+        sinks.iter().all(|s| s.flows().values().any(|f| f.closed))
+    });
     let lines = agent.stop();
     assert_eq!(counter(&lines, "flows_sampled"), 1);
     for sink in &sinks {
@@ -818,6 +897,7 @@ fn run_paced_flows(
                         .expect("pin to cpu 0");
                 }
                 for i in (worker..flows).step_by(4) {
+                    // Paces new flows at the rate: flow `i` starts `i / rate` seconds in.
                     let due = Duration::from_micros(1_000_000 * i as u64 / PACED_FLOWS_PER_S);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
                         thread::sleep(wait);
@@ -834,6 +914,21 @@ fn run_paced_flows(
         }
     });
     started.elapsed().as_secs_f64()
+}
+
+/// Whether the lines count `flows` flows of the budget tests' classes, and as many sampled or
+/// turned away by the budget.
+fn every_flow_decided(lines: &[Value], flows: usize) -> bool {
+    let classes = [0, 1];
+    let seen: u64 = classes
+        .iter()
+        .map(|c| class_total(lines, *c, "flows"))
+        .sum();
+    let sampled: u64 = classes
+        .iter()
+        .map(|c| class_total(lines, *c, "sampled"))
+        .sum();
+    seen >= flows as u64 && sampled + counter(lines, "budget_limited") >= flows as u64
 }
 
 #[test]
@@ -861,7 +956,10 @@ fn the_mirror_budget_holds_host_wide_and_keeps_room_for_priority_classes() {
     let seconds = run_paced_flows(&t, FLOWS, true, |i| {
         if i % RARE_EVERY == 0 { "rare" } else { "items" }
     });
-    thread::sleep(Duration::from_millis(500));
+    // A line counts every flow, each sampled or turned away.
+    agent.wait_for_lines(Duration::from_secs(10), |lines| {
+        every_flow_decided(lines, FLOWS)
+    });
     let lines = agent.stop();
 
     let rare_flows = class_total(&lines, 1, "flows");
@@ -926,7 +1024,10 @@ fn the_priority_lane_caps_a_bursting_priority_class_and_the_common_ones_keep_the
             if i % 2 == 0 { "rare" } else { "items" }
         },
     );
-    thread::sleep(Duration::from_millis(500));
+    // A line counts every flow, each sampled or turned away.
+    agent.wait_for_lines(Duration::from_secs(10), |lines| {
+        every_flow_decided(lines, FLOWS)
+    });
     let lines = agent.stop();
 
     let rare_sampled = class_total(&lines, 1, "sampled");
