@@ -965,6 +965,7 @@ fn redis_fire_and_forget_commands_are_replayed_and_nothing_waits_for_them() {
             .unwrap();
         for _ in 0..QUIET {
             writer.write_all(&resp_command(&["INCR", "n"])).unwrap();
+            // Paces the commands (traffic, not a wait).
             thread::sleep(Duration::from_millis(5));
         }
         writer
@@ -1016,7 +1017,6 @@ fn stop_with_backlog(pause_ms: u64, drain_timeout_ms: u64) -> Drained {
         &format!("drain_timeout_ms = {drain_timeout_ms}"),
     );
     let live = t.live_agent(&[REDIS_PORT]);
-    let paused_at = std::time::Instant::now();
     let pause = t
         .shadow
         .run(
@@ -1043,9 +1043,16 @@ fn stop_with_backlog(pause_ms: u64, drain_timeout_ms: u64) -> Drained {
             .write_all(&resp_command(&["SET", &format!("k{i}"), "v"]))
             .expect("send to live redis");
         assert_eq!(read_line(&mut reader), "+OK\r\n");
+        // Paces the SETs (traffic, not a wait).
         thread::sleep(Duration::from_millis(5));
     }
-    thread::sleep(Duration::from_millis(200));
+    // Every SET's copy reached the shadow agent before it stops: the live agent's next line
+    // counts every copy it sent, and the shadow's lines count the datagrams that arrived.
+    live.wait_for_next_line(Duration::from_secs(5));
+    let copies = live.counter("clones_sent");
+    shadow.wait_for_lines(Duration::from_secs(5), |lines| {
+        counter(lines, "datagrams") >= copies
+    });
     let lines = shadow.stop();
     live.stop();
     drop(writer);
@@ -1053,7 +1060,13 @@ fn stop_with_backlog(pause_ms: u64, drain_timeout_ms: u64) -> Drained {
         |redis: &Redis, host: &Host| redis.command_calls(host).get("set").copied().unwrap_or(0);
     let live_sets = sets(&live_redis, &t.live);
     assert_eq!(live_sets, BACKLOG_COMMANDS);
-    thread::sleep(Duration::from_millis(pause_ms + 300).saturating_sub(paused_at.elapsed()));
+    // The pause's end: a paused server holds every command, this PING too, and runs those
+    // held before it first (the replayer's SET, if its connection was still open).
+    let ping = t
+        .shadow
+        .run("redis-cli", &["-p", "6379", "PING"])
+        .expect("ping the shadow server");
+    assert!(String::from_utf8_lossy(&ping.stdout).contains("PONG"));
     Drained {
         live_sets,
         shadow_sets: sets(&shadow_redis, &t.shadow),
@@ -1203,6 +1216,7 @@ fn a_request_the_server_never_answers_costs_a_timeout_not_the_rest_of_the_flow()
         };
         ping(&mut conn);
         conn.write_all(b"HUSH\r\n").unwrap();
+        // The client's pace, 100 ms between requests (traffic, not a wait).
         thread::sleep(Duration::from_millis(100));
         for _ in 0..5 {
             ping(&mut conn);
