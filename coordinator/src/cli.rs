@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde::Serialize;
 
 use crate::{
-    api::{AgentView, ForecastView, PatternsView, Revision},
+    api::{AgentView, ForecastView, PatternsView, Revision, UiTicket},
     client::{ApiClient, ClientError},
     compare::{Comparison, Verdict},
     policy::{Policy, WorkloadSpec},
@@ -82,6 +82,12 @@ pub enum ClientCommand {
         /// Most rows.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+    },
+    /// A one-time link that signs a browser in to the dashboard (`/ui`), good for one use
+    /// within five minutes.
+    Ui {
+        /// Open this workload's page instead of the fleet page.
+        workload: Option<String>,
     },
     /// Shadow instances: list them (the default), create, pause, resume or destroy one, pin a
     /// VM type in or out of a workload's pool.
@@ -1049,6 +1055,20 @@ pub async fn run(
                 as_json(&rows)
             } else {
                 Ok(warnings_table(&rows))
+            }
+        }
+        ClientCommand::Ui { workload } => {
+            let ticket: UiTicket = client
+                .call(Method::POST, "/v1/ui/tickets", None::<&()>)
+                .await?;
+            let mut url = format!("{}{}", client.base(), ticket.path);
+            if let Some(workload) = workload {
+                url.push_str(&format!("&workload={}", path_segment(&workload)));
+            }
+            if json {
+                as_json(&serde_json::json!({ "url": url, "expires_ms": ticket.expires_ms }))
+            } else {
+                Ok(format!("{url}\n"))
             }
         }
         ClientCommand::Agents => {

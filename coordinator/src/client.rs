@@ -101,6 +101,11 @@ impl ApiClient {
         }
     }
 
+    /// The API's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// Calls `method path` with an optional JSON body and decodes the JSON answer.
     pub async fn call<T: DeserializeOwned>(
         &self,

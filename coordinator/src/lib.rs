@@ -38,6 +38,7 @@ pub mod serve;
 pub mod shadows;
 pub mod store;
 pub mod table;
+pub mod ui;
 pub mod webhook;
 
 use doppel_common::wire::{Hello, Message, Refused, SUPPORTED_VERSIONS, Welcome, negotiate};

@@ -335,6 +335,7 @@ impl Coordinator {
             compare_window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
             clock: clock.clone(),
+            sessions: Arc::default(),
         });
         let recommender = Arc::new(Recommender {
             store: Arc::new(Mutex::new(open()?)),

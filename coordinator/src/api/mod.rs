@@ -32,7 +32,7 @@ use tokio::sync::watch;
 
 use crate::{
     compare::{CompareConfig, Comparison},
-    measurements::compare_workload,
+    measurements::{Timeline, compare_workload, timeline},
     net::{Hub, PolicySnapshot},
     policy::{InvalidPolicy, Policy, WorkloadSpec, validate, validate_policy},
     shadows::manager::{CreateShadow, PinRequest, ShadowManager, ShadowView, SimError},
@@ -242,6 +242,8 @@ pub struct ApiState {
     pub sim: Arc<ShadowManager>,
     /// The coordinator's clock.
     pub clock: crate::clock::Clock,
+    /// The dashboard's browser sessions, whose cookie reads the API in place of the token.
+    pub sessions: Arc<crate::ui::Sessions>,
 }
 
 impl ApiState {
@@ -621,6 +623,50 @@ async fn compare_live_and_shadows(
         .map(Json)
 }
 
+/// `GET /v1/workloads/{name}/timeline`: p50/p99, load and errors per interval for live and
+/// each shadow type, with live's moves, over `window_ms` (default 15 minutes) up to now.
+async fn show_timeline(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    Query(query): Query<WindowQuery>,
+) -> Result<Json<Timeline>, ApiError> {
+    let window_ms = query.window_ms_or(15 * 60 * 1000)?;
+    let now_ms = state.clock.now_ms();
+    state
+        .with_store(move |s| {
+            let spec = s.workload(&name)?.ok_or(ApiError::NoSuchWorkload(name))?;
+            Ok(timeline(
+                s,
+                &spec,
+                now_ms.saturating_sub(window_ms),
+                now_ms,
+            )?)
+        })
+        .await
+        .map(Json)
+}
+
+/// What `POST /v1/ui/tickets` answers: a one-time login for the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UiTicket {
+    /// The ticket.
+    pub ticket: String,
+    /// Until when it can be used, ms since the epoch.
+    pub expires_ms: i64,
+    /// The path that logs a browser in with it, relative to the API's address.
+    pub path: String,
+}
+
+/// `POST /v1/ui/tickets`: a one-time dashboard login for `doppel ui`.
+async fn mint_ui_ticket(State(state): State<Arc<ApiState>>) -> Json<UiTicket> {
+    let (ticket, expires_ms) = state.sessions.mint_ticket(state.clock.now_ms());
+    Json(UiTicket {
+        path: format!("/ui/login?ticket={ticket}"),
+        ticket,
+        expires_ms,
+    })
+}
+
 /// Query of `GET /v1/shadows`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ShadowQuery {
@@ -704,7 +750,7 @@ async fn pin_shadow_type(
     Ok(Json(Revision { revision }))
 }
 
-fn token_matches(expected: &str, given: &str) -> bool {
+pub(crate) fn token_matches(expected: &str, given: &str) -> bool {
     // Constant-time in the token's length, so response timing does not leak a prefix.
     expected.len() == given.len()
         && expected
@@ -725,7 +771,12 @@ async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if !token_matches(&state.token, given) {
+    // A dashboard session reads (and only reads): the pages show, the CLI changes.
+    let session_read = request.method() == axum::http::Method::GET
+        && state
+            .sessions
+            .request_has_session(request.headers(), state.clock.now_ms());
+    if !token_matches(&state.token, given) && !session_read {
         return Err(ApiError::Unauthorized);
     }
     Ok(next.run(request).await)
@@ -843,8 +894,13 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiErro
         .into_response())
 }
 
-/// The API's routes, token-protected.
+/// The API's routes, token-protected, and the dashboard's ([`crate::ui`]).
 pub fn router(state: Arc<ApiState>) -> Router {
+    let ui = Arc::new(crate::ui::UiState {
+        token: state.token.clone(),
+        sessions: Arc::clone(&state.sessions),
+        clock: state.clock.clone(),
+    });
     Router::new()
         .route("/v1/workloads", get(list_workloads).post(add_workload))
         .route(
@@ -875,12 +931,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/workloads/{name}/patterns", get(show_patterns))
         .route("/v1/warnings", get(list_warnings))
         .route("/v1/webhooks/log", get(delivery_log))
+        .route("/v1/workloads/{name}/timeline", get(show_timeline))
+        .route("/v1/ui/tickets", post(mint_ui_ticket))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,
         ))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(crate::ui::router(ui))
 }
 
 /// Binds the API's listener.
