@@ -159,7 +159,9 @@ function timeChart(name, container, { series, yLabel, markers = [], hlines = [],
   new uPlot(opts, data, container);
 }
 
-// A scatter/curve chart, x and y both numbers: `series` = [{label, points, color, line}].
+// Latency against load: `series` = [{label, points, color, line}]. Lines (the fitted models)
+// are uPlot series joined on one load axis; scatter sets (measured points, knees) may repeat a
+// load, which uPlot's joined data cannot hold, so a draw hook plots them.
 function xyChart(name, container, { series, xLabel, yLabel, hlines = [] }) {
   publish(name, series);
   const shown = series.filter((s) => s.points.length > 0);
@@ -171,9 +173,44 @@ function xyChart(name, container, { series, xLabel, yLabel, hlines = [] }) {
   const xMax = Math.max(...shown.flatMap((s) => s.points.map((p) => p[0]).filter(finite)));
   const yMax = Math.max(...hlines.map((h) => h.y),
     ...shown.flatMap((s) => s.points.map((p) => p[1]).filter(finite)));
-  const data = [null, ...shown.map((s) => [s.points.map((p) => p[0]), s.points.map((p) => p[1])])];
+  const lines = shown.filter((s) => s.line);
+  const scatter = shown.filter((s) => !s.line);
+  const xs = [...new Set(lines.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
+  const index = new Map(xs.map((x, i) => [x, i]));
+  const data = [xs];
+  for (const s of lines) {
+    const ys = new Array(xs.length).fill(null);
+    for (const [x, y] of s.points) ys[index.get(x)] = finite(y) ? y : null;
+    data.push(ys);
+  }
+  const draw = (u) => {
+    const ctx = u.ctx;
+    ctx.save();
+    for (const s of scatter) {
+      ctx.fillStyle = s.color;
+      const r = (s.size || 5) * devicePixelRatio / 2;
+      for (const [x, y] of s.points) {
+        if (!finite(x) || !finite(y)) continue;
+        ctx.beginPath();
+        ctx.arc(u.valToPos(x, "x", true), u.valToPos(y, "y", true), r, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+    }
+    ctx.font = `${11 * devicePixelRatio}px sans-serif`;
+    for (const h of hlines) {
+      const y = u.valToPos(h.y, "y", true);
+      ctx.strokeStyle = h.color || "#b42318";
+      ctx.fillStyle = h.color || "#b42318";
+      ctx.setLineDash([2, 3]);
+      ctx.beginPath();
+      ctx.moveTo(u.bbox.left, y);
+      ctx.lineTo(u.bbox.left + u.bbox.width, y);
+      ctx.stroke();
+      ctx.fillText(h.label, u.bbox.left + 4, y - 4);
+    }
+    ctx.restore();
+  };
   const opts = {
-    mode: 2,
     width: Math.max(520, container.clientWidth - 10),
     height: 280,
     scales: {
@@ -181,38 +218,16 @@ function xyChart(name, container, { series, xLabel, yLabel, hlines = [] }) {
       y: { range: [0, yMax > 0 ? yMax * 1.1 : 1] },
     },
     axes: [{ label: xLabel }, { label: yLabel }],
-    series: [{}, ...shown.map((s, i) => ({
-      label: s.label,
-      stroke: s.color || PALETTE[i % PALETTE.length],
-      fill: s.line ? undefined : s.color || PALETTE[i % PALETTE.length],
-      paths: s.line ? undefined : () => null,
-      points: s.line ? { show: false } : { show: true, size: s.size || 5 },
-      width: s.line ? 1.5 : 0,
+    series: [{ label: "load/s" }, ...lines.map((s) => ({
+      label: s.label, stroke: s.color, width: 1.5, spanGaps: true, points: { show: false },
     }))],
-    plugins: [{
-      hooks: {
-        draw: [(u) => {
-          const ctx = u.ctx;
-          ctx.save();
-          for (const h of hlines) {
-            const y = u.valToPos(h.y, "y", true);
-            ctx.strokeStyle = h.color || "#b42318";
-            ctx.setLineDash([2, 3]);
-            ctx.beginPath();
-            ctx.moveTo(u.bbox.left, y);
-            ctx.lineTo(u.bbox.left + u.bbox.width, y);
-            ctx.stroke();
-            ctx.fillStyle = h.color || "#b42318";
-            ctx.font = `${11 * devicePixelRatio}px sans-serif`;
-            ctx.fillText(h.label, u.bbox.left + 4, y - 4);
-          }
-          ctx.restore();
-        }],
-      },
-    }],
+    plugins: [{ hooks: { draw: [draw] } }],
   };
   // eslint-disable-next-line no-new, new-cap
   new uPlot(opts, data, container);
+  container.append(el("p", { class: "muted" }, "Dots: ",
+    scatter.map((s, i) => [i ? ", " : "", el("span", { style: `color:${s.color}` }, "●"),
+      ` ${s.label}`])));
 }
 
 function chartBox() {
@@ -259,7 +274,7 @@ async function renderFleet(app) {
         : "none",
       lastAction ? `${lastAction.from_vm_type} → ${lastAction.to_vm_type}: ${lastAction.state}`
         : "none",
-      mine.length,
+      w.shadows.map((x) => x.vm_type).join(", ") || "none",
       `$${fmt(cost, 3)}/h` + (budget ? ` of $${fmt(budget, 3)}/h` : ""),
       w.policy.mode,
     ];
@@ -267,7 +282,7 @@ async function renderFleet(app) {
   app.replaceChildren(
     el("h1", {}, "Fleet"),
     table(["Workload", "Live type", "SLO (last 2 min)", "Warnings", "Last recommendation",
-      "Last action", "Shadows", "Shadow cost", "Mode"], rows,
+      "Last action", "Shadow types", "Managed shadow cost", "Mode"], rows,
     "No workloads yet: add one with `doppel workload add`."),
     el("h2", {}, "Recent recommendations"),
     table(["When", "Workload", "From", "To", "Reason"], recommendations.slice(0, 10).map((r) =>

@@ -30,7 +30,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// memcached, a protocol replayed by the opaque fallback; and MariaDB: `mariadb-server` brings
 /// `mariadbd`, `mariadb-install-db` and the `mysql` system user, `mariadb-client` the `mariadb`
 /// client, and `sysbench` the OLTP load generator for the MySQL protocol; `g++`, which
-/// `libfuzzer-sys` builds libFuzzer with for the fuzz targets `cargo xtask test` runs.
+/// `libfuzzer-sys` builds libFuzzer with for the fuzz targets `cargo xtask test` runs; and
+/// `chromium`, the headless browser the dashboard test drives.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
@@ -47,6 +48,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "mariadb-client",
     "sysbench",
     "g++",
+    "chromium",
 ];
 
 #[derive(Debug, clap::Args)]
