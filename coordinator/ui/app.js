@@ -400,6 +400,11 @@ async function renderWorkload(app, name) {
       api("/v1/actions?limit=100"),
       api(`/v1/workloads/${enc}/patterns`),
     ]);
+  // Each shadow's history (its state changes), newest shadows first, at most 20.
+  const recent = [...shadows].sort((a, b) => b.created_ms - a.created_ms).slice(0, 20);
+  const histories = await Promise.all(recent.map((s) =>
+    api(`/v1/shadows/${encodeURIComponent(s.id)}/events`)));
+  const history = new Map(recent.map((s, i) => [s.id, histories[i]]));
   document.getElementById("crumb").replaceChildren(
     el("a", { href: "/ui/" }, "Fleet"), " / ", name);
   const f = forecastView.forecast;
@@ -427,9 +432,12 @@ async function renderWorkload(app, name) {
       card("Error rates per type", boxes.errors)),
     card(`Shadow pool: ${active.length} active, $${fmt(cost, 3)}/h`
       + (budget ? ` of $${fmt(budget, 3)}/h budget` : ""),
-    table(["Id", "Type", "State", "Origin", "$/h", "Created", "Running since", "Error"],
+    table(["Id", "Type", "State", "Origin", "$/h", "Created", "History", "Error"],
       shadows.map((s) => [s.id, s.vm_type, s.state, s.origin, s.price_per_hour,
-        when(s.created_ms), when(s.running_ms), s.error || ""]), "No shadows.")),
+        when(s.created_ms),
+        (history.get(s.id) || []).map((e) =>
+          `${e.state} ${new Date(e.at_ms).toLocaleTimeString()}`).join(" → "),
+        s.error || ""]), "No shadows.")),
     card("Recommendations and actions",
       table(["When", "From", "To", "Reason", "Evidence"], mine.map((r) => [
         when(r.created_ms), r.current_vm_type, r.recommended_vm_type, r.reason,
