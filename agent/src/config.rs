@@ -274,9 +274,10 @@ pub struct LiveConfig {
     /// Milliseconds between reports.
     #[serde(default = "default_interval_ms")]
     pub report_interval_ms: u32,
-    /// Seconds after which an idle flow is forgotten.
-    #[serde(default = "default_idle_timeout_s")]
-    pub flow_idle_timeout_s: u64,
+    /// Milliseconds after which an idle flow is forgotten. Files from before every duration was
+    /// in milliseconds say `flow_idle_timeout_s`, which [`LiveConfig::load`] still reads.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub flow_idle_timeout_ms: u64,
     /// One new flow in N is inspected for pattern discovery (0 = off).
     #[serde(default = "default_pattern_one_in")]
     pub pattern_sample_one_in: u32,
@@ -314,8 +315,8 @@ fn default_workload_name() -> String {
 const fn default_interval_ms() -> u32 {
     10_000
 }
-const fn default_idle_timeout_s() -> u64 {
-    300
+const fn default_idle_timeout_ms() -> u64 {
+    300_000
 }
 const fn default_pattern_one_in() -> u32 {
     16
@@ -359,7 +360,20 @@ fn parse_hex(field: &str, text: &str) -> Result<Vec<u8>, ConfigError> {
 impl LiveConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = read_toml(path)?;
+        let mut table: toml::Table = read_toml(path)?;
+        let (old, new) = ("flow_idle_timeout_s", "flow_idle_timeout_ms");
+        if doppel_common::config::seconds_key_to_ms(&mut table, old, new)
+            .map_err(|e| invalid(e.field(), e.to_string()))?
+        {
+            tracing::warn!(
+                path = %path.display(),
+                "`{old}` is deprecated: read as `{new}`, the same duration in milliseconds"
+            );
+        }
+        let config: Self = table.try_into().map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -384,8 +398,8 @@ impl LiveConfig {
         if self.report_interval_ms < 100 {
             return Err(invalid("report_interval_ms", "must be at least 100"));
         }
-        if self.flow_idle_timeout_s == 0 {
-            return Err(invalid("flow_idle_timeout_s", "must be at least 1"));
+        if self.flow_idle_timeout_ms < 1000 {
+            return Err(invalid("flow_idle_timeout_ms", "must be at least 1000"));
         }
         let local: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
             .map(|addrs| {
@@ -507,7 +521,7 @@ impl LiveConfig {
 
     /// Idle timeout as a duration.
     pub fn flow_idle_timeout(&self) -> Duration {
-        Duration::from_secs(self.flow_idle_timeout_s)
+        Duration::from_millis(self.flow_idle_timeout_ms)
     }
 }
 
@@ -541,6 +555,32 @@ mod tests {
         shadow = "10.9.0.2"
         vni = 42
     "#;
+
+    #[test]
+    fn the_idle_timeout_in_seconds_is_still_read_and_never_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = |name: &str, extra: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("{extra}\n{GOOD}")).expect("write");
+            path
+        };
+        let old = LiveConfig::load(&file("old.toml", "flow_idle_timeout_s = 42")).expect("old key");
+        assert_eq!(old.flow_idle_timeout(), Duration::from_secs(42));
+        let new = LiveConfig::load(&file("new.toml", "flow_idle_timeout_ms = 42500")).expect("new");
+        assert_eq!(new.flow_idle_timeout(), Duration::from_millis(42_500));
+        let both = file(
+            "both.toml",
+            "flow_idle_timeout_s = 1\nflow_idle_timeout_ms = 1000",
+        );
+        match LiveConfig::load(&both) {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "flow_idle_timeout_s"),
+            other => panic!("expected the old key named, got {other:?}"),
+        }
+        match LiveConfig::load(&file("short.toml", "flow_idle_timeout_ms = 999")) {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "flow_idle_timeout_ms"),
+            other => panic!("expected a too-short timeout refused, got {other:?}"),
+        }
+    }
 
     #[test]
     fn a_good_file_becomes_a_policy() {

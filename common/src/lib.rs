@@ -10,6 +10,8 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+#[cfg(feature = "std")]
+pub mod config;
 pub mod maps;
 #[cfg(feature = "std")]
 pub mod wire;

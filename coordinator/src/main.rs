@@ -111,7 +111,22 @@ fn load_config(args: &ServeArgs, state_dir: PathBuf) -> anyhow::Result<ServeConf
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?
+            let invalid = || format!("invalid config {}", path.display());
+            let mut table: toml::Table = toml::from_str(&text).with_context(invalid)?;
+            let (old, new) = ("compare_window_secs", "compare_window_ms");
+            if doppel_common::config::seconds_key_to_ms(&mut table, old, new)
+                .map_err(|e| doppel_coordinator::serve::InvalidConfig {
+                    field: e.field().to_owned(),
+                    reason: e.to_string(),
+                })
+                .with_context(invalid)?
+            {
+                tracing::warn!(
+                    "{}: `{old}` is deprecated: read as `{new}`, the same duration in ms",
+                    path.display()
+                );
+            }
+            table.try_into().with_context(invalid)?
         }
         None => ServeConfig::default(),
     };

@@ -51,8 +51,9 @@ pub struct ServeConfig {
     pub vm_types: Vec<VmType>,
     /// Comparison tunables (`[compare]`).
     pub compare: CompareConfig,
-    /// Default comparison window, seconds (`doppel compare` and recommendations).
-    pub compare_window_secs: u64,
+    /// Default comparison window, ms (`doppel compare` and recommendations). Files from before
+    /// every duration was in milliseconds say `compare_window_secs`, which is still read.
+    pub compare_window_ms: u64,
     /// Time between two evaluations (comparison and recommendation of every workload), ms.
     pub evaluate_interval_ms: u64,
     /// How often learned mirroring reads the live agents' pattern counts and replans (ms).
@@ -105,8 +106,8 @@ impl ServeConfig {
                 "at least 2 pairs are needed for a confidence interval",
             );
         }
-        if self.compare_window_secs == 0 {
-            return invalid("compare_window_secs".into(), "must be positive");
+        if self.compare_window_ms < 1000 {
+            return invalid("compare_window_ms".into(), "must be at least 1000");
         }
         if self.evaluate_interval_ms < 100 {
             return invalid("evaluate_interval_ms".into(), "must be at least 100");
@@ -169,7 +170,7 @@ impl Default for ServeConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             vm_types: Vec::new(),
             compare: CompareConfig::default(),
-            compare_window_secs: 900,
+            compare_window_ms: 900_000,
             evaluate_interval_ms: 60_000,
             mirror_interval_ms: 10_000,
             forecast: crate::forecast::ForecastSettings::default(),
@@ -315,8 +316,7 @@ impl Coordinator {
                 server_name: config.sim.server_name.clone(),
                 retry_after_failure_ms: i64::try_from(config.sim.retry_after_failure_ms)
                     .unwrap_or(i64::MAX),
-                window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
-                    .unwrap_or(i64::MAX),
+                window_ms: i64::try_from(config.compare_window_ms).unwrap_or(i64::MAX),
                 gates: config.forecast.clone(),
                 clock: clock.clone(),
             },
@@ -332,8 +332,7 @@ impl Coordinator {
             token,
             prices: price_table(&config.vm_types),
             compare: config.compare,
-            compare_window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
-                .unwrap_or(i64::MAX),
+            compare_window_ms: i64::try_from(config.compare_window_ms).unwrap_or(i64::MAX),
             clock: clock.clone(),
             sessions: Arc::default(),
         });
@@ -342,8 +341,7 @@ impl Coordinator {
             webhooks: config.webhooks.clone(),
             prices: price_table(&config.vm_types),
             compare: config.compare,
-            window_ms: i64::try_from(config.compare_window_secs.saturating_mul(1000))
-                .unwrap_or(i64::MAX),
+            window_ms: i64::try_from(config.compare_window_ms).unwrap_or(i64::MAX),
             evaluate_interval: Duration::from_millis(config.evaluate_interval_ms),
             backoff_base_ms: config.webhook_backoff_ms,
             max_attempts: config.webhook_max_attempts,

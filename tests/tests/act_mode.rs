@@ -95,7 +95,7 @@ fn config(dir: &Path, action: ActionConfig) -> ServeConfig {
                 ..VmType::default()
             },
         ],
-        compare_window_secs: 60,
+        compare_window_ms: 60_000,
         evaluate_interval_ms: 200,
         actions: vec![action],
         ..ServeConfig::default()
