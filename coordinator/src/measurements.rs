@@ -38,6 +38,20 @@ pub fn load_measurements(
     since_ms: i64,
     until_ms: i64,
 ) -> Result<Vec<Measurement>, StoreError> {
+    let mut all = Vec::new();
+    for_each_measurement(store, spec, since_ms, until_ms, |m| all.push(m))?;
+    Ok(all)
+}
+
+/// [`load_measurements`] one at a time: each histogram is decoded, handed to `f` and dropped,
+/// so a long window never holds every decoded histogram at once.
+pub fn for_each_measurement(
+    store: &Store,
+    spec: &WorkloadSpec,
+    since_ms: i64,
+    until_ms: i64,
+    mut f: impl FnMut(Measurement),
+) -> Result<(), StoreError> {
     let placements = placements(spec);
     let agents: Vec<&str> = placements.iter().map(|(a, _, _)| *a).collect();
     let rows = store.interval_histograms(&agents, since_ms, until_ms)?;
@@ -51,31 +65,35 @@ pub fn load_measurements(
         .iter()
         .map(|&(a, vm, role)| (a, (vm, role)))
         .collect();
-    Ok(rows
+    for r in rows
         .into_iter()
         .filter(|r| r.scope == FlowScope::All && r.metric == LatencyMetric::KernelFirstByte)
-        .filter_map(|r| {
-            let &(vm_type, role) = by_agent.get(r.agent.as_str())?;
-            // Checked at ingest; a row that no longer decodes is skipped, not fatal.
-            let histogram = EncodedHistogram(r.hist).decode().ok()?;
-            let vm_type = match role {
-                Role::Live => {
-                    live_type_at(&moves, r.interval_start_ms).unwrap_or_else(|| vm_type.to_owned())
-                }
-                Role::Shadow => vm_type.to_owned(),
-            };
-            Some(Measurement {
-                vm_type,
-                role,
-                interval_start_ms: r.interval_start_ms,
-                interval_ms: r.interval_ms,
-                class: r.class,
-                histogram,
-                report_errors: r.errors,
-                agent: r.agent,
-            })
-        })
-        .collect())
+    {
+        let Some(&(vm_type, role)) = by_agent.get(r.agent.as_str()) else {
+            continue;
+        };
+        // Checked at ingest; a row that no longer decodes is skipped, not fatal.
+        let Ok(histogram) = EncodedHistogram(r.hist).decode() else {
+            continue;
+        };
+        let vm_type = match role {
+            Role::Live => {
+                live_type_at(&moves, r.interval_start_ms).unwrap_or_else(|| vm_type.to_owned())
+            }
+            Role::Shadow => vm_type.to_owned(),
+        };
+        f(Measurement {
+            vm_type,
+            role,
+            interval_start_ms: r.interval_start_ms,
+            interval_ms: r.interval_ms,
+            class: r.class,
+            histogram,
+            report_errors: r.errors,
+            agent: r.agent,
+        });
+    }
+    Ok(())
 }
 
 /// The workload's completed moves of its live hosts, oldest first.
@@ -168,14 +186,28 @@ pub struct Timeline {
     pub since_ms: i64,
     /// End of the window, ms since the epoch.
     pub until_ms: i64,
+    /// Width of a point: report intervals starting within one step are merged, ms.
+    pub step_ms: i64,
     /// The SLO: percentile and bound, ms.
     pub slo_percentile: f64,
     /// The SLO's bound, ms.
     pub slo_max_latency_ms: f64,
     /// One series per (role, VM type), live first.
     pub series: Vec<TimelineSeries>,
+    /// Live's offered load per step, exchanges/s over all its agents whatever their type (a
+    /// step straddling a move is one point, not one per type).
+    pub offered_load: Vec<OfferedLoadPoint>,
     /// Live's completed moves in the window, oldest first.
     pub moves: Vec<TimelineMove>,
+}
+
+/// Live's offered load over one step.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OfferedLoadPoint {
+    /// Start of the step, ms since the epoch.
+    pub at_ms: i64,
+    /// Exchanges per second, all live agents together.
+    pub per_s: f64,
 }
 
 /// One role and VM type over time.
@@ -189,10 +221,10 @@ pub struct TimelineSeries {
     pub points: Vec<TimelinePoint>,
 }
 
-/// One report interval of one role and VM type, all its agents and classes merged.
+/// One step of one role and VM type: its report intervals, agents and classes merged.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TimelinePoint {
-    /// Interval start, ms since the epoch.
+    /// Start of the step, ms since the epoch.
     pub at_ms: i64,
     /// Exchanges measured (kernel first byte, all flows).
     pub exchanges: u64,
@@ -224,59 +256,110 @@ pub struct TimelineMove {
 
 /// The workload's [`Timeline`] over `[since_ms, until_ms)`, from the same measurements the
 /// comparison reads ([`load_measurements`]), so a chart shows what the decisions weigh.
+///
+/// Intervals are merged into buckets of `step_ms` (a report interval or more), so a long
+/// window stays a few hundred points a series: latencies are quantiles of the bucket's merged
+/// histogram, and the rate is each agent's exchanges over the time its reports cover, summed
+/// over the agents of the role and type.
 pub fn timeline(
     store: &Store,
     spec: &WorkloadSpec,
     since_ms: i64,
     until_ms: i64,
+    step_ms: i64,
 ) -> Result<Timeline, StoreError> {
     use std::collections::BTreeMap;
 
-    struct Acc {
-        histogram: hdrhistogram::Histogram<u64>,
-        interval_ms: i64,
-        /// Errors are per report, shared by its histograms: counted once per agent.
-        errors_by_agent: BTreeMap<String, u64>,
+    /// One agent's share of a bucket.
+    #[derive(Default)]
+    struct AgentShare {
+        exchanges: u64,
+        /// Interval start -> (length, errors): errors are per report, shared by its
+        /// histograms, so counted once per interval.
+        intervals: BTreeMap<i64, (i64, u64)>,
     }
-    let mut by_series: BTreeMap<(u8, String), BTreeMap<i64, Acc>> = BTreeMap::new();
-    for m in load_measurements(store, spec, since_ms, until_ms)? {
+    struct Bucket {
+        histogram: hdrhistogram::Histogram<u64>,
+        agents: BTreeMap<String, AgentShare>,
+    }
+    let step_ms = step_ms.max(1);
+    // Live's shares per step, whatever the type, for the offered load.
+    let mut live_steps: BTreeMap<i64, BTreeMap<String, AgentShare>> = BTreeMap::new();
+    let mut by_series: BTreeMap<(u8, String), BTreeMap<i64, Bucket>> = BTreeMap::new();
+    for_each_measurement(store, spec, since_ms, until_ms, |m| {
         let role_order = match m.role {
             Role::Live => 0,
             Role::Shadow => 1,
         };
-        let acc = by_series
+        // Steps are aligned to the epoch, so a point stays put as the window moves.
+        let at_ms = m.interval_start_ms.div_euclid(step_ms) * step_ms;
+        let bucket = by_series
             .entry((role_order, m.vm_type))
             .or_default()
-            .entry(m.interval_start_ms)
-            .or_insert_with(|| Acc {
+            .entry(at_ms)
+            .or_insert_with(|| Bucket {
                 histogram: hdrhistogram::Histogram::new_from(&m.histogram),
-                interval_ms: m.interval_ms,
-                errors_by_agent: BTreeMap::new(),
+                agents: BTreeMap::new(),
             });
         // Same bounds on every histogram the agents send; one that does not fit is skipped
         // like an undecodable one.
-        let _ = acc.histogram.add(&m.histogram);
-        acc.errors_by_agent.insert(m.agent, m.report_errors);
-    }
+        if bucket.histogram.add(&m.histogram).is_ok() {
+            let add = |share: &mut AgentShare| {
+                share.exchanges += m.histogram.len();
+                share
+                    .intervals
+                    .insert(m.interval_start_ms, (m.interval_ms, m.report_errors));
+            };
+            if role_order == 0 {
+                add(live_steps
+                    .entry(at_ms)
+                    .or_default()
+                    .entry(m.agent.clone())
+                    .or_default());
+            }
+            add(bucket.agents.entry(m.agent).or_default());
+        }
+    })?;
+    let rate = |agents: &BTreeMap<String, AgentShare>| -> f64 {
+        agents
+            .values()
+            .map(|a| {
+                let covered_ms: i64 = a.intervals.values().map(|(ms, _)| ms).sum();
+                a.exchanges as f64 * 1000.0 / covered_ms.max(1) as f64
+            })
+            .sum()
+    };
+    let offered_load = live_steps
+        .iter()
+        .map(|(&at_ms, agents)| OfferedLoadPoint {
+            at_ms,
+            per_s: rate(agents),
+        })
+        .collect();
     let series = by_series
         .into_iter()
-        .map(|((role_order, vm_type), intervals)| TimelineSeries {
+        .map(|((role_order, vm_type), buckets)| TimelineSeries {
             role: if role_order == 0 {
                 Role::Live
             } else {
                 Role::Shadow
             },
             vm_type,
-            points: intervals
+            points: buckets
                 .into_iter()
-                .map(|(at_ms, acc)| {
-                    let exchanges = acc.histogram.len();
-                    let errors: u64 = acc.errors_by_agent.values().sum();
-                    let ms = |q: f64| acc.histogram.value_at_quantile(q) as f64 / 1e6;
+                .map(|(at_ms, bucket)| {
+                    let exchanges = bucket.histogram.len();
+                    let errors: u64 = bucket
+                        .agents
+                        .values()
+                        .flat_map(|a| a.intervals.values().map(|(_, e)| e))
+                        .sum();
+                    let per_s = rate(&bucket.agents);
+                    let ms = |q: f64| bucket.histogram.value_at_quantile(q) as f64 / 1e6;
                     TimelinePoint {
                         at_ms,
                         exchanges,
-                        per_s: exchanges as f64 * 1000.0 / acc.interval_ms.max(1) as f64,
+                        per_s,
                         p50_ms: ms(0.50),
                         p99_ms: ms(0.99),
                         slo_ms: ms(spec.policy.slo.percentile / 100.0),
@@ -297,9 +380,133 @@ pub fn timeline(
         workload: spec.name.clone(),
         since_ms,
         until_ms,
+        step_ms,
         slo_percentile: spec.policy.slo.percentile,
         slo_max_latency_ms: spec.policy.slo.max_latency_ms,
         series,
+        offered_load,
         moves,
     })
+}
+
+#[cfg(test)]
+mod timeline_tests {
+    use doppel_common::wire::{
+        Counter, EncodedHistogram, FlowScope, HistogramRecord, IntervalReport, ResourceUsage,
+    };
+
+    use super::*;
+    use crate::store::CheckedReport;
+
+    const SPEC: &str = r#"
+name = "web"
+services = ["10.0.0.2:8080"]
+[[live]]
+agent = "live-1"
+vm_type = "small"
+[[live]]
+agent = "live-2"
+vm_type = "small"
+[[shadows]]
+agent = "shadow-1"
+vm_type = "large"
+addr = "10.0.1.2"
+vni = 42
+[policy]
+report_interval_ms = 1000
+[[policy.classes]]
+id = 0
+name = "default"
+sample_rate = 0.1
+"#;
+
+    /// A one-second report: `n` exchanges at `latency_ms`, `errors` failed.
+    fn report(seq: u64, start_ms: u64, n: u64, latency_ms: u64, errors: u64) -> CheckedReport {
+        let mut h =
+            hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000_000, 2).expect("bounds");
+        h.record_n(latency_ms * 1_000_000, n).expect("record");
+        CheckedReport::check(IntervalReport {
+            seq,
+            interval_start_unix_ms: start_ms,
+            interval_ms: 1000,
+            histograms: vec![HistogramRecord {
+                service: "10.0.0.2:8080".into(),
+                class: 0,
+                scope: FlowScope::All,
+                metric: LatencyMetric::KernelFirstByte,
+                histogram: EncodedHistogram::encode(&h).expect("encode"),
+            }],
+            counters: vec![Counter {
+                name: "exchange_errors".into(),
+                value: errors,
+            }],
+            host: ResourceUsage::default(),
+            workload: None,
+            patterns: vec![],
+        })
+    }
+
+    #[test]
+    fn steps_merge_intervals_and_sum_the_agents_rates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open_in(dir.path()).expect("store");
+        let spec: WorkloadSpec = toml::from_str(SPEC).expect("spec");
+        store.put_workload(&spec, 0).expect("workload");
+        let base = 1_000_000_u64;
+        let mut reports = Vec::new();
+        for i in 0..10 {
+            let start = base + i * 1000;
+            // Two live agents, 100/s at 10 ms and 50/s at 30 ms; the shadow 100/s at 5 ms,
+            // two failures a second.
+            reports.push(("live-1", report(i, start, 100, 10, 0)));
+            reports.push(("live-2", report(i, start, 50, 30, 0)));
+            reports.push(("shadow-1", report(i, start, 100, 5, 2)));
+        }
+        let batch: Vec<_> = reports.iter().map(|(a, r)| (*a, r)).collect();
+        store.ingest_batch(&batch, 0).expect("ingest");
+
+        let since = i64::try_from(base).expect("ms");
+        let t = timeline(&store, &spec, since, since + 10_000, 5_000).expect("timeline");
+        assert_eq!(t.step_ms, 5_000);
+        let labels: Vec<_> = t
+            .series
+            .iter()
+            .map(|s| (s.role, s.vm_type.as_str()))
+            .collect();
+        assert_eq!(labels, [(Role::Live, "small"), (Role::Shadow, "large")]);
+        let live = &t.series[0].points;
+        assert_eq!(
+            live.len(),
+            2,
+            "ten one-second intervals in two five-second steps"
+        );
+        for p in live {
+            assert_eq!(p.exchanges, 750);
+            assert!(
+                (p.per_s - 150.0).abs() < 1e-9,
+                "both agents' rates: {}",
+                p.per_s
+            );
+            assert!((p.p50_ms - 10.0).abs() < 0.1, "p50 {}", p.p50_ms);
+            assert!((p.p99_ms - 30.0).abs() < 0.3, "p99 {}", p.p99_ms);
+        }
+        let shadow = &t.series[1].points;
+        assert_eq!(shadow[0].errors, 10, "errors once per report");
+        assert!((shadow[0].error_rate - 0.02).abs() < 1e-12);
+
+        // At the report interval, one point per interval at its start.
+        let fine = timeline(&store, &spec, since, since + 10_000, 1_000).expect("timeline");
+        let starts: Vec<i64> = fine.series[0].points.iter().map(|p| p.at_ms).collect();
+        assert_eq!(
+            starts,
+            (0..10).map(|i| since + i * 1000).collect::<Vec<_>>()
+        );
+        assert!((fine.series[0].points[3].per_s - 150.0).abs() < 1e-9);
+        assert_eq!(t.offered_load.len(), 2);
+        assert!(
+            t.offered_load
+                .iter()
+                .all(|p| (p.per_s - 150.0).abs() < 1e-9)
+        );
+    }
 }

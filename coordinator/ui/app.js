@@ -317,11 +317,7 @@ function latencyChart(box, timeline) {
 }
 
 function loadChart(box, timeline, forecastView) {
-  const byTime = new Map();
-  for (const s of timeline.series.filter((x) => x.role === "live")) {
-    for (const p of s.points) byTime.set(p.at_ms, (byTime.get(p.at_ms) || 0) + p.per_s);
-  }
-  const offered = [...byTime.entries()].sort((a, b) => a[0] - b[0]);
+  const offered = timeline.offered_load.map((p) => [p.at_ms, p.per_s]);
   const f = forecastView.forecast;
   const points = f ? f.points : [];
   const series = [

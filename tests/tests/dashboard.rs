@@ -411,6 +411,42 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
         "the timeline splits live at its move"
     );
     assert_eq!(timeline.moves.len(), 1);
+    for (query, field) in [
+        ("window_ms=604800001", "window_ms"),
+        ("window_ms=0", "window_ms"),
+        ("points=0", "points"),
+    ] {
+        let refused = api
+            .get::<Value>(&format!("/v1/workloads/web/timeline?{query}"))
+            .await
+            .expect_err(query);
+        assert_eq!(refused.field(), Some(field), "{query}: {refused}");
+    }
+    // A 30-minute window in at most 600 points: three-second steps, each the mean of the
+    // intervals it holds (also the one straddling the move, which two types share).
+    assert_eq!(timeline.step_ms, 3_000);
+    let steps = usize::try_from(INTERVALS / 3).expect("steps");
+    assert!(
+        (steps..=steps + 1).contains(&timeline.offered_load.len()),
+        "{} steps for {INTERVALS} one-second intervals",
+        timeline.offered_load.len()
+    );
+    for p in &timeline.offered_load {
+        let sent: Vec<f64> = (0..INTERVALS)
+            .filter(|i| {
+                let start = i64::try_from(first_ms + i * 1000).expect("ms");
+                (p.at_ms..p.at_ms + timeline.step_ms).contains(&start)
+            })
+            .map(|i| load(i) as f64)
+            .collect();
+        let mean = sent.iter().sum::<f64>() / sent.len() as f64;
+        assert!(
+            (p.per_s - mean).abs() < 1e-6,
+            "offered load at {}: {} against {mean} sent",
+            p.at_ms,
+            p.per_s
+        );
+    }
     let one_time_link = {
         let out = std::process::Command::new(workspace_binary("doppel"))
             .arg("--state-dir")
@@ -620,18 +656,11 @@ fn browse(
         assert_same_points(&points(&charts, "load", series), &want, series);
     }
     let offered = points(&charts, "load", "offered load (live)");
-    let mut live_load: Vec<(f64, f64)> = timeline
-        .series
+    let live_load: Vec<(f64, f64)> = timeline
+        .offered_load
         .iter()
-        .filter(|s| s.role == doppel_coordinator::compare::Role::Live)
-        .flat_map(|s| s.points.iter().map(|p| (p.at_ms as f64, p.per_s)))
+        .map(|p| (p.at_ms as f64, p.per_s))
         .collect();
-    live_load.sort_by(|a, b| a.0.total_cmp(&b.0));
-    assert_eq!(
-        live_load.len(),
-        INTERVALS as usize,
-        "one offered-load point per interval"
-    );
     assert_same_points(&offered, &live_load, "offered load");
     // Latency against load: every modelled type's measured points and fitted curve.
     let types = f["types"].as_array().expect("types");

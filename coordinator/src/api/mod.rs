@@ -623,23 +623,59 @@ async fn compare_live_and_shadows(
         .map(Json)
 }
 
-/// `GET /v1/workloads/{name}/timeline`: p50/p99, load and errors per interval for live and
-/// each shadow type, with live's moves, over `window_ms` (default 15 minutes) up to now.
+/// Query of `GET /v1/workloads/{name}/timeline`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct TimelineQuery {
+    /// Window up to now, ms (default 15 minutes, at most [`MAX_TIMELINE_WINDOW_MS`]).
+    pub window_ms: Option<i64>,
+    /// Most points a series (default 600): intervals are merged into steps of at least
+    /// `window_ms / points`.
+    pub points: Option<i64>,
+}
+
+/// The longest window a timeline covers: a week.
+pub const MAX_TIMELINE_WINDOW_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// `GET /v1/workloads/{name}/timeline`: p50/p99, load and errors over time for live and each
+/// shadow type, with live's moves, over `window_ms` up to now.
 async fn show_timeline(
     State(state): State<Arc<ApiState>>,
     UrlPath(name): UrlPath<String>,
-    Query(query): Query<WindowQuery>,
+    Query(query): Query<TimelineQuery>,
 ) -> Result<Json<Timeline>, ApiError> {
-    let window_ms = query.window_ms_or(15 * 60 * 1000)?;
+    let window_ms = WindowQuery {
+        window_ms: query.window_ms,
+    }
+    .window_ms_or(15 * 60 * 1000)?;
+    if window_ms > MAX_TIMELINE_WINDOW_MS {
+        return Err(ApiError::BadBody {
+            field: "window_ms".into(),
+            reason: format!("at most {MAX_TIMELINE_WINDOW_MS} (a week)"),
+        });
+    }
+    let points = match query.points {
+        None => 600,
+        Some(p @ 1..=10_000) => p,
+        Some(_) => {
+            return Err(ApiError::BadBody {
+                field: "points".into(),
+                reason: "must be between 1 and 10000".into(),
+            });
+        }
+    };
     let now_ms = state.clock.now_ms();
     state
         .with_store(move |s| {
             let spec = s.workload(&name)?.ok_or(ApiError::NoSuchWorkload(name))?;
+            // A step never splits a report interval.
+            let interval_ms = i64::from(spec.policy.report_interval_ms);
+            let step_ms = (window_ms + points - 1) / points;
             Ok(timeline(
                 s,
                 &spec,
                 now_ms.saturating_sub(window_ms),
                 now_ms,
+                step_ms.max(interval_ms),
             )?)
         })
         .await
