@@ -130,7 +130,9 @@ function timeChart(name, container, { series, yLabel, markers = [], hlines = [],
           ctx.stroke();
           ctx.fillStyle = h.color || "#b42318";
           ctx.font = `${11 * devicePixelRatio}px sans-serif`;
-          ctx.fillText(h.label, u.bbox.left + 4, y - 4);
+          ctx.textAlign = "right";
+          ctx.fillText(h.label, u.bbox.left + u.bbox.width - 4, y - 4);
+          ctx.textAlign = "left";
         }
         ctx.restore();
       }],
@@ -206,7 +208,9 @@ function xyChart(name, container, { series, xLabel, yLabel, hlines = [] }) {
       ctx.moveTo(u.bbox.left, y);
       ctx.lineTo(u.bbox.left + u.bbox.width, y);
       ctx.stroke();
-      ctx.fillText(h.label, u.bbox.left + 4, y - 4);
+      ctx.textAlign = "right";
+      ctx.fillText(h.label, u.bbox.left + u.bbox.width - 4, y - 4);
+      ctx.textAlign = "left";
     }
     ctx.restore();
   };
@@ -226,7 +230,7 @@ function xyChart(name, container, { series, xLabel, yLabel, hlines = [] }) {
   // eslint-disable-next-line no-new, new-cap
   new uPlot(opts, data, container);
   container.append(el("p", { class: "muted" }, "Dots: ",
-    scatter.map((s, i) => [i ? ", " : "", el("span", { style: `color:${s.color}` }, "●"),
+    scatter.flatMap((s, i) => [i ? ", " : "", el("span", { style: `color:${s.color}` }, "●"),
       ` ${s.label}`])));
 }
 
