@@ -452,9 +452,9 @@ async function renderWorkload(app, name) {
         when(w.raised_ms), w.vm_type, `${fmt((w.body.lead_secs || 0) / 60, 1)} min`,
         fmt(w.body.probability, 2), w.cleared_ms ? when(w.cleared_ms) : "open"]), "None.")),
     card("Learned pattern mix",
-      plan ? table(["Pattern", "Flows/s", "Share", "Class", "Mirror rate"], plan.patterns.map((p) =>
-        [p.pattern, Number(fmt(p.flows_per_s, 2)), Number(fmt(p.share * 100, 1)), p.class,
-          Number(fmt(p.rate, 3))]), "No patterns learned yet.")
+      plan ? table(["Pattern", "Flows/s", "Share, %", "Class", "Mirror rate"], plan.patterns.map(
+        (p) => [p.pattern, fmt(p.flows_per_s, 2), fmt(p.share * 100, 1), p.class,
+          fmt(p.rate, 3)]), "No patterns learned yet.")
         : el("p", { class: "empty" },
           patterns.learning ? "Learning: no plan yet." : "Mirroring is not learned for this workload.")),
   );

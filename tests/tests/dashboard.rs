@@ -18,7 +18,7 @@ use std::{
 use doppel_agent::report::{ClientConfig, ReportClient, Spool, SpoolConfig};
 use doppel_common::wire::{
     Counter, EncodedHistogram, FlowScope, HistogramRecord, IntervalReport, LatencyMetric,
-    ResourceUsage,
+    PatternCount, ResourceUsage,
 };
 use doppel_coordinator::{
     ca::CertificateAuthority,
@@ -63,6 +63,10 @@ slo = { percentile = 99.0, max_latency_ms = 50.0 }
 id = 0
 name = "default"
 sample_rate = 0.1
+
+[policy.mirror]
+learn = true
+budget_flows_per_s = 20.0
 "#;
 
 /// Intervals each agent reports, one second each; live moves after [`MOVE_AT`] of them.
@@ -90,6 +94,13 @@ fn latency_ms(base_ms: f64, capacity: f64, load: u64) -> f64 {
         (base_ms / (1.0 - rho)).min(1000.0)
     }
 }
+
+/// The live agent's pattern counts of an interval: a mix the learned plan is made from.
+const PATTERNS: [(&str, u64); 3] = [
+    ("GET /api/items/{id}", 70),
+    ("GET /static/{file}", 25),
+    ("POST /checkout", 5),
+];
 
 fn report(seq: u64, start_ms: u64, exchanges: u64, latency_ms: f64, errors: u64) -> IntervalReport {
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("hist");
@@ -288,6 +299,8 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
         api_listen: "127.0.0.1:0".parse().expect("addr"),
         // The test's own evaluation below writes the forecast; the coordinator's would race it.
         evaluate_interval_ms: 3_600_000,
+        // Learned mirroring plans from the live agent's pattern counts as they arrive.
+        mirror_interval_ms: 200,
         ..ServeConfig::default()
     })
     .await
@@ -314,11 +327,15 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
         // Live is an m5.large (knee near 250/s) and then an m5.xlarge (near 500/s).
         let live_capacity = if i < MOVE_AT { 250.0 } else { 500.0 };
         let l = load(i);
-        last.0 = live
-            .handle
-            .submit(report(i, start, l, latency_ms(4.0, live_capacity, l), 0))
-            .await
-            .expect("submit live");
+        let mut live_report = report(i, start, l, latency_ms(4.0, live_capacity, l), 0);
+        live_report.patterns = PATTERNS
+            .iter()
+            .map(|&(pattern, flows)| PatternCount {
+                pattern: pattern.into(),
+                flows,
+            })
+            .collect();
+        last.0 = live.handle.submit(live_report).await.expect("submit live");
         // The shadow fails one exchange in a hundred.
         last.1 = shadow
             .handle
@@ -332,6 +349,23 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
     })
     .await
     .expect("every report acknowledged");
+
+    // The learned mirroring's plan, made by the coordinator from those counts.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let patterns = loop {
+        let view: Value = api
+            .get("/v1/workloads/web/patterns")
+            .await
+            .expect("patterns");
+        if view["plan"]["patterns"]
+            .as_array()
+            .is_some_and(|p| p.len() == PATTERNS.len())
+        {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "no learned plan: {view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
 
     // The move, the predictor's forecast, a warning and a recommendation.
     let move_ms = i64::try_from(first_ms + MOVE_AT * 1000).expect("ms");
@@ -480,6 +514,7 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
             &one_time_link,
             &timeline,
             &forecast,
+            &patterns,
         );
     })
     .await
@@ -497,6 +532,7 @@ fn browse(
     one_time_link: &str,
     timeline: &Timeline,
     forecast: &Value,
+    patterns: &Value,
 ) {
     let browser = Browser::new(
         LaunchOptions::default_builder()
@@ -685,6 +721,28 @@ fn browse(
                 &format!("{vm_type} {series}"),
             );
         }
+    }
+    // The learned pattern mix: a row per planned pattern, with its share of live's flows.
+    let mix = eval(
+        &tab,
+        "[...document.querySelectorAll('section.card')].find(s => \
+         s.querySelector('h2').textContent === 'Learned pattern mix').innerText",
+    );
+    let mix = mix.as_str().expect("pattern mix card");
+    for p in patterns["plan"]["patterns"]
+        .as_array()
+        .expect("planned patterns")
+    {
+        let pattern = p["pattern"].as_str().expect("pattern");
+        let share = format!("{:.1}", p["share"].as_f64().expect("share") * 100.0);
+        let row = mix
+            .lines()
+            .find(|line| line.starts_with(pattern))
+            .unwrap_or_else(|| panic!("no row for {pattern:?}:\n{mix}"));
+        assert!(
+            row.contains(&share),
+            "{pattern}: share {share} % not in {row:?}"
+        );
     }
     let page = eval(&tab, "document.body.innerText");
     let page = page.as_str().expect("page text");
