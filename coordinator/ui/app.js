@@ -493,5 +493,13 @@ async function render() {
   window.doppel.renders += 1;
 }
 
-render();
-setInterval(render, REFRESH_MS);
+// One render at a time: a slow answer delays the next refresh rather than racing it.
+let rendering = false;
+async function refresh() {
+  if (rendering) return;
+  rendering = true;
+  try { await render(); } finally { rendering = false; }
+}
+
+refresh();
+setInterval(refresh, REFRESH_MS);
