@@ -134,6 +134,35 @@ pub struct TypeCapacity {
     /// [`doppel_engine::candidates::MAX_EXCESS_ERROR_RATE`] more than the best shadow type is not chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_rate: Option<f64>,
+    /// The most recent (load per instance exchanges/s, latency ms at the SLO percentile)
+    /// intervals measured on the type, which its model is fitted from, oldest first, at most [`MEASURED_SHOWN`]: what the
+    /// dashboard plots against the curve.
+    #[serde(default)]
+    pub measured: Vec<[f64; 2]>,
+    /// The fitted curve, (load per instance, latency ms) at [`CURVE_SAMPLES`] loads from 0 to
+    /// a tenth past the capacity at the SLO (the knee the dashboard marks) or the highest
+    /// measured load, whichever is higher; loads at or past saturation are left out.
+    #[serde(default)]
+    pub model_curve: Vec<[f64; 2]>,
+}
+
+/// Measured points a [`TypeCapacity`] carries at most.
+pub const MEASURED_SHOWN: usize = 200;
+/// Samples of a [`TypeCapacity::model_curve`].
+pub const CURVE_SAMPLES: usize = 40;
+
+/// [`TypeCapacity::model_curve`] of `model` for an SLO bound of `slo_ms`.
+pub fn model_curve(model: &doppel_engine::PerformanceModel, slo_ms: f64) -> Vec<[f64; 2]> {
+    let capacity = model.capacity_at(slo_ms);
+    let end = 1.1 * capacity.max(model.max_observed_load());
+    if !(end.is_finite() && end > 0.0) {
+        return Vec::new();
+    }
+    (0..CURVE_SAMPLES)
+        .map(|i| end * i as f64 / (CURVE_SAMPLES - 1) as f64)
+        .map(|load| [load, model.latency_at(load)])
+        .filter(|[_, latency]| latency.is_finite())
+        .collect()
 }
 
 /// The recommendation for a forecast breach: live on `current` is expected to break its SLO,
@@ -255,6 +284,43 @@ pub fn recommend(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_model_curve_crosses_the_slo_at_the_capacity_it_reports() {
+        use doppel_engine::{LoadLatencyPoint, PerformanceModel, PointSource};
+        // An M/M/1-like type: 4 ms at no load, saturating at 250/s, measured up to 230/s.
+        let points: Vec<LoadLatencyPoint> = (0..24)
+            .map(|i| {
+                let load = 10.0 + f64::from(i) * 9.5;
+                LoadLatencyPoint {
+                    load,
+                    latency_ms: 4.0 / (1.0 - load / 250.0),
+                    source: PointSource::Shadow,
+                }
+            })
+            .collect();
+        let model = PerformanceModel::fit(&points, 7).expect("fit");
+        let slo_ms = 20.0;
+        let capacity = model.capacity_at(slo_ms);
+        let curve = model_curve(&model, slo_ms);
+        // The range runs a tenth past the highest load measured (228.5/s), so the last sample
+        // is past saturation (about 250/s) and left out.
+        assert_eq!(curve.len(), CURVE_SAMPLES - 1);
+        assert!(curve.iter().all(|[_, l]| l.is_finite()));
+        assert_eq!(curve[0][0], 0.0);
+        assert!(
+            curve
+                .windows(2)
+                .all(|w| w[0][0] < w[1][0] && w[0][1] <= w[1][1])
+        );
+        // The first sample over the SLO is the first past the capacity, and the last below it
+        // is below the capacity: the curve crosses the SLO where the capacity says.
+        let over = curve
+            .iter()
+            .position(|[_, l]| *l > slo_ms)
+            .expect("crosses the SLO");
+        assert!(curve[over][0] >= capacity && curve[over - 1][0] <= capacity);
+    }
 
     #[test]
     fn the_same_advice_has_the_same_key_until_the_policy_changes() {

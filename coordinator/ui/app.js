@@ -173,10 +173,12 @@ function xyChart(name, container, { series, xLabel, yLabel, hlines = [] }) {
   }
   const finite = (v) => Number.isFinite(v);
   const xMax = Math.max(...shown.flatMap((s) => s.points.map((p) => p[0]).filter(finite)));
-  const yMax = Math.max(...hlines.map((h) => h.y),
-    ...shown.flatMap((s) => s.points.map((p) => p[1]).filter(finite)));
   const lines = shown.filter((s) => s.line);
   const scatter = shown.filter((s) => !s.line);
+  // Up to half again the SLO or the highest measurement: a fitted curve rises without bound
+  // towards saturation and would flatten everything measured into the axis.
+  const yMax = 1.5 * Math.max(...hlines.map((h) => h.y),
+    ...scatter.flatMap((s) => s.points.map((p) => p[1]).filter(finite)));
   const xs = [...new Set(lines.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
   const index = new Map(xs.map((x, i) => [x, i]));
   const data = [xs];
@@ -219,7 +221,7 @@ function xyChart(name, container, { series, xLabel, yLabel, hlines = [] }) {
     height: 280,
     scales: {
       x: { time: false, range: [0, xMax > 0 ? xMax * 1.05 : 1] },
-      y: { range: [0, yMax > 0 ? yMax * 1.1 : 1] },
+      y: { range: [0, yMax > 0 ? yMax : 1] },
     },
     axes: [{ label: xLabel }, { label: yLabel }],
     series: [{ label: "load/s" }, ...lines.map((s) => ({

@@ -704,6 +704,13 @@ fn browse(
         !types.is_empty(),
         "the predictor modelled a type: {forecast}"
     );
+    let drawn = |t: &Value, field: &str| t[field].as_array().is_some_and(|a| !a.is_empty());
+    assert!(
+        types
+            .iter()
+            .all(|t| drawn(t, "measured") && drawn(t, "model_curve")),
+        "every modelled type has points and a curve: {forecast}"
+    );
     for t in types {
         let vm_type = t["vm_type"].as_str().expect("vm_type");
         for (series, field) in [("measured", "measured"), ("model", "model_curve")] {

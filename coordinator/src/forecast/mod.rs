@@ -41,7 +41,10 @@ use crate::{
     compare::{Role, merge, scaled, shadow_weights},
     measurements::{load_live_mirrored, load_measurements},
     policy::WorkloadSpec,
-    recommend::{ForecastEvidence, Recommendation, TypeCapacity, forecast_recommendation},
+    recommend::{
+        ForecastEvidence, MEASURED_SHOWN, Recommendation, TypeCapacity, forecast_recommendation,
+        model_curve,
+    },
     store::{Store, StoreError},
 };
 
@@ -474,6 +477,19 @@ impl Forecasts {
                     .get(&t.vm_type)
                     .map(|c| c.saturation_per_s),
                 error_rate: error_rates.get(&t.vm_type).copied(),
+                measured: state
+                    .by_type
+                    .get(&t.vm_type)
+                    .map(|m| {
+                        let skip = m.points.len().saturating_sub(MEASURED_SHOWN);
+                        m.points
+                            .iter()
+                            .skip(skip)
+                            .map(|(_, p)| [p.load, p.latency_ms])
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                model_curve: model_curve(&t.model, slo_ms),
             })
             .collect();
         let step_secs = u64::try_from(step_ms / 1000).unwrap_or(1);
