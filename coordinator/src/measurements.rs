@@ -390,7 +390,7 @@ pub fn timeline(
 }
 
 #[cfg(test)]
-mod timeline_tests {
+pub(crate) mod timeline_tests {
     use doppel_common::wire::{
         Counter, EncodedHistogram, FlowScope, HistogramRecord, IntervalReport, ResourceUsage,
     };
@@ -398,7 +398,7 @@ mod timeline_tests {
     use super::*;
     use crate::store::CheckedReport;
 
-    const SPEC: &str = r#"
+    pub(crate) const SPEC: &str = r#"
 name = "web"
 services = ["10.0.0.2:8080"]
 [[live]]
@@ -421,7 +421,13 @@ sample_rate = 0.1
 "#;
 
     /// A one-second report: `n` exchanges at `latency_ms`, `errors` failed.
-    fn report(seq: u64, start_ms: u64, n: u64, latency_ms: u64, errors: u64) -> CheckedReport {
+    pub(crate) fn report(
+        seq: u64,
+        start_ms: u64,
+        n: u64,
+        latency_ms: u64,
+        errors: u64,
+    ) -> CheckedReport {
         let mut h =
             hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000_000, 2).expect("bounds");
         h.record_n(latency_ms * 1_000_000, n).expect("record");

@@ -350,6 +350,41 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
     .await
     .expect("every report acknowledged");
 
+    // `/metrics` carries each workload, type and role's last minute (read now, while the
+    // reports are in it), and is valid exposition.
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body");
+    for series in [
+        r#"doppel_exchange_latency_seconds{workload="web",vm_type="m5.large",role="live",percentile="99"}"#,
+        r#"doppel_exchanges_per_second{workload="web",vm_type="c6g.large",role="shadow"}"#,
+        r#"doppel_exchange_error_ratio{workload="web",vm_type="c6g.large",role="shadow"}"#,
+    ] {
+        assert!(metrics.contains(series), "no {series} in\n{metrics}");
+    }
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (`cargo xtask setup` installs Debian's `prometheus`)");
+    std::io::Write::write_all(
+        &mut promtool.stdin.take().expect("stdin"),
+        metrics.as_bytes(),
+    )
+    .expect("write to promtool");
+    let checked = promtool.wait_with_output().expect("promtool");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{metrics}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
     // The learned mirroring's plan, made by the coordinator from those counts.
     let deadline = Instant::now() + Duration::from_secs(20);
     let patterns = loop {

@@ -31,7 +31,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// `mariadbd`, `mariadb-install-db` and the `mysql` system user, `mariadb-client` the `mariadb`
 /// client, and `sysbench` the OLTP load generator for the MySQL protocol; `g++`, which
 /// `libfuzzer-sys` builds libFuzzer with for the fuzz targets `cargo xtask test` runs; and
-/// `chromium`, the headless browser the dashboard test drives.
+/// `chromium`, the headless browser the dashboard test drives; and `prometheus` for `promtool`,
+/// which checks the coordinator's `/metrics`.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
@@ -49,6 +50,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "sysbench",
     "g++",
     "chromium",
+    "prometheus",
 ];
 
 #[derive(Debug, clap::Args)]

@@ -174,6 +174,8 @@ impl From<StoreError> for ApiError {
 
 use doppel_common::error_chain;
 
+pub mod metrics;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, field) = match &self {
@@ -819,10 +821,14 @@ async fn require_token(
 }
 
 /// `GET /metrics`: Prometheus text exposition. Not behind the token, like every Prometheus
-/// target; it carries counts only, no workload data.
+/// target: it carries counters and, per workload, VM type and role, latency, rate and error
+/// gauges ([`metrics`]), no payloads, patterns or addresses.
 async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
-    let store_bytes = state.with_store(|s| Ok(s.size_bytes())).await?;
+    let now_ms = state.clock.now_ms();
+    let (store_bytes, latency) = state
+        .with_store(move |s| Ok((s.size_bytes(), metrics::workload_latency(s, now_ms)?)))
+        .await?;
     let ingest = &state.ingest_stats;
     let webhook = &state.webhook_stats;
     let net = &state.hub.stats;
@@ -920,6 +926,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiErro
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
+    out.push_str(&latency);
     Ok((
         [(
             header::CONTENT_TYPE,
