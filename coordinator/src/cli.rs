@@ -1258,75 +1258,64 @@ fn forecast_text(view: &ForecastView) -> String {
             view.workload
         );
     };
-    let s = |k: &str| f.get(k).and_then(serde_json::Value::as_str).unwrap_or("-");
-    let n = |k: &str| f.get(k).and_then(serde_json::Value::as_f64);
     let mut out = format!(
         "{}: model {} on {} steps of {} s; load now {}/s, forecast peak {}/s (90 % peak {}/s) within {} s\n",
         view.workload,
-        s("model"),
-        n("history_steps").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
-        n("step_secs").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
-        opt_num(n("last_load_per_s"), 1),
-        opt_num(n("forecast_peak_per_s"), 1),
-        opt_num(n("provisioned_peak_per_s"), 1),
-        n("horizon_secs").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
+        f.model,
+        f.history_steps,
+        f.step_secs,
+        opt_num(f.last_load_per_s, 1),
+        opt_num(f.forecast_peak_per_s, 1),
+        opt_num(f.provisioned_peak_per_s, 1),
+        f.horizon_secs,
     );
     out.push_str(&format!(
         "live: {} x{}, capacity at the SLO {}/s; decision: {}\n",
-        s("current_vm_type"),
-        n("current_count").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
-        opt_num(n("current_capacity_per_s"), 1),
-        s("decision").replace('_', " "),
+        f.current_vm_type,
+        f.current_count,
+        opt_num(f.current_capacity_per_s, 1),
+        f.decision.replace('_', " "),
     ));
-    match f.get("warning").filter(|w| !w.is_null()) {
+    match &f.warning {
         Some(w) => {
-            let wn = |k: &str| w.get(k).and_then(serde_json::Value::as_f64);
             out.push_str(&format!(
-                "WARNING: SLO expected to break in {} s (probability {}), forecast {}/s against capacity {}/s{}\n",
-                wn("lead_secs").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
-                opt_num(wn("probability"), 2),
-                opt_num(wn("forecast_load_per_s"), 1),
-                opt_num(wn("capacity_per_s"), 1),
-                w.get("recommended_vm_type")
-                    .and_then(serde_json::Value::as_str)
+                "WARNING: SLO expected to break in {} s (probability {:.2}), forecast {:.1}/s against capacity {:.1}/s{}\n",
+                w.lead_secs,
+                w.probability,
+                w.forecast_load_per_s,
+                w.capacity_per_s,
+                w.recommended_vm_type
+                    .as_deref()
                     .map_or_else(String::new, |t| format!("; recommended: {t}")),
             ));
         }
         None => out.push_str("no warning\n"),
     }
     let types: Vec<Vec<String>> = f
-        .get("types")
-        .and_then(serde_json::Value::as_array)
-        .map(|types| {
-            types
-                .iter()
-                .map(|t| {
-                    let tn = |k: &str| t.get(k).and_then(serde_json::Value::as_f64);
-                    vec![
-                        t.get("vm_type")
-                            .and_then(serde_json::Value::as_str)
-                            .unwrap_or("-")
-                            .to_owned(),
-                        t.get("role")
-                            .and_then(serde_json::Value::as_str)
-                            .unwrap_or("-")
-                            .to_owned(),
-                        opt_num(tn("price_per_hour"), 3),
-                        opt_num(tn("capacity_at_slo_per_s"), 1),
-                        opt_num(tn("max_observed_load_per_s"), 1),
-                        tn("points").map_or_else(|| "-".into(), |v| format!("{v:.0}")),
-                        opt_num(tn("cpu_ceiling_per_s"), 1),
-                        tn("error_rate")
-                            .map_or_else(|| "-".into(), |e| format!("{:.2}%", 100.0 * e)),
-                        t.get("basis")
-                            .and_then(serde_json::Value::as_str)
-                            .unwrap_or("-")
-                            .to_owned(),
-                    ]
-                })
-                .collect()
+        .types
+        .iter()
+        .map(|t| {
+            vec![
+                t.vm_type.clone(),
+                match t.role {
+                    crate::compare::Role::Live => "live".to_owned(),
+                    crate::compare::Role::Shadow => "shadow".to_owned(),
+                },
+                opt_num(t.price_per_hour, 3),
+                format!("{:.1}", t.capacity_at_slo_per_s),
+                format!("{:.1}", t.max_observed_load_per_s),
+                t.points.to_string(),
+                opt_num(t.cpu_ceiling_per_s, 1),
+                t.error_rate
+                    .map_or_else(|| "-".into(), |e| format!("{:.2}%", 100.0 * e)),
+                if t.basis.is_empty() {
+                    "-".to_owned()
+                } else {
+                    t.basis.clone()
+                },
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     out.push_str(&render(
         &[
             "VM TYPE",

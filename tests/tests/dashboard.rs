@@ -516,25 +516,42 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
             p.per_s
         );
     }
-    let one_time_link = {
+    let doppel = |args: &[&str]| {
         let out = std::process::Command::new(workspace_binary("doppel"))
             .arg("--state-dir")
             .arg(&state_dir)
-            .args(["ui", "web"])
+            .args(args)
             .env_remove("DOPPEL_API")
             .env_remove("DOPPEL_API_TOKEN")
             .output()
-            .expect("doppel ui");
+            .expect("doppel");
         assert!(
             out.status.success(),
-            "{}",
+            "doppel {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout)
-            .expect("utf-8")
-            .trim()
-            .to_owned()
+        String::from_utf8(out.stdout).expect("utf-8")
     };
+    let one_time_link = doppel(&["ui", "web"]).trim().to_owned();
+    // The CLI reads the same typed forecast the page charts.
+    let text = doppel(&["forecast", "web"]);
+    let f = &forecast["forecast"];
+    for expected in [
+        format!("model {}", f["model"].as_str().expect("model")),
+        "live: m5.xlarge x1".to_owned(),
+        "VM TYPE".to_owned(),
+        format!(
+            "{:.1}",
+            f["types"][0]["capacity_at_slo_per_s"]
+                .as_f64()
+                .expect("capacity")
+        ),
+    ] {
+        assert!(
+            text.contains(&expected),
+            "doppel forecast lacks {expected:?}:\n{text}"
+        );
+    }
     assert!(
         one_time_link.starts_with(&format!("{base}/ui/login?ticket=")),
         "{one_time_link}"

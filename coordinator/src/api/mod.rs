@@ -477,9 +477,9 @@ async fn list_actions(
 pub struct ForecastView {
     /// Workload.
     pub workload: String,
-    /// The latest [`ForecastSnapshot`](crate::forecast::ForecastSnapshot), once the evaluator
-    /// has run.
-    pub forecast: Option<serde_json::Value>,
+    /// The latest snapshot, once the evaluator has run (and `None` for one stored by a release
+    /// whose snapshot no longer reads).
+    pub forecast: Option<crate::forecast::ForecastSnapshot>,
     /// Warning episodes, newest first.
     pub warnings: Vec<WarningRow>,
 }
@@ -493,7 +493,13 @@ async fn show_forecast(
             if s.workload(&name)?.is_none() {
                 return Err(ApiError::NoSuchWorkload(name));
             }
-            let forecast = s.forecast(&name)?.map(|(_, body)| body);
+            let forecast = s.forecast(&name)?.and_then(|(_, body)| {
+                serde_json::from_value(body)
+                    .inspect_err(|e| {
+                        tracing::warn!(workload = %name, error = %e, "stored forecast unreadable");
+                    })
+                    .ok()
+            });
             let warnings = s.warnings(Some(&name), 10)?;
             Ok(ForecastView {
                 workload: name,
