@@ -44,6 +44,11 @@ pub struct ServeConfig {
     pub api_listen: SocketAddr,
     /// Days of measurements (reports, comparisons, finished webhook deliveries) kept.
     pub retention_days: u32,
+    /// Serve the stored data only, to browse it (a kept demo, a copy of a production
+    /// database): the API and the dashboard answer reads, and nothing ingests, evaluates,
+    /// recommends, acts, delivers, learns, provisions shadows or deletes old data; the API
+    /// refuses changes.
+    pub browse_only: bool,
     /// Largest frame accepted from an agent, bytes.
     pub max_frame_len: usize,
     /// The VM catalog (`[[vm_types]]`): prices for cost deltas and budgets, sizes and priors for
@@ -167,6 +172,7 @@ impl Default for ServeConfig {
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
             retention_days: 14,
+            browse_only: false,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             vm_types: Vec::new(),
             compare: CompareConfig::default(),
@@ -335,6 +341,7 @@ impl Coordinator {
             compare_window_ms: i64::try_from(config.compare_window_ms).unwrap_or(i64::MAX),
             clock: clock.clone(),
             sessions: Arc::default(),
+            browse_only: config.browse_only,
         });
         let recommender = Arc::new(Recommender {
             store: Arc::new(Mutex::new(open()?)),
@@ -375,7 +382,27 @@ impl Coordinator {
             clock.clone(),
         );
         let retention_store = open()?;
+        let api_task = tokio::spawn(api::serve(
+            listener,
+            api::router(api_state),
+            shutdown_rx.clone(),
+        ));
+        if config.browse_only {
+            // No agent's reports are taken either: the data stays what it was.
+            drop(server);
+            info!(%api_addr, state_dir = %config.state_dir.display(), "coordinator browsing its data only");
+            return Ok(Self {
+                quic_addr,
+                api_addr,
+                policy,
+                shutdown,
+                tasks: vec![api_task],
+                writer,
+            });
+        }
         let tasks = vec![
+            api_task,
+            tokio::spawn(server.run(Arc::clone(&ctx), shutdown_rx.clone())),
             tokio::spawn(crate::webhook::run_evaluator(
                 Arc::clone(&recommender),
                 shutdown_rx.clone(),
@@ -389,17 +416,11 @@ impl Coordinator {
                 Duration::from_millis(config.evaluate_interval_ms),
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(api::serve(
-                listener,
-                api::router(api_state),
-                shutdown_rx.clone(),
-            )),
             tokio::spawn(run_retention(
                 retention_store,
                 config.retention_days,
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(server.run(Arc::clone(&ctx), shutdown_rx.clone())),
             tokio::spawn(Arc::clone(&sim).run(
                 Duration::from_millis(config.sim.reconcile_interval_ms),
                 shutdown_rx.clone(),

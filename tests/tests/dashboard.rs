@@ -557,12 +557,13 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
         "{one_time_link}"
     );
 
-    let (timeline, forecast, base, token) = (timeline, forecast, base.clone(), token.clone());
+    let timeline_then = timeline.clone();
+    let (forecast, browser_token) = (forecast, token.clone());
     tokio::task::spawn_blocking(move || {
         browse(
             &chromium,
             &base,
-            &token,
+            &browser_token,
             &one_time_link,
             &timeline,
             &forecast,
@@ -575,6 +576,34 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
     live.stop().await.expect("stop");
     shadow.stop().await.expect("stop");
     coordinator.shutdown().await;
+
+    // Browsing the kept data afterwards (`browse_only`, what the demo's `--keep` prints): the
+    // same figures, nothing changes, and `doppel ui` still signs a browser in.
+    let browsing = Coordinator::start(ServeConfig {
+        state_dir: state_dir.clone(),
+        quic_listen: "127.0.0.1:0".parse().expect("addr"),
+        api_listen: "127.0.0.1:0".parse().expect("addr"),
+        browse_only: true,
+        ..ServeConfig::default()
+    })
+    .await
+    .expect("browsing coordinator starts");
+    let api = ApiClient::new(format!("http://{}", browsing.api_addr), token);
+    let kept: Timeline = api
+        .get("/v1/workloads/web/timeline?window_ms=1800000")
+        .await
+        .expect("timeline");
+    assert_eq!(kept.offered_load, timeline_then.offered_load, "the same data");
+    let refused = api
+        .call::<Value>(reqwest::Method::DELETE, "/v1/workloads/web", None::<&()>)
+        .await
+        .expect_err("a browsing coordinator changes nothing");
+    assert!(refused.to_string().contains("browse"), "{refused}");
+    let _: Value = api
+        .call(reqwest::Method::POST, "/v1/ui/tickets", None::<&()>)
+        .await
+        .expect("a dashboard link");
+    browsing.shutdown().await;
 }
 
 fn browse(

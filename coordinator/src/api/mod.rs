@@ -118,6 +118,9 @@ pub enum ApiError {
     /// No or a wrong bearer token.
     #[error("missing or wrong API token")]
     Unauthorized,
+    /// A change asked of a coordinator that only browses its data.
+    #[error("this coordinator only browses its stored data (browse_only): nothing can be changed")]
+    BrowseOnly,
     /// The body is not a valid document of the expected shape.
     #[error("invalid `{field}`: {reason}")]
     BadBody {
@@ -180,6 +183,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, field) = match &self {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, None),
+            Self::BrowseOnly => (StatusCode::CONFLICT, None),
             Self::BadBody { field, .. } => (StatusCode::BAD_REQUEST, Some(field.clone())),
             Self::Invalid(e) => (StatusCode::BAD_REQUEST, Some(e.field.clone())),
             Self::NoSuchWorkload(_) => (StatusCode::NOT_FOUND, None),
@@ -246,6 +250,8 @@ pub struct ApiState {
     pub clock: crate::clock::Clock,
     /// The dashboard's browser sessions, whose cookie reads the API in place of the token.
     pub sessions: Arc<crate::ui::Sessions>,
+    /// Serving stored data only ([`crate::serve::ServeConfig::browse_only`]): changes refused.
+    pub browse_only: bool,
 }
 
 impl ApiState {
@@ -822,6 +828,12 @@ async fn require_token(
             .request_has_session(request.headers(), state.clock.now_ms());
     if !token_matches(&state.token, given) && !session_read {
         return Err(ApiError::Unauthorized);
+    }
+    // A ticket for the dashboard is a read too.
+    let reads =
+        request.method() == axum::http::Method::GET || request.uri().path() == "/v1/ui/tickets";
+    if state.browse_only && !reads {
+        return Err(ApiError::BrowseOnly);
     }
     Ok(next.run(request).await)
 }
