@@ -390,7 +390,11 @@ impl Coordinator {
         if config.browse_only {
             // No agent's reports are taken either: the data stays what it was.
             drop(server);
-            info!(%api_addr, state_dir = %config.state_dir.display(), "coordinator browsing its data only");
+            info!(
+                %api_addr,
+                state_dir = %config.state_dir.display(),
+                "coordinator browsing its data only"
+            );
             return Ok(Self {
                 quic_addr,
                 api_addr,

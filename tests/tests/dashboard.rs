@@ -593,7 +593,10 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
         .get("/v1/workloads/web/timeline?window_ms=1800000")
         .await
         .expect("timeline");
-    assert_eq!(kept.offered_load, timeline_then.offered_load, "the same data");
+    assert_eq!(
+        kept.offered_load, timeline_then.offered_load,
+        "the same data"
+    );
     let refused = api
         .call::<Value>(reqwest::Method::DELETE, "/v1/workloads/web", None::<&()>)
         .await
