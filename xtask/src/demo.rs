@@ -24,7 +24,8 @@ pub(crate) struct Options {
     /// Peak request rate; default: 1.3 times what the live type holds, measured at start.
     #[arg(long)]
     peak_rps: Option<f64>,
-    /// Keep the work directory (configs, database, logs) after the end.
+    /// Keep the work directory (configs, database, logs) after the end, with a browse-only
+    /// coordinator config to look at the run in the dashboard afterwards.
     #[arg(long)]
     keep: bool,
 }
@@ -86,7 +87,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
             trace_start: options.trace_start.clone(),
             minutes: options.minutes,
             peak_rps: options.peak_rps,
-            bin_dir,
+            bin_dir: bin_dir.clone(),
             work: work.clone(),
         },
         &STOP,
@@ -96,6 +97,16 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
             "demo: configs, database and logs kept in {}",
             work.display()
         );
+        if options.keep {
+            match doppel_tests::demo::prepare_browsing(&work, &bin_dir) {
+                Ok(command) => println!(
+                    "demo: browse its dashboard with\n  {command}\nthen open \
+                     http://127.0.0.1:7480/ui (`doppel --state-dir {} ui` prints a sign-in link)",
+                    work.join("state").display()
+                ),
+                Err(e) => println!("demo: the data cannot be browsed: {e:#}"),
+            }
+        }
     } else {
         let _ = std::fs::remove_dir_all(&work);
     }

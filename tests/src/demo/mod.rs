@@ -13,6 +13,7 @@
 //! Everything runs in namespaces made here and is removed at the end, on error, or when the
 //! caller's stop flag is raised (Ctrl-C in `cargo xtask demo`).
 
+pub mod dashboard;
 pub mod lab;
 pub mod loadgen;
 pub mod receiver;
@@ -263,6 +264,8 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
     let shadows_guard = ShadowCleanup(&doppel);
     doppel.wait_ready()?;
     say("coordinator up: QUIC + mTLS on 10.77.0.1:4433, API on the lab's loopback");
+    // Dropped before the lab: the forwarder's thread leaves the lab namespace first.
+    let _dashboard = show_dashboard(&doppel, &lab, &state, &say);
 
     let live_dir = work.join("live");
     std::fs::create_dir_all(live_dir.join("tmp"))?;
@@ -398,10 +401,90 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
     );
     print_summary(&summary);
 
+    // What `--keep` re-stores for browsing: the cleanup below removes the workload.
+    if let Ok(spec) = doppel.output(&["--json", "workload", "show", WORKLOAD]) {
+        std::fs::write(work.join(KEPT_WORKLOAD), spec)?;
+    }
     drop(shadows_guard);
     coordinator.stop(Duration::from_secs(10));
     drop(nginx);
     Ok(summary)
+}
+
+/// The workload's spec as the demo ended, kept in the work directory for browsing.
+const KEPT_WORKLOAD: &str = "workload.json";
+
+/// Forwards the host's loopback to the coordinator's API in the lab and prints a dashboard
+/// link; `None` (said, never fatal) when it cannot.
+fn show_dashboard(
+    doppel: &Doppel<'_>,
+    lab: &Lab,
+    state: &Path,
+    say: &dyn Fn(&str),
+) -> Option<dashboard::Forwarder> {
+    let api: SocketAddr = std::fs::read_to_string(state.join(doppel_coordinator::api::ADDR_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let forwarder = match dashboard::Forwarder::start(lab.lab.netns(), api) {
+        Ok(f) => f,
+        Err(e) => {
+            say(&format!(
+                "dashboard: no host port forwarded ({e}); it is at http://{api}/ui in the lab"
+            ));
+            return None;
+        }
+    };
+    let host = format!("http://{}", forwarder.addr);
+    let token = state.join(doppel_coordinator::api::TOKEN_FILE);
+    match doppel.output(&["ui"]) {
+        Ok(link) => say(&format!(
+            "dashboard: {} (one use, within 5 minutes), or {host}/ui with the token in {}",
+            link.trim().replacen(&format!("http://{api}"), &host, 1),
+            token.display()
+        )),
+        Err(e) => say(&format!(
+            "dashboard: {host}/ui with the token in {} (no one-time link: {e})",
+            token.display()
+        )),
+    }
+    Some(forwarder)
+}
+
+/// After a demo run with `work` kept: puts the workload back into the coordinator's store (the
+/// demo removes it to destroy its shadows), writes `browse.toml` (a browse-only coordinator on
+/// 127.0.0.1), and returns the command that serves the dashboard over the kept data.
+pub fn prepare_browsing(work: &Path, bin_dir: &Path) -> anyhow::Result<String> {
+    use doppel_coordinator::{policy::WorkloadSpec, store::Store};
+    let state = work.join("state");
+    let spec: WorkloadSpec =
+        serde_json::from_str(&std::fs::read_to_string(work.join(KEPT_WORKLOAD))?)?;
+    let mut store = Store::open_in(&state)?;
+    if store.workload(&spec.name)?.is_none() {
+        let now_ms = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis(),
+        )?;
+        store.put_workload(&spec, now_ms)?;
+    }
+    let config = work.join("browse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# Serves the kept demo's data to the API and the dashboard, and nothing else.
+             state_dir = \"{}\"\nbrowse_only = true\nquic_listen = \"127.0.0.1:0\"\n\
+             api_listen = \"127.0.0.1:7480\"\n",
+            state.display()
+        ),
+    )?;
+    Ok(format!(
+        "{} --state-dir {} serve --config {}",
+        bin_dir.join("doppel").display(),
+        state.display(),
+        config.display()
+    ))
 }
 
 /// Destroys the workload's shadows when dropped (the coordinator must still run).
