@@ -40,7 +40,6 @@ const RATE_CHANGE_PPM: f64 = 1_000.0;
 struct Learner {
     planner: MirrorPlanner,
     last_report_id: i64,
-    last_round_ms: i64,
     /// The plan the agents were last sent.
     published: Option<MirrorPlan>,
 }
@@ -143,7 +142,6 @@ impl MirrorSteering {
                 e.insert(Learner {
                     planner,
                     last_report_id: store.last_report_id()?,
-                    last_round_ms: now_ms,
                     published,
                 })
             }
@@ -156,17 +154,26 @@ impl MirrorSteering {
         }
         let live: Vec<&str> = spec.live.iter().map(|l| l.agent.as_str()).collect();
         let reports = store.pattern_reports(&live, learner.last_report_id)?;
-        let Some(last) = reports.last() else {
+        // Reports come agent by agent, each oldest first: the newest is the highest id, not
+        // the last row (taking the last re-read another agent's newer reports next round).
+        let Some(newest) = reports.iter().map(|r| r.id).max() else {
             return Ok(false);
         };
-        learner.last_report_id = last.id;
+        learner.last_report_id = newest;
         let since_ms = reports
             .iter()
             .map(|r| r.interval_start_ms)
             .min()
             .unwrap_or(now_ms);
-        let interval_secs = ((now_ms - learner.last_round_ms) as f64 / 1000.0).max(0.001);
-        learner.last_round_ms = now_ms;
+        // The time the counts cover is the span of their intervals, not the time since the last
+        // round: after an outage an agent's spool delivers minutes of reports at once, which
+        // over one round's seconds would read as a rate hundreds of times too high.
+        let until_ms = reports
+            .iter()
+            .map(|r| r.interval_start_ms + r.interval_ms)
+            .max()
+            .unwrap_or(now_ms);
+        let interval_secs = ((until_ms - since_ms) as f64 / 1000.0).max(0.001);
 
         // Sampled counts, scaled to the classified flows.
         let mut counts: BTreeMap<&str, u64> = BTreeMap::new();

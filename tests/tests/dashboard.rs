@@ -401,6 +401,21 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
         assert!(Instant::now() < deadline, "no learned plan: {view}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // The plan's rates are per second of the intervals the counts cover, however fast the
+    // agent's spool delivered them (here 90 s of reports within a learning round).
+    for (pattern, per_s) in PATTERNS {
+        let planned = patterns["plan"]["patterns"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["pattern"] == pattern)
+            .and_then(|p| p["flows_per_s"].as_f64())
+            .unwrap_or_else(|| panic!("{pattern} not planned: {patterns}"));
+        assert!(
+            (planned - per_s as f64).abs() <= 0.01 * per_s as f64,
+            "{pattern}: planned {planned} flows/s, {per_s}/s reported"
+        );
+    }
 
     // The move, the predictor's forecast, a warning and a recommendation.
     let move_ms = i64::try_from(first_ms + MOVE_AT * 1000).expect("ms");
