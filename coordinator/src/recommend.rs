@@ -3,10 +3,11 @@
 //! two triggers, [`doppel_engine::decision`] for the forecast's); this module only writes down
 //! what they chose, with its evidence. Sans-IO.
 //!
-//! A third trigger, [`Trigger::ForecastBreach`], comes from the predictor ([`crate::forecast`]): the
-//! SLO is expected to break within the forecast horizon, and the cheapest type within budget
-//! whose measured capacity holds the SLO at the forecast peak is recommended before it does;
-//! [`forecast_recommendation`] builds it, with the forecast and each type's capacity as evidence.
+//! A third trigger, [`Trigger::ForecastBreach`], comes from the predictor
+//! ([`crate::forecast`]): the SLO is expected to break within the forecast horizon, and the
+//! cheapest type within budget whose measured capacity holds the SLO at the forecast peak is
+//! recommended before it does; [`forecast_recommendation`] builds it, with the forecast and each
+//! type's capacity as evidence.
 //!
 //! The idempotency key is derived from workload, types, trigger and the policy revision, so the
 //! same advice is stored and delivered once until the policy changes, however often the
@@ -131,12 +132,13 @@ pub struct TypeCapacity {
     pub cpu_ceiling_per_s: Option<f64>,
     /// Failed over measured exchanges in the window (shadows count 5xx, resets, timeouts and
     /// refused connections; live agents count none); a shadow type failing
-    /// [`doppel_engine::candidates::MAX_EXCESS_ERROR_RATE`] more than the best shadow type is not chosen.
+    /// [`doppel_engine::candidates::MAX_EXCESS_ERROR_RATE`] more than the best shadow type is
+    /// not chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_rate: Option<f64>,
     /// The most recent (load per instance exchanges/s, latency ms at the SLO percentile)
-    /// intervals measured on the type, which its model is fitted from, oldest first, at most [`MEASURED_SHOWN`]: what the
-    /// dashboard plots against the curve.
+    /// intervals measured on the type, which its model is fitted from, oldest first, at most
+    /// [`MEASURED_SHOWN`]: what the dashboard plots against the curve.
     #[serde(default)]
     pub measured: Vec<[f64; 2]>,
     /// The fitted curve, (load per instance, latency ms) at [`CURVE_SAMPLES`] loads from 0 to
