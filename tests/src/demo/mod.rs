@@ -473,7 +473,7 @@ pub fn prepare_browsing(work: &Path, bin_dir: &Path) -> anyhow::Result<String> {
     std::fs::write(
         &config,
         format!(
-            "# Serves the kept demo's data to the API and the dashboard, and nothing else.
+            "# Serves the kept demo's data to the API and the dashboard, and nothing else.\n\
              state_dir = \"{}\"\nbrowse_only = true\nquic_listen = \"127.0.0.1:0\"\n\
              api_listen = \"127.0.0.1:7480\"\n",
             state.display()
