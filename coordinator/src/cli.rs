@@ -1297,10 +1297,7 @@ fn forecast_text(view: &ForecastView) -> String {
         .map(|t| {
             vec![
                 t.vm_type.clone(),
-                match t.role {
-                    crate::compare::Role::Live => "live".to_owned(),
-                    crate::compare::Role::Shadow => "shadow".to_owned(),
-                },
+                t.role.as_str().to_owned(),
                 opt_num(t.price_per_hour, 3),
                 format!("{:.1}", t.capacity_at_slo_per_s),
                 format!("{:.1}", t.max_observed_load_per_s),

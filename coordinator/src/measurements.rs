@@ -254,13 +254,121 @@ pub struct TimelineMove {
     pub to_vm_type: String,
 }
 
+/// One report interval of one agent, its classes together.
+#[derive(Clone, Copy, Debug, Default)]
+struct AgentInterval {
+    length_ms: i64,
+    /// Per report, shared by its histograms: counted once.
+    errors: u64,
+    exchanges: u64,
+}
+
+/// What agents measured over some intervals, kept per agent and interval: how a rate and an
+/// error count are taken over several reports and agents. A rate is each agent's exchanges
+/// over the time its own reports cover, summed over the agents, so agents whose intervals do
+/// not line up still add up to the total.
+#[derive(Clone, Debug, Default)]
+pub struct AgentIntervals(
+    std::collections::BTreeMap<String, std::collections::BTreeMap<i64, AgentInterval>>,
+);
+
+impl AgentIntervals {
+    /// Counts `m`'s exchanges, and its report's interval and errors once.
+    pub fn add(&mut self, m: &Measurement) {
+        let interval = self
+            .0
+            .entry(m.agent.clone())
+            .or_default()
+            .entry(m.interval_start_ms)
+            .or_insert(AgentInterval {
+                length_ms: m.interval_ms,
+                errors: m.report_errors,
+                exchanges: 0,
+            });
+        interval.exchanges += m.histogram.len();
+    }
+
+    /// Exchanges per second, all agents together.
+    pub fn per_s(&self) -> f64 {
+        self.0
+            .values()
+            .map(|intervals| {
+                let covered_ms: i64 = intervals.values().map(|i| i.length_ms).sum();
+                let exchanges: u64 = intervals.values().map(|i| i.exchanges).sum();
+                exchanges as f64 * 1000.0 / covered_ms.max(1) as f64
+            })
+            .sum()
+    }
+
+    /// Failed exchanges the agents counted.
+    pub fn errors(&self) -> u64 {
+        self.0
+            .values()
+            .flat_map(|i| i.values())
+            .map(|i| i.errors)
+            .sum()
+    }
+}
+
+/// Measurements of one role and type merged over a span (a timeline step, a metrics window):
+/// latencies from the merged histogram, rate and errors from [`AgentIntervals`].
+#[derive(Clone, Debug)]
+pub struct Merged {
+    histogram: hdrhistogram::Histogram<u64>,
+    agents: AgentIntervals,
+}
+
+impl Merged {
+    /// Empty, with `first`'s histogram bounds (every agent sends the same).
+    pub fn like(first: &Measurement) -> Self {
+        Self {
+            histogram: hdrhistogram::Histogram::new_from(&first.histogram),
+            agents: AgentIntervals::default(),
+        }
+    }
+
+    /// Merges `m`. A histogram that does not fit the bounds is skipped like an undecodable
+    /// one, and so are its exchanges.
+    pub fn add(&mut self, m: &Measurement) {
+        if self.histogram.add(&m.histogram).is_ok() {
+            self.agents.add(m);
+        }
+    }
+
+    /// Exchanges measured.
+    pub fn exchanges(&self) -> u64 {
+        self.histogram.len()
+    }
+
+    /// The `q` quantile of latency, ms.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        self.histogram.value_at_quantile(q) as f64 / 1e6
+    }
+
+    /// Exchanges per second, all agents together.
+    pub fn per_s(&self) -> f64 {
+        self.agents.per_s()
+    }
+
+    /// Failed exchanges.
+    pub fn errors(&self) -> u64 {
+        self.agents.errors()
+    }
+
+    /// Failed over measured exchanges, 0 without exchanges.
+    pub fn error_rate(&self) -> f64 {
+        match self.exchanges() {
+            0 => 0.0,
+            n => self.errors() as f64 / n as f64,
+        }
+    }
+}
+
 /// The workload's [`Timeline`] over `[since_ms, until_ms)`, from the same measurements the
 /// comparison reads ([`load_measurements`]), so a chart shows what the decisions weigh.
 ///
 /// Intervals are merged into buckets of `step_ms` (a report interval or more), so a long
-/// window stays a few hundred points a series: latencies are quantiles of the bucket's merged
-/// histogram, and the rate is each agent's exchanges over the time its reports cover, summed
-/// over the agents of the role and type.
+/// window stays a few hundred points a series ([`Merged`]).
 pub fn timeline(
     store: &Store,
     spec: &WorkloadSpec,
@@ -270,106 +378,47 @@ pub fn timeline(
 ) -> Result<Timeline, StoreError> {
     use std::collections::BTreeMap;
 
-    /// One agent's share of a bucket.
-    #[derive(Default)]
-    struct AgentShare {
-        exchanges: u64,
-        /// Interval start -> (length, errors): errors are per report, shared by its
-        /// histograms, so counted once per interval.
-        intervals: BTreeMap<i64, (i64, u64)>,
-    }
-    struct Bucket {
-        histogram: hdrhistogram::Histogram<u64>,
-        agents: BTreeMap<String, AgentShare>,
-    }
     let step_ms = step_ms.max(1);
-    // Live's shares per step, whatever the type, for the offered load.
-    let mut live_steps: BTreeMap<i64, BTreeMap<String, AgentShare>> = BTreeMap::new();
-    let mut by_series: BTreeMap<(u8, String), BTreeMap<i64, Bucket>> = BTreeMap::new();
+    // Live per step whatever its type, for the offered load.
+    let mut live_steps: BTreeMap<i64, AgentIntervals> = BTreeMap::new();
+    let mut by_series: BTreeMap<(Role, String), BTreeMap<i64, Merged>> = BTreeMap::new();
     for_each_measurement(store, spec, since_ms, until_ms, |m| {
-        let role_order = match m.role {
-            Role::Live => 0,
-            Role::Shadow => 1,
-        };
         // Steps are aligned to the epoch, so a point stays put as the window moves.
         let at_ms = m.interval_start_ms.div_euclid(step_ms) * step_ms;
-        let bucket = by_series
-            .entry((role_order, m.vm_type))
+        let step = by_series
+            .entry((m.role, m.vm_type.clone()))
             .or_default()
             .entry(at_ms)
-            .or_insert_with(|| Bucket {
-                histogram: hdrhistogram::Histogram::new_from(&m.histogram),
-                agents: BTreeMap::new(),
-            });
-        // Same bounds on every histogram the agents send; one that does not fit is skipped
-        // like an undecodable one.
-        if bucket.histogram.add(&m.histogram).is_ok() {
-            let add = |share: &mut AgentShare| {
-                share.exchanges += m.histogram.len();
-                share
-                    .intervals
-                    .insert(m.interval_start_ms, (m.interval_ms, m.report_errors));
-            };
-            if role_order == 0 {
-                add(live_steps
-                    .entry(at_ms)
-                    .or_default()
-                    .entry(m.agent.clone())
-                    .or_default());
-            }
-            add(bucket.agents.entry(m.agent).or_default());
+            .or_insert_with(|| Merged::like(&m));
+        step.add(&m);
+        if m.role == Role::Live {
+            live_steps.entry(at_ms).or_default().add(&m);
         }
     })?;
-    let rate = |agents: &BTreeMap<String, AgentShare>| -> f64 {
-        agents
-            .values()
-            .map(|a| {
-                let covered_ms: i64 = a.intervals.values().map(|(ms, _)| ms).sum();
-                a.exchanges as f64 * 1000.0 / covered_ms.max(1) as f64
-            })
-            .sum()
-    };
     let offered_load = live_steps
         .iter()
         .map(|(&at_ms, agents)| OfferedLoadPoint {
             at_ms,
-            per_s: rate(agents),
+            per_s: agents.per_s(),
         })
         .collect();
+    // `Role` orders live first.
     let series = by_series
         .into_iter()
-        .map(|((role_order, vm_type), buckets)| TimelineSeries {
-            role: if role_order == 0 {
-                Role::Live
-            } else {
-                Role::Shadow
-            },
+        .map(|((role, vm_type), steps)| TimelineSeries {
+            role,
             vm_type,
-            points: buckets
+            points: steps
                 .into_iter()
-                .map(|(at_ms, bucket)| {
-                    let exchanges = bucket.histogram.len();
-                    let errors: u64 = bucket
-                        .agents
-                        .values()
-                        .flat_map(|a| a.intervals.values().map(|(_, e)| e))
-                        .sum();
-                    let per_s = rate(&bucket.agents);
-                    let ms = |q: f64| bucket.histogram.value_at_quantile(q) as f64 / 1e6;
-                    TimelinePoint {
-                        at_ms,
-                        exchanges,
-                        per_s,
-                        p50_ms: ms(0.50),
-                        p99_ms: ms(0.99),
-                        slo_ms: ms(spec.policy.slo.percentile / 100.0),
-                        errors,
-                        error_rate: if exchanges == 0 {
-                            0.0
-                        } else {
-                            errors as f64 / exchanges as f64
-                        },
-                    }
+                .map(|(at_ms, step)| TimelinePoint {
+                    at_ms,
+                    exchanges: step.exchanges(),
+                    per_s: step.per_s(),
+                    p50_ms: step.quantile_ms(0.50),
+                    p99_ms: step.quantile_ms(0.99),
+                    slo_ms: step.quantile_ms(spec.policy.slo.percentile / 100.0),
+                    errors: step.errors(),
+                    error_rate: step.error_rate(),
                 })
                 .collect(),
         })

@@ -478,16 +478,7 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
     let labels: Vec<String> = timeline
         .series
         .iter()
-        .map(|s| {
-            format!(
-                "{} {}",
-                serde_json::to_value(s.role)
-                    .expect("role")
-                    .as_str()
-                    .expect("role"),
-                s.vm_type
-            )
-        })
+        .map(|s| format!("{} {}", s.role.as_str(), s.vm_type))
         .collect();
     assert_eq!(
         labels,
@@ -733,34 +724,22 @@ fn browse(
     let charts = rendered(&tab);
 
     // Latency over time: p50 and p99 of each role and type, point for point the API's.
+    type Field = fn(&doppel_coordinator::measurements::TimelinePoint) -> f64;
+    let fields: [(&str, &str, Field); 3] = [
+        ("latency", "p99", |p| p.p99_ms),
+        ("latency", "p50", |p| p.p50_ms),
+        ("errors", "errors", |p| p.error_rate * 100.0),
+    ];
     for s in &timeline.series {
-        let role = serde_json::to_value(s.role).expect("role");
-        let label = format!("{} {}", role.as_str().expect("role"), s.vm_type);
-        let at = |p: &doppel_coordinator::measurements::TimelinePoint| p.at_ms as f64;
-        assert_same_points(
-            &points(&charts, "latency", &format!("{label} p99")),
-            &s.points
+        for (chart, name, field) in fields {
+            let series = format!("{} {} {name}", s.role.as_str(), s.vm_type);
+            let want: Vec<(f64, f64)> = s
+                .points
                 .iter()
-                .map(|p| (at(p), p.p99_ms))
-                .collect::<Vec<_>>(),
-            &format!("{label} p99"),
-        );
-        assert_same_points(
-            &points(&charts, "latency", &format!("{label} p50")),
-            &s.points
-                .iter()
-                .map(|p| (at(p), p.p50_ms))
-                .collect::<Vec<_>>(),
-            &format!("{label} p50"),
-        );
-        assert_same_points(
-            &points(&charts, "errors", &format!("{label} errors")),
-            &s.points
-                .iter()
-                .map(|p| (at(p), p.error_rate * 100.0))
-                .collect::<Vec<_>>(),
-            &format!("{label} errors"),
-        );
+                .map(|p| (p.at_ms as f64, field(p)))
+                .collect();
+            assert_same_points(&points(&charts, chart, &series), &want, &series);
+        }
     }
     let shadow_errors = points(&charts, "errors", "shadow c6g.large errors");
     assert!(

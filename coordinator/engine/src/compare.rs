@@ -39,6 +39,16 @@ pub enum Role {
     Shadow,
 }
 
+impl Role {
+    /// The role as it is serialized: `live` or `shadow`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Shadow => "shadow",
+        }
+    }
+}
+
 /// One histogram of one report interval of one agent.
 #[derive(Clone, Debug)]
 pub struct Measurement {

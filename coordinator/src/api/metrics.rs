@@ -14,7 +14,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{
     compare::Role,
-    measurements::for_each_measurement,
+    measurements::{Merged, for_each_measurement},
     store::{Store, StoreError},
 };
 
@@ -32,48 +32,28 @@ fn label_value(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// One label set's window.
-struct Window {
-    histogram: hdrhistogram::Histogram<u64>,
-    /// Per (agent, interval start): interval length, errors (per report, counted once) and
-    /// exchanges (all classes).
-    intervals: BTreeMap<(String, i64), (i64, u64, u64)>,
-}
-
 /// The latency, rate and error gauges of every workload over `[now_ms - WINDOW_MS, now_ms)`,
 /// in the text exposition format, `# HELP` and `# TYPE` included.
 pub fn workload_latency(store: &Store, now_ms: i64) -> Result<String, StoreError> {
-    let mut windows: BTreeMap<(String, String, &'static str), Window> = BTreeMap::new();
+    let mut windows: BTreeMap<(String, String, Role), Merged> = BTreeMap::new();
     for spec in store.workloads()? {
         for_each_measurement(store, &spec, now_ms - WINDOW_MS, now_ms, |m| {
-            let role = match m.role {
-                Role::Live => "live",
-                Role::Shadow => "shadow",
-            };
-            let window = windows
-                .entry((spec.name.clone(), m.vm_type.clone(), role))
-                .or_insert_with(|| Window {
-                    histogram: hdrhistogram::Histogram::new_from(&m.histogram),
-                    intervals: BTreeMap::new(),
-                });
-            if window.histogram.add(&m.histogram).is_ok() {
-                let interval = window
-                    .intervals
-                    .entry((m.agent, m.interval_start_ms))
-                    .or_insert((m.interval_ms, m.report_errors, 0));
-                interval.2 += m.histogram.len();
-            }
+            windows
+                .entry((spec.name.clone(), m.vm_type.clone(), m.role))
+                .or_insert_with(|| Merged::like(&m))
+                .add(&m);
         })?;
     }
     let mut out = String::new();
     let help = |out: &mut String, name: &str, text: &str| {
         let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} gauge");
     };
-    let labels = |(workload, vm_type, role): &(String, String, &str)| {
+    let labels = |(workload, vm_type, role): &(String, String, Role)| {
         format!(
-            "workload=\"{}\",vm_type=\"{}\",role=\"{role}\"",
+            "workload=\"{}\",vm_type=\"{}\",role=\"{}\"",
             label_value(workload),
-            label_value(vm_type)
+            label_value(vm_type),
+            role.as_str()
         )
     };
     let window_s = WINDOW_MS / 1000;
@@ -87,7 +67,7 @@ pub fn workload_latency(store: &Store, now_ms: i64) -> Result<String, StoreError
     );
     for (key, w) in &windows {
         for (q, label) in QUANTILES {
-            let seconds = w.histogram.value_at_quantile(q) as f64 / 1e9;
+            let seconds = w.quantile_ms(q) / 1e3;
             let _ = writeln!(
                 out,
                 "doppel_exchange_latency_seconds{{{},percentile=\"{label}\"}} {seconds}",
@@ -101,17 +81,7 @@ pub fn workload_latency(store: &Store, now_ms: i64) -> Result<String, StoreError
         &format!("Exchanges per second over the last {window_s} s, all agents together."),
     );
     for (key, w) in &windows {
-        // Each agent's exchanges over the time its reports cover, summed over the agents.
-        let mut per_agent: BTreeMap<&str, (u64, i64)> = BTreeMap::new();
-        for ((agent, _), (ms, _, exchanges)) in &w.intervals {
-            let a = per_agent.entry(agent.as_str()).or_default();
-            a.0 += exchanges;
-            a.1 += ms;
-        }
-        let rate: f64 = per_agent
-            .values()
-            .map(|(exchanges, ms)| *exchanges as f64 * 1000.0 / (*ms).max(1) as f64)
-            .sum();
+        let rate = w.per_s();
         let _ = writeln!(out, "doppel_exchanges_per_second{{{}}} {rate}", labels(key));
     }
     help(
@@ -123,12 +93,7 @@ pub fn workload_latency(store: &Store, now_ms: i64) -> Result<String, StoreError
         ),
     );
     for (key, w) in &windows {
-        let errors: u64 = w.intervals.values().map(|(_, e, _)| e).sum();
-        let ratio = if w.histogram.is_empty() {
-            0.0
-        } else {
-            errors as f64 / w.histogram.len() as f64
-        };
+        let ratio = w.error_rate();
         let _ = writeln!(
             out,
             "doppel_exchange_error_ratio{{{}}} {ratio}",
