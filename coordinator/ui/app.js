@@ -83,6 +83,40 @@ function publish(name, series) {
   };
 }
 
+// Series joined on one sorted x axis, as uPlot's data wants: [xs, ys of each series], null
+// where a series has no point at that x.
+function joinOnX(series) {
+  const xs = [...new Set(series.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
+  const index = new Map(xs.map((x, i) => [x, i]));
+  return [xs, ...series.map((s) => {
+    const ys = new Array(xs.length).fill(null);
+    for (const [x, y] of s.points) ys[index.get(x)] = Number.isFinite(y) ? y : null;
+    return ys;
+  })];
+}
+
+// Dotted horizontal lines (the SLO, capacities) across the plot, labelled at the right end,
+// where the y axis cannot hide the label.
+function drawHlines(u, hlines) {
+  const ctx = u.ctx;
+  ctx.save();
+  ctx.font = `${11 * devicePixelRatio}px sans-serif`;
+  ctx.textAlign = "right";
+  ctx.setLineDash([2, 3]);
+  for (const h of hlines) {
+    const y = u.valToPos(h.y, "y", true);
+    if (y < u.bbox.top || y > u.bbox.top + u.bbox.height) continue;
+    ctx.strokeStyle = h.color || "#b42318";
+    ctx.fillStyle = h.color || "#b42318";
+    ctx.beginPath();
+    ctx.moveTo(u.bbox.left, y);
+    ctx.lineTo(u.bbox.left + u.bbox.width, y);
+    ctx.stroke();
+    ctx.fillText(h.label, u.bbox.left + u.bbox.width - 4, y - 4);
+  }
+  ctx.restore();
+}
+
 // A time chart: `series` = [{label, points: [[ms, y], ...], color, dash, band}], joined on
 // one time axis. `markers` = [{at_ms, label, color}] drawn as vertical lines; `hlines` =
 // [{y, label, color}] as horizontal ones.
@@ -92,14 +126,8 @@ function timeChart(name, container, { series, yLabel, markers = [], hlines = [],
     container.append(el("p", { class: "empty" }, "No measurements in the window yet."));
     return;
   }
-  const xs = [...new Set(series.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
-  const index = new Map(xs.map((x, i) => [x, i]));
-  const data = [xs.map((x) => x / 1000)];
-  for (const s of series) {
-    const ys = new Array(xs.length).fill(null);
-    for (const [x, y] of s.points) ys[index.get(x)] = Number.isFinite(y) ? y : null;
-    data.push(ys);
-  }
+  const data = joinOnX(series);
+  data[0] = data[0].map((x) => x / 1000);
   const overlay = {
     hooks: {
       draw: [(u) => {
@@ -119,22 +147,8 @@ function timeChart(name, container, { series, yLabel, markers = [], hlines = [],
           ctx.font = `${11 * devicePixelRatio}px sans-serif`;
           ctx.fillText(m.label, x + 4, u.bbox.top + 12 * devicePixelRatio);
         }
-        for (const h of hlines) {
-          const y = u.valToPos(h.y, "y", true);
-          if (y < u.bbox.top || y > u.bbox.top + u.bbox.height) continue;
-          ctx.strokeStyle = h.color || "#b42318";
-          ctx.setLineDash([2, 3]);
-          ctx.beginPath();
-          ctx.moveTo(u.bbox.left, y);
-          ctx.lineTo(u.bbox.left + u.bbox.width, y);
-          ctx.stroke();
-          ctx.fillStyle = h.color || "#b42318";
-          ctx.font = `${11 * devicePixelRatio}px sans-serif`;
-          ctx.textAlign = "right";
-          ctx.fillText(h.label, u.bbox.left + u.bbox.width - 4, y - 4);
-          ctx.textAlign = "left";
-        }
         ctx.restore();
+        drawHlines(u, hlines);
       }],
     },
   };
@@ -179,14 +193,7 @@ function xyChart(name, container, { series, xLabel, yLabel, hlines = [] }) {
   // towards saturation and would flatten everything measured into the axis.
   const yMax = 1.5 * Math.max(...hlines.map((h) => h.y),
     ...scatter.flatMap((s) => s.points.map((p) => p[1]).filter(finite)));
-  const xs = [...new Set(lines.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
-  const index = new Map(xs.map((x, i) => [x, i]));
-  const data = [xs];
-  for (const s of lines) {
-    const ys = new Array(xs.length).fill(null);
-    for (const [x, y] of s.points) ys[index.get(x)] = finite(y) ? y : null;
-    data.push(ys);
-  }
+  const data = joinOnX(lines);
   const draw = (u) => {
     const ctx = u.ctx;
     ctx.save();
@@ -200,21 +207,8 @@ function xyChart(name, container, { series, xLabel, yLabel, hlines = [] }) {
         ctx.fill();
       }
     }
-    ctx.font = `${11 * devicePixelRatio}px sans-serif`;
-    for (const h of hlines) {
-      const y = u.valToPos(h.y, "y", true);
-      ctx.strokeStyle = h.color || "#b42318";
-      ctx.fillStyle = h.color || "#b42318";
-      ctx.setLineDash([2, 3]);
-      ctx.beginPath();
-      ctx.moveTo(u.bbox.left, y);
-      ctx.lineTo(u.bbox.left + u.bbox.width, y);
-      ctx.stroke();
-      ctx.textAlign = "right";
-      ctx.fillText(h.label, u.bbox.left + u.bbox.width - 4, y - 4);
-      ctx.textAlign = "left";
-    }
     ctx.restore();
+    drawHlines(u, hlines);
   };
   const opts = {
     width: Math.max(520, container.clientWidth - 10),
