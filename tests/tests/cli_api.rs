@@ -7,10 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use doppel_agent::report::{ClientConfig, ReportClient, Spool, SpoolConfig};
-use doppel_common::wire::{
-    EncodedHistogram, FlowScope, HistogramRecord, IntervalReport, LatencyMetric, ResourceUsage,
-};
+use doppel_agent::report::ReportClient;
 use doppel_coordinator::{
     ca::CertificateAuthority,
     client::{ApiClient, ClientError},
@@ -19,33 +16,12 @@ use doppel_coordinator::{
     serve::{Coordinator, ServeConfig},
     store::{CheckedReport, Store},
 };
-use doppel_tests::testbed::workspace_binary;
+use doppel_tests::{
+    reports::{WEB_TOML, interval_report, report_client},
+    testbed::workspace_binary,
+};
 use hdrhistogram::Histogram;
 use time::OffsetDateTime;
-
-const WEB_TOML: &str = r#"
-name = "web"
-services = ["10.0.0.2:8080"]
-
-[[live]]
-agent = "live-1"
-vm_type = "m5.large"
-
-[[shadows]]
-agent = "shadow-1"
-vm_type = "c6g.large"
-addr = "10.0.1.2"
-vni = 42
-
-[policy]
-report_interval_ms = 1000
-slo = { percentile = 99.0, max_latency_ms = 50.0 }
-
-[[policy.classes]]
-id = 0
-name = "default"
-sample_rate = 0.1
-"#;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -106,28 +82,7 @@ impl Fixture {
     }
 
     fn agent(&self, name: &str, coordinator: &Coordinator) -> ReportClient {
-        let files = CertificateAuthority::in_state_dir(self.state_dir())
-            .issue(
-                name,
-                30,
-                &self.state_dir().join("agents"),
-                OffsetDateTime::now_utc(),
-            )
-            .expect("issue");
-        let mut config = ClientConfig::new(
-            coordinator.quic_addr,
-            "localhost".into(),
-            files.ca_cert,
-            files.cert,
-            files.key,
-        );
-        config.backoff_min = Duration::from_millis(50);
-        config.backoff_max = Duration::from_millis(400);
-        let spool = Spool::open(SpoolConfig::new(
-            self.state_dir().join(format!("spool-{name}")),
-        ))
-        .expect("spool");
-        ReportClient::start(config, spool)
+        report_client(self.state_dir(), name, coordinator.quic_addr)
     }
 }
 
@@ -367,22 +322,14 @@ fn seed_reports(
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("hist");
             h.record_n((latency_ms * 1e6) as u64, load(i))
                 .expect("record");
-            CheckedReport::check(IntervalReport {
-                seq: i,
-                interval_start_unix_ms: now - (n + 5 - i) * 1000,
-                interval_ms: 1000,
-                histograms: vec![HistogramRecord {
-                    service: "10.0.0.2:8080".into(),
-                    class: 0,
-                    scope: FlowScope::All,
-                    metric: LatencyMetric::KernelFirstByte,
-                    histogram: EncodedHistogram::encode(&h).expect("encode"),
-                }],
-                counters: vec![],
-                host: ResourceUsage::default(),
-                workload: None,
-                patterns: vec![],
-            })
+            CheckedReport::check(interval_report(
+                "10.0.0.2:8080",
+                i,
+                now - (n + 5 - i) * 1000,
+                1000,
+                &h,
+                0,
+            ))
         })
         .collect();
     let batch: Vec<_> = reports.iter().map(|r| (agent, r)).collect();

@@ -15,11 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use doppel_agent::report::{ClientConfig, ReportClient, Spool, SpoolConfig};
-use doppel_common::wire::{
-    Counter, EncodedHistogram, FlowScope, HistogramRecord, IntervalReport, LatencyMetric,
-    PatternCount, ResourceUsage,
-};
+use doppel_common::wire::{IntervalReport, PatternCount};
 use doppel_coordinator::{
     ca::CertificateAuthority,
     client::ApiClient,
@@ -29,7 +25,10 @@ use doppel_coordinator::{
     serve::{Coordinator, ServeConfig},
     store::{RecommendationRow, Store},
 };
-use doppel_tests::testbed::workspace_binary;
+use doppel_tests::{
+    reports::{WEB_TOML, interval_report, report_client},
+    testbed::workspace_binary,
+};
 use hdrhistogram::Histogram;
 use headless_chrome::{
     Browser, LaunchOptions, Tab,
@@ -41,33 +40,10 @@ use headless_chrome::{
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-const WEB_TOML: &str = r#"
-name = "web"
-services = ["10.0.0.2:8080"]
-
-[[live]]
-agent = "live-1"
-vm_type = "m5.large"
-
-[[shadows]]
-agent = "shadow-1"
-vm_type = "c6g.large"
-addr = "10.0.1.2"
-vni = 42
-
-[policy]
-report_interval_ms = 1000
-slo = { percentile = 99.0, max_latency_ms = 50.0 }
-
-[[policy.classes]]
-id = 0
-name = "default"
-sample_rate = 0.1
-
-[policy.mirror]
-learn = true
-budget_flows_per_s = 20.0
-"#;
+/// [`WEB_TOML`] with learned mirroring, so the page has a pattern mix to show.
+fn web_toml() -> String {
+    format!("{WEB_TOML}\n[policy.mirror]\nlearn = true\nbudget_flows_per_s = 20.0\n")
+}
 
 /// Intervals each agent reports, one second each; live moves after [`MOVE_AT`] of them.
 const INTERVALS: u64 = 90;
@@ -110,52 +86,7 @@ fn report(seq: u64, start_ms: u64, exchanges: u64, latency_ms: f64, errors: u64)
         h.record((latency_ms * spread * 1e6) as u64)
             .expect("record");
     }
-    IntervalReport {
-        seq,
-        interval_start_unix_ms: start_ms,
-        interval_ms: 1000,
-        histograms: vec![HistogramRecord {
-            service: "10.0.0.2:8080".into(),
-            class: 0,
-            scope: FlowScope::All,
-            metric: LatencyMetric::KernelFirstByte,
-            histogram: EncodedHistogram::encode(&h).expect("encode"),
-        }],
-        counters: if errors > 0 {
-            vec![Counter {
-                name: "exchange_errors".into(),
-                value: errors,
-            }]
-        } else {
-            vec![]
-        },
-        host: ResourceUsage::default(),
-        workload: None,
-        patterns: vec![],
-    }
-}
-
-fn agent(state_dir: &Path, name: &str, coordinator: &Coordinator) -> ReportClient {
-    let files = CertificateAuthority::in_state_dir(state_dir)
-        .issue(
-            name,
-            30,
-            &state_dir.join("agents"),
-            OffsetDateTime::now_utc(),
-        )
-        .expect("issue");
-    let mut config = ClientConfig::new(
-        coordinator.quic_addr,
-        "localhost".into(),
-        files.ca_cert,
-        files.cert,
-        files.key,
-    );
-    config.backoff_min = Duration::from_millis(50);
-    config.backoff_max = Duration::from_millis(400);
-    let spool =
-        Spool::open(SpoolConfig::new(state_dir.join(format!("spool-{name}")))).expect("spool");
-    ReportClient::start(config, spool)
+    interval_report("10.0.0.2:8080", seq, start_ms, 1000, &h, errors)
 }
 
 /// Errors the browser reported: uncaught exceptions, `console.error`, and its own log's errors
@@ -311,7 +242,7 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
         .trim()
         .to_owned();
     let api = ApiClient::new(base.clone(), token.clone());
-    let spec: WorkloadSpec = toml::from_str(WEB_TOML).expect("toml");
+    let spec: WorkloadSpec = toml::from_str(&web_toml()).expect("toml");
     let _: Value = api
         .call(reqwest::Method::POST, "/v1/workloads", Some(&spec))
         .await
@@ -319,8 +250,8 @@ async fn the_dashboard_shows_what_the_api_holds_and_only_to_a_signed_in_browser(
 
     // The reports, through the agents' reporting client, QUIC and mTLS, into the store.
     let first_ms = now_ms() - (INTERVALS + 5) * 1000;
-    let live = agent(&state_dir, "live-1", &coordinator);
-    let shadow = agent(&state_dir, "shadow-1", &coordinator);
+    let live = report_client(&state_dir, "live-1", coordinator.quic_addr);
+    let shadow = report_client(&state_dir, "shadow-1", coordinator.quic_addr);
     let mut last = (0, 0);
     for i in 0..INTERVALS {
         let start = first_ms + i * 1000;

@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use doppel_agent::report::{ClientConfig, ReportClient, Spool, SpoolConfig};
 use doppel_common::wire::{IntervalReport, ResourceUsage};
 use doppel_coordinator::{
     ca::CertificateAuthority,
@@ -18,6 +17,7 @@ use doppel_coordinator::{
     serve::{Coordinator, ServeConfig},
     store::{DB_FILE, Store},
 };
+use doppel_tests::reports::report_client;
 use time::OffsetDateTime;
 
 /// Everything the coordinator logs, for the assertions on what the operator is told.
@@ -89,14 +89,6 @@ async fn a_locked_store_is_back_pressure_and_every_report_arrives_once_after() {
     let ca = CertificateAuthority::in_state_dir(dir.path());
     ca.init(&["localhost".into()], OffsetDateTime::now_utc())
         .expect("ca init");
-    let files = ca
-        .issue(
-            "agent-1",
-            30,
-            &dir.path().join("agent"),
-            OffsetDateTime::now_utc(),
-        )
-        .expect("issue");
     let coordinator = Coordinator::start(ServeConfig {
         state_dir: dir.path().to_owned(),
         quic_listen: "127.0.0.1:0".parse().expect("addr"),
@@ -105,17 +97,7 @@ async fn a_locked_store_is_back_pressure_and_every_report_arrives_once_after() {
     })
     .await
     .expect("coordinator starts");
-    let mut config = ClientConfig::new(
-        coordinator.quic_addr,
-        "localhost".into(),
-        files.ca_cert,
-        files.cert,
-        files.key,
-    );
-    config.backoff_min = Duration::from_millis(50);
-    config.backoff_max = Duration::from_millis(400);
-    let spool = Spool::open(SpoolConfig::new(dir.path().join("spool"))).expect("spool");
-    let agent = ReportClient::start(config, spool);
+    let agent = report_client(dir.path(), "agent-1", coordinator.quic_addr);
     let handle = agent.handle.clone();
     let acked = || handle.stats().acked.load(Ordering::Relaxed);
 
