@@ -11,6 +11,7 @@ use doppel_coordinator::{
     serve::{Coordinator, ServeConfig},
     store::Store,
 };
+use doppel_tests::reports::client_config;
 use time::OffsetDateTime;
 
 fn report(n: u64) -> IntervalReport {
@@ -36,23 +37,8 @@ fn fixture(agent: &str) -> Fixture {
     let ca = CertificateAuthority::in_state_dir(dir.path());
     ca.init(&["localhost".into()], OffsetDateTime::now_utc())
         .expect("ca init");
-    let files = ca
-        .issue(
-            agent,
-            30,
-            &dir.path().join("agent"),
-            OffsetDateTime::now_utc(),
-        )
-        .expect("issue");
-    let mut client = ClientConfig::new(
-        "127.0.0.1:0".parse().expect("addr"),
-        "localhost".into(),
-        files.ca_cert,
-        files.cert,
-        files.key,
-    );
-    client.backoff_min = Duration::from_millis(50);
-    client.backoff_max = Duration::from_millis(400);
+    // The coordinator's address is set once it listens.
+    let client = client_config(dir.path(), agent, "127.0.0.1:0".parse().expect("addr"));
     Fixture { dir, client }
 }
 
