@@ -85,10 +85,14 @@ pub fn load_or_create_token(state_dir: &Path) -> Result<String, ApiStartError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(state_file(e)),
     }
-    let bytes: [u8; 32] = rand::random();
-    let token = hex::encode(bytes);
+    let token = random_token();
     write_private(&path, &token).map_err(state_file)?;
     Ok(token)
+}
+
+/// 256 random bits in hex: the API token, and the dashboard's session ids and tickets.
+pub(crate) fn random_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
@@ -821,17 +825,19 @@ async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    // A dashboard session reads (and only reads): the pages show, the CLI changes.
-    let session_read = request.method() == axum::http::Method::GET
-        && state
-            .sessions
-            .request_has_session(request.headers(), state.clock.now_ms());
-    if !token_matches(&state.token, given) && !session_read {
+    let is_get = request.method() == axum::http::Method::GET;
+    // A dashboard session reads (and only reads): the pages show, the CLI changes. Looked up
+    // only when the bearer token does not match.
+    let authorized = token_matches(&state.token, given)
+        || is_get
+            && state
+                .sessions
+                .request_has_session(request.headers(), state.clock.now_ms());
+    if !authorized {
         return Err(ApiError::Unauthorized);
     }
     // A ticket for the dashboard is a read too.
-    let reads =
-        request.method() == axum::http::Method::GET || request.uri().path() == "/v1/ui/tickets";
+    let reads = is_get || request.uri().path() == "/v1/ui/tickets";
     if state.browse_only && !reads {
         return Err(ApiError::BrowseOnly);
     }

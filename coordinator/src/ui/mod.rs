@@ -49,10 +49,6 @@ pub struct Sessions {
     tickets: Mutex<HashMap<String, i64>>,
 }
 
-fn random_id() -> String {
-    hex::encode(rand::random::<[u8; 32]>())
-}
-
 /// Inserts `id` expiring at `expires_ms`, after dropping expired entries and, when full, the
 /// one expiring first.
 fn insert_bounded(map: &Mutex<HashMap<String, i64>>, id: String, expires_ms: i64, now_ms: i64) {
@@ -72,7 +68,7 @@ fn insert_bounded(map: &Mutex<HashMap<String, i64>>, id: String, expires_ms: i64
 impl Sessions {
     /// A one-time ticket for [`Sessions::redeem`].
     pub fn mint_ticket(&self, now_ms: i64) -> (String, i64) {
-        let ticket = random_id();
+        let ticket = crate::api::random_token();
         let expires_ms = now_ms + TICKET_TTL_MS;
         insert_bounded(&self.tickets, ticket.clone(), expires_ms, now_ms);
         (ticket, expires_ms)
@@ -90,7 +86,7 @@ impl Sessions {
 
     /// A new session.
     pub fn open(&self, now_ms: i64) -> String {
-        let id = random_id();
+        let id = crate::api::random_token();
         insert_bounded(&self.sessions, id.clone(), now_ms + SESSION_TTL_MS, now_ms);
         id
     }
