@@ -206,14 +206,6 @@ async fn shell(State(state): State<Arc<UiState>>, headers: HeaderMap) -> Respons
     }
 }
 
-async fn workload_page(
-    state: State<Arc<UiState>>,
-    headers: HeaderMap,
-    UrlPath(_name): UrlPath<String>,
-) -> Response {
-    shell(state, headers).await
-}
-
 /// Query of `GET /ui/login`.
 #[derive(Debug, Deserialize)]
 struct LoginQuery {
@@ -308,7 +300,7 @@ pub fn router(state: Arc<UiState>) -> Router {
     Router::new()
         .route("/ui", get(|| async { Redirect::permanent("/ui/") }))
         .route("/ui/", get(shell))
-        .route("/ui/workloads/{name}", get(workload_page))
+        .route("/ui/workloads/{name}", get(shell))
         .route("/ui/login", get(login_form).post(login))
         .route("/ui/logout", axum::routing::post(logout))
         .route("/ui/assets/{file}", get(asset))

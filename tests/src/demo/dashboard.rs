@@ -45,7 +45,7 @@ impl Forwarder {
             .name("dashboard-forward".into())
             .spawn(move || {
                 // This thread lives in the lab namespace: the connections it makes are there.
-                if let Err(e) = enter_netns(&netns) {
+                if let Err(e) = super::loadgen::enter_netns(&netns) {
                     eprintln!("dashboard forwarder: cannot enter {netns}: {e}");
                     return;
                 }
@@ -59,11 +59,6 @@ impl Drop for Forwarder {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
-}
-
-fn enter_netns(name: &str) -> io::Result<()> {
-    let file = std::fs::File::open(format!("/run/netns/{name}"))?;
-    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }
 
 fn accept_loop(listener: &TcpListener, target: SocketAddr, stop: &AtomicBool) {

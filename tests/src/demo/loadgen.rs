@@ -257,7 +257,7 @@ pub fn request(target: SocketAddr, path: &str, timeout: Duration) -> std::io::Re
 }
 
 /// Moves the calling thread into the named network namespace for the rest of its life.
-fn enter_netns(name: &str) -> std::io::Result<()> {
+pub(crate) fn enter_netns(name: &str) -> std::io::Result<()> {
     let file = std::fs::File::open(format!("/run/netns/{name}"))?;
     nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
 }
