@@ -343,6 +343,28 @@ impl Coordinator {
             sessions: Arc::default(),
             browse_only: config.browse_only,
         });
+        let api_task = tokio::spawn(api::serve(
+            listener,
+            api::router(api_state),
+            shutdown_rx.clone(),
+        ));
+        if config.browse_only {
+            // Nothing else runs, and no agent's reports are taken: the data stays what it was.
+            drop(server);
+            info!(
+                %api_addr,
+                state_dir = %config.state_dir.display(),
+                "coordinator browsing its data only"
+            );
+            return Ok(Self {
+                quic_addr,
+                api_addr,
+                policy,
+                shutdown,
+                tasks: vec![api_task],
+                writer,
+            });
+        }
         let recommender = Arc::new(Recommender {
             store: Arc::new(Mutex::new(open()?)),
             webhooks: config.webhooks.clone(),
@@ -382,28 +404,6 @@ impl Coordinator {
             clock.clone(),
         );
         let retention_store = open()?;
-        let api_task = tokio::spawn(api::serve(
-            listener,
-            api::router(api_state),
-            shutdown_rx.clone(),
-        ));
-        if config.browse_only {
-            // No agent's reports are taken either: the data stays what it was.
-            drop(server);
-            info!(
-                %api_addr,
-                state_dir = %config.state_dir.display(),
-                "coordinator browsing its data only"
-            );
-            return Ok(Self {
-                quic_addr,
-                api_addr,
-                policy,
-                shutdown,
-                tasks: vec![api_task],
-                writer,
-            });
-        }
         let tasks = vec![
             api_task,
             tokio::spawn(server.run(Arc::clone(&ctx), shutdown_rx.clone())),
