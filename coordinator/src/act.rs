@@ -76,6 +76,8 @@ pub struct Actor {
     /// Recommendations older than this are not acted on (a restarted coordinator must not
     /// replay yesterday's advice), ms.
     pub max_age_ms: i64,
+    /// Counts the rounds (`doppel_act_rounds_total`).
+    pub stats: Arc<crate::webhook::DecisionStats>,
 }
 
 /// Why a recommendation is not acted on now.
@@ -187,8 +189,7 @@ impl Actor {
             }
         }
         store.finish_action_moving_live(id, detail, now_ms, &spec)?;
-        let snapshot = PolicySnapshot::load(store)?;
-        self.policy.send_replace(Arc::new(snapshot));
+        PolicySnapshot::publish(&self.policy, store)?;
         Ok(())
     }
 
@@ -312,6 +313,7 @@ pub async fn run_actor(actor: Arc<Actor>, interval: Duration, mut shutdown: watc
                 if let Err(e) = actor.step(actor.clock.now_ms()).await {
                     warn!(error = %doppel_common::error_chain(&e), "act mode round failed");
                 }
+                actor.stats.act_rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             _ = shutdown.changed() => return,
         }

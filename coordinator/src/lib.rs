@@ -10,7 +10,8 @@
 //! [`webhook`] stores recommendations and delivers them signed from a persistent outbox.
 //! [`forecast`] runs the predictor engine (`doppel-engine`) on the stored reports: load
 //! forecasts, degradation warnings and forecast-breach recommendations; [`act`] carries recommendations out in act
-//! mode. The [`api`] serves the CLI ([`cli`], [`client`], [`table`]) and `/metrics` over HTTP.
+//! mode. The [`api`] serves the CLI ([`cli`], [`client`], [`table`]) and `/metrics` over HTTP,
+//! and the dashboard ([`ui`]) on the same address; both check the secrets of [`secret`].
 //! The Shadow Instance Manager ([`shadows`]) creates, replaces and destroys the workloads' shadow
 //! instances within their budget and registers their mirror sessions. [`serve`] wires it
 //! together.
@@ -34,6 +35,7 @@ pub mod mirror;
 pub mod net;
 pub mod policy;
 pub mod recommend;
+pub mod secret;
 pub mod serve;
 pub mod shadows;
 pub mod store;

@@ -116,7 +116,7 @@ impl MirrorSteering {
         self.learners
             .retain(|name, _| workloads.iter().any(|w| &w.name == name));
         if !changed.is_empty() {
-            crate::shadows::manager::publish(&self.policy, &store)?;
+            PolicySnapshot::publish(&self.policy, &store)?;
         }
         Ok(changed)
     }

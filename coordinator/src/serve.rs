@@ -25,7 +25,7 @@ use crate::{
         manager::{ManagerParts, ShadowManager},
     },
     store::{Store, StoreError, ingest},
-    webhook::{Recommender, WebhookConfig, WebhookStats},
+    webhook::{DecisionStats, Recommender, WebhookConfig},
 };
 
 /// The shortest age limit for acting on a recommendation, ms (see `Actor::max_age_ms`).
@@ -213,7 +213,12 @@ pub enum ServeError {
 }
 
 /// Deletes measurements older than the retention period, at start and then hourly.
-async fn run_retention(store: Store, days: u32, mut shutdown: watch::Receiver<bool>) {
+async fn run_retention(
+    store: Store,
+    days: u32,
+    clock: crate::clock::Clock,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let store = Arc::new(Mutex::new(store));
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {
@@ -221,11 +226,7 @@ async fn run_retention(store: Store, days: u32, mut shutdown: watch::Receiver<bo
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let cutoff = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or_default()
-            - i64::from(days) * 86_400_000;
+        let cutoff = clock.now_ms() - i64::from(days) * 86_400_000;
         let store = Arc::clone(&store);
         let result = tokio::task::spawn_blocking(move || {
             store
@@ -277,10 +278,10 @@ impl Coordinator {
             .map_err(ServeError::Store)?;
         let snapshot = PolicySnapshot::load(&bookkeeping).map_err(ServeError::Store)?;
         let (policy_tx, policy_rx) = watch::channel(Arc::new(snapshot));
-        let (ingest, writer) = ingest::spawn(open()?).map_err(ServeError::Thread)?;
+        let clock = crate::clock::Clock::system();
+        let (ingest, writer) = ingest::spawn(open()?, clock.clone()).map_err(ServeError::Thread)?;
         let hub = Arc::new(Hub::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let clock = crate::clock::Clock::system();
 
         let server =
             IngestServer::bind(config.quic_listen, server_config).map_err(ServeError::Net)?;
@@ -310,7 +311,7 @@ impl Coordinator {
             })
         })?;
         api::write_addr_file(&config.state_dir, api_addr).map_err(ServeError::Api)?;
-        let webhook_stats = Arc::new(WebhookStats::default());
+        let decision_stats = Arc::new(DecisionStats::default());
         let sim = Arc::new(ShadowManager::new(
             ManagerParts {
                 provisioner: config.sim.provisioner(&config.state_dir),
@@ -330,7 +331,7 @@ impl Coordinator {
         ));
         let api_state = Arc::new(api::ApiState {
             ingest_stats: Arc::clone(ctx.ingest.stats()),
-            webhook_stats: Arc::clone(&webhook_stats),
+            decision_stats: Arc::clone(&decision_stats),
             sim: Arc::clone(&sim),
             store: Arc::new(Mutex::new(open()?)),
             policy: Arc::clone(&policy),
@@ -374,7 +375,7 @@ impl Coordinator {
             evaluate_interval: Duration::from_millis(config.evaluate_interval_ms),
             backoff_base_ms: config.webhook_backoff_ms,
             max_attempts: config.webhook_max_attempts,
-            stats: webhook_stats,
+            stats: Arc::clone(&decision_stats),
             queued: tokio::sync::Notify::new(),
             forecasts: Mutex::new(crate::forecast::Forecasts::new(config.forecast.clone())),
             clock: clock.clone(),
@@ -397,6 +398,7 @@ impl Coordinator {
                 .unwrap_or(i64::MAX)
                 .max(MIN_ACTION_AGE_LIMIT_MS),
             clock: clock.clone(),
+            stats: decision_stats,
         });
         let mirror = crate::mirror::MirrorSteering::new(
             Arc::new(Mutex::new(open()?)),
@@ -423,6 +425,7 @@ impl Coordinator {
             tokio::spawn(run_retention(
                 retention_store,
                 config.retention_days,
+                clock.clone(),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(Arc::clone(&sim).run(
@@ -449,7 +452,7 @@ impl Coordinator {
     /// Reads the workloads from the store and publishes them to every connected agent (and to
     /// those connecting later). Called after every workload or policy change.
     pub fn publish_policy(&self, store: &Store) -> Result<u64, StoreError> {
-        crate::shadows::manager::publish(&self.policy, store)
+        PolicySnapshot::publish(&self.policy, store)
     }
 
     /// Stops accepting, closes agent connections, lets the writer commit what it holds.

@@ -41,7 +41,7 @@ use crate::{
         ingest::IngestStats,
         shadows::{ShadowEvent, ShadowRow},
     },
-    webhook::WebhookStats,
+    webhook::DecisionStats,
 };
 
 /// The API token's file name in the state directory.
@@ -85,14 +85,9 @@ pub fn load_or_create_token(state_dir: &Path) -> Result<String, ApiStartError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(state_file(e)),
     }
-    let token = random_token();
+    let token = crate::secret::random_token();
     write_private(&path, &token).map_err(state_file)?;
     Ok(token)
-}
-
-/// 256 random bits in hex: the API token, and the dashboard's session ids and tickets.
-pub(crate) fn random_token() -> String {
-    hex::encode(rand::random::<[u8; 32]>())
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
@@ -247,7 +242,7 @@ pub struct ApiState {
     /// The ingest writer's counters.
     pub ingest_stats: Arc<IngestStats>,
     /// The webhook deliverer's counters.
-    pub webhook_stats: Arc<WebhookStats>,
+    pub decision_stats: Arc<DecisionStats>,
     /// The Shadow Instance Manager.
     pub sim: Arc<ShadowManager>,
     /// The coordinator's clock.
@@ -278,7 +273,7 @@ impl ApiState {
         let revision = self
             .with_store(move |store| {
                 f(store)?;
-                Ok(crate::shadows::manager::publish(&policy, store)?)
+                Ok(PolicySnapshot::publish(&policy, store)?)
             })
             .await?;
         // A new or changed workload may want shadows (or fewer): reconcile now.
@@ -804,16 +799,6 @@ async fn pin_shadow_type(
     Ok(Json(Revision { revision }))
 }
 
-pub(crate) fn token_matches(expected: &str, given: &str) -> bool {
-    // Constant-time in the token's length, so response timing does not leak a prefix.
-    expected.len() == given.len()
-        && expected
-            .bytes()
-            .zip(given.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
 async fn require_token(
     State(state): State<Arc<ApiState>>,
     request: Request,
@@ -828,7 +813,7 @@ async fn require_token(
     let is_get = request.method() == axum::http::Method::GET;
     // A dashboard session reads (and only reads): the pages show, the CLI changes. Looked up
     // only when the bearer token does not match.
-    let authorized = token_matches(&state.token, given)
+    let authorized = crate::secret::token_matches(&state.token, given)
         || is_get
             && state
                 .sessions
@@ -854,10 +839,10 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiErro
         .with_store(move |s| Ok((s.size_bytes(), metrics::workload_latency(s, now_ms)?)))
         .await?;
     let ingest = &state.ingest_stats;
-    let webhook = &state.webhook_stats;
+    let decisions = &state.decision_stats;
     let net = &state.hub.stats;
     let lag_s = ingest.last_lag_ms.load(Relaxed) as f64 / 1e3;
-    let metrics: [(&str, &str, &str, String); 14] = [
+    let metrics: [(&str, &str, &str, String); 16] = [
         (
             "doppel_agents_connected",
             "gauge",
@@ -907,28 +892,40 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiErro
             store_bytes.to_string(),
         ),
         (
+            "doppel_evaluations_total",
+            "counter",
+            "Evaluation rounds finished (every workload compared and forecast).",
+            decisions.evaluations.load(Relaxed).to_string(),
+        ),
+        (
+            "doppel_act_rounds_total",
+            "counter",
+            "Act-mode rounds finished (moves verified, fresh advice acted on).",
+            decisions.act_rounds.load(Relaxed).to_string(),
+        ),
+        (
             "doppel_webhook_deliveries_total",
             "counter",
             "Webhook deliveries answered 2xx.",
-            webhook.delivered.load(Relaxed).to_string(),
+            decisions.delivered.load(Relaxed).to_string(),
         ),
         (
             "doppel_webhook_delivery_failures_total",
             "counter",
             "Webhook attempts that failed.",
-            webhook.failed_attempts.load(Relaxed).to_string(),
+            decisions.failed_attempts.load(Relaxed).to_string(),
         ),
         (
             "doppel_webhook_given_up_total",
             "counter",
             "Webhook deliveries abandoned after the last attempt.",
-            webhook.given_up.load(Relaxed).to_string(),
+            decisions.given_up.load(Relaxed).to_string(),
         ),
         (
             "doppel_recommendations_total",
             "counter",
             "Recommendations stored.",
-            webhook.recommendations.load(Relaxed).to_string(),
+            decisions.recommendations.load(Relaxed).to_string(),
         ),
         (
             "doppel_handshake_failures_total",
@@ -1062,14 +1059,6 @@ mod tests {
                 other => panic!("window {bad}: expected BadBody, got {other:?}"),
             }
         }
-    }
-
-    #[test]
-    fn only_the_exact_token_matches() {
-        assert!(token_matches("abc", "abc"));
-        assert!(!token_matches("abc", "abd"));
-        assert!(!token_matches("abc", "ab"));
-        assert!(!token_matches("abc", ""));
     }
 
     #[test]

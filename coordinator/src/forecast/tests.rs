@@ -18,7 +18,7 @@ use super::*;
 use crate::{
     compare::CompareConfig,
     store::CheckedReport,
-    webhook::{Recommender, WebhookStats},
+    webhook::{DecisionStats, Recommender},
 };
 
 const SLO_MS: f64 = 100.0;
@@ -169,7 +169,7 @@ fn recommender(dir: &std::path::Path) -> Recommender {
         evaluate_interval: Duration::from_secs(10),
         backoff_base_ms: 100,
         max_attempts: 3,
-        stats: Arc::new(WebhookStats::default()),
+        stats: Arc::new(DecisionStats::default()),
         queued: tokio::sync::Notify::new(),
         forecasts: Mutex::new(Forecasts::new(ForecastSettings::default())),
         clock: crate::clock::Clock::system(),

@@ -94,6 +94,27 @@ impl PolicySnapshot {
         })
     }
 
+    /// Publishes the store's policy unless a newer revision is already out, and returns the
+    /// store's revision. The one way policy reaches agents: the API, the Shadow Instance
+    /// Manager, learned mirroring and act mode publish from their own store connections, and a
+    /// slower publisher must not replace a newer snapshot with its older one.
+    pub fn publish(
+        policy: &watch::Sender<Arc<Self>>,
+        store: &Store,
+    ) -> Result<u64, crate::store::StoreError> {
+        let snapshot = Self::load(store)?;
+        let revision = snapshot.revision;
+        policy.send_if_modified(|current| {
+            if current.revision < snapshot.revision {
+                *current = Arc::new(snapshot);
+                true
+            } else {
+                false
+            }
+        });
+        Ok(revision)
+    }
+
     /// The update for one agent.
     pub fn update_for(&self, agent: &str) -> PolicyUpdate {
         PolicyUpdate {

@@ -209,25 +209,6 @@ pub struct PinRequest {
     pub pin: Pin,
 }
 
-/// Publishes the store's workloads unless a newer revision is already out (the API and the
-/// manager publish from their own connections; the newer snapshot must win).
-pub fn publish(
-    policy: &watch::Sender<Arc<PolicySnapshot>>,
-    store: &Store,
-) -> Result<u64, StoreError> {
-    let snapshot = PolicySnapshot::load(store)?;
-    let revision = snapshot.revision;
-    policy.send_if_modified(|current| {
-        if current.revision < snapshot.revision {
-            *current = Arc::new(snapshot);
-            true
-        } else {
-            false
-        }
-    });
-    Ok(revision)
-}
-
 /// The workload's VM types in the order shadows should be made: pinned-in types, then what
 /// the pool steering keeps or wants tried, then the rest it does not drop, cheapest first. Types
 /// the provisioner cannot make (`supports`), pinned out, or live (unless pinned in) are left out.
@@ -474,7 +455,7 @@ impl ShadowManager {
             Pin::None => {}
         }
         store.put_workload(&spec, self.parts.clock.now_ms())?;
-        let revision = publish(&self.parts.policy, &store)?;
+        let revision = PolicySnapshot::publish(&self.parts.policy, &store)?;
         drop(store);
         self.poke();
         Ok(revision)
@@ -719,7 +700,7 @@ impl ShadowManager {
         if shadows != spec.shadows {
             spec.shadows = shadows;
             store.put_workload(&spec, self.parts.clock.now_ms())?;
-            let revision = publish(&self.parts.policy, store)?;
+            let revision = PolicySnapshot::publish(&self.parts.policy, store)?;
             info!(workload, revision, "mirror sessions updated");
         }
         Ok(())

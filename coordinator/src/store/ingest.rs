@@ -13,12 +13,12 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     thread,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{CheckedReport, IngestOutcome, Store, StoreError};
+use crate::clock::Clock;
 
 /// Largest number of reports committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -93,8 +93,12 @@ impl IngestHandle {
     }
 }
 
-/// Starts the writer thread on `store`. It stops when every handle is dropped.
-pub fn spawn(mut store: Store) -> Result<(IngestHandle, thread::JoinHandle<()>), std::io::Error> {
+/// Starts the writer thread on `store`; each batch is recorded as received at `clock`'s time. It
+/// stops when every handle is dropped.
+pub fn spawn(
+    mut store: Store,
+    clock: Clock,
+) -> Result<(IngestHandle, thread::JoinHandle<()>), std::io::Error> {
     let (tx, mut rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
     let stats = Arc::new(IngestStats::default());
     let writer_stats = Arc::clone(&stats);
@@ -110,21 +114,13 @@ pub fn spawn(mut store: Store) -> Result<(IngestHandle, thread::JoinHandle<()>),
                         Err(_) => break,
                     }
                 }
-                commit(&mut store, &mut jobs, &writer_stats);
+                commit(&mut store, &mut jobs, clock.now_ms(), &writer_stats);
             }
         })?;
     Ok((IngestHandle { tx, stats }, thread))
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
-}
-
-fn commit(store: &mut Store, jobs: &mut Vec<Job>, stats: &IngestStats) {
-    let received_ms = now_ms();
+fn commit(store: &mut Store, jobs: &mut Vec<Job>, received_ms: i64, stats: &IngestStats) {
     let batch: Vec<_> = jobs.iter().map(|j| (&*j.agent, &j.report)).collect();
     match store.ingest_batch(&batch, received_ms) {
         Ok(outcomes) => {

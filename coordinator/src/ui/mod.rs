@@ -68,7 +68,7 @@ fn insert_bounded(map: &Mutex<HashMap<String, i64>>, id: String, expires_ms: i64
 impl Sessions {
     /// A one-time ticket for [`Sessions::redeem`].
     pub fn mint_ticket(&self, now_ms: i64) -> (String, i64) {
-        let ticket = crate::api::random_token();
+        let ticket = crate::secret::random_token();
         let expires_ms = now_ms + TICKET_TTL_MS;
         insert_bounded(&self.tickets, ticket.clone(), expires_ms, now_ms);
         (ticket, expires_ms)
@@ -86,7 +86,7 @@ impl Sessions {
 
     /// A new session.
     pub fn open(&self, now_ms: i64) -> String {
-        let id = crate::api::random_token();
+        let id = crate::secret::random_token();
         insert_bounded(&self.sessions, id.clone(), now_ms + SESSION_TTL_MS, now_ms);
         id
     }
@@ -263,7 +263,7 @@ struct LoginForm {
 
 /// `POST /ui/login`: checks the API token and opens a session.
 async fn login(State(state): State<Arc<UiState>>, Form(form): Form<LoginForm>) -> Response {
-    if crate::api::token_matches(&state.token, form.token.trim()) {
+    if crate::secret::token_matches(&state.token, form.token.trim()) {
         let session = state.sessions.open(state.clock.now_ms());
         with_session_cookie(Redirect::to("/ui/").into_response(), &session)
     } else {

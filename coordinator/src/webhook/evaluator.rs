@@ -214,5 +214,9 @@ pub async fn run_evaluator(recommender: Arc<Recommender>, mut shutdown: watch::R
             }
             Err(e) => warn!(error = %e, "evaluation task failed"),
         }
+        recommender
+            .stats
+            .evaluations
+            .fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -58,9 +58,15 @@ pub enum WebhookError {
     Task(#[source] tokio::task::JoinError),
 }
 
-/// Counters for `/metrics`.
+/// The decision loops' counters for `/metrics`: the evaluator's, the deliverer's and act mode's.
+/// The round counters say a loop is alive, and are what a test waits on to know that "nothing
+/// more happened" after rounds that did run, instead of sleeping for a guess.
 #[derive(Debug, Default)]
-pub struct WebhookStats {
+pub struct DecisionStats {
+    /// Evaluation rounds finished (every workload compared and forecast), failed ones included.
+    pub evaluations: AtomicU64,
+    /// Act-mode rounds finished, failed ones included.
+    pub act_rounds: AtomicU64,
     /// Deliveries acknowledged with 2xx.
     pub delivered: AtomicU64,
     /// Attempts that failed (error or non-2xx).
@@ -91,7 +97,7 @@ pub struct Recommender {
     /// Attempts before giving up.
     pub max_attempts: u32,
     /// Counters.
-    pub stats: Arc<WebhookStats>,
+    pub stats: Arc<DecisionStats>,
     /// Woken when something was queued.
     pub queued: Notify,
     /// Each workload's predictor, kept between evaluations.
