@@ -125,7 +125,13 @@ impl AgentProcess {
 
     /// Stops the agent (SIGTERM), checks it exits cleanly, and returns every line, including
     /// the final partial interval.
-    pub fn stop(mut self) -> Vec<Value> {
+    pub fn stop(self) -> Vec<Value> {
+        self.stop_with_log().0
+    }
+
+    /// [`Self::stop`], and the agent's whole log: what it logged while closing its last
+    /// interval included, which [`Self::log`] before stopping cannot show.
+    pub fn stop_with_log(mut self) -> (Vec<Value>, String) {
         let status = self.process.stop(Duration::from_secs(10));
         assert!(
             status.success(),
@@ -145,7 +151,7 @@ impl AgentProcess {
             reader.join().expect("reader thread");
         }
         let _ = std::fs::remove_file(&self.config_path);
-        self.lines()
+        (self.lines(), self.log())
     }
 }
 

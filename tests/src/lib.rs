@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod demo;
 pub mod lab;
+pub mod metrics;
 pub mod reports;
 pub mod testbed;
 pub mod topology;

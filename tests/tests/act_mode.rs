@@ -173,7 +173,9 @@ async fn an_act_mode_recommendation_is_carried_out_once_and_verified() {
         "live moved to the recommended type"
     );
 
-    // After the move live meets the SLO: the verification must see it.
+    // After the move live meets the SLO: the verification must see it. Live's agent reports
+    // an interval every 500 ms (the pace of its reports, not a wait), each starting after the
+    // move, so they fall in the verification's window (the second half of the settling time).
     for i in 0..4 {
         let mut store = Store::open_in(dir.path()).expect("store");
         seed(
@@ -238,8 +240,15 @@ async fn a_failing_action_is_recorded_with_its_reason_and_moves_nothing() {
     .expect("start");
     let states = wait_for_state(dir.path(), ActionState::Failed, Duration::from_secs(30)).await;
     assert_eq!(states, [ActionState::Failed]);
-    // Give the actor more rounds: a failed action is not retried for the same advice.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Two more act-mode rounds, and evaluations that keep giving the same advice: a failed
+    // action is not retried for it.
+    doppel_tests::metrics::wait_for_rounds(
+        coordinator.api_addr,
+        "doppel_act_rounds_total",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
     let store = Store::open_in(dir.path()).expect("store");
     let actions = store.actions(None, 10).expect("actions");
     assert_eq!(actions.len(), 1, "not retried");

@@ -341,7 +341,18 @@ budget_flows_per_s = {BUDGET}
 
     // The shadow classifies replayed flows with the learned rules: per class, it measured
     // exactly the exchanges live mirrored.
-    thread::sleep(Duration::from_secs(3));
+    // What live mirrored is all stored: it closed an interval after the run, and the
+    // coordinator stored its reports up to that one.
+    assert!(live_agent.wait_for_next_line(Duration::from_secs(10)));
+    assert!(
+        doppel_tests::lab::wait_for_stored_lines(
+            state,
+            "live-1",
+            &live_agent.lines(),
+            Duration::from_secs(20)
+        ),
+        "live's reports reach the store"
+    );
     let wanted = exchanges_per_class(state, "live-1", FlowScope::Mirrored);
     assert!(
         wait_for(Duration::from_secs(20), || exchanges_per_class(

@@ -244,23 +244,30 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
     client_received += client_batch(&client, live_nginx.addr, FLOWS_PER_BATCH);
     let live_requests = 2 * FLOWS_PER_BATCH * REQUESTS_PER_FLOW;
     assert_eq!(live_nginx.access_log_of(live_requests).len(), live_requests);
-    // The shadow is done once its nginx log stops growing; three more intervals drain what it
-    // measured into reports.
-    let mut served = 0;
-    wait_for(Duration::from_secs(20), || {
-        let now = shadow_nginx.access_log().len();
-        let settled = now == served && now > 0;
-        served = now;
-        thread::sleep(Duration::from_millis(500));
-        settled
-    });
-    // Drained: the shadow agent reported every exchange its nginx served, and the live
-    // agent closed two more intervals (the one in progress when the batch ended, and one).
+    // Live closes two more intervals (the one in progress when the batch ended, and one): its
+    // lines then count every exchange of the flows it mirrored. The shadow is done when its
+    // nginx served that many.
     let live_printed = live_agent.lines().len();
+    assert!(live_agent.wait_for_lines(Duration::from_secs(10), |l| l.len() >= live_printed + 2));
+    let mirrored_in_lines: u64 = live_agent
+        .lines()
+        .iter()
+        .flat_map(|l| l["latency"].as_array().cloned().unwrap_or_default())
+        .filter(|s| s["scope"] == "mirrored")
+        .map(|s| s["count"].as_u64().expect("count"))
+        .sum();
+    assert!(
+        wait_for(Duration::from_secs(20), || shadow_nginx.access_log().len()
+            as u64
+            >= mirrored_in_lines),
+        "the shadow nginx served {} of the {mirrored_in_lines} requests live mirrored",
+        shadow_nginx.access_log().len()
+    );
+    let served = shadow_nginx.access_log().len();
+    // Drained: the shadow agent reported every exchange its nginx served.
     assert!(
         wait_for(Duration::from_secs(10), || {
             counter(&shadow_agent.lines(), "exchanges") >= served as u64
-                && live_agent.lines().len() >= live_printed + 2
         }),
         "the shadow agent reported {} exchanges of the {served} its nginx served",
         counter(&shadow_agent.lines(), "exchanges")

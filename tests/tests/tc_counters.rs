@@ -253,11 +253,19 @@ fn the_agent_binary_counts_and_cleans_up_on_sigterm_and_after_a_crash() {
     let (mut agent, mut lines) = start_agent(&pair, "clsact");
     let before = next_ingress_packets(&mut lines);
     pair.send_datagrams();
-    thread::sleep(Duration::from_millis(300));
-    let after = next_ingress_packets(&mut lines);
+    // Lines printed while datagrams were still on their way show fewer: read on to the first
+    // that shows them all, then one more, which must show no more (twice counted would).
+    let mut after = next_ingress_packets(&mut lines);
+    for _ in 0..50 {
+        if after - before >= DATAGRAMS {
+            break;
+        }
+        after = next_ingress_packets(&mut lines);
+    }
+    let settled = next_ingress_packets(&mut lines);
     assert_eq!(
-        after - before,
-        DATAGRAMS,
+        (after - before, settled - before),
+        (DATAGRAMS, DATAGRAMS),
         "the restarted agent counts each datagram once"
     );
     let filters = pair

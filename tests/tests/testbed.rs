@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use doppel_tests::testbed::{Cgroup, CgroupLimits, Host, Link, privileged_or_skip};
+use doppel_tests::testbed::{Cgroup, CgroupLimits, Host, Link, privileged_or_skip, wait_for};
 
 fn root_network_state() -> String {
     let mut state = String::new();
@@ -120,16 +120,19 @@ fn everything_is_removed_after_a_panic_and_the_root_namespace_is_untouched() {
         !Path::new("/run/netns").join(&netns).exists(),
         "namespace {netns} left behind"
     );
-    thread::sleep(Duration::from_millis(100));
     let mut daemon = daemon;
     let daemon_pid = daemon.id();
+    // Our own child: it has exited once `wait` returns (the host's teardown killed it).
     let _ = daemon.wait();
     for pid in [pid, daemon_pid] {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // A killed child not yet reaped by its parent shows as a zombie (state Z).
+        let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or killed and not yet reaped by its parent: a zombie (state Z). SIGKILL is
+        // delivered asynchronously, so the state is polled rather than read once.
+        let dead = |state: &str| state.is_empty() || state.contains(") Z ");
         assert!(
-            state.is_empty() || state.contains(") Z "),
-            "process {pid} still running: {state}"
+            wait_for(Duration::from_secs(5), || dead(&stat())),
+            "process {pid} still running: {}",
+            stat()
         );
     }
     for dir in cgroup_dirs {

@@ -215,7 +215,14 @@ async fn a_recommendation_reaches_the_webhook_once_despite_failures_and_a_restar
         !receiver.accepted.lock().expect("lock").is_empty()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Evaluations after the delivery find the same advice: nothing new is queued or sent.
+    doppel_tests::metrics::wait_for_rounds(
+        coordinator.api_addr,
+        "doppel_evaluations_total",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
 
     assert_eq!(*receiver.bad_signatures.lock().expect("lock"), 0);
     let attempts = receiver.attempts.lock().expect("lock").clone();

@@ -92,6 +92,8 @@ pub struct LoadGenerator {
     started: Instant,
     step: Duration,
     dispatcher: Option<thread::JoinHandle<()>>,
+    /// The workers, which end when the dispatcher is done and the queue is empty.
+    workers: Vec<thread::JoinHandle<()>>,
 }
 
 struct Job {
@@ -111,12 +113,13 @@ impl LoadGenerator {
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
         let netns = client.netns().to_owned();
+        let mut workers = Vec::with_capacity(spec.workers);
         for _ in 0..spec.workers {
             let queue = Arc::clone(&queue);
             let stats = Arc::clone(&stats);
             let netns = netns.clone();
             let (target, path, timeout) = (spec.target, spec.path.clone(), spec.timeout);
-            thread::Builder::new()
+            let worker = thread::Builder::new()
                 .name("loadgen".into())
                 .spawn(move || {
                     if let Err(e) = enter_netns(&netns) {
@@ -143,6 +146,7 @@ impl LoadGenerator {
                         }
                     }
                 })?;
+            workers.push(worker);
         }
         let started = Instant::now();
         let step = spec.step;
@@ -159,6 +163,7 @@ impl LoadGenerator {
             started,
             step,
             dispatcher: Some(dispatcher),
+            workers,
         })
     }
 
@@ -189,6 +194,15 @@ impl LoadGenerator {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(dispatcher) = self.dispatcher.take() {
             let _ = dispatcher.join();
+        }
+    }
+
+    /// Stops scheduling and waits until every request in flight has ended, answered or timed
+    /// out: the figures are then final.
+    pub fn finish(&mut self) {
+        self.stop();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
         }
     }
 }

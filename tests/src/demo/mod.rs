@@ -287,8 +287,9 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
     let mut calibrated = Vec::new();
     let mut probe = Probe::default();
     for t in VM_TYPES {
+        // The limit holds from the next CPU period (100 ms): within the probe's first request
+        // and well before the end of its 3 s burst.
         live_cgroup.set_limits(limits(*t))?;
-        std::thread::sleep(Duration::from_millis(300));
         let p = measure_capacity(&lab.client, listen, stop)?;
         say(&format!(
             "calibration: {} ({} CPU) holds about {:.0} req/s",
@@ -383,14 +384,12 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
         7,
     )?;
     watch(&doppel, &load, options, &mut summary, &say, stop)?;
-    load.stop();
-    // Let the last requests finish, and nginx flush its log, before counting.
-    std::thread::sleep(Duration::from_secs(3));
+    load.finish();
     let total = load.merged(0..summary.steps);
     summary.client_requests = total.offered + probe.responses;
     summary.client_responses = total.ok + probe.responses;
     summary.client_bytes = total.bytes + probe.bytes;
-    summary.live_served = workload::served(&live_dir)?;
+    summary.live_served = served_after(&live_dir, summary.client_responses)?;
     summary.forecast = doppel.json(&["forecast", WORKLOAD]).ok();
     summary.comparison = doppel.json(&["compare", WORKLOAD, "--window", "5m"]).ok();
     summary.webhook_deliveries = receiver.accepted().into_iter().map(|d| d.body).collect();
@@ -409,6 +408,20 @@ pub fn run(options: &Options, stop: &AtomicBool) -> anyhow::Result<Summary> {
     coordinator.stop(Duration::from_secs(10));
     drop(nginx);
     Ok(summary)
+}
+
+/// What the live nginx's log says it served, read once it holds at least `responses` (nginx
+/// logs a request after sending its response, so the client can be a moment ahead), or after
+/// 10 s, when what it holds then is the answer.
+fn served_after(live_dir: &Path, responses: u64) -> anyhow::Result<(u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let served = workload::served(live_dir)?;
+        if served.0 >= responses || Instant::now() > deadline {
+            return Ok(served);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The workload's spec as the demo ended, kept in the work directory for browsing.
