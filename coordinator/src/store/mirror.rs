@@ -4,7 +4,7 @@
 
 use rusqlite::{OptionalExtension as _, params};
 
-use super::{Store, StoreError, bump_revision, sql};
+use super::{Store, StoreError, sql, workloads::bump_revision};
 
 /// One live report's pattern evidence.
 #[derive(Clone, Debug, Default, PartialEq)]

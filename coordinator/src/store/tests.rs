@@ -5,6 +5,7 @@ use doppel_common::wire::{
 use hdrhistogram::Histogram;
 
 use super::*;
+use crate::policy::WorkloadSpec;
 
 fn report(seq: u64, valid_histogram: bool) -> IntervalReport {
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
