@@ -42,12 +42,14 @@ pub struct WorkloadSpec {
 /// count = 2                        # shadows running at once, 1..=16
 /// pin_in = ["c7.large"]            # always shadowed (within the budget)
 /// pin_out = ["m5.large"]           # never shadowed
-/// recreate_every_secs = 86400      # fresh instances daily (absent: never)
+/// recreate_every_ms = 86400000     # fresh instances daily (absent: never)
 /// ```
 ///
 /// In `args`, `{dir}` is the shadow's private directory and `{addr}` its address.
+/// `recreate_every_secs`, the seconds key of earlier versions (and of workloads stored by
+/// them), is still read and becomes `recreate_every_ms`; giving both is an error.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "ShadowTemplateInput")]
 pub struct ShadowTemplate {
     /// The workload's program, started inside the shadow.
     pub command: String,
@@ -63,9 +65,56 @@ pub struct ShadowTemplate {
     /// VM types never shadowed.
     #[serde(default)]
     pub pin_out: Vec<String>,
-    /// Replace every shadow by a fresh one after this many seconds (absent: never).
+    /// Replace every shadow by a fresh one after this many milliseconds (absent: never).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recreate_every_secs: Option<u64>,
+    pub recreate_every_ms: Option<u64>,
+}
+
+/// [`ShadowTemplate`] as written: the same fields, and the old seconds key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShadowTemplateInput {
+    command: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default = "one_shadow")]
+    count: u32,
+    #[serde(default)]
+    pin_in: Vec<String>,
+    #[serde(default)]
+    pin_out: Vec<String>,
+    #[serde(default)]
+    recreate_every_ms: Option<u64>,
+    #[serde(default)]
+    recreate_every_secs: Option<u64>,
+}
+
+impl TryFrom<ShadowTemplateInput> for ShadowTemplate {
+    type Error = String;
+
+    fn try_from(input: ShadowTemplateInput) -> Result<Self, Self::Error> {
+        let recreate_every_ms = match (input.recreate_every_ms, input.recreate_every_secs) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "give only `recreate_every_ms` (`recreate_every_secs` is the same \
+                            duration in seconds)"
+                        .into(),
+                );
+            }
+            (None, Some(secs)) => Some(secs.checked_mul(1000).ok_or(
+                "`recreate_every_secs` is too large; give `recreate_every_ms`".to_owned(),
+            )?),
+            (ms, None) => ms,
+        };
+        Ok(Self {
+            command: input.command,
+            args: input.args,
+            count: input.count,
+            pin_in: input.pin_in,
+            pin_out: input.pin_out,
+            recreate_every_ms,
+        })
+    }
 }
 
 const fn one_shadow() -> u32 {
@@ -541,10 +590,10 @@ pub fn validate_shadow(spec: &WorkloadSpec) -> Result<(), InvalidPolicy> {
             format!("{name:?} is pinned both in and out"),
         ));
     }
-    if t.recreate_every_secs.is_some_and(|s| s < 10) {
+    if t.recreate_every_ms.is_some_and(|ms| ms < 10_000) {
         return Err(invalid(
-            "shadow.recreate_every_secs",
-            "must be at least 10 seconds",
+            "shadow.recreate_every_ms",
+            "must be at least 10000 (10 seconds)",
         ));
     }
     if !spec.live.iter().any(|l| l.vxlan_source.is_some()) {
@@ -737,6 +786,38 @@ mod tests {
     }
 
     #[test]
+    fn the_seconds_key_of_a_stored_or_written_template_becomes_milliseconds() {
+        let parse = |extra: &str| {
+            serde_json::from_str::<ShadowTemplate>(&format!(r#"{{"command": "srv"{extra}}}"#))
+        };
+        let old = parse(r#", "recreate_every_secs": 3600"#).expect("seconds key");
+        assert_eq!(old.recreate_every_ms, Some(3_600_000));
+        // Written back with the new key only: a stored workload converts once.
+        let json = serde_json::to_value(&old).expect("json");
+        assert_eq!(json["recreate_every_ms"], 3_600_000);
+        assert!(json.get("recreate_every_secs").is_none());
+        assert_eq!(
+            parse(r#", "recreate_every_ms": 5000"#)
+                .expect("ms")
+                .recreate_every_ms,
+            Some(5000)
+        );
+        let both = parse(r#", "recreate_every_ms": 5000, "recreate_every_secs": 5"#)
+            .expect_err("both keys");
+        assert!(
+            both.to_string().contains("give only `recreate_every_ms`"),
+            "{both}"
+        );
+        assert!(
+            parse(r#", "recreate_every": 5"#).is_err(),
+            "unknown keys are refused"
+        );
+        let toml: ShadowTemplate =
+            toml::from_str("command = \"srv\"\nrecreate_every_secs = 60\n").expect("toml");
+        assert_eq!(toml.recreate_every_ms, Some(60_000));
+    }
+
+    #[test]
     fn invalid_shadow_templates_name_the_field() {
         let good = || {
             let mut spec = web();
@@ -747,7 +828,7 @@ mod tests {
                 count: 2,
                 pin_in: vec!["a".into()],
                 pin_out: vec!["b".into()],
-                recreate_every_secs: Some(3600),
+                recreate_every_ms: Some(3_600_000),
             });
             spec
         };
@@ -770,8 +851,8 @@ mod tests {
             "shadow.pin_in[0]"
         );
         assert_eq!(
-            field(&|s| s.shadow.as_mut().expect("t").recreate_every_secs = Some(1)),
-            "shadow.recreate_every_secs"
+            field(&|s| s.shadow.as_mut().expect("t").recreate_every_ms = Some(1000)),
+            "shadow.recreate_every_ms"
         );
         assert_eq!(
             field(&|s| s.live[0].vxlan_source = None),

@@ -673,7 +673,7 @@ fn shadows_are_recreated_on_schedule() {
         return;
     }
     let c = Coordinator::new("sim-recreate", "[sim]\nreconcile_interval_ms = 300\n", true);
-    c.add_workload(&workload(1, None).replace("count = 1", "count = 1\nrecreate_every_secs = 10"));
+    c.add_workload(&workload(1, None).replace("count = 1", "count = 1\nrecreate_every_ms = 10000"));
     let first = c.wait_for("a running shadow", 30, || c.running().into_iter().next());
     let pids = cgroup_pids(&first.id);
     let fresh = c.wait_for("a fresh shadow", 40, || {

@@ -818,9 +818,9 @@ impl ShadowManager {
                 if row.state != ShadowState::Running {
                     continue;
                 }
-                let due = template.recreate_every_secs.is_some_and(|secs| {
+                let due = template.recreate_every_ms.is_some_and(|every| {
                     now - row.running_ms.unwrap_or(row.created_ms)
-                        >= i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+                        >= i64::try_from(every).unwrap_or(i64::MAX)
                 });
                 // A type the steering no longer wants goes only when a wanted type is waiting
                 // for its place; otherwise the fill below would make the same type again.
@@ -914,7 +914,7 @@ mod tests {
                 count: 2,
                 pin_in: pin_in.iter().map(|s| (*s).to_owned()).collect(),
                 pin_out: pin_out.iter().map(|s| (*s).to_owned()).collect(),
-                recreate_every_secs: None,
+                recreate_every_ms: None,
             }),
         }
     }
