@@ -14,6 +14,8 @@ pub mod catalog;
 pub mod exec;
 pub mod local;
 pub mod manager;
+#[cfg(test)]
+mod reconcile_tests;
 
 use std::{
     fmt,
