@@ -27,7 +27,8 @@
 //! none). A flap is a move back to the type the previous move left, within the cooldown.
 //!
 //! `DOPPEL_FLEET_DEBUG=<workload name>` prints that workload's state every simulated hour to
-//! stderr: live type, load, p99, shadows, warning, decision, models and the comparison's ranking.
+//! stderr: live type, load, p99, shadows, the warning, the provisioned and sizing peaks, the
+//! decision, models and the comparison's ranking.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -714,9 +715,14 @@ pub fn simulate(w: &SimWorkload, setup: &FleetSetup) -> WorkloadOutcome {
         // Every hour, and at every evaluation that advised a move (acted on or not).
         if debug && (step % 60 == 0 || !advice.is_empty()) {
             eprintln!(
-                "{step} live {live} load {load:.0} p99 {live_p99:.0}/{:.0} shadows {shadows:?} warning {} decision {:?} models {:?} unmodelled {:?} ranking {:?}",
+                "{step} live {live} load {load:.0} p99 {live_p99:.0}/{:.0} shadows {shadows:?} warning {:?} provisioned {:?} sizing {:?} decision {:?} models {:?} unmodelled {:?} ranking {:?}",
                 w.slo_ms,
-                assessment.warning.is_some(),
+                assessment
+                    .warning
+                    .as_ref()
+                    .map(|w| format!("{w:?}").chars().take(200).collect::<String>()),
+                assessment.provisioned_peak.map(|p| p as i64),
+                assessment.peak_check.sizing_peak.map(|p| p as i64),
                 assessment
                     .decision
                     .as_ref()
