@@ -126,19 +126,14 @@ pub fn stored_exchanges_per_class(
     per_class
 }
 
-/// Waits up to `limit` until the coordinator stored as many reports of `agent` as it printed
-/// `lines` (each line has its report, and an agent sends them in order); returns whether it did.
-/// What a test then reads from the store covers everything the agent measured up to the last of
-/// `lines`. (The store's sequence numbers are the agent's spool's, not the lines'.)
-pub fn wait_for_stored_lines(
-    state: &Path,
-    agent: &str,
-    lines: &[serde_json::Value],
-    limit: Duration,
-) -> bool {
+/// Waits up to `limit` until the coordinator stored at least `count` reports of `agent` (one per
+/// JSON line it printed: pass the lines printed so far); returns whether it did. An agent sends
+/// in order, so what a test then reads from the store covers everything the agent measured up
+/// to those lines. (The store's sequence numbers are the agent's spool's, not the lines'.)
+pub fn wait_for_stored_reports(state: &Path, agent: &str, count: usize, limit: Duration) -> bool {
     wait_for(limit, || {
         Store::open_in(state)
             .and_then(|s| s.report_seqs(agent))
-            .is_ok_and(|seqs| seqs.len() >= lines.len())
+            .is_ok_and(|seqs| seqs.len() >= count)
     })
 }

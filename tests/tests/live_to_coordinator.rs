@@ -7,7 +7,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::Path,
     process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use doppel_coordinator::store::Store;
@@ -108,17 +108,16 @@ port = 8080
         lines.next().expect("agent output").expect("line");
         printed += 1;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stored = loop {
-        let seqs = Store::open_in(state.path())
-            .expect("store")
-            .report_seqs("live-1")
-            .expect("seqs");
-        if seqs.len() >= printed || Instant::now() > deadline {
-            break seqs;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    doppel_tests::lab::wait_for_stored_reports(
+        state.path(),
+        "live-1",
+        printed,
+        Duration::from_secs(10),
+    );
+    let stored = Store::open_in(state.path())
+        .expect("store")
+        .report_seqs("live-1")
+        .expect("seqs");
     // A fresh spool numbers from the clock (so a wiped spool never reuses numbers): consecutive
     // from its first.
     let first = stored.first().copied().unwrap_or_default();

@@ -345,10 +345,10 @@ budget_flows_per_s = {BUDGET}
     // coordinator stored its reports up to that one.
     assert!(live_agent.wait_for_next_line(Duration::from_secs(10)));
     assert!(
-        doppel_tests::lab::wait_for_stored_lines(
+        doppel_tests::lab::wait_for_stored_reports(
             state,
             "live-1",
-            &live_agent.lines(),
+            live_agent.lines().len(),
             Duration::from_secs(20)
         ),
         "live's reports reach the store"

@@ -26,7 +26,7 @@ use doppel_tests::{
     agent::{AgentProcess, counter},
     lab::{
         coordinator_section, doppel, issue_agent_certs, shadow_agent_config, start_coordinator,
-        stored_exchanges_per_class,
+        stored_exchanges_per_class, wait_for_stored_reports,
     },
     testbed::{Host, Link, privileged_or_skip, wait_for},
     workloads::Nginx,
@@ -277,9 +277,7 @@ patterns = [{{ payload_prefix = "GET /items/1" }}]
     let _coordinator = start_coordinator(&live, state, None);
     for (agent, process) in [("live-1", &live_agent), ("shadow-1", &shadow_agent)] {
         let printed = process.lines().len();
-        let delivered = wait_for(Duration::from_secs(30), || {
-            stored_seqs(state, agent).len() >= printed
-        });
+        let delivered = wait_for_stored_reports(state, agent, printed, Duration::from_secs(30));
         let seqs = stored_seqs(state, agent);
         assert!(
             delivered,
