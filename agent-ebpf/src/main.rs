@@ -8,8 +8,8 @@
 //!   and the first payload bytes) and decide once whether to mirror it, by hashing the flow under
 //!   the epoch seed against the class's rate;
 //! - clone every later client packet of a mirrored flow that carries payload, FIN or RST to each
-//!   mirror session through the VXLAN device (external mode), the tunnel key naming the shadow
-//!   host and the session's VNI (pure ACKs carry nothing a replay uses; see
+//!   mirror session through the session's own VXLAN device (fixed remote and VNI), or through
+//!   the external-mode device with a tunnel key naming the shadow host and the session's VNI (pure ACKs carry nothing a replay uses; see
 //!   `MIRROR_KEEPALIVE_NS`);
 //! - time each exchange (last client payload packet -> first response payload packet) into
 //!   per-CPU log-linear histograms per service x class, for all flows and for mirrored ones.
@@ -108,7 +108,7 @@ pub fn doppel_tc_egress(ctx: TcContext) -> i32 {
     // The agent's own copies (and their IP fragments) leave through the workload's interface
     // when the shadows are routed there: they are neither the workload's traffic nor skipped.
     // SAFETY: `skb` points at the kernel's `__sk_buff` for the whole program run.
-    if unsafe { (*ctx.skb.skb).mark } == COPY_MARK {
+    if unsafe { (*ctx.skb.skb).tc_index } == COPY_TAG {
         return TC_ACT_PIPE;
     }
     count_iface(&ctx, Direction::Egress);
@@ -342,9 +342,18 @@ fn find_service(config: &DatapathConfig, addr: [u32; 4], port_be: u16) -> Option
 fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
     // The idle timeout is seconds long, so the clock it runs on can be the coarse one (the last
     // tick: a few loads). The precise clock reads the TSC, which costs about 35 ns a read in a
-    // KVM guest (perf, BPF_PROG_TEST_RUN): it is read only for payload, to time exchanges.
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // KVM guest (perf, BPF_PROG_TEST_RUN): it is read only for payload, which times an exchange,
+    // and then that one read serves the idle clock too (both clocks are CLOCK_MONOTONIC; the
+    // coarse one trails by at most a tick, which `saturating_sub` absorbs).
+    let payload = packet.payload_len > 0;
+    // SAFETY: plain helper calls.
+    let now = unsafe {
+        if payload {
+            bpf_ktime_get_ns()
+        } else {
+            bpf_ktime_get_coarse_ns()
+        }
+    };
     if packet.tcp_flags & TCP_SYN != 0 && packet.tcp_flags & TCP_ACK == 0 {
         let state = FlowState {
             last_request_ns: 0,
@@ -398,27 +407,34 @@ fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
     // `flags`, where a lost update at worst mis-times one exchange.
     unsafe {
         (*state).last_seen_ns = now;
-        if packet.payload_len > 0 {
-            if (*state).flags & FLOW_DECIDED == 0 {
+        let deciding = payload && (*state).flags & FLOW_DECIDED == 0;
+        if payload {
+            if deciding {
                 decide(ctx, packet, config, &mut *state, now);
             }
             (*state).flags |= FLOW_AWAITING_RESPONSE;
         }
         // Copies carry what the replay uses: payload, FIN and RST, and a pure ACK only as a
         // keepalive (see `MIRROR_KEEPALIVE_NS`).
-        if (*state).flags & FLOW_SAMPLED != 0
-            && (packet.payload_len > 0
+        let copied = (*state).flags & FLOW_SAMPLED != 0
+            && (payload
                 || packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
-                || now.saturating_sub((*state).last_copy_ns) > MIRROR_KEEPALIVE_NS)
-        {
+                || now.saturating_sub((*state).last_copy_ns) > MIRROR_KEEPALIVE_NS);
+        if copied {
             (*state).last_copy_ns = now;
             mirror(ctx, config);
         }
-        if packet.payload_len > 0 {
-            // The exchange starts when the packet goes on to the server, after the copy: the
+        if payload {
+            // The exchange starts when the packet goes on to the server, after any copy: the
             // copy (a synchronous clone through the VXLAN device) is the agent's own cost, not
             // the server's, and a shadow, which makes no copy, must measure what live measures.
-            (*state).last_request_ns = bpf_ktime_get_ns();
+            // Likewise the flow's one decision (classification, pattern sample). Without either,
+            // nothing the agent did since `now` was read is worth a second read.
+            (*state).last_request_ns = if copied || deciding {
+                bpf_ktime_get_ns()
+            } else {
+                now
+            };
         }
     }
     if packet.tcp_flags & TCP_RST != 0 {
@@ -815,19 +831,23 @@ fn flow_hash(flow: &FlowKey, seed: u64) -> u32 {
     (h >> 32) as u32
 }
 
-/// `skb->mark` of the agent's copies: set on the packet for the clone and restored after, so
-/// only the copy carries it (through the VXLAN encapsulation and any IP fragmentation).
-const COPY_MARK: u32 = 0xd099_e1c0;
+/// `skb->tc_index` of the agent's copies: set on the packet for the clone and restored after, so
+/// only the copy carries it (through the VXLAN encapsulation, which keeps it, and any IP
+/// fragmentation, which copies it to every fragment). Not `skb->mark`: a marked packet may not
+/// use a tunnel's cached route (`ip_tunnel_dst_cache_usable`), so every copy would pay a route
+/// lookup. Nothing else reads `tc_index` since the kernel dropped dsmark and tcindex (6.3).
+const COPY_TAG: u32 = 0xd099;
 
 /// Clones the current packet to every mirror session.
 #[inline(always)]
 fn mirror(ctx: &TcContext, config: &DatapathConfig) {
-    // SAFETY: `skb` points at the kernel's `__sk_buff`; `mark` is writable from TC programs.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    unsafe { (*ctx.skb.skb).mark = COPY_MARK };
+    // SAFETY: `skb` points at the kernel's `__sk_buff`; `tc_index` is writable from TC
+    // programs.
+    let tag = unsafe { (*ctx.skb.skb).tc_index };
+    unsafe { (*ctx.skb.skb).tc_index = COPY_TAG };
     clone_to_sessions(ctx, config);
     // SAFETY: as above.
-    unsafe { (*ctx.skb.skb).mark = mark };
+    unsafe { (*ctx.skb.skb).tc_index = tag };
 }
 
 #[inline(always)]
@@ -835,6 +855,12 @@ fn clone_to_sessions(ctx: &TcContext, config: &DatapathConfig) {
     let mut i = 0;
     while i < MAX_SESSIONS && i < config.session_count {
         if let Some(session) = SESSIONS.get(i) {
+            if session.ifindex != 0 {
+                // The session's own device knows its remote and VNI, and caches its route.
+                count_clone(ctx.clone_redirect(session.ifindex, 0).map_err(i64::from));
+                i += 1;
+                continue;
+            }
             // SAFETY: all-zero is a valid `bpf_tunnel_key`.
             let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
             key.tunnel_id = session.vni;
@@ -857,24 +883,28 @@ fn clone_to_sessions(ctx: &TcContext, config: &DatapathConfig) {
                     flags,
                 )
             };
-            let sent = if set == 0 {
+            count_clone(if set == 0 {
                 ctx.clone_redirect(config.vxlan_ifindex, 0)
                     .map_err(i64::from)
             } else {
                 Err(set)
-            };
-            match sent {
-                Ok(()) => add(DatapathCounter::ClonesSent, 1),
-                Err(error) => {
-                    add(DatapathCounter::CloneFailures, 1);
-                    if let Some(slot) = LAST_CLONE_ERROR.get_ptr_mut(0) {
-                        // SAFETY: a live array slot; a racing write leaves one of two errors.
-                        unsafe { *slot = error };
-                    }
-                }
-            }
+            });
         }
         i += 1;
+    }
+}
+
+#[inline(always)]
+fn count_clone(sent: Result<(), i64>) {
+    match sent {
+        Ok(()) => add(DatapathCounter::ClonesSent, 1),
+        Err(error) => {
+            add(DatapathCounter::CloneFailures, 1);
+            if let Some(slot) = LAST_CLONE_ERROR.get_ptr_mut(0) {
+                // SAFETY: a live array slot; a racing write leaves one of two errors.
+                unsafe { *slot = error };
+            }
+        }
     }
 }
 

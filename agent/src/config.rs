@@ -7,7 +7,7 @@
 //! report_interval_ms = 10000
 //! default_sample_percent = 0.0       # class 0: flows no rule matches
 //! [vxlan]                            # where clones leave (created and removed by the agent)
-//! device = "doppel-vx0"
+//! device = "doppel-vx0"              # session N's own device is doppel-vx0sN (see mirror_devices)
 //! port = 4789
 //! [workload]                         # optional: pid = 1234, or cgroup = "/sys/fs/cgroup/web"
 //! pid = 1234

@@ -424,7 +424,8 @@ pub use doppel_common::error_chain;
 /// Settings of the live data path that are the agent's, not the workload policy's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DatapathSettings {
-    /// `ifindex` of the VXLAN device clones go to (0 when there are no sessions).
+    /// `ifindex` of the external-mode VXLAN device, for sessions without a device of their own
+    /// (0 when none is in use).
     pub vxlan_ifindex: u32,
     /// A flow idle this long is forgotten (and so never mirrored again).
     pub flow_idle_timeout: std::time::Duration,
@@ -521,7 +522,10 @@ impl Datapath {
                 .try_into()
                 .unwrap_or(u64::MAX),
             vxlan_ifindex: settings.vxlan_ifindex,
-            session_count: if settings.vxlan_ifindex == 0 {
+            // A session without a device of its own needs the external one.
+            session_count: if settings.vxlan_ifindex == 0
+                && policy.sessions.iter().any(|s| s.ifindex == 0)
+            {
                 0
             } else {
                 policy.sessions.len() as u32

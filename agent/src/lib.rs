@@ -11,6 +11,7 @@ pub mod config;
 pub mod datapath;
 pub mod live;
 pub mod metrics;
+pub mod mirror_devices;
 pub mod netlink;
 pub mod ownership;
 pub mod patterns;

@@ -22,7 +22,7 @@ use crate::{
     config::LiveConfig,
     datapath::{Datapath, DatapathError, DatapathSettings, LatencyDrain, error_chain},
     metrics::ResourceSampler,
-    netlink,
+    mirror_devices::MirrorDevices,
     patterns::PatternCounts,
     policy::{self, CompiledPolicy},
 };
@@ -36,15 +36,9 @@ pub enum LiveError {
     /// The policy cannot be applied.
     #[error("invalid policy")]
     Policy(#[from] policy::PolicyError),
-    /// The VXLAN device could not be created.
-    #[error("creating VXLAN device {device}")]
-    Vxlan {
-        /// Device name.
-        device: String,
-        /// Cause.
-        #[source]
-        source: netlink::NetlinkError,
-    },
+    /// A VXLAN device could not be created or removed.
+    #[error(transparent)]
+    Vxlan(#[from] crate::mirror_devices::DeviceError),
     /// The configuration could not be turned into a policy.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -134,7 +128,7 @@ pub struct LiveAgent {
     config: LiveConfig,
     policy: AgentPolicy,
     datapath: Datapath,
-    vxlan_ifindex: u32,
+    devices: MirrorDevices,
     drain: LatencyDrain,
     counters_before: BTreeMap<&'static str, u64>,
     class_before: BTreeMap<u16, (u64, u64)>,
@@ -155,22 +149,20 @@ impl LiveAgent {
         let policy = config.policy()?;
         let compiled = policy::compile(&policy)?;
         let mut datapath = Datapath::load()?;
-        let vxlan_ifindex = if compiled.sessions.is_empty() {
-            0
-        } else {
-            netlink::create_vxlan_external(&config.vxlan.device, config.vxlan.port).map_err(
-                |source| LiveError::Vxlan {
-                    device: config.vxlan.device.clone(),
-                    source,
-                },
-            )?
-        };
+        let mut devices = MirrorDevices::new(&config.vxlan.device, config.vxlan.port);
+        let (sessions, vxlan_ifindex) = devices.reconcile(&compiled.sessions)?;
         let settings = DatapathSettings {
             vxlan_ifindex,
             flow_idle_timeout: config.flow_idle_timeout(),
             pattern_sample_one_in: config.pattern_sample_one_in,
         };
-        datapath.apply_policy(&compiled, settings)?;
+        datapath.apply_policy(
+            &CompiledPolicy {
+                sessions,
+                ..compiled.clone()
+            },
+            settings,
+        )?;
         datapath.attach(&config.interface, config.attach_mode)?;
         info!(
             interface = config.interface,
@@ -183,7 +175,7 @@ impl LiveAgent {
             config,
             policy,
             datapath,
-            vxlan_ifindex,
+            devices,
             drain: LatencyDrain::default(),
             counters_before: BTreeMap::new(),
             class_before: BTreeMap::new(),
@@ -203,26 +195,27 @@ impl LiveAgent {
     /// Replaces the policy at run time: maps change in place, nothing is detached, and flows
     /// already decided keep their decision.
     ///
-    /// A policy bringing the first mirror sessions creates the VXLAN device then: an agent whose
-    /// file mirrors nothing learns its shadows from the coordinator. The device stays until
-    /// [`LiveAgent::stop`] once created.
+    /// Sessions' VXLAN devices follow the policy ([`MirrorDevices::reconcile`]): an agent whose
+    /// file mirrors nothing learns its shadows from the coordinator.
     pub fn set_policy(&mut self, policy: AgentPolicy) -> Result<(), LiveError> {
         let compiled: CompiledPolicy = policy::compile(&policy)?;
-        if self.vxlan_ifindex == 0 && !compiled.sessions.is_empty() {
-            self.vxlan_ifindex =
-                netlink::create_vxlan_external(&self.config.vxlan.device, self.config.vxlan.port)
-                    .map_err(|source| LiveError::Vxlan {
-                    device: self.config.vxlan.device.clone(),
-                    source,
-                })?;
-            info!(device = %self.config.vxlan.device, "VXLAN device created for the coordinator's mirror sessions");
+        let had_devices = self.devices.any();
+        let (sessions, vxlan_ifindex) = self.devices.reconcile(&compiled.sessions)?;
+        if !had_devices && self.devices.any() {
+            info!("VXLAN devices created for the coordinator's mirror sessions");
         }
         let settings = DatapathSettings {
-            vxlan_ifindex: self.vxlan_ifindex,
+            vxlan_ifindex,
             flow_idle_timeout: self.config.flow_idle_timeout(),
             pattern_sample_one_in: self.config.pattern_sample_one_in,
         };
-        self.datapath.apply_policy(&compiled, settings)?;
+        self.datapath.apply_policy(
+            &CompiledPolicy {
+                sessions,
+                ..compiled
+            },
+            settings,
+        )?;
         self.policy = policy;
         Ok(())
     }
@@ -273,7 +266,7 @@ impl LiveAgent {
     /// shadow has no room for it.
     fn warn_fragmented_copies(&self, counters: &BTreeMap<&'static str, u64>) {
         let fragments = counters.get(IP_FRAGMENTS_CREATED).copied().unwrap_or(0);
-        if fragments == 0 || self.vxlan_ifindex == 0 {
+        if fragments == 0 || !self.devices.any() {
             return;
         }
         let mtu = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", self.config.interface))
@@ -437,14 +430,7 @@ impl LiveAgent {
     /// Detaches the programs and removes the VXLAN device.
     pub fn stop(mut self) -> Result<(), LiveError> {
         let detached = self.datapath.detach_all();
-        let removed = if self.vxlan_ifindex == 0 {
-            Ok(())
-        } else {
-            netlink::delete_link(&self.config.vxlan.device).map_err(|source| LiveError::Vxlan {
-                device: self.config.vxlan.device.clone(),
-                source,
-            })
-        };
+        let removed = self.devices.remove_all().map_err(LiveError::from);
         detached?;
         removed
     }

@@ -72,6 +72,53 @@ pub fn create_vxlan_external(name: &str, dstport: u16) -> Result<u32, NetlinkErr
         RouteNetlinkMessage::NewLink(link),
         NLM_F_CREATE | NLM_F_EXCL,
     )?;
+    set_up(name)
+}
+
+/// Creates a VXLAN device with one fixed remote and VNI, and sets it up. Returns its ifindex. A
+/// device of the same name left by a crashed agent is replaced.
+///
+/// Copies sent through it skip the per-packet tunnel key and, unlike external mode, reuse the
+/// device's cached route to the remote (see `MirrorDevices` in `live.rs`). The outer UDP
+/// checksum is left zero over IPv4 (RFC 7348 allows it) and kept over IPv6 (RFC 6935).
+pub fn create_vxlan_to(
+    name: &str,
+    dstport: u16,
+    vni: u32,
+    remote: std::net::IpAddr,
+) -> Result<u32, NetlinkError> {
+    delete_link(name)?;
+    let group = match remote {
+        std::net::IpAddr::V4(a) => InfoVxlan::Group(a),
+        std::net::IpAddr::V6(a) => InfoVxlan::Group6(a),
+    };
+    let mut link = LinkMessage::default();
+    link.attributes.push(LinkAttribute::IfName(name.to_owned()));
+    link.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Vxlan),
+        LinkInfo::Data(InfoData::Vxlan(vec![
+            InfoVxlan::Id(vni),
+            group,
+            InfoVxlan::Port(dstport),
+            InfoVxlan::Ttl(64),
+            InfoVxlan::Learning(false),
+            InfoVxlan::UDPCsum(false),
+        ])),
+    ]));
+    request_with(
+        RouteNetlinkMessage::NewLink(link),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )?;
+    // Unlike an external-mode device, this one has somewhere to send: once up, the kernel's own
+    // IPv6 (duplicate address detection, MLD, router solicitations) would leave through it to
+    // the shadow. Copies only ever enter it by redirect, so it needs no IPv6 of its own. (A host
+    // without IPv6 has no such file, and nothing to silence.)
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    set_up(name)
+}
+
+/// Sets the link called `name` up; returns its ifindex.
+fn set_up(name: &str) -> Result<u32, NetlinkError> {
     let index = nix::net::if_::if_nametoindex(name)
         .map_err(|e| NetlinkError::Socket(io::Error::from(e)))?;
     let mut up = LinkMessage::default();

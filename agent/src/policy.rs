@@ -252,12 +252,14 @@ fn session_config(i: usize, session: &MirrorSession) -> Result<MirrorSessionConf
             remote_ipv6: [0; 4],
             vni: session.vni,
             ipv6: 0,
+            ifindex: 0,
         },
         IpAddr::V6(v6) => MirrorSessionConfig {
             remote_ipv4: 0,
             remote_ipv6: addr_words(IpAddr::V6(v6)),
             vni: session.vni,
             ipv6: 1,
+            ifindex: 0,
         },
     })
 }

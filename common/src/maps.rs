@@ -282,6 +282,9 @@ pub struct MirrorSessionConfig {
     pub vni: u32,
     /// 1 when the remote is IPv6.
     pub ipv6: u32,
+    /// `ifindex` of this session's own VXLAN device (fixed remote and VNI), 0 to send through
+    /// the external-mode device with a tunnel key instead. The agent fills it in.
+    pub ifindex: u32,
 }
 
 /// Value of `CONFIG` (a one-entry array): what the programs need beyond the tables, and the
@@ -579,7 +582,7 @@ mod datapath_tests {
         assert_eq!(size_of::<FlowState>(), 32);
         assert_eq!(size_of::<ClassConfig>(), 16);
         assert_eq!(size_of::<Rule>(), 4 + 4 + 16 + 16 + 2 + 1 + 1 + 4 + 32 + 32);
-        assert_eq!(size_of::<MirrorSessionConfig>(), 4 + 16 + 4 + 4);
+        assert_eq!(size_of::<MirrorSessionConfig>(), 4 + 16 + 4 + 4 + 4);
         assert_eq!(
             size_of::<DatapathConfig>(),
             8 + 8 + 4 * 6 + 8 * 3 + 20 * MAX_SERVICES as usize

@@ -528,10 +528,10 @@ fn a_killed_agent_is_replaced_cleanly_and_a_stopped_one_leaves_nothing() {
             .wait_timeout(Duration::from_secs(5))
             .is_some()
     );
-    let vxlan_left = t.live.ip(&["link", "show", "doppel-vx0"]);
+    let vxlan_left = t.live.ip(&["link", "show", "doppel-vx0s0"]);
     assert!(
         vxlan_left.is_ok(),
-        "a SIGKILLed agent leaves its VXLAN device (precondition)"
+        "a SIGKILLed agent leaves its sessions' VXLAN devices (precondition)"
     );
 
     let agent = Agent::start(&t.live, "live", &config);
@@ -552,10 +552,12 @@ fn a_killed_agent_is_replaced_cleanly_and_a_stopped_one_leaves_nothing() {
     let mirrored: usize = sink.flows().keys().filter(|(vni, _)| *vni == 101).count();
     assert_eq!(mirrored, 20, "the restarted agent mirrors");
 
-    assert!(
-        t.live.ip(&["link", "show", "doppel-vx0"]).is_err(),
-        "VXLAN device removed on SIGTERM"
-    );
+    for device in ["doppel-vx0s0", "doppel-vx0s1", "doppel-vx0"] {
+        assert!(
+            t.live.ip(&["link", "show", device]).is_err(),
+            "VXLAN device {device} removed on SIGTERM"
+        );
+    }
     let links = t
         .live
         .run("bpftool", &["net", "show", "dev", &t.client_link.b_iface])
@@ -567,6 +569,70 @@ fn a_killed_agent_is_replaced_cleanly_and_a_stopped_one_leaves_nothing() {
         .run("tc", &["qdisc", "show", "dev", &t.client_link.b_iface])
         .expect("tc");
     assert!(!String::from_utf8_lossy(&qdiscs.stdout).contains("clsact"));
+}
+
+#[test]
+fn each_session_gets_its_own_device_and_sessions_sharing_a_vni_fall_back_to_external_mode() {
+    if !privileged_or_skip(
+        "each_session_gets_its_own_device_and_sessions_sharing_a_vni_fall_back_to_external_mode",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    let _server = t.start_server(false);
+    let sinks = [t.start_sink(0, false), t.start_sink(1, false)];
+    // Two sessions, two VNIs: each has its own fixed-remote device and no external one exists.
+    let agent = Agent::start(&t.live, "live", &mirror_all_config(&t));
+    for (device, vni, shadow) in [("doppel-vx0s0", 101, 0), ("doppel-vx0s1", 102, 1)] {
+        let shown = t.live.ip(&["-d", "link", "show", device]).expect(device);
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        let expected = format!("vxlan id {vni} remote {}", t.shadow_addr(shadow, false));
+        assert!(shown.contains(&expected), "{device}: {shown}");
+    }
+    assert!(t.live.ip(&["link", "show", "doppel-vx0"]).is_err());
+    run_flows(&t, false, 10, |i| {
+        vec![format!("GET /own/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
+    });
+    let closed = |sink: &VxlanSink, vni: u32| {
+        sink.flows()
+            .iter()
+            .filter(|((v, _), f)| *v == vni && f.closed)
+            .count()
+    };
+    wait_for(Duration::from_secs(10), || {
+        closed(&sinks[0], 101) >= 10 && closed(&sinks[1], 102) >= 10
+    });
+    let lines = agent.stop();
+    assert_eq!(counter(&lines, "clone_failures"), 0);
+    assert_eq!((closed(&sinks[0], 101), closed(&sinks[1], 102)), (10, 10));
+    // Nothing but copies left through the devices (a device with IPv6 of its own would have
+    // sent the shadows its neighbour discovery too).
+    let received = |sink: &VxlanSink| sink.flows().len();
+    assert_eq!((received(&sinks[0]), received(&sinks[1])), (10, 10));
+
+    // One VNI for both sessions: the kernel refuses the second fixed device (same VNI, same
+    // port), so both go through the external device, which the log says, and both shadows
+    // still receive every flow.
+    let shared = mirror_all_config(&t).replace("vni = 102", "vni = 101");
+    let agent = Agent::start(&t.live, "live", &shared);
+    assert!(agent.wait_for_log(Duration::from_secs(5), "external-mode device"));
+    assert!(t.live.ip(&["link", "show", "doppel-vx0"]).is_ok());
+    for device in ["doppel-vx0s0", "doppel-vx0s1"] {
+        assert!(
+            t.live.ip(&["link", "show", device]).is_err(),
+            "{device} left"
+        );
+    }
+    run_flows(&t, false, 10, |i| {
+        vec![format!("GET /shared/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
+    });
+    wait_for(Duration::from_secs(10), || {
+        closed(&sinks[0], 101) >= 20 && closed(&sinks[1], 101) >= 10
+    });
+    let lines = agent.stop();
+    assert_eq!(counter(&lines, "clone_failures"), 0);
+    assert_eq!((closed(&sinks[0], 101), closed(&sinks[1], 101)), (20, 10));
+    assert!(t.live.ip(&["link", "show", "doppel-vx0"]).is_err());
 }
 
 #[test]
@@ -630,10 +696,12 @@ fn failed_copies_are_logged_with_the_kernels_error() {
     let _server = t.start_server(false);
     let config = mirror_all_config(&t);
     let agent = Agent::start(&t.live, "live", &config);
-    // The VXLAN device goes away under the agent: every copy fails.
-    t.live
-        .ip(&["link", "del", "doppel-vx0"])
-        .expect("delete the device");
+    // The sessions' VXLAN devices go away under the agent: every copy fails.
+    for device in ["doppel-vx0s0", "doppel-vx0s1"] {
+        t.live
+            .ip(&["link", "del", device])
+            .expect("delete the device");
+    }
     run_flows(&t, false, 5, |i| {
         vec![format!("GET /lost/{i} HTTP/1.1\r\nHost: live\r\n\r\n")]
     });
@@ -693,10 +761,12 @@ fn a_closed_stdout_neither_panics_nor_leaves_the_device_behind() {
     assert!(status.success(), "exit status {status:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.contains("stdout is closed"), "said once: {stderr}");
-    assert!(
-        t.live.ip(&["link", "show", "doppel-vx0"]).is_err(),
-        "the VXLAN device was removed"
-    );
+    for device in ["doppel-vx0s0", "doppel-vx0s1"] {
+        assert!(
+            t.live.ip(&["link", "show", device]).is_err(),
+            "the VXLAN device {device} was removed"
+        );
+    }
 }
 
 #[test]
