@@ -1,7 +1,8 @@
 //! The `bpf(2)` commands the data path bench issues itself: run-time statistics for a bounded
-//! window, opening a running agent's programs and maps by id, a map lookup, and
-//! `BPF_PROG_TEST_RUN`. aya loads and attaches programs; it has no test-run call and cannot adopt
-//! another process's programs, and these four commands are all the bench needs.
+//! window, opening a running agent's programs and maps by id, a map lookup,
+//! `BPF_PROG_TEST_RUN`, and a six-instruction drop program for its shadow sinks. aya loads and
+//! attaches the agent's programs; it has no test-run call and cannot adopt another process's
+//! programs, and a program this small needs no object file.
 //!
 //! The attribute layouts are the kernel's `union bpf_attr` members (include/uapi/linux/bpf.h);
 //! the kernel zero-extends a shorter attribute, so each command passes only its own member.
@@ -12,6 +13,10 @@ use std::{
 };
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_TCX_INGRESS: u32 = 46;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
@@ -152,4 +157,83 @@ pub(crate) fn test_run(prog: &OwnedFd, packet: &[u8], repeat: u32) -> io::Result
     };
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
     Ok((attr.duration, attr.retval))
+}
+
+/// `bpf_attr`'s `BPF_PROG_LOAD` member, up to the fields used.
+#[repr(C)]
+struct ProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `bpf_attr`'s `BPF_LINK_CREATE` member for TCX (no relative program, any revision).
+#[repr(C)]
+struct TcxLinkCreate {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    _pad: u32,
+    expected_revision: u64,
+}
+
+/// Attaches to the TCX ingress of `ifindex` (in the calling thread's network namespace) a
+/// program that drops every IPv4 packet and passes the rest (ARP and IPv6 neighbour discovery
+/// keep working); returns the link, which detaches when dropped.
+pub(crate) fn drop_ipv4_at_ingress(ifindex: u32) -> io::Result<OwnedFd> {
+    // r2 = skb->protocol (network order); if r2 != ETH_P_IP goto pass; return TC_ACT_SHOT;
+    // pass: return TC_ACT_OK. Each instruction: opcode, dst | src << 4, offset, immediate.
+    let insn = |code: u8, regs: u8, off: i16, imm: i32| -> u64 {
+        u64::from(code)
+            | u64::from(regs) << 8
+            | u64::from(off as u16) << 16
+            | u64::from(imm as u32) << 32
+    };
+    let program = [
+        insn(0x61, 0x12, 16, 0),                                // ldxw r2, [r1 + 16]
+        insn(0x55, 0x02, 2, i32::from(0x0800u16.swap_bytes())), // jne r2, htons(ETH_P_IP), +2
+        insn(0xb7, 0x00, 0, 2),                                 // mov r0, TC_ACT_SHOT
+        insn(0x95, 0x00, 0, 0),                                 // exit
+        insn(0xb7, 0x00, 0, 0),                                 // mov r0, TC_ACT_OK
+        insn(0x95, 0x00, 0, 0),                                 // exit
+    ];
+    let license = b"GPL\0";
+    let mut name = [0u8; 16];
+    name[..9].copy_from_slice(b"sink_drop");
+    let mut load = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        insn_cnt: program.len() as u32,
+        insns: program.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: name,
+        prog_ifindex: 0,
+        expected_attach_type: 0,
+    };
+    let prog = bpf(BPF_PROG_LOAD, &mut load).map(owned)?;
+    let mut link = TcxLinkCreate {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_TCX_INGRESS,
+        flags: 0,
+        relative_fd: 0,
+        _pad: 0,
+        expected_revision: 0,
+    };
+    bpf(BPF_LINK_CREATE, &mut link).map(owned)
 }
