@@ -141,6 +141,43 @@ fn nginx_shadow_serves_exactly_the_mirrored_safe_requests_and_skips_writes() {
 }
 
 #[test]
+fn live_counts_the_5xx_responses_its_server_sent() {
+    if !privileged_or_skip("live_counts_the_5xx_responses_its_server_sent") {
+        return;
+    }
+    // nginx answers `/fail` with 503 and `/items/..` with 200; the data path reads the status
+    // from the first bytes of each exchange's response.
+    let t = Topology::new();
+    let live_nginx = Nginx::start(&t.live, t.live_addr(), 8080);
+    let live = t.live_agent(&[8080]);
+    const FLOWS: usize = 6;
+    http_flows(&t, live_nginx.addr, FLOWS, |i| {
+        vec![
+            "GET /fail HTTP/1.1\r\nHost: live\r\n\r\n".to_owned(),
+            format!("GET /items/{i} HTTP/1.1\r\nHost: live\r\n\r\n"),
+        ]
+    });
+    let log = live_nginx.access_log_of(2 * FLOWS);
+    // The server's own record: it served `/fail` (its config's `return 503`) once a flow.
+    assert_eq!(
+        log.iter().filter(|l| *l == "GET /fail").count(),
+        FLOWS,
+        "{log:?}"
+    );
+    wait_for(Duration::from_secs(5), || {
+        live.counter("exchanges") >= 2 * FLOWS as u64
+    });
+    let lines = live.stop();
+    assert_eq!(counter(&lines, "exchanges"), 2 * FLOWS as u64);
+    assert_eq!(
+        counter(&lines, "http_5xx"),
+        FLOWS as u64,
+        "one 503 per flow"
+    );
+    assert_eq!(counter(&lines, "error_replies"), 0, "a 200 is no error");
+}
+
+#[test]
 fn allowed_writes_are_replayed_and_amplification_doubles_the_requests() {
     if !privileged_or_skip("allowed_writes_are_replayed_and_amplification_doubles_the_requests") {
         return;
