@@ -9,8 +9,8 @@
 //!   the epoch seed against the class's rate;
 //! - clone every later client packet of a mirrored flow that carries payload, FIN or RST to each
 //!   mirror session through the session's own VXLAN device (fixed remote and VNI), or through
-//!   the external-mode device with a tunnel key naming the shadow host and the session's VNI (pure ACKs carry nothing a replay uses; see
-//!   `MIRROR_KEEPALIVE_NS`);
+//!   the external-mode device with a tunnel key naming the shadow host and the session's VNI
+//!   (pure ACKs carry nothing a replay uses; see `MIRROR_KEEPALIVE_NS`);
 //! - time each exchange (last client payload packet -> first response payload packet) into
 //!   per-CPU log-linear histograms per service x class, for all flows and for mirrored ones.
 //!
@@ -411,10 +411,10 @@ fn on_client_packet(ctx: &TcContext, config: &DatapathConfig, packet: &Packet) {
     unsafe {
         (*state).last_seen_ns = now;
         let deciding = payload && (*state).flags & FLOW_DECIDED == 0;
+        if deciding {
+            decide(ctx, packet, config, &mut *state, now);
+        }
         if payload {
-            if deciding {
-                decide(ctx, packet, config, &mut *state, now);
-            }
             (*state).flags |= FLOW_AWAITING_RESPONSE;
         }
         // Copies carry what the replay uses: payload, FIN and RST, and a pure ACK only as a
@@ -863,6 +863,8 @@ fn mirror(ctx: &TcContext, config: &DatapathConfig, flow: &FlowKey) {
     let (tag, had_hash) = unsafe { ((*skb).tc_index, (*skb).hash != 0) };
     unsafe { (*skb).tc_index = COPY_TAG };
     if !had_hash {
+        // Never 0, which reads as "no hash". (Computed again per copied packet rather than
+        // stored in the flow: a few multiplies against the copy's microsecond.)
         // SAFETY: plain helper call on this program's packet.
         unsafe { bpf_set_hash(skb, flow_hash(flow, config.sampling_seed) | 1) };
     }

@@ -138,6 +138,30 @@ pub struct LiveAgent {
     interval_start: SystemTime,
 }
 
+/// Gives every session of `compiled` its device, then writes the policy, each session with the
+/// device it leaves through, into the data path's maps.
+fn apply(
+    datapath: &mut Datapath,
+    devices: &mut MirrorDevices,
+    config: &LiveConfig,
+    compiled: CompiledPolicy,
+) -> Result<(), LiveError> {
+    let (sessions, vxlan_ifindex) = devices.reconcile(&compiled.sessions)?;
+    let settings = DatapathSettings {
+        vxlan_ifindex,
+        flow_idle_timeout: config.flow_idle_timeout(),
+        pattern_sample_one_in: config.pattern_sample_one_in,
+    };
+    datapath.apply_policy(
+        &CompiledPolicy {
+            sessions,
+            ..compiled
+        },
+        settings,
+    )?;
+    Ok(())
+}
+
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -150,25 +174,12 @@ impl LiveAgent {
         let compiled = policy::compile(&policy)?;
         let mut datapath = Datapath::load()?;
         let mut devices = MirrorDevices::new(&config.vxlan.device, config.vxlan.port);
-        let (sessions, vxlan_ifindex) = devices.reconcile(&compiled.sessions)?;
-        let settings = DatapathSettings {
-            vxlan_ifindex,
-            flow_idle_timeout: config.flow_idle_timeout(),
-            pattern_sample_one_in: config.pattern_sample_one_in,
-        };
-        datapath.apply_policy(
-            &CompiledPolicy {
-                sessions,
-                ..compiled.clone()
-            },
-            settings,
-        )?;
+        let (services, sessions) = (compiled.services.len(), compiled.sessions.len());
+        apply(&mut datapath, &mut devices, &config, compiled)?;
         datapath.attach(&config.interface, config.attach_mode)?;
         info!(
             interface = config.interface,
-            services = compiled.services.len(),
-            sessions = compiled.sessions.len(),
-            "live data path running"
+            services, sessions, "live data path running"
         );
         let sampler = ResourceSampler::new(config.workload_source());
         let mut agent = Self {
@@ -200,22 +211,15 @@ impl LiveAgent {
     pub fn set_policy(&mut self, policy: AgentPolicy) -> Result<(), LiveError> {
         let compiled: CompiledPolicy = policy::compile(&policy)?;
         let had_devices = self.devices.any();
-        let (sessions, vxlan_ifindex) = self.devices.reconcile(&compiled.sessions)?;
+        apply(
+            &mut self.datapath,
+            &mut self.devices,
+            &self.config,
+            compiled,
+        )?;
         if !had_devices && self.devices.any() {
             info!("VXLAN devices created for the coordinator's mirror sessions");
         }
-        let settings = DatapathSettings {
-            vxlan_ifindex,
-            flow_idle_timeout: self.config.flow_idle_timeout(),
-            pattern_sample_one_in: self.config.pattern_sample_one_in,
-        };
-        self.datapath.apply_policy(
-            &CompiledPolicy {
-                sessions,
-                ..compiled
-            },
-            settings,
-        )?;
         self.policy = policy;
         Ok(())
     }

@@ -3,8 +3,8 @@
 //! Each mirror session gets a device of its own with a fixed remote and VNI
 //! (`<vxlan.device>s<N>`). The programs then send a copy with one `bpf_clone_redirect`, and the
 //! device reuses its cached route to the shadow; through an external-mode (collect_md) device each
-//! copy needs a tunnel key and a route lookup of its own, which measured about
-//! `bench datapath`'s `copy_ns` difference more per copy.
+//! copy needs a tunnel key and a route lookup of its own (`bench datapath`, one run alternating
+//! the two: a copy in the cost rounds 879 -> 760 ns, with the single clock read of that change).
 //!
 //! The external-mode device (`<vxlan.device>`) remains the fallback. The kernel cannot open a
 //! fixed-remote device beside an external one on the same UDP port (their sockets differ), nor two

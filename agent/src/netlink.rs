@@ -58,19 +58,9 @@ pub fn delete_clsact_qdisc(ifindex: u32) -> Result<(), NetlinkError> {
 /// the TC program) says where it goes, and sets it up. Returns its ifindex. A device of the same
 /// name left by a crashed agent is replaced.
 pub fn create_vxlan_external(name: &str, dstport: u16) -> Result<u32, NetlinkError> {
-    delete_link(name)?;
-    let mut link = LinkMessage::default();
-    link.attributes.push(LinkAttribute::IfName(name.to_owned()));
-    link.attributes.push(LinkAttribute::LinkInfo(vec![
-        LinkInfo::Kind(InfoKind::Vxlan),
-        LinkInfo::Data(InfoData::Vxlan(vec![
-            InfoVxlan::CollectMetadata(true),
-            InfoVxlan::Port(dstport),
-        ])),
-    ]));
-    request_with(
-        RouteNetlinkMessage::NewLink(link),
-        NLM_F_CREATE | NLM_F_EXCL,
+    create_vxlan(
+        name,
+        vec![InfoVxlan::CollectMetadata(true), InfoVxlan::Port(dstport)],
     )?;
     set_up(name)
 }
@@ -79,35 +69,28 @@ pub fn create_vxlan_external(name: &str, dstport: u16) -> Result<u32, NetlinkErr
 /// device of the same name left by a crashed agent is replaced.
 ///
 /// Copies sent through it skip the per-packet tunnel key and, unlike external mode, reuse the
-/// device's cached route to the remote (see `MirrorDevices` in `live.rs`). The outer UDP
-/// checksum is left zero over IPv4 (RFC 7348 allows it) and kept over IPv6 (RFC 6935).
+/// device's cached route to the remote (see `mirror_devices`). The outer UDP checksum is left
+/// zero over IPv4 (RFC 7348 allows it) and kept over IPv6 (RFC 6935).
 pub fn create_vxlan_to(
     name: &str,
     dstport: u16,
     vni: u32,
     remote: std::net::IpAddr,
 ) -> Result<u32, NetlinkError> {
-    delete_link(name)?;
     let group = match remote {
         std::net::IpAddr::V4(a) => InfoVxlan::Group(a),
         std::net::IpAddr::V6(a) => InfoVxlan::Group6(a),
     };
-    let mut link = LinkMessage::default();
-    link.attributes.push(LinkAttribute::IfName(name.to_owned()));
-    link.attributes.push(LinkAttribute::LinkInfo(vec![
-        LinkInfo::Kind(InfoKind::Vxlan),
-        LinkInfo::Data(InfoData::Vxlan(vec![
+    create_vxlan(
+        name,
+        vec![
             InfoVxlan::Id(vni),
             group,
             InfoVxlan::Port(dstport),
             InfoVxlan::Ttl(64),
             InfoVxlan::Learning(false),
             InfoVxlan::UDPCsum(false),
-        ])),
-    ]));
-    request_with(
-        RouteNetlinkMessage::NewLink(link),
-        NLM_F_CREATE | NLM_F_EXCL,
+        ],
     )?;
     // Unlike an external-mode device, this one has somewhere to send: once up, the kernel's own
     // IPv6 (duplicate address detection, MLD, router solicitations) would leave through it to
@@ -115,6 +98,21 @@ pub fn create_vxlan_to(
     // without IPv6 has no such file, and nothing to silence.)
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
     set_up(name)
+}
+
+/// Creates the VXLAN device `name` (down) with `data`, replacing one of that name.
+fn create_vxlan(name: &str, data: Vec<InfoVxlan>) -> Result<(), NetlinkError> {
+    delete_link(name)?;
+    let mut link = LinkMessage::default();
+    link.attributes.push(LinkAttribute::IfName(name.to_owned()));
+    link.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Vxlan),
+        LinkInfo::Data(InfoData::Vxlan(data)),
+    ]));
+    request_with(
+        RouteNetlinkMessage::NewLink(link),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )
 }
 
 /// Sets the link called `name` up; returns its ifindex.

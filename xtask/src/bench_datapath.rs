@@ -22,9 +22,9 @@
 //!   without them. Part of those reads falls inside the window the statistics time, and that
 //!   part, measured on the same programs by test_run (the statistics' own figure for the
 //!   established packet less test_run's without them), is taken off: the meter is not the
-//!   data path. The raw figure is printed before. The cost rounds with 10 % of flows mirrored, the cost of one copy derived from
-//!   them and the share of client packets actually mirrored (sampling is per flow, of wrk's 50)
-//!   are printed on a line before;
+//!   data path. The raw figure is printed before, as are the cost rounds with 10 % of flows
+//!   mirrored, the cost of one copy derived from them and the share of client packets actually
+//!   mirrored (sampling is per flow, of wrk's 50);
 //! - `test_run_ns`: an established, unsampled client payload packet through the ingress program,
 //!   by `BPF_PROG_TEST_RUN` (1,000,000 runs) on the running agent's own programs and maps, the
 //!   median of 5 rounds that alternate the agents; every packet kind is printed on a line before

@@ -5,10 +5,7 @@
 //! 2. `bpf-linker`, both by `doppel_ebpf_toolchain::ensure` (see that crate for how);
 //! 3. The Debian packages the tests use, only those missing.
 
-use std::{
-    process::{Command, Stdio},
-    time::Instant,
-};
+use std::{process::Command, time::Instant};
 
 use anyhow::Context as _;
 
@@ -65,20 +62,6 @@ pub(crate) fn run(_options: &Options) -> anyhow::Result<EbpfToolchain> {
     Ok(toolchain)
 }
 
-fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "`{program} {}` failed",
-        args.join(" ")
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn debian_packages() -> anyhow::Result<()> {
     ensure_debian_packages(DEBIAN_PACKAGES)
 }
@@ -90,7 +73,7 @@ pub(crate) fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            output("dpkg-query", &["-W", "-f=${Status}", p])
+            doppel_ebpf_toolchain::output("dpkg-query", &["-W", "-f=${Status}", p])
                 .map_or(true, |s| !s.contains("install ok installed"))
         })
         .collect();

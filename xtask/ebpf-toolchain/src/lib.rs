@@ -66,7 +66,9 @@ pub fn ensure(say: &mut dyn FnMut(&str)) -> anyhow::Result<EbpfToolchain> {
     Ok(toolchain)
 }
 
-fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
+/// Runs `program` with `args` (without the outer build's compiler environment) and returns its
+/// standard output; an error when it cannot run or fails.
+pub fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = without_outer_build_env(Command::new(program).args(args))
         .stderr(Stdio::null())
         .output()
