@@ -32,3 +32,11 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
         Target::Ingest(o) => crate::bench_ingest::run(o),
     }
 }
+
+/// Pins the calling thread to `cpu`.
+pub(crate) fn pin_thread(cpu: usize) -> anyhow::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}

@@ -6,6 +6,10 @@
 //! [`KernelSink`]): a shadow is another machine in production, and its receive work is not the
 //! live host's cost.
 //!
+//! The client (wrk, the paced client's threads) runs on CPU 0 and nginx on CPU 1, so the
+//! scheduler does not move them between rounds: the client's packets, and the ingress program,
+//! are processed on CPU 0, nginx's responses and the egress program on CPU 1.
+//!
 //! Every round also runs the agent off twice, and the second run's figures (throughput ratio
 //! and p99 added against the first) are printed as an A/A control: the band the machine's noise
 //! alone spans, against which the agent's figures can be read.
@@ -14,7 +18,13 @@
 //! - `throughput_ratio`: wrk's requests/s with the agent on / off (mean over rounds);
 //! - `p99_added_us`: p99 at half the agent-off maximum, on minus off, from an open-loop paced
 //!   client (latency counted from each request's scheduled time, so stalls are not hidden): the
-//!   mean of the per-round differences, with its 95 % confidence interval printed before;
+//!   median of the per-round differences. A round's p99 is set by the worst few milliseconds of
+//!   its window, and a stall of the whole virtual machine (the host running another guest,
+//!   counted as steal time, printed per round) moves one round's p99 by milliseconds, so the
+//!   mean of the differences resolves nothing; the median, with its distribution-free 95 %
+//!   interval (order statistics of the binomial), is not moved by a few stalled rounds. The
+//!   same figures at 10 % of capacity, the mean with its t interval and the A/A control's
+//!   difference, computed exactly as the agent's, are printed before;
 //! - `ns_per_packet`: the TC programs' `run_time_ns / run_cnt` under wrk's load with nothing
 //!   mirrored (inspection alone), from dedicated cost rounds. Run-time statistics add two clock
 //!   reads to every program run, which production does not pay, so they are on only in those
@@ -70,11 +80,18 @@ pub(crate) struct Options {
     /// median is reported.
     #[arg(long, default_value_t = 5)]
     test_run_rounds: u32,
-    /// Half-load latency rounds; each runs agent off, agent off again (the A/A control) and on
-    /// back to back (the order rotates), and the p99 added is the mean of the per-round
+    /// Latency rounds per load; each runs agent off, agent off again (the A/A control) and on
+    /// back to back (the order rotates), and the p99 added is the median of the per-round
     /// differences.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 12)]
     latency_rounds: u32,
+    /// Seconds per latency round.
+    #[arg(long, default_value_t = 3)]
+    latency_seconds: u64,
+    /// Loads of the latency rounds, percent of the agent-off capacity (wrk's mean); the last
+    /// gives `p99_added_us`.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![10.0, 50.0])]
+    latency_loads: Vec<f64>,
     /// Measure this agent binary instead of building the workspace's (to compare two builds
     /// under the same conditions).
     #[arg(long)]
@@ -94,6 +111,10 @@ pub(crate) struct Options {
 const CPU_PHASE_INTERVAL_MS: u32 = 1000;
 
 const PORT: u16 = 8080;
+
+/// The CPUs the client and nginx are pinned to (see the module docs).
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
 
 struct Bed {
     client: Host,
@@ -129,9 +150,9 @@ fn setup_bed() -> anyhow::Result<Bed> {
         addr = client_link.b_v4,
     );
     std::fs::write(dir.join("nginx.conf"), conf)?;
-    let mut nginx = live.command("nginx");
+    let mut nginx = live.command("taskset");
     nginx
-        .args(["-p"])
+        .args(["-c", &SERVER_CPU.to_string(), "nginx", "-p"])
         .arg(&dir)
         .arg("-c")
         .arg(dir.join("nginx.conf"))
@@ -246,12 +267,34 @@ fn start_agent(
     Ok(process)
 }
 
+/// Stops an agent and waits for the kernel's cleanup after it. Its exit deletes the mirror
+/// devices and frees its maps (65,536 preallocated flow entries and the per-CPU arrays), and the
+/// kernel does that work in the background: measured without the wait, the paced client's p99
+/// in the agent-off slot that followed an agent was 5-10 ms at half load (at most 0.2 ms in
+/// every other slot), which made the A/A control span 16 ms.
+fn stop_agent(mut process: Process) {
+    process.stop(Duration::from_secs(5));
+    thread::sleep(AGENT_CLEANUP);
+}
+
+/// How long [`stop_agent`] waits.
+const AGENT_CLEANUP: Duration = Duration::from_secs(2);
+
 /// wrk's requests/s for `seconds` with 50 keep-alive connections.
 fn wrk(bed: &Bed, seconds: u64) -> anyhow::Result<f64> {
     let url = format!("http://{}:{PORT}/", bed.client_link.b_v4);
-    let out = bed
-        .client
-        .run("wrk", &["-t1", "-c50", &format!("-d{seconds}s"), &url])?;
+    let out = bed.client.run(
+        "taskset",
+        &[
+            "-c",
+            &CLIENT_CPU.to_string(),
+            "wrk",
+            "-t1",
+            "-c50",
+            &format!("-d{seconds}s"),
+            &url,
+        ],
+    )?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
@@ -276,6 +319,7 @@ fn paced(
                     // The default 50 us timer slack would make every wake-up late by a random
                     // amount that has nothing to do with the agent and lands in the figure.
                     nix::sys::prctl::set_timerslack(1)?;
+                    crate::bench::pin_thread(CLIENT_CPU)?;
                     let mut h = hdrhistogram::Histogram::new_with_bounds(1, 10_000_000_000, 3)?;
                     let mut conn = {
                         let _inside = bed.client.enter()?;
@@ -397,6 +441,61 @@ fn prog_stats(pid: u32) -> anyhow::Result<[ProgStats; 2]> {
     Ok(stats)
 }
 
+/// The per-round p99 differences as the summary prints them: the median with its
+/// distribution-free 95 % interval, then the mean with its t interval.
+fn describe_added(values: &[f64]) -> String {
+    let (median, low, high) = median_ci95(values);
+    let (mean, ci) = mean_ci95(values);
+    format!(
+        "median {median:.1} us [{low:.1}, {high:.1}] (95 %, {} rounds); mean {mean:.1} +/- {ci:.1}",
+        values.len()
+    )
+}
+
+/// The median and a distribution-free 95 % confidence interval for it: the order statistics
+/// `k` and `n + 1 - k` (1-based) for the largest `k` with P(Bin(n, 1/2) < k) <= 2.5 %. With
+/// fewer than 6 values no such `k` exists and the interval is the whole range (its coverage is
+/// then below 95 %).
+fn median_ci95(values: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    // P(X <= j) for X ~ Bin(n, 1/2), accumulated term by term.
+    let mut k = 1;
+    let mut term = 0.5_f64.powi(n as i32);
+    let mut below = term; // P(X <= 0)
+    for j in 1..n {
+        if below > 0.025 {
+            break;
+        }
+        // P(X <= j - 1) <= 2.5 %: the j-th order statistic is still a lower bound.
+        k = j;
+        term *= (n - j + 1) as f64 / j as f64;
+        below += term;
+    }
+    (median, sorted[k - 1], sorted[n - k])
+}
+
+/// Steal time of the whole machine so far, in ticks (1/100 s): what the hypervisor gave other
+/// guests while this one had work.
+fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            let cpu = stat.lines().next()?.to_owned();
+            cpu.split_whitespace().nth(8)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
 /// Mean and the half-width of its 95 % confidence interval (Student's t).
 fn mean_ci95(values: &[f64]) -> (f64, f64) {
     let n = values.len();
@@ -490,9 +589,9 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
             } else {
                 0.0
             };
-            let mut process = start_agent(&bed, &figures.path, percent, 10_000)?;
+            let process = start_agent(&bed, &figures.path, percent, 10_000)?;
             let rps = wrk(&bed, seconds)?;
-            process.stop(Duration::from_secs(5));
+            stop_agent(process);
             if mirrored {
                 figures.on.push(rps);
             } else {
@@ -527,13 +626,13 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
             } else {
                 0.0
             };
-            let mut process = start_agent(&bed, &figures.path, percent, 10_000)?;
+            let process = start_agent(&bed, &figures.path, percent, 10_000)?;
             let stats_on = crate::bpf_sys::enable_stats().context("BPF_ENABLE_STATS")?;
             let (before, copies_before) = (prog_stats(process.pid())?, copies(&bed)?);
             let _ = wrk(&bed, seconds)?;
             let after = prog_stats(process.pid())?;
             drop(stats_on);
-            process.stop(Duration::from_secs(5));
+            stop_agent(process);
             let totals = if mirrored {
                 figures.mirrored_copies += copies(&bed)? - copies_before;
                 &mut figures.mirrored_stats
@@ -558,12 +657,12 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     let mut rounds: Vec<Vec<kinds::Costs>> = vec![Vec::new(); agents.len()];
     for round in 0..options.test_run_rounds.max(1) {
         for i in (0..agents.len()).map(|i| (i + round as usize) % agents.len()) {
-            let mut process = start_agent(&bed, &agents[i].path, options.mirror_percent, 10_000)?;
+            let process = start_agent(&bed, &agents[i].path, options.mirror_percent, 10_000)?;
             let costs = {
                 let _inside = bed.live.enter()?;
                 kinds::measure(process.pid(), service, options.test_run_repeat, 200)?
             };
-            process.stop(Duration::from_secs(5));
+            stop_agent(process);
             rounds[i].push(costs);
         }
     }
@@ -587,45 +686,65 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
         f.kinds = Some(costs);
     }
 
-    let half = mean(&off) / 2.0;
+    let capacity = mean(&off);
     let mut latency_off = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
-    // Per round: p99 of the agent-off control minus p99 off (the A/A difference), us.
+    // Per load, per round: p99 of the agent-off control minus p99 off (the A/A difference), us.
     let mut control_added = Vec::new();
-    for round in 0..options.latency_rounds {
-        // Slot 0 is agent off, slot 1 agent off again (control); the order rotates.
-        let slots = 2 + agents.len();
-        let mut p99 = vec![0.0; slots];
-        for slot in (0..slots).map(|i| (i + round as usize) % slots) {
-            let process = match slot {
-                0 | 1 => None,
-                _ => Some(start_agent(
-                    &bed,
-                    &agents[slot - 2].path,
-                    options.mirror_percent,
-                    10_000,
-                )?),
-            };
-            let h = paced(&bed, half, 8, seconds)?;
-            p99[slot] = h.value_at_quantile(0.99) as f64 / 1e3;
-            match slot {
-                0 => latency_off.add(h)?,
-                1 => {}
-                _ => agents[slot - 2].latency_on.add(h)?,
-            }
-            if let Some(mut process) = process {
-                process.stop(Duration::from_secs(5));
-            }
+    let loads = &options.latency_loads;
+    anyhow::ensure!(!loads.is_empty(), "--latency-loads names no load");
+    for (load_index, &load) in loads.iter().enumerate() {
+        let rate = capacity * load / 100.0;
+        let last_load = load_index + 1 == loads.len();
+        control_added.push(Vec::new());
+        for f in &mut agents {
+            f.added.push(Vec::new());
         }
-        control_added.push(p99[1] - p99[0]);
-        let mut line = format!(
-            "  half load {half:.0} req/s, round {round}: p99 off {:.1} us, off again {:.1} us",
-            p99[0], p99[1]
-        );
-        for (f, on) in agents.iter_mut().zip(&p99[2..]) {
-            f.added.push(on - p99[0]);
-            line += &format!(", {} on {on:.1} us", f.label);
+        for round in 0..options.latency_rounds {
+            // Slot 0 is agent off, slot 1 agent off again (control); the order rotates.
+            let slots = 2 + agents.len();
+            let mut p99 = vec![0.0; slots];
+            let mut steal = vec![0.0; slots];
+            for slot in (0..slots).map(|i| (i + round as usize) % slots) {
+                let process = match slot {
+                    0 | 1 => None,
+                    _ => Some(start_agent(
+                        &bed,
+                        &agents[slot - 2].path,
+                        options.mirror_percent,
+                        10_000,
+                    )?),
+                };
+                let steal_before = steal_ticks();
+                let started = Instant::now();
+                let h = paced(&bed, rate, 8, options.latency_seconds)?;
+                steal[slot] =
+                    (steal_ticks() - steal_before) as f64 / 100.0 / started.elapsed().as_secs_f64()
+                        * 100.0;
+                p99[slot] = h.value_at_quantile(0.99) as f64 / 1e3;
+                if last_load {
+                    match slot {
+                        0 => latency_off.add(h)?,
+                        1 => {}
+                        _ => agents[slot - 2].latency_on.add(h)?,
+                    }
+                }
+                if let Some(process) = process {
+                    stop_agent(process);
+                }
+            }
+            control_added[load_index].push(p99[1] - p99[0]);
+            let mut line = format!(
+                "  {load} % load ({rate:.0} req/s), round {round}: p99 off {:.1} us, off again {:.1} us",
+                p99[0], p99[1]
+            );
+            for (f, on) in agents.iter_mut().zip(&p99[2..]) {
+                f.added[load_index].push(on - p99[0]);
+                line += &format!(", {} on {on:.1} us", f.label);
+            }
+            let steal: Vec<String> = steal.iter().map(|s| format!("{s:.1}")).collect();
+            line += &format!("; steal % of one CPU per slot {}", steal.join("/"));
+            println!("{line}");
         }
-        println!("{line}");
     }
 
     warn_if_stats_on("latency");
@@ -653,9 +772,8 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     );
     // The control's figures, computed exactly as the agent's: how far the machine's noise alone
     // moves them. An agent figure inside this band is not distinguishable from no agent here.
-    let (control_p99, control_ci) = mean_ci95(&control_added);
     println!(
-        "  agent-off control (A/A): throughput ratio {:.3} (per round {}); p99 added {control_p99:.1} us +/- {control_ci:.1} (95 % CI over {} rounds)",
+        "  agent-off control (A/A): throughput ratio {:.3} (per round {})",
         mean(&off_control) / mean(&off),
         off_control
             .iter()
@@ -663,11 +781,16 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
             .map(|(c, o)| format!("{:.3}", c / o))
             .collect::<Vec<_>>()
             .join(" "),
-        control_added.len()
     );
+    for (load, control) in loads.iter().zip(&control_added) {
+        println!(
+            "  agent-off control (A/A) at {load} % load: p99 added {}",
+            describe_added(control)
+        );
+    }
     let lines = agents
         .iter()
-        .map(|f| f.report(&off, options.mirror_percent))
+        .map(|f| f.report(&off, options.mirror_percent, loads))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mirrored = bed
         .sinks
@@ -715,8 +838,8 @@ struct Figures {
     inspect_stats: [ProgStats; 2],
     /// Copies the shadows received in the mirrored rounds.
     mirrored_copies: u64,
-    /// Per latency round: p99 on minus p99 off, us.
-    added: Vec<f64>,
+    /// Per latency load, per round: p99 on minus p99 off, us.
+    added: Vec<Vec<f64>>,
     latency_on: hdrhistogram::Histogram<u64>,
     agent_cpu_pct: f64,
     /// Per packet kind, by `BPF_PROG_TEST_RUN`.
@@ -742,7 +865,7 @@ impl Figures {
     }
 
     /// Prints the detail lines and returns the summary figures.
-    fn report(&self, off: &[f64], mirror_percent: f64) -> anyhow::Result<String> {
+    fn report(&self, off: &[f64], mirror_percent: f64, loads: &[f64]) -> anyhow::Result<String> {
         let throughput_ratio = mean(&self.on) / mean(off);
         let mut mirrored_total = self.mirrored_stats[0];
         mirrored_total.add(self.mirrored_stats[1]);
@@ -767,12 +890,19 @@ impl Figures {
         // copy cost in ns_per_packet can be read against it.
         let mirrored_share =
             copies as f64 / 2.0 / self.mirrored_stats[0].run_cnt.max(1) as f64 * 100.0;
-        let (p99_added_us, p99_added_ci) = mean_ci95(&self.added);
         let label = self.label;
+        for (load, added) in loads.iter().zip(&self.added) {
+            println!(
+                "  {label} at {load} % load: p99 added {}",
+                describe_added(added)
+            );
+        }
+        let last = self.added.last().map_or(&[][..], Vec::as_slice);
+        let (p99_added_us, _, _) = median_ci95(last);
         println!(
-            "  {label}: p99 added {p99_added_us:.1} us +/- {p99_added_ci:.1} (95 % CI over {} rounds); pooled p99 on {:.1} us",
-            self.added.len(),
+            "  {label}: pooled p99 on {:.1} us at {} % load",
             self.latency_on.value_at_quantile(0.99) as f64 / 1e3,
+            loads.last().copied().unwrap_or_default()
         );
         println!(
             "  {label}: throughput with nothing mirrored: {:.3} of agent off",
@@ -802,5 +932,25 @@ impl Figures {
             "throughput_ratio={throughput_ratio:.3} p99_added_us={p99_added_us:.1} ns_per_packet={ns_per_packet:.0} agent_cpu_pct={:.2} test_run_ns={test_run_ns:.0} copy_ns={copy_test_run_ns:.0}",
             self.agent_cpu_pct
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_ci95;
+
+    #[test]
+    fn the_median_interval_takes_the_binomial_order_statistics() {
+        let values: Vec<f64> = (1..=12).map(f64::from).collect();
+        // Bin(12, 1/2): P(X <= 2) = 1.9 %, P(X <= 3) = 7.3 %: the 3rd and 10th values.
+        assert_eq!(median_ci95(&values), (6.5, 3.0, 10.0));
+        // Bin(10, 1/2): P(X <= 1) = 1.1 %, P(X <= 2) = 5.5 %: the 2nd and 9th.
+        assert_eq!(median_ci95(&values[..10]), (5.5, 2.0, 9.0));
+        // Five values: no order statistic reaches 95 %, so the whole range.
+        assert_eq!(median_ci95(&[5.0, 1.0, 3.0, 2.0, 4.0]), (3.0, 1.0, 5.0));
+        // One stalled round moves the mean by milliseconds and the median not at all.
+        let mut stalled = values;
+        stalled[11] = 30_000.0;
+        assert_eq!(median_ci95(&stalled), (6.5, 3.0, 10.0));
     }
 }

@@ -948,13 +948,6 @@ fn process_cpu_ticks(pid: u32) -> u64 {
         .sum()
 }
 
-fn pin_thread(cpu: usize) -> anyhow::Result<()> {
-    let mut set = CpuSet::new();
-    set.set(cpu)?;
-    sched_setaffinity(Pid::from_raw(0), &set)?;
-    Ok(())
-}
-
 /// Pins every thread of every process now inside `host` to `cpu` and moves the processes into
 /// `cgroup` (children started later inherit both).
 fn confine_host_processes(host: &Host, cpu: usize, cgroup: &Cgroup) -> anyhow::Result<()> {
@@ -1224,7 +1217,7 @@ fn paced(
                 let (begin, start) = (&begin, &start);
                 s.spawn(move || -> anyhow::Result<(u64, Instant)> {
                     let setup = (|| -> anyhow::Result<Option<TcpStream>> {
-                        pin_thread(cpu)?;
+                        crate::bench::pin_thread(cpu)?;
                         // The default 50 us timer slack would make every wake-up late.
                         nix::sys::prctl::set_timerslack(1)?;
                         Ok(match workload {
