@@ -141,7 +141,12 @@ impl MirrorSteering {
                     .and_then(|(_, body)| serde_json::from_value(body).ok());
                 e.insert(Learner {
                     planner,
-                    last_report_id: store.last_report_id()?,
+                    // Reports of the last hour that landed before the first round (the agent's
+                    // spool delivers a burst at once; a busy coordinator's first round can come
+                    // after all of it) are read, not skipped: starting at the newest id left such
+                    // a workload without a plan until new reports came.
+                    last_report_id: store
+                        .report_id_before_intervals_since(now_ms - NEW_LEARNER_LOOKBACK_MS)?,
                     published,
                 })
             }
@@ -231,6 +236,9 @@ impl MirrorSteering {
         Ok(material)
     }
 }
+
+/// How far back a workload's new learner reads the reports already stored.
+const NEW_LEARNER_LOOKBACK_MS: i64 = 3_600_000;
 
 /// One shadow's coverage of live's mix, as `doppel patterns` shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
