@@ -182,7 +182,6 @@ impl Store {
         Ok(totals)
     }
 
-    /// The newest report row id (0 when there is none).
     /// The id a new pattern learner reads after: just before the first report whose interval
     /// started at or after `since_ms`, or the newest report when none did.
     pub fn report_id_before_intervals_since(&self, since_ms: i64) -> Result<i64, StoreError> {
@@ -194,12 +193,6 @@ impl Store {
                 |r| r.get(0),
             )
             .map_err(sql("read the first recent report id"))
-    }
-
-    pub fn last_report_id(&self) -> Result<i64, StoreError> {
-        self.conn
-            .query_row("SELECT coalesce(max(id), 0) FROM reports", [], |r| r.get(0))
-            .map_err(sql("read last report id"))
     }
 
     /// Stores a workload's newest mirror plan. With `publish`, it also bumps the policy revision
