@@ -364,3 +364,94 @@ pub fn changes_what_agents_do(old: &MirrorPlan, new: &MirrorPlan) -> bool {
             || ((ra - rb).abs() > RATE_CHANGE * ra.max(rb) && (ra - rb).abs() > RATE_CHANGE_PPM)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use doppel_common::{
+        maps::CLASS_FLOWS_COUNTER,
+        wire::{Counter, IntervalReport, PatternCount, ResourceUsage},
+    };
+
+    use super::*;
+    use crate::store::CheckedReport;
+
+    const NOW_MS: i64 = 1_800_000_000_000;
+
+    /// A live agent's report of one second, `secs_ago` before `NOW_MS`.
+    fn live_report(seq: u64, secs_ago: i64) -> CheckedReport {
+        CheckedReport::check(IntervalReport {
+            seq,
+            interval_start_unix_ms: (NOW_MS - secs_ago * 1000) as u64,
+            interval_ms: 1_000,
+            histograms: vec![],
+            counters: vec![Counter {
+                name: format!("{CLASS_FLOWS_COUNTER}0"),
+                value: 40,
+            }],
+            host: ResourceUsage::default(),
+            workload: None,
+            patterns: vec![PatternCount {
+                pattern: "GET /items/{n}".into(),
+                flows: 4,
+            }],
+        })
+    }
+
+    /// A learning workload's store after its live agent's spool delivered `reports`, and the
+    /// steering's first round.
+    /// The store lives in the returned directory.
+    fn first_round(
+        reports: &[CheckedReport],
+    ) -> (Vec<String>, Arc<Mutex<Store>>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open_in(dir.path()).expect("open");
+        let mut spec = crate::policy::tests::web();
+        spec.policy.mirror.learn = true;
+        spec.policy.mirror.budget_flows_per_s = Some(20.0);
+        store
+            .put_workload(&spec, NOW_MS - 200_000)
+            .expect("workload");
+        let batch: Vec<(&str, &CheckedReport)> = reports.iter().map(|r| ("live-1", r)).collect();
+        store.ingest_batch(&batch, NOW_MS).expect("ingest");
+        let snapshot = PolicySnapshot::load(&store).expect("snapshot");
+        let policy = Arc::new(watch::channel(Arc::new(snapshot)).0);
+        let store = Arc::new(Mutex::new(store));
+        let (clock, _) = Clock::manual(NOW_MS);
+        let mut steering = MirrorSteering::new(Arc::clone(&store), policy, clock);
+        let changed = steering.round().expect("round");
+        (changed, store, dir)
+    }
+
+    #[test]
+    fn a_burst_stored_before_the_first_round_gives_the_workload_a_plan() {
+        // The spool's whole burst lands before the coordinator's first round: the learner
+        // must read it, not start after it and wait for reports that may never come.
+        let burst: Vec<CheckedReport> = (0..90).map(|i| live_report(i, 90 - i as i64)).collect();
+        let (changed, store, _dir) = first_round(&burst);
+        assert_eq!(changed, ["web"]);
+        let store = store.lock().expect("store");
+        let (_, plan) = store.mirror_plan("web").expect("read").expect("a plan");
+        let plan: MirrorPlan = serde_json::from_value(plan).expect("plan");
+        assert!(
+            plan.patterns.iter().any(|p| p.pattern == "GET /items/{n}"),
+            "the burst's pattern is learned: {plan:?}"
+        );
+    }
+
+    #[test]
+    fn reports_older_than_the_lookback_do_not_make_a_plan() {
+        let stale: Vec<CheckedReport> = (0..30)
+            .map(|i| live_report(i, NEW_LEARNER_LOOKBACK_MS / 1000 + 600 - i as i64))
+            .collect();
+        let (changed, store, _dir) = first_round(&stale);
+        assert!(changed.is_empty(), "{changed:?}");
+        assert!(
+            store
+                .lock()
+                .expect("store")
+                .mirror_plan("web")
+                .expect("read")
+                .is_none()
+        );
+    }
+}

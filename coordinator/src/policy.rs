@@ -735,7 +735,7 @@ pub fn agent_policy(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn web() -> WorkloadSpec {
