@@ -74,17 +74,22 @@ pub(crate) struct Options {
     #[arg(long)]
     pub(crate) allow_uncalibrated: bool,
     /// Score the warnings with this rule instead of calibrating one on these traces'
-    /// training parts, `COMBINE:RAISE:CLEAR` (as the calibration line prints it, e.g.
-    /// `LargestWindow:0.225:0.034`): how a rule chosen on one set of traces holds on another.
+    /// training parts, `COMBINE:RAISE:CLEAR[:LIVE_RAISE:LIVE_CLEAR]` (as the calibration line
+    /// prints it, e.g. `LargestWindow:0.225:0.034` or `LargestWindow:0.4:0.06:1.05:0.945`;
+    /// `inf` turns the forecast off): how a rule chosen on one set of traces holds on another.
     #[arg(long, value_parser = parse_thresholds)]
     pub(crate) thresholds: Option<Thresholds>,
 }
 
-/// `COMBINE:RAISE:CLEAR`, e.g. `LargestWindow:0.225:0.034`.
+/// `COMBINE:RAISE:CLEAR[:LIVE_RAISE:LIVE_CLEAR]`, e.g. `LargestWindow:0.225:0.034`.
 fn parse_thresholds(text: &str) -> Result<Thresholds, String> {
     let parts: Vec<&str> = text.split(':').collect();
-    let [combine, raise, clear] = parts.as_slice() else {
-        return Err("expected COMBINE:RAISE:CLEAR".to_owned());
+    let (combine, raise, clear, live) = match parts.as_slice() {
+        [combine, raise, clear] => (combine, raise, clear, None),
+        [combine, raise, clear, live_raise, live_clear] => {
+            (combine, raise, clear, Some((live_raise, live_clear)))
+        }
+        _ => return Err("expected COMBINE:RAISE:CLEAR[:LIVE_RAISE:LIVE_CLEAR]".to_owned()),
     };
     let combine = match *combine {
         "Union" | "union" => BreachCombine::Union,
@@ -93,14 +98,35 @@ fn parse_thresholds(text: &str) -> Result<Thresholds, String> {
     };
     let number = |s: &str| s.parse::<f64>().map_err(|e| format!("{s:?}: {e}"));
     let (raise, clear) = (number(raise)?, number(clear)?);
-    if !(0.0..=1.0).contains(&raise) || !(0.0..=raise).contains(&clear) {
-        return Err("needs 0 <= CLEAR <= RAISE <= 1".to_owned());
+    let forecast_off = raise == f64::INFINITY && clear == f64::INFINITY;
+    if !forecast_off && (!(0.0..=1.0).contains(&raise) || !(0.0..=raise).contains(&clear)) {
+        return Err("needs 0 <= CLEAR <= RAISE <= 1 (or both inf)".to_owned());
     }
+    let live = match live {
+        None => None,
+        Some((r, c)) => {
+            let (r, c) = (number(r)?, number(c)?);
+            if !(r > 0.0 && (0.0..=r).contains(&c)) {
+                return Err("needs 0 <= LIVE_CLEAR <= LIVE_RAISE, LIVE_RAISE > 0".to_owned());
+            }
+            Some((r, c))
+        }
+    };
     Ok(Thresholds {
         combine,
         raise,
         clear,
+        live,
     })
+}
+
+/// A rule as `--thresholds` takes it back.
+fn rule(t: &Thresholds) -> String {
+    let mut out = format!("{:?}:{:.3}:{:.3}", t.combine, t.raise, t.clear);
+    if let Some((r, c)) = t.live {
+        out.push_str(&format!(":{r:.3}:{c:.3}"));
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -285,22 +311,26 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
     // alarm a day, per way of combining the breach probabilities and per limit on the time a
     // warning may stay raised (without one, a warning that never clears "warns" of everything),
     // beside a naive warner's (load over capacity now, no forecast): what the forecast buys.
+    let forecast_only: Vec<Thresholds> = candidates
+        .iter()
+        .filter(|t| t.live.is_none())
+        .copied()
+        .collect();
     let naive: Vec<WarningProbe> = probes.iter().map(|(p, s)| p.naive(s)).collect();
     let naive_probes: Vec<(&WarningProbe, &[f64])> = naive
         .iter()
         .zip(&probes)
         .map(|(n, (_, s))| (n, *s))
         .collect();
-    let naive_table = calibration_table(&naive_probes, &candidates);
+    let naive_table = calibration_table(&naive_probes, &forecast_only);
     let table = calibration_table(&probes, &candidates);
     let budgets = [0.10, 0.15, 0.25, 0.35, 0.5, 1.0];
-    let best_within = |table: &[(Thresholds, doppel_engine::eval::WarningOutcome)],
-                       combine: Option<BreachCombine>,
-                       warned: f64| {
+    type Table = [(Thresholds, doppel_engine::eval::WarningOutcome)];
+    let best_within = |table: &Table, kind: &dyn Fn(&Thresholds) -> bool, warned: f64| {
         table
             .iter()
             .filter(|(t, o)| {
-                combine.is_none_or(|c| t.combine == c)
+                kind(t)
                     && o.false_alarms_per_day() <= CALIBRATION_MAX_FALSE_ALARMS_PER_DAY
                     && o.warned_fraction() <= warned
             })
@@ -311,7 +341,12 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
         let frontier: Vec<String> = budgets
             .iter()
             .filter_map(|&warned| {
-                best_within(&table, Some(combine), warned).map(|(t, o)| {
+                best_within(
+                    &table,
+                    &|t| t.combine == combine && t.live.is_none(),
+                    warned,
+                )
+                .map(|(t, o)| {
                     format!(
                         "warned <= {:.0} %: recall {:.3} (raise {:.3}, clear {:.3})",
                         100.0 * warned,
@@ -327,30 +362,51 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
             frontier.join("; ")
         );
     }
+    // What each source of evidence buys: the forecast alone, the live evidence alone (the
+    // smoothed load and its rise, `live_pressure`: a dashboard's alert with a trend), both, and
+    // the naive warner (the load just observed, nothing else).
     let side_by_side: Vec<String> = budgets
         .iter()
         .map(|&warned| {
-            let recall = |t: &[(Thresholds, doppel_engine::eval::WarningOutcome)]| {
-                best_within(t, None, warned)
+            let recall = |table: &Table, kind: &dyn Fn(&Thresholds) -> bool| {
+                best_within(table, kind, warned)
                     .map_or_else(|| "-".to_owned(), |(_, o)| format!("{:.3}", o.recall()))
             };
+            let both = best_within(&table, &|_| true, warned).map_or_else(
+                || "-".to_owned(),
+                |(t, o)| format!("{:.3} ({})", o.recall(), rule(&t)),
+            );
             format!(
-                "warned <= {:.0} %: forecast {} naive {}",
+                "warned <= {:.0} %: forecast {} live {} both {both} naive {}",
                 100.0 * warned,
-                recall(&table),
-                recall(&naive_table)
+                recall(&table, &|t| t.live.is_none()),
+                recall(&table, &|t| t.raise.is_infinite()),
+                recall(&naive_table, &|_| true),
             )
         })
         .collect();
     println!(
-        "warning frontier against a naive warner (load now over capacity; training parts, best recall within <= {CALIBRATION_MAX_FALSE_ALARMS_PER_DAY} false alarm/day; none: no rule of it keeps within): {}",
+        "warning frontier by evidence (training parts, best recall within <= {CALIBRATION_MAX_FALSE_ALARMS_PER_DAY} false alarm/day; -: no rule of it keeps within): {}",
         side_by_side.join("; ")
     );
+    if let Some((t, o)) = table
+        .iter()
+        .filter(|(t, _)| t.raise.is_infinite())
+        .min_by(|(_, a), (_, b)| a.false_alarms.cmp(&b.false_alarms))
+    {
+        println!(
+            "live evidence alone, fewest false alarms: {:.2}/day at recall {:.3}, warned {:.1} % ({})",
+            o.false_alarms_per_day(),
+            o.recall(),
+            100.0 * o.warned_fraction(),
+            rule(t)
+        );
+    }
     let calibration = match options.thresholds {
         Some(given) => {
             println!(
-                "warning rule given, not calibrated on these traces: {:?} raise_at={:.3} clear_below={:.3}",
-                given.combine, given.raise, given.clear
+                "warning rule given, not calibrated on these traces: {}",
+                rule(&given)
             );
             Ok((given, doppel_engine::eval::WarningOutcome::default()))
         }
@@ -367,10 +423,8 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
         Ok((t, _)) if options.thresholds.is_some() => (t, "given"),
         Ok((t, calibration)) => {
             println!(
-                "warning calibration (training parts only): {:?} raise_at={:.3} clear_below={:.3}: recall {:.3}, {:.2} false alarms/day, warned {:.1} % of the time, over {} incidents in {:.1} days",
-                t.combine,
-                t.raise,
-                t.clear,
+                "warning calibration (training parts only): {}: recall {:.3}, {:.2} false alarms/day, warned {:.1} % of the time, over {} incidents in {:.1} days",
+                rule(&t),
                 calibration.recall(),
                 calibration.false_alarms_per_day(),
                 100.0 * calibration.warned_fraction(),
@@ -392,6 +446,7 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
                     combine: p.combine,
                     raise: p.raise_at,
                     clear: p.clear_below,
+                    live: None,
                 },
                 "no",
             )

@@ -8,7 +8,7 @@
 
 use crate::Timestamp;
 use crate::forecast::{ForecastConfig, ForecastError, LoadForecaster};
-use crate::warning::{BreachCombine, WarningPolicy, breach_scores};
+use crate::warning::{BreachCombine, WarningPolicy, breach_scores, live_pressure};
 
 /// Errors of one horizon for one method, accumulated over the test period.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -268,6 +268,10 @@ pub struct WarningProbe {
     pub calibration: [Vec<f64>; 2],
     /// Breach probability at origins `split..n` against the test capacity, both ways.
     pub test: [Vec<f64>; 2],
+    /// [`live_pressure`] at origins `calibration_from..split` against `calibration_capacity`.
+    pub calibration_live: Vec<f64>,
+    /// [`live_pressure`] at origins `split..n` against the test capacity.
+    pub test_live: Vec<f64>,
     setup: WarningSetup,
     step_secs: u64,
 }
@@ -280,12 +284,12 @@ impl WarningProbe {
             return WarningOutcome::default();
         }
         let training = &series[..self.split];
-        let active = replay_hysteresis(
+        let active = replay_rule(
             training.len(),
             self.calibration_from,
             &self.calibration[combine_index(thresholds.combine)],
-            thresholds.raise,
-            thresholds.clear,
+            &self.calibration_live,
+            thresholds,
         );
         score_warnings(
             training,
@@ -326,12 +330,12 @@ impl WarningProbe {
 
     /// The replay of the test part with thresholds `(raise, clear)`.
     pub fn test_outcome(&self, series: &[f64], thresholds: Thresholds) -> WarningOutcome {
-        let active = replay_hysteresis(
+        let active = replay_rule(
             series.len(),
             self.split,
             &self.test[combine_index(thresholds.combine)],
-            thresholds.raise,
-            thresholds.clear,
+            &self.test_live,
+            thresholds,
         );
         score_warnings(
             series,
@@ -344,15 +348,47 @@ impl WarningProbe {
     }
 }
 
-/// A warning rule: how breach probabilities are combined, and when to raise and clear.
+/// The window live evidence ([`live_pressure`]) smooths the load over in the warning replays.
+/// Chosen on the training parts of the shared traces (`cargo xtask eval predictor`'s frontier
+/// by evidence): 15 minutes bought nothing beside the forecast, 30 the most, 60 and 120 less.
+pub const LIVE_SMOOTH_SECS: u64 = 1800;
+/// How far ahead live evidence carries the load's recent rise in the warning replays (10
+/// minutes; none scored within 0.01 of it; with 10 minutes' smoothing, an hour ahead kept no
+/// rule within a false alarm a day: a trend carried that far is noise).
+pub const LIVE_AHEAD_SECS: u64 = 600;
+
+/// A warning rule: how breach probabilities are combined, and when to raise and clear; and,
+/// beside the forecast, when live evidence alone raises it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Thresholds {
     /// How the per-step probabilities are combined.
     pub combine: BreachCombine,
-    /// Raise at this probability.
+    /// Raise at this probability (infinite: the forecast never raises).
     pub raise: f64,
     /// Clear below this one.
     pub clear: f64,
+    /// Raise also when [`live_pressure`] reaches this, until it falls below the second (in
+    /// units of capacity); `None`: the forecast alone.
+    pub live: Option<(f64, f64)>,
+}
+
+/// Origins of `[from, len)` with a warning raised under `rule`: each source of evidence runs
+/// its own raise/clear hysteresis, and the warning is raised while either is.
+fn replay_rule(
+    len: usize,
+    from: usize,
+    probabilities: &[f64],
+    live: &[f64],
+    rule: Thresholds,
+) -> Vec<bool> {
+    let mut active = replay_hysteresis(len, from, probabilities, rule.raise, rule.clear);
+    if let Some((raise, clear)) = rule.live {
+        let by_live = replay_hysteresis(len, from, live, raise, clear);
+        for (a, l) in active.iter_mut().zip(by_live) {
+            *a |= l;
+        }
+    }
+    active
 }
 
 fn combine_index(combine: BreachCombine) -> usize {
@@ -376,7 +412,37 @@ pub fn threshold_candidates() -> Vec<Thresholds> {
                     combine,
                     raise,
                     clear: raise * ratio,
+                    live: None,
                 });
+            }
+        }
+    }
+    // Live evidence alone (a dashboard's threshold alert on the smoothed load and its trend),
+    // and beside a coarser grid of forecast rules.
+    let live: Vec<(f64, f64)> = (14..=24)
+        .flat_map(|r| {
+            let raise = f64::from(r) * 0.05;
+            [1.0, 0.9, 0.8].map(|ratio| (raise, raise * ratio))
+        })
+        .collect();
+    for &l in &live {
+        out.push(Thresholds {
+            combine: BreachCombine::LargestWindow,
+            raise: f64::INFINITY,
+            clear: f64::INFINITY,
+            live: Some(l),
+        });
+        for combine in [BreachCombine::Union, BreachCombine::LargestWindow] {
+            for r in 1..=19 {
+                let raise = f64::from(r) * 0.05;
+                for ratio in [1.0, 0.5, 0.15] {
+                    out.push(Thresholds {
+                        combine,
+                        raise,
+                        clear: raise * ratio,
+                        live: Some(l),
+                    });
+                }
             }
         }
     }
@@ -557,6 +623,9 @@ pub fn backtest(
     let mut since_fit = 0;
     let mut calibration = [Vec::new(), Vec::new()];
     let mut test = [Vec::new(), Vec::new()];
+    let (mut calibration_live, mut test_live) = (Vec::new(), Vec::new());
+    let steps_of = |secs: u64| usize::try_from(secs / step.max(1)).unwrap_or(1).max(1);
+    let (live_smooth, live_ahead) = (steps_of(LIVE_SMOOTH_SECS), steps_of(LIVE_AHEAD_SECS));
     // Origin `o`: the last observed index; forecasts target o + h.
     for o in first_origin..n - 1 {
         if o + 1 >= split {
@@ -582,18 +651,24 @@ pub fn backtest(
         }
         if let Some(w) = &setup.warning {
             let into = if o >= split {
-                Some((&mut test, w.capacity))
+                Some((&mut test, &mut test_live, w.capacity))
             } else if o >= calibration_from
                 && let Some(capacity) = calibration_capacity
             {
-                Some((&mut calibration, capacity))
+                Some((&mut calibration, &mut calibration_live, capacity))
             } else {
                 None
             };
-            if let Some((into, capacity)) = into {
+            if let Some((into, live, capacity)) = into {
                 let scores = breach_scores(&model, &[capacity], &w.policy);
                 into[0].push(scores.union);
                 into[1].push(scores.largest_window);
+                live.push(live_pressure(
+                    &series[o.saturating_sub(2 * live_smooth)..=o],
+                    live_smooth,
+                    live_ahead,
+                    capacity,
+                ));
             }
         }
         model.observe(at(o + 1), series[o + 1]);
@@ -610,6 +685,8 @@ pub fn backtest(
         calibration_capacity: calibration_capacity.unwrap_or(f64::NAN),
         calibration,
         test,
+        calibration_live,
+        test_live,
         setup: w.clone(),
         step_secs: step,
     });
@@ -1045,6 +1122,8 @@ mod tests {
             calibration_capacity: 10.0,
             calibration: [calibration_scores.clone(), calibration_scores],
             test: [test_scores.clone(), test_scores],
+            calibration_live: vec![0.0; 20],
+            test_live: vec![0.0; 30],
             setup: setup(),
             step_secs: 60,
         };
@@ -1102,6 +1181,7 @@ mod tests {
             combine: BreachCombine::Union,
             raise: 0.25,
             clear: 0.0,
+            live: None,
         };
         let o = a.calibration_outcome(&series, always);
         assert_eq!((o.warned, o.false_alarms), (1, 0));
@@ -1125,6 +1205,7 @@ mod tests {
             combine: BreachCombine::Union,
             raise: 0.25,
             clear: 0.25,
+            live: None,
         };
         assert_eq!(a.calibration_outcome(&series, blip).false_alarms, 1);
         assert!(matches!(
@@ -1164,6 +1245,7 @@ mod tests {
             combine: BreachCombine::Union,
             raise: 0.0,
             clear: 0.0,
+            live: None,
         };
         let o = probe.calibration_outcome(&series, always);
         assert_eq!((o.warned_steps, o.incidents), (0, 0));
@@ -1182,9 +1264,49 @@ mod tests {
             combine: BreachCombine::Union,
             raise: 0.9,
             clear: 0.9,
+            live: None,
         };
         let o = naive.test_outcome(&series, t);
         assert_eq!((o.incidents, o.warned), (1, 0));
+    }
+
+    #[test]
+    fn live_evidence_raises_a_warning_the_forecast_did_not() {
+        // The forecast stays quiet; live pressure reaches 1.2 at origins 81..84, within the
+        // horizon before the breach at 85.
+        let (a, series) = probe(scores(20, 50, 60), vec![0.0; 30]);
+        let mut live = vec![0.5; 30];
+        for o in 81..84 {
+            live[o - 70] = 1.2;
+        }
+        let a = WarningProbe {
+            test_live: live,
+            ..a
+        };
+        let forecast_only = Thresholds {
+            combine: BreachCombine::Union,
+            raise: 0.5,
+            clear: 0.4,
+            live: None,
+        };
+        assert_eq!(a.test_outcome(&series, forecast_only).warned, 0);
+        let with_live = Thresholds {
+            live: Some((1.0, 0.9)),
+            ..forecast_only
+        };
+        let o = a.test_outcome(&series, with_live);
+        assert_eq!((o.incidents, o.warned, o.false_alarms), (1, 1, 0));
+        assert_eq!(
+            o.warned_steps, 3,
+            "cleared once the pressure fell below 0.9"
+        );
+        // Live evidence alone (the forecast off) raises the same.
+        let live_only = Thresholds {
+            raise: f64::INFINITY,
+            clear: f64::INFINITY,
+            ..with_live
+        };
+        assert_eq!(a.test_outcome(&series, live_only), o);
     }
 
     #[test]
@@ -1195,6 +1317,7 @@ mod tests {
             combine: BreachCombine::Union,
             raise: 0.5,
             clear: 0.4,
+            live: None,
         };
         let (oa, ob) = (a.test_outcome(&series_a, t), b.test_outcome(&series_b, t));
         let mut pooled = WarningOutcome::default();
@@ -1248,6 +1371,7 @@ mod tests {
             combine: BreachCombine::Union,
             raise: 0.5,
             clear: 0.5,
+            live: None,
         };
         let o = a.test_outcome(&series, t);
         assert_eq!((o.incidents, o.warned, o.false_alarms), (1, 1, 0));

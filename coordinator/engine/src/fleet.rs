@@ -312,10 +312,16 @@ impl Default for FleetSetup {
             compare_window_steps: 15,
             warning: WarningPolicy {
                 horizon_steps: 60,
-                raise_at: 0.225,
-                clear_below: 0.034,
+                raise_at: 0.25,
+                clear_below: 0.037,
                 min_breach_steps: 3,
                 combine: BreachCombine::LargestWindow,
+                live: Some(crate::warning::LiveRule {
+                    raise_at: 1.0,
+                    clear_below: 0.9,
+                    smooth_steps: 30,
+                    ahead_steps: 10,
+                }),
             },
             gates: CapacityGates::default(),
             refit_after_steps: 10,

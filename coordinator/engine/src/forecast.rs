@@ -627,6 +627,12 @@ impl LoadForecaster {
         &self.config
     }
 
+    /// The observations of the last season (unobserved steps repeat the last value), oldest
+    /// first: what live evidence ([`crate::warning::live_pressure`]) reads.
+    pub fn recent_values(&self) -> Vec<f64> {
+        self.recent.iter().copied().collect()
+    }
+
     /// Time of the last observation the state includes.
     pub fn last_observed_at(&self) -> Timestamp {
         self.last_step * self.config.step_secs

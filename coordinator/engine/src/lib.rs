@@ -38,7 +38,7 @@ pub use predictor::{PredictorEvent, WorkloadPredictor};
 pub use shadow_pool::{
     CapacityMeasurement, PoolAction, PoolPlan, PoolPolicy, PopulationPrior, ShadowPoolError, VmType,
 };
-pub use warning::{BreachCombine, DegradationWarning, WarningPolicy, WarningState};
+pub use warning::{BreachCombine, DegradationWarning, LiveRule, WarningPolicy, WarningState};
 
 /// Seconds since the Unix epoch. The engine never asks the system for it.
 pub type Timestamp = u64;
