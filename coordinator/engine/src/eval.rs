@@ -8,7 +8,9 @@
 
 use crate::Timestamp;
 use crate::forecast::{ForecastConfig, ForecastError, LoadForecaster};
-use crate::warning::{BreachCombine, WarningPolicy, breach_scores, live_pressure};
+use crate::warning::{
+    BreachCombine, LiveRule, WarningPolicy, breach_scores, hysteresis, live_pressure,
+};
 
 /// Errors of one horizon for one method, accumulated over the test period.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -348,14 +350,15 @@ impl WarningProbe {
     }
 }
 
-/// The window live evidence ([`live_pressure`]) smooths the load over in the warning replays.
-/// Chosen on the training parts of the shared traces (`cargo xtask eval predictor`'s frontier
-/// by evidence): 15 minutes bought nothing beside the forecast, 30 the most, 60 and 120 less.
-pub const LIVE_SMOOTH_SECS: u64 = 1800;
-/// How far ahead live evidence carries the load's recent rise in the warning replays (10
-/// minutes; none scored within 0.01 of it; with 10 minutes' smoothing, an hour ahead kept no
-/// rule within a false alarm a day: a trend carried that far is noise).
-pub const LIVE_AHEAD_SECS: u64 = 600;
+/// The window live evidence ([`live_pressure`]) smooths the load over in the warning replays:
+/// [`LiveRule::CHOSEN_PER_MINUTE`]'s, in seconds. Chosen on the training parts of the shared
+/// traces (`cargo xtask eval predictor`'s frontier by evidence): 15 minutes bought nothing
+/// beside the forecast, 30 the most, 60 and 120 less.
+pub const LIVE_SMOOTH_SECS: u64 = LiveRule::CHOSEN_PER_MINUTE.smooth_steps as u64 * 60;
+/// How far ahead live evidence carries the load's recent rise in the warning replays, in
+/// seconds (10 minutes; none scored within 0.01 of it; with 10 minutes' smoothing, an hour
+/// ahead kept no rule within a false alarm a day: a trend carried that far is noise).
+pub const LIVE_AHEAD_SECS: u64 = LiveRule::CHOSEN_PER_MINUTE.ahead_steps as u64 * 60;
 
 /// A warning rule: how breach probabilities are combined, and when to raise and clear; and,
 /// beside the forecast, when live evidence alone raises it.
@@ -710,7 +713,7 @@ fn replay_hysteresis(
     let mut active = vec![false; len];
     let mut on = false;
     for (i, &p) in probabilities.iter().enumerate() {
-        on = if on { p >= clear } else { p >= raise };
+        on = hysteresis(on, p, raise, clear);
         if let Some(a) = active.get_mut(from + i) {
             *a = on;
         }

@@ -316,12 +316,7 @@ impl Default for FleetSetup {
                 clear_below: 0.037,
                 min_breach_steps: 3,
                 combine: BreachCombine::LargestWindow,
-                live: Some(crate::warning::LiveRule {
-                    raise_at: 1.0,
-                    clear_below: 0.9,
-                    smooth_steps: 30,
-                    ahead_steps: 10,
-                }),
+                live: Some(crate::warning::LiveRule::CHOSEN_PER_MINUTE),
             },
             gates: CapacityGates::default(),
             refit_after_steps: 10,

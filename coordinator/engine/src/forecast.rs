@@ -627,10 +627,11 @@ impl LoadForecaster {
         &self.config
     }
 
-    /// The observations of the last season (unobserved steps repeat the last value), oldest
-    /// first: what live evidence ([`crate::warning::live_pressure`]) reads.
-    pub fn recent_values(&self) -> Vec<f64> {
-        self.recent.iter().copied().collect()
+    /// The last `n` observations (at most a season; unobserved steps repeat the last value),
+    /// oldest first: what live evidence ([`crate::warning::live_pressure`]) reads.
+    pub fn recent_tail(&self, n: usize) -> Vec<f64> {
+        let skip = self.recent.len().saturating_sub(n);
+        self.recent.iter().skip(skip).copied().collect()
     }
 
     /// Time of the last observation the state includes.

@@ -80,6 +80,19 @@ pub struct LiveRule {
     pub ahead_steps: usize,
 }
 
+impl LiveRule {
+    /// The rule `cargo xtask eval predictor` chose on the traces' training parts, at one-minute
+    /// report intervals: the last 30 minutes' load, its rise carried 10 minutes ahead, raised
+    /// at capacity and cleared below 0.9 of it. The coordinator's defaults and the fleet eval
+    /// take it from here; the predictor eval replays its smoothing and look-ahead in minutes.
+    pub const CHOSEN_PER_MINUTE: Self = Self {
+        raise_at: 1.0,
+        clear_below: 0.9,
+        smooth_steps: 30,
+        ahead_steps: 10,
+    };
+}
+
 /// How the probabilities of breaches starting at different steps are combined into one.
 ///
 /// Neither is right: errors at nearby steps are strongly but not fully dependent. Which ranks
@@ -245,16 +258,21 @@ pub fn breach_scores(
 /// Whether a warning is active, so raising and clearing use different thresholds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct WarningState {
-    active: bool,
-    /// Raised by the forecast, by live evidence: each runs its own hysteresis.
+    /// Raised by the forecast, by live evidence: each runs its own hysteresis, and the warning
+    /// is raised while either is.
     by_forecast: bool,
     by_live: bool,
+}
+
+/// One step of a raise/clear hysteresis: whether a signal that was `on` is on at `value`.
+pub fn hysteresis(on: bool, value: f64, raise: f64, clear: f64) -> bool {
+    if on { value >= clear } else { value >= raise }
 }
 
 impl WarningState {
     /// Whether a warning is currently raised.
     pub fn is_active(&self) -> bool {
-        self.active
+        self.by_forecast || self.by_live
     }
 
     /// Evaluates the forecast at `now`; returns the warning while one is raised.
@@ -269,22 +287,18 @@ impl WarningState {
         let mut sorted = capacity_samples.to_vec();
         sorted.sort_by(f64::total_cmp);
         let capacity = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
-        self.by_forecast = if self.by_forecast {
-            probability >= policy.clear_below
-        } else {
-            probability >= policy.raise_at
-        };
+        self.by_forecast = hysteresis(
+            self.by_forecast,
+            probability,
+            policy.raise_at,
+            policy.clear_below,
+        );
         self.by_live = policy.live.is_some_and(|live| {
-            let recent = forecaster.recent_values();
+            let recent = forecaster.recent_tail(2 * live.smooth_steps);
             let pressure = live_pressure(&recent, live.smooth_steps, live.ahead_steps, capacity);
-            if self.by_live {
-                pressure >= live.clear_below
-            } else {
-                pressure >= live.raise_at
-            }
+            hysteresis(self.by_live, pressure, live.raise_at, live.clear_below)
         });
-        self.active = self.by_forecast || self.by_live;
-        if !self.active {
+        if !self.is_active() {
             return None;
         }
         let step_secs = forecaster.config().step_secs;
@@ -322,8 +336,8 @@ mod tests {
     #[test]
     fn live_evidence_raises_and_clears_a_warning_with_its_own_hysteresis() {
         let f = forecaster();
-        let recent = f.recent_values();
-        let load = recent[recent.len() - 3..].iter().sum::<f64>() / 3.0;
+        let recent = f.recent_tail(3);
+        let load = recent.iter().sum::<f64>() / 3.0;
         let live = LiveRule {
             raise_at: 1.0,
             clear_below: 0.9,

@@ -120,10 +120,10 @@ impl Default for ForecastSettings {
             combine: Combine::LargestWindow,
             raise_at: 0.25,
             clear_below: 0.037,
-            live_raise_at: 1.0,
-            live_clear_below: 0.9,
-            live_smooth_steps: 30,
-            live_ahead_steps: 10,
+            live_raise_at: LiveRule::CHOSEN_PER_MINUTE.raise_at,
+            live_clear_below: LiveRule::CHOSEN_PER_MINUTE.clear_below,
+            live_smooth_steps: LiveRule::CHOSEN_PER_MINUTE.smooth_steps,
+            live_ahead_steps: LiveRule::CHOSEN_PER_MINUTE.ahead_steps,
             max_history_steps: 4 * 1440,
             // Six hours: a type's capacity for a workload does not change by the hour, and a
             // shorter window forgets the day's peak by night (`cargo xtask eval decisions`
@@ -166,7 +166,10 @@ impl ForecastSettings {
                 "must not be negative (0 turns live evidence off)",
             ));
         }
-        if !(self.live_clear_below >= 0.0 && self.live_clear_below <= self.live_raise_at) {
+        // Off (0), the clear threshold is not read: turning live evidence off is one field.
+        if self.live_raise_at > 0.0
+            && !(self.live_clear_below >= 0.0 && self.live_clear_below <= self.live_raise_at)
+        {
             return Err(("live_clear_below", "must be in [0, live_raise_at]"));
         }
         if self.live_smooth_steps == 0 {

@@ -647,3 +647,30 @@ fn a_shadows_perf_points_weigh_an_oversampled_class_by_lives_share() {
         assert!(point.latency_ms < 2.0, "live p99 {}", point.latency_ms);
     }
 }
+
+#[test]
+fn live_evidence_turns_off_with_one_field_and_a_bad_clear_names_its_field() {
+    assert_eq!(ForecastSettings::default().validate(), Ok(()));
+    let off = ForecastSettings {
+        live_raise_at: 0.0,
+        ..ForecastSettings::default()
+    };
+    assert_eq!(
+        off.validate(),
+        Ok(()),
+        "the default clear threshold is not read"
+    );
+    let inverted = ForecastSettings {
+        live_clear_below: 1.5,
+        ..ForecastSettings::default()
+    };
+    assert_eq!(
+        inverted.validate().map_err(|e| e.0),
+        Err("live_clear_below")
+    );
+    let negative = ForecastSettings {
+        live_raise_at: -1.0,
+        ..ForecastSettings::default()
+    };
+    assert_eq!(negative.validate().map_err(|e| e.0), Err("live_raise_at"));
+}
