@@ -2,7 +2,9 @@
 //! steering. The points are read exactly as the forecast reads them
 //! ([`crate::forecast::read_type_measurements`]) and the models come from the same engine
 //! function with the same gates ([`doppel_engine::capacity::type_models`]), so the pool is
-//! steered by the capacities the decision uses, never by a looser second estimate.
+//! steered by the capacities the decision uses, never by a looser second estimate. While the
+//! workload's warning is raised, the peak steering shops for is the forecast's
+//! ([`warned_peak`]), as in the fleet the decisions eval runs.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +13,10 @@ use doppel_engine::{
     capacity::{CapacityGates, TypeMeasurements, type_models},
 };
 
-use crate::compare::Role;
+use doppel_common::error_chain;
+use tracing::warn;
+
+use crate::{compare::Role, forecast::ForecastSnapshot, store::Store};
 
 /// Capacity at the SLO per VM type that passes the gates, with the spread of its bootstrap in
 /// log space, and the highest live load seen (exchanges/s per live instance).
@@ -29,6 +34,30 @@ pub fn capacities(
         });
     let measured = type_models(by_type, gates, slo_ms).pool_measurements(slo_ms);
     (measured, live_peak)
+}
+
+/// The provisioned peak per live instance of the workload's stored forecast, if that forecast
+/// was computed at `since` or later with its warning raised (pool steering then shops for it).
+/// A forecast that cannot be read is logged and ignored: steering falls back to the seen peak.
+pub fn warned_peak(store: &Store, workload: &str, since: i64) -> Option<f64> {
+    let snapshot = match store.forecast(workload) {
+        Ok(Some((at, body))) if at >= since => body,
+        Ok(_) => return None,
+        Err(e) => {
+            warn!(workload, error = %error_chain(&e), "cannot read the forecast for steering");
+            return None;
+        }
+    };
+    let snapshot: ForecastSnapshot = match serde_json::from_value(snapshot) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(workload, error = %e, "stored forecast unreadable for steering");
+            return None;
+        }
+    };
+    snapshot.warning.as_ref()?;
+    let total = snapshot.provisioned_peak_per_s?;
+    Some(total / f64::from(snapshot.current_count.max(1)))
 }
 
 #[cfg(test)]
@@ -100,5 +129,61 @@ mod tests {
         assert!(capacity("fast").expect("fast") > 3.0 * capacity("slow").expect("slow"));
         assert_eq!(capacity("flat"), None, "{measured:?}");
         assert_eq!(capacity("new"), None, "{measured:?}");
+    }
+
+    #[test]
+    fn steering_shops_for_the_warned_forecast_per_instance_and_only_while_warned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_in(dir.path()).expect("store");
+        let warning = crate::forecast::WarningView {
+            vm_type: "m.1".into(),
+            probability: 0.9,
+            lead_secs: 600,
+            expected_breach_ms: 1_600_000,
+            forecast_load_per_s: 480.0,
+            capacity_per_s: 400.0,
+            recommended_vm_type: None,
+        };
+        let snapshot = |warning: Option<crate::forecast::WarningView>| ForecastSnapshot {
+            workload: "web".into(),
+            computed_ms: 1_000_000,
+            step_secs: 60,
+            history_steps: 100,
+            model: "holt".into(),
+            last_load_per_s: Some(380.0),
+            horizon_secs: 3600,
+            forecast_peak_per_s: Some(450.0),
+            provisioned_peak_per_s: Some(500.0),
+            points: Vec::new(),
+            current_vm_type: "m.1".into(),
+            current_count: 2,
+            current_capacity_per_s: Some(400.0),
+            warning,
+            decision: "no_viable_placement".into(),
+            types: Vec::new(),
+            unmodelled: Vec::new(),
+            cpu_ceilings: Vec::new(),
+        };
+        let put = |store: &Store, s: &ForecastSnapshot| {
+            let body = serde_json::to_value(s).expect("json");
+            store
+                .put_forecast("web", s.computed_ms, &body)
+                .expect("put");
+        };
+        assert_eq!(warned_peak(&store, "web", 0), None, "no forecast yet");
+        put(&store, &snapshot(Some(warning)));
+        // Two live instances: 250/s each.
+        assert_eq!(warned_peak(&store, "web", 999_000), Some(250.0));
+        assert_eq!(
+            warned_peak(&store, "web", 1_000_001),
+            None,
+            "older than the window"
+        );
+        put(&store, &snapshot(None));
+        assert_eq!(
+            warned_peak(&store, "web", 0),
+            None,
+            "no warning, no forecast peak"
+        );
     }
 }

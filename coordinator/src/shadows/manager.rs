@@ -706,7 +706,9 @@ impl ShadowManager {
         Ok(())
     }
 
-    /// The workload's measured capacities, recomputed at most every minute.
+    /// The workload's measured capacities and the peak steering shops for
+    /// ([`doppel_engine::shadow_pool::steering_peak`]: the forecast's provisioned peak while
+    /// its warning is raised), recomputed at most every minute.
     fn capacities(&self, store: &Store, spec: &WorkloadSpec, now: i64) -> Capacities {
         let mut cache = self.capacities.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((at, cached)) = cache.get(&spec.name)
@@ -715,19 +717,24 @@ impl ShadowManager {
             return cached.clone();
         }
         let mut by_type = BTreeMap::new();
+        let since = now.saturating_sub(self.parts.window_ms);
         let computed = match crate::forecast::read_type_measurements(
             store,
             spec,
-            now.saturating_sub(self.parts.window_ms),
+            since,
             now,
             self.parts.gates.min_exchanges_per_interval,
             &mut by_type,
         ) {
-            Ok(()) => super::capacity::capacities(
-                &by_type,
-                &self.parts.gates.gates(),
-                spec.policy.slo.max_latency_ms,
-            ),
+            Ok(()) => {
+                let (measured, seen) = super::capacity::capacities(
+                    &by_type,
+                    &self.parts.gates.gates(),
+                    spec.policy.slo.max_latency_ms,
+                );
+                let warned = super::capacity::warned_peak(store, &spec.name, since);
+                (measured, shadow_pool::steering_peak(seen, warned))
+            }
             Err(e) => {
                 warn!(workload = spec.name, error = %error_chain(&e), "cannot read measurements for steering");
                 (Vec::new(), None)
