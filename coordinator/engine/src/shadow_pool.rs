@@ -583,14 +583,8 @@ pub struct PoolRequest<'a> {
 /// unwarned forecast's upper bound is routinely above the seen peak, and shopping for it would
 /// pull every pool towards types the decision will not need.
 pub fn steering_peak(seen: Option<f64>, warned_provisioned: Option<f64>) -> Option<f64> {
-    match (
-        seen,
-        warned_provisioned.filter(|p| p.is_finite() && *p > 0.0),
-    ) {
-        (Some(seen), Some(forecast)) => Some(seen.max(forecast)),
-        (None, Some(forecast)) => Some(forecast),
-        (seen, None) => seen,
-    }
+    let forecast = warned_provisioned.filter(|p| p.is_finite() && *p > 0.0);
+    seen.into_iter().chain(forecast).reduce(f64::max)
 }
 
 /// A workload's VM types in the order shadows should be made: pinned-in types, then what the
@@ -933,13 +927,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_saturated_live_type_gets_a_ladder_of_sizes_not_three_of_one_size() {
-        // Three families of 1, 2, 4, 8 and 16 vCPUs; live is a 1-vCPU type measured at 250/s
-        // with a capacity of 219: it needs at least 1.14 vCPUs, and being saturated, perhaps
-        // several times that. The three shadows bracket the need: 2, 4 and 8 vCPUs, each the
-        // cheapest of its size.
-        let catalog: Vec<VmType> = (0..15)
+    /// The pool order for `families` families of 1, 2, 4, 8 and 16 vCPUs (`f{family}.{n}x`,
+    /// each family 10 % dearer than the one before), live on `f0.1x` measured with a capacity
+    /// of 219/s, three shadows, steering for `peak`.
+    fn ladder_order(families: u32, peak: Option<f64>) -> (Vec<String>, Option<ShadowPoolError>) {
+        let catalog: Vec<VmType> = (0..5 * families)
             .map(|i| VmType {
                 name: format!("f{}.{}x", i / 5, 1 << (i % 5)),
                 vcpus: 1 << (i % 5),
@@ -953,71 +945,43 @@ mod tests {
             .filter(|t| t.name != "f0.1x")
             .map(|t| (t.name.clone(), t.price_per_hour))
             .collect();
-        let live = ["f0.1x".to_owned()];
         let measured = [CapacityMeasurement {
             vm_type: "f0.1x".into(),
             capacity: 219.0,
             log_sd: 0.1,
         }];
-        let (order, failure) = desired_types(&PoolRequest {
+        desired_types(&PoolRequest {
             steerable: &catalog,
             candidates: &candidates,
             pin_in: &[],
-            live: &live,
+            live: &["f0.1x".to_owned()],
             count: 3,
             max_instances: 1,
             running: &[],
             measured: &measured,
-            peak: Some(250.0),
+            peak,
             seed: 3,
-        });
+        })
+    }
+
+    #[test]
+    fn a_saturated_live_type_gets_a_ladder_of_sizes_not_three_of_one_size() {
+        // Three families; live, a 1-vCPU type with a capacity of 219, was measured at 250/s:
+        // it needs at least 1.14 vCPUs, and being saturated, perhaps several times that. The
+        // three shadows bracket the need: 2, 4 and 8 vCPUs, each the cheapest of its size.
+        let (order, failure) = ladder_order(3, Some(250.0));
         assert_eq!(failure, None);
         assert_eq!(order[..3], ["f0.2x", "f0.4x", "f0.8x"], "{order:?}");
     }
 
     #[test]
     fn a_warned_forecast_over_live_capacity_starts_the_ladder_before_live_breaks() {
-        // Live, a 1-vCPU type with a capacity of 219, has seen 215 at most: it holds, and the
-        // pool shops among the types that could replace it for less or as little. A warning
-        // whose provisioned peak is 240 sends the pool up the ladder before the breach.
-        let catalog: Vec<VmType> = (0..10)
-            .map(|i| VmType {
-                name: format!("f{}.{}x", i / 5, 1 << (i % 5)),
-                vcpus: 1 << (i % 5),
-                memory_gib: 4.0,
-                price_per_hour: 0.04 * f64::from(1u32 << (i % 5)) * (1.0 + 0.1 * f64::from(i / 5)),
-                benchmark_score: None,
-            })
-            .collect();
-        let candidates: Vec<(String, f64)> = catalog
-            .iter()
-            .filter(|t| t.name != "f0.1x")
-            .map(|t| (t.name.clone(), t.price_per_hour))
-            .collect();
-        let live = ["f0.1x".to_owned()];
-        let measured = [CapacityMeasurement {
-            vm_type: "f0.1x".into(),
-            capacity: 219.0,
-            log_sd: 0.1,
-        }];
-        let order = |peak| {
-            desired_types(&PoolRequest {
-                steerable: &catalog,
-                candidates: &candidates,
-                pin_in: &[],
-                live: &live,
-                count: 3,
-                max_instances: 1,
-                running: &[],
-                measured: &measured,
-                peak,
-                seed: 3,
-            })
-            .0
-        };
-        let unwarned = order(steering_peak(Some(215.0), None));
+        // Two families; live has seen 215 at most: it holds, and the pool shops among the
+        // types that could replace it for less or as little. A warning whose provisioned peak
+        // is 240 sends the pool up the ladder before the breach.
+        let unwarned = ladder_order(2, steering_peak(Some(215.0), None)).0;
         assert!(unwarned[..3].contains(&"f1.1x".to_owned()), "{unwarned:?}");
-        let warned = order(steering_peak(Some(215.0), Some(240.0)));
+        let warned = ladder_order(2, steering_peak(Some(215.0), Some(240.0))).0;
         assert_eq!(warned[..3], ["f0.2x", "f0.4x", "f0.8x"], "{warned:?}");
         // A forecast below what was seen, or none that makes sense, does not lower the peak.
         assert_eq!(steering_peak(Some(215.0), Some(100.0)), Some(215.0));
