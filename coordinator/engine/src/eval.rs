@@ -194,10 +194,9 @@ pub struct WarningOutcome {
     pub false_alarms: usize,
     /// Length of the scored period in days.
     pub test_days: f64,
-    /// Origins of the scored period with a warning raised.
-    pub warned_steps: usize,
-    /// Origins scored.
-    pub scored_steps: usize,
+    /// Time of the scored period with a warning raised, in days (its origins with a warning
+    /// raised, times the step).
+    pub warned_days: f64,
 }
 
 impl WarningOutcome {
@@ -209,18 +208,18 @@ impl WarningOutcome {
         self.lead_secs.extend(&other.lead_secs);
         self.false_alarms += other.false_alarms;
         self.test_days += other.test_days;
-        self.warned_steps += other.warned_steps;
-        self.scored_steps += other.scored_steps;
+        self.warned_days += other.warned_days;
     }
 
     /// Share of the time a warning was raised. False alarms count warning *episodes*, so a rule
     /// that raises early and never clears would look perfect on recall and false alarms alike;
-    /// this is what exposes it.
+    /// this is what exposes it. Pooled, it is a share of time, not of steps: counted in steps, a
+    /// per-minute trace would weigh five times a five-minute one of the same length.
     pub fn warned_fraction(&self) -> f64 {
-        if self.scored_steps == 0 {
-            0.0
+        if self.test_days > 0.0 {
+            self.warned_days / self.test_days
         } else {
-            self.warned_steps as f64 / self.scored_steps as f64
+            0.0
         }
     }
 
@@ -530,6 +529,101 @@ pub fn calibrate_thresholds(
         )
 }
 
+/// What the evidence behind the rules holds on the scored periods, whatever rule is chosen: the
+/// most incidents any choice of one candidate rule per trace warns of, each chosen with
+/// hindsight on that trace's own scored period, while every trace keeps within
+/// `limits.max_false_alarms_per_day` and the traces together within
+/// `limits.max_warned_fraction` of their time (the goals' limits: false alarms per trace,
+/// warned time pooled). No rule chosen without hindsight, one for all traces or one per trace,
+/// warns of more of these incidents within the same limits, so where this is under a goal the
+/// evidence, not the thresholds, is what falls short.
+///
+/// `per_trace` holds each trace's outcomes of the candidate rules (on one scored period).
+/// Returns the chosen outcomes pooled and each trace's choice. A trace may also be left never
+/// warned (`None`: no rule keeps it within the false alarms, or the budget buys more
+/// elsewhere); its incidents count as missed, its days and steps count, and it adds no warned
+/// step. That choice is not among the rules, so it can only raise the bound. The warned-time budget is shared by a knapsack over the traces, in units of
+/// 1/5,000 of the time, each rule's cost rounded down: the bound can only be loose upwards.
+pub fn hindsight_bound(
+    per_trace: &[Vec<(Thresholds, WarningOutcome)>],
+    limits: CalibrationLimits,
+) -> (WarningOutcome, Vec<Option<(Thresholds, WarningOutcome)>>) {
+    let total_days: f64 = per_trace
+        .iter()
+        .filter_map(|o| o.first().map(|(_, o)| o.test_days))
+        .sum();
+    let unit = total_days / 5000.0;
+    let units = |days: f64| {
+        if unit > 0.0 {
+            (days / unit) as usize
+        } else {
+            0
+        }
+    };
+    let budget = units(limits.max_warned_fraction * total_days);
+    // best[u]: the most incidents warned of with at most u units warned, over the traces so far;
+    // choice[trace][u]: the rule that trace took there.
+    let mut best = vec![0usize; budget + 1];
+    let mut choice: Vec<Vec<Option<usize>>> = Vec::with_capacity(per_trace.len());
+    for outcomes in per_trace {
+        let within: Vec<(usize, usize, usize, usize)> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, o))| o.false_alarms_per_day() <= limits.max_false_alarms_per_day)
+            .map(|(k, (_, o))| (k, units(o.warned_days), o.warned, o.false_alarms))
+            .collect();
+        let mut next = vec![0usize; budget + 1];
+        let mut took = vec![None; budget + 1];
+        for u in 0..=budget {
+            // Ties to fewer false alarms, as the calibration breaks them.
+            let mut top: Option<(usize, usize, usize)> = None;
+            for &(k, cost, warned, false_alarms) in &within {
+                if cost > u {
+                    continue;
+                }
+                let value = best[u - cost] + warned;
+                if top.is_none_or(|(v, f, _)| value > v || (value == v && false_alarms < f)) {
+                    top = Some((value, false_alarms, k));
+                }
+            }
+            if let Some((value, _, k)) = top {
+                next[u] = value;
+                took[u] = Some(k);
+            } else {
+                next[u] = best[u];
+            }
+        }
+        best = next;
+        choice.push(took);
+    }
+    // Walk the choices back from the whole budget.
+    let mut chosen = vec![None; per_trace.len()];
+    let mut u = budget;
+    for (t, outcomes) in per_trace.iter().enumerate().rev() {
+        if let Some(k) = choice[t][u] {
+            let (rule, outcome) = &outcomes[k];
+            u -= units(outcome.warned_days);
+            chosen[t] = Some((*rule, outcome.clone()));
+        }
+    }
+    let mut pooled = WarningOutcome::default();
+    for (outcomes, chosen) in per_trace.iter().zip(&chosen) {
+        match chosen {
+            Some((_, o)) => pooled.merge(o),
+            None => {
+                if let Some((_, any)) = outcomes.first() {
+                    pooled.merge(&WarningOutcome {
+                        incidents: any.incidents,
+                        test_days: any.test_days,
+                        ..WarningOutcome::default()
+                    });
+                }
+            }
+        }
+    }
+    (pooled, chosen)
+}
+
 /// Every candidate rule with its pooled outcome on the calibration windows (training data
 /// only), in the order given.
 pub fn calibration_table(
@@ -762,8 +856,8 @@ fn score_warnings(
     let mut outcome = WarningOutcome {
         incidents: incidents.len(),
         test_days: (n - from) as f64 * step_secs as f64 / 86_400.0,
-        warned_steps: active[from..].iter().filter(|a| **a).count(),
-        scored_steps: n - from,
+        warned_days: active[from..].iter().filter(|a| **a).count() as f64 * step_secs as f64
+            / 86_400.0,
         ..WarningOutcome::default()
     };
     for &(s, _) in &incidents {
@@ -1097,6 +1191,67 @@ pub fn simulate_catalog(
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_hindsight_bound_shares_the_warned_budget_where_it_buys_incidents() {
+        let rule = |raise: f64| Thresholds {
+            combine: BreachCombine::LargestWindow,
+            raise,
+            clear: raise / 2.0,
+            live: None,
+        };
+        // 10 days, 1,000 scored steps a trace.
+        let outcome = |incidents, warned, false_alarms, warned_steps: u32| WarningOutcome {
+            incidents,
+            warned,
+            warned_at_onset: warned,
+            lead_secs: vec![600; warned],
+            false_alarms,
+            test_days: 10.0,
+            warned_days: f64::from(warned_steps) / 100.0,
+        };
+        let per_trace = vec![
+            // All 4 incidents at 250 warned steps, 2 at 50, all 4 at 20 steps but 2 false alarms
+            // a day.
+            vec![
+                (rule(0.1), outcome(4, 4, 0, 250)),
+                (rule(0.5), outcome(4, 2, 3, 50)),
+                (rule(0.9), outcome(4, 4, 20, 20)),
+            ],
+            // No rule keeps within one false alarm a day: its incidents count as missed.
+            vec![(rule(0.5), outcome(2, 2, 11, 10))],
+            // No incidents: the quiet rule costs nothing; the other would cost 200 steps.
+            vec![
+                (rule(0.1), outcome(0, 0, 9, 200)),
+                (rule(0.9), outcome(0, 0, 2, 0)),
+            ],
+            // 3 incidents for 40 steps, or 1 for 10.
+            vec![
+                (rule(0.3), outcome(3, 3, 1, 40)),
+                (rule(0.7), outcome(3, 1, 0, 10)),
+            ],
+        ];
+        let limits = |warned| CalibrationLimits {
+            max_false_alarms_per_day: 1.0,
+            max_warned_fraction: warned,
+        };
+        // 10 % of 4,000 steps is 400: every trace's best rule fits (250 + 0 + 40).
+        let (pooled, chosen) = hindsight_bound(&per_trace, limits(0.1));
+        let raises: Vec<Option<f64>> = chosen
+            .iter()
+            .map(|c| c.as_ref().map(|(t, _)| t.raise))
+            .collect();
+        assert_eq!(raises, vec![Some(0.1), None, Some(0.9), Some(0.3)]);
+        assert_eq!((pooled.warned, pooled.incidents), (7, 9));
+        assert!((pooled.warned_days - 2.9).abs() < 1e-9);
+        assert!((pooled.test_days - 40.0).abs() < 1e-12);
+        // 2 % is 80 steps: the 250-step rule no longer fits. 2 + 3 incidents would take 90
+        // steps; 2 + 1 (60 steps) or 3 alone (40) fit, and warn of 3.
+        let (pooled, chosen) = hindsight_bound(&per_trace, limits(0.02));
+        assert_eq!(pooled.warned, 3);
+        assert!(pooled.warned_days <= 0.8);
+        assert_ne!(chosen[0].as_ref().map(|(t, _)| t.raise), Some(0.1));
+    }
+
     fn setup() -> WarningSetup {
         WarningSetup {
             capacity: 10.0,
@@ -1172,7 +1327,9 @@ mod tests {
         let test = a.test_outcome(&series_a, t);
         assert_eq!((test.incidents, test.warned, test.false_alarms), (1, 1, 0));
         assert_eq!(test.lead_secs, [3 * 60]);
-        assert_eq!((test.warned_steps, test.scored_steps), (3, 30));
+        // Three one-minute steps of thirty warned.
+        assert!((test.warned_days - 3.0 / 1440.0).abs() < 1e-12);
+        assert!((test.test_days - 30.0 / 1440.0).abs() < 1e-12);
     }
 
     #[test]
@@ -1251,7 +1408,7 @@ mod tests {
             live: None,
         };
         let o = probe.calibration_outcome(&series, always);
-        assert_eq!((o.warned_steps, o.incidents), (0, 0));
+        assert_eq!((o.warned_days, o.incidents), (0.0, 0));
     }
 
     #[test]
@@ -1299,8 +1456,8 @@ mod tests {
         };
         let o = a.test_outcome(&series, with_live);
         assert_eq!((o.incidents, o.warned, o.false_alarms), (1, 1, 0));
-        assert_eq!(
-            o.warned_steps, 3,
+        assert!(
+            (o.warned_days - 3.0 / 1440.0).abs() < 1e-12,
             "cleared once the pressure fell below 0.9"
         );
         // Live evidence alone (the forecast off) raises the same.
@@ -1329,7 +1486,20 @@ mod tests {
         assert_eq!(pooled.incidents, oa.incidents + ob.incidents);
         assert_eq!(pooled.warned, oa.warned + ob.warned);
         assert_eq!(pooled.false_alarms, oa.false_alarms + ob.false_alarms);
-        assert_eq!(pooled.warned_steps, oa.warned_steps + ob.warned_steps);
+        assert!((pooled.warned_days - (oa.warned_days + ob.warned_days)).abs() < 1e-12);
+        // Warned time pools as time: a per-minute trace weighs no more than a five-minute one
+        // of the same length.
+        // A day of one-minute steps warned half the time, and a day of five-minute ones never.
+        let mut by_time = WarningOutcome {
+            test_days: 1.0,
+            warned_days: 0.5,
+            ..WarningOutcome::default()
+        };
+        by_time.merge(&WarningOutcome {
+            test_days: 1.0,
+            ..WarningOutcome::default()
+        });
+        assert!((by_time.warned_fraction() - 0.25).abs() < 1e-12);
         let recall = (oa.warned + ob.warned) as f64 / (oa.incidents + ob.incidents) as f64;
         assert!((pooled.recall() - recall).abs() < 1e-12);
         assert_eq!(
