@@ -45,7 +45,7 @@ use crate::moves::{ActPolicy, LastMove, MoveOutcome, may_move};
 use crate::perf_model::{LoadLatencyPoint, PointSource};
 use crate::predictor::WorkloadPredictor;
 use crate::shadow_pool::{self, PoolRequest, VmType, desired_types};
-use crate::warning::{BreachCombine, WarningPolicy};
+use crate::warning::WarningPolicy;
 
 /// A VM type with its hidden performance.
 #[derive(Debug, Clone, PartialEq)]
@@ -310,14 +310,7 @@ impl Default for FleetSetup {
             replan_every: 60,
             perf_window_steps: 360,
             compare_window_steps: 15,
-            warning: WarningPolicy {
-                horizon_steps: 60,
-                raise_at: 0.25,
-                clear_below: 0.037,
-                min_breach_steps: 3,
-                combine: BreachCombine::LargestWindow,
-                live: Some(crate::warning::LiveRule::CHOSEN_PER_MINUTE),
-            },
+            warning: WarningPolicy::CHOSEN_PER_MINUTE,
             gates: CapacityGates::default(),
             refit_after_steps: 10,
         }

@@ -111,15 +111,11 @@ impl Default for ForecastSettings {
         Self {
             horizon_steps: 60,
             min_breach_steps: 3,
-            // The rule `cargo xtask eval predictor` chose on the traces' training parts (at
-            // most one false alarm a day and a warning raised at most a quarter of the time
-            // there): the likeliest breach window, raised at 0.25, cleared below 0.037, or the
-            // last 30 minutes' load (its rise carried 10 minutes ahead) at capacity, cleared
-            // below 0.9 of it. On the test parts the live evidence raised recall from 0.758 to
-            // 0.802 at the same warned time (27.5 %) and false alarms (0.46 a day).
+            // The rule `cargo xtask eval predictor` chose on the traces' training parts
+            // (`WarningPolicy::CHOSEN_PER_MINUTE`, whose combination is the largest window).
             combine: Combine::LargestWindow,
-            raise_at: 0.25,
-            clear_below: 0.037,
+            raise_at: WarningPolicy::CHOSEN_PER_MINUTE.raise_at,
+            clear_below: WarningPolicy::CHOSEN_PER_MINUTE.clear_below,
             live_raise_at: LiveRule::CHOSEN_PER_MINUTE.raise_at,
             live_clear_below: LiveRule::CHOSEN_PER_MINUTE.clear_below,
             live_smooth_steps: LiveRule::CHOSEN_PER_MINUTE.smooth_steps,

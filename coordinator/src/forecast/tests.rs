@@ -674,3 +674,24 @@ fn live_evidence_turns_off_with_one_field_and_a_bad_clear_names_its_field() {
     };
     assert_eq!(negative.validate().map_err(|e| e.0), Err("live_raise_at"));
 }
+
+#[test]
+fn the_default_warning_rule_is_the_one_the_predictor_eval_chose() {
+    let settings = ForecastSettings::default();
+    let chosen = WarningPolicy::CHOSEN_PER_MINUTE;
+    assert_eq!(
+        doppel_engine::BreachCombine::from(settings.combine),
+        chosen.combine
+    );
+    assert_eq!(
+        (settings.raise_at, settings.clear_below),
+        (chosen.raise_at, chosen.clear_below)
+    );
+    let live = chosen
+        .live
+        .expect("live evidence is part of the chosen rule");
+    assert_eq!(
+        (settings.live_raise_at, settings.live_clear_below),
+        (live.raise_at, live.clear_below)
+    );
+}
