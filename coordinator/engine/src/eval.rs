@@ -541,9 +541,10 @@ pub fn calibrate_thresholds(
 /// `per_trace` holds each trace's outcomes of the candidate rules (on one scored period).
 /// Returns the chosen outcomes pooled and each trace's choice. A trace may also be left never
 /// warned (`None`: no rule keeps it within the false alarms, or the budget buys more
-/// elsewhere); its incidents count as missed, its days and steps count, and it adds no warned
-/// step. That choice is not among the rules, so it can only raise the bound. The warned-time budget is shared by a knapsack over the traces, in units of
-/// 1/5,000 of the time, each rule's cost rounded down: the bound can only be loose upwards.
+/// elsewhere); its incidents count as missed, its days count, and it adds no warned time.
+/// That choice is not among the rules, so it can only raise the bound. The warned-time
+/// budget is shared by a knapsack over the traces, in units of 1/5,000 of the time, each rule's
+/// cost rounded down: the bound can only be loose upwards.
 pub fn hindsight_bound(
     per_trace: &[Vec<(Thresholds, WarningOutcome)>],
     limits: CalibrationLimits,
