@@ -303,16 +303,15 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
     // Warning thresholds are chosen on the training parts only (pooled over traces, so the
     // choice rests on more than the handful of incidents one trace's training tail has), then
     // applied unchanged to the test parts.
-    let probes: Vec<(&WarningProbe, &[f64])> = reports
+    // The scored traces' probes, and their names in the same order.
+    let (scored_names, probes): (Vec<&str>, Vec<(&WarningProbe, &[f64])>) = reports
         .iter()
-        .filter_map(|(t, r, _)| r.warning.as_ref().map(|w| (w, t.values.as_slice())))
-        .collect();
-    // The names of the traces behind `probes`, in their order.
-    let reports_scored: Vec<&str> = reports
-        .iter()
-        .filter(|(_, r, _)| r.warning.is_some())
-        .map(|(t, _, _)| t.name.trim_start_matches("nab/"))
-        .collect();
+        .filter_map(|(t, r, _)| {
+            r.warning
+                .as_ref()
+                .map(|w| (t.name.trim_start_matches("nab/"), (w, t.values.as_slice())))
+        })
+        .unzip();
     let candidates = threshold_candidates();
     // The trade-off the training parts offer, for the note: the best recall within one false
     // alarm a day, per way of combining the breach probabilities and per limit on the time a
@@ -496,9 +495,10 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
         pooled_test.incidents,
         pooled_test.test_days,
     );
-    // What the evidence holds on the test parts, whatever the thresholds: each trace's best
-    // rule chosen with hindsight on its own test part, within the goals' per-trace limits. Where
-    // that is under a goal, no calibration can reach it; the naive warner gets the same.
+    // What the evidence holds on the test parts, whatever the thresholds: one rule per trace
+    // chosen with hindsight on its own test part, within the goals' limits (false alarms per
+    // trace, warned time pooled). Where that is under a goal, no calibration can reach it; the
+    // naive warner gets the same.
     let per_trace_tables = |probes: &[(&WarningProbe, &[f64])], candidates: &[Thresholds]| {
         probes
             .iter()
@@ -512,6 +512,7 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
     };
     let evidence_tables = per_trace_tables(&probes, &candidates);
     let naive_tables = per_trace_tables(&naive_probes, &forecast_only);
+    let mut choices_at_10_pct = Vec::new();
     let bounds: Vec<String> = [0.10, 0.25, 0.5]
         .iter()
         .map(|&warned| {
@@ -521,32 +522,28 @@ fn predictor(options: &Options) -> anyhow::Result<()> {
             };
             let (pooled, best) = hindsight_bound(&evidence_tables, limits);
             let (naive_pooled, _) = hindsight_bound(&naive_tables, limits);
-            format!(
+            let line = format!(
                 "warned <= {:.0} %: recall {:.3} (at onset {:.3}; {} traces never warned) naive {:.3}",
                 100.0 * warned,
                 pooled.recall(),
                 pooled.recall_at_onset(),
                 best.iter().filter(|b| b.is_none()).count(),
                 naive_pooled.recall(),
-            )
+            );
+            if warned == 0.10 {
+                choices_at_10_pct = best;
+            }
+            line
         })
         .collect();
     println!(
         "warning hindsight bound (test parts; one rule per trace chosen with hindsight on its test part, every trace within {CALIBRATION_MAX_FALSE_ALARMS_PER_DAY} false alarm/day, warned time pooled within the budget): {}",
         bounds.join("; ")
     );
-    let (_, best) = hindsight_bound(
-        &evidence_tables,
-        CalibrationLimits {
-            max_false_alarms_per_day: CALIBRATION_MAX_FALSE_ALARMS_PER_DAY,
-            max_warned_fraction: 0.10,
-        },
-    );
-    let per_trace: Vec<String> = probes
+    let per_trace: Vec<String> = scored_names
         .iter()
-        .zip(&reports_scored)
-        .zip(&best)
-        .map(|((_, name), best)| match best {
+        .zip(&choices_at_10_pct)
+        .map(|(name, best)| match best {
             Some((_, o)) => format!(
                 "{name} {}/{} {:.1} %",
                 o.warned,
