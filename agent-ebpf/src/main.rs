@@ -139,6 +139,13 @@ struct Packet {
 #[repr(C, align(8))]
 struct KeySlot([u64; 3]);
 
+// `KeySlot::store` packs the fields into words low byte first.
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "KeySlot assumes a little-endian target"
+);
+const _: () = assert!(size_of::<KeySlot>() == size_of::<FlowKey>());
+
 impl KeySlot {
     #[inline(always)]
     fn store(&mut self, flow: &FlowKey) {
@@ -157,8 +164,8 @@ impl KeySlot {
     #[inline(always)]
     fn flow(&self) -> &FlowKey {
         // SAFETY: `FlowKey` is 24 bytes of plain integers in `repr(C)` order (layout test in
-        // `doppel_common::maps`), at an alignment of 4 that 8 satisfies; on this little-endian
-        // target the words above lay its fields out in that order.
+        // `doppel_common::maps`), at an alignment of 4 that 8 satisfies; little-endian words
+        // (asserted above) lay its fields out in that order.
         unsafe { &*self.0.as_ptr().cast::<FlowKey>() }
     }
 }
