@@ -188,9 +188,9 @@ pub const FLOW_CLIENT_CLOSED: u32 = 1 << 4;
 /// `perf record -a -g` (cpu-clock) put 27 % of it in `htab_map_hash`, nearly all at one
 /// instruction, a load of the key that waited for the store buffer to drain: the hash reads the
 /// key in 4-byte words, and the ports' word had been stored as two 2-byte halves, which a load
-/// cannot take its bytes from. The programs now store the key
-/// in 8-byte words (`KeySlot` in the eBPF crate): 4.5 % there, egress 226 -> 190 ns a packet.
-/// Most of what is left is `lookup_nulls_elem_raw` (33 %), reading the flow's element.
+/// cannot take its bytes from. The programs now store the key in 8-byte words (`KeySlot` in the
+/// eBPF crate): 4.5 % there, egress 226 -> 190 ns a packet. Most of what is left is
+/// `lookup_nulls_elem_raw` (33 %), reading the flow's element.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
