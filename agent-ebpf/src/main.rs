@@ -34,6 +34,7 @@
 )]
 
 use aya_ebpf::{
+    Global,
     bindings::{BPF_F_ZERO_CSUM_TX, TC_ACT_PIPE, bpf_tunnel_key, xdp_action},
     helpers::{
         bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_set_hash, bpf_set_hash_invalid,
@@ -521,9 +522,10 @@ fn on_service_packet(ctx: &TcContext, packet: &Packet) {
         let flags = (*state).flags;
         if packet.payload_len > 0 && flags & FLOW_AWAITING_RESPONSE != 0 {
             // Only the packet that closes an exchange needs a precise time.
-            let now = sent_ns(ctx);
+            let request_ns = (*state).last_request_ns;
+            let now = sent_ns(ctx, request_ns);
             (*state).flags = flags & !FLOW_AWAITING_RESPONSE;
-            let latency = now.saturating_sub((*state).last_request_ns);
+            let latency = now.saturating_sub(request_ns);
             record_latency(
                 packet.flow.service_id,
                 (*state).class,
@@ -540,26 +542,51 @@ fn on_service_packet(ctx: &TcContext, packet: &Packet) {
     }
 }
 
-/// When the service sent this packet. A TCP segment the host sends itself reaches this hook
-/// stamped with the time its transmit began (`skb->tstamp`, a delivery time TCP takes from the
-/// clock it reads as `tcp_write_xmit` starts: CLOCK_MONOTONIC, `bpf_ktime_get_ns`'s clock), a
-/// few microseconds before the hook at most; reading it saves the TSC read, about 35 ns in a
-/// KVM guest. With TCP's pacing (fq, BBR) the stamp is the planned departure, which the client
-/// waits for too. Anything else (a forwarded packet, a real-time receive stamp, none) reads the
-/// clock. A shadow's replies pass the same hook, so live and shadow measure alike.
+/// 1 when the kernel has `__sk_buff.tstamp_type` (Linux 5.18), set by the loader before the
+/// programs load. This is read-only data the verifier treats as a constant, so at 0 it never
+/// walks the branch that reads the field, and older kernels, which would refuse it, load the
+/// programs and read the clock.
+#[unsafe(no_mangle)]
+static TSTAMP_TYPE_READABLE: Global<u8> = Global::new(0);
+
+/// When the service sent this packet, which answers a request that arrived at `request_ns`.
+///
+/// A TCP segment this host's own stack sends (it still has its socket, `skb->sk`) reaches the
+/// hook stamped with the time its transmit began: `skb->tstamp`, a delivery time TCP takes from
+/// the clock it reads as `tcp_write_xmit` starts (CLOCK_MONOTONIC, `bpf_ktime_get_ns`'s), a
+/// few microseconds before the hook. Reading it saves the TSC read, about 35 ns in a KVM guest.
+/// With TCP's pacing (fq, BBR) the stamp is the planned departure, which the client waits for
+/// too. The clock is read instead for:
+/// - a packet without its socket: forwarded, say from a container behind a veth, whose stamp
+///   (kept across the forwarding since 5.18) is its sender's and would leave the forwarding out;
+/// - a stamp of another clock (a real-time receive stamp), or none;
+/// - a stamp before the request: a segment TCP began to send before the request reached the
+///   hook (pipelined requests), which would measure nothing;
+/// - a kernel without `tstamp_type` ([`TSTAMP_TYPE_READABLE`]).
+///
+/// A shadow's replies pass the same hook, so live and shadow measure alike.
 #[inline(always)]
-fn sent_ns(ctx: &TcContext) -> u64 {
+fn sent_ns(ctx: &TcContext, request_ns: u64) -> u64 {
     // `BPF_SKB_CLOCK_MONOTONIC` in the UAPI (`BPF_SKB_TSTAMP_DELIVERY_MONO` before 6.11, which
-    // the bindings' unnamed enum still carries).
+    // the bindings carry only in an unnamed enum).
     const SKB_CLOCK_MONOTONIC: u8 = 1;
-    // SAFETY: `skb` points at the kernel's `__sk_buff` for the whole program run.
-    let (stamp, kind) = unsafe { ((*ctx.skb.skb).tstamp, (*ctx.skb.skb).tstamp_type) };
-    if kind == SKB_CLOCK_MONOTONIC && stamp != 0 {
-        stamp
-    } else {
-        // SAFETY: plain helper call.
-        unsafe { bpf_ktime_get_ns() }
+    if TSTAMP_TYPE_READABLE.load() != 0 {
+        // SAFETY: `skb` points at the kernel's `__sk_buff` for the whole program run; `sk` is
+        // only compared with null.
+        let (stamp, kind, own) = unsafe {
+            let skb = &*ctx.skb.skb;
+            (
+                skb.tstamp,
+                skb.tstamp_type,
+                !skb.__bindgen_anon_2.sk.is_null(),
+            )
+        };
+        if own && kind == SKB_CLOCK_MONOTONIC && stamp >= request_ns {
+            return stamp;
+        }
     }
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Counts the response as an error if its first bytes say so: `HTTP/1.x 5..`, a RESP error

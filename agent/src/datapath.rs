@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use aya::{
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
     maps::MapError,
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
@@ -20,7 +20,7 @@ use aya::{
 use doppel_common::maps::{
     CLASS_BUDGET_PRIORITY, Direction, IFACE_COUNTERS_MAP, IfaceCounters, MIRROR_BUDGET_RESERVE_NS,
     MIRROR_PRIORITY_SHARE_PPM, MIRROR_RESERVE_MIN_FLOWS, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM,
-    iface_slot,
+    TSTAMP_TYPE_READABLE_GLOBAL, iface_slot,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -143,10 +143,22 @@ pub struct Datapath {
     patterns: Option<aya::maps::RingBuf<aya::maps::MapData>>,
 }
 
+/// Whether this kernel lets TC programs read `__sk_buff.tstamp_type` (Linux 5.18 and later),
+/// which egress needs to take TCP's send stamp for the clock. A version that cannot be read
+/// counts as older: the programs then read the clock, which every kernel allows.
+fn tstamp_type_readable() -> bool {
+    aya::util::KernelVersion::current()
+        .is_ok_and(|version| version >= aya::util::KernelVersion::new(5, 18, 0))
+}
+
 impl Datapath {
     /// Loads the embedded object and its TC programs into the kernel (nothing is attached yet).
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let tstamp_type_readable = u8::from(tstamp_type_readable());
+        let mut ebpf = EbpfLoader::new()
+            .override_global(TSTAMP_TYPE_READABLE_GLOBAL, &tstamp_type_readable, true)
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
             load_program(classifier(&mut ebpf, name)?).map_err(|source| {
                 DatapathError::Program {

@@ -66,6 +66,9 @@ pub const fn iface_slot(ifindex: u32, direction: Direction) -> u32 {
 pub const TC_INGRESS_PROGRAM: &str = "doppel_tc_ingress";
 /// Name of the TC program attached to egress.
 pub const TC_EGRESS_PROGRAM: &str = "doppel_tc_egress";
+/// Read-only global (`u8`) the loader sets to 1 when the kernel has `__sk_buff.tstamp_type`
+/// (Linux 5.18), so that egress may take TCP's own send stamp instead of reading the clock.
+pub const TSTAMP_TYPE_READABLE_GLOBAL: &str = "TSTAMP_TYPE_READABLE";
 
 #[cfg(feature = "user")]
 mod pod {
