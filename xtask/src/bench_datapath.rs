@@ -494,12 +494,10 @@ fn median_ci95(values: &[f64]) -> (f64, f64, f64) {
 /// Steal time of the whole machine so far, in ticks (1/100 s): what the hypervisor gave other
 /// guests while this one had work.
 fn steal_ticks() -> u64 {
-    std::fs::read_to_string("/proc/stat")
+    use procfs::CurrentSI as _;
+    procfs::KernelStats::current()
         .ok()
-        .and_then(|stat| {
-            let cpu = stat.lines().next()?.to_owned();
-            cpu.split_whitespace().nth(8)?.parse().ok()
-        })
+        .and_then(|stats| stats.total.steal)
         .unwrap_or(0)
 }
 
@@ -554,22 +552,14 @@ fn describe_ratios((ratios, mean, ci): &(Vec<f64>, f64, f64)) -> String {
 /// system, irq and softirq; the total adds idle, iowait and steal, so time the hypervisor gave
 /// other guests does not count as this bench's work. `None` when a CPU's line is missing.
 fn cpu_ticks() -> Option<[(u64, u64); 2]> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let mut ticks = [(0, 0); 2];
-    for (cpu, slot) in [CLIENT_CPU, SERVER_CPU].into_iter().zip(&mut ticks) {
-        let prefix = format!("cpu{cpu} ");
-        let line = stat.lines().find(|l| l.starts_with(&prefix))?;
-        let fields: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .take(8)
-            .map(|v| v.parse().ok())
-            .collect::<Option<_>>()?;
-        let [user, nice, system, idle, iowait, irq, softirq, steal] = fields.try_into().ok()?;
-        let busy = user + nice + system + irq + softirq;
-        *slot = (busy, busy + idle + iowait + steal);
-    }
-    Some(ticks)
+    use procfs::CurrentSI as _;
+    let stats = procfs::KernelStats::current().ok()?;
+    let ticks = |cpu: usize| {
+        let t = stats.cpu_time.get(cpu)?;
+        let busy = t.user + t.nice + t.system + t.irq? + t.softirq?;
+        Some((busy, busy + t.idle + t.iowait? + t.steal?))
+    };
+    Some([ticks(CLIENT_CPU)?, ticks(SERVER_CPU)?])
 }
 
 /// Each CPU's busy share between two [`cpu_ticks`] readings (`None` if either failed).
@@ -963,15 +953,9 @@ impl Figures {
             return;
         };
         let mean_busy = [0, 1].map(|cpu| mean(&busy.iter().map(|b| b[cpu]).collect::<Vec<_>>()));
-        // CPU ns per request with the agent off, per CPU: busy share x 1 s / requests per s.
-        let per_request = [0, 1].map(|cpu| {
-            let ns: Vec<f64> = busy
-                .iter()
-                .zip(off)
-                .map(|(b, rps)| b[cpu] * 1e9 / rps)
-                .collect();
-            mean(&ns)
-        });
+        // CPU ns per request with the agent off, per CPU: busy share x 1 s / requests per s,
+        // from the same means the prediction uses.
+        let per_request = mean_busy.map(|b| b * 1e9 / mean(off));
         let setting = |stats: &[ProgStats; 2], requests: f64| {
             // The statistics' own clock reads inside their window are not the data path's.
             stats.map(|s| {
